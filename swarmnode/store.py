@@ -1,0 +1,94 @@
+"""Durable node state in SQLite: cluster settings, the membership snapshot, the event log.
+
+SQLite in WAL mode with synchronous=FULL: every write that returns is on disk, so an
+incarnation number persisted before a refutation goes out can never go backwards after a
+crash, and a restarted node finds the members it knew.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+DB_FILE = "state.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+#: Events kept in the log; older ones are trimmed so the file cannot grow without bound.
+MAX_EVENTS = 10_000
+
+
+class Store:
+    """One node's durable state, in `<home>/state.db`."""
+
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / DB_FILE
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        return msgpack.unpackb(row[0], raw=False, strict_map_key=False)
+
+    def put(self, **values: Any) -> None:
+        """Set several keys in one transaction (all or none reach the disk)."""
+        with self._tx() as db:
+            for key, value in values.items():
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES(?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, msgpack.packb(value, use_bin_type=True)),
+                )
+
+    def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO events(ts, kind, data) VALUES(?, ?, ?)",
+                (time.time() if ts is None else ts, kind, json.dumps(data, default=str)),
+            )
+            seq = int(cur.lastrowid or 0)
+            if seq % 100 == 0:
+                db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_EVENTS,))
+        return seq
+
+    def events(self, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT seq, ts, kind, data FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [
+            {"seq": s, "ts": ts, "kind": k, **json.loads(d)} for s, ts, k, d in reversed(rows)
+        ]
