@@ -1,0 +1,108 @@
+"""Tunables of the membership protocol, each default with the reason it was chosen.
+
+The defaults follow hashicorp/memberlist's LAN profile (SWIM + Lifeguard) but are tuned on purpose
+for small build swarms of 3-10 machines on one LAN or tailnet: probing is a little more frequent
+than memberlist's because a lost build worker costs more than a few extra pings, and the caps that
+protect memory are sized for thousands of members so the same core also runs in the simulator.
+All times are in seconds of the clock the shell passes as `now`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # --- failure detection (SWIM) ---
+    probe_interval: float = 1.0
+    """One member probed per interval: the time to first notice a failure is about one interval
+    per live member in the worst case, so 1 s detects a dead worker in a 10-node swarm in seconds
+    while costing a few hundred bytes per second per node."""
+    probe_timeout: float = 0.5
+    """Wait this long for a direct ack before asking helpers (indirect probe). Half the interval
+    leaves the other half for the indirect round; LAN round trips are milliseconds."""
+    indirect_checks: int = 3
+    """Helpers asked to ping a silent target: three independent paths make a false suspicion from
+    one bad link very unlikely, and small clusters rarely have more helpers anyway."""
+    nack_fraction: float = 0.8
+    """A helper whose ping got no ack sends a nack after this fraction of probe_timeout (Lifeguard),
+    early enough to reach the requester before its indirect round ends."""
+    awareness_max_multiplier: int = 8
+    """Lifeguard local health: when our own probes keep failing without nacks we are probably the
+    slow one, so every probe timeout is stretched up to 8x instead of accusing healthy peers."""
+
+    # --- suspicion (Lifeguard) ---
+    suspicion_mult: int = 4
+    """Minimum suspicion timeout = suspicion_mult * max(1, log10(n)) * probe_interval: time for a
+    suspected member to hear the accusation and refute it. Also sets the number of independent
+    confirmations expected (suspicion_mult - 2) before the timeout is at its minimum."""
+    suspicion_max_timeout_mult: int = 6
+    """A suspicion nobody else confirms waits up to 6x the minimum before declaring death, so a
+    single prober with a bad link cannot quickly kill a healthy member."""
+
+    # --- dissemination ---
+    gossip_interval: float = 0.2
+    """Gossip round period; 200 ms matches memberlist/Serf and bounds per-hop delay."""
+    gossip_nodes: int = 3
+    """Fanout per gossip round: 3 reaches thousands of nodes in a handful of rounds."""
+    gossip_to_the_dead_time: float = 30.0
+    """Keep gossiping to members dead or left less than this long ago so a falsely declared node
+    hears about it and refutes (memberlist's GossipToTheDeadTime)."""
+    retransmit_mult: int = 4
+    """Each broadcast is sent retransmit_mult * ceil(log10(n + 1)) times: with 3-10 nodes that is 8
+    transmissions, enough for every member with high probability even with 10% loss."""
+    eager_gossip: bool = True
+    """Run a gossip round as soon as a new broadcast is queued instead of waiting for the next
+    tick: removes up to one gossip interval of delay per hop (measured: see the simulator)."""
+    piggyback_bytes: int = 1024
+    """Byte budget for broadcasts carried on each ping and ack: keeps probe messages small so
+    their timing reflects the network, not serialisation."""
+    gossip_bytes: int = 4096
+    """Byte budget per gossip message (ZeroMQ over TCP has no datagram limit, but bounded
+    messages keep memory and per-message latency predictable)."""
+    max_broadcasts: int = 4096
+    """Queue cap; the most-transmitted items are dropped first when it overflows."""
+
+    # --- anti-entropy and healing ---
+    push_pull_interval: float = 30.0
+    """Full state exchange with one random member; scaled up with cluster size above 32 members
+    like memberlist's pushPullScale. Repairs anything gossip missed."""
+    push_pull_timeout: float = 10.0
+    """A join or push-pull not answered within this is given up (the shell may retry)."""
+    reconnect_interval: float = 10.0
+    """Every interval one dead (not left) member is sent a push-pull, so both sides of a healed
+    partition learn each other is alive again (memberlist alone never re-contacts the dead)."""
+    rejoin_contacts: int = 3
+    """A node restored from a snapshot pushes its state to this many members it knew."""
+
+    # --- housekeeping and memory caps ---
+    dead_reap_after: float = 24 * 3600.0
+    """Dead and left members are forgotten after a day: long enough to recognise a machine that
+    was rebooted or moved, short enough that the table does not grow without bound."""
+    pending_expire_after: float = 24 * 3600.0
+    """Guests seen but never admitted are forgotten after a day."""
+    max_pending: int = 1024
+    """Cap on pending (unadmitted) records kept, so unknown hosts cannot fill memory."""
+    max_orphans: int = 1024
+    """Cap on records heard of before their admission statement arrived."""
+    max_deferred: int = 4096
+    """Cap on statements kept while waiting for their author's admission to arrive."""
+
+    @classmethod
+    def fast(cls, **overrides: object) -> Config:
+        """Every time divided by ten: for tests and simulations (same ratios, so same behaviour)."""
+        base = cls()
+        scaled = {
+            f.name: getattr(base, f.name) / 10
+            for f in fields(cls)
+            if isinstance(getattr(base, f.name), float) and f.name != "nack_fraction"
+        }
+        return replace(base, **{**scaled, **overrides})
+
+    def push_pull_scaled(self, n: int) -> float:
+        """memberlist's pushPullScale: beyond 32 members the interval grows with log2(n/32)."""
+        if n <= 32:
+            return self.push_pull_interval
+        return self.push_pull_interval * (math.ceil(math.log2(n) - math.log2(32)) + 1)

@@ -1,0 +1,1255 @@
+"""The `Membership` state machine: SWIM failure detection and gossip with Lifeguard, sans-I/O.
+
+Inputs are `handle(now, src_id, msg)` (src_id already authenticated by the transport), `tick(now)`
+and a few local commands; outputs are `Send`s and `Event`s collected until `drain()`. Nothing here
+touches a socket, a clock or global randomness, so the same code runs in the node shell and in a
+10,000-node simulation.
+
+Trust model, in short:
+- A member's liveness record is signed by the member itself, so only X can say "X is alive at
+  incarnation i with these addresses" and only X can refute a suspicion of X.
+- Probes name their target and acks carry the target's signature over the prober's nonce, so a
+  reply relayed by a helper still proves the target itself answered.
+- Cluster statements (Admit, Ban, Rename) are signed by their author and count only if the author
+  is an admitted member in our view (or ourselves). The roots of admission are founders: a
+  self-signed Admit with how="founder". Accepting it from a member grants nothing that member
+  could not do directly (it can admit anyone), and guests cannot gossip at all.
+- Messages from ids that are not admitted members are dropped (counted), except the reply to a
+  push-pull we sent (a joining node knows nobody yet). Pending guests get nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .awareness import Awareness
+from .broadcast import BroadcastQueue
+from .config import Config
+from .messages import (
+    MAX_NAME,
+    STATEMENT_KINDS,
+    Ack,
+    Admit,
+    Alive,
+    Ban,
+    Crypto,
+    Dead,
+    Gossip,
+    Item,
+    MemberState,
+    Message,
+    MessageError,
+    Nack,
+    Pending,
+    Ping,
+    PingReq,
+    PushPull,
+    PushPullReply,
+    Record,
+    Rename,
+    Statement,
+    Suspect,
+    ack_body,
+    admit_body,
+    ban_body,
+    item_from_plain,
+    item_size,
+    item_to_plain,
+    make_record,
+    member_state_from_plain,
+    member_state_to_plain,
+    rename_body,
+)
+from .state import (
+    ALIVE,
+    BANNED,
+    DEAD,
+    GONE,
+    LEFT,
+    LIMBO,
+    LIVE,
+    MEMBER,
+    PENDING,
+    SUSPECT,
+    Entry,
+    MemberTable,
+    SharedMembers,
+    supersedes,
+)
+from .suspicion import Suspicion, expected_confirmations, suspicion_timeouts
+
+FOUNDER = "founder"
+SNAPSHOT_VERSION = 1
+_INF = math.inf
+_SMALL_TABLE = 64
+"""Tables up to this size are sampled by listing candidates; larger ones by random probing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    to: str
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    id: str
+    state: str
+    incarnation: int
+    record: Record | None
+    since: float
+    admitted_by: str | None
+    how: str
+    name: str
+
+
+class _Probe:
+    __slots__ = ("end", "helpers", "indirect", "indirect_at", "nacks", "nonce", "seq", "target")
+
+    def __init__(self, seq: int, target: str, nonce: bytes, indirect_at: float, end: float):
+        self.seq = seq
+        self.target = target
+        self.nonce = nonce
+        self.indirect_at = indirect_at
+        self.end = end
+        self.indirect = False
+        self.helpers: list[str] = []
+        self.nacks: list[str] = []
+
+
+_SENT_KEY = {
+    Ping: "sent_ping",
+    Ack: "sent_ack",
+    PingReq: "sent_ping_req",
+    Nack: "sent_nack",
+    Gossip: "sent_gossip",
+    PushPull: "sent_push_pull",
+    PushPullReply: "sent_push_pull_reply",
+}
+
+
+def _record_changed(a: Record, b: Record) -> bool:
+    return a.name != b.name or a.addresses != b.addresses or a.facts != b.facts
+
+
+class Membership:
+    """One node's view of the swarm. See the module docstring for the model."""
+
+    def __init__(
+        self,
+        record: Record,
+        crypto: Crypto,
+        config: Config,
+        rng: random.Random,
+        now: float,
+        *,
+        founder: bool = False,
+        base: SharedMembers | None = None,
+    ) -> None:
+        self.id = record.id
+        self.counters: Counter[str] = Counter()
+        self._record = record
+        self._crypto = crypto
+        self._cfg = config
+        self._rng = rng
+        self._now = now
+        self._out: list[Send | Event] = []
+        self._table = MemberTable(base)
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._queue = BroadcastQueue(config.retransmit_mult, config.max_broadcasts)
+        self._suspicions: dict[str, Suspicion] = {}
+        self._susp_heap: list[tuple[float, str]] = []
+        self._relays: dict[tuple[str, int], list[str]] = {}
+        self._relay_heap: list[tuple[float, str, int, str]] = []
+        self._pp_out: dict[str, tuple[float, bool]] = {}
+        self._deferred: dict[str, list[Statement]] = {}
+        self._n_deferred = 0
+        self._reap_heap: list[tuple[float, str]] = []
+        self._dead: dict[str, None] = {}  # insertion-ordered set: deterministic choice
+        self._left = False
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._pass_n = 0
+        self._pass_i = 0
+        self._pass_start = 0
+        self._pass_stride = 1
+        self._fresh: list[str] = []
+        # Timers are staggered so nodes started together do not act in lockstep.
+        self._next_probe = now + rng.random() * config.probe_interval
+        self._gossip_phase = now + rng.random() * config.gossip_interval
+        self._next_gossip = _INF
+        self._last_gossip = -_INF
+        self._next_push_pull = now + config.push_pull_scaled(self._live()) * rng.uniform(0.5, 1)
+        self._next_reconnect = now + config.reconnect_interval * rng.uniform(0.5, 1)
+
+        if base is not None and base.counts[DEAD]:
+            self._dead = {e.id: None for e in base.entries.values() if e.state == DEAD}
+        cur = self._table.get(self.id)
+        if cur is None or cur.record != record or cur.state != ALIVE:
+            self._put(
+                Entry(
+                    self.id,
+                    ALIVE,
+                    record.incarnation,
+                    record,
+                    now,
+                    admit=cur.admit if cur is not None else None,
+                )
+            )
+        if founder and (cur is None or cur.admit is None):
+            self._apply_admit(self._make_admit(self.id, FOUNDER))
+
+    # ------------------------------------------------------------------ public API
+
+    def handle(self, now: float, src_id: str, msg: Message) -> None:
+        """Process one message from `src_id` (authenticated by the transport)."""
+        self._now = now
+        fn = _HANDLERS.get(type(msg))
+        if fn is None:
+            self.counters["drop_unknown_message"] += 1
+            return
+        if src_id == self.id:
+            self.counters["drop_from_self"] += 1
+            return
+        e = self._table.get(src_id)
+        if (e is None or e.admit is None or e.state == BANNED) and not self._outsider_ok(
+            src_id, msg, e
+        ):
+            return
+        fn(self, src_id, msg)
+
+    def _credentials(self, src: str, msg: Message, e: Entry | None) -> bool:
+        """A newcomer whose admission has not reached us yet carries it: its own broadcast queue
+        holds the Admit about itself, signed by a member we can check. Apply just that."""
+        if e is not None and e.state == BANNED:
+            return False
+        t = type(msg)
+        items = msg.items if t is Gossip else msg.piggyback if t is Ping or t is Ack else ()
+        for item in items:  # type: ignore[union-attr]
+            if type(item) is Admit and item.id == src:
+                self._apply_admit(item)  # type: ignore[arg-type]
+        e = self._table.get(src)
+        return e is not None and e.admit is not None
+
+    def tick(self, now: float) -> None:
+        """Run every timer due by `now`."""
+        self._now = now
+        self._tick_probe(now)
+        if now >= self._next_gossip:
+            self._gossip_round(now)
+        if now >= self._next_push_pull:
+            self._next_push_pull = now + self._cfg.push_pull_scaled(self._live())
+            targets = self._random_members(1, self._is_live_peer)
+            if targets:
+                self._start_push_pull(targets[0], join=False)
+        if now >= self._next_reconnect:
+            self._next_reconnect = now + self._cfg.reconnect_interval
+            if self._dead:
+                ids = list(self._dead)
+                self._start_push_pull(ids[self._rng.randrange(len(ids))], join=False)
+        if self._relay_heap and self._relay_heap[0][0] <= now:
+            self._expire_relays(now)
+        if self._susp_heap and self._susp_heap[0][0] <= now:
+            self._expire_suspicions(now)
+        if self._pp_out:
+            self._expire_push_pulls(now)
+        if self._reap_heap and self._reap_heap[0][0] <= now:
+            self._reap(now)
+
+    def next_deadline(self) -> float:
+        """When `tick` must next be called (may be early; never late)."""
+        p = self._probe
+        d = self._next_probe
+        if p is not None:
+            d = min(d, p.end if p.indirect else p.indirect_at)
+        d = min(d, self._next_gossip, self._next_push_pull, self._next_reconnect)
+        for heap in (self._susp_heap, self._relay_heap, self._reap_heap):
+            if heap and heap[0][0] < d:
+                d = heap[0][0]
+        for deadline, _join in self._pp_out.values():
+            d = min(d, deadline)
+        return d
+
+    def drain(self) -> list[Send | Event]:
+        """Outputs produced since the last drain, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def join(self, now: float, contact_ids: Iterable[str]) -> None:
+        """Exchange full state (push-pull, join=True) with known contacts."""
+        self._now = now
+        for c in contact_ids:
+            if c != self.id:
+                self._start_push_pull(c, join=True)
+
+    def leave(self, now: float) -> None:
+        """Announce a graceful leave; afterwards we never refute and stop probing."""
+        if self._left:
+            return
+        self._now = now
+        self._left = True
+        e = self._self_entry()
+        if e.state != BANNED:
+            self._put(replace(e, state=LEFT, since=now))
+        inc = self._record.incarnation
+        self._broadcast(("m", self.id), Dead(self.id, inc, self.id))
+        self._event("member_left", id=self.id, incarnation=inc)
+        self._probe = None
+        self._next_probe = self._next_push_pull = self._next_reconnect = _INF
+
+    def update_record(
+        self,
+        now: float,
+        name: str | None = None,
+        addresses: Iterable[str] | None = None,
+        facts: dict[str, str | int] | None = None,
+    ) -> None:
+        """Re-sign our record with a new incarnation and broadcast it."""
+        if self._left:
+            return
+        self._now = now
+        r = self._record
+        self._set_own_record(
+            make_record(
+                self._crypto,
+                self.id,
+                r.incarnation + 1,
+                r.name if name is None else name,
+                r.addresses if addresses is None else tuple(addresses),
+                r.facts if facts is None else facts,
+            )
+        )
+
+    def admit(self, now: float, id: str, how: str) -> None:
+        """Vouch for `id` as a member (signed as ourselves) and broadcast it."""
+        self._now = now
+        if id == self.id:
+            raise ValueError("a node cannot admit itself (founders pass founder=True)")
+        e = self._table.get(id)
+        if e is not None and e.state == BANNED:
+            self.counters["admit_banned"] += 1
+            return
+        if e is not None and e.admit is not None:
+            return
+        self._apply_admit(self._make_admit(id, how))
+
+    def ban(self, now: float, id: str) -> None:
+        """Ban `id` permanently (signed as ourselves) and broadcast it."""
+        self._now = now
+        if id == self.id:
+            raise ValueError("a node cannot ban itself")
+        e = self._table.get(id)
+        if e is not None and e.ban is not None:
+            return
+        ts = self._ts()
+        self._apply_ban(Ban(id, self.id, ts, self._crypto.sign(ban_body(id, self.id, ts))))
+
+    def rename(self, now: float, id: str, name: str) -> None:
+        """Give member `id` a display name (last writer wins) and broadcast it."""
+        self._now = now
+        if type(name) is not str or len(name) > MAX_NAME:
+            raise MessageError(f"name must be a str of at most {MAX_NAME} characters")
+        e = self._table.get(id)
+        if e is None or e.state == LIMBO:
+            raise KeyError(id)
+        ts = self._ts()
+        if e.rename is not None:
+            ts = max(ts, e.rename.ts + 1)
+        sig = self._crypto.sign(rename_body(id, name, self.id, ts))
+        self._apply_rename(Rename(id, name, self.id, ts, sig))
+
+    def hello(self, now: float, src_id: str, record: Record, how: str) -> None:
+        """A guest presented its self-signed record: list it as pending (unless banned/admitted)."""
+        self._now = now
+        if record.id != src_id:
+            self.counters["drop_hello_id_mismatch"] += 1
+            return
+        self._apply_pending(Pending(record, how), since_now=True)
+
+    def members(self) -> list[MemberView]:
+        return [self._view(e) for e in self._table if e.state != LIMBO]
+
+    def member(self, id: str) -> MemberView | None:
+        e = self._table.get(id)
+        return None if e is None or e.state == LIMBO else self._view(e)
+
+    def state_of(self, id: str) -> str | None:
+        """The state we hold for `id` (cheap; for simulators and assertions)."""
+        e = self._table.get(id)
+        return None if e is None or e.state == LIMBO else e.state
+
+    @property
+    def record(self) -> Record:
+        return self._record
+
+    @property
+    def incarnation(self) -> int:
+        return self._record.incarnation
+
+    @property
+    def health(self) -> int:
+        """Lifeguard awareness score (0 = healthy)."""
+        return self._awareness.score
+
+    @property
+    def live_count(self) -> int:
+        return self._live()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain msgpack-able state to persist: own incarnation, members and statements."""
+        members: list[Any] = []
+        statements: list[Any] = []
+        for e in self._table:
+            if e.id != self.id and e.record is not None and e.state in MEMBER:
+                members.append(member_state_to_plain(MemberState(e.record, e.state, e.incarnation)))
+            statements.extend(item_to_plain(s) for s in self._entry_statements(e))
+        return {
+            "version": SNAPSHOT_VERSION,
+            "id": self.id,
+            "incarnation": self._record.incarnation,
+            "members": members,
+            "statements": statements,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: dict[str, Any],
+        record: Record,
+        crypto: Crypto,
+        config: Config,
+        rng: random.Random,
+        now: float,
+    ) -> Membership:
+        """A restarted node: resume from `snapshot` above its old incarnation and rejoin.
+
+        `record` is the node's current self-description; it is re-signed with an incarnation
+        above both its own and the snapshot's, so it overrides anything said about our old life.
+        """
+        if snapshot.get("version") != SNAPSHOT_VERSION or snapshot.get("id") != record.id:
+            raise ValueError("snapshot is not a membership snapshot of this node")
+        inc = max(record.incarnation, int(snapshot["incarnation"])) + 1
+        rec = make_record(crypto, record.id, inc, record.name, record.addresses, record.facts)
+        m = cls(rec, crypto, config, rng, now)
+        stmts = [item_from_plain(s, STATEMENT_KINDS) for s in snapshot["statements"]]
+        states = [member_state_from_plain(s) for s in snapshot["members"]]
+        m._merge(states, stmts, m.id, bcast=False, literal=True)  # type: ignore[arg-type]
+        m._event("incarnation", id=m.id, incarnation=inc)
+        live = [s.record.id for s in states if s.state in LIVE]
+        gone = [s.record.id for s in states if s.state == DEAD]
+        k = config.rejoin_contacts
+        contacts = rng.sample(live, min(k, len(live)))
+        contacts += rng.sample(gone, min(k - len(contacts), len(gone)))
+        m.join(now, contacts)
+        return m
+
+    # ------------------------------------------------------------------ message handlers
+
+    def _outsider_ok(self, src: str, msg: Message, e: Entry | None) -> bool:
+        if self._credentials(src, msg, e):
+            return True
+        e = self._table.get(src)
+        t = type(msg)
+        if t is PushPullReply and src in self._pp_out:
+            return True
+        if t is Ack and self._probe is not None and self._probe.target == src:
+            return True
+        if e is None or e.state == LIMBO:
+            reason = "drop_from_non_member"
+        else:
+            reason = "drop_from_banned" if e.state == BANNED else "drop_from_pending"
+        self.counters[reason] += 1
+        return False
+
+    def _on_ping(self, src: str, p: Ping) -> None:
+        if p.target_id != self.id:
+            self.counters["drop_ping_wrong_target"] += 1
+            return
+        self._apply_items(p.piggyback)
+        proof = self._crypto.sign(ack_body(p.seq, p.nonce, self.id))
+        self._send(src, Ack(p.seq, self.id, proof, self._piggyback(self._cfg.piggyback_bytes)))
+
+    def _on_ack(self, src: str, a: Ack) -> None:
+        self._apply_items(a.piggyback)
+        matched = False
+        p = self._probe
+        if p is not None and a.seq == p.seq and a.target_id == p.target:
+            if src == p.target or self._crypto.verify(
+                p.target, ack_body(p.seq, p.nonce, p.target), a.proof
+            ):
+                self._awareness.apply_delta(0 if p.indirect else -1)
+                self._probe = None
+                matched = True
+            else:
+                self.counters["drop_ack_bad_proof"] += 1
+                return
+        if src == a.target_id:
+            waiting = self._relays.pop((src, a.seq), None)
+            if waiting:
+                for requester in waiting:
+                    self._send(requester, Ack(a.seq, a.target_id, a.proof))
+                matched = True
+        if not matched:
+            self.counters["drop_ack_unexpected"] += 1
+
+    def _on_ping_req(self, src: str, r: PingReq) -> None:
+        target = r.target_id
+        t = self._table.get(target)
+        if target in (self.id, src) or t is None or t.admit is None or t.state == BANNED:
+            self.counters["drop_ping_req_bad_target"] += 1
+            return
+        waiting = self._relays.setdefault((target, r.seq), [])
+        if src in waiting:
+            return
+        waiting.append(src)
+        self._send(target, Ping(r.seq, target, r.nonce, self._piggyback(self._cfg.piggyback_bytes)))
+        deadline = self._now + self._cfg.probe_timeout * self._cfg.nack_fraction
+        heapq.heappush(self._relay_heap, (deadline, target, r.seq, src))
+
+    def _on_nack(self, src: str, n: Nack) -> None:
+        p = self._probe
+        if p is not None and n.seq == p.seq and src in p.helpers and src not in p.nacks:
+            p.nacks.append(src)
+        else:
+            self.counters["drop_nack_unexpected"] += 1
+
+    def _on_gossip(self, src: str, g: Gossip) -> None:
+        self._apply_items(g.items)
+
+    def _on_push_pull(self, src: str, pp: PushPull) -> None:
+        self._merge(pp.members, pp.cluster, src, bcast=True)
+        self._send(src, PushPullReply(self._member_states(), self._statements()))
+
+    def _on_push_pull_reply(self, src: str, r: PushPullReply) -> None:
+        out = self._pp_out.pop(src, None)
+        joining = out is not None and out[1]
+        # A joiner learns the cluster's own state: nothing in it is news to anyone else, so
+        # rebroadcasting it would only flood the cluster. Periodic exchanges do rebroadcast,
+        # which is what spreads news across a healed partition.
+        self._merge(r.members, r.cluster, src, bcast=not joining)
+
+    # ------------------------------------------------------------------ merge rules
+
+    def _apply_items(self, items: Iterable[Item]) -> None:
+        for item in items:
+            self._apply(item)
+
+    def _apply(self, item: Item, bcast: bool = True) -> None:
+        t = type(item)
+        if t is Alive:
+            self._apply_alive(item.record, bcast)  # type: ignore[union-attr]
+        elif t is Suspect:
+            self._apply_suspect(item, bcast)  # type: ignore[arg-type]
+        elif t is Dead:
+            self._apply_dead(item, bcast)  # type: ignore[arg-type]
+        elif t is Admit:
+            self._apply_admit(item, bcast)  # type: ignore[arg-type]
+        elif t is Ban:
+            self._apply_ban(item, bcast)  # type: ignore[arg-type]
+        elif t is Rename:
+            self._apply_rename(item, bcast)  # type: ignore[arg-type]
+        elif t is Pending:
+            self._apply_pending(item, bcast)  # type: ignore[arg-type]
+
+    def _apply_alive(self, rec: Record, bcast: bool = True) -> None:
+        rid = rec.id
+        if rid == self.id:
+            self._self_alive(rec)
+            return
+        e = self._table.get(rid)
+        if e is not None and e.record is rec:  # the common duplicate: nothing new
+            return
+        if e is None:
+            if not self._verify_record(rec):
+                return
+            if self._table.count(LIMBO) >= self._cfg.max_orphans:
+                self.counters["drop_orphan_full"] += 1
+                return
+            self._put(Entry(rid, LIMBO, rec.incarnation, rec, self._now))
+            self.counters["orphan_record"] += 1
+            self._retry_deferred(rid)
+            return
+        st = e.state
+        if st == BANNED:
+            self.counters["drop_alive_banned"] += 1
+            return
+        cur = e.record
+        newer_record = cur is None or rec.incarnation > cur.incarnation
+        if st in MEMBER:
+            applies = rec.incarnation > e.incarnation
+            if not applies and not newer_record:
+                return
+            if not self._verify_record(rec):
+                return
+            if not applies:  # newer record, but liveness news at that incarnation outranks it
+                self._put(replace(e, record=rec))
+                return
+            self._put(
+                replace(
+                    e,
+                    state=ALIVE,
+                    incarnation=rec.incarnation,
+                    record=rec,
+                    since=e.since if st == ALIVE else self._now,
+                )
+            )
+            if st != ALIVE:
+                self._event("member_alive", id=rid, incarnation=rec.incarnation, previous=st)
+            if cur is not None and _record_changed(cur, rec):
+                self._event(
+                    "member_update",
+                    id=rid,
+                    incarnation=rec.incarnation,
+                    name=rec.name,
+                    addresses=list(rec.addresses),
+                )
+            if bcast:
+                self._broadcast(("m", rid), Alive(rec))
+            return
+        if not newer_record or not self._verify_record(rec):
+            return
+        if st == PENDING or e.admit is None:
+            self._put(replace(e, record=rec, incarnation=rec.incarnation))
+            return
+        self._become_member(e, rec, bcast)
+
+    def _become_member(self, e: Entry, rec: Record, bcast: bool) -> None:
+        self._put(replace(e, state=ALIVE, incarnation=rec.incarnation, record=rec, since=self._now))
+        self._event(
+            "member_join",
+            id=e.id,
+            incarnation=rec.incarnation,
+            name=rec.name,
+            addresses=list(rec.addresses),
+        )
+        if bcast:
+            self._broadcast(("m", e.id), Alive(rec))
+
+    def _self_alive(self, rec: Record) -> None:
+        if rec == self._record:
+            return
+        if self._left or rec.incarnation < self._record.incarnation:
+            self.counters["alive_self_stale"] += 1
+            return
+        if self._verify_record(rec):
+            self._refute(rec.incarnation)
+
+    def _apply_suspect(self, s: Suspect, bcast: bool = True) -> None:
+        sid = s.id
+        if sid == self.id:
+            if not self._left and s.incarnation >= self._record.incarnation:
+                self._refute(s.incarnation)
+            return
+        e = self._table.get(sid)
+        if e is None or e.state not in MEMBER:
+            self.counters["drop_suspect_non_member"] += 1
+            return
+        if not supersedes(s.incarnation, SUSPECT, e.incarnation, e.state):
+            if e.state == SUSPECT and s.incarnation == e.incarnation:
+                sus = self._suspicions.get(sid)
+                if sus is not None and sus.confirm(s.from_id):
+                    heapq.heappush(self._susp_heap, (sus.deadline(), sid))
+                    if bcast:
+                        self._broadcast(("m", sid), s)
+            return
+        was = e.state
+        since = e.since if was == SUSPECT else self._now
+        self._put(replace(e, state=SUSPECT, incarnation=s.incarnation, since=since))
+        self._start_suspicion(sid, s.from_id)
+        if was != SUSPECT:
+            self._event("member_suspect", id=sid, incarnation=s.incarnation, by=s.from_id)
+        if bcast:
+            self._broadcast(("m", sid), s)
+
+    def _start_suspicion(self, sid: str, from_id: str) -> None:
+        cfg = self._cfg
+        n = self._live()
+        k = expected_confirmations(cfg.suspicion_mult, n)
+        lo, hi = suspicion_timeouts(
+            cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, cfg.probe_interval
+        )
+        sus = Suspicion(self._now, from_id, k, lo, hi)
+        self._suspicions[sid] = sus
+        heapq.heappush(self._susp_heap, (sus.deadline(), sid))
+
+    def _apply_dead(self, d: Dead, bcast: bool = True) -> None:
+        did = d.id
+        if did == self.id:
+            if not self._left and d.incarnation >= self._record.incarnation:
+                self._refute(d.incarnation)
+            return
+        e = self._table.get(did)
+        if e is None or e.state not in MEMBER:
+            self.counters["drop_dead_non_member"] += 1
+            return
+        new_state = LEFT if d.from_id == did else DEAD
+        if not supersedes(d.incarnation, new_state, e.incarnation, e.state):
+            return
+        self._put(replace(e, state=new_state, incarnation=d.incarnation, since=self._now))
+        kind = "member_left" if new_state == LEFT else "member_dead"
+        self._event(kind, id=did, incarnation=d.incarnation, by=d.from_id)
+        if bcast:
+            self._broadcast(("m", did), d)
+
+    def _refute(self, heard: int) -> None:
+        """Someone thinks we are suspect/dead (or speaks for an older us): outbid them."""
+        r = self._record
+        inc = max(heard, r.incarnation) + 1
+        self._awareness.apply_delta(1)
+        self._event("refuted", id=self.id, incarnation=inc)
+        self._set_own_record(make_record(self._crypto, self.id, inc, r.name, r.addresses, r.facts))
+
+    def _set_own_record(self, rec: Record) -> None:
+        self._record = rec
+        e = self._self_entry()
+        if e.state == BANNED:
+            self._put(replace(e, record=rec, incarnation=rec.incarnation))
+        else:
+            since = e.since if e.state == ALIVE else self._now
+            self._put(replace(e, state=ALIVE, incarnation=rec.incarnation, record=rec, since=since))
+        self._event("incarnation", id=self.id, incarnation=rec.incarnation)
+        self._broadcast(("m", self.id), Alive(rec))
+
+    # -- cluster statements
+
+    def _authority(self, by: str, stmt: Statement) -> bool:
+        if by == self.id:
+            return True
+        e = self._table.get(by)
+        if e is not None and e.admit is not None:
+            return True
+        return type(stmt) is Admit and stmt.id == by and stmt.how == FOUNDER  # type: ignore[union-attr]
+
+    def _apply_admit(self, a: Admit, bcast: bool = True) -> bool:
+        """Returns True when `a.id` is admitted afterwards."""
+        e = self._table.get(a.id)
+        if e is not None and e.admit is not None:
+            old = e.admit
+            if (
+                old != a
+                and (a.ts, a.by) < (old.ts, old.by)  # keep the earliest: converges
+                and self._authority(a.by, a)
+                and self._verify(a.by, a.body(), a.sig)
+            ):
+                self._put(replace(e, admit=a))
+            return True
+        if not self._authority(a.by, a):
+            self._defer(a.by, a)
+            return False
+        if not self._verify(a.by, a.body(), a.sig):
+            return False
+        if e is None:
+            e = Entry(a.id, LIMBO, 0, None, self._now)
+        e = replace(e, admit=a)
+        self._put(e)
+        if e.state != BANNED:
+            self._event("admitted", id=a.id, by=a.by, how=a.how)
+            if e.state in (PENDING, LIMBO) and e.record is not None:
+                self._become_member(e, e.record, bcast)
+        if bcast or a.id == self.id:  # our own admission travels with us (see _credentials)
+            self._broadcast(("a", a.id), a)
+        self._retry_deferred(a.id)
+        return True
+
+    def _apply_ban(self, b: Ban, bcast: bool = True) -> None:
+        e = self._table.get(b.id)
+        if e is not None and e.ban is not None:
+            old = e.ban
+            if (
+                old != b
+                and (b.ts, b.by) < (old.ts, old.by)
+                and self._authority(b.by, b)
+                and self._verify(b.by, b.body(), b.sig)
+            ):
+                self._put(replace(e, ban=b))
+            return
+        if not self._authority(b.by, b):
+            self._defer(b.by, b)
+            return
+        if not self._verify(b.by, b.body(), b.sig):
+            return
+        if e is None:
+            self._put(Entry(b.id, BANNED, 0, None, self._now, ban=b))
+        else:
+            self._put(replace(e, state=BANNED, ban=b, since=self._now))
+        self._event("banned", id=b.id, by=b.by)
+        if bcast:
+            self._broadcast(("b", b.id), b)
+
+    def _apply_rename(self, r: Rename, bcast: bool = True) -> None:
+        e = self._table.get(r.id)
+        if e is not None and e.rename is not None and (r.ts, r.by) <= (e.rename.ts, e.rename.by):
+            return
+        if not self._authority(r.by, r):
+            self._defer(r.by, r)
+            return
+        if e is None:
+            self._defer(r.id, r)
+            return
+        if not self._verify(r.by, r.body(), r.sig):
+            return
+        self._put(replace(e, rename=r))
+        self._event("renamed", id=r.id, name=r.name, by=r.by)
+        if bcast:
+            self._broadcast(("r", r.id), r)
+
+    def _apply_pending(self, p: Pending, bcast: bool = True, since_now: bool = False) -> None:
+        rec = p.record
+        pid = rec.id
+        if pid == self.id:
+            return
+        e = self._table.get(pid)
+        if e is not None:
+            if e.state == BANNED:
+                self.counters["drop_pending_banned"] += 1
+                return
+            if e.admit is not None:
+                self._apply_alive(rec, bcast)
+                return
+            if e.state == PENDING and rec.incarnation <= e.incarnation:
+                if since_now:  # the guest said hello again: keep it listed
+                    self._put(replace(e, since=self._now))
+                    self._push_reap(pid, self._cfg.pending_expire_after)
+                return
+        if not self._verify_record(rec):
+            return
+        if e is None or e.state == LIMBO:
+            if self._table.count(PENDING) >= self._cfg.max_pending:
+                self.counters["drop_pending_full"] += 1
+                return
+            self._put(Entry(pid, PENDING, rec.incarnation, rec, self._now, how=p.how))
+            self._event("pending", id=pid, name=rec.name, how=p.how, addresses=list(rec.addresses))
+        else:
+            self._put(replace(e, record=rec, incarnation=rec.incarnation, since=self._now))
+            self._push_reap(pid, self._cfg.pending_expire_after)
+        if bcast:
+            self._broadcast(("p", pid), p)
+
+    def _defer(self, key: str, stmt: Statement) -> None:
+        """Keep a statement whose author (or subject) we do not know yet; bounded."""
+        waiting = self._deferred.get(key)
+        if waiting is not None and stmt in waiting:
+            return
+        if self._n_deferred >= self._cfg.max_deferred:
+            self.counters["drop_statement_non_member"] += 1
+            return
+        self._deferred.setdefault(key, []).append(stmt)
+        self._n_deferred += 1
+        self.counters["statement_deferred"] += 1
+
+    def _retry_deferred(self, key: str) -> None:
+        waiting = self._deferred.pop(key, None)
+        if waiting:
+            self._n_deferred -= len(waiting)
+            for stmt in waiting:
+                self._apply(stmt)
+
+    def _merge(
+        self,
+        members: Iterable[MemberState],
+        cluster: Iterable[Statement],
+        src: str,
+        bcast: bool,
+        literal: bool = False,
+    ) -> None:
+        """Merge a full state from `src` (push-pull or snapshot).
+
+        Statements go first so that members' admissions are known before their records. As in
+        memberlist, a member the remote believes dead is only *suspected* here: we may be able to
+        reach it, and the suspicion gives it time to refute. `literal` (restoring our own
+        snapshot) keeps the recorded states instead.
+        """
+        admits: list[Admit] = []
+        others: list[Statement] = []
+        for s in cluster:
+            (admits if type(s) is Admit else others).append(s)  # type: ignore[arg-type]
+        self._apply_admits(admits, bcast)
+        for s in others:
+            self._apply(s, bcast)
+        for ms in members:
+            rec = ms.record
+            st = ms.state
+            e = self._table.get(rec.id)
+            if st in GONE and rec.id != self.id and e is not None and e.state == LIMBO:
+                # First news of a member that is already gone: record it quietly.
+                if e.admit is not None and self._verify_record(rec):
+                    self._put(
+                        replace(
+                            e, state=st, incarnation=ms.incarnation, record=rec, since=self._now
+                        )
+                    )
+                continue
+            self._apply_alive(rec, bcast)
+            if st == ALIVE:
+                continue
+            if literal and st == SUSPECT:
+                continue
+            if literal or st == LEFT:
+                from_id = rec.id if st == LEFT else self.id
+                self._apply_dead(Dead(rec.id, ms.incarnation, from_id), bcast)
+            else:
+                self._apply_suspect(Suspect(rec.id, ms.incarnation, src), bcast)
+
+    def _apply_admits(self, admits: list[Admit], bcast: bool) -> None:
+        """Apply a batch of admissions in dependency order (authors before those they admit)."""
+        waiting: dict[str, list[Admit]] = {}
+        ready: deque[Admit] = deque()
+        for a in admits:
+            if self._authority(a.by, a):
+                ready.append(a)
+            else:
+                waiting.setdefault(a.by, []).append(a)
+        while ready:
+            a = ready.popleft()
+            if self._apply_admit(a, bcast):
+                ready.extend(waiting.pop(a.id, ()))
+        for rest in waiting.values():
+            for a in rest:
+                self._defer(a.by, a)
+
+    # ------------------------------------------------------------------ probing
+
+    def _tick_probe(self, now: float) -> None:
+        p = self._probe
+        if p is not None:
+            if not p.indirect and now >= p.indirect_at:
+                p.indirect = True
+                self._send_ping_reqs(p)
+                # A second direct attempt alongside the indirect ones (memberlist's TCP fallback
+                # ping): an ack lost once should not make a healthy member suspect.
+                self._send(p.target, Ping(p.seq, p.target, p.nonce))
+            if now >= p.end:
+                self._probe = None
+                self._probe_failed(p)
+        if self._probe is None and now >= self._next_probe:
+            if self._left:
+                self._next_probe = _INF
+                return
+            target = self._next_probe_target()
+            if target is None:
+                self._next_probe = now + self._cfg.probe_interval
+            else:
+                self._start_probe(target, now)
+
+    def _start_probe(self, target: str, now: float) -> None:
+        cfg = self._cfg
+        self._seq += 1
+        nonce = self._rng.randbytes(16)
+        end = now + self._awareness.scale(cfg.probe_interval)
+        p = _Probe(self._seq, target, nonce, now + self._awareness.scale(cfg.probe_timeout), end)
+        self._probe = p
+        self._next_probe = end
+        e = self._table.get(target)
+        budget = cfg.piggyback_bytes
+        piggyback: tuple[Item, ...] = ()
+        if e is not None and e.state == SUSPECT:
+            # Lifeguard buddy system: tell the suspect directly so it can refute at once.
+            buddy = Suspect(target, e.incarnation, self.id)
+            piggyback = (buddy,)
+            budget -= item_size(buddy)
+        self._send(target, Ping(p.seq, target, nonce, piggyback + self._piggyback(budget)))
+
+    def _send_ping_reqs(self, p: _Probe) -> None:
+        target = p.target
+
+        def helper_ok(e: Entry) -> bool:
+            return e.state in LIVE and e.id != target and e.id != self.id
+
+        p.helpers = self._random_members(self._cfg.indirect_checks, helper_ok)
+        for h in p.helpers:
+            self._send(h, PingReq(p.seq, target, p.nonce))
+
+    def _probe_failed(self, p: _Probe) -> None:
+        expected = len(p.helpers)
+        # Lifeguard: helpers that answered with a nack prove our own links work; missing nacks
+        # (or having no helpers at all) suggest the problem may be us.
+        self._awareness.apply_delta(expected - len(p.nacks) if expected else 1)
+        e = self._table.get(p.target)
+        if e is not None and e.state in LIVE:
+            self._apply_suspect(Suspect(p.target, e.incarnation, self.id))
+
+    def _next_probe_target(self) -> str | None:
+        table = self._table
+        for _ in range(table.id_space() + len(self._fresh) + 1):
+            id_ = self._probe_order_next()
+            if id_ is None:
+                return None
+            if id_ == self.id:
+                continue
+            e = table.get(id_)
+            if e is not None and e.state in LIVE:
+                return id_
+        return None
+
+    def _probe_order_next(self) -> str | None:
+        """Randomised round-robin without a per-node shuffled list: each pass visits every
+        position once as start + i*stride (mod n) with a random stride coprime to n; members
+        added during a pass are interleaved at random points of the rest of the pass."""
+        rng = self._rng
+        remaining = self._pass_n - self._pass_i
+        fresh = self._fresh
+        if remaining <= 0 and not fresh:
+            n = self._table.id_space()
+            if n == 0:
+                return None
+            self._pass_n, self._pass_i = n, 0
+            self._pass_start = rng.randrange(n)
+            self._pass_stride = _coprime_stride(n, rng)
+            remaining = n
+        if fresh and rng.random() * (remaining + len(fresh)) < len(fresh):
+            return fresh.pop(rng.randrange(len(fresh)))
+        idx = (self._pass_start + self._pass_i * self._pass_stride) % self._pass_n
+        self._pass_i += 1
+        return self._table.id_at(idx)
+
+    # ------------------------------------------------------------------ gossip and push-pull
+
+    def _gossip_round(self, now: float) -> None:
+        self._next_gossip = _INF
+        self._last_gossip = now
+        if not self._queue:
+            return
+        horizon = now - self._cfg.gossip_to_the_dead_time
+        me = self.id
+
+        def target_ok(e: Entry) -> bool:
+            st = e.state
+            return e.id != me and (st in LIVE or (st in GONE and e.since >= horizon))
+
+        n = self._live()
+        for to in self._random_members(self._cfg.gossip_nodes, target_ok):
+            items = self._queue.get(self._cfg.gossip_bytes, n)
+            if not items:
+                break
+            self._send(to, Gossip(tuple(items)))
+        if self._queue:
+            self._next_gossip = self._next_grid(now)
+
+    def _next_grid(self, now: float) -> float:
+        iv = self._cfg.gossip_interval
+        k = math.floor((now - self._gossip_phase) / iv) + 1
+        return self._gossip_phase + k * iv
+
+    def _broadcast(self, subject: Hashable, item: Item) -> None:
+        self._queue.put(subject, item, item_size(item))
+        now = self._now
+        # Eager dissemination: forward news at once unless we just ran a round.
+        if self._cfg.eager_gossip and now - self._last_gossip >= self._cfg.gossip_interval / 2:
+            self._next_gossip = min(self._next_gossip, now)
+        elif self._next_gossip == _INF:
+            self._next_gossip = self._next_grid(now)
+
+    def _piggyback(self, budget: int) -> tuple[Item, ...]:
+        if not self._queue or budget <= 0:
+            return ()
+        return tuple(self._queue.get(budget, self._live()))
+
+    def _start_push_pull(self, to: str, join: bool) -> None:
+        if to in self._pp_out:
+            return
+        self._pp_out[to] = (self._now + self._cfg.push_pull_timeout, join)
+        self._send(to, PushPull(join, self._member_states(), self._statements()))
+
+    def _member_states(self) -> tuple[MemberState, ...]:
+        return tuple(
+            MemberState(e.record, e.state, e.incarnation)
+            for e in self._table
+            if e.state in MEMBER and e.record is not None
+        )
+
+    def _statements(self) -> tuple[Statement, ...]:
+        out: list[Statement] = []
+        for e in self._table:
+            out.extend(self._entry_statements(e))
+        return tuple(out)
+
+    @staticmethod
+    def _entry_statements(e: Entry) -> list[Statement]:
+        out: list[Statement] = []
+        if e.admit is not None:
+            out.append(e.admit)
+        if e.ban is not None:
+            out.append(e.ban)
+        if e.rename is not None:
+            out.append(e.rename)
+        if e.state == PENDING and e.record is not None:
+            out.append(Pending(e.record, e.how))
+        return out
+
+    # ------------------------------------------------------------------ timers
+
+    def _expire_relays(self, now: float) -> None:
+        heap = self._relay_heap
+        while heap and heap[0][0] <= now:
+            _, target, seq, requester = heapq.heappop(heap)
+            waiting = self._relays.get((target, seq))
+            if waiting and requester in waiting:
+                waiting.remove(requester)
+                if not waiting:
+                    del self._relays[(target, seq)]
+                self._send(requester, Nack(seq))
+
+    def _expire_suspicions(self, now: float) -> None:
+        heap = self._susp_heap
+        while heap and heap[0][0] <= now:
+            _, sid = heapq.heappop(heap)
+            sus = self._suspicions.get(sid)
+            if sus is None or sus.deadline() > now:
+                continue
+            del self._suspicions[sid]
+            e = self._table.get(sid)
+            if e is not None and e.state == SUSPECT:
+                self._apply_dead(Dead(sid, e.incarnation, self.id))
+
+    def _expire_push_pulls(self, now: float) -> None:
+        for to, (deadline, join) in list(self._pp_out.items()):
+            if deadline <= now:
+                del self._pp_out[to]
+                self.counters["push_pull_timeout"] += 1
+                if join:
+                    self._event("join_failed", id=to)
+
+    def _reap(self, now: float) -> None:
+        heap = self._reap_heap
+        cfg = self._cfg
+        while heap and heap[0][0] <= now:
+            _, id_ = heapq.heappop(heap)
+            e = self._table.get(id_)
+            if e is None or id_ == self.id:
+                continue
+            if (e.state in GONE and e.since + cfg.dead_reap_after <= now) or (
+                e.state == PENDING and e.since + cfg.pending_expire_after <= now
+            ):
+                self._table.delete(id_)
+                self._dead.pop(id_, None)
+                self._event("member_reaped", id=id_, state=e.state)
+
+    def _push_reap(self, id_: str, after: float) -> None:
+        heapq.heappush(self._reap_heap, (self._now + after, id_))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _put(self, e: Entry) -> Entry | None:
+        """Store an entry and keep the derived indexes (dead set, timers, probe order) in step."""
+        old = self._table.put(e)
+        st = e.state
+        old_st = old.state if old is not None else None
+        if st == DEAD:
+            self._dead[e.id] = None
+        elif old_st == DEAD:
+            self._dead.pop(e.id, None)
+        if old_st != st:
+            if old_st == SUSPECT:
+                self._suspicions.pop(e.id, None)
+            if st in GONE:
+                self._push_reap(e.id, self._cfg.dead_reap_after)
+            elif st == PENDING:
+                self._push_reap(e.id, self._cfg.pending_expire_after)
+            elif (
+                st in LIVE
+                and old_st not in LIVE
+                and e.id != self.id
+                and self._table.index_of(e.id) >= self._pass_n
+            ):
+                self._fresh.append(e.id)
+        return old
+
+    def _self_entry(self) -> Entry:
+        e = self._table.get(self.id)
+        assert e is not None
+        return e
+
+    def _live(self) -> int:
+        return self._table.count(ALIVE) + self._table.count(SUSPECT)
+
+    def _is_live_peer(self, e: Entry) -> bool:
+        return e.state in LIVE and e.id != self.id
+
+    def _random_members(self, k: int, ok: Callable[[Entry], bool]) -> list[str]:
+        """Up to k distinct random ids whose entries satisfy `ok`, without listing a big table."""
+        if k <= 0:
+            return []
+        table = self._table
+        rng = self._rng
+        n = table.id_space()
+        if n > _SMALL_TABLE:
+            chosen: list[str] = []
+            for _ in range(4 * k + 16):
+                id_ = table.id_at(rng.randrange(n))
+                e = table.get(id_)
+                if e is not None and id_ not in chosen and ok(e):
+                    chosen.append(id_)
+                    if len(chosen) == k:
+                        return chosen
+            rest = [e.id for e in table if e.id not in chosen and ok(e)]
+            return chosen + rng.sample(rest, min(k - len(chosen), len(rest)))
+        cands = [e.id for e in table if ok(e)]
+        return rng.sample(cands, min(k, len(cands)))
+
+    def _send(self, to: str, msg: Message) -> None:
+        self._out.append(Send(to, msg))
+        self.counters[_SENT_KEY[type(msg)]] += 1
+
+    def _event(self, kind: str, **data: Any) -> None:
+        self._out.append(Event(kind, data))
+
+    def _verify(self, by: str, body: bytes, sig: bytes) -> bool:
+        if self._crypto.verify(by, body, sig):
+            return True
+        self.counters["drop_bad_signature"] += 1
+        return False
+
+    def _verify_record(self, rec: Record) -> bool:
+        return self._verify(rec.id, rec.body(), rec.signature)
+
+    def _ts(self) -> int:
+        return max(0, int(self._now * 1000))
+
+    def _make_admit(self, id_: str, how: str) -> Admit:
+        ts = self._ts()
+        return Admit(id_, self.id, how, ts, self._crypto.sign(admit_body(id_, self.id, how, ts)))
+
+    def _view(self, e: Entry) -> MemberView:
+        a = e.admit
+        return MemberView(
+            id=e.id,
+            state=e.state,
+            incarnation=e.incarnation,
+            record=e.record,
+            since=e.since,
+            admitted_by=a.by if a is not None else None,
+            how=a.how if a is not None else e.how,
+            name=e.name,
+        )
+
+
+def _coprime_stride(n: int, rng: random.Random) -> int:
+    if n <= 2:
+        return 1
+    while True:
+        s = rng.randrange(1, n)
+        if math.gcd(s, n) == 1:
+            return s
+
+
+_HANDLERS: dict[type, Callable[[Membership, str, Any], None]] = {
+    Ping: Membership._on_ping,
+    Ack: Membership._on_ack,
+    PingReq: Membership._on_ping_req,
+    Nack: Membership._on_nack,
+    Gossip: Membership._on_gossip,
+    PushPull: Membership._on_push_pull,
+    PushPullReply: Membership._on_push_pull_reply,
+}

@@ -1,0 +1,112 @@
+"""Whole-cluster behaviour in the deterministic simulator (fixed seeds, Config.fast())."""
+
+from __future__ import annotations
+
+from swarmnode.membership import Config
+from swarmnode.sim import Simulation, measure_join
+
+CFG = Config.fast()
+
+
+def test_fifty_nodes_converge_after_joins() -> None:
+    sim = Simulation(1, CFG, seed=11)
+    for _ in range(49):
+        sim.add_node()
+        sim.run_for(0.05)
+    assert sim.run_until_pred(lambda s: s.views_agree(), timeout=20.0)
+    ids = sim.live_ids()
+    assert len(ids) == 50
+    # every member knows who admitted whom
+    founder = ids[0]
+    assert all(sim.member(ids[-1]).member(i).admitted_by is not None for i in ids)
+    assert sim.member(ids[10]).member(founder).how == "founder"
+    assert sim.event_counts["member_dead"] == 0
+
+
+def test_crashed_node_is_detected_dead_by_all_within_bound() -> None:
+    sim = Simulation(30, CFG, seed=12)
+    sim.run_for(1.0)
+    victim = sim.live_ids()[7]
+    sim.crash(victim)
+    t0 = sim.now
+    # bound: one probe pass to first notice + the maximum suspicion timeout, plus gossip
+    assert sim.run_until_pred(lambda s: s.fraction_knowing(victim, ("dead",)) == 1.0, 6.0)
+    detected = sim.now - t0
+    assert detected < 6.0
+    assert sim.event_counts["member_dead"] == 29  # nobody else was declared dead
+
+
+def test_no_false_positives_under_ten_percent_loss() -> None:
+    sim = Simulation(20, CFG, seed=13, loss=0.10)
+    sim.run_for(60.0)  # 600 probe intervals per node
+    assert sim.event_counts["member_dead"] == 0
+    assert sim.views_agree()
+    assert sim.stats["lost"] > 0
+
+
+def test_partition_then_heal_reconverges() -> None:
+    sim = Simulation(16, CFG, seed=14)
+    sim.run_for(0.5)
+    ids = sim.live_ids()
+    left, right = ids[:8], ids[8:]
+    sim.partition([left, right])
+
+    def split(s: Simulation) -> bool:
+        return all(s.member(a).state_of(b) == "dead" for a in left for b in right)
+
+    assert sim.run_until_pred(split, timeout=20.0)
+    sim.heal()
+    assert sim.run_until_pred(lambda s: s.views_agree(), timeout=30.0)
+
+
+def test_restarted_node_refutes_and_rejoins() -> None:
+    sim = Simulation(12, CFG, seed=15)
+    sim.run_for(0.5)
+    node = sim.live_ids()[3]
+    sim.crash(node)
+    assert sim.run_until_pred(lambda s: s.fraction_knowing(node, ("dead",)) == 1.0, 10.0)
+    sim.restart(node)
+    assert sim.member(node).incarnation >= 1
+    assert sim.run_until_pred(lambda s: s.views_agree(), timeout=10.0)
+    inc = sim.member(node).incarnation
+    assert all(sim.member(i).member(node).incarnation == inc for i in sim.live_ids())
+
+
+def test_graceful_leave_is_left_everywhere() -> None:
+    sim = Simulation(10, CFG, seed=16)
+    sim.run_for(0.5)
+    node = sim.live_ids()[2]
+    sim.leave(node)
+    assert sim.run_until_pred(lambda s: s.fraction_knowing(node, ("left",)) == 1.0, 5.0)
+    sim.run_for(5.0)
+    assert sim.fraction_knowing(node, ("left",)) == 1.0
+    assert sim.event_counts["member_dead"] == 0
+
+
+def test_same_seed_same_run() -> None:
+    def run() -> tuple:
+        sim = Simulation(15, CFG, seed=17, loss=0.05)
+        sim.run_for(3.0)
+        sim.crash(sim.live_ids()[4])
+        sim.add_node()
+        sim.run_for(3.0)
+        return tuple(sorted(sim.stats.items())), tuple(sorted(sim.event_counts.items()))
+
+    assert run() == run()
+
+
+def test_real_signatures_and_wire_codec_in_the_loop() -> None:
+    sim = Simulation(6, CFG, seed=18, real_crypto=True, codec=True)
+    new = sim.add_node()
+    assert sim.run_until_pred(lambda s: s.views_agree(), timeout=5.0)
+    sim.crash(new)
+    assert sim.run_until_pred(lambda s: s.fraction_knowing(new, ("dead",)) == 1.0, 10.0)
+    counters = sum((sim.member(i).counters for i in sim.live_ids()), start=type(sim.stats)())
+    assert counters["drop_bad_signature"] == 0
+
+
+def test_join_dissemination_at_500_nodes_beats_serf() -> None:
+    """Default (LAN) timings: 200 ms gossip, fanout 3; Serf needs ~1.8 s here."""
+    for loss in (0.0, 0.1):
+        r = measure_join(500, loss=loss, seed=3, warmup=1.0)
+        assert r["seconds"] is not None and r["seconds"] < 1.8, r
