@@ -1,0 +1,233 @@
+"""The `swarmnode` command line: a thin typer layer over the node's control socket.
+
+Human output is a rich table; `--json` output is stable for scripts. Commands that need the
+running node say clearly when none is running in the home.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from swarmnode import cluster, control
+from swarmnode import home as homes
+from swarmnode import token as tokens
+from swarmnode.identity import IdentityError, load_or_create
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="swarmnode: one program on every node of a peer-to-peer build swarm.",
+)
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="node home dir [default: $SWARMNODE_HOME or the state dir]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+class State:
+    home: Path = Path(".")
+
+
+state = State()
+
+
+@app.callback()
+def main_options(home: HomeOpt = None) -> None:
+    state.home = homes.resolve(home)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def ask(cmd: str, **args: Any) -> Any:
+    try:
+        return control.call(state.home, cmd, **args)
+    except control.ControlError as exc:
+        fail(str(exc))
+    except TimeoutError:
+        fail(f"the node in {state.home} did not answer in time")
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@app.command("id")
+def show_id() -> None:
+    """Print this node's id (made on first use)."""
+    try:
+        out.print(load_or_create(state.home).id, highlight=False)
+    except IdentityError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Option("--name", help="cluster name")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = cluster.DEFAULT_LISTEN,
+    advertise: Annotated[list[str] | None, typer.Option(help="extra reported address")] = None,
+    ttl: Annotated[str, typer.Option(help="token lifetime, e.g. 24h, 90m")] = "24h",
+) -> None:
+    """Make a new cluster with this node as its first member and print a join token."""
+    try:
+        made = cluster.init(state.home, name, listen, advertise or [], tokens.parse_duration(ttl))
+    except (cluster.ClusterError, ValueError) as exc:
+        fail(str(exc))
+    err.print(f"cluster [bold]{name}[/bold] created; this node is its first member.")
+    err.print("start it with `swarmnode join`; join other nodes with this token:")
+    out.print(made, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def token(
+    ttl: Annotated[str, typer.Option(help="token lifetime, e.g. 24h, 90m")] = "24h",
+) -> None:
+    """Print a fresh join token (from the running node, or offline from this home)."""
+    try:
+        seconds = tokens.parse_duration(ttl)
+    except ValueError as exc:
+        fail(str(exc))
+    if control.socket_path(state.home).exists():
+        out.print(ask("token", ttl=seconds), highlight=False, soft_wrap=True)
+        return
+    try:
+        out.print(cluster.offline_token(state.home, seconds), highlight=False, soft_wrap=True)
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def join(
+    join_token: Annotated[str | None, typer.Argument(metavar="[TOKEN]")] = None,
+    name: Annotated[str | None, typer.Option(help="this node's name")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT [default: 0.0.0.0:7946]")] = None,
+    advertise: Annotated[list[str] | None, typer.Option(help="extra reported address")] = None,
+    seed: Annotated[list[str] | None, typer.Option(help="HOST:PORT or ID@HOST:PORT")] = None,
+    no_mdns: Annotated[bool, typer.Option("--no-mdns", help="no mDNS discovery")] = False,
+    no_tailscale: Annotated[
+        bool, typer.Option("--no-tailscale", help="no seeds from `tailscale status`")
+    ] = False,
+    fast: Annotated[bool, typer.Option(hidden=True, help="fast timers (tests, demo)")] = False,
+) -> None:
+    """Run this node in the foreground until SIGINT/SIGTERM (then leave gracefully)."""
+    from swarmnode.node import NodeOptions, run
+
+    opts = NodeOptions(
+        home=state.home,
+        token=join_token,
+        name=name,
+        listen=listen,
+        advertise=tuple(advertise or ()),
+        seeds=tuple(seed or ()),
+        mdns=not no_mdns,
+        tailscale=not no_tailscale,
+        fast=fast,
+    )
+    try:
+        code = run(opts)
+    except (cluster.ClusterError, tokens.TokenError, control.ControlError, ValueError) as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def nodes(as_json: JsonOpt = False) -> None:
+    """List every member: state, reported addresses, observed address, facts."""
+    members = ask("nodes")
+    if as_json:
+        emit_json(members)
+        return
+    table = Table(title=f"{len(members)} nodes")
+    for col in ("id", "name", "state", "addresses", "observed", "kind", "arch", "cores", "ver"):
+        table.add_column(col)
+    for m in members:
+        style = {"pending": "yellow", "dead": "red", "suspect": "magenta", "banned": "red"}
+        observed = (m["observed"] or "-") + (" [bold](nat)[/bold]" if m["nat"] else "")
+        table.add_row(
+            m["id"][:12] + ("*" if m.get("self") else ""),
+            m["name"],
+            f"[{style.get(m['state'], 'green')}]{m['state']}[/]",
+            "\n".join(m["addresses"]),
+            observed,
+            str(m["kind"] or "-"),
+            str(m["arch"] or "-"),
+            str(m["cores"] or "-"),
+            str(m["version"] or "-"),
+        )
+    out.print(table)
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """This node's id, name, cluster, alive members, cores online, pending nodes."""
+    info = ask("status")
+    if as_json:
+        emit_json(info)
+        return
+    for key in ("id", "name", "cluster", "nodes_alive", "cores_online", "pending"):
+        out.print(f"[bold]{key:>13}[/bold]  {info[key]}", highlight=False)
+
+
+@app.command()
+def events(
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="how many")] = 50,
+) -> None:
+    """Recent cluster events seen by this node (joins, admissions, bans, NAT, failures)."""
+    items = ask("events", limit=limit)
+    if as_json:
+        emit_json(items)
+        return
+    for ev in items:
+        when = time.strftime("%H:%M:%S", time.localtime(ev.pop("ts")))
+        ev.pop("seq", None)
+        kind = ev.pop("kind")
+        out.print(f"{when} [bold]{kind}[/bold] {json.dumps(ev, default=str)}", highlight=False)
+
+
+def _node_command(cmd: str, node: str, **extra: Any) -> None:
+    result = ask(cmd, node=node, **extra)
+    out.print(result, highlight=False)
+
+
+@app.command()
+def admit(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
+    """Admit a pending node: it becomes a member and may get work and code."""
+    _node_command("admit", node)
+
+
+@app.command()
+def ban(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
+    """Remove a node for good (gossiped and persisted; it is refused at the handshake)."""
+    _node_command("ban", node)
+
+
+@app.command()
+def rename(
+    node: Annotated[str, typer.Argument(help="name, id or unique id prefix")],
+    new_name: Annotated[str, typer.Argument(metavar="NEWNAME")],
+) -> None:
+    """Give a member a new name (gossiped; the last rename wins)."""
+    _node_command("rename", node, name=new_name)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

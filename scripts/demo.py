@@ -1,0 +1,127 @@
+"""A local demo swarm: nodes on loopback addresses, each a real `swarmnode join` process.
+
+It shows the founding node making a cluster, three nodes joining with a token, an uninvited
+"ghost" node that stays pending (no work, no data) until admitted, a node killed with SIGKILL
+detected as dead by everyone, and graceful leaves. Each node has its own home under
+./demo-home, so you can poke at the running swarm with `swarmnode --home demo-home/NAME ...`
+(pass --keep to leave it running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOMES = ROOT / "demo-home"
+PORT = 17946
+NAMES = ["alpha", "bravo", "charlie", "delta"]
+
+
+def swarmnode(home: Path, *args: str, check: bool = True) -> str:
+    cmd = [sys.executable, "-m", "cli.main", "--home", str(home), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30)
+    if check and done.returncode != 0:
+        raise SystemExit(f"swarmnode {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def start(home: Path, *args: str) -> subprocess.Popen:
+    log = open(home / "node.log", "ab")  # noqa: SIM115 - the child keeps it
+    cmd = [sys.executable, "-m", "cli.main", "--home", str(home), "join", *args]
+    return subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+
+
+def nodes(home: Path) -> list[dict]:
+    try:
+        return json.loads(swarmnode(home, "nodes", "--json"))
+    except (SystemExit, json.JSONDecodeError):
+        return []
+
+
+def wait_until(what: str, pred, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            print(f"  ok: {what}")
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"demo: gave up waiting for: {what}")
+
+
+def states(home: Path) -> dict[str, str]:
+    return {n["name"]: n["state"] for n in nodes(home)}
+
+
+def show(home: Path) -> None:
+    print(swarmnode(home, "nodes"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="leave the swarm running")
+    args = parser.parse_args()
+    shutil.rmtree(HOMES, ignore_errors=True)
+    homes = {name: HOMES / name for name in [*NAMES, "ghost"]}
+    for h in homes.values():
+        h.mkdir(parents=True)
+    addr = {name: f"127.0.0.{i + 1}:{PORT}" for i, name in enumerate([*NAMES, "ghost"])}
+    procs: dict[str, subprocess.Popen] = {}
+    common = ["--no-mdns", "--no-tailscale", "--fast"]
+    try:
+        print("1. alpha makes the cluster `demo` and prints a join token")
+        token = swarmnode(homes["alpha"], "init", "--name", "demo", "--listen", addr["alpha"])
+        token = token.strip()
+        procs["alpha"] = start(homes["alpha"], "--name", "alpha", *common)
+        print("2. bravo, charlie and delta join with the token")
+        for name in NAMES[1:]:
+            procs[name] = start(homes[name], token, "--name", name, "--listen", addr[name],
+                                *common)
+        wait_until("4 members alive in alpha's view",
+                   lambda: list(states(homes["alpha"]).values()).count("alive") == 4)
+        wait_until("every member sees all 4 alive", lambda: all(
+            list(states(homes[n]).values()).count("alive") == 4 for n in NAMES))
+        show(homes["alpha"])
+        print("3. a forgotten container shows up without a token: it is listed, but pending")
+        procs["ghost"] = start(homes["ghost"], "--name", "ghost", "--listen", addr["ghost"],
+                               "--seed", addr["bravo"], *common)
+        wait_until("ghost is pending everywhere", lambda: all(
+            states(homes[n]).get("ghost") == "pending" for n in NAMES))
+        print(swarmnode(homes["charlie"], "status"))
+        print("4. someone recognises it and admits it (from any member)")
+        print(swarmnode(homes["charlie"], "admit", "ghost"))
+        wait_until("ghost is alive everywhere", lambda: all(
+            states(homes[n]).get("ghost") == "alive" for n in NAMES))
+        print("5. delta is killed with SIGKILL: the others detect it")
+        procs["delta"].send_signal(signal.SIGKILL)
+        procs["delta"].wait()
+        wait_until("delta marked dead by all others", lambda: all(
+            states(homes[n]).get("delta") == "dead" for n in ["alpha", "bravo", "charlie"]),
+            timeout=30)
+        show(homes["bravo"])
+        print("6. recent events on alpha")
+        print(swarmnode(homes["alpha"], "events", "--limit", "15"))
+        if args.keep:
+            print("swarm left running; stop it with: pkill -f 'demo-home'")
+            procs.clear()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    print("demo done: builds across the swarm arrive with the scheduler (issue 4).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Finding peers: mDNS on the LAN, seed addresses across networks, Tailscale peers.
+
+Discovery only ever yields *candidate* (id, address) pairs. An address never becomes a
+member's identity: it is tried with a CURVE connection that only the named id can complete,
+and if that id is a member the address is just one more place to reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from net import tailscale, whois
+from net.addresses import split_hostport
+from swarmnode import cluster
+from swarmnode.identity import is_node_id
+
+if TYPE_CHECKING:
+    from net.mdns import Sighting
+    from swarmnode.node import Node
+
+log = logging.getLogger(__name__)
+
+#: Tailscale's peer list changes rarely; asking once a minute costs nothing.
+TAILSCALE_EVERY_S = 60.0
+
+
+def parse_seed(text: str) -> tuple[str | None, str]:
+    """`HOST:PORT` or `ID@HOST:PORT` -> (id or None, "host:port")."""
+    node_id: str | None = None
+    if "@" in text:
+        node_id, text = text.split("@", 1)
+        if not is_node_id(node_id):
+            raise ValueError(f"seed {node_id}@{text}: {node_id!r} is not a node id")
+    host, port = split_hostport(text, cluster.DEFAULT_PORT)
+    from net.addresses import join_hostport
+
+    return node_id, join_hostport(host, port)
+
+
+class Discovery:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.seeds = [parse_seed(s) for s in node.opts.seeds]
+        self.mdns = None
+        self.found_by: dict[str, str] = {}  # id -> how it was first found
+
+    async def start(self) -> list[asyncio.Future]:
+        tasks = [asyncio.ensure_future(self._seed_loop())]
+        if self.node.opts.mdns:
+            await self._start_mdns()
+        if self.node.opts.tailscale:
+            tasks.append(asyncio.ensure_future(self._tailscale_loop()))
+        return tasks
+
+    async def close(self) -> None:
+        if self.mdns is not None:
+            with contextlib.suppress(Exception):
+                await self.mdns.close()
+
+    async def _start_mdns(self) -> None:
+        from zeroconf import InterfaceChoice
+
+        from net.mdns import Mdns
+
+        node = self.node
+        _, port = split_hostport(node.listen, cluster.DEFAULT_PORT)
+        self.mdns = Mdns(
+            node.id,
+            port,
+            node.addresses,
+            self._on_sighting,
+            name=node.name,
+            cluster=node.cluster_id,
+            interfaces=node.opts.mdns_interfaces or InterfaceChoice.All,
+        )
+        try:
+            await self.mdns.start()
+        except OSError as exc:  # no multicast-capable interface: discovery by seeds only
+            log.warning("mDNS unavailable: %s", exc)
+            self.mdns = None
+
+    def _on_sighting(self, s: Sighting) -> None:
+        if s.id == self.node.id:
+            return
+        if s.cluster and self.node.cluster_id and s.cluster != self.node.cluster_id:
+            return  # another cluster on the same LAN
+        for addr in s.addresses:
+            self.candidate(s.id, addr, "mdns")
+
+    def candidate(self, peer: str, addr: str, how: str) -> None:
+        """An (id, address) pair worth trying: remember the address, then make contact."""
+        node = self.node
+        node.observed_entry(peer).extra.add(addr)
+        self.found_by.setdefault(peer, how)
+        if node.admitted:
+            # Only a member we lost touch with gets our state; an unknown id gets nothing
+            # (a stranger says hello itself and waits to be admitted).
+            view = node.core.member(peer)
+            lost = view is not None and view.admitted_by and view.state in ("dead", "left")
+            if lost:
+                node.core.join(self.node.clock(), [peer])
+                node.flush()
+        else:
+            node.admission.contact(peer, how)
+
+    async def _resolve(self, peer: str | None, addr: str, how: str) -> None:
+        if peer is None:
+            answer = await whois.whois(addr, timeout=1.0)
+            if answer is None:
+                return
+            peer = answer.id
+        if peer != self.node.id:
+            self.candidate(peer, addr, how)
+
+    def _needs_contact(self) -> bool:
+        """Seeds matter until we are admitted and see at least one other live member."""
+        if not self.node.admitted:
+            return True
+        return not any(m.id != self.node.id and m.state == "alive" and m.admitted_by
+                       for m in self.node.core.members())
+
+    async def _seed_loop(self) -> None:
+        """Contact seeds at start, and again periodically so partitions heal."""
+        first = True
+        while True:
+            if self.seeds and (first or self._needs_contact() or self._reconnect_due()):
+                await asyncio.gather(*(self._resolve(p, a, "seed") for p, a in self.seeds))
+                first = False
+            await asyncio.sleep(self.node.config.reconnect_interval / 2)
+
+    _last_reconnect = 0.0
+
+    def _reconnect_due(self) -> bool:
+        now = self.node.clock()
+        if now - self._last_reconnect >= self.node.config.reconnect_interval:
+            self._last_reconnect = now
+            return True
+        return False
+
+    async def _tailscale_loop(self) -> None:
+        _, port = split_hostport(self.node.listen, cluster.DEFAULT_PORT)
+        while True:
+            status = await asyncio.to_thread(tailscale.query)
+            if status is not None:
+                peers = tailscale.seed_candidates(status, port)
+                await asyncio.gather(*(self._resolve(None, a, "tailscale") for a in peers))
+            await asyncio.sleep(TAILSCALE_EVERY_S)

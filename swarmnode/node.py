@@ -1,0 +1,401 @@
+"""The asyncio shell around the sans-I/O membership core.
+
+The core decides (whom to probe, what to gossip, who is dead); this shell owns the sockets,
+the clock, the disk and discovery. It feeds the core authenticated messages and timer ticks,
+and carries out what the core outputs: sends, and events that it persists and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from net import whois
+from net.addresses import is_nat, split_hostport
+from net.transport import Inbound, Transport
+from net.wire import DropCounter
+from swarmnode import __version__, cluster, control
+from swarmnode import token as tokens
+from swarmnode.admission import Admission
+from swarmnode.discovery import Discovery
+from swarmnode.facts import detect_facts
+from swarmnode.identity import Identity, curve_public_key, load_or_create
+from swarmnode.membership import (
+    Config,
+    Event,
+    Membership,
+    MemberView,
+    MessageError,
+    Send,
+    decode,
+    encode,
+    make_record,
+)
+from swarmnode.store import Store
+from swarmnode.views import member_view, resolve_node
+
+log = logging.getLogger("swarmnode")
+
+#: How often the membership snapshot is written while it changes: often enough that a crash
+#: loses at most a few seconds of gossip (which anti-entropy restores anyway).
+SNAPSHOT_EVERY_S = 2.0
+#: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
+MAX_SLEEP_S = 0.5
+
+
+@dataclass
+class NodeOptions:
+    home: Path
+    token: str | None = None
+    name: str | None = None
+    listen: str | None = None
+    advertise: tuple[str, ...] = ()
+    seeds: tuple[str, ...] = ()
+    mdns: bool = True
+    tailscale: bool = True
+    fast: bool = False
+    mdns_interfaces: list[str] | None = None
+
+
+@dataclass
+class Observed:
+    """What this node saw of a peer's connections, kept apart from what the peer reports."""
+
+    address: str | None = None
+    nat: bool = False
+    extra: set[str] = field(default_factory=set)  # seed/mDNS addresses for this identity
+
+
+class Node:
+    def __init__(self, opts: NodeOptions) -> None:
+        self.opts = opts
+        self.home = opts.home
+        self.identity: Identity = load_or_create(self.home)
+        self.id = self.identity.id
+        self.store = Store(self.home)
+        self.drops = DropCounter()
+        self.started = time.time()
+        self._epoch = self.started - time.monotonic()
+        self._apply_options(opts)
+        self.config = Config.fast() if opts.fast else Config()
+        self.observed: dict[str, Observed] = {}
+        self.core = self._make_core()
+        self.admission = Admission(self)
+        self.discovery = Discovery(self)
+        self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
+                                   drops=self.drops)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._dirty = True
+        self._banned_keys: set[bytes] = set()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _apply_options(self, opts: NodeOptions) -> None:
+        s = self.store
+        if opts.token:
+            tok = tokens.parse(opts.token)
+            known = s.get("cluster_id")
+            if known and known != tok.cluster_id:
+                raise cluster.ClusterError(
+                    f"{self.home} belongs to cluster {s.get('cluster_name')!r}; this token is "
+                    f"for {tok.cluster_name!r}. Use another --home."
+                )
+            if not s.get("admitted"):
+                s.put(cluster_id=tok.cluster_id, cluster_name=tok.cluster_name)
+            self.join_token: tokens.Token | None = tok
+        else:
+            self.join_token = None
+        updates: dict[str, Any] = {}
+        if opts.name:
+            updates["node_name"] = opts.name
+        if opts.listen:
+            updates["listen"] = opts.listen
+        if opts.advertise:
+            updates["advertise"] = list(opts.advertise)
+        if updates:
+            s.put(**updates)
+        self.name = s.get("node_name") or socket.gethostname()
+        self.listen = s.get("listen") or cluster.DEFAULT_LISTEN
+        split_hostport(self.listen, cluster.DEFAULT_PORT)
+        self.addresses = cluster.addresses_for(self.listen, s.get("advertise", []))
+
+    def clock(self) -> float:
+        """Seconds on a clock that never jumps but reads as wall time.
+
+        The core's timers need a monotonic clock; its statement timestamps (rename: last
+        writer wins across nodes) need wall time. Anchoring monotonic time at the wall time of
+        start gives both.
+        """
+        return self._epoch + time.monotonic()
+
+    @property
+    def cluster_id(self) -> str:
+        return self.store.get("cluster_id") or ""
+
+    @property
+    def cluster_name(self) -> str:
+        return self.store.get("cluster_name") or ""
+
+    @property
+    def admitted(self) -> bool:
+        return bool(self.store.get("admitted"))
+
+    def _make_core(self) -> Membership:
+        now = self.clock()
+        incarnation = int(self.store.get("incarnation", 0)) + 1
+        facts = detect_facts(__version__)
+        record = make_record(
+            self.identity, self.id, incarnation, self.name, self.addresses,
+            tuple(sorted(facts.items())),
+        )
+        self.store.put(incarnation=incarnation)
+        rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        founder = bool(self.store.get("founder"))
+        snapshot = self.store.get("snapshot")
+        if snapshot:
+            try:
+                return Membership.restore(snapshot, record, self.identity, self.config, rng, now)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable membership snapshot: %s", exc)
+        return Membership(record, self.identity, self.config, rng, now, founder=founder)
+
+    # -- main loop ------------------------------------------------------------------------
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.transport.start()
+        udp = await whois.serve(self.identity, self.cluster_id, self.listen)
+        ctl = await control.serve(self.home, self.handle_command)
+        self.event("node_started", {"id": self.id, "name": self.name,
+                                    "addresses": list(self.addresses), "version": __version__})
+        log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
+                 self.listen, ", ".join(self.addresses))
+        tasks = [asyncio.ensure_future(self._timer_loop())]
+        tasks += await self.discovery.start()
+        tasks.append(asyncio.ensure_future(self.admission.run()))
+        self.flush()  # a restored core has queued its rejoin push-pulls
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(tasks, udp, ctl)
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Future], udp, ctl) -> None:
+        log.info("leaving the cluster")
+        if self.admitted:
+            self.core.leave(self.clock())
+            self.flush()
+            # Give the leave a moment to reach peers: wait for the gossip round that carries it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.sleep(self.config.gossip_interval * 3), 2.0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.discovery.close()
+        ctl.close()
+        with contextlib.suppress(FileNotFoundError):
+            control.socket_path(self.home).unlink()
+        udp.close()
+        self.save_snapshot()
+        await self.transport.close()
+        self.store.close()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            now = self.clock()
+            self.core.tick(now)
+            self.flush()
+            if self._dirty and time.time() - self._last_save >= SNAPSHOT_EVERY_S:
+                self.save_snapshot()
+            delay = min(max(self.core.next_deadline() - self.clock(), 0.0), MAX_SLEEP_S)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    _last_save = 0.0
+
+    def save_snapshot(self) -> None:
+        self.store.put(snapshot=self.core.snapshot())
+        self._dirty = False
+        self._last_save = time.time()
+
+    # -- core outputs ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        outputs = self.core.drain()
+        for out in outputs:  # persist first: an incarnation must hit the disk before use
+            if isinstance(out, Event):
+                self.on_core_event(out)
+        for out in outputs:
+            if isinstance(out, Send):
+                self.send(out.to, out.msg)
+        self._wake.set()
+
+    def send(self, to: str, msg: object) -> bool:
+        self.route_to(to)
+        msg_type, body = encode(msg)
+        return self.transport.send(to, msg_type, body)
+
+    def route_to(self, peer: str) -> None:
+        """Keep a connection to `peer` at its reported addresses and any discovered ones."""
+        view = self.core.member(peer)
+        addrs: tuple[str, ...] = view.record.addresses if view and view.record else ()
+        extra = self.observed.get(peer)
+        if extra is not None and extra.extra:
+            addrs = addrs + tuple(sorted(a for a in extra.extra if a not in addrs))
+        if addrs:
+            self.transport.connect(peer, addrs)
+
+    def on_core_event(self, ev: Event) -> None:
+        data = dict(ev.data)
+        if ev.kind == "incarnation":
+            self.store.put(incarnation=int(data["incarnation"]))
+            return
+        if ev.kind == "banned":
+            self._banned_keys.add(_raw_curve(data["id"]))
+            self.transport.disconnect(data["id"])
+        if ev.kind in ("member_left",) and data.get("id") != self.id:
+            self.transport.disconnect(data["id"])
+        if ev.kind == "admitted":
+            if data.get("id") == self.id and not self.admitted:
+                self.store.put(admitted=True)
+            elif data.get("id") != self.id:
+                self.admission.on_admitted(data["id"])
+        self._dirty = True
+        self.event(ev.kind, data)
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        data = {k: v for k, v in data.items() if k != "kind"}
+        self.store.add_event(kind, data)
+        who = data.get("id", "")
+        log.info("event %s %s %s", kind, who[:12] if isinstance(who, str) else who,
+                 {k: v for k, v in data.items() if k != "id"})
+
+    def _banned_key(self, key: bytes) -> bool:
+        return key in self._banned_keys
+
+    # -- inbound --------------------------------------------------------------------------
+
+    def on_message(self, inbound: Inbound) -> None:
+        env = inbound.envelope
+        if self.admission.handles(env.type):
+            self.admission.on_message(inbound)
+            return
+        try:
+            msg = decode(env.type, env.body)
+        except MessageError:
+            self.drops.drop("malformed_body")
+            return
+        self.observe(env.sender, inbound.observed)
+        self.core.handle(self.clock(), env.sender, msg)
+        self.flush()
+
+    def observed_entry(self, peer: str) -> Observed:
+        return self.observed.setdefault(peer, Observed())
+
+    def is_admitted_member(self, peer: str) -> bool:
+        view = self.core.member(peer)
+        return view is not None and view.admitted_by is not None and view.state != "banned"
+
+    def observe(self, peer: str, observed: str | None) -> None:
+        """Record the source address as `observed` only; flag NAT when it is not reported."""
+        if not observed:
+            return
+        seen = self.observed_entry(peer)
+        if seen.address == observed:
+            return
+        seen.address = observed
+        view = self.core.member(peer)
+        reported = view.record.addresses if view and view.record else ()
+        nat = bool(reported) and is_nat(observed, reported)
+        if nat and not seen.nat:
+            self.event("nat_detected", {"id": peer, "observed": observed,
+                                        "reported": list(reported)})
+        seen.nat = nat
+
+    # -- control commands -----------------------------------------------------------------
+
+    async def handle_command(self, cmd: str, args: dict[str, Any]) -> Any:
+        now = self.clock()
+        if cmd == "nodes":
+            return [member_view(self, m) for m in self.core.members()]
+        if cmd == "status":
+            return self.status()
+        if cmd == "events":
+            return self.store.events(limit=int(args.get("limit", 50)))
+        if cmd == "token":
+            return self.admission.new_token(int(args.get("ttl", 86400)))
+        if cmd in ("admit", "ban", "rename"):
+            if not self.admitted:
+                raise control.ControlError("this node is not an admitted member")
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            if cmd == "admit":
+                self.core.admit(now, target.id, how=f"admitted by {self.name} ({self.id[:12]})")
+            elif cmd == "ban":
+                if target.id == self.id:
+                    raise control.ControlError("a node cannot ban itself")
+                self.core.ban(now, target.id)
+            else:
+                self.core.rename(now, target.id, str(args.get("name", "")))
+            self.flush()
+            self.save_snapshot()
+            return f"{cmd}: {target.name} ({target.id[:12]})"
+        if cmd == "drops":
+            return {"transport": dict(self.drops), "core": dict(self.core.counters),
+                    "whois": 0}
+        raise control.ControlError(f"unknown command {cmd!r}")
+
+    def status(self) -> dict[str, Any]:
+        alive = [m for m in self.core.members() if m.admitted_by and m.state == "alive"]
+        return {
+            "id": self.id,
+            "name": self.name,
+            "cluster": self.cluster_name,
+            "cluster_id": self.cluster_id,
+            "admitted": self.admitted,
+            "nodes_alive": len(alive),
+            "cores_online": sum(_cores(m) for m in alive),
+            "pending": sum(1 for m in self.core.members() if m.state == "pending"),
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "drops": dict(self.drops),
+            "bytes_in": self.transport.bytes_in,
+            "bytes_out": self.transport.bytes_out,
+        }
+
+
+def _cores(m: MemberView) -> int:
+    return int(m.record.facts_dict().get("cores", 0)) if m.record else 0
+
+
+def _raw_curve(node_id: str) -> bytes:
+    from zmq.utils import z85
+
+    return z85.decode(curve_public_key(node_id))
+
+
+def run(opts: NodeOptions) -> int:
+    logging.basicConfig(
+        level=os.environ.get("SWARMNODE_LOG", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_run(opts))
+
+
+async def _run(opts: NodeOptions) -> int:
+    return await Node(opts).main()
+

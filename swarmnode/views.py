@@ -1,0 +1,54 @@
+"""How members are shown to people and scripts, and how a person names one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from swarmnode.control import ControlError
+
+if TYPE_CHECKING:
+    from swarmnode.membership import MemberView
+    from swarmnode.node import Node
+
+
+def member_view(node: Node, m: MemberView) -> dict[str, Any]:
+    """One `swarmnode nodes --json` entry. `addresses` are as the member reports them
+    (signed); `observed` is only where this node saw its traffic come from."""
+    facts = m.record.facts_dict() if m.record else {}
+    seen = node.observed.get(m.id)
+    return {
+        "id": m.id,
+        "name": m.name,
+        "state": m.state,
+        "incarnation": m.incarnation,
+        "addresses": list(m.record.addresses) if m.record else [],
+        "observed": seen.address if seen else None,
+        "nat": bool(seen and seen.nat),
+        "cores": facts.get("cores"),
+        "arch": facts.get("arch"),
+        "os": facts.get("os"),
+        "kind": facts.get("kind"),
+        "version": facts.get("version"),
+        "admitted_by": m.admitted_by,
+        "self": m.id == node.id,
+    }
+
+
+def resolve_node(members: Iterable[MemberView], text: str) -> MemberView:
+    """A member named by its name, its id, or a unique prefix of its id."""
+    members = list(members)
+    if not text:
+        raise ControlError("name a node: its name, its id, or a unique id prefix")
+    exact = [m for m in members if m.id == text or m.name == text]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        raise ControlError(f"{text!r} names {len(exact)} nodes; use the id instead")
+    prefixed = [m for m in members if m.id.startswith(text.lower())]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if prefixed:
+        ids = ", ".join(m.id[:16] for m in prefixed)
+        raise ControlError(f"{text!r} is a prefix of several ids ({ids}); give more of it")
+    raise ControlError(f"no node named {text!r}")
