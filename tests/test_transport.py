@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import uuid
 
 import pytest
 import zmq
@@ -14,14 +14,9 @@ from zmq.utils.monitor import recv_monitor_message
 from net.transport import Inbound, Transport, endpoint
 from net.wire import seal
 from swarmnode.identity import Identity, curve_public_key
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Peer:
@@ -42,6 +37,11 @@ class Peer:
         return await asyncio.wait_for(self.inbox.get(), 10)
 
 
+def monitor_of(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A monitor on a unique inproc address (the default one is reused by later sockets)."""
+    return sock.get_monitor_socket(events, addr=f"inproc://monitor-{uuid.uuid4().hex}")
+
+
 async def started(*peers: Peer) -> None:
     for p in peers:
         await p.transport.start()
@@ -59,7 +59,7 @@ async def send_when_connected(a: Peer, b: Peer, msg_type: str, body: bytes) -> N
     followed by another send attempt; the handshake event usually ends the wait at once.
     """
     sock = a.transport._dealers[b.id][0]
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = monitor_of(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         for _ in range(100):
             if a.transport.send(b.id, msg_type, body):
@@ -114,12 +114,13 @@ async def test_wrong_identity_at_address_gets_nothing():
         # a believes `target` lives at the gateway's address.
         sock_holder.connect(target.id, (gateway.addr,))
         sock = sock_holder._dealers[target.id][0]
-        monitor = sock.get_monitor_socket(
+        monitor = monitor_of(
+            sock,
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_DISCONNECTED
-            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED,
         )
         event = await asyncio.wait_for(recv_monitor_message(monitor), 10)
         assert event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -143,9 +144,7 @@ async def test_banned_key_is_refused_at_the_handshake():
     try:
         a.transport.connect(b.id, (b.addr,))
         sock = a.transport._dealers[b.id][0]
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
-        )
+        monitor = monitor_of(sock, zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         event = await asyncio.wait_for(recv_monitor_message(monitor), 10)
         assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
         sock.disable_monitor()
@@ -192,7 +191,7 @@ async def test_oversized_frame_is_refused_and_node_keeps_running():
         await send_when_connected(a, b, "ping", b"small")
         assert (await b.next()).envelope.body == b"small"
         sock = a.transport._dealers[b.id][0]
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        monitor = monitor_of(sock, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         assert a.transport.send(b.id, "ping", b"y" * 10_000)  # over b's ZMQ_MAXMSGSIZE
         events = [await asyncio.wait_for(recv_monitor_message(monitor), 10) for _ in range(2)]
         assert [e["event"] for e in events] == [

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from net import whois
 from swarmnode.identity import Identity
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 async def test_whois_returns_the_signed_identity():
     ident = Identity.generate()
-    port = free_udp_port()
+    port = free_port()
     server = await whois.serve(ident, "c" * 32, f"127.0.0.1:{port}")
     try:
         answer = await whois.whois(f"127.0.0.1:{port}", timeout=3.0)
@@ -27,7 +21,7 @@ async def test_whois_returns_the_signed_identity():
 
 
 async def test_whois_to_a_silent_address_gives_none():
-    port = free_udp_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     assert await whois.whois(f"127.0.0.1:{port}", timeout=0.3) is None
 
 
