@@ -26,7 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="swarmnode: one program on every node of a peer-to-peer build swarm.",
 )
-out = Console()
+# Pipes get wide lines rather than truncated ids and addresses.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 HomeOpt = Annotated[

@@ -17,9 +17,7 @@ import msgpack
 
 from net.transport import Inbound
 from swarmnode import token as tokens
-from swarmnode.membership import MessageError
-from swarmnode.membership.messages import _record_from_plain as record_from_wire
-from swarmnode.membership.messages import _record_to_plain as record_to_wire
+from swarmnode.membership.messages import MessageError, record_from_plain, record_to_plain
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -74,7 +72,7 @@ class Admission:
 
     def _knock(self) -> None:
         node = self.node
-        record = record_to_wire(node.core.record)
+        record = record_to_plain(node.core.record)
         if node.join_token is not None:
             body = _pack({"token": node.join_token.encode(), "record": record})
             kind = JOIN
@@ -170,7 +168,7 @@ class Admission:
             node.observe(sender, inbound.observed)
             return {"status": "member", **base}
         try:
-            record = record_from_wire(body.get("record"))
+            record = record_from_plain(body.get("record"))
         except MessageError:
             node.drops.drop("malformed_record")
             return {"status": "refused", "error": "malformed record"}

@@ -48,6 +48,9 @@ log = logging.getLogger("swarmnode")
 #: How often the membership snapshot is written while it changes: often enough that a crash
 #: loses at most a few seconds of gossip (which anti-entropy restores anyway).
 SNAPSHOT_EVERY_S = 2.0
+#: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
+#: up); a change is re-signed and gossiped under the same identity.
+ADDRESS_CHECK_S = 10.0
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -182,7 +185,8 @@ class Node:
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
                  self.listen, ", ".join(self.addresses))
-        tasks = [asyncio.ensure_future(self._timer_loop())]
+        tasks = [asyncio.ensure_future(self._timer_loop()),
+                 asyncio.ensure_future(self._address_watch())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -227,6 +231,17 @@ class Node:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     _last_save = 0.0
+
+    async def _address_watch(self) -> None:
+        while True:
+            await asyncio.sleep(ADDRESS_CHECK_S)
+            current = cluster.addresses_for(self.listen, self.store.get("advertise", []))
+            if current != self.addresses:
+                self.event("addresses_changed", {"id": self.id, "old": list(self.addresses),
+                                                 "new": list(current)})
+                self.addresses = current
+                self.core.update_record(self.clock(), addresses=current)
+                self.flush()
 
     def save_snapshot(self) -> None:
         self.store.put(snapshot=self.core.snapshot())
@@ -354,10 +369,15 @@ class Node:
             self.flush()
             self.save_snapshot()
             return f"{cmd}: {target.name} ({target.id[:12]})"
-        if cmd == "drops":
-            return {"transport": dict(self.drops), "core": dict(self.core.counters),
-                    "whois": 0}
         raise control.ControlError(f"unknown command {cmd!r}")
+
+    def drop_counts(self) -> dict[str, int]:
+        """Everything dropped, by reason: at the wire, in the handshake, in the core."""
+        drops = dict(self.drops)
+        for key, n in self.core.counters.items():
+            if key.startswith("drop_"):
+                drops[key.removeprefix("drop_")] = drops.get(key, 0) + n
+        return drops
 
     def status(self) -> dict[str, Any]:
         alive = [m for m in self.core.members() if m.admitted_by and m.state == "alive"]
@@ -372,7 +392,7 @@ class Node:
             "pending": sum(1 for m in self.core.members() if m.state == "pending"),
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
-            "drops": dict(self.drops),
+            "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
         }

@@ -104,7 +104,7 @@ def make_record(
         facts=tuple(sorted((str(k), v) for k, v in items)),
         signature=b"",
     )
-    _record_from_plain(_record_to_plain(unsigned))  # validate
+    record_from_plain(record_to_plain(unsigned))  # validate
     return Record(
         unsigned.id,
         unsigned.incarnation,
@@ -326,7 +326,7 @@ def _address(v: object) -> str:
 _RECORD_KEYS = frozenset({"id", "inc", "name", "addrs", "facts", "sig"})
 
 
-def _record_to_plain(r: Record) -> dict[str, Any]:
+def record_to_plain(r: Record) -> dict[str, Any]:
     return {
         "id": r.id,
         "inc": r.incarnation,
@@ -337,7 +337,7 @@ def _record_to_plain(r: Record) -> dict[str, Any]:
     }
 
 
-def _record_from_plain(v: object) -> Record:
+def record_from_plain(v: object) -> Record:
     m = _map(v, "record", _RECORD_KEYS)
     addrs = tuple(_address(a) for a in _list(m["addrs"], "addresses", MAX_ADDRESSES))
     facts: list[tuple[str, str | int]] = []
@@ -368,7 +368,7 @@ def item_to_plain(item: Item) -> dict[str, Any]:
     """The msgpack-able form of a broadcast item or statement (also used by snapshots)."""
     t = type(item)
     if t is Alive:
-        return {"k": "alive", "r": _record_to_plain(item.record)}  # type: ignore[union-attr]
+        return {"k": "alive", "r": record_to_plain(item.record)}  # type: ignore[union-attr]
     if t is Suspect or t is Dead:
         return {
             "k": "suspect" if t is Suspect else "dead",
@@ -387,7 +387,7 @@ def item_to_plain(item: Item) -> dict[str, Any]:
         return {"k": "rename", "id": r.id, "name": r.name, "by": r.by, "ts": r.ts, "sig": r.sig}
     if t is Pending:
         p: Pending = item  # type: ignore[assignment]
-        return {"k": "pending", "r": _record_to_plain(p.record), "how": p.how}
+        return {"k": "pending", "r": record_to_plain(p.record), "how": p.how}
     raise TypeError(f"not a membership item: {item!r}")
 
 
@@ -412,7 +412,7 @@ def item_from_plain(v: object, kinds: frozenset[str] | None = None) -> Item:
         _fail("item: unknown kind")
     m = _map(v, "item", _ITEM_KEYS[kind])  # type: ignore[index]
     if kind == "alive":
-        return Alive(_record_from_plain(m["r"]))
+        return Alive(record_from_plain(m["r"]))
     if kind in ("suspect", "dead"):
         cls = Suspect if kind == "suspect" else Dead
         return cls(_nid(m["id"], "id"), _int(m["inc"], "incarnation"), _nid(m["from"], "from"))
@@ -439,11 +439,11 @@ def item_from_plain(v: object, kinds: frozenset[str] | None = None) -> Item:
             _int(m["ts"], "ts"),
             _bin(m["sig"], "sig", MAX_SIG),
         )
-    return Pending(_record_from_plain(m["r"]), _str(m["how"], "how", MAX_HOW))
+    return Pending(record_from_plain(m["r"]), _str(m["how"], "how", MAX_HOW))
 
 
 def member_state_to_plain(s: MemberState) -> dict[str, Any]:
-    return {"r": _record_to_plain(s.record), "s": s.state, "i": s.incarnation}
+    return {"r": record_to_plain(s.record), "s": s.state, "i": s.incarnation}
 
 
 _MS_KEYS = frozenset({"r", "s", "i"})
@@ -454,7 +454,7 @@ def member_state_from_plain(v: object) -> MemberState:
     state = m["s"]
     if state not in MEMBER_STATES or type(state) is not str:
         _fail("member: bad state")
-    rec = _record_from_plain(m["r"])
+    rec = record_from_plain(m["r"])
     inc = _int(m["i"], "member incarnation")
     if inc < rec.incarnation:
         _fail("member: incarnation below its record's")
