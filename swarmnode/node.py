@@ -99,7 +99,8 @@ class Node:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._dirty = True
-        self._banned_keys: set[bytes] = set()
+        # Bans are enforced at the CURVE handshake; a restarted node knows them from its snapshot.
+        self._banned_keys = {_raw_curve(m.id) for m in self.core.members() if m.state == "banned"}
 
     # -- set-up ---------------------------------------------------------------------------
 

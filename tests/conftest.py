@@ -18,4 +18,4 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return None
 
 
-from tests.lab.fixtures import incident, lab  # noqa: E402, F401
+pytest_plugins = ["tests.lab.fixtures"]

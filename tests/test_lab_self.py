@@ -13,8 +13,6 @@ import pytest
 
 from tests.lab import Lab, LabError, incident_topology, unavailable_reason
 
-pytest_plugins = ["tests.lab.fixtures"]
-
 _REASON = unavailable_reason()
 pytestmark = [
     pytest.mark.lab,
