@@ -19,7 +19,7 @@ from rich.table import Table
 from swarmnode import cluster, control
 from swarmnode import home as homes
 from swarmnode import token as tokens
-from swarmnode.identity import IdentityError, load_or_create
+from swarmnode.identity import IdentityError, is_node_id, load_or_create
 
 app = typer.Typer(
     add_completion=False,
@@ -193,11 +193,22 @@ def events(
     if as_json:
         emit_json(items)
         return
+    names = {m["id"]: m["name"] for m in ask("nodes")}
+
+    def show(value: Any) -> str:
+        if isinstance(value, str) and is_node_id(value):
+            return f"{names.get(value, '?')}({value[:8]})"
+        if isinstance(value, list):
+            return ",".join(show(v) for v in value)
+        return str(value)
+
     for ev in items:
         when = time.strftime("%H:%M:%S", time.localtime(ev.pop("ts")))
         ev.pop("seq", None)
         kind = ev.pop("kind")
-        out.print(f"{when} [bold]{kind}[/bold] {json.dumps(ev, default=str)}", highlight=False)
+        subject = show(ev.pop("id")) if "id" in ev else ""
+        rest = " ".join(f"{k}={show(v)}" for k, v in ev.items())
+        out.print(f"{when} [bold]{kind:<15}[/bold] {subject} {rest}", highlight=False)
 
 
 def _node_command(cmd: str, node: str, **extra: Any) -> None:

@@ -17,7 +17,12 @@ import msgpack
 
 from net.transport import Inbound
 from swarmnode import token as tokens
-from swarmnode.membership.messages import MessageError, record_from_plain, record_to_plain
+from swarmnode.membership.messages import (
+    MAX_HOW,
+    MessageError,
+    record_from_plain,
+    record_to_plain,
+)
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -73,15 +78,13 @@ class Admission:
     def _knock(self) -> None:
         node = self.node
         record = record_to_plain(node.core.record)
-        if node.join_token is not None:
-            body = _pack({"token": node.join_token.encode(), "record": record})
-            kind = JOIN
-        else:
-            body = _pack({"record": record})
-            kind = HELLO
-        for peer in list(self.contacts):
+        kind = HELLO if node.join_token is None else JOIN
+        for peer, how in list(self.contacts.items()):
+            body: dict[str, Any] = {"record": record, "via": how}
+            if node.join_token is not None:
+                body["token"] = node.join_token.encode()
             node.route_to(peer)
-            node.transport.send(peer, kind, body)
+            node.transport.send(peer, kind, _pack(body))
 
     def _on_reply(self, inbound: Inbound, body: dict[str, Any]) -> None:
         node = self.node
@@ -175,7 +178,9 @@ class Admission:
         if record.id != sender:
             node.drops.drop("record_not_sender")
             return {"status": "refused", "error": "the record is not the sender's"}
-        how = f"{inbound.envelope.type} from {inbound.observed or '?'}"
+        via = body.get("via")
+        found = f", found us by {via}" if isinstance(via, str) and via.isidentifier() else ""
+        how = f"{inbound.envelope.type} from {inbound.observed or '?'}{found}"[:MAX_HOW]
         if inbound.envelope.type == HELLO:
             node.core.hello(now, sender, record, how=how)
             node.observe(sender, inbound.observed)
@@ -187,7 +192,7 @@ class Admission:
         except tokens.TokenError as exc:
             node.drops.drop("bad_token")
             return {"status": "refused", "error": f"join token refused: {exc}"}
-        node.core.admit(now, sender, how=f"token issued by {tok.issuer[:12]}, {how}")
+        node.core.admit(now, sender, how=f"token of {tok.issuer[:8]}, {how}"[:MAX_HOW])
         node.core.hello(now, sender, record, how=how)
         node.observe(sender, inbound.observed)
         return {"status": "member", **base}

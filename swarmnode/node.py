@@ -360,7 +360,7 @@ class Node:
                 raise control.ControlError("this node is not an admitted member")
             target = resolve_node(self.core.members(), str(args.get("node", "")))
             if cmd == "admit":
-                self.core.admit(now, target.id, how=f"admitted by {self.name} ({self.id[:12]})")
+                self.core.admit(now, target.id, how=f"by {self.name[:40]} via CLI")
             elif cmd == "ban":
                 if target.id == self.id:
                     raise control.ControlError("a node cannot ban itself")
