@@ -52,11 +52,15 @@ HANDSHAKE_IVL_MS = 3_000
 _SHADOWS: weakref.WeakKeyDictionary[zmq.asyncio.Socket, zmq.Socket] = weakref.WeakKeyDictionary()
 
 
-def endpoint(hostport: str) -> str:
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def endpoint(hostport: str, source: str | None = None) -> str:
+    """ZeroMQ endpoint for "host:port"; with `source`, connect from that local address."""
     host, port = split_hostport(hostport, 0)
-    if ":" in host:
-        return f"tcp://[{host}]:{port}"
-    return f"tcp://{host}:{port}"
+    src = f"{_bracket(source)}:0;" if source else ""
+    return f"tcp://{src}{_bracket(host)}:{port}"
 
 
 @dataclass(slots=True)
@@ -89,6 +93,10 @@ class Transport:
     ) -> None:
         self.identity = identity
         self.listen = listen
+        listen_host = split_hostport(listen, 0)[0]
+        # A node bound to one address also dials from it, so peers observe an address it
+        # reports (on a multi-homed host the kernel might otherwise pick another source).
+        self.source = None if listen_host in ("0.0.0.0", "::", "", "*") else listen_host
         self.on_message = on_message
         self.is_banned = is_banned
         self.drops = drops if drops is not None else DropCounter()
@@ -181,7 +189,7 @@ class Transport:
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         for addr in addresses:
             try:
-                sock.connect(endpoint(addr))
+                sock.connect(endpoint(addr, self.source))
             except (zmq.ZMQError, ValueError) as exc:
                 self.drops.drop("bad_address")
                 log.warning("cannot connect to %s at %s: %s", peer_id[:12], addr, exc)

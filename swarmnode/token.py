@@ -160,12 +160,6 @@ def _is_address(value: object) -> bool:
     return all(_LABEL_RE.fullmatch(label) for label in labels)
 
 
-def _is_canonical_id(value: object) -> bool:
-    # `identity.is_node_id` also accepts aliases of an id (upper case, non-zero spare bits).
-    return (
-        _identity.is_node_id(value) and _identity.encode_id(_identity.decode_id(value)) == value  # type: ignore[arg-type]
-    )
-
 
 def _is_int(value: object, low: int, high: int) -> bool:
     return type(value) is int and low <= value < high  # not bool
@@ -185,7 +179,7 @@ def _check_fields(
         return "bad cluster id"
     if not _is_name(cluster_name):
         return "bad cluster name"
-    if not _is_canonical_id(issuer):
+    if not _identity.is_node_id(issuer):
         return "bad issuer id"
     if (
         not isinstance(addresses, list | tuple)
