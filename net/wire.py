@@ -91,7 +91,6 @@ class Envelope:
     body: bytes
 
 
-
 def _is_type(value: object) -> bool:
     return (
         isinstance(value, str)
