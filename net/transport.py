@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
+import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from net.addresses import split_hostport
 from net.wire import MAX_FRAME, DropCounter, Envelope, ReplayGuard, Sealer, WireError, open_envelope
@@ -46,10 +49,39 @@ RECONNECT_IVL_MS = 200
 RECONNECT_IVL_MAX_MS = 5_000
 #: CURVE handshake timeout: a silent host behind a reported address is given up quickly.
 HANDSHAKE_IVL_MS = 3_000
+#: Messages to a peer whose connection is still being set up are held this long, at most
+#: HOLD_MAX of them, and sent when its handshake completes. Without this the first message
+#: to any new peer (a join, a rejoin after restart) would always be dropped.
+HOLD_S = 2.0
+HOLD_MAX = 64
 
 
-#: Blocking views of the asyncio sockets, for non-blocking sends (see `Transport._try_send`).
-_SHADOWS: weakref.WeakKeyDictionary[zmq.asyncio.Socket, zmq.Socket] = weakref.WeakKeyDictionary()
+#: Connection events kept per peer: what `route` diagnostics show and tests await.
+WATCHED = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "handshake_ok",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "wrong_identity",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+}
+HISTORY = 16
+
+
+@dataclass(slots=True)
+class _Dealer:
+    """The outgoing connection to one peer (all its reported addresses) and what waits for it."""
+
+    sock: zmq.asyncio.Socket
+    addresses: tuple[str, ...]
+    monitor: zmq.asyncio.Socket
+    held: deque[tuple[float, str, bytes]] = field(default_factory=deque)
+    history: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def _bracket(host: str) -> str:
@@ -107,7 +139,7 @@ class Transport:
         self.public, self.secret = identity.curve_keypair()
         self._router: zmq.asyncio.Socket | None = None
         self._zap: zmq.asyncio.Socket | None = None
-        self._dealers: dict[str, tuple[zmq.asyncio.Socket, tuple[str, ...]]] = {}
+        self._dealers: dict[str, _Dealer] = {}
         self._inbound_routes: dict[str, bytes] = {}  # peer id -> ROUTER routing id
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: dict[str, int] = {}
@@ -147,8 +179,8 @@ class Transport:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for sock, _ in self._dealers.values():
-            sock.close(linger=LINGER_MS)
+        for dealer in self._dealers.values():
+            dealer.close()
         self._dealers.clear()
         if self._router is not None:
             self._router.close(linger=LINGER_MS)
@@ -172,10 +204,10 @@ class Transport:
         if peer_id == self.identity.id:
             return
         current = self._dealers.get(peer_id)
-        if current is not None and current[1] == addresses:
+        if current is not None and current.addresses == addresses:
             return
         if current is not None:
-            current[0].close(linger=0)
+            current.close()
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.curve_serverkey = curve_public_key(peer_id)
@@ -187,26 +219,36 @@ class Transport:
         sock.reconnect_ivl = RECONNECT_IVL_MS
         sock.reconnect_ivl_max = RECONNECT_IVL_MAX_MS
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        events = 0
+        for ev in WATCHED:
+            events |= ev
+        monitor = sock.get_monitor_socket(events, addr=f"inproc://swarmnode-mon-{uuid.uuid4().hex}")
         for addr in addresses:
             try:
                 sock.connect(endpoint(addr, self.source))
             except (zmq.ZMQError, ValueError) as exc:
                 self.drops.drop("bad_address")
                 log.warning("cannot connect to %s at %s: %s", peer_id[:12], addr, exc)
-        self._dealers[peer_id] = (sock, addresses)
+        dealer = _Dealer(sock, addresses, monitor)
+        self._dealers[peer_id] = dealer
         self._spawn(self._recv_loop(sock, peer_id))
+        self._spawn(self._on_handshakes(dealer))
 
     def disconnect(self, peer_id: str) -> None:
-        entry = self._dealers.pop(peer_id, None)
-        if entry is not None:
-            entry[0].close(linger=0)
+        dealer = self._dealers.pop(peer_id, None)
+        if dealer is not None:
+            dealer.close()
         self._inbound_routes.pop(peer_id, None)
 
     def send(self, peer_id: str, msg_type: str, body: bytes) -> bool:
-        """Send without blocking; False (and counted) when no working connection exists."""
+        """Send without blocking; False (and counted) when no connection exists or is coming.
+
+        Tries the DEALER to the peer's reported addresses, then the connection the peer opened
+        to us (NAT), then holds the message briefly if the DEALER is still handshaking.
+        """
         frame = self.sealer.seal(msg_type, body)
-        entry = self._dealers.get(peer_id)
-        if entry is not None and self._try_send(entry[0], [frame]):
+        dealer = self._dealers.get(peer_id)
+        if dealer is not None and self._try_send(dealer.sock, [frame]):
             self._count(msg_type, frame)
             return True
         route = self._inbound_routes.get(peer_id)
@@ -215,8 +257,51 @@ class Transport:
                 self._count(msg_type, frame)
                 return True
             self._inbound_routes.pop(peer_id, None)
+        if dealer is not None:
+            self._expire(dealer, time.monotonic())
+            if len(dealer.held) < HOLD_MAX:
+                dealer.held.append((time.monotonic() + HOLD_S, msg_type, frame))
+                return True
         self.drops.drop("unreachable")
         return False
+
+    def _expire(self, dealer: _Dealer, now: float) -> None:
+        while dealer.held and dealer.held[0][0] < now:
+            dealer.held.popleft()
+            self.drops.drop("unreachable")
+
+    async def _on_handshakes(self, dealer: _Dealer) -> None:
+        """Record connection events; each completed handshake releases held messages."""
+        while True:
+            try:
+                event = await recv_monitor_message(dealer.monitor)
+            except zmq.ZMQError:
+                return  # the dealer was closed
+            name = WATCHED.get(event["event"], str(event["event"]))
+            endpoint_ = event.get("endpoint", b"")
+            dealer.history.append((time.time(), name, endpoint_.decode(errors="replace")))
+            dealer.changed.set()
+            dealer.changed = asyncio.Event()
+            if name != "handshake_ok":
+                continue
+            self._expire(dealer, time.monotonic())
+            while dealer.held:
+                _, msg_type, frame = dealer.held[0]
+                if not self._try_send(dealer.sock, [frame]):
+                    break
+                dealer.held.popleft()
+                self._count(msg_type, frame)
+
+    def connection_events(self, peer_id: str) -> list[tuple[float, str, str]]:
+        """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first."""
+        dealer = self._dealers.get(peer_id)
+        return list(dealer.history) if dealer is not None else []
+
+    async def wait_connection_event(self, peer_id: str, timeout: float) -> str:
+        """The next connection event to `peer_id` (for diagnostics and tests)."""
+        dealer = self._dealers[peer_id]
+        await asyncio.wait_for(dealer.changed.wait(), timeout)
+        return dealer.history[-1][1]
 
     def _count(self, msg_type: str, frame: bytes) -> None:
         self.sent[msg_type] = self.sent.get(msg_type, 0) + 1
@@ -224,15 +309,18 @@ class Transport:
 
     @staticmethod
     def _try_send(sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
-        """Send now or drop: the asyncio socket's send would wait for room instead."""
-        shadow = _SHADOWS.get(sock)
-        if shadow is None:
-            shadow = _SHADOWS[sock] = zmq.Socket.shadow(sock.underlying)
-        try:
-            shadow.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
-        except zmq.ZMQError:
+        """Send now or drop (the default would wait for room).
+
+        With NOBLOCK pyzmq attempts the send at once and settles the future before returning.
+        Going through the asyncio socket (not a blocking shadow of it) matters: its file
+        descriptor is edge-triggered, and a send it does not see can swallow the readiness
+        edge its receive loop waits for.
+        """
+        fut = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+        if not fut.done():  # not expected with NOBLOCK; never leave a send pending
+            fut.cancel()
             return False
-        return True
+        return fut.exception() is None
 
     # -- receiving ------------------------------------------------------------------------
 

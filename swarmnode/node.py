@@ -384,7 +384,7 @@ class Node:
         alive = [m for m in self.core.members() if m.admitted_by and m.state == "alive"]
         return {
             "id": self.id,
-            "name": self.name,
+            "name": self.core.member(self.id).name,  # as renamed by anyone
             "cluster": self.cluster_name,
             "cluster_id": self.cluster_id,
             "admitted": self.admitted,

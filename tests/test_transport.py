@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import time
 
 import pytest
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
 
-from net.transport import Inbound, Transport, endpoint
+from net.transport import HOLD_S, Inbound, Transport, endpoint
 from net.wire import seal
 from swarmnode.identity import Identity, curve_public_key
 from tests.ports import free_port
@@ -37,9 +36,15 @@ class Peer:
         return await asyncio.wait_for(self.inbox.get(), 10)
 
 
-def monitor_of(sock: zmq.Socket, events: int) -> zmq.Socket:
-    """A monitor on a unique inproc address (the default one is reused by later sockets)."""
-    return sock.get_monitor_socket(events, addr=f"inproc://monitor-{uuid.uuid4().hex}")
+async def next_event(t: Transport, peer: str, want: set[str]) -> str:
+    """Await connection events to `peer` until one in `want` (or a history entry) shows."""
+    for _ in range(20):
+        seen = {e for _, e, _ in t.connection_events(peer)}
+        if seen & want:
+            return (seen & want).pop()
+        with contextlib.suppress(TimeoutError):
+            await t.wait_connection_event(peer, 1.0)
+    raise AssertionError(f"none of {want} happened; saw {t.connection_events(peer)}")
 
 
 async def started(*peers: Peer) -> None:
@@ -53,23 +58,9 @@ async def closed(*peers: Peer) -> None:
 
 
 async def send_when_connected(a: Peer, b: Peer, msg_type: str, body: bytes) -> None:
-    """The DEALER only takes messages once the CURVE handshake completed: await that.
-
-    The monitor may attach after the handshake already happened, so each wait is short and
-    followed by another send attempt; the handshake event usually ends the wait at once.
-    """
-    sock = a.transport._dealers[b.id][0]
-    monitor = monitor_of(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        for _ in range(100):
-            if a.transport.send(b.id, msg_type, body):
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(recv_monitor_message(monitor), 0.1)
-        raise AssertionError("no CURVE connection within 10 s")
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
+    """A message to a peer still handshaking is held and delivered once the handshake is done."""
+    assert a.transport.send(b.id, msg_type, body)
+    await next_event(a.transport, b.id, {"handshake_ok"})
 
 
 async def test_curve_round_trip_and_reply_on_same_connection():
@@ -85,6 +76,19 @@ async def test_curve_round_trip_and_reply_on_same_connection():
         assert got.reply("ack", b"back")
         back = await a.next()
         assert back.sender == b.id and back.envelope.type == "ack"
+    finally:
+        await closed(a, b)
+
+
+async def test_first_message_to_a_new_peer_waits_for_the_handshake():
+    a, b = Peer(), Peer()
+    await started(a, b)
+    try:
+        a.transport.connect(b.id, (b.addr,))
+        assert a.transport.send(b.id, "push_pull", b"first")  # no connection yet: held
+        got = await b.next()
+        assert got.envelope.body == b"first"
+        assert not a.transport._dealers[b.id].held
     finally:
         await closed(a, b)
 
@@ -110,24 +114,19 @@ async def test_wrong_identity_at_address_gets_nothing():
     a, gateway, target = Peer(), Peer(), Peer()
     await started(a, gateway)
     try:
-        sock_holder = a.transport
         # a believes `target` lives at the gateway's address.
-        sock_holder.connect(target.id, (gateway.addr,))
-        sock = sock_holder._dealers[target.id][0]
-        monitor = monitor_of(
-            sock,
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_DISCONNECTED
-            | zmq.EVENT_HANDSHAKE_SUCCEEDED,
-        )
-        event = await asyncio.wait_for(recv_monitor_message(monitor), 10)
-        assert event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED
-        sock.disable_monitor()
-        monitor.close(0)
-        assert not a.transport.send(target.id, "reboot", b"")
-        assert a.transport.drops["unreachable"] >= 1
+        a.transport.connect(target.id, (gateway.addr,))
+        failed = {"wrong_identity", "handshake_failed", "disconnected", "refused"}
+        await next_event(a.transport, target.id, failed | {"handshake_ok"})
+        events = {e for _, e, _ in a.transport.connection_events(target.id)}
+        assert "handshake_ok" not in events
+        # Held for a handshake that never completes, then dropped: never sent to the gateway.
+        assert a.transport.send(target.id, "reboot", b"")
+        dealer = a.transport._dealers[target.id]
+        assert len(dealer.held) == 1
+        a.transport._expire(dealer, time.monotonic() + HOLD_S + 1)
+        assert not dealer.held
+        assert a.transport.drops["unreachable"] == 1
         assert gateway.inbox.empty()
     finally:
         await closed(a, gateway)
@@ -143,12 +142,7 @@ async def test_banned_key_is_refused_at_the_handshake():
     await started(a, b)
     try:
         a.transport.connect(b.id, (b.addr,))
-        sock = a.transport._dealers[b.id][0]
-        monitor = monitor_of(sock, zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        event = await asyncio.wait_for(recv_monitor_message(monitor), 10)
-        assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        sock.disable_monitor()
-        monitor.close(0)
+        assert await next_event(a.transport, b.id, {"refused", "handshake_ok"}) == "refused"
         assert b.transport.drops["banned"] >= 1
     finally:
         await closed(a, b)
@@ -190,16 +184,14 @@ async def test_oversized_frame_is_refused_and_node_keeps_running():
         a.transport.connect(b.id, (b.addr,))
         await send_when_connected(a, b, "ping", b"small")
         assert (await b.next()).envelope.body == b"small"
-        sock = a.transport._dealers[b.id][0]
-        monitor = monitor_of(sock, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        n = len(a.transport.connection_events(b.id))
         assert a.transport.send(b.id, "ping", b"y" * 10_000)  # over b's ZMQ_MAXMSGSIZE
-        events = [await asyncio.wait_for(recv_monitor_message(monitor), 10) for _ in range(2)]
-        assert [e["event"] for e in events] == [
-            zmq.EVENT_DISCONNECTED,
-            zmq.EVENT_HANDSHAKE_SUCCEEDED,
-        ]
-        sock.disable_monitor()
-        monitor.close(0)
+        for _ in range(20):  # b drops the connection; a reconnects and handshakes again
+            names = [e for _, e, _ in a.transport.connection_events(b.id)[n:]]
+            if names[-2:] == ["disconnected", "handshake_ok"]:
+                break
+            await a.transport.wait_connection_event(b.id, 10)
+        assert names[-2:] == ["disconnected", "handshake_ok"]
         assert a.transport.send(b.id, "ping", b"later")
         got = await b.next()
         assert got.envelope.body == b"later"
