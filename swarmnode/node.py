@@ -51,6 +51,8 @@ SNAPSHOT_EVERY_S = 2.0
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
 #: up); a change is re-signed and gossiped under the same identity.
 ADDRESS_CHECK_S = 10.0
+#: Longest a graceful leave waits for its announcement to be gossiped before exiting.
+LEAVE_TIMEOUT_S = 3.0
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -202,9 +204,12 @@ class Node:
         if self.admitted:
             self.core.leave(self.clock())
             self.flush()
-            # Give the leave a moment to reach peers: wait for the gossip round that carries it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.sleep(self.config.gossip_interval * 3), 2.0)
+            # The timer loop keeps gossiping until the leave has been sent its full number of
+            # times (or LEAVE_TIMEOUT_S passes), so members record `left`, not `dead`.
+            deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            while (self.core.broadcasting_self and self.core.live_count > 0
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(self.config.gossip_interval)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -39,6 +39,7 @@ class Store:
     def __init__(self, home: Path) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.path = home / DB_FILE
+        self.path.touch(mode=0o600, exist_ok=True)  # member records and events: owner only
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

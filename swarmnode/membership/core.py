@@ -404,6 +404,11 @@ class Membership:
         return self._awareness.score
 
     @property
+    def broadcasting_self(self) -> bool:
+        """True while our own latest news (a leave, a refutation) is still being retransmitted."""
+        return ("m", self.id) in self._queue
+
+    @property
     def live_count(self) -> int:
         return self._live()
 
