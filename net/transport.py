@@ -300,7 +300,8 @@ class Transport:
     async def wait_connection_event(self, peer_id: str, timeout: float) -> str:
         """The next connection event to `peer_id` (for diagnostics and tests)."""
         dealer = self._dealers[peer_id]
-        await asyncio.wait_for(dealer.changed.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await dealer.changed.wait()
         return dealer.history[-1][1]
 
     def _count(self, msg_type: str, frame: bytes) -> None:

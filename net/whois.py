@@ -121,8 +121,9 @@ async def whois(hostport: str, timeout: float = 1.0, tries: int = 3) -> WhoisAns
         for _ in range(tries):
             transport.sendto(REQUEST + nonce)
             try:
-                return await asyncio.wait_for(asyncio.shield(proto.answer), timeout / tries)
-            except TimeoutError:
+                async with asyncio.timeout(timeout / tries):
+                    return await asyncio.shield(proto.answer)
+            except TimeoutError:  # asyncio.timeout keeps an outer cancellation a cancellation
                 continue
         return None
     finally:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,30 @@ class ControlError(RuntimeError):
     """The node refused a command, or no node is running in the home."""
 
 
+#: sun_path holds 108 bytes on Linux; longer homes are reached through /proc/self/fd.
+MAX_SUN_PATH = 100
+
+
 def socket_path(home: Path) -> Path:
     return home / SOCKET_FILE
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A name for `path` short enough for a Unix socket address.
+
+    A home deep in a file system (as test runners and some distributions make them) is
+    reached through an open descriptor of its directory, so the socket always lives in the
+    home itself.
+    """
+    if len(os.fsencode(path)) <= MAX_SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def serve(home: Path, handler: Handler) -> asyncio.AbstractServer:
@@ -58,7 +80,8 @@ async def serve(home: Path, handler: Handler) -> asyncio.AbstractServer:
 
     old = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_REQUEST)
+        with _reachable(path) as name:
+            server = await asyncio.start_unix_server(on_client, path=name, limit=MAX_REQUEST)
     finally:
         os.umask(old)
     return server
@@ -83,9 +106,9 @@ async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
 
 
 def _alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _reachable(path) as name:
         try:
-            sock.connect(str(path))
+            sock.connect(name)
         except OSError:
             return False
     return True
@@ -97,7 +120,8 @@ def call(home: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            with _reachable(path) as name:
+                sock.connect(name)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ControlError(
                 f"no swarmnode is running in {home} (start one with `swarmnode join`)"

@@ -233,8 +233,11 @@ class Node:
                 self.save_snapshot()
             delay = min(max(self.core.next_deadline() - self.clock(), 0.0), MAX_SLEEP_S)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 a cancellation racing wait_for's
+            # own timeout comes out as TimeoutError and would be swallowed here.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     _last_save = 0.0
 

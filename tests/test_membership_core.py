@@ -523,3 +523,23 @@ def test_dead_members_are_recontacted_then_reaped() -> None:
     assert pushes  # reconnect attempts so that a partition could heal
     assert a.member(c.id) is None and "member_reaped" in net.kinds(a.id)
     assert gone.state_of(a.id) == "alive"  # (c never heard anything: it was down)
+
+
+def test_lone_node_timers_always_move_forward():
+    """A node alone (nothing to probe, news but nobody to gossip to) must not spin: every
+    deadline after a tick lies in the future, whatever the float rounding of its phase."""
+    import random as _random
+
+    from swarmnode.membership import Config, Membership, make_record
+    from swarmnode.sim import NullCrypto
+
+    crypto = NullCrypto()
+    for seed in range(50):
+        rec = make_record(crypto, "a" * 52, 1, "x", ("127.0.0.1:1",), {})
+        m = Membership(rec, crypto, Config.fast(), _random.Random(seed), 100.0, founder=True)
+        now = 100.0
+        for _ in range(200):
+            m.tick(now)
+            deadline = m.next_deadline()
+            assert deadline > now
+            now = deadline

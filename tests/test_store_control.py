@@ -67,6 +67,22 @@ async def test_control_round_trip_errors_and_bad_requests(tmp_path):
         await server.wait_closed()
 
 
+async def test_control_socket_works_in_a_home_deeper_than_sun_path(tmp_path):
+    home = tmp_path / ("d" * 60) / ("e" * 60)
+    home.mkdir(parents=True)
+
+    async def handler(cmd, args):
+        return cmd
+
+    server = await control.serve(home, handler)
+    try:
+        assert control.socket_path(home).exists()
+        assert await asyncio.to_thread(control.call, home, "deep") == "deep"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_call_without_node_says_so(tmp_path):
     with pytest.raises(control.ControlError, match="no swarmnode is running"):
         control.call(tmp_path, "status")

@@ -1043,9 +1043,11 @@ class Membership:
             self._next_gossip = self._next_grid(now)
 
     def _next_grid(self, now: float) -> float:
+        """The next gossip slot strictly after `now` (float rounding may land on `now`)."""
         iv = self._cfg.gossip_interval
         k = math.floor((now - self._gossip_phase) / iv) + 1
-        return self._gossip_phase + k * iv
+        slot = self._gossip_phase + k * iv
+        return slot if slot > now else slot + iv
 
     def _broadcast(self, subject: Hashable, item: Item) -> None:
         self._queue.put(subject, item, item_size(item))

@@ -1,0 +1,85 @@
+"""The node shell in-process: address changes, NAT observation, control commands."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import swarmnode.node as node_mod
+from swarmnode import cluster, control
+from swarmnode.node import Node, NodeOptions
+from tests.ports import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def running_node(home, listen: str) -> tuple[Node, asyncio.Task]:
+    cluster.init(home, "c", listen, [], 3600)
+    node = Node(NodeOptions(home=home, mdns=False, tailscale=False, fast=True))
+    task = asyncio.ensure_future(node.main())
+    await until(lambda: task.done() or control.socket_path(home).exists())
+    if task.done():
+        task.result()  # raises what stopped the node
+    return node, task
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def stop(node: Node, task: asyncio.Task) -> None:
+    node._stop.set()
+    assert await task == 0
+
+
+async def test_changed_addresses_are_resigned_under_the_same_identity(tmp_path, monkeypatch):
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    monkeypatch.setattr(node_mod, "ADDRESS_CHECK_S", 0.05)
+    node, task = await running_node(tmp_path, listen)
+    try:
+        before = node.core.record
+        monkeypatch.setattr(cluster, "addresses_for", lambda _l, _a: (listen, "100.64.1.2:7946"))
+        await until(lambda: "100.64.1.2:7946" in node.core.record.addresses)
+        after = node.core.record
+        assert after.id == before.id and after.incarnation > before.incarnation
+        kinds = [e["kind"] for e in node.store.events()]
+        assert "addresses_changed" in kinds
+    finally:
+        await stop(node, task)
+
+
+async def test_observed_address_outside_reported_ones_flags_nat(tmp_path):
+    node, task = await running_node(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        me = node.id
+        node.observe(me, "127.0.0.1")  # one of the reported addresses
+        assert node.observed[me].nat is False
+        node.observe(me, "10.42.0.1")  # a gateway's address
+        assert node.observed[me].nat is True
+        [ev] = [e for e in node.store.events() if e["kind"] == "nat_detected"]
+        assert ev["observed"] == "10.42.0.1" and ev["reported"] == list(node.addresses)
+        view = await node.handle_command("nodes", {})
+        assert view[0]["addresses"] == list(node.addresses)  # never the observed address
+    finally:
+        await stop(node, task)
+
+
+async def test_control_commands_refuse_clearly(tmp_path):
+    node, task = await running_node(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(control.ControlError, match="no node named"):
+            await node.handle_command("admit", {"node": "nobody"})
+        with pytest.raises(control.ControlError, match="cannot ban itself"):
+            await node.handle_command("ban", {"node": node.id[:10]})
+        with pytest.raises(control.ControlError, match="unknown command"):
+            await node.handle_command("reboot-everything", {})
+        status = await node.handle_command("status", {})
+        assert status["nodes_alive"] == 1 and status["admitted"] is True
+    finally:
+        await stop(node, task)
