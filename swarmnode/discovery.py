@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from net import tailscale, whois
-from net.addresses import split_hostport
+from net.addresses import join_hostport, split_hostport
 from swarmnode import cluster
 from swarmnode.identity import is_node_id
 
@@ -35,8 +36,6 @@ def parse_seed(text: str) -> tuple[str | None, str]:
         if not is_node_id(node_id):
             raise ValueError(f"seed {node_id}@{text}: {node_id!r} is not a node id")
     host, port = split_hostport(text, cluster.DEFAULT_PORT)
-    from net.addresses import join_hostport
-
     return node_id, join_hostport(host, port)
 
 
@@ -45,7 +44,6 @@ class Discovery:
         self.node = node
         self.seeds = [parse_seed(s) for s in node.opts.seeds]
         self.mdns = None
-        self.found_by: dict[str, str] = {}  # id -> how it was first found
 
     async def start(self) -> list[asyncio.Future]:
         tasks = [asyncio.ensure_future(self._seed_loop())]
@@ -94,7 +92,6 @@ class Discovery:
         """An (id, address) pair worth trying: remember the address, then make contact."""
         node = self.node
         node.observed_entry(peer).extra.add(addr)
-        self.found_by.setdefault(peer, how)
         if node.admitted:
             # Only a member we lost touch with gets our state; an unknown id gets nothing
             # (a stranger says hello itself and waits to be admitted).
@@ -123,22 +120,16 @@ class Discovery:
                        for m in self.node.core.members())
 
     async def _seed_loop(self) -> None:
-        """Contact seeds at start, and again periodically so partitions heal."""
-        first = True
+        """Contact the seeds at start; again every half reconnect interval while we see no
+        live member, and every reconnect interval regardless, so a partition heals."""
+        step = self.node.config.reconnect_interval / 2
+        since = math.inf
         while True:
-            if self.seeds and (first or self._needs_contact() or self._reconnect_due()):
+            if self.seeds and (since >= 2 * step or self._needs_contact()):
                 await asyncio.gather(*(self._resolve(p, a, "seed") for p, a in self.seeds))
-                first = False
-            await asyncio.sleep(self.node.config.reconnect_interval / 2)
-
-    _last_reconnect = 0.0
-
-    def _reconnect_due(self) -> bool:
-        now = self.node.clock()
-        if now - self._last_reconnect >= self.node.config.reconnect_interval:
-            self._last_reconnect = now
-            return True
-        return False
+                since = 0.0
+            await asyncio.sleep(step)
+            since += step
 
     async def _tailscale_loop(self) -> None:
         _, port = split_hostport(self.node.listen, cluster.DEFAULT_PORT)
