@@ -125,7 +125,7 @@ def join(
     fast: Annotated[bool, typer.Option(hidden=True, help="fast timers (tests, demo)")] = False,
 ) -> None:
     """Run this node in the foreground until SIGINT/SIGTERM (then leave gracefully)."""
-    from swarmnode.node import NodeOptions, run
+    from swarmnode.node import NodeOptions, StartError, run
 
     opts = NodeOptions(
         home=state.home,
@@ -140,7 +140,8 @@ def join(
     )
     try:
         code = run(opts)
-    except (cluster.ClusterError, tokens.TokenError, control.ControlError, ValueError) as exc:
+    except (cluster.ClusterError, tokens.TokenError, control.ControlError, StartError,
+            ValueError) as exc:
         fail(str(exc))
     raise typer.Exit(code)
 

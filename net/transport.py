@@ -164,8 +164,8 @@ class Transport:
         router.router_handover = True
         router.sndhwm = SEND_HWM
         router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
-        self._router = router
         self._spawn(self._recv_loop(router, None))
 
     @property
@@ -186,7 +186,7 @@ class Transport:
             self._router.close(linger=LINGER_MS)
         if self._zap is not None:
             self._zap.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=LINGER_MS)  # also closes any socket a failed start left open
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]

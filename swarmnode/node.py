@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from net import whois
 from net.addresses import is_nat, split_hostport
 from net.transport import Inbound, Transport
@@ -55,6 +57,10 @@ ADDRESS_CHECK_S = 10.0
 LEAVE_TIMEOUT_S = 3.0
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
+
+
+class StartError(RuntimeError):
+    """The node could not start (its address is taken, another node runs in its home)."""
 
 
 @dataclass
@@ -181,9 +187,16 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        await self.transport.start()
-        udp = await whois.serve(self.identity, self.cluster_id, self.listen)
-        ctl = await control.serve(self.home, self.handle_command)
+        ctl = await control.serve(self.home, self.handle_command)  # refuses a second node here
+        try:
+            await self.transport.start()
+            udp = await whois.serve(self.identity, self.cluster_id, self.listen)
+        except (zmq.ZMQError, OSError) as exc:
+            ctl.close()
+            control.socket_path(self.home).unlink(missing_ok=True)
+            await self.transport.close()
+            self.store.close()
+            raise StartError(f"cannot listen on {self.listen}: {exc}") from exc
         self.event("node_started", {"id": self.id, "name": self.name,
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],

@@ -83,3 +83,18 @@ async def test_control_commands_refuse_clearly(tmp_path):
         assert status["nodes_alive"] == 1 and status["admitted"] is True
     finally:
         await stop(node, task)
+
+
+async def test_taken_address_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
+    listen = f"127.0.0.1:{free_port()}"
+    node, task = await running_node(tmp_path / "a", listen)
+    try:
+        cluster.init(tmp_path / "b", "other", listen, [], 3600)
+        second = Node(NodeOptions(home=tmp_path / "b", mdns=False, tailscale=False, fast=True))
+        with pytest.raises(node_mod.StartError, match="cannot listen on"):
+            await second.main()
+        assert not control.socket_path(tmp_path / "b").exists()
+        with pytest.raises(control.ControlError, match="already running"):
+            await Node(NodeOptions(home=tmp_path / "a", mdns=False, tailscale=False)).main()
+    finally:
+        await stop(node, task)
