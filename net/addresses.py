@@ -14,6 +14,7 @@ which is also what ZeroMQ endpoints expect after "tcp://".
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import ifaddr
@@ -199,7 +200,7 @@ def reported_addresses(
             add(str(parsed), port)
     else:
         add(split_hostport(listen, port)[0], port)
-    return tuple(out)
+    return tuple(out[:MAX_REPORTED])
 
 
 def observed_matches(observed_host: str, reported: Iterable[str]) -> bool:
@@ -227,3 +228,28 @@ def observed_matches(observed_host: str, reported: Iterable[str]) -> bool:
 def is_nat(observed_host: str, reported: Iterable[str]) -> bool:
     """A member is behind NAT (or a proxy) when it speaks from an address it did not report."""
     return not observed_matches(observed_host, reported)
+
+
+#: Most addresses a node reports (best first). A Docker or LXC host can have dozens of bridge
+#: addresses; peers only ever need a few, and the cap bounds every record and token.
+MAX_REPORTED = 16
+#: Longest "host:port" on the wire: a 253-character DNS name, ":" and a 5-digit port.
+MAX_WIRE_ADDRESS = 261
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_wire_address(value: object) -> bool:
+    """A reported address as it travels between nodes: `host:port`, where host is an IPv4
+    address, a DNS name or a bracketed IPv6 address without a zone (a zone id is link-local:
+    meaningless on another machine)."""
+    if not isinstance(value, str) or not value.isascii() or len(value) > MAX_WIRE_ADDRESS:
+        return False
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        return "%" not in host and _parse_ip(host[1:-1]) is not None
+    if not host or len(host) > 253:
+        return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return all(_LABEL_RE.fullmatch(label) for label in labels)

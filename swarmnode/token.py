@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -30,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from net.addresses import MAX_REPORTED, MAX_WIRE_ADDRESS, is_wire_address
 from swarmnode import identity as _identity
 from swarmnode.identity import Identity
 
@@ -57,16 +57,14 @@ MAX_TTL = 30 * 24 * 3600
 CLOCK_SKEW = 300
 NONCE_LEN = 16
 SIGNATURE_LEN = 64
-MAX_ADDRESSES = 16
+MAX_ADDRESSES = MAX_REPORTED
 MAX_NAME_LEN = 64
-# host (at most 253 characters, or a bracketed IPv6 address) + ":" + port
-MAX_ADDRESS_LEN = 261
+MAX_ADDRESS_LEN = MAX_WIRE_ADDRESS
 # Comfortably above the largest well-formed token (16 longest addresses: about 6 KiB of text).
 MAX_TOKEN_CHARS = 8192
 
 _CLUSTER_ID_RE = re.compile(r"[0-9a-f]{32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*")
 _DURATION_RE = re.compile(
     r"(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?"
@@ -139,27 +137,6 @@ def _is_name(value: object) -> bool:
     )
 
 
-def _is_address(value: object) -> bool:
-    """`host:port` with host an IPv4 address, a DNS name or a bracketed IPv6 address."""
-    if not isinstance(value, str) or not value.isascii() or len(value) > MAX_ADDRESS_LEN:
-        return False
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
-        return False
-    if host.startswith("[") and host.endswith("]"):
-        if "%" in host:  # zone ids are link-local: meaningless on another machine
-            return False
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return False
-        return True
-    if not host or len(host) > 253:
-        return False
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return all(_LABEL_RE.fullmatch(label) for label in labels)
-
-
 
 def _is_int(value: object, low: int, high: int) -> bool:
     return type(value) is int and low <= value < high  # not bool
@@ -184,7 +161,7 @@ def _check_fields(
     if (
         not isinstance(addresses, list | tuple)
         or not 1 <= len(addresses) <= MAX_ADDRESSES
-        or not all(_is_address(a) for a in addresses)
+        or not all(is_wire_address(a) for a in addresses)
     ):
         return "bad address list"
     if not _is_int(expires, 0, 1 << 63):

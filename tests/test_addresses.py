@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from net.addresses import (
+    MAX_REPORTED,
     is_nat,
     is_tailscale,
+    is_wire_address,
     join_hostport,
     local_addresses,
     observed_matches,
@@ -225,3 +227,28 @@ def test_every_reported_host_matches(hosts: list[str], port: int) -> None:
     reported = reported_addresses("0.0.0.0", port, hosts, detected=[])
     for host in hosts:
         assert observed_matches(host, reported)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("10.0.0.1:7946", True),
+        ("build-01.lan:7946", True),
+        ("[fd7a:115c:a1e0::1]:7946", True),
+        ("[fe80::1%eth0]:7946", False),  # a zone means nothing on another machine
+        ("10.0.0.1", False),
+        ("10.0.0.1:0", False),
+        ("-bad-.lan:1", False),
+        ("[not-v6]:1", False),
+        ("x" * 300 + ":1", False),
+        (7946, False),
+    ],
+)
+def test_wire_address(value, ok):
+    assert is_wire_address(value) is ok
+
+
+def test_reported_addresses_are_capped_best_first():
+    many = [f"10.0.{i}.1" for i in range(40)]
+    got = reported_addresses("0.0.0.0", 7946, detected=many)
+    assert len(got) == MAX_REPORTED and got[0] == "10.0.0.1:7946"

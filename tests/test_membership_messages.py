@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from net.addresses import MAX_REPORTED
 from swarmnode.identity import Identity
 from swarmnode.membership.messages import (
     MESSAGE_TYPES,
@@ -88,7 +89,8 @@ def test_record_signature_and_facts() -> None:
         dict(addresses=["no-port"]),
         dict(addresses=["h:0"]),
         dict(addresses=["h:70000"]),
-        dict(addresses=["h:1"] * 9),
+        dict(addresses=["h:1"] * (MAX_REPORTED + 1)),
+        dict(addresses=["[fe80::1%eth0]:1"]),
         dict(name="x" * 65),
         dict(facts={"k": 1 << 64}),
         dict(facts={"k": True}),

@@ -14,14 +14,16 @@ from typing import Any, Protocol
 
 import msgpack
 
+from net.addresses import MAX_REPORTED, MAX_WIRE_ADDRESS, is_wire_address
+
 # --- bounds (enforced by the codec; generous for real use, tight enough to bound memory) ---
 MAX_BODY = 32 * 1024 * 1024
 MAX_U63 = (1 << 63) - 1
 MAX_INT64_MIN = -(1 << 63)
 MAX_NAME = 64
 MAX_HOW = 64
-MAX_ADDRESSES = 8
-MAX_ADDRESS = 262
+MAX_ADDRESSES = MAX_REPORTED
+MAX_ADDRESS = MAX_WIRE_ADDRESS
 MAX_FACTS = 32
 MAX_FACT_KEY = 32
 MAX_FACT_VALUE = 256
@@ -34,7 +36,6 @@ MAX_MEMBERS = 65536
 MAX_STATEMENTS = 4 * MAX_MEMBERS
 
 _ID_RE = re.compile(r"[a-z2-7]{52}")
-_HOST_RE = re.compile(r"[A-Za-z0-9._\-]{1,253}|\[[0-9A-Fa-f:.%A-Za-z\-]{2,253}\]")
 
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
 
@@ -311,11 +312,8 @@ def _list(v: object, what: str, maxlen: int) -> list[Any]:
 
 def _address(v: object) -> str:
     s = _str(v, "address", MAX_ADDRESS, 3)
-    host, sep, port = s.rpartition(":")
-    if not sep or _HOST_RE.fullmatch(host) is None or not port.isascii() or not port.isdigit():
-        _fail("address: expected host:port")
-    if not 1 <= int(port) <= 65535 or len(port) > 5:
-        _fail("address: port out of range")
+    if not is_wire_address(s):
+        _fail("address: expected host:port (IPv4, DNS name or [IPv6], port 1-65535)")
     return s
 
 
