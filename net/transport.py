@@ -54,6 +54,12 @@ HANDSHAKE_IVL_MS = 3_000
 #: to any new peer (a join, a rejoin after restart) would always be dropped.
 HOLD_S = 2.0
 HOLD_MAX = 64
+#: After a handshake fails at an address (another identity answers there, or it refuses us),
+#: that address is retried after 1 s, doubling up to 60 s. libzmq alone would retry every
+#: 200 ms for ever, because its own backoff restarts whenever the TCP connect succeeds.
+FAIL_BACKOFF_S = 1.0
+FAIL_BACKOFF_MAX_S = 60.0
+FAILURES = frozenset({"wrong_identity", "refused", "handshake_failed"})
 
 
 #: Connection events kept per peer: what `route` diagnostics show and tests await.
@@ -75,10 +81,14 @@ class _Dealer:
     addresses: tuple[str, ...]
     monitor: zmq.asyncio.Socket
     held: deque[tuple[float, str, bytes]] = field(default_factory=deque)
+    endpoints: dict[str, str] = field(default_factory=dict)  # "tcp://dst" -> connect string
+    backoff: dict[str, float] = field(default_factory=dict)  # "tcp://dst" -> next delay
+    closed: bool = False
     history: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close(self) -> None:
+        self.closed = True
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
@@ -86,6 +96,12 @@ class _Dealer:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _destination(ep: str) -> str:
+    """"tcp://SRC:0;DST:PORT" or "tcp://DST:PORT" -> "tcp://DST:PORT" (how monitors name it)."""
+    rest = ep.removeprefix("tcp://")
+    return "tcp://" + rest.rsplit(";", 1)[-1]
 
 
 def endpoint(hostport: str, source: str | None = None) -> str:
@@ -223,13 +239,16 @@ class Transport:
         for ev in WATCHED:
             events |= ev
         monitor = sock.get_monitor_socket(events, addr=f"inproc://swarmnode-mon-{uuid.uuid4().hex}")
+        dealer = _Dealer(sock, addresses, monitor)
         for addr in addresses:
             try:
-                sock.connect(endpoint(addr, self.source))
+                full = endpoint(addr, self.source)
+                sock.connect(full)
             except (zmq.ZMQError, ValueError) as exc:
                 self.drops.drop("bad_address")
                 log.warning("cannot connect to %s at %s: %s", peer_id[:12], addr, exc)
-        dealer = _Dealer(sock, addresses, monitor)
+                continue
+            dealer.endpoints[_destination(full)] = full
         self._dealers[peer_id] = dealer
         self._spawn(self._recv_loop(sock, peer_id))
         self._spawn(self._on_handshakes(dealer))
@@ -278,12 +297,15 @@ class Transport:
             except zmq.ZMQError:
                 return  # the dealer was closed
             name = WATCHED.get(event["event"], str(event["event"]))
-            endpoint_ = event.get("endpoint", b"")
-            dealer.history.append((time.time(), name, endpoint_.decode(errors="replace")))
+            where = _destination(event.get("endpoint", b"").decode(errors="replace"))
+            dealer.history.append((time.time(), name, where))
             dealer.changed.set()
             dealer.changed = asyncio.Event()
+            if name in FAILURES:
+                self._park(dealer, where)
             if name != "handshake_ok":
                 continue
+            dealer.backoff.pop(where, None)
             self._expire(dealer, time.monotonic())
             while dealer.held:
                 _, msg_type, frame = dealer.held[0]
@@ -291,6 +313,23 @@ class Transport:
                     break
                 dealer.held.popleft()
                 self._count(msg_type, frame)
+
+    def _park(self, dealer: _Dealer, where: str) -> None:
+        """Stop dialling an address whose handshake failed; dial it again after a backoff."""
+        full = dealer.endpoints.get(where)
+        if full is None or dealer.closed:
+            return
+        delay = dealer.backoff.get(where, FAIL_BACKOFF_S)
+        dealer.backoff[where] = min(delay * 2, FAIL_BACKOFF_MAX_S)
+        with contextlib.suppress(zmq.ZMQError):
+            dealer.sock.disconnect(full)
+
+        def again() -> None:
+            if not dealer.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    dealer.sock.connect(full)
+
+        asyncio.get_running_loop().call_later(delay, again)
 
     def connection_events(self, peer_id: str) -> list[tuple[float, str, str]]:
         """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first."""

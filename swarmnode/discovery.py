@@ -48,7 +48,9 @@ class Discovery:
     async def start(self) -> list[asyncio.Future]:
         tasks = [asyncio.ensure_future(self._seed_loop())]
         if self.node.opts.mdns:
-            await self._start_mdns()
+            # In the background: announcing takes zeroconf ~1.5 s of probing, which must not
+            # delay the join handshake with contacts we already know (token, seeds).
+            tasks.append(asyncio.ensure_future(self._start_mdns()))
         if self.node.opts.tailscale:
             tasks.append(asyncio.ensure_future(self._tailscale_loop()))
         return tasks
@@ -59,7 +61,7 @@ class Discovery:
                 await self.mdns.close()
 
     async def _start_mdns(self) -> None:
-        from zeroconf import InterfaceChoice
+        from zeroconf import InterfaceChoice, NonUniqueNameException
 
         from net.mdns import Mdns
 
@@ -78,6 +80,12 @@ class Discovery:
             await self.mdns.start()
         except OSError as exc:  # no multicast-capable interface: discovery by seeds only
             log.warning("mDNS unavailable: %s", exc)
+            self.mdns = None
+        except NonUniqueNameException:
+            # Another host announces this very id: a copied identity.key. Say so loudly.
+            node.event("duplicate_identity", {"id": node.id, "seen_by": "mdns"})
+            log.error("another host on the LAN announces this node's id: was identity.key "
+                      "copied? mDNS is off for this node")
             self.mdns = None
 
     def _on_sighting(self, s: Sighting) -> None:

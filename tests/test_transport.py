@@ -10,7 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from net.transport import HOLD_S, Inbound, Transport, endpoint
+from net.transport import FAIL_BACKOFF_S, FAILURES, HOLD_S, Inbound, Transport, endpoint
 from net.wire import seal
 from swarmnode.identity import Identity, curve_public_key
 from tests.ports import free_port
@@ -120,6 +120,14 @@ async def test_wrong_identity_at_address_gets_nothing():
         await next_event(a.transport, target.id, failed | {"handshake_ok"})
         events = {e for _, e, _ in a.transport.connection_events(target.id)}
         assert "handshake_ok" not in events
+        # The address is parked after the failure: no new attempt for FAIL_BACKOFF_S (libzmq
+        # alone would retry it every 200 ms, for ever).
+        settled = len(a.transport.connection_events(target.id))
+        with contextlib.suppress(TimeoutError):
+            for _ in range(10):  # ends at the first quiet spell
+                await a.transport.wait_connection_event(target.id, FAIL_BACKOFF_S * 0.7)
+        later = [e for _, e, _ in a.transport.connection_events(target.id)[settled:]]
+        assert not set(later) & FAILURES, later
         # Held for a handshake that never completes, then dropped: never sent to the gateway.
         assert a.transport.send(target.id, "reboot", b"")
         dealer = a.transport._dealers[target.id]
