@@ -150,7 +150,12 @@ class Transport:
         self.drops = drops if drops is not None else DropCounter()
         self.max_size = max_size
         self.sealer = Sealer(identity)
+        # Members and strangers get separate replay windows, so a flood of fresh keys can
+        # evict only strangers' windows, never a member's (which would let one of its frames
+        # be replayed).
         self.replay = ReplayGuard()
+        self.guest_replay = ReplayGuard(max_senders=1024)
+        self.is_member: Callable[[str], bool] = lambda _id: True
         self.ctx = zmq.asyncio.Context()
         self.public, self.secret = identity.curve_keypair()
         self._router: zmq.asyncio.Socket | None = None
@@ -396,7 +401,8 @@ class Transport:
         try:
             env = open_envelope(payload.bytes, self.max_size)
             self._check_key(env, payload, peer_id)
-            self.replay.accept(env.sender, env.epoch, env.seq)
+            guard = self.replay if self.is_member(env.sender) else self.guest_replay
+            guard.accept(env.sender, env.epoch, env.seq)
         except WireError as exc:
             self.drops.drop(exc.reason)
             return

@@ -104,6 +104,7 @@ class Node:
         self.discovery = Discovery(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
+        self.transport.is_member = self.is_admitted_member
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._dirty = True
