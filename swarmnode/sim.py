@@ -142,8 +142,13 @@ class Simulation:
             self.nodes[node.id] = node
             self._flush(node)
 
-    def add_node(self, contact: str | None = None, how: str = "token") -> str:
-        """A new machine joins: it says hello to `contact`, is admitted, then push-pulls."""
+    def add_node(
+        self, contact: str | None = None, how: str = "token", *, admit_first: bool = False
+    ) -> str:
+        """A new machine joins: it says hello to `contact`, is admitted, then push-pulls.
+
+        `admit_first` admits before taking the record, as the node shell does with a valid
+        join token (the admission then goes out before the record)."""
         if contact is None:
             contact = self.rng.choice(self.live_ids())
         id_, crypto = self._new_identity()
@@ -155,8 +160,12 @@ class Simulation:
         self.learned[id_] = {}
         c = self.nodes[contact]
         assert c.member is not None
-        c.member.hello(self.now, id_, rec, how)
-        c.member.admit(self.now, id_, how)
+        if admit_first:
+            c.member.admit(self.now, id_, how)
+            c.member.hello(self.now, id_, rec, how)
+        else:
+            c.member.hello(self.now, id_, rec, how)
+            c.member.admit(self.now, id_, how)
         self._flush(c)
         node.member.join(self.now, [contact])
         self._flush(node)

@@ -26,6 +26,7 @@ from swarmnode.membership import (
     Pending,
     Ping,
     PushPull,
+    PushPullReply,
     Rename,
     Send,
     SharedMembers,
@@ -390,6 +391,7 @@ def test_snapshot_restore_rejoins_with_higher_incarnation() -> None:
     assert b2.member(b.id).admitted_by == a.id
     out = b2.drain()
     assert any(isinstance(o, Event) and o.kind == "incarnation" for o in out)
+    assert not [o for o in out if isinstance(o, Event) and o.kind == "admitted"]  # not news
     joins = [o for o in out if isinstance(o, Send) and isinstance(o.msg, PushPull)]
     assert joins and all(o.msg.join for o in joins)
     net.nodes[b.id] = b2
@@ -543,3 +545,92 @@ def test_lone_node_timers_always_move_forward():
             deadline = m.next_deadline()
             assert deadline > now
             now = deadline
+
+
+# -- a newcomer's admission and record, whatever order they arrive in (lab regression)
+
+
+def _newcomer(net: Net, a: Membership) -> tuple[Membership, Admit, Alive]:
+    """A node x admitted by `a` (signed as a) that has joined through `a`, but that nobody else
+    has heard of yet (a's broadcasts are not delivered)."""
+    x = net.add(10)
+    ts = int(net.now * 1000)
+    sig = net.idents[a.id].sign(admit_body(x.id, a.id, "token", ts))
+    adm = Admit(x.id, a.id, "token", ts, sig)
+    x.join(net.now, [a.id])
+    x.handle(net.now, a.id, PushPullReply(a._member_states(), (*a._statements(), adm)))
+    x.drain()
+    return x, adm, Alive(x.record)
+
+
+def _events(m: Membership) -> list[str]:
+    return [o.kind for o in m.drain() if isinstance(o, Event)]
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [("a", "alive"), ("a", "admit")],  # record first: kept as an orphan, then promoted
+        [("a", "admit"), ("a", "alive")],  # admission first: listed when the record comes
+        [("a", "alive admit")],
+        [("a", "admit alive")],
+        [("x", "admit alive")],  # from the newcomer itself, its credentials in hand
+        [("x", "alive admit")],
+        [("x", "alive"), ("a", "admit alive")],  # x unknown yet: its Alive alone is dropped
+        [("x", "alive"), ("a", "admit"), ("x", "")],  # ... and must be fetched from x
+        [("x", "admit"), ("x", "")],  # credentials without the record: fetched from x
+        [("a", "admit"), ("x", "alive")],
+    ],
+)
+def test_newcomer_is_listed_whatever_the_arrival_order(batches: list) -> None:
+    net, (a, b, _c) = cluster(3)
+    x, adm, alive = _newcomer(net, a)
+    items = {"admit": adm, "alive": alive}
+    b.drain()
+    for src, what in batches:
+        sender = a if src == "a" else x
+        msg = Gossip(tuple(items[w] for w in what.split())) if what else Ping(1, b.id, b"n" * 16)
+        b.handle(net.now, sender.id, msg)
+        net.pump()  # a pull of x's state (if any) is answered at once
+    assert b.state_of(x.id) == "alive"
+    kinds = [e.kind for n, e in net.events if n == b.id and e.data.get("id") == x.id]
+    assert kinds.count("admitted") == 1 and kinds.count("member_join") == 1
+
+
+def test_newcomer_gossips_its_record_with_its_admission() -> None:
+    """A joiner's own admission travels with it (its credentials); its record must too, or a
+    member that hears of the joiner from the joiner alone knows it is admitted but cannot list
+    it."""
+    net, (a, _b, _c) = cluster(3)
+    x = net.add(10)
+    net.join(a, x)
+    net.run(0.3)
+    carried = [
+        {type(i) for i in (m.items if isinstance(m, Gossip) else m.piggyback)}
+        for s, _d, m in net.sent
+        if s == x.id and isinstance(m, Gossip | Ping | Ack)
+    ]
+    with_admit = [k for k in carried if Admit in k]
+    assert with_admit and all(Alive in k for k in with_admit)
+
+
+def test_left_member_relearnt_by_push_pull_is_not_admitted_again() -> None:
+    """A member reaped after leaving and taught again by a peer that still holds it (each
+    exchange) is no new admission: no `admitted` event."""
+    cfg = Config.fast(dead_reap_after=3.0)
+    net, (a, b, c, _d) = cluster(4, cfg)
+    b.leave(net.now)
+    net.pump()
+    net.run(0.5)
+    assert a.state_of(b.id) == "left" and c.state_of(b.id) == "left"
+    held = PushPull(False, c._member_states(), c._statements())  # c has not reaped b yet
+    net.run(4.0)
+    assert a.member(b.id) is None and "member_reaped" in net.kinds(a.id)
+    a.drain()
+    for _ in range(3):
+        a.handle(net.now, c.id, held)
+        assert "admitted" not in _events(a)
+    assert a.state_of(b.id) == "left"
+    net.events.clear()
+    net.run(3 * cfg.push_pull_interval)
+    assert "admitted" not in net.kinds()

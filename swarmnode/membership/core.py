@@ -24,7 +24,7 @@ import heapq
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -89,6 +89,21 @@ SNAPSHOT_VERSION = 1
 _INF = math.inf
 _SMALL_TABLE = 64
 """Tables up to this size are sampled by listing candidates; larger ones by random probing."""
+
+
+class _EveryId:
+    """The container of every id (see `Membership._quiet_admits`)."""
+
+    __slots__ = ()
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_EVERY_ID = _EveryId()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +190,9 @@ class Membership:
         self._relay_heap: list[tuple[float, str, int, str]] = []
         self._pp_out: dict[str, tuple[float, bool]] = {}
         self._deferred: dict[str, list[Statement]] = {}
+        self._quiet_admits: Container[str] | None = None
+        """While merging: admissions of these ids are not news (no `admitted` event); every
+        id while restoring our own snapshot (see `_merge`)."""
         self._n_deferred = 0
         self._reap_heap: list[tuple[float, str]] = []
         self._dead: dict[str, None] = {}  # insertion-ordered set: deterministic choice
@@ -229,6 +247,13 @@ class Membership:
         ):
             return
         fn(self, src_id, msg)
+        e = self._table.get(src_id)
+        if e is not None and e.state == LIMBO and e.record is None and e.admit is not None:
+            # An admitted member talks to us but its record has not reached us (its Alive was
+            # lost or spent its transmissions elsewhere): ask it for its state directly rather
+            # than leave it unlisted until the next periodic push-pull.
+            self.counters["record_pull"] += 1
+            self._start_push_pull(src_id, join=False)
 
     def _credentials(self, src: str, msg: Message, e: Entry | None) -> bool:
         """A newcomer whose admission has not reached us yet carries it: its own broadcast queue
@@ -760,11 +785,17 @@ class Membership:
         e = replace(e, admit=a)
         self._put(e)
         if e.state != BANNED:
-            self._event("admitted", id=a.id, by=a.by, how=a.how)
+            quiet = self._quiet_admits
+            if quiet is None or a.id not in quiet:
+                self._event("admitted", id=a.id, by=a.by, how=a.how)
             if e.state in (PENDING, LIMBO) and e.record is not None:
                 self._become_member(e, e.record, bcast)
         if bcast or a.id == self.id:  # our own admission travels with us (see _credentials)
             self._broadcast(("a", a.id), a)
+        if a.id == self.id and not self._left and e.state != BANNED:
+            # ... and so does our record: a member that learns our admission from us must not
+            # be left with half the news (admitted, but no record to list us with).
+            self._broadcast(("m", self.id), Alive(self._record))
         self._retry_deferred(a.id)
         return True
 
@@ -880,7 +911,20 @@ class Membership:
         others: list[Statement] = []
         for s in cluster:
             (admits if type(s) is Admit else others).append(s)  # type: ignore[arg-type]
-        self._apply_admits(admits, bcast)
+        members = tuple(members)
+        # `admitted` means "this id was just admitted". Re-reading our own snapshot is not an
+        # admission, nor is the admission of a member the remote already knows gone (e.g. one we
+        # reaped and a peer that has not yet reaped it teaches us again): such admissions are
+        # applied without an event and without being gossiped on (gossiping them would teach
+        # every member that reaped it again, each as a fresh `admitted`).
+        quiet = (
+            _EVERY_ID if literal else frozenset(ms.record.id for ms in members if ms.state in GONE)
+        )
+        self._quiet_admits = quiet or None
+        try:
+            self._apply_admits(admits, bcast)
+        finally:
+            self._quiet_admits = None
         for s in others:
             self._apply(s, bcast)
         for ms in members:
@@ -916,9 +960,11 @@ class Membership:
                 ready.append(a)
             else:
                 waiting.setdefault(a.by, []).append(a)
+        quiet = self._quiet_admits
         while ready:
             a = ready.popleft()
-            if self._apply_admit(a, bcast):
+            # Not news (see `_merge`): not an event, and not worth gossiping either.
+            if self._apply_admit(a, bcast and (quiet is None or a.id not in quiet)):
                 ready.extend(waiting.pop(a.id, ()))
         for rest in waiting.values():
             for a in rest:
