@@ -89,9 +89,11 @@ def test_suspicion_without_possible_confirmations_uses_min() -> None:
 
 
 def test_retransmit_limit() -> None:
-    assert retransmit_limit(4, 1) == 4
-    assert retransmit_limit(4, 9) == 4
+    assert retransmit_limit(4, 1) == 8  # small swarms: a floor of two log10 steps
+    assert retransmit_limit(4, 9) == 8
     assert retransmit_limit(4, 10) == 8
+    assert retransmit_limit(4, 99) == 8
+    assert retransmit_limit(4, 100) == 12
     assert retransmit_limit(4, 10_000) == 20
 
 
@@ -101,7 +103,7 @@ def test_queue_transmit_limit_then_drop() -> None:
     sent = 0
     while q.get(1000, n=5):
         sent += 1
-    assert sent == retransmit_limit(2, 5) == 2
+    assert sent == retransmit_limit(2, 5) == 4
     assert len(q) == 0
 
 

@@ -16,8 +16,16 @@ _MIN_ITEM = 48
 """No broadcast item encodes smaller than this: stop filling once less room is left."""
 
 
+#: Floor of the log10 scale: memberlist's ceil(log10(n+1)) is 1 below 10 members, and 4
+#: random transmissions per node then missed one member of a 5-node swarm in about 1 % of
+#: joins (simulated over 300 seeds; that member learnt of the newcomer only at the next
+#: push-pull, 12-22 s later). With 2, none of 300 missed. Larger clusters are unaffected.
+MIN_SCALE = 2
+
+
 def retransmit_limit(mult: int, n: int) -> int:
-    return mult * math.ceil(math.log10(n + 1))
+    """How many times each node sends one broadcast item in a cluster of `n` members."""
+    return mult * max(MIN_SCALE, math.ceil(math.log10(n + 1)))
 
 
 class _Entry:
