@@ -1,0 +1,75 @@
+"""Run a benchmark against one commit, not against a working tree that may change meanwhile.
+
+A benchmark takes minutes, and node processes started at different moments import whatever
+source is on disk at that moment: edits made during a run would mix versions in one cluster.
+So by default a benchmark re-executes itself on a clean `git archive` of HEAD, unpacked in
+/tmp/swarmnode-bench/src-<commit>, with PYTHONPATH pointing there (it takes precedence over
+the editable install, so the `swarmnode` command and every import use the snapshot).
+`--worktree` skips this and measures the working tree as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = "SWARMNODE_BENCH_SRC"
+BASE = Path("/tmp/swarmnode-bench")
+
+
+def source() -> Path:
+    """The source tree this process measures (the snapshot, or the repository itself)."""
+    return Path(os.environ.get(ENV, str(REPO)))
+
+
+def commit(src: Path | None = None) -> str:
+    """The commit the source tree is (a snapshot records it in COMMIT)."""
+    src = src or source()
+    marker = src / "COMMIT"
+    if marker.exists():
+        return marker.read_text().strip()
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return out + ("+worktree-changes" if dirty else "")
+
+
+def reexec_on_head(argv: list[str]) -> None:
+    """Unless already on a snapshot (or --worktree was given), re-run this script on HEAD."""
+    if ENV in os.environ or "--worktree" in argv:
+        return
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = BASE / f"src-{rev}"
+    if not (dest / "COMMIT").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", rev], cwd=REPO, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        (dest / "COMMIT").write_text(rev + "\n")
+    env = dict(os.environ)
+    env[ENV] = str(dest)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(dest), env.get("PYTHONPATH")) if p)
+    print(f"benchmarking commit {rev} (snapshot in {dest})", flush=True)
+    script = str(Path(sys.argv[0]).resolve())
+    os.execve(sys.executable, [sys.executable, script, *argv], env)
