@@ -28,8 +28,8 @@ per call (the real CLI is run once per phase as a check that they agree). Event 
 each node's own log (`events --json`) give the same figures without polling granularity; both
 are reported.
 
-    /tmp/venvtest/bin/python bench/lab_membership.py                   # full run, ~16 minutes
-    /tmp/venvtest/bin/python bench/lab_membership.py --minutes 1 --repeats 3   # quick look
+    .venv/bin/python bench/lab_membership.py                   # full run, ~16 minutes
+    .venv/bin/python bench/lab_membership.py --minutes 1 --repeats 3   # quick look
 
 Results: a summary table on stdout, JSON in /tmp/swarmnode-bench/lab_membership.json. Every
 namespace and process the script starts is removed at the end, also on failure or Ctrl-C;

@@ -14,8 +14,8 @@ Simulated time is deterministic per seed; only wall time and RSS depend on the m
 default the product code is a clean snapshot of HEAD (see snapshot.py); `--worktree` measures
 the working tree as it is.
 
-    /tmp/venvtest/bin/python bench/sim_join.py                # full run, about 5 minutes
-    /tmp/venvtest/bin/python bench/sim_join.py --sizes 30 100 --seeds 3
+    .venv/bin/python bench/sim_join.py                # full run, about 5 minutes
+    .venv/bin/python bench/sim_join.py --sizes 30 100 --seeds 3
 
 Results: a table on stdout and JSON in /tmp/swarmnode-bench/sim_join.json.
 """
