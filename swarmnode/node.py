@@ -291,6 +291,8 @@ class Node:
     def route_to(self, peer: str) -> None:
         """Keep a connection to `peer` at its reported addresses and any discovered ones."""
         view = self.core.member(peer)
+        if view is not None and view.state == "left":
+            return  # it said goodbye: no dialling it for ever (a reply may still go back)
         addrs: tuple[str, ...] = view.record.addresses if view and view.record else ()
         extra = self.observed.get(peer)
         if extra is not None and extra.extra:
@@ -306,7 +308,7 @@ class Node:
         if ev.kind == "banned":
             self._banned_keys.add(_raw_curve(data["id"]))
             self.transport.disconnect(data["id"])
-        if ev.kind in ("member_left",) and data.get("id") != self.id:
+        if ev.kind in ("member_left", "member_reaped") and data.get("id") != self.id:
             self.transport.disconnect(data["id"])
         if ev.kind == "admitted":
             if data.get("id") == self.id and not self.admitted:
