@@ -476,6 +476,7 @@ class Membership:
         stmts = [item_from_plain(s, STATEMENT_KINDS) for s in snapshot["statements"]]
         states = [member_state_from_plain(s) for s in snapshot["members"]]
         m._merge(states, stmts, m.id, bcast=False, literal=True)  # type: ignore[arg-type]
+        m._out.clear()  # reloading what we knew is not news: no member_join etc. for it
         m._event("incarnation", id=m.id, incarnation=inc)
         live = [s.record.id for s in states if s.state in LIVE]
         gone = [s.record.id for s in states if s.state == DEAD]
