@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -35,13 +36,16 @@ TYPES = frozenset({HELLO, HELLO_REPLY, JOIN, JOIN_REPLY})
 #: check and a write to the event log), so a flood from one key is cut short.
 MIN_GUEST_INTERVAL_S = 0.5
 MAX_BODY = 16 * 1024
+#: Guests remembered for rate limiting and for telling them of their admission; the oldest
+#: are forgotten first, so a flood of new keys costs bounded memory.
+MAX_GUESTS = 4096
 
 
 class Admission:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.contacts: dict[str, str] = {}  # id -> how found, while we are not admitted
-        self._last_seen: dict[str, float] = {}
+        self._last_seen: OrderedDict[str, float] = OrderedDict()
         self.status: str = "member" if node.admitted else "outside"
         self.refused: str | None = None
         if node.join_token is not None and not node.admitted:
@@ -156,6 +160,9 @@ class Admission:
             node.drops.drop("guest_rate")
             return
         self._last_seen[env.sender] = now
+        self._last_seen.move_to_end(env.sender)
+        while len(self._last_seen) > MAX_GUESTS:
+            self._last_seen.popitem(last=False)
         reply = self._answer(inbound, body, now)
         inbound.reply(JOIN_REPLY if env.type == JOIN else HELLO_REPLY, _pack(reply))
         node.flush()
