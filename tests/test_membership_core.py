@@ -635,3 +635,31 @@ def test_left_member_relearnt_by_push_pull_is_not_admitted_again() -> None:
     net.events.clear()
     net.run(3 * cfg.push_pull_interval)
     assert "admitted" not in net.kinds()
+
+
+def test_stale_probe_does_not_accuse_a_member_that_restarted_meanwhile() -> None:
+    """A probe sent to a member's old life fails; meanwhile the member restarted and announced
+    a newer incarnation. The failure must not suspect the new life (memberlist's rule)."""
+    rng = random.Random(5)
+    crypto = NullCrypto()
+    a_id, b_id = fake_id(rng), fake_id(rng)
+    adm = Admit(a_id, a_id, "founder", 0, b"")
+    rec_a = make_record(crypto, a_id, 1, "a", ["h:1"], {})
+    rec_b = make_record(crypto, b_id, 1, "b", ["h:2"], {})
+    base = SharedMembers(Entry(r.id, "alive", 1, r, 0.0, admit=adm) for r in (rec_a, rec_b))
+    m = Membership(rec_a, crypto, CFG, random.Random(1), 0.0, base=base)
+    now = 0.0
+    while m._probe is None:  # the probe to b goes out, and nobody answers it
+        now = m.next_deadline()
+        m.tick(now)
+    assert m._probe.target == b_id
+    reborn = make_record(crypto, b_id, 2, "b", ["h:2"], {})
+    m.handle(now, b_id, Gossip((Alive(reborn),)))
+    m.drain()
+    stale = m._probe
+    while m._probe is stale:  # until that probe has failed (the next one may start at once)
+        now = m.next_deadline()
+        m.tick(now)
+    kinds = [o.kind for o in m.drain() if isinstance(o, Event)]
+    assert "member_suspect" not in kinds
+    assert m.state_of(b_id) == "alive"

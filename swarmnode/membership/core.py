@@ -131,7 +131,17 @@ class MemberView:
 
 
 class _Probe:
-    __slots__ = ("end", "helpers", "indirect", "indirect_at", "nacks", "nonce", "seq", "target")
+    __slots__ = (
+        "end",
+        "helpers",
+        "incarnation",
+        "indirect",
+        "indirect_at",
+        "nacks",
+        "nonce",
+        "seq",
+        "target",
+    )
 
     def __init__(self, seq: int, target: str, nonce: bytes, indirect_at: float, end: float):
         self.seq = seq
@@ -140,6 +150,7 @@ class _Probe:
         self.indirect_at = indirect_at
         self.end = end
         self.indirect = False
+        self.incarnation = 0
         self.helpers: list[str] = []
         self.nacks: list[str] = []
 
@@ -1004,6 +1015,7 @@ class Membership:
         self._probe = p
         self._next_probe = end
         e = self._table.get(target)
+        p.incarnation = e.incarnation if e is not None else 0
         budget = cfg.piggyback_bytes
         piggyback: tuple[Item, ...] = ()
         if e is not None and e.state == SUSPECT:
@@ -1029,8 +1041,10 @@ class Membership:
         # (or having no helpers at all) suggest the problem may be us.
         self._awareness.apply_delta(expected - len(p.nacks) if expected else 1)
         e = self._table.get(p.target)
-        if e is not None and e.state in LIVE:
-            self._apply_suspect(Suspect(p.target, e.incarnation, self.id))
+        if e is not None and e.state in LIVE and e.incarnation == p.incarnation:
+            # Only the life we probed is accused: if the member announced a newer incarnation
+            # meanwhile (it restarted), this stale probe says nothing about it (as memberlist).
+            self._apply_suspect(Suspect(p.target, p.incarnation, self.id))
 
     def _next_probe_target(self) -> str | None:
         table = self._table
