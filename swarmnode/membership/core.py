@@ -143,14 +143,16 @@ class _Probe:
         "target",
     )
 
-    def __init__(self, seq: int, target: str, nonce: bytes, indirect_at: float, end: float):
+    def __init__(
+        self, seq: int, target: str, incarnation: int, nonce: bytes, indirect_at: float, end: float
+    ):
         self.seq = seq
         self.target = target
         self.nonce = nonce
         self.indirect_at = indirect_at
         self.end = end
         self.indirect = False
-        self.incarnation = 0
+        self.incarnation = incarnation  # the life probed: only it may be accused
         self.helpers: list[str] = []
         self.nacks: list[str] = []
 
@@ -1011,11 +1013,12 @@ class Membership:
         self._seq += 1
         nonce = self._rng.randbytes(16)
         end = now + self._awareness.scale(cfg.probe_interval)
-        p = _Probe(self._seq, target, nonce, now + self._awareness.scale(cfg.probe_timeout), end)
+        e = self._table.get(target)
+        inc = e.incarnation if e is not None else 0
+        timeout = now + self._awareness.scale(cfg.probe_timeout)
+        p = _Probe(self._seq, target, inc, nonce, timeout, end)
         self._probe = p
         self._next_probe = end
-        e = self._table.get(target)
-        p.incarnation = e.incarnation if e is not None else 0
         budget = cfg.piggyback_bytes
         piggyback: tuple[Item, ...] = ()
         if e is not None and e.state == SUSPECT:
