@@ -1,0 +1,209 @@
+"""The node's own settings, `<home>/config.toml`: what it does and how it reaches others.
+
+Everything here is local to one node (never gossiped): how *this* node reaches a member it
+cannot reach at the member's reported addresses (`overrides`, `jumps`, `[ssh]`), what it runs
+when a member asks it to restart or reboot, and facts the probes get wrong (`kind`). A missing
+file means every default; a bad file is refused with the key and the reason, never half-read.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from net.addresses import split_hostport
+from swarmnode.facts import KINDS
+
+CONFIG_FILE = "config.toml"
+
+#: Default commands. The issue's defaults: a node under systemd restarts its own unit and
+#: reboots through systemd (which shuts services down cleanly first).
+DEFAULT_REBOOT = "systemctl reboot"
+DEFAULT_RESTART = "systemctl restart swarmnode"
+#: Longest a remote `exec` may run before it is killed: long enough for a build step, short
+#: enough that a forgotten `exec NODE -- sleep infinity` does not live for ever.
+DEFAULT_EXEC_TIMEOUT_S = 3600.0
+#: Where this host's sshd keys are read to publish their fingerprints in the signed record;
+#: other nodes accept an SSH connection to this host only with one of these keys.
+DEFAULT_HOST_KEYS = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub",
+                     "/etc/ssh/ssh_host_rsa_key.pub")
+
+#: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
+MAX_HOPS = 8
+MAX_COMMAND = 4096
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or has a bad key; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    user: str | None = None  # login for hops and targets without `user@` (default: current user)
+    port: int = 22  # where members' sshd listens unless their record says otherwise
+    identity_file: str | None = None  # private key; default: the SSH agent, then ~/.ssh/id_*
+    known_hosts: tuple[str, ...] = ()  # for plain SSH hops; default ~/.ssh/known_hosts
+    config: str = "~/.ssh/config"  # read for ProxyJump when `jumps` names no chain
+    host_keys: tuple[str, ...] = DEFAULT_HOST_KEYS  # this host's public keys, published
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    kind: str | None = None
+    reboot_command: str = DEFAULT_REBOOT
+    restart_command: str = DEFAULT_RESTART
+    accept_actions: bool = True  # run exec/restart/reboot asked by admitted members
+    exec_timeout: float = DEFAULT_EXEC_TIMEOUT_S
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> addresses
+    jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
+    ssh: SshSettings = field(default_factory=SshSettings)
+
+    def override_for(self, node_id: str, name: str) -> tuple[str, ...]:
+        return self.overrides.get(node_id) or self.overrides.get(name) or ()
+
+    def jumps_for(self, node_id: str, name: str) -> tuple[str, ...]:
+        return self.jumps.get(node_id) or self.jumps.get(name) or ()
+
+
+def load(home: Path) -> NodeConfig:
+    """The config of the node in `home` (defaults when there is no file)."""
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return NodeConfig()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    return parse(text, str(path))
+
+
+def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    try:
+        return _node_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_TOP = {"kind", "reboot_command", "restart_command", "accept_actions", "exec_timeout",
+        "overrides", "jumps", "ssh"}
+_SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
+
+
+def _node_config(raw: dict[str, Any]) -> NodeConfig:
+    _known(raw, _TOP, "")
+    kind = raw.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    return NodeConfig(
+        kind=kind,
+        reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
+        restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
+        accept_actions=_bool(raw, "accept_actions", True),
+        exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
+        overrides=_node_map(raw.get("overrides", {}), "overrides", _address),
+        jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
+        ssh=_ssh(raw.get("ssh", {})),
+    )
+
+
+def _ssh(raw: Any) -> SshSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("ssh: must be a table")
+    _known(raw, _SSH, "ssh.")
+    port = raw.get("port", 22)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(f"ssh.port: must be a port number, got {port!r}")
+    return SshSettings(
+        user=_opt_str(raw, "user", "ssh."),
+        port=port,
+        identity_file=_opt_str(raw, "identity_file", "ssh."),
+        known_hosts=_strings(raw.get("known_hosts", []), "ssh.known_hosts"),
+        config=_opt_str(raw, "config", "ssh.") or SshSettings.config,
+        host_keys=_strings(raw.get("host_keys", list(DEFAULT_HOST_KEYS)), "ssh.host_keys"),
+    )
+
+
+def _known(raw: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            hint = _closest(key, allowed)
+            raise ConfigError(f"{prefix}{key}: unknown key" + (f" (did you mean {hint!r}?)"
+                                                                if hint else ""))
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _command(raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_COMMAND:
+        raise ConfigError(f"{key}: must be a non-empty command line, got {value!r}")
+    return value
+
+
+def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _positive(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _opt_str(raw: dict[str, Any], key: str, prefix: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{prefix}{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _node_map(raw: Any, where: str, check, limit: int = 16) -> dict[str, tuple[str, ...]]:
+    """`{node name or id: value or [values]}`, every value checked by `check`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table of node name or id = value")
+    result: dict[str, tuple[str, ...]] = {}
+    for node, value in raw.items():
+        values = _strings(value, f"{where}.{node}")
+        if len(values) > limit:
+            raise ConfigError(f"{where}.{node}: at most {limit} entries")
+        for i, item in enumerate(values):
+            try:
+                check(item)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{node}[{i}]: {exc}") from exc
+        result[node] = values
+    return result
+
+
+def _address(text: str) -> None:
+    split_hostport(text, 1)
+
+
+def _hop(text: str) -> None:
+    user, at, hostport = text.rpartition("@")
+    if (at and not user) or not hostport or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not user@host[:port]")
+    split_hostport(hostport, 22)
