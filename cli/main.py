@@ -6,6 +6,7 @@ running node say clearly when none is running in the home.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -54,9 +55,9 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def ask(cmd: str, **args: Any) -> Any:
+def ask(cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     try:
-        return control.call(state.home, cmd, **args)
+        return control.call(state.home, cmd, timeout=timeout, **args)
     except control.ControlError as exc:
         fail(str(exc))
     except TimeoutError:
@@ -236,6 +237,107 @@ def rename(
 ) -> None:
     """Give a member a new name (gossiped; the last rename wins)."""
     _node_command("rename", node, name=new_name)
+
+
+NodeArg = Annotated[str, typer.Argument(help="name, id or unique id prefix")]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="reach the node only at this HOST:PORT")
+]
+
+
+@app.command()
+def route(node: NodeArg, address: AddressOpt = None, as_json: JsonOpt = False) -> None:
+    """How this node reaches NODE: every attempt (method, address, result, time) and the
+    route chosen; exits 1 when every attempt failed."""
+    result = ask("route", timeout=60.0, node=node, address=address)
+    if as_json:
+        emit_json(result)
+    else:
+        table = Table(title=f"route to {node}")
+        for col in ("method", "address", "result", "time", "via"):
+            table.add_column(col)
+        for a in result["attempts"]:
+            colour = "green" if a["result"] == "ok" else "red"
+            table.add_row(a["method"], a["address"], f"[{colour}]{a['result']}[/]",
+                          f"{a['seconds'] * 1000:.1f} ms", " -> ".join(a["via"]) or "-")
+        out.print(table)
+        if result["method"]:
+            via = " via " + " -> ".join(result["via"]) if result["via"] else ""
+            out.print(f"chosen: {result['method']} {result['address']}{via}", highlight=False)
+    if not result["method"]:
+        fail(result["error"])
+
+
+def _act(verb: str, node: str, argv: list[str], force: bool, address: str | None,
+         verbose: bool) -> int:
+    """Stream a remote action's output here; the remote exit code is returned."""
+    code: int | None = None
+    try:
+        for item in control.stream(state.home, verb, node=node, argv=argv, force=force,
+                                   address=address):
+            if "route" in item and verbose:
+                r = item["route"]
+                err.print(f"route: {r['method']} {r['address']}", highlight=False)
+            elif "fd" in item:
+                target = sys.stdout.buffer if item["fd"] == 1 else sys.stderr.buffer
+                target.write(base64.b64decode(item["data"]))
+                target.flush()
+            elif "exit" in item:
+                code = item["exit"]
+                if item.get("note"):
+                    err.print(item["note"], highlight=False)
+    except control.ControlError as exc:
+        fail(str(exc))
+    return 0 if code is None else int(code)
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="say which route is used")]
+
+
+@app.command("exec", context_settings={"ignore_unknown_options": True})
+def exec_(
+    node: NodeArg,
+    command: Annotated[list[str], typer.Argument(metavar="-- CMD...", help="command to run")],
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run CMD on NODE (verified by its identity): output streams here, and the exit code is
+    the remote command's."""
+    raise typer.Exit(_act("exec", node, command, False, address, verbose))
+
+
+@app.command()
+def restart(node: NodeArg, address: AddressOpt = None, verbose: VerboseOpt = False) -> None:
+    """Restart the swarmnode service on NODE (its `restart_command`)."""
+    raise typer.Exit(_act("restart", node, [], False, address, verbose))
+
+
+@app.command()
+def reboot(
+    node: NodeArg,
+    force: Annotated[bool, typer.Option("--force", help="also reboot bare metal")] = False,
+    address: AddressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Reboot NODE (its `reboot_command`); bare-metal nodes only with --force."""
+    raise typer.Exit(_act("reboot", node, [], force, address, verbose))
+
+
+@app.command("local-action", hidden=True)
+def local_action(
+    verb: Annotated[str, typer.Argument(help="restart or reboot")],
+    expect_id: Annotated[str, typer.Option("--expect-id", help="the id the action is for")],
+    force: Annotated[bool, typer.Option("--force")] = False,
+) -> None:
+    """Run this node's restart/reboot command if this node is EXPECT_ID (used over SSH)."""
+    from swarmnode.facts import detect_kind
+    from swarmnode.ssh_actions import Refused, run_local
+
+    try:
+        code = run_local(state.home, verb, expect_id, force, detect_kind())
+    except (Refused, ValueError) as exc:
+        fail(str(exc), code=3)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import ifaddr
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TAILSCALE_V4 = ipaddress.IPv4Network("100.64.0.0/10")
 TAILSCALE_V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
@@ -84,6 +85,40 @@ def local_addresses(adapters: AdapterSource = ifaddr.get_adapters) -> list[str]:
     order = {ip: i for i, ip in enumerate(found)}
     found.sort(key=lambda ip: (_rank(ip), ip.version, order[ip]))
     return [str(ip) for ip in found]
+
+
+def local_networks(adapters: AdapterSource = ifaddr.get_adapters) -> list[IPNetwork]:
+    """The subnets this host's usable addresses sit in (what "same subnet" means for routes)."""
+    nets: list[IPNetwork] = []
+    for adapter in adapters():
+        for entry in adapter.ips:
+            raw = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
+            ip = _parse_ip(raw.split("%", 1)[0])
+            if ip is None or not _usable(ip):
+                continue
+            net = ipaddress.ip_network(f"{ip}/{entry.network_prefix}", strict=False)
+            if net not in nets:
+                nets.append(net)
+    return nets
+
+
+def dial_order(addresses: Iterable[str], networks: Iterable[IPNetwork]) -> list[str]:
+    """A member's reported addresses in the order to try them: one on a subnet this host is
+    on first (one hop, no router), then Tailscale (works across networks), then the rest, each
+    class in the member's own order."""
+    nets = list(networks)
+
+    def rank(entry: str) -> int:
+        try:
+            ip = _parse_ip(split_hostport(entry, 1)[0])
+        except ValueError:
+            return 3
+        if ip is not None and any(ip.version == n.version and ip in n for n in nets):
+            return 0
+        return 1 if ip is not None and is_tailscale(str(ip)) else 2
+
+    listed = list(addresses)
+    return sorted(listed, key=lambda a: (rank(a), listed.index(a)))
 
 
 def _check_port(port: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 import uuid
@@ -49,6 +50,13 @@ RECONNECT_IVL_MS = 200
 RECONNECT_IVL_MAX_MS = 5_000
 #: CURVE handshake timeout: a silent host behind a reported address is given up quickly.
 HANDSHAKE_IVL_MS = 3_000
+#: ZMTP heartbeats: a connection whose path died silently (a router stopped forwarding, a
+#: cable pulled: no FIN, no RST) is dropped after HEARTBEAT_TIMEOUT_MS without an answer.
+#: Without them the DEALER keeps "sending" into a dead TCP connection for the kernel's
+#: retransmission timeout (many minutes), and a member reachable another way (its own
+#: inbound connection, a tunnel) is never tried. A ping costs a few bytes a second.
+HEARTBEAT_IVL_MS = 1_000
+HEARTBEAT_TIMEOUT_MS = 4_000
 #: Messages to a peer whose connection is still being set up are held this long, at most
 #: HOLD_MAX of them, and sent when its handshake completes. Without this the first message
 #: to any new peer (a join, a rejoin after restart) would always be dropped.
@@ -102,6 +110,19 @@ def _destination(ep: str) -> str:
     """"tcp://SRC:0;DST:PORT" or "tcp://DST:PORT" -> "tcp://DST:PORT" (how monitors name it)."""
     rest = ep.removeprefix("tcp://")
     return "tcp://" + rest.rsplit(";", 1)[-1]
+
+
+def _heartbeat(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def endpoint(hostport: str, source: str | None = None) -> str:
@@ -162,6 +183,7 @@ class Transport:
         self._zap: zmq.asyncio.Socket | None = None
         self._dealers: dict[str, _Dealer] = {}
         self._inbound_routes: dict[str, bytes] = {}  # peer id -> ROUTER routing id
+        self._inbound_seen: dict[str, float] = {}  # peer id -> when it last sent on it
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: dict[str, int] = {}
         self.bytes_out = 0
@@ -185,6 +207,7 @@ class Transport:
         router.router_handover = True
         router.sndhwm = SEND_HWM
         router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        _heartbeat(router)
         self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
         self._spawn(self._recv_loop(router, None))
@@ -240,6 +263,7 @@ class Transport:
         sock.reconnect_ivl = RECONNECT_IVL_MS
         sock.reconnect_ivl_max = RECONNECT_IVL_MAX_MS
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        _heartbeat(sock)
         events = 0
         for ev in WATCHED:
             events |= ev
@@ -247,7 +271,7 @@ class Transport:
         dealer = _Dealer(sock, addresses, monitor)
         for addr in addresses:
             try:
-                full = endpoint(addr, self.source)
+                full = endpoint(addr, self._source_for(addr))
                 sock.connect(full)
             except (zmq.ZMQError, ValueError) as exc:
                 self.drops.drop("bad_address")
@@ -263,6 +287,14 @@ class Transport:
         if dealer is not None:
             dealer.close()
         self._inbound_routes.pop(peer_id, None)
+        self._inbound_seen.pop(peer_id, None)
+
+    def inbound_age(self, peer_id: str) -> float | None:
+        """Seconds since `peer_id` last sent on the connection it opened to us, if it has one
+        (a member behind NAT is reached back over it)."""
+        if peer_id not in self._inbound_routes:
+            return None
+        return time.monotonic() - self._inbound_seen.get(peer_id, 0.0)
 
     def send(self, peer_id: str, msg_type: str, body: bytes) -> bool:
         """Send without blocking; False (and counted) when no connection exists or is coming.
@@ -335,6 +367,52 @@ class Transport:
                     dealer.sock.connect(full)
 
         asyncio.get_running_loop().call_later(delay, again)
+
+    async def probe(self, peer_id: str, address: str, timeout: float) -> str:
+        """Whether `peer_id` itself answers at `address`: "ok" once a CURVE handshake with its
+        key completes, else why not ("wrong_identity", "refused", "no_handshake",
+        "connection_refused", "timeout").
+
+        A throwaway DEALER with a monitor, so probing never disturbs the peer's live connection
+        and a route is only called good when the named identity proved itself there.
+        """
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_serverkey = curve_public_key(peer_id)
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(timeout * 1000)))
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_ALL, addr=f"inproc://swarmnode-probe-{uuid.uuid4().hex}")
+        seen = "timeout"
+        try:
+            sock.connect(endpoint(address, self._source_for(address)))
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = (await recv_monitor_message(monitor))["event"]
+                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        return "ok"
+                    if event in WATCHED and WATCHED[event] in FAILURES:
+                        return WATCHED[event]
+                    if event == zmq.EVENT_CONNECTED:
+                        seen = "no_handshake"
+                    elif event == zmq.EVENT_CONNECT_RETRIED and seen == "timeout":
+                        seen = "connection_refused"
+        except TimeoutError:
+            return seen
+        except (zmq.ZMQError, ValueError) as exc:
+            return f"bad_address: {exc}"
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+
+    def _source_for(self, address: str) -> str | None:
+        """Dial from the listen address, except from a LAN address to loopback (an SSH tunnel's
+        local end), which the kernel would not route."""
+        if self.source is None or _is_loopback(self.source):
+            return self.source
+        return None if _is_loopback(split_hostport(address, 0)[0]) else self.source
 
     def connection_events(self, peer_id: str) -> list[tuple[float, str, str]]:
         """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first."""
@@ -411,6 +489,7 @@ class Transport:
             with contextlib.suppress(zmq.ZMQError, UnicodeDecodeError):
                 observed = payload.get("Peer-Address")
             self._inbound_routes[env.sender] = routing
+            self._inbound_seen[env.sender] = time.monotonic()
             reply = self._router_reply(routing)
         else:
             reply = self._dealer_reply(sock)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from net.addresses import split_hostport
+from net.ssh import parse_hop
 from swarmnode.facts import KINDS
 
 CONFIG_FILE = "config.toml"
@@ -203,7 +204,4 @@ def _address(text: str) -> None:
 
 
 def _hop(text: str) -> None:
-    user, at, hostport = text.rpartition("@")
-    if (at and not user) or not hostport or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r} is not user@host[:port]")
-    split_hostport(hostport, 22)
+    parse_hop(text, default_user="-")

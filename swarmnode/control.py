@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,10 @@ async def serve(home: Path, handler: Handler) -> asyncio.AbstractServer:
         try:
             line = await reader.readline()
             response = await _dispatch(line, handler)
-            writer.write(json.dumps(response, default=str).encode() + b"\n")
+            result = response.get("result")
+            if isinstance(result, AsyncIterator):
+                response = await _stream(result, writer)
+            writer.write(_line(response))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
@@ -85,6 +88,30 @@ async def serve(home: Path, handler: Handler) -> asyncio.AbstractServer:
     finally:
         os.umask(old)
     return server
+
+
+def _line(value: Any) -> bytes:
+    return json.dumps(value, default=str).encode() + b"\n"
+
+
+async def _stream(items: AsyncIterator[Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
+    """Send each item of a streaming command as its own line (`exec` output as it comes);
+    the closing line says how the command ended."""
+    try:
+        async for item in items:
+            writer.write(_line({"item": item}))
+            await writer.drain()
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # report, never crash the node
+        log.exception("streaming command failed")
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        with contextlib.suppress(Exception):
+            await items.aclose()  # type: ignore[attr-defined]
+    return {"ok": True, "result": None}
 
 
 async def _dispatch(line: bytes, handler: Handler) -> dict[str, Any]:
@@ -114,19 +141,44 @@ def _alive(path: Path) -> bool:
     return True
 
 
+def _connect(home: Path, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _reachable(socket_path(home)) as name:
+            sock.connect(name)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ControlError(
+            f"no swarmnode is running in {home} (start one with `swarmnode join`)"
+        ) from exc
+    return sock
+
+
+def stream(home: Path, cmd: str, **args: Any) -> Iterator[Any]:
+    """Run a streaming command (`exec`): yields each item as the node sends it, then ends, or
+    raises ControlError with the node's reason. No read timeout: a remote command may be
+    silent for as long as it likes."""
+    with _connect(home, None) as sock, sock.makefile("rb") as lines:
+        sock.sendall(_line({"cmd": cmd, "args": args}))
+        for raw in lines:
+            try:
+                msg = json.loads(raw)
+            except ValueError as exc:
+                raise ControlError("the node sent a malformed response") from exc
+            if "item" in msg:
+                yield msg["item"]
+                continue
+            if not msg.get("ok"):
+                raise ControlError(msg.get("error", "unknown error"))
+            return
+    raise ControlError("the node closed the connection mid-command")
+
+
 def call(home: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     """Run `cmd` on the node running in `home` (blocking; for the CLI)."""
-    path = socket_path(home)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            with _reachable(path) as name:
-                sock.connect(name)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ControlError(
-                f"no swarmnode is running in {home} (start one with `swarmnode join`)"
-            ) from exc
-        sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+    with _connect(home, timeout) as sock:
+        sock.sendall(_line({"cmd": cmd, "args": args}))
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import os
 import random
+import shlex
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,13 @@ import zmq
 
 from net import whois
 from net.addresses import is_nat, split_hostport
+from net.ssh import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import DropCounter
 from swarmnode import __version__, cluster, control
+from swarmnode import config as node_config
 from swarmnode import token as tokens
+from swarmnode.actions import Actions
 from swarmnode.admission import Admission
 from swarmnode.discovery import Discovery
 from swarmnode.facts import detect_facts
@@ -42,6 +47,8 @@ from swarmnode.membership import (
     encode,
     make_record,
 )
+from swarmnode.membership.messages import MAX_FACT_VALUE
+from swarmnode.routes import RouteError, Router
 from swarmnode.store import Store
 from swarmnode.views import member_view, resolve_node
 
@@ -97,11 +104,17 @@ class Node:
         self.started = time.time()
         self._epoch = self.started - time.monotonic()
         self._apply_options(opts)
+        try:
+            self.node_config = node_config.load(self.home)
+        except node_config.ConfigError as exc:
+            raise StartError(str(exc)) from exc
         self.config = Config.fast() if opts.fast else Config()
         self.observed: dict[str, Observed] = {}
         self.core = self._make_core()
         self.admission = Admission(self)
         self.discovery = Discovery(self)
+        self.router = Router(self)
+        self.actions = Actions(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -166,7 +179,9 @@ class Node:
     def _make_core(self) -> Membership:
         now = self.clock()
         incarnation = int(self.store.get("incarnation", 0)) + 1
-        facts = detect_facts(__version__)
+        facts = detect_facts(__version__, kind_override=self.node_config.kind)
+        facts.update(self._ssh_facts())
+        self.kind = str(facts["kind"])
         record = make_record(
             self.identity, self.id, incarnation, self.name, self.addresses,
             tuple(sorted(facts.items())),
@@ -181,6 +196,20 @@ class Node:
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable membership snapshot: %s", exc)
         return Membership(record, self.identity, self.config, rng, now, founder=founder)
+
+    def _ssh_facts(self) -> dict[str, str | int]:
+        """What others need to reach this host over SSH safely: its host key fingerprints
+        (signed into the record, so an SSH peer is verified against them, never trusted on
+        first use), its sshd port, and the command that runs swarmnode here."""
+        keys = host_key_fingerprints(Path(p) for p in self.node_config.ssh.host_keys)
+        if not keys:
+            return {}
+        facts: dict[str, str | int] = {"ssh_keys": " ".join(keys[:4])}
+        facts["ssh_port"] = self.node_config.ssh.port
+        ctl = shlex.join([sys.executable, "-m", "cli.main", "--home", str(self.home)])
+        if len(ctl) <= MAX_FACT_VALUE:
+            facts["ctl"] = ctl
+        return facts
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -203,7 +232,8 @@ class Node:
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
                  self.listen, ", ".join(self.addresses))
         tasks = [asyncio.ensure_future(self._timer_loop()),
-                 asyncio.ensure_future(self._address_watch())]
+                 asyncio.ensure_future(self._address_watch()),
+                 asyncio.ensure_future(self.router.maintain())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -230,6 +260,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.discovery.close()
+        self.router.close()
         ctl.close()
         with contextlib.suppress(FileNotFoundError):
             control.socket_path(self.home).unlink()
@@ -297,6 +328,7 @@ class Node:
         extra = self.observed.get(peer)
         if extra is not None and extra.extra:
             addrs = addrs + tuple(sorted(a for a in extra.extra if a not in addrs))
+        addrs = addrs + tuple(a for a in self.router.extra_addresses(peer) if a not in addrs)
         if addrs:
             self.transport.connect(peer, addrs)
 
@@ -335,6 +367,10 @@ class Node:
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
             return
+        if self.actions.handles(env.type):
+            self.observe(env.sender, inbound.observed)
+            self.actions.on_message(inbound)
+            return
         try:
             msg = decode(env.type, env.body)
         except MessageError:
@@ -346,6 +382,10 @@ class Node:
 
     def observed_entry(self, peer: str) -> Observed:
         return self.observed.setdefault(peer, Observed())
+
+    def member_name(self, peer: str) -> str:
+        view = self.core.member(peer)
+        return view.name if view is not None else peer[:12]
 
     def is_admitted_member(self, peer: str) -> bool:
         view = self.core.member(peer)
@@ -394,6 +434,21 @@ class Node:
             self.flush()
             self.save_snapshot()
             return f"{cmd}: {target.name} ({target.id[:12]})"
+        if cmd == "route":
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            address = args.get("address")
+            try:
+                route = await self.router.resolve(target, str(address) if address else None)
+            except RouteError as exc:
+                return {"id": target.id, "method": None, "error": str(exc),
+                        "attempts": [a.plain() for a in exc.attempts]}
+            return route.plain()
+        if cmd in ("exec", "restart", "reboot"):
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            argv = [str(a) for a in args.get("argv", [])] if cmd == "exec" else []
+            address = args.get("address")
+            return self.actions.request(target, cmd, argv, bool(args.get("force")),
+                                        str(address) if address else None)
         raise control.ControlError(f"unknown command {cmd!r}")
 
     def drop_counts(self) -> dict[str, int]:

@@ -30,6 +30,7 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "os": facts.get("os"),
         "kind": facts.get("kind"),
         "version": facts.get("version"),
+        "ssh_keys": str(facts.get("ssh_keys", "")).split(),
         "admitted_by": m.admitted_by,
         "self": m.id == node.id,
     }

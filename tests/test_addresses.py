@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from net.addresses import (
     MAX_REPORTED,
+    dial_order,
     is_nat,
     is_tailscale,
     is_wire_address,
     join_hostport,
     local_addresses,
+    local_networks,
     observed_matches,
     reported_addresses,
     split_hostport,
@@ -252,3 +254,20 @@ def test_reported_addresses_are_capped_best_first():
     many = [f"10.0.{i}.1" for i in range(40)]
     got = reported_addresses("0.0.0.0", 7946, detected=many)
     assert len(got) == MAX_REPORTED and got[0] == "10.0.0.1:7946"
+
+
+def test_dial_order_prefers_same_subnet_then_tailscale_then_the_rest():
+    nets = [ipaddress.ip_network("10.42.0.0/24")]
+    reported = ["203.0.113.5:7946", "100.101.1.2:7946", "192.168.10.25:7946", "10.42.0.9:7946",
+                "[fd7a:115c:a1e0::5]:7946"]
+    assert dial_order(reported, nets) == [
+        "10.42.0.9:7946", "100.101.1.2:7946", "[fd7a:115c:a1e0::5]:7946",
+        "203.0.113.5:7946", "192.168.10.25:7946"]
+    assert dial_order(reported[:2], []) == ["100.101.1.2:7946", "203.0.113.5:7946"]
+
+
+def test_local_networks_gives_the_subnet_of_each_usable_address():
+    assert local_networks(HOST) == [
+        ipaddress.ip_network(n) for n in (
+            "203.0.113.0/24", "2001:db8::/64", "100.91.120.17/32",
+            "fd7a:115c:a1e0::4534:7811/128", "192.168.1.0/24", "fd00::/64", "10.42.0.0/24")]

@@ -98,3 +98,30 @@ async def test_taken_address_is_a_clear_error_and_leaves_nothing_behind(tmp_path
             await Node(NodeOptions(home=tmp_path / "a", mdns=False, tailscale=False)).main()
     finally:
         await stop(node, task)
+
+
+async def test_a_node_refuses_actions_not_addressed_to_it_or_unsafe(tmp_path):
+    from swarmnode.actions import unpack
+    from swarmnode.identity import Identity
+
+    node, task = await running_node(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        other = Identity.generate().id
+        refuse = node.actions._refusal
+        assert refuse(node.id, {"target": node.id, "verb": "exec", "argv": ["true"]}) is None
+        wrong = refuse(node.id, {"target": other, "verb": "reboot", "argv": []})
+        assert wrong.startswith(f"refused: the action is addressed to {other[:12]}")
+        assert node.id[:12] in wrong
+        assert "not an admitted member" in refuse(other, {"target": node.id, "verb": "exec",
+                                                          "argv": ["true"]})
+        assert "unknown action" in refuse(node.id, {"target": node.id, "verb": "rm"})
+        assert "needs a command" in refuse(node.id, {"target": node.id, "verb": "exec",
+                                                     "argv": "rm -rf /"})
+        node.kind = "bare"
+        assert "bare metal" in refuse(node.id, {"target": node.id, "verb": "reboot"})
+        assert refuse(node.id, {"target": node.id, "verb": "reboot", "force": True}) is None
+        for junk in (b"", b"\x93\x01\x02\x03", b"\x81\xa3rid\xc4\x01x", b"\xc1" * 10):
+            with pytest.raises(ValueError):
+                unpack(junk)
+    finally:
+        await stop(node, task)

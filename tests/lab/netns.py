@@ -274,6 +274,12 @@ class Lab:
         self._iptables(gw, ["-t", "nat", "-A", "POSTROUTING", "-s", src_cidr,
                             "-o", out_if, "-j", "MASQUERADE"])
 
+    def port_forward(self, gw: HostRef, addr: str, port: int, to: str) -> None:
+        """DNAT TCP `addr:port` on `gw` to `to` ("host:port"): a router's port forward, the
+        kind of path an operator writes into `overrides` for a node behind NAT."""
+        self._iptables(gw, ["-t", "nat", "-A", "PREROUTING", "-d", addr, "-p", "tcp",
+                            "--dport", str(port), "-j", "DNAT", "--to-destination", to])
+
     def cut(self, host: HostRef, peer_addr: str) -> None:
         """Partition: drop everything between `host` and `peer_addr` (both directions).
 
