@@ -296,6 +296,17 @@ class Transport:
             return None
         return time.monotonic() - self._inbound_seen.get(peer_id, 0.0)
 
+    def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
+        """Send only over the connection `peer_id` opened to us (to test that path alone)."""
+        route = self._inbound_routes.get(peer_id)
+        if route is None or self._router is None:
+            return False
+        frame = self.sealer.seal(msg_type, body)
+        if not self._try_send(self._router, [route, frame]):
+            return False
+        self._count(msg_type, frame)
+        return True
+
     def send(self, peer_id: str, msg_type: str, body: bytes) -> bool:
         """Send without blocking; False (and counted) when no connection exists or is coming.
 
@@ -371,7 +382,8 @@ class Transport:
     async def probe(self, peer_id: str, address: str, timeout: float) -> str:
         """Whether `peer_id` itself answers at `address`: "ok" once a CURVE handshake with its
         key completes, else why not ("wrong_identity", "refused", "no_handshake",
-        "connection_refused", "timeout").
+        "connection_refused" (refused or unreachable: no TCP connection), "timeout" (silence,
+        e.g. a firewall dropping packets)).
 
         A throwaway DEALER with a monitor, so probing never disturbs the peer's live connection
         and a route is only called good when the named identity proved itself there.
@@ -397,7 +409,8 @@ class Transport:
                     if event == zmq.EVENT_CONNECTED:
                         seen = "no_handshake"
                     elif event == zmq.EVENT_CONNECT_RETRIED and seen == "timeout":
-                        seen = "connection_refused"
+                        # the TCP connect itself failed (refused, no route): conclusive
+                        return "connection_refused"
         except TimeoutError:
             return seen
         except (zmq.ZMQError, ValueError) as exc:

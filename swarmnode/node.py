@@ -48,6 +48,8 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_FACT_VALUE
+from swarmnode.routes import PING as ROUTE_PING
+from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
 from swarmnode.store import Store
 from swarmnode.views import member_view, resolve_node
@@ -366,6 +368,9 @@ class Node:
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
+            return
+        if env.type in (ROUTE_PING, ROUTE_PONG):
+            self.router.on_message(inbound)
             return
         if self.actions.handles(env.type):
             self.observe(env.sender, inbound.observed)

@@ -19,13 +19,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from net import ssh, whois
 from net.addresses import dial_order, join_hostport, local_networks, split_hostport
+from net.transport import Inbound
 from swarmnode import cluster
 from swarmnode.control import ControlError
 
@@ -38,9 +42,16 @@ log = logging.getLogger(__name__)
 #: How long one address gets to complete a CURVE handshake. A LAN answers in milliseconds and
 #: Tailscale in tens; two seconds also covers a first DERP-relayed packet.
 PROBE_TIMEOUT_S = 2.0
-#: A member's own inbound connection counts as a route while it has spoken on it this recently
-#: (members gossip several times a second, so silence this long means the connection is gone).
-INBOUND_FRESH_S = 10.0
+#: How long a member gets to answer a ping over the connection it opened to us.
+INBOUND_TIMEOUT_S = 1.0
+#: Message types of that ping (answered only to admitted members).
+PING, PONG = "route_ping", "route_pong"
+#: A route that works is taken once better ones have been silent this much longer (a LAN
+#: or Tailscale address that works answers in milliseconds; silence means a dropped SYN).
+GRACE_S = 0.3
+#: SSH to jump hosts starts only when nothing direct answered within this: a login is not
+#: free, and most members never need one.
+SSH_DELAY_S = 0.3
 #: How long an SSH hop gets to connect and authenticate.
 SSH_TIMEOUT_S = 10.0
 #: How often members that are not reachable directly but have an override or jump chain are
@@ -100,6 +111,7 @@ class Router:
         self.node = node
         self.routes: dict[str, Route] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pings: dict[bytes, tuple[str, asyncio.Future[bool]]] = {}
 
     # -- what the transport dials ---------------------------------------------------------
 
@@ -156,28 +168,41 @@ class Router:
         return Route(view.id, "address", address, [attempt], _reported(view))
 
     async def _resolve(self, view: MemberView) -> Route:
-        attempts: list[Attempt] = []
-        reported = dial_order(_reported(view), local_networks())
-        probes = await asyncio.gather(*(self._probe(view, "reported", a) for a in reported))
-        attempts += probes
-        for attempt in probes:
-            if attempt.result == "ok":
-                return Route(view.id, "reported", attempt.address, attempts, _reported(view))
+        """Race the methods, keep the preference order: the most preferred route that works
+        wins, but a working one is not kept waiting more than GRACE_S for better ones that
+        are still silent (a dropped SYN would otherwise cost the whole probe timeout), and SSH
+        starts only when nothing direct answered within SSH_DELAY_S."""
         cfg = self.node.node_config
+        race = _Race()
+        for address in dial_order(_reported(view), local_networks()):
+            race.start(self._attempt(view, self._probe(view, "reported", address)),
+                       ("reported", address))
         for address in cfg.override_for(view.id, view.name):
-            attempt = await self._probe(view, "override", address)
-            attempts.append(attempt)
-            if attempt.result == "ok":
-                return Route(view.id, "override", address, attempts, _reported(view))
-        inbound = self._inbound(view)
-        if inbound is not None:
-            attempts.append(inbound)
-            if inbound.result == "ok":
-                return Route(view.id, "inbound", inbound.address, attempts, _reported(view))
-        route = await self._ssh(view, attempts)
-        if route is not None:
-            return route
-        raise RouteError(view.name, attempts)
+            race.start(self._attempt(view, self._probe(view, "override", address)),
+                       ("override", address))
+        if self.node.transport.inbound_age(view.id) is not None:
+            race.start(self._inbound(view), ("inbound", "(its own connection)"))
+        hops = self.jump_hops(view)
+        ssh_at = time.monotonic() + SSH_DELAY_S if hops else None
+        while True:
+            if ssh_at is not None and (time.monotonic() >= ssh_at or race.all_failed()):
+                race.start(self._ssh(view, hops), ("ssh", str(hops[-1])), owns_tunnel=True)
+                ssh_at = None
+            winner = race.winner(GRACE_S)
+            if winner is not None:
+                return winner
+            if race.all_failed() and ssh_at is None:
+                raise RouteError(view.name, race.attempts())
+            await race.wait(ssh_at)
+
+    async def _attempt(self, view: MemberView, probe) -> _Outcome:
+        attempt = await probe
+        return _Outcome([attempt], self._route_if_ok(view, attempt))
+
+    def _route_if_ok(self, view: MemberView, attempt: Attempt) -> Route | None:
+        if attempt.result != "ok":
+            return None
+        return Route(view.id, attempt.method, attempt.address, [], _reported(view))
 
     async def _probe(self, view: MemberView, method: str, address: str) -> Attempt:
         start = time.monotonic()
@@ -204,19 +229,46 @@ class Router:
         who = f"{other.name} ({answer.id[:12]})" if other else answer.id[:12]
         return f"wrong identity: expected {view.name} ({view.id[:12]}), {who} answered"
 
-    def _inbound(self, view: MemberView) -> Attempt | None:
-        age = self.node.transport.inbound_age(view.id)
-        if age is None:
-            return None
+    async def _inbound(self, view: MemberView) -> _Outcome:
+        """The connection the member opened to us counts only if it answers a ping on it now:
+        a connection can outlive the path under it, and its last message proves nothing."""
         seen = self.node.observed.get(view.id)
         where = seen.address if seen and seen.address else "(its own connection)"
-        if view.state != "alive":  # its connection may linger after the path died
-            result = f"not used: {view.name} is {view.state}"
-        elif age > INBOUND_FRESH_S:
-            result = f"stale: silent for {age:.0f} s"
-        else:
-            result = "ok"
-        return Attempt("inbound", where, result, 0.0)
+        nonce = os.urandom(16)
+        answered = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = (view.id, answered)
+        start = time.monotonic()
+        try:
+            if not self.node.transport.send_inbound(view.id, PING, msgpack.packb({"n": nonce})):
+                result = "it has no connection to us"
+            else:
+                try:
+                    async with asyncio.timeout(INBOUND_TIMEOUT_S):
+                        await answered
+                    result = "ok"
+                except TimeoutError:
+                    result = f"no answer on it within {INBOUND_TIMEOUT_S:g} s"
+        finally:
+            self._pings.pop(nonce, None)
+        attempt = Attempt("inbound", where, result, time.monotonic() - start)
+        return _Outcome([attempt], self._route_if_ok(view, attempt))
+
+    def on_message(self, inbound: Inbound) -> None:
+        """route_ping from a member: answer on the same connection; route_pong: match it."""
+        env = inbound.envelope
+        try:
+            body = msgpack.unpackb(env.body, raw=False, max_bin_len=64, max_map_len=1)
+            nonce = body["n"]
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+            self.node.drops.drop("malformed_route_ping")
+            return
+        if env.type == PING:
+            if self.node.is_admitted_member(env.sender):
+                inbound.reply(PONG, env.body)
+            return
+        waiting = self._pings.get(nonce) if isinstance(nonce, bytes) else None
+        if waiting is not None and waiting[0] == env.sender and not waiting[1].done():
+            waiting[1].set_result(True)
 
     # -- SSH jump chains ------------------------------------------------------------------
 
@@ -248,10 +300,10 @@ class Router:
                     return dataclasses.replace(hop, fingerprints=frozenset(keys))
         return hop
 
-    async def _ssh(self, view: MemberView, attempts: list[Attempt]) -> Route | None:
-        hops = self.jump_hops(view)
-        if not hops:
-            return None
+    async def _ssh(self, view: MemberView, hops: list[ssh.Hop]) -> _Outcome:
+        """Connect the jump chain, then tunnel to each address the member listens on (as seen
+        from the last hop) until its identity answers through the tunnel."""
+        attempts: list[Attempt] = []
         via = tuple(str(h) for h in hops)
         targets = [*dial_order(_reported(view), ()),
                    *self.node.node_config.override_for(view.id, view.name)]
@@ -260,7 +312,7 @@ class Router:
             chain = await asyncio.to_thread(self.connect_chain, hops)
         except ssh.SshError as exc:
             attempts.append(Attempt("ssh", via[-1], str(exc), time.monotonic() - start, via))
-            return None
+            return _Outcome(attempts, None)
         for target in targets:
             start = time.monotonic()
             host, port = split_hostport(_with_port(target, view), 0)
@@ -272,11 +324,12 @@ class Router:
             result = await self.node.transport.probe(view.id, forwarder.address, PROBE_TIMEOUT_S)
             attempts.append(Attempt("ssh", target, result, time.monotonic() - start, via))
             if result == "ok":
-                return Route(view.id, "ssh", forwarder.address, attempts, _reported(view),
-                             via=via, tunnel=(chain, forwarder))
+                return _Outcome(attempts, Route(view.id, "ssh", forwarder.address, [],
+                                                _reported(view), via=via,
+                                                tunnel=(chain, forwarder)))
             forwarder.close()
         chain.close()
-        return None
+        return _Outcome(attempts, None)
 
     def connect_chain(self, hops: list[ssh.Hop]) -> ssh.Chain:
         ssh_cfg = self.node.node_config.ssh
@@ -302,6 +355,96 @@ class Router:
     def _configured(self, view: MemberView) -> bool:
         cfg = self.node.node_config
         return bool(cfg.override_for(view.id, view.name) or cfg.jumps_for(view.id, view.name))
+
+
+@dataclass
+class _Outcome:
+    """What one method found: its attempts, and the route when one worked."""
+
+    attempts: list[Attempt]
+    route: Route | None
+
+
+class _Race:
+    """Attempts running at once, ranked by the order they were started (the preference)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Future[_Outcome]] = []
+        self.labels: list[tuple[str, str, float]] = []  # method, address, start time
+        self.owns_tunnel: set[int] = set()
+        self.ok_since: dict[int, float] = {}
+
+    def start(self, coro, label: tuple[str, str], owns_tunnel: bool = False) -> None:
+        if owns_tunnel:
+            self.owns_tunnel.add(len(self.tasks))
+        self.labels.append((*label, time.monotonic()))
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    def _ok(self, i: int) -> bool:
+        task = self.tasks[i]
+        return task.done() and not task.cancelled() and task.result().route is not None
+
+    def all_failed(self) -> bool:
+        return all(t.done() for t in self.tasks) and not any(
+            self._ok(i) for i in range(len(self.tasks)))
+
+    def winner(self, grace: float) -> Route | None:
+        now = time.monotonic()
+        for i in range(len(self.tasks)):
+            if self._ok(i):
+                self.ok_since.setdefault(i, now)
+        best = next((i for i in range(len(self.tasks)) if self._ok(i)), None)
+        if best is None:
+            return None
+        better_pending = any(not self.tasks[i].done() for i in range(best))
+        if better_pending and now - self.ok_since[best] < grace:
+            return None
+        route = self.tasks[best].result().route
+        assert route is not None
+        route.attempts = self.attempts(upto=best)
+        self._discard(best)
+        return route
+
+    def attempts(self, upto: int | None = None) -> list[Attempt]:
+        """Attempts of every method up to `upto` (those still running say so)."""
+        found: list[Attempt] = []
+        tasks = self.tasks[: None if upto is None else upto + 1]
+        for task, (method, address, started) in zip(tasks, self.labels, strict=False):
+            if task.done() and not task.cancelled():
+                found += task.result().attempts
+            else:
+                waited = time.monotonic() - started
+                found.append(Attempt(method, address, "no answer yet; a later route won",
+                                     waited))
+        return found
+
+    def _discard(self, keep: int) -> None:
+        """Stop what is still running; tunnels that are not the winner are closed."""
+        for i, task in enumerate(self.tasks):
+            if i == keep:
+                continue
+            if i in self.owns_tunnel:
+                task.add_done_callback(_close_unused)
+            else:
+                task.cancel()
+
+    async def wait(self, until: float | None) -> None:
+        pending = [t for t in self.tasks if not t.done()]
+        timeout = GRACE_S / 3
+        if until is not None:
+            timeout = min(timeout, max(0.0, until - time.monotonic()))
+        if pending:
+            await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(timeout)
+
+
+def _close_unused(task: asyncio.Future[_Outcome]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    route = task.result().route
+    if route is not None and route.tunnel is not None:
+        _close_tunnel(route.tunnel)
 
 
 def published_host_keys(view: MemberView) -> list[str]:
