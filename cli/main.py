@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.bootstrap import bootstrap
 from swarmnode import cluster, control
 from swarmnode import home as homes
 from swarmnode import token as tokens
@@ -338,6 +339,9 @@ def local_action(
     except (Refused, ValueError) as exc:
         fail(str(exc), code=3)
     raise typer.Exit(code)
+
+
+app.command("bootstrap")(bootstrap)
 
 
 def main() -> None:

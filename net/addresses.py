@@ -87,6 +87,14 @@ def local_addresses(adapters: AdapterSource = ifaddr.get_adapters) -> list[str]:
     return [str(ip) for ip in found]
 
 
+def host_of(address: str) -> str:
+    """The host part of "host:port" (the text itself when it does not parse)."""
+    try:
+        return split_hostport(address, 1)[0]
+    except ValueError:
+        return address
+
+
 def local_networks(adapters: AdapterSource = ifaddr.get_adapters) -> list[IPNetwork]:
     """The subnets this host's usable addresses sit in (what "same subnet" means for routes)."""
     nets: list[IPNetwork] = []

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from net import ssh, whois
-from net.addresses import dial_order, join_hostport, local_networks, split_hostport
+from net.addresses import dial_order, host_of, join_hostport, local_networks, split_hostport
 from net.transport import Inbound
 from swarmnode import cluster
 from swarmnode.control import ControlError
+from swarmnode.views import member_view, vouched_host_keys
 
 if TYPE_CHECKING:
     from swarmnode.membership import MemberView
@@ -283,7 +284,7 @@ class Router:
         else:
             hops = []
             config = Path(cfg.ssh.config).expanduser()
-            for host in [view.name, *(_host(a) for a in _reported(view))]:
+            for host in [view.name, *(host_of(a) for a in _reported(view))]:
                 hops = ssh.proxy_jump(host, config)
                 if hops:
                     break
@@ -291,14 +292,9 @@ class Router:
 
     def _pin(self, hop: ssh.Hop) -> ssh.Hop:
         """A hop that is a member gets the member's published host keys as its only keys."""
-        for m in self.node.core.members():
-            if m.record is None or m.state == "banned":
-                continue
-            if m.name == hop.host or any(_host(a) == hop.host for a in m.record.addresses):
-                keys = published_host_keys(m)
-                if keys:
-                    return dataclasses.replace(hop, fingerprints=frozenset(keys))
-        return hop
+        members = [member_view(self.node, m) for m in self.node.core.members()]
+        keys = vouched_host_keys(hop.host, members)
+        return dataclasses.replace(hop, fingerprints=keys) if keys else hop
 
     async def _ssh(self, view: MemberView, hops: list[ssh.Hop]) -> _Outcome:
         """Connect the jump chain, then tunnel to each address the member listens on (as seen
@@ -456,13 +452,6 @@ def published_host_keys(view: MemberView) -> list[str]:
 
 def _reported(view: MemberView) -> tuple[str, ...]:
     return view.record.addresses if view.record else ()
-
-
-def _host(address: str) -> str:
-    try:
-        return split_hostport(address, 1)[0]
-    except ValueError:
-        return address
 
 
 def _with_port(address: str, view: MemberView) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from net.addresses import host_of
 from swarmnode.control import ControlError
 
 if TYPE_CHECKING:
@@ -34,6 +35,19 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "admitted_by": m.admitted_by,
         "self": m.id == node.id,
     }
+
+
+def vouched_host_keys(host: str, members: Iterable[dict[str, Any]]) -> frozenset[str]:
+    """SSH host key fingerprints that admitted members named `host` or reporting it signed
+    into their records (`nodes` entries). Pending and banned nodes are ignored: anyone can
+    claim an address; only members vouch."""
+    keys: set[str] = set()
+    for m in members:
+        if not m.get("admitted_by") or m.get("state") in ("pending", "banned"):
+            continue
+        if host == m.get("name") or host in {host_of(a) for a in m.get("addresses") or ()}:
+            keys.update(m.get("ssh_keys") or ())
+    return frozenset(keys)
 
 
 def resolve_node(members: Iterable[MemberView], text: str) -> MemberView:
