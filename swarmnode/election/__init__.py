@@ -1,0 +1,63 @@
+"""Sans-I/O leader election (Raft's election with pre-vote and check-quorum) for the scheduler."""
+
+from .config import Config
+from .core import (
+    CANDIDATE,
+    FOLLOWER,
+    LEADER,
+    PRE_CANDIDATE,
+    ROLES,
+    Election,
+    Event,
+    Output,
+    Persist,
+    Persisted,
+    Send,
+)
+from .messages import (
+    MESSAGE_TYPES,
+    Heartbeat,
+    HeartbeatReply,
+    Message,
+    MessageError,
+    PreVote,
+    PreVoteReply,
+    RequestVote,
+    VoteReply,
+    decode,
+    encode,
+    pack,
+    unpack,
+)
+from .voters import DEFAULT_MAX_VOTERS, choose_voters, step_voters
+
+__all__ = [
+    "CANDIDATE",
+    "DEFAULT_MAX_VOTERS",
+    "FOLLOWER",
+    "LEADER",
+    "MESSAGE_TYPES",
+    "PRE_CANDIDATE",
+    "ROLES",
+    "Config",
+    "Election",
+    "Event",
+    "Heartbeat",
+    "HeartbeatReply",
+    "Message",
+    "MessageError",
+    "Output",
+    "Persist",
+    "Persisted",
+    "PreVote",
+    "PreVoteReply",
+    "RequestVote",
+    "Send",
+    "VoteReply",
+    "choose_voters",
+    "decode",
+    "encode",
+    "pack",
+    "step_voters",
+    "unpack",
+]

@@ -1,0 +1,530 @@
+"""The election state machine's rules, one message at a time, and its codec."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmnode.election import (
+    CANDIDATE,
+    FOLLOWER,
+    LEADER,
+    MESSAGE_TYPES,
+    PRE_CANDIDATE,
+    Config,
+    Election,
+    Event,
+    Heartbeat,
+    HeartbeatReply,
+    MessageError,
+    Output,
+    Persist,
+    Persisted,
+    PreVote,
+    PreVoteReply,
+    RequestVote,
+    Send,
+    VoteReply,
+    choose_voters,
+    decode,
+    encode,
+    pack,
+    step_voters,
+    unpack,
+)
+
+CFG = Config()
+ABC = frozenset({"a", "b", "c"})
+LATER = 10.0
+"""A time well past every node's start-up stickiness."""
+
+
+def make(
+    node_id: str = "a",
+    voters: frozenset[str] = ABC,
+    persisted: Persisted | None = None,
+    observers: frozenset[str] = frozenset(),
+    cfg: Config = CFG,
+) -> Election:
+    el = Election(node_id, voters, cfg, random.Random(1), 0.0, persisted, observers=observers)
+    assert el.drain() == []
+    return el
+
+
+def sends(out: list[Output]) -> list[Send]:
+    return [o for o in out if isinstance(o, Send)]
+
+
+def persists(out: list[Output]) -> list[Persist]:
+    return [o for o in out if isinstance(o, Persist)]
+
+
+def events(out: list[Output], kind: str) -> list[Event]:
+    return [o for o in out if isinstance(o, Event) and o.kind == kind]
+
+
+def fire_timer(el: Election) -> float:
+    """Tick exactly at the election deadline (after start-up stickiness); returns that time."""
+    now = max(el.next_deadline(), LATER)
+    el.tick(now)
+    return now
+
+
+def elect(el: Election, now: float | None = None) -> float:
+    """Drive `el` (a voter of ABC) to leadership with b's pre-vote and vote; returns the time."""
+    now = fire_timer(el) if now is None else now
+    assert el.role == PRE_CANDIDATE
+    el.handle(now, "b", PreVoteReply(el.term + 1, True, el.term))
+    assert el.role == CANDIDATE
+    el.handle(now, "b", VoteReply(el.term, True))
+    assert el.role == LEADER
+    el.drain()
+    return now
+
+
+# ---------------------------------------------------------------------------------------------
+# Votes
+
+
+def test_one_vote_per_term_and_persisted_before_the_reply() -> None:
+    el = make()
+    el.handle(LATER, "b", RequestVote(1, "b"))
+    out = el.drain()
+    assert out.index(Persist(1, "b")) < out.index(Send("b", VoteReply(1, True)))
+    assert el.voted_for == "b" and el.term == 1
+    el.handle(LATER, "c", RequestVote(1, "c"))
+    assert el.drain() == [Send("c", VoteReply(1, False))]
+    # a retransmitted request from the same candidate is granted again, with nothing to persist
+    el.handle(LATER, "b", RequestVote(1, "b"))
+    assert el.drain() == [Send("b", VoteReply(1, True))]
+
+
+def test_every_persist_precedes_every_send_that_follows_it() -> None:
+    """Whatever path a handler takes, a Persist is emitted before the first Send after the
+    state change it records (here: term adoption and a vote in one message)."""
+    el = make()
+    el.handle(LATER, "b", RequestVote(5, "b"))
+    out = el.drain()
+    assert persists(out) == [Persist(5, "b")]  # one write for both changes
+    assert isinstance(out[-1], Send) and out.index(Persist(5, "b")) < len(out) - 1
+
+
+def test_candidate_persists_its_own_vote_before_asking() -> None:
+    el = make(cfg=Config(pre_vote=False))
+    fire_timer(el)
+    out = el.drain()
+    assert el.role == CANDIDATE and el.term == 1
+    first_send = next(i for i, o in enumerate(out) if isinstance(o, Send))
+    assert out.index(Persist(1, "a")) < first_send
+    assert {s.to for s in sends(out)} == {"b", "c"}
+    assert all(s.msg == RequestVote(1, "a") for s in sends(out))
+
+
+def test_restart_keeps_the_vote_of_the_persisted_term() -> None:
+    el = make(persisted=Persisted(3, "b"))
+    el.handle(LATER, "c", RequestVote(3, "c"))
+    assert el.drain() == [Send("c", VoteReply(3, False))]
+    el.handle(LATER, "c", RequestVote(4, "c"))
+    assert el.drain()[-2:] == [Persist(4, "c"), Send("c", VoteReply(4, True))]
+
+
+def test_lower_terms_are_refused_with_our_term() -> None:
+    el = make(persisted=Persisted(7, None))
+    el.handle(LATER, "b", RequestVote(6, "b"))
+    assert el.drain() == [Send("b", VoteReply(7, False))]
+    el.handle(LATER, "b", Heartbeat(6, "b", 1))
+    assert el.drain() == [Send("b", HeartbeatReply(7, 1))]
+    assert el.leader is None and el.term == 7
+
+
+def test_higher_term_reply_makes_the_leader_step_down() -> None:
+    el = make()
+    now = elect(el)
+    term = el.term
+    el.handle(now + 0.01, "c", HeartbeatReply(term + 2, 1))
+    out = el.drain()
+    assert el.role == FOLLOWER and el.term == term + 2 and el.leader is None
+    assert persists(out) == [Persist(term + 2, None)]
+    assert events(out, "stepped_down")[0].data == {"term": term + 2, "reason": "higher_term"}
+    assert not el.leader_lease_valid(now + 0.01)
+
+
+def test_higher_term_heartbeat_turns_a_candidate_into_a_follower() -> None:
+    el = make(cfg=Config(pre_vote=False))
+    now = fire_timer(el)
+    el.drain()
+    el.handle(now, "c", Heartbeat(2, "c", 9))
+    out = el.drain()
+    assert el.role == FOLLOWER and el.leader == "c" and el.term == 2
+    assert out[-1] == Send("c", HeartbeatReply(2, 9))
+    assert out.index(Persist(2, None)) < len(out) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Stickiness and pre-vote
+
+
+def test_a_fresh_node_votes_for_nobody_during_the_first_minimum_timeout() -> None:
+    """A leader may hold a lease on this node's acknowledgement from before a restart."""
+    el = make()
+    early = CFG.election_timeout_min * 0.9
+    el.handle(early, "b", PreVote(1, "b"))
+    el.handle(early, "b", RequestVote(1, "b"))
+    assert el.drain() == [
+        Send("b", PreVoteReply(1, False, 0)),
+        Send("b", VoteReply(0, False)),
+    ]
+    assert el.term == 0
+    el.handle(CFG.election_timeout_min, "b", RequestVote(1, "b"))
+    assert el.drain()[-1] == Send("b", VoteReply(1, True))
+
+
+def test_a_follower_of_a_live_leader_refuses_pre_votes_and_votes_and_keeps_its_term() -> None:
+    el = make()
+    el.handle(LATER, "b", Heartbeat(2, "b", 1))
+    el.drain()
+    soon = LATER + CFG.election_timeout_min / 2
+    el.handle(soon, "c", PreVote(3, "c"))
+    el.handle(soon, "c", RequestVote(3, "c"))
+    assert el.drain() == [Send("c", PreVoteReply(3, False, 2)), Send("c", VoteReply(2, False))]
+    assert el.term == 2 and el.leader == "b" and el.voted_for is None
+    # once the leader has been silent for the minimum timeout the same request wins the vote
+    late = LATER + CFG.election_timeout_min
+    el.handle(late, "c", RequestVote(3, "c"))
+    assert el.drain()[-1] == Send("c", VoteReply(3, True))
+
+
+def test_pre_vote_changes_no_term_anywhere() -> None:
+    asker, voter = make("a"), make("b")
+    now = fire_timer(asker)
+    out = asker.drain()
+    assert asker.role == PRE_CANDIDATE and asker.term == 0 and persists(out) == []
+    assert sends(out) == [Send("b", PreVote(1, "a")), Send("c", PreVote(1, "a"))]
+    voter.handle(now, "a", PreVote(1, "a"))
+    assert voter.drain() == [Send("a", PreVoteReply(1, True, 0))]
+    assert voter.term == 0 and voter.voted_for is None
+
+
+def test_pre_vote_majority_starts_the_election_and_votes_make_a_leader() -> None:
+    el = make(observers=frozenset({"o"}))
+    now = fire_timer(el)
+    el.drain()
+    el.handle(now, "b", PreVoteReply(1, False, 0))
+    assert el.role == PRE_CANDIDATE
+    el.handle(now, "c", PreVoteReply(1, True, 0))
+    assert el.role == CANDIDATE and el.term == 1
+    out = el.drain()
+    assert [s.msg for s in sends(out)] == [RequestVote(1, "a")] * 2
+    el.handle(now, "c", VoteReply(1, True))
+    out = el.drain()
+    assert el.role == LEADER and el.leader == "a"
+    assert events(out, "leader_elected")[0].data == {"term": 1}
+    assert {s.to for s in sends(out)} == {"b", "c", "o"}  # observers are heartbeated too
+    assert all(s.msg == Heartbeat(1, "a", 1) for s in sends(out))
+
+
+def test_stale_pre_vote_grants_do_not_count() -> None:
+    el = make()
+    now = fire_timer(el)
+    el.handle(now, "b", PreVoteReply(5, True, 0))  # answers some other round
+    el.handle(now, "a", PreVoteReply(1, True, 0))  # from ourselves: dropped
+    assert el.role == PRE_CANDIDATE and el.counters["drop_from_self"] == 1
+
+
+def test_a_higher_term_in_a_pre_vote_refusal_catches_the_laggard_up() -> None:
+    el = make()
+    now = fire_timer(el)
+    el.handle(now, "b", PreVoteReply(1, False, 6))
+    assert el.role == FOLLOWER and el.term == 6
+    assert persists(el.drain()) == [Persist(6, None)]
+
+
+def test_candidates_and_voters_outside_the_voter_set_get_nothing() -> None:
+    el = make()
+    el.handle(LATER, "x", PreVote(1, "x"))
+    el.handle(LATER, "x", RequestVote(1, "x"))
+    assert sends(el.drain()) == [
+        Send("x", PreVoteReply(1, False, 0)),
+        Send("x", VoteReply(1, False)),
+    ]
+    now = fire_timer(el)
+    el.handle(now, "x", PreVoteReply(el.term + 1, True, el.term))
+    assert el.role == PRE_CANDIDATE  # x's grant does not count
+
+
+def test_spoofed_ids_are_dropped() -> None:
+    el = make()
+    el.handle(LATER, "b", RequestVote(1, "c"))
+    el.handle(LATER, "b", PreVote(1, "c"))
+    el.handle(LATER, "b", Heartbeat(1, "c", 1))
+    assert el.drain() == [] and el.term == 0
+    assert el.counters["drop_spoofed_candidate"] == 2 and el.counters["drop_spoofed_leader"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-voters, small clusters, voter changes
+
+
+def test_non_voters_never_campaign_but_follow_and_report_the_leader() -> None:
+    el = make("o", voters=ABC)
+    now = 0.0
+    for _ in range(500):
+        now = el.next_deadline()
+        el.tick(now)
+    out = el.drain()
+    assert not [s for s in sends(out) if isinstance(s.msg, PreVote | RequestVote)]
+    assert el.term == 0 and el.role == FOLLOWER and el.counters["pre_votes_started"] == 0
+    el.handle(now, "a", RequestVote(1, "a"))
+    assert sends(el.drain())[-1] == Send("a", VoteReply(1, False))
+    el.handle(now, "b", Heartbeat(1, "b", 4))
+    assert el.leader == "b" and el.drain()[-1] == Send("b", HeartbeatReply(1, 4))
+    el.tick(el.next_deadline())  # the leader goes silent
+    assert el.leader is None and events(el.drain(), "leader_changed")[0].data["leader"] is None
+
+
+def test_a_lone_voter_elects_itself_once_start_up_stickiness_ends() -> None:
+    el = make(voters=frozenset({"a"}), observers=frozenset({"o"}))
+    assert el.next_deadline() == CFG.election_timeout_min
+    el.tick(CFG.election_timeout_min)
+    out = el.drain()
+    assert el.role == LEADER and el.term == 1 and Persist(1, "a") in out
+    assert el.leader_lease_valid(1e9)  # nobody else can ever lead
+    assert sends(out) == [Send("o", Heartbeat(1, "a", 1))]
+    el.tick(el.next_deadline())
+    assert el.role == LEADER  # no check-quorum step-down without peers
+
+
+def test_two_voters_need_each_other() -> None:
+    el = make(voters=frozenset({"a", "b"}))
+    now = fire_timer(el)
+    assert el.role == PRE_CANDIDATE  # its own grant is not a majority of two
+    for _ in range(20):
+        now = el.next_deadline()
+        el.tick(now)
+    assert el.role == PRE_CANDIDATE and el.term == 0
+    el.handle(now, "b", PreVoteReply(1, True, 0))
+    el.handle(now, "b", VoteReply(1, True))
+    assert el.role == LEADER and el.quorum == 2
+
+
+def test_a_leader_removed_from_the_voters_steps_down() -> None:
+    el = make()
+    now = elect(el)
+    el.set_voters(now, {"b", "c", "d"})
+    out = el.drain()
+    assert el.role == FOLLOWER and el.leader is None
+    assert events(out, "stepped_down")[0].data["reason"] == "not_a_voter"
+    for _ in range(50):
+        el.tick(el.next_deadline())
+    assert el.role == FOLLOWER and el.counters["pre_votes_started"] == 1
+
+
+def test_a_follower_left_as_the_only_voter_takes_over() -> None:
+    el = make()
+    el.handle(LATER, "b", Heartbeat(3, "b", 1))
+    el.set_voters(LATER, {"a"})
+    # still sticky to b for one minimum timeout, then it elects itself
+    assert el.next_deadline() == LATER + CFG.election_timeout_min
+    el.tick(el.next_deadline())
+    assert el.role == LEADER and el.term == 4
+
+
+def test_shrinking_voters_can_complete_a_pending_pre_vote() -> None:
+    el = make(voters=frozenset({"a", "b", "c", "d"}))
+    now = fire_timer(el)
+    el.handle(now, "b", PreVoteReply(1, True, 0))
+    assert el.role == PRE_CANDIDATE  # 2 of 4
+    el.set_voters(now, {"a", "b", "c"})
+    assert el.role == CANDIDATE and el.term == 1  # 2 of 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Check-quorum and the lease
+
+
+def test_check_quorum_steps_down_a_leader_nobody_answers() -> None:
+    el = make()
+    start = elect(el)
+    now = start
+    while el.role == LEADER:
+        now = el.next_deadline()
+        el.tick(now)
+    assert events(el.drain(), "stepped_down")[0].data["reason"] == "check_quorum"
+    assert now == pytest.approx(start + CFG.check_quorum_timeout)
+
+
+def test_repeating_the_voter_set_does_not_postpone_check_quorum() -> None:
+    """The shell may call set_voters on every membership change; only a real change (new
+    voters to hear from) restarts the check-quorum period."""
+    el = make()
+    start = elect(el)
+    now = start
+    while el.role == LEADER:
+        now = el.next_deadline()
+        el.set_voters(now, ABC)
+        el.tick(now)
+    assert now == pytest.approx(start + CFG.check_quorum_timeout)
+
+
+def heartbeat_seqs(out: list[Output]) -> set[int]:
+    return {s.msg.seq for s in sends(out) if isinstance(s.msg, Heartbeat)}
+
+
+def test_answered_heartbeats_keep_the_leader_and_give_it_a_lease() -> None:
+    el = make()
+    now = fire_timer(el)
+    el.handle(now, "b", PreVoteReply(1, True, 0))
+    el.handle(now, "b", VoteReply(1, True))
+    assert el.role == LEADER
+    assert not el.leader_lease_valid(now)  # votes are no lease: only heartbeat acks are
+    for _ in range(100):  # 10 s of heartbeats; b answers each round 5 ms later
+        (seq,) = heartbeat_seqs(el.drain())
+        el.handle(now + 0.005, "b", HeartbeatReply(1, seq))
+        assert el.leader_lease_valid(now + 0.005)
+        assert el.lease_expiry() == pytest.approx(now + CFG.lease_duration)
+        now = el.next_deadline()
+        el.tick(now)
+    assert el.role == LEADER
+    # acks from a non-voter, or for rounds never sent, extend nothing
+    (seq,) = heartbeat_seqs(el.drain())
+    el.handle(now, "o", HeartbeatReply(1, seq))
+    el.handle(now, "c", HeartbeatReply(1, seq + 1000))
+    assert el.lease_expiry() < now + CFG.lease_duration
+
+
+def test_the_lease_counts_from_the_send_time_of_the_acknowledged_round() -> None:
+    el = make()
+    now = elect(el)
+    el.handle(now + 0.3, "c", HeartbeatReply(el.term, 1))  # a slow ack of round 1
+    assert el.lease_expiry() == pytest.approx(now + CFG.lease_duration)
+    assert not el.leader_lease_valid(now + CFG.lease_duration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Codec
+
+
+ALL_MESSAGES = [
+    PreVote(1, "a"),
+    PreVoteReply(2, True, 1),
+    RequestVote(3, "node-with-a-long-id" * 3),
+    VoteReply(4, False),
+    Heartbeat(5, "a", 99),
+    HeartbeatReply(2**63 - 1, 0),
+]
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES)
+def test_messages_round_trip(msg: object) -> None:
+    plain = encode(msg)  # type: ignore[arg-type]
+    assert msgpack.unpackb(msgpack.packb(plain)) == plain
+    assert decode(plain) == msg
+    type_str, body = pack(msg)  # type: ignore[arg-type]
+    assert type_str in MESSAGE_TYPES and unpack(type_str, body) == msg
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        None,
+        [],
+        {"k": "vote"},
+        {"k": "vote_reply", "term": 1},
+        {"k": "vote_reply", "term": 1, "granted": True, "extra": 0},
+        {"k": "vote_reply", "term": True, "granted": True},
+        {"k": "vote_reply", "term": -1, "granted": True},
+        {"k": "vote_reply", "term": 2**63, "granted": True},
+        {"k": "vote_reply", "term": 1.0, "granted": True},
+        {"k": "vote_reply", "term": 1, "granted": 1},
+        {"k": "request_vote", "term": 1, "candidate": ""},
+        {"k": "request_vote", "term": 1, "candidate": "x" * 65},
+        {"k": "request_vote", "term": 1, "candidate": b"a"},
+        {"k": 3, "term": 1, "granted": True},
+    ],
+)
+def test_malformed_messages_are_rejected(plain: object) -> None:
+    with pytest.raises(MessageError):
+        decode(plain)
+
+
+def test_unpack_rejects_mismatched_types_and_garbage() -> None:
+    _, body = pack(VoteReply(1, True))
+    for type_str, raw in [
+        ("election.heartbeat", body),
+        ("ping", body),
+        ("election.vote_reply", b"\xc1"),
+        ("election.vote_reply", body + b"\x00"),
+        ("election.vote_reply", b"\x80" * 2000),
+    ]:
+        with pytest.raises(MessageError):
+            unpack(type_str, raw)
+    with pytest.raises(TypeError):
+        encode("not a message")  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(MESSAGE_TYPES)), st.binary(max_size=64))
+def test_unpack_raises_only_message_error(type_str: str, raw: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        unpack(type_str, raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["k", "term", "granted", "seq", "leader", "candidate", "next_term"]),
+        st.one_of(st.integers(), st.booleans(), st.text(max_size=70), st.none()),
+    )
+)
+def test_decode_raises_only_message_error(plain: dict[str, object]) -> None:
+    with contextlib.suppress(MessageError):
+        decode(plain)
+
+
+def test_handle_ignores_objects_that_are_not_messages() -> None:
+    el = make()
+    el.handle(LATER, "b", "junk")  # type: ignore[arg-type]
+    assert el.drain() == [] and el.counters["drop_unknown_message"] == 1
+
+
+def test_persisted_round_trip_and_validation() -> None:
+    for p in (Persisted(), Persisted(9, "b")):
+        assert Persisted.from_plain(p.to_plain()) == p
+    for bad in ({"term": -1, "voted_for": None}, {"term": 1}, {"term": 1, "voted_for": 3}, []):
+        with pytest.raises(MessageError):
+            Persisted.from_plain(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Voter selection
+
+
+def test_choose_voters_takes_the_longest_admitted_ties_by_id() -> None:
+    members = [("f", 6.0), ("b", 2.0), ("e", 5.0), ("a", 2.0), ("d", 4.0), ("c", 3.0), ("g", 1.0)]
+    assert choose_voters(members) == {"g", "a", "b", "c", "d"}
+    assert choose_voters(members, max_voters=2) == {"g", "a"}
+    assert choose_voters([("x", 5.0), ("y", 1.0), ("x", 0.5)], max_voters=1) == {"x"}
+    assert choose_voters([]) == frozenset()
+    with pytest.raises(ValueError):
+        choose_voters(members, max_voters=0)
+
+
+def test_step_voters_moves_one_member_at_a_time() -> None:
+    cur, target = frozenset({"a", "b", "c"}), frozenset({"a", "d", "e"})
+    path = [cur]
+    while path[-1] != target:
+        path.append(step_voters(path[-1], target))
+    assert path == [
+        cur,
+        frozenset({"a", "c"}),
+        frozenset({"a"}),
+        frozenset({"a", "d"}),
+        target,
+    ]
+    assert all(len(x ^ y) == 1 for x, y in itertools.pairwise(path))
