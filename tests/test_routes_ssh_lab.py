@@ -128,3 +128,13 @@ host_keys = ["{sshd["target"].host_key.path}.pub"]
     assert (target.home / "restarted").read_text() == "restart\n"
     [event] = [e for e in swarm.events(orch, "action") if e["verb"] == "restart"]
     assert event["outcome"] == "exit 0" and event["route"].startswith("ssh-exec"), event
+
+    # the target's sshd now answers with another key than the one the target signed into its
+    # record (a reinstalled box, or an impostor at its address): refused, nothing runs
+    lab.kill9(sshd["target"].proc)
+    other = start_sshd(lab, "target", TARGET, [client], tmp_path / "sshd-impostor")
+    assert other.fingerprint != published[0]
+    res = swarm.cli(orch, "restart", "target", check=False)
+    assert res.returncode == 1, res
+    assert other.fingerprint in res.stderr and published[0] in res.stderr, res.stderr
+    assert (target.home / "restarted").read_text() == "restart\n"  # still the one run
