@@ -147,7 +147,8 @@ host_keys = []
 
 def ms(xs: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(xs) * 1000, 1),
-            "min": round(min(xs) * 1000, 1), "max": round(max(xs) * 1000, 1), "n": len(xs)}
+            "min": round(min(xs) * 1000, 1), "max": round(max(xs) * 1000, 1), "n": len(xs),
+            "each": [round(x * 1000, 1) for x in xs]}
 
 
 def main() -> int:

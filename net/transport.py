@@ -296,29 +296,20 @@ class Transport:
             return None
         return time.monotonic() - self._inbound_seen.get(peer_id, 0.0)
 
-    def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
-        """Send only over the connection `peer_id` opened to us (to test that path alone)."""
-        route = self._inbound_routes.get(peer_id)
-        if route is None or self._router is None:
-            return False
-        frame = self.sealer.seal(msg_type, body)
-        if not self._try_send(self._router, [route, frame]):
-            return False
-        self._count(msg_type, frame)
-        return True
-
-    def send(self, peer_id: str, msg_type: str, body: bytes) -> bool:
+    def send(self, peer_id: str, msg_type: str, body: bytes, via: str | None = None) -> bool:
         """Send without blocking; False (and counted) when no connection exists or is coming.
 
-        Tries the DEALER to the peer's reported addresses, then the connection the peer opened
-        to us (NAT), then holds the message briefly if the DEALER is still handshaking.
+        Tries the DEALER to the peer's addresses, then the connection the peer opened to us
+        (NAT), then holds the message briefly if the DEALER is still handshaking. `via`
+        ("dealer" or "inbound") pins one path: a route proven on that path is used even while
+        the other still looks connected (a TCP connection can outlive the path under it).
         """
         frame = self.sealer.seal(msg_type, body)
-        dealer = self._dealers.get(peer_id)
+        dealer = self._dealers.get(peer_id) if via != "inbound" else None
         if dealer is not None and self._try_send(dealer.sock, [frame]):
             self._count(msg_type, frame)
             return True
-        route = self._inbound_routes.get(peer_id)
+        route = self._inbound_routes.get(peer_id) if via != "dealer" else None
         if route is not None and self._router is not None:
             if self._try_send(self._router, [route, frame]):
                 self._count(msg_type, frame)

@@ -79,6 +79,7 @@ class _Pending:
 
     target: str
     queue: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=asyncio.Queue)
+    via: str | None = None  # the transport path of the route the request went over
 
 
 @dataclass
@@ -297,7 +298,8 @@ class Actions:
         """Send the request and wait for the target to accept (or refuse) it."""
         body = pack(rid=rid, target=view.id, verb=verb, argv=argv, force=force)
         self.node.route_to(view.id)
-        if not self.node.transport.send(view.id, REQ, body):
+        pending.via = route.via_transport
+        if not self.node.transport.send(view.id, REQ, body, via=pending.via):
             return False
         try:
             async with asyncio.timeout(ACCEPT_TIMEOUT_S):
@@ -326,7 +328,8 @@ class Actions:
                 data = msg.get("data")
                 if isinstance(data, bytes) and msg.get("fd") in (1, 2):
                     yield {"fd": msg["fd"], "data": base64.b64encode(data).decode()}
-                self.node.transport.send(view.id, ACK, pack(rid=rid, seq=msg.get("seq", 0)))
+                self.node.transport.send(view.id, ACK, pack(rid=rid, seq=msg.get("seq", 0)),
+                                         via=pending.via)
             elif kind == END:
                 if msg.get("error"):
                     cls = ActionRefused if str(msg["error"]).startswith("refused") \

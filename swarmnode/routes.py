@@ -89,6 +89,12 @@ class Route:
                 "via": list(self.via), "chosen_at": self.chosen_at,
                 "attempts": [a.plain() for a in self.attempts]}
 
+    @property
+    def via_transport(self) -> str:
+        """Which of the transport's paths this route is: the member's own connection to us,
+        or our DEALER (reported, override, tunnel, given address)."""
+        return "inbound" if self.method == "inbound" else "dealer"
+
     def describe(self) -> str:
         hops = " -> ".join(self.via)
         return f"{self.method} {self.address}" + (f" via {hops}" if hops else "")
@@ -240,7 +246,8 @@ class Router:
         self._pings[nonce] = (view.id, answered)
         start = time.monotonic()
         try:
-            if not self.node.transport.send_inbound(view.id, PING, msgpack.packb({"n": nonce})):
+            if not self.node.transport.send(view.id, PING, msgpack.packb({"n": nonce}),
+                                            via="inbound"):
                 result = "it has no connection to us"
             else:
                 try:
