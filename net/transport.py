@@ -55,8 +55,8 @@ HANDSHAKE_IVL_MS = 3_000
 #: Without them the DEALER keeps "sending" into a dead TCP connection for the kernel's
 #: retransmission timeout (many minutes), and a member reachable another way (its own
 #: inbound connection, a tunnel) is never tried. A ping costs a few bytes a second.
-HEARTBEAT_IVL_MS = 1_000
-HEARTBEAT_TIMEOUT_MS = 4_000
+HEARTBEAT_IVL_MS = 2_000
+HEARTBEAT_TIMEOUT_MS = 6_000
 #: Messages to a peer whose connection is still being set up are held this long, at most
 #: HOLD_MAX of them, and sent when its handshake completes. Without this the first message
 #: to any new peer (a join, a rejoin after restart) would always be dropped.
