@@ -405,6 +405,30 @@ def test_snapshot_restore_rejoins_with_higher_incarnation() -> None:
         Membership.restore(snap, a.record, net.idents[a.id], CFG, random.Random(1), 0.0)
 
 
+def test_founder_restored_from_a_snapshot_older_than_its_members_accepts_them() -> None:
+    """The founder crashed before its snapshot listed the members it had admitted since; on
+    restart it knows nobody, and they believe it dead. Their push-pull carries the admission
+    the founder itself signed, which is proof enough."""
+    net = Net()
+    a = net.add(0, founder=True)
+    early = a.snapshot()  # before anyone joined
+    b = net.add(1)
+    c = net.add(2)
+    net.join(a, b)
+    net.join(a, c)
+    net.run(0.5)
+    del net.nodes[a.id]
+    net.run(60 * CFG.probe_interval)
+    assert b.state_of(a.id) == "dead" and c.state_of(a.id) == "dead"
+    a2 = Membership.restore(early, a.record, net.idents[a.id], CFG, random.Random(3), net.now)
+    assert [v.id for v in a2.members()] == [a.id]
+    net.nodes[a.id] = a2
+    net.run(3 * CFG.reconnect_interval)
+    for m in (a2, b, c):
+        assert {v.id: v.state for v in m.members()} == {
+            a.id: "alive", b.id: "alive", c.id: "alive"}, m.record.name
+
+
 def test_probe_order_visits_every_member_once_per_pass() -> None:
     rng = random.Random(3)
     ids = [fake_id(rng) for _ in range(12)]

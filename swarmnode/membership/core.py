@@ -128,6 +128,7 @@ class MemberView:
     admitted_by: str | None
     how: str
     name: str
+    admitted_at: float | None = None  # the earliest admission statement's time (signed)
 
 
 class _Probe:
@@ -270,11 +271,14 @@ class Membership:
 
     def _credentials(self, src: str, msg: Message, e: Entry | None) -> bool:
         """A newcomer whose admission has not reached us yet carries it: its own broadcast queue
-        holds the Admit about itself, signed by a member we can check. Apply just that."""
+        holds the Admit about itself, signed by a member we can check. Apply just that. A
+        push-pull carries it too, which is how a member that restarted from an old snapshot
+        (or none) accepts the members admitted since: their state sync proves them."""
         if e is not None and e.state == BANNED:
             return False
         t = type(msg)
-        items = msg.items if t is Gossip else msg.piggyback if t is Ping or t is Ack else ()
+        items = (msg.items if t is Gossip else msg.piggyback if t is Ping or t is Ack
+                 else msg.cluster if t is PushPull else ())  # type: ignore[union-attr]
         for item in items:  # type: ignore[union-attr]
             if type(item) is Admit and item.id == src:
                 self._apply_admit(item)  # type: ignore[arg-type]
@@ -1303,6 +1307,7 @@ class Membership:
             admitted_by=a.by if a is not None else None,
             how=a.how if a is not None else e.how,
             name=e.name,
+            admitted_at=float(a.ts) if a is not None else None,
         )
 
 
