@@ -163,7 +163,7 @@ def nodes(as_json: JsonOpt = False) -> None:
         observed = (m["observed"] or "-") + (" [bold](nat)[/bold]" if m["nat"] else "")
         table.add_row(
             m["id"][:12] + ("*" if m.get("self") else ""),
-            m["name"],
+            m["name"] + (" [bold cyan](leader)[/]" if m.get("leader") else ""),
             f"[{style.get(m['state'], 'green')}]{m['state']}[/]",
             "\n".join(m["addresses"]),
             observed,
@@ -182,7 +182,8 @@ def status(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(info)
         return
-    for key in ("id", "name", "cluster", "nodes_alive", "cores_online", "pending"):
+    for key in ("id", "name", "cluster", "nodes_alive", "cores_online", "pending", "leader",
+                "term"):
         out.print(f"[bold]{key:>13}[/bold]  {info[key]}", highlight=False)
 
 
@@ -212,6 +213,21 @@ def events(
         subject = show(ev.pop("id")) if "id" in ev else ""
         rest = " ".join(f"{k}={show(v)}" for k, v in ev.items())
         out.print(f"{when} [bold]{kind:<15}[/bold] {subject} {rest}", highlight=False)
+
+
+@app.command()
+def voters(as_json: JsonOpt = False) -> None:
+    """The members that vote in leader elections (the longest-admitted alive, at most 5)."""
+    info = ask("status")
+    names = {m["id"]: m["name"] for m in ask("nodes")}
+    chosen = [{"id": v, "name": names.get(v, "?"), "leader": v == info["leader"]}
+              for v in info["voters"]]
+    if as_json:
+        emit_json({"term": info["term"], "leader": info["leader"], "voters": chosen})
+        return
+    for v in chosen:
+        mark = "  (leader)" if v["leader"] else ""
+        out.print(f"{v['id'][:12]}  {v['name']}{mark}", highlight=False)
 
 
 def _node_command(cmd: str, node: str, **extra: Any) -> None:

@@ -36,6 +36,7 @@ from swarmnode.admission import Admission
 from swarmnode.discovery import Discovery
 from swarmnode.facts import detect_facts
 from swarmnode.identity import Identity, curve_public_key, load_or_create
+from swarmnode.leadership import Leadership
 from swarmnode.membership import (
     Config,
     Event,
@@ -117,6 +118,7 @@ class Node:
         self.discovery = Discovery(self)
         self.router = Router(self)
         self.actions = Actions(self)
+        self.leadership = Leadership(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -235,7 +237,8 @@ class Node:
                  self.listen, ", ".join(self.addresses))
         tasks = [asyncio.ensure_future(self._timer_loop()),
                  asyncio.ensure_future(self._address_watch()),
-                 asyncio.ensure_future(self.router.maintain())]
+                 asyncio.ensure_future(self.router.maintain()),
+                 asyncio.ensure_future(self.leadership.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -317,8 +320,11 @@ class Node:
         self._wake.set()
 
     def send(self, to: str, msg: object) -> bool:
-        self.route_to(to)
         msg_type, body = encode(msg)
+        return self.send_raw(to, msg_type, body)
+
+    def send_raw(self, to: str, msg_type: str, body: bytes) -> bool:
+        self.route_to(to)
         return self.transport.send(to, msg_type, body)
 
     def route_to(self, peer: str) -> None:
@@ -368,6 +374,9 @@ class Node:
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
+            return
+        if self.leadership.handles(env.type):
+            self.leadership.on_message(inbound)
             return
         if env.type in (ROUTE_PING, ROUTE_PONG):
             self.router.on_message(inbound)
@@ -475,6 +484,7 @@ class Node:
             "nodes_alive": len(alive),
             "cores_online": sum(_cores(m) for m in alive),
             "pending": sum(1 for m in self.core.members() if m.state == "pending"),
+            **self.leadership.status(),
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
             "drops": self.drop_counts(),

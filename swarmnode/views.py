@@ -33,6 +33,8 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "version": facts.get("version"),
         "ssh_keys": str(facts.get("ssh_keys", "")).split(),
         "admitted_by": m.admitted_by,
+        "leader": m.id == node.leadership.leader,
+        "voter": m.id in node.leadership.core.voters,
         "self": m.id == node.id,
     }
 

@@ -1,0 +1,88 @@
+"""Leader election between real swarmnode processes on loopback.
+
+What must hold: the members agree on one leader and term; `nodes` marks it; kill -9 of the
+leader gives a new leader in a higher term on the survivors within seconds; the old leader
+coming back does not depose the new one (pre-vote); a lone node and the survivor of a
+two-node cluster lead themselves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.swarm import Node, Swarm, free_port, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+
+pytestmark = pytest.mark.timeout(90)
+
+JOIN_S = 15.0
+ELECT_S = 15.0
+
+
+def addr(i: int) -> str:
+    host = f"127.0.0.{i}"
+    return f"{host}:{free_port(host)}"
+
+
+def cluster(swarm: Swarm, n: int) -> list[Node]:
+    first, token = swarm.init("n1", addr(1))
+    swarm.start(first)
+    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in range(2, n + 1)]
+    swarm.wait_converged(nodes, JOIN_S)
+    return nodes
+
+
+def agreed(swarm: Swarm, nodes: list[Node]) -> tuple[str, int] | None:
+    """(leader id, term) when every node reports the same known leader, else None."""
+    seen = {(s["leader"], s["term"]) for s in (swarm.query(n, "status") for n in nodes)}
+    if len(seen) == 1:
+        leader, term = seen.pop()
+        if leader is not None:
+            return leader, term
+    return None
+
+
+def test_one_leader_failover_and_no_deposing_on_return(swarm: Swarm) -> None:
+    nodes = cluster(swarm, 3)
+    by_id = {n.id: n for n in nodes}
+    leader, term = swarm.wait_for(lambda: agreed(swarm, nodes), ELECT_S, "one agreed leader")
+    assert leader in by_id
+    roles = {n.name: swarm.query(n, "status")["role"] for n in nodes}
+    assert sorted(roles.values()) == ["follower", "follower", "leader"], roles
+    marked = [m["name"] for m in swarm.cli_json(nodes[0], "nodes") if m["leader"]]
+    assert marked == [by_id[leader].name]
+    # every member moves, one change at a time, to the same voter set: all three here
+    for n in nodes:
+        swarm.wait_for(lambda n=n: {v["id"] for v in swarm.cli_json(n, "voters")["voters"]}
+                       == set(by_id), ELECT_S, f"{n.name} counts all three as voters")
+    leader, term = swarm.wait_for(lambda: agreed(swarm, nodes), ELECT_S, "one agreed leader")
+
+    old = by_id[leader]
+    rest = [n for n in nodes if n is not old]
+    t0 = time.monotonic()
+    swarm.kill9(old)
+    new, new_term = swarm.wait_for(
+        lambda: (a := agreed(swarm, rest)) and a[0] != leader and a, ELECT_S,
+        "the survivors elect a new leader")
+    print(f"failover: new leader agreed by both survivors {time.monotonic() - t0:.2f}s "
+          "after kill -9")
+    assert new in {n.id for n in rest} and new_term > term
+    assert any(e["id"] == new for e in swarm.events(rest[0], "leader_changed"))
+
+    swarm.start(old)  # rejoins from its home: it must not depose the working leader
+    swarm.wait_converged(nodes, JOIN_S)
+    swarm.wait_for(lambda: agreed(swarm, nodes) == (new, new_term), ELECT_S,
+                   "the old leader follows the new one")
+    swarm.hold(lambda: agreed(swarm, nodes) == (new, new_term), 2.0,
+               "no election after the old leader's return")
+
+
+def test_a_lone_node_and_a_two_node_survivor_lead(swarm: Swarm) -> None:
+    a, b = cluster(swarm, 2)
+    swarm.wait_for(lambda: agreed(swarm, [a, b]), ELECT_S, "two nodes agree on a leader")
+    swarm.kill9(b)
+    swarm.wait_state([b], "dead", [a], JOIN_S)
+    swarm.wait_for(lambda: swarm.query(a, "status")["role"] == "leader", ELECT_S,
+                   "the survivor of two leads once the other is dead")
+    assert swarm.query(a, "status")["voters"] == [a.id]
