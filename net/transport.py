@@ -50,8 +50,10 @@ RECONNECT_IVL_MS = 200
 RECONNECT_IVL_MAX_MS = 5_000
 #: CURVE handshake timeout: a silent host behind a reported address is given up quickly.
 HANDSHAKE_IVL_MS = 3_000
-#: ZMTP heartbeats: a connection whose path died silently (a router stopped forwarding, a
-#: cable pulled: no FIN, no RST) is dropped after HEARTBEAT_TIMEOUT_MS without an answer.
+#: ZMTP heartbeats on outgoing (DEALER) connections: one whose path died silently (a router
+#: stopped forwarding, a cable pulled: no FIN, no RST) is dropped after HEARTBEAT_TIMEOUT_MS
+#: without an answer. The ROUTER only answers them (ZMTP requires it): the peer's own DEALER
+#: notices a dead path and reconnects, which replaces its inbound route here.
 #: Without them the DEALER keeps "sending" into a dead TCP connection for the kernel's
 #: retransmission timeout (many minutes), and a member reachable another way (its own
 #: inbound connection, a tunnel) is never tried. A ping costs a few bytes a second.
@@ -207,7 +209,6 @@ class Transport:
         router.router_handover = True
         router.sndhwm = SEND_HWM
         router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        _heartbeat(router)
         self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
         self._spawn(self._recv_loop(router, None))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from net.addresses import split_hostport
-from net.ssh import parse_hop
+from net.sshkeys import parse_hop
 from swarmnode.facts import KINDS
 
 CONFIG_FILE = "config.toml"

@@ -25,7 +25,7 @@ import zmq
 
 from net import whois
 from net.addresses import is_nat, split_hostport
-from net.ssh import host_key_fingerprints
+from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import DropCounter
 from swarmnode import __version__, cluster, control

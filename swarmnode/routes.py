@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from net import ssh, whois
+from net import sshkeys, whois
 from net.addresses import dial_order, host_of, join_hostport, local_networks, split_hostport
 from net.transport import Inbound
 from swarmnode import cluster
@@ -35,6 +35,7 @@ from swarmnode.control import ControlError
 from swarmnode.views import member_view, vouched_host_keys
 
 if TYPE_CHECKING:
+    from net.ssh import Chain
     from swarmnode.membership import MemberView
     from swarmnode.node import Node
 
@@ -280,30 +281,32 @@ class Router:
 
     # -- SSH jump chains ------------------------------------------------------------------
 
-    def jump_hops(self, view: MemberView) -> list[ssh.Hop]:
+    def jump_hops(self, view: MemberView) -> list[sshkeys.Hop]:
         """The configured chain to `view`: `jumps` in config.toml, else ProxyJump from the
         SSH config for its name or any reported host. Hops that are members are verified
         against the host keys they published; others against known_hosts."""
         cfg = self.node.node_config
         texts = cfg.jumps_for(view.id, view.name)
         if texts:
-            hops = [ssh.parse_hop(t, cfg.ssh.user) for t in texts]
+            hops = [sshkeys.parse_hop(t, cfg.ssh.user) for t in texts]
         else:
+            from net.ssh import proxy_jump  # paramiko: only when ProxyJump is looked up
+
             hops = []
             config = Path(cfg.ssh.config).expanduser()
             for host in [view.name, *(host_of(a) for a in _reported(view))]:
-                hops = ssh.proxy_jump(host, config)
+                hops = proxy_jump(host, config)
                 if hops:
                     break
         return [self._pin(hop) for hop in hops]
 
-    def _pin(self, hop: ssh.Hop) -> ssh.Hop:
+    def _pin(self, hop: sshkeys.Hop) -> sshkeys.Hop:
         """A hop that is a member gets the member's published host keys as its only keys."""
         members = [member_view(self.node, m) for m in self.node.core.members()]
         keys = vouched_host_keys(hop.host, members)
         return dataclasses.replace(hop, fingerprints=keys) if keys else hop
 
-    async def _ssh(self, view: MemberView, hops: list[ssh.Hop]) -> _Outcome:
+    async def _ssh(self, view: MemberView, hops: list[sshkeys.Hop]) -> _Outcome:
         """Connect the jump chain, then tunnel to each address the member listens on (as seen
         from the last hop) until its identity answers through the tunnel."""
         attempts: list[Attempt] = []
@@ -313,7 +316,7 @@ class Router:
         start = time.monotonic()
         try:
             chain = await asyncio.to_thread(self.connect_chain, hops)
-        except ssh.SshError as exc:
+        except sshkeys.SshError as exc:
             attempts.append(Attempt("ssh", via[-1], str(exc), time.monotonic() - start, via))
             return _Outcome(attempts, None)
         for target in targets:
@@ -321,7 +324,7 @@ class Router:
             host, port = split_hostport(_with_port(target, view), 0)
             try:
                 forwarder = await asyncio.to_thread(chain.forward, host, port)
-            except ssh.SshError as exc:
+            except sshkeys.SshError as exc:
                 attempts.append(Attempt("ssh", target, str(exc), time.monotonic() - start, via))
                 continue
             result = await self.node.transport.probe(view.id, forwarder.address, PROBE_TIMEOUT_S)
@@ -334,10 +337,12 @@ class Router:
         chain.close()
         return _Outcome(attempts, None)
 
-    def connect_chain(self, hops: list[ssh.Hop]) -> ssh.Chain:
+    def connect_chain(self, hops: list[sshkeys.Hop]) -> Chain:
+        from net.ssh import Chain  # paramiko loads only when a chain is needed
+
         ssh_cfg = self.node.node_config.ssh
         known = tuple(Path(p).expanduser() for p in ssh_cfg.known_hosts)
-        return ssh.Chain.connect(hops, known_hosts=known, key_filename=ssh_cfg.identity_file,
+        return Chain.connect(hops, known_hosts=known, key_filename=ssh_cfg.identity_file,
                                  timeout=SSH_TIMEOUT_S)
 
     # -- background -----------------------------------------------------------------------

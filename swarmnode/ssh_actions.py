@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from net import ssh
+from net import sshkeys
 from net.addresses import dial_order, split_hostport
 from swarmnode import config as node_config
 from swarmnode.control import ControlError
@@ -27,6 +27,7 @@ from swarmnode.identity import load_or_create
 from swarmnode.routes import Attempt, RouteError, published_host_keys
 
 if TYPE_CHECKING:
+    from net.ssh import Chain
     from swarmnode.membership import MemberView
     from swarmnode.node import Node
 
@@ -82,12 +83,12 @@ async def run_over_ssh(node: Node, view: MemberView, verb: str, argv: list[str],
     attempts = list(failed.attempts)
     for address in dial_order(view.record.addresses if view.record else (), ()):
         host = split_hostport(address, 0)[0]
-        target = ssh.Hop(cfg.ssh.user or getpass.getuser(), host, port, frozenset(keys))
+        target = sshkeys.Hop(cfg.ssh.user or getpass.getuser(), host, port, frozenset(keys))
         via = tuple(str(h) for h in hops)
         start = time.monotonic()
         try:
             chain = await asyncio.to_thread(node.router.connect_chain, [*hops, target])
-        except ssh.SshError as exc:
+        except sshkeys.SshError as exc:
             attempts.append(Attempt("ssh-exec", str(target), str(exc),
                                     time.monotonic() - start, via))
             continue
@@ -105,11 +106,11 @@ async def run_over_ssh(node: Node, view: MemberView, verb: str, argv: list[str],
     raise RouteError(view.name, attempts)
 
 
-async def _check_identity(chain: ssh.Chain, ctl: str, view: MemberView) -> None:
+async def _check_identity(chain: Chain, ctl: str, view: MemberView) -> None:
     out: list[bytes] = []
     try:
         code = await asyncio.to_thread(chain.run, f"{ctl} id", out.append, None, ID_TIMEOUT_S)
-    except ssh.SshError as exc:
+    except sshkeys.SshError as exc:
         raise Refused(f"refused: could not ask {chain.hops[-1]} who it is: {exc}") from exc
     answered = b"".join(out).decode(errors="replace").strip().splitlines()
     got = answered[-1] if answered and code == 0 else "(no swarmnode id)"
@@ -118,7 +119,7 @@ async def _check_identity(chain: ssh.Chain, ctl: str, view: MemberView) -> None:
                       f"swarmnode there is {got}")
 
 
-async def _stream(chain: ssh.Chain, command: str) -> AsyncIterator[dict[str, Any]]:
+async def _stream(chain: Chain, command: str) -> AsyncIterator[dict[str, Any]]:
     """Run `command` in a thread, handing its output to this task as it arrives."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -133,7 +134,7 @@ async def _stream(chain: ssh.Chain, command: str) -> AsyncIterator[dict[str, Any
         try:
             code = chain.run(command, emit(1), emit(2))
             loop.call_soon_threadsafe(queue.put_nowait, {"exit": code})
-        except ssh.SshError as exc:
+        except sshkeys.SshError as exc:
             loop.call_soon_threadsafe(queue.put_nowait, {"error": str(exc)})
 
     worker = loop.run_in_executor(None, run)
