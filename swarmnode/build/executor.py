@@ -1,0 +1,1125 @@
+"""Running one job on a worker node: a fresh directory, staged files, a niced process group, a
+bounded log, and the outputs hashed.
+
+Choices made here, and why:
+
+* Every run gets its own directory `<root>/<build>/<job>/<attempt>/`, made fresh (a stale one
+  left by a crashed run of the same attempt is removed), so nothing from an earlier attempt can
+  leak into this one. `.swarmnode/` inside it is the executor's (the log, TMPDIR) and is never
+  staged into nor collected.
+* Staged files are hard links to the content store when the store's file is read-only, else
+  copies. A link shares the inode, so a job writing into it in place would corrupt the store;
+  with a read-only file that write fails instead. Linked or copied, each staged file's inode,
+  mtime and size are recorded, and an output pattern matching a staged file that is still
+  unchanged does not collect it: emerge-style patterns such as `binpkgs/**/*.tbz2` also match
+  the dependencies' packages staged beside the job's own, and those are not this job's output.
+* The command runs in its own session (so its process group can be killed as a whole), with
+  stdin from /dev/null, a minimal environment (the node's may hold secrets and differs between
+  nodes) and at `nice` 10: builds saturate every core, and the node's own event loop must keep
+  answering gossip and election messages on time or it is declared dead under load. `nice` is
+  run as a program wrapping the command, because setting the priority after the fork would
+  race with the first children the job starts.
+* When the job's main process exits, whatever is left of its process group is killed and
+  waited for: stragglers would otherwise write into the directory while its outputs are hashed
+  or while it is removed. Cancellation and timeouts (counted from the command's start) send
+  SIGTERM to the group, then SIGKILL after a grace period. A process that leaves the group
+  (setsid) escapes this; if it keeps the output open, reading stops after the grace period.
+* The environment's SWARMNODE_CORES and MAKEFLAGS=-jN come last, so a job's env cannot raise
+  the cores it was given; anything else in the job's env (PATH, HOME, ...) wins over the base.
+* Output patterns are globs relative to the job directory (`*`, `?`, `[...]` within a name,
+  `**` for any number of directories; a trailing `**` means everything below). Only regular
+  files are collected; a symlink is never followed while walking, and a matched symlink is
+  collected as its target's content only when that is a regular file inside the job
+  directory: one pointing outside fails the job (it would publish a file of the node's). A job
+  whose declared outputs together match nothing it produced fails: a build that silently yields
+  nothing is worse than one that stops. (Each pattern alone may match nothing: emerge jobs list
+  the alternative package formats and produce one.)
+* The job directory of anything but a successful job is kept, for `swarmnode logs`; a
+  successful one is removed once its outputs were handed to `store`, unless `keep` is set.
+* Nothing a job does makes the executor raise: every problem is a JobResult with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from swarmnode.build.plan import Job, PlanError, check_name
+
+Status = Literal["ok", "failed", "cancelled", "timed_out", "error"]
+
+#: PATH for jobs, unless the job's env sets one: the usual system directories.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Added to the node's own niceness for jobs (see the module notes).
+NICENESS = 10
+#: Seconds between SIGTERM and SIGKILL when a job is stopped.
+GRACE_S = 5.0
+#: Bytes of log kept per job; past that the head and the tail are kept around a marker.
+LOG_LIMIT = 16 * 1024 * 1024
+#: Bytes of the end of the output kept in results (for reports of failed jobs).
+TAIL_BYTES = 4096
+#: Bytes a slow follower may lag behind before its oldest chunks are dropped.
+FOLLOW_BUFFER = 1024 * 1024
+META = ".swarmnode"
+LOG_NAME = "log"
+
+_CHUNK = 64 * 1024
+_MARKER_ROOM = 256
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+#: `(path relative to the job directory, file to stage there)`.
+Staged = tuple[str, str | os.PathLike[str]]
+
+
+class JobError(Exception):
+    """The job cannot run as given (or the node cannot run it): an `error` result."""
+
+
+class OutputError(Exception):
+    """The job ran but its outputs are unacceptable: a `failed` result."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker is told to run; `cores` is what the job is given, `timeout` in seconds
+    counts from the start of the command."""
+
+    build_id: str
+    job: str
+    cmd: str | tuple[str, ...]  # a string runs under `/bin/sh -c`, a tuple is an argv
+    outputs: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cores: int = 1
+    attempt: int = 0
+    timeout: float | None = None
+
+    @classmethod
+    def from_job(
+        cls,
+        job: Job,
+        build_id: str,
+        *,
+        attempt: int = 0,
+        cores: int | None = None,
+        timeout: float | None = None,
+    ) -> JobSpec:
+        return cls(
+            build_id=build_id,
+            job=job.name,
+            cmd=job.cmd,
+            outputs=job.outputs,
+            env=dict(job.env),
+            cores=job.requires.cores if cores is None else cores,
+            attempt=attempt,
+            timeout=timeout,
+        )
+
+
+@dataclass(frozen=True)
+class Output:
+    """A collected output file: its path relative to the job directory, sha256 hex, bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a run ended. `duration` is the command's wall time (0 if it never started);
+    `job_dir` and `log_path` are None when they were never made or have been removed."""
+
+    build_id: str
+    job: str
+    attempt: int
+    status: Status
+    reason: str
+    exit_code: int | None = None  # negative: killed by that signal
+    duration: float = 0.0
+    outputs: tuple[Output, ...] = ()
+    job_dir: Path | None = None
+    log_path: Path | None = None
+    log_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """A staged file as it was left for the job; unchanged means not produced by the job.
+    (Not ctime: staging the same store file into another job changes it.)"""
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Mark:
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots
+
+
+class Slots:
+    """The node's cores as slots. Waiters are served first come, first served, so a job
+    needing many cores is not starved by a stream of small ones."""
+
+    def __init__(self, total: int) -> None:
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"a node has at least one core, got {total!r}")
+        self.total = total
+        self._free = total
+        self._cond = asyncio.Condition()
+        self._queue: deque[object] = deque()
+        self._wakers: set[asyncio.Task[None]] = set()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    def _check(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.total:
+            raise ValueError(f"cores must be between 1 and {self.total}, got {n!r}")
+
+    async def acquire(self, n: int = 1) -> None:
+        """Wait until `n` cores are free and this caller is first in line, then take them."""
+        self._check(n)
+        ticket = object()
+        async with self._cond:
+            self._queue.append(ticket)
+            try:
+                await self._cond.wait_for(lambda: self._queue[0] is ticket and self._free >= n)
+            except BaseException:  # cancelled: step out of line and let the next one look
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self._free -= n
+            self._cond.notify_all()  # the next in line may fit in what is left
+
+    def release(self, n: int = 1) -> None:
+        """Give back `n` cores. Synchronous, so it cannot be lost to a cancellation in a
+        `finally`; waiters are woken by a task."""
+        self._check(n)
+        if self._free + n > self.total:
+            raise ValueError(f"releasing {n} cores, but only {self.total - self._free} are taken")
+        self._free += n
+        task = asyncio.get_running_loop().create_task(self._wake())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int = 1) -> AsyncIterator[None]:
+        await self.acquire(n)
+        try:
+            yield
+        finally:
+            self.release(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what was sent
+
+
+def _check_spec(spec: JobSpec) -> None:
+    for what, name in (("build id", spec.build_id), ("job name", spec.job)):
+        try:
+            check_name(name, what)
+        except PlanError as exc:
+            raise JobError(str(exc)) from None
+    for what, value, least in (("attempt", spec.attempt, 0), ("cores", spec.cores, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise JobError(f"{what}: must be an integer >= {least}, got {value!r}")
+    timeout = spec.timeout
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise JobError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
+    _argv(spec.cmd)
+    for key, value in spec.env.items():
+        if not isinstance(key, str) or not _ENV_NAME_RE.fullmatch(key):
+            raise JobError(f"env: {key!r} is not a valid environment variable name")
+        if not isinstance(value, str) or "\x00" in value:
+            raise JobError(f"env.{key}: must be a string without NUL")
+
+
+def _argv(cmd: object) -> list[str]:
+    if isinstance(cmd, str):
+        if not cmd.strip() or "\x00" in cmd:
+            raise JobError("cmd: must be a non-empty command without NUL")
+        return ["/bin/sh", "-c", cmd]
+    if isinstance(cmd, tuple | list) and cmd and all(isinstance(word, str) for word in cmd):
+        if not cmd[0] or any("\x00" in word for word in cmd):
+            raise JobError("cmd: the program name must not be empty, nor any word hold NUL")
+        return list(cmd)
+    raise JobError(f"cmd: must be a string or a non-empty list of strings, got {cmd!r}")
+
+
+def _relative(path: object, where: str) -> str:
+    """A path relative to the job directory, normalised; never leaving it or inside META."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise JobError(f"{where}: not a path: {path!r}")
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        raise JobError(f"{where}: {path!r} is absolute; paths are relative to the job directory")
+    if ".." in pure.parts:
+        raise JobError(f"{where}: {path!r} would leave the job directory")
+    if not pure.parts:
+        raise JobError(f"{where}: {path!r} names the job directory itself")
+    if pure.parts[0] == META:
+        raise JobError(f"{where}: {path!r} is inside {META}/, which the executor reserves")
+    return str(pure)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _staging(
+    inputs: Iterable[Staged], deps: Mapping[str, Iterable[Staged]]
+) -> dict[str, tuple[Path, str]]:
+    """relpath -> (source, who provides it). Two providers of one path must give the same
+    file (in a content store: the same object), and no path may be both a file and a
+    directory."""
+    files: dict[str, tuple[Path, str]] = {}
+    groups = [("input", inputs)] + [(f"dependency '{name}'", items) for name, items in deps.items()]
+    for origin, items in groups:
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise JobError(f"{origin}: expected (relative path, source), got {item!r}")
+            rel = _relative(item[0], origin)
+            source = Path(item[1])
+            if rel in files:
+                other_source, other = files[rel]
+                if _same_file(other_source, source):
+                    continue
+                both = f"twice by {origin}" if other == origin else f"by both {other} and {origin}"
+                raise JobError(f"conflict: '{rel}' is staged {both}, with different files")
+            files[rel] = (source, origin)
+    dirs: dict[str, str] = {}
+    for rel, (_, origin) in files.items():
+        for parent in PurePosixPath(rel).parents[:-1]:
+            dirs.setdefault(str(parent), origin)
+    for rel, (_, origin) in files.items():
+        if rel in dirs:
+            raise JobError(
+                f"conflict: '{rel}' is a file from {origin} and a directory of files from "
+                f"{dirs[rel]}"
+            )
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# The job directory
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that also empties read-only directories (Go's module cache makes them)."""
+
+    def retry(func: Callable[[str], object], failed: str, _exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            func(failed)
+
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=retry)
+
+
+def _fresh_dir(root: Path, spec: JobSpec) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    job_dir = root / spec.build_id / spec.job / str(spec.attempt)
+    _remove_tree(job_dir)  # a run of this attempt that died with the node
+    job_dir.mkdir(parents=True)
+    if not job_dir.resolve().is_relative_to(root):
+        raise JobError(f"{job_dir} resolves outside {root}")
+    (job_dir / META / "tmp").mkdir(parents=True)
+    return job_dir
+
+
+def _link_or_copy(source: Path, target: Path, st: os.stat_result) -> None:
+    if not st.st_mode & 0o222:  # read-only: a link cannot be written through by accident
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system, or links not allowed: copy
+            pass
+    shutil.copy2(source, target)
+
+
+def _stage(job_dir: Path, files: Mapping[str, tuple[Path, str]]) -> dict[str, _Mark]:
+    marks: dict[str, _Mark] = {}
+    for rel, (source, origin) in files.items():
+        target = job_dir / rel
+        try:
+            st = os.stat(source)
+            if not stat.S_ISREG(st.st_mode):
+                raise JobError(f"cannot stage '{rel}' from {origin}: {source} is not a file")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.resolve().is_relative_to(job_dir):
+                raise JobError(f"cannot stage '{rel}' from {origin}: it leads outside the job")
+            _link_or_copy(source, target, st)
+            marks[rel] = _Mark.of(target.lstat())
+        except OSError as exc:
+            raise JobError(
+                f"cannot stage '{rel}' from {origin} ({source}): {exc.strerror or exc}"
+            ) from None
+    return marks
+
+
+def job_env(spec: JobSpec, job_dir: Path, path: str = DEFAULT_PATH) -> dict[str, str]:
+    """A small fixed base, then the job's env, then what the executor decides (the cores
+    given, which the job cannot raise: MAKEFLAGS=-jN keeps make within them)."""
+    env = {
+        "PATH": path,
+        "HOME": str(job_dir),
+        "LANG": "C.UTF-8",
+        "TMPDIR": str(job_dir / META / "tmp"),
+    }
+    env.update(spec.env)
+    env.update(
+        SWARMNODE_JOB=spec.job,
+        SWARMNODE_BUILD=spec.build_id,
+        SWARMNODE_CORES=str(spec.cores),
+        MAKEFLAGS=f"-j{spec.cores}",
+    )
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Output patterns
+
+
+def _pattern_parts(pattern: str) -> tuple[str, ...]:
+    parts = PurePosixPath(pattern).parts
+    return (*parts, "*") if parts[-1] == "**" else parts  # `dir/**`: everything below dir
+
+
+def _closure(parts: Sequence[str], states: Iterable[int]) -> frozenset[int]:
+    """Add the states reached by letting each `**` match no directory at all."""
+    out = set()
+    for state in states:
+        out.add(state)
+        while state < len(parts) and parts[state] == "**":
+            state += 1
+            out.add(state)
+    return frozenset(out)
+
+
+def _advance(parts: Sequence[str], states: frozenset[int], name: str) -> frozenset[int]:
+    nxt = set()
+    for state in states:
+        if state == len(parts):
+            continue
+        if parts[state] == "**":
+            nxt.add(state)
+        elif fnmatch.fnmatchcase(name, parts[state]):
+            nxt.add(state + 1)
+    return _closure(parts, nxt)
+
+
+def match_output(pattern: str, path: str) -> bool:
+    """Whether an output pattern matches a relative path (as collection does)."""
+    parts = _pattern_parts(pattern)
+    states = _closure(parts, {0})
+    for name in PurePosixPath(path).parts:
+        states = _advance(parts, states, name)
+    return len(parts) in states
+
+
+def _find(job_dir: Path, pattern: str) -> tuple[list[str], list[str]]:
+    """Non-directories matching `pattern`, and the symlinked directories not walked into."""
+    parts = _pattern_parts(pattern)
+    hits: list[str] = []
+    skipped: list[str] = []
+    stack = [("", _closure(parts, {0}))]
+    while stack:
+        rel, states = stack.pop()
+        try:
+            with os.scandir(job_dir / rel) as entries:
+                listed = list(entries)
+        except OSError:
+            continue
+        for entry in listed:
+            if not rel and entry.name == META:
+                continue
+            nxt = _advance(parts, states, entry.name)
+            if not nxt:
+                continue
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if len(parts) in nxt and not is_dir:
+                hits.append(path)
+            if any(state < len(parts) for state in nxt):
+                if is_dir:
+                    stack.append((path, nxt))
+                elif entry.is_symlink() and os.path.isdir(entry.path):
+                    skipped.append(path)
+    return hits, skipped
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"'{path}' changed into something other than a file")
+        return hashlib.file_digest(handle, "sha256").hexdigest(), st.st_size
+
+
+def collect_outputs(
+    job_dir: Path, patterns: Sequence[str], staged: Mapping[str, _Mark] | None = None
+) -> tuple[Output, ...]:
+    """The files the job produced matching `patterns`, sorted by path (see the module notes).
+    Raises OutputError for symlinks leading outside, or when the patterns match nothing."""
+    job_dir = job_dir.resolve()
+    staged = staged or {}
+    found: dict[str, Path] = {}
+    refused: list[str] = []
+    notes: list[str] = []
+    for pattern in patterns:
+        hits, skipped = _find(job_dir, pattern)
+        produced, only_staged = 0, False
+        for rel in hits:
+            full = job_dir / rel
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                real = Path(os.path.realpath(full))
+                if not real.is_relative_to(job_dir):
+                    refused.append(f"'{rel}' is a symlink to {real}, outside the job directory")
+                elif real.is_file():
+                    found[rel] = real
+                    produced += 1
+            elif stat.S_ISREG(st.st_mode):
+                if staged.get(rel) == _Mark.of(st):
+                    only_staged = True
+                    continue
+                found[rel] = full
+                produced += 1
+        if not produced and only_staged:
+            notes.append(f"'{pattern}' matched only files staged for the job")
+        elif not produced and skipped:
+            shown = ", ".join(f"'{path}'" for path in skipped[:3])
+            notes.append(f"'{pattern}': symlinked directories are not followed ({shown})")
+    if refused:
+        raise OutputError("refused outputs: " + "; ".join(refused[:10]))
+    if patterns and not found:
+        listed = ", ".join(f"'{pattern}'" for pattern in patterns)
+        raise OutputError(
+            f"the declared outputs ({listed}) match no file the job produced"
+            + ("".join(f"; {note}" for note in notes))
+        )
+    outputs = []
+    for rel in sorted(found):
+        try:
+            digest, size = _digest(found[rel])
+        except OSError as exc:
+            raise OutputError(f"cannot read output '{rel}': {exc.strerror or exc}") from None
+        outputs.append(Output(rel, digest, size))
+    return tuple(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Log:
+    """The job's output in a file of at most `limit` bytes: all of it while it fits; past that
+    the first `limit/8` bytes, a marker saying how much was dropped, and the last bytes (kept
+    in two spill files used in turn while running, so memory stays small)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.head = limit // 8
+        self.half = (limit - self.head - _MARKER_ROOM) // 2
+        self.total = 0
+        self.tail = b""
+        self.error: str | None = None
+        self._fd: int | None = _create(path)
+        self._spills = (path.with_name(f"{path.name}.0"), path.with_name(f"{path.name}.1"))
+        self._spill_fd: int | None = None
+        self._spill_index = 1
+        self._spill_size = 0
+        self._overflowed = False
+
+    def write(self, data: bytes) -> None:
+        self.total += len(data)
+        self.tail = (self.tail + data)[-TAIL_BYTES:]
+        if self._fd is None:
+            return
+        try:
+            if self._overflowed:
+                self._spill(data)
+            elif self.total <= self.limit:
+                _write_all(self._fd, data)
+            else:
+                self._overflow(self._fd, data)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _overflow(self, fd: int, data: bytes) -> None:
+        written = self.total - len(data)
+        if written < self.head:
+            take = self.head - written
+            _write_all(fd, data[:take])
+            data = data[take:]
+        else:
+            middle = os.pread(fd, written - self.head, self.head)
+            os.ftruncate(fd, self.head)
+            os.lseek(fd, self.head, os.SEEK_SET)
+            self._spill(middle)
+        self._overflowed = True
+        self._spill(data)
+
+    def _spill(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._spill_fd is None or self._spill_size >= self.half:
+                if self._spill_fd is not None:
+                    os.close(self._spill_fd)
+                    self._spill_fd = None
+                self._spill_index ^= 1
+                self._spill_fd = _create(self._spills[self._spill_index])  # drops the older
+                self._spill_size = 0
+            n = min(len(view), self.half - self._spill_size)
+            _write_all(self._spill_fd, view[:n])
+            self._spill_size += n
+            view = view[n:]
+
+    def close(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            if self._overflowed:
+                self._close_spill()
+                order = [self._spills[self._spill_index ^ 1], self._spills[self._spill_index]]
+                order = [spill for spill in order if spill.exists()]
+                kept = sum(spill.stat().st_size for spill in order)
+                dropped = self.total - self.head - kept
+                _write_all(
+                    fd,
+                    f"\n[swarmnode: {dropped} bytes of output dropped here; the log "
+                    f"keeps the first {self.head} and the last {kept}]\n".encode(),
+                )
+                for spill in order:
+                    with spill.open("rb") as handle:
+                        while chunk := handle.read(1024 * 1024):
+                            _write_all(fd, chunk)
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            self._close_spill()
+            for spill in self._spills:
+                with contextlib.suppress(OSError):
+                    spill.unlink()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _close_spill(self) -> None:
+        if self._spill_fd is not None:
+            os.close(self._spill_fd)
+            self._spill_fd = None
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = f"writing the log failed: {exc.strerror or exc}"
+        self._close_spill()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Follower:
+    """One reader of the live output; a slow one loses its oldest chunks, never the job's
+    progress or the node's memory."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.dropped = 0
+        self.ended = False
+        self.wake = asyncio.Event()
+
+    def push(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        while self.size > FOLLOW_BUFFER and len(self.chunks) > 1:
+            old = self.chunks.popleft()
+            self.size -= len(old)
+            self.dropped += len(old)
+        self.wake.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self.wake.set()
+
+    async def next(self) -> bytes | None:
+        while not self.chunks:
+            if self.ended:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        if self.dropped:
+            note = f"\n[swarmnode: {self.dropped} bytes skipped: reading too slowly]\n"
+            self.dropped = 0
+            return note.encode()
+        data = self.chunks.popleft()
+        self.size -= len(data)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal the group; False when nobody is left in it."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process (not a zombie: it cannot write any more) is still in the group."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return _signal_group(pgid, 0)
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold anything
+        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    hint = {126: " (command not executable)", 127: " (command not found)"}.get(code, "")
+    return f"exit code {code}{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+
+StoreFn = Callable[[Path, Output], Awaitable[object]]
+
+
+class RunningJob:
+    """A job started by `Executor.start`: wait for it, follow its output, or cancel it."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        spec: JobSpec,
+        inputs: Iterable[Staged],
+        deps: Mapping[str, Iterable[Staged]],
+        keep: bool,
+        store: StoreFn | None,
+    ) -> None:
+        self.spec = spec
+        self.job_dir: Path | None = None
+        self._executor = executor
+        self._inputs = inputs
+        self._deps = deps
+        self._keep = keep
+        self._store = store
+        self._stop = asyncio.Event()
+        self._stopped: Status | None = None
+        self._log: _Log | None = None
+        self._followers: set[_Follower] = set()
+        self._exit_code: int | None = None
+        self._duration = 0.0
+        self._finished = False
+        self._task = asyncio.get_running_loop().create_task(self._main())
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.spec.build_id, self.spec.job, self.spec.attempt)
+
+    @property
+    def done(self) -> bool:
+        return self._finished
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.job_dir / META / LOG_NAME if self.job_dir is not None else None
+
+    def cancel(self) -> None:
+        """Stop the job: SIGTERM to its process group, SIGKILL after the grace period. No
+        effect once the command has ended (the result is then whatever it earned)."""
+        self._stop.set()
+
+    async def wait(self) -> JobResult:
+        """The result; cancelling the caller does not cancel the job."""
+        return await asyncio.shield(self._task)
+
+    async def follow(self) -> AsyncIterator[bytes]:
+        """The recent output (up to the last TAIL_BYTES, possibly from mid-line), then the
+        output as it comes, until the job ends."""
+        follower = _Follower()
+        if self._log is not None and self._log.tail:
+            follower.push(self._log.tail)
+        if self._finished:
+            follower.end()
+        else:
+            self._followers.add(follower)
+        try:
+            while (chunk := await follower.next()) is not None:
+                yield chunk
+        finally:
+            self._followers.discard(follower)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def _main(self) -> JobResult:
+        outputs: tuple[Output, ...] = ()
+        try:
+            status, reason, outputs = await self._attempt()
+        except JobError as exc:
+            status, reason = "error", str(exc)
+        except OutputError as exc:
+            status, reason = "failed", str(exc)
+        except Exception as exc:  # the executor must outlive any job
+            status, reason = "error", f"internal error: {exc!r}"
+        finally:
+            self._finished = True
+            if self._log is not None:
+                self._log.close()
+            for follower in self._followers:
+                follower.end()
+            if self._executor._active.get(self.key) is self:
+                del self._executor._active[self.key]
+        job_dir = self.job_dir
+        if job_dir is not None and status == "ok" and not self._keep:
+            with contextlib.suppress(OSError):  # if it stays, the result still names it
+                await asyncio.to_thread(_remove_tree, job_dir)
+            job_dir = job_dir if job_dir.exists() else None
+        return self._result(status, reason, outputs, job_dir)
+
+    async def _attempt(self) -> tuple[Status, str, tuple[Output, ...]]:
+        executor, spec = self._executor, self.spec
+        if executor._active.get(self.key) is not self:
+            raise JobError(f"attempt {spec.attempt} of {spec.build_id}/{spec.job} is running")
+        _check_spec(spec)
+        files = _staging(self._inputs, self._deps)
+        patterns = [_relative(pattern, "outputs") for pattern in spec.outputs]
+        try:
+            self.job_dir = await asyncio.to_thread(_fresh_dir, executor.root, spec)
+            self._log = _Log(self.job_dir / META / LOG_NAME, executor.log_limit)
+        except OSError as exc:
+            raise JobError(f"cannot make the job directory: {exc}") from None
+        marks = await asyncio.to_thread(_stage, self.job_dir, files)
+        if not await self._acquire():
+            return "cancelled", "cancelled before it started", ()
+        try:
+            await self._execute(self.job_dir)
+        finally:
+            if executor.slots is not None:
+                executor.slots.release(spec.cores)
+        if self._stopped == "cancelled":
+            return "cancelled", "cancelled; its process group was killed", ()
+        if self._stopped == "timed_out":
+            killed = f"timed out after {spec.timeout:g} s; its process group was killed"
+            return "timed_out", killed, ()
+        code = self._exit_code
+        if code != 0:
+            return "failed", _exit_reason(code) if code is not None else "no exit status", ()
+        outputs = await asyncio.to_thread(collect_outputs, self.job_dir, patterns, marks)
+        if self._store is not None:
+            for output in outputs:
+                try:
+                    await self._store(self.job_dir / output.path, output)
+                except Exception as exc:
+                    return "error", f"storing output '{output.path}' failed: {exc!r}", outputs
+        return "ok", "", outputs
+
+    async def _acquire(self) -> bool:
+        """Take the job's cores, unless it is cancelled first."""
+        slots = self._executor.slots
+        if self._stop.is_set():
+            return False
+        if slots is None:
+            return True
+        if self.spec.cores > slots.total:
+            raise JobError(f"the job needs {self.spec.cores} cores, this node has {slots.total}")
+        getting = asyncio.ensure_future(slots.acquire(self.spec.cores))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            getting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getting
+        got = not getting.cancelled() and getting.exception() is None
+        if got and self._stop.is_set():
+            slots.release(self.spec.cores)
+            return False
+        return got
+
+    def _argv(self) -> list[str]:
+        argv = _argv(self.spec.cmd)
+        executor = self._executor
+        if executor.niceness and executor.nice_program:
+            return [executor.nice_program, "-n", str(executor.niceness), "--", *argv]
+        return argv
+
+    async def _execute(self, job_dir: Path) -> None:
+        executor = self._executor
+        # Our own pipe rather than asyncio's: its wait() also waits for its pipes to close, so
+        # a straggler holding the output open would hide that the job itself has ended.
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(),
+                cwd=job_dir,
+                env=job_env(self.spec, job_dir, executor.path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                start_new_session=True,
+            )
+        except BaseException as exc:
+            os.close(read_fd)
+            if isinstance(exc, OSError):
+                raise JobError(f"cannot start the command: {exc}") from None
+            raise
+        finally:
+            os.close(write_fd)
+        began = time.monotonic()
+        if executor.niceness and not executor.nice_program:  # no `nice`: racy, but better
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, executor.niceness)
+        pump = asyncio.ensure_future(self._pump(read_fd))
+        try:
+            ended = asyncio.ensure_future(proc.wait())
+            stopping = asyncio.ensure_future(self._stop.wait())
+            done, _ = await asyncio.wait(
+                {ended, stopping}, timeout=self.spec.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            stopping.cancel()
+            if ended not in done:
+                self._stopped = "cancelled" if self._stop.is_set() else "timed_out"
+                await self._terminate(proc)
+            self._exit_code = await proc.wait()
+        finally:
+            self._duration = time.monotonic() - began
+            if proc.returncode is None:  # we are being cancelled ourselves
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            await self._sweep(proc.pid)
+            await self._drain(pump)
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(self._executor.grace):
+                await proc.wait()
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    async def _sweep(self, pgid: int) -> None:
+        """Kill what is left of the job's process group and wait until it is gone."""
+        if not _signal_group(pgid, signal.SIGKILL):
+            return
+        deadline = time.monotonic() + max(self._executor.grace, 1.0)
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _drain(self, pump: asyncio.Future[None]) -> None:
+        """Read the rest of the output; a process that left the group may hold the pipe open
+        forever, so give up after the grace period."""
+        try:
+            async with asyncio.timeout(self._executor.grace):
+                await pump
+        except TimeoutError:
+            self._emit(
+                b"\n[swarmnode: stopped reading: the output stayed open after the job "
+                b"ended (a process left its process group?)]\n"
+            )
+
+    async def _pump(self, fd: int) -> None:
+        reader = asyncio.StreamReader(limit=4 * _CHUNK)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
+        try:
+            while chunk := await reader.read(_CHUNK):
+                self._emit(chunk)
+        finally:
+            transport.close()
+
+    def _emit(self, chunk: bytes) -> None:
+        if self._log is not None:
+            self._log.write(chunk)
+        for follower in self._followers:
+            follower.push(chunk)
+
+    def _result(
+        self, status: Status, reason: str, outputs: tuple[Output, ...], job_dir: Path | None
+    ) -> JobResult:
+        spec, log = self.spec, self._log
+        if log is not None and log.error:
+            reason = f"{reason} ({log.error})" if reason else log.error
+        return JobResult(
+            build_id=spec.build_id,
+            job=spec.job,
+            attempt=spec.attempt,
+            status=status,
+            reason=reason,
+            exit_code=self._exit_code,
+            duration=self._duration,
+            outputs=outputs,
+            job_dir=job_dir,
+            log_path=job_dir / META / LOG_NAME if job_dir is not None else None,
+            log_tail=log.tail.decode("utf-8", "replace") if log is not None else "",
+        )
+
+
+class Executor:
+    """Runs jobs under `root`; with `slots`, each job first takes its cores from them."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        slots: Slots | None = None,
+        niceness: int = NICENESS,
+        grace: float = GRACE_S,
+        log_limit: int = LOG_LIMIT,
+        path: str = DEFAULT_PATH,
+    ) -> None:
+        if log_limit < 4096:
+            raise ValueError(f"log_limit must be at least 4096 bytes, got {log_limit}")
+        self.root = Path(root)
+        self.slots = slots
+        self.niceness = niceness
+        self.nice_program = shutil.which("nice") if niceness else None
+        self.grace = grace
+        self.log_limit = log_limit
+        self.path = path
+        self._active: dict[tuple[str, str, int], RunningJob] = {}
+
+    def start(
+        self,
+        spec: JobSpec,
+        inputs: Iterable[Staged] = (),
+        deps: Mapping[str, Iterable[Staged]] | None = None,
+        *,
+        keep: bool = False,
+        store: StoreFn | None = None,
+    ) -> RunningJob:
+        """Start a job; never raises for a bad one (its result says what is wrong).
+
+        `inputs` and each of `deps` (by dependency job name) are `(relative path, source)`
+        pairs. `store(path, output)` is awaited for each output of a successful job, before
+        its directory is removed (unless `keep`)."""
+        job = RunningJob(self, spec, inputs, deps or {}, keep, store)
+        self._active.setdefault(job.key, job)
+        return job
+
+    async def run(
+        self,
+        spec: JobSpec,
+        inputs: Iterable[Staged] = (),
+        deps: Mapping[str, Iterable[Staged]] | None = None,
+        *,
+        keep: bool = False,
+        store: StoreFn | None = None,
+    ) -> JobResult:
+        """`start` and wait."""
+        return await self.start(spec, inputs, deps, keep=keep, store=store).wait()
+
+    def running(self, build_id: str, job: str) -> RunningJob | None:
+        """The latest running attempt of a job, to follow its output."""
+        attempts = [run for key, run in self._active.items() if key[:2] == (build_id, job)]
+        return max(attempts, key=lambda run: run.spec.attempt, default=None)
+
+    async def discard(self, result: JobResult) -> None:
+        """Remove a kept job directory (once its log is no longer wanted)."""
+        job_dir = result.job_dir
+        if job_dir is None or not job_dir.resolve().is_relative_to(self.root.resolve()):
+            return
+        await asyncio.to_thread(_remove_tree, job_dir)
+
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Executor",
+    "JobResult",
+    "JobSpec",
+    "Output",
+    "RunningJob",
+    "Slots",
+    "Status",
+    "collect_outputs",
+    "job_env",
+    "match_output",
+]
