@@ -33,6 +33,7 @@ from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
+from swarmnode.artifact_service import ArtifactService
 from swarmnode.discovery import Discovery
 from swarmnode.facts import detect_facts
 from swarmnode.identity import Identity, curve_public_key, load_or_create
@@ -119,6 +120,7 @@ class Node:
         self.router = Router(self)
         self.actions = Actions(self)
         self.leadership = Leadership(self)
+        self.artifacts = ArtifactService(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -265,6 +267,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.discovery.close()
+        await self.artifacts.close()
         self.router.close()
         ctl.close()
         with contextlib.suppress(FileNotFoundError):
@@ -374,6 +377,9 @@ class Node:
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
+            return
+        if self.artifacts.handles(env.type):
+            self.artifacts.on_message(inbound)
             return
         if self.leadership.handles(env.type):
             self.leadership.on_message(inbound)
