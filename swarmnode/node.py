@@ -55,6 +55,7 @@ from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
 from swarmnode.store import Store
 from swarmnode.views import member_view, resolve_node
+from swarmnode.worker import Worker
 
 log = logging.getLogger("swarmnode")
 
@@ -121,6 +122,7 @@ class Node:
         self.actions = Actions(self)
         self.leadership = Leadership(self)
         self.artifacts = ArtifactService(self)
+        self.worker = Worker(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -240,7 +242,8 @@ class Node:
         tasks = [asyncio.ensure_future(self._timer_loop()),
                  asyncio.ensure_future(self._address_watch()),
                  asyncio.ensure_future(self.router.maintain()),
-                 asyncio.ensure_future(self.leadership.run())]
+                 asyncio.ensure_future(self.leadership.run()),
+                 asyncio.ensure_future(self.worker.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -267,6 +270,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.discovery.close()
+        await self.worker.close()
         await self.artifacts.close()
         self.router.close()
         ctl.close()
@@ -377,6 +381,9 @@ class Node:
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
+            return
+        if self.worker.handles(env.type):
+            self.worker.on_message(inbound)
             return
         if self.artifacts.handles(env.type):
             self.artifacts.on_message(inbound)

@@ -1,0 +1,321 @@
+"""The worker side of builds: run what the leader assigns, and make sure it hears the result.
+
+The leader sends `job.assign` (signed, over the member's proven route) carrying its term; the
+worker fences on terms — an assignment or cancellation from a lower term than it has seen is
+refused, so a deposed leader cannot start or stop anything. The worker fetches the job's
+inputs and its dependencies' outputs (artifacts, from the members named as sources), runs the
+job with the executor on free cores, stores the outputs in its artifact store, and reports.
+
+A report is persisted before it is sent and re-sent to whoever leads now until one
+acknowledges it: a worker cut off from the leader finishes its jobs and delivers the results
+when a leader is reachable again. Whether a report still counts (the job may have been
+reassigned meanwhile) is the ledger's decision, not the worker's.
+
+Wire (msgpack maps inside the signed envelope):
+  job.assign  {build, job, attempt, term, cmd, env, outputs, cores, timeout,
+               inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}
+  job.cancel  {build, job (or null: the whole build), term}
+  job.report  {build, job, attempt, node, status, outputs: [[path, digest, size]], reason,
+               log_tail, duration}
+  job.report_ack {build, job, attempt}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from net.transport import Inbound
+from swarmnode.artifact_service import ArtifactError
+from swarmnode.artifacts import is_digest
+from swarmnode.build.executor import Executor, JobResult, JobSpec, Slots
+from swarmnode.build.plan import PlanError, check_name
+
+if TYPE_CHECKING:
+    from swarmnode.node import Node
+
+log = logging.getLogger(__name__)
+
+ASSIGN, CANCEL, REPORT, REPORT_ACK = "job.assign", "job.cancel", "job.report", "job.report_ack"
+TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK})
+FENCE_KEY, REPORTS_KEY = "fence_term", "job_reports"
+#: How often unacknowledged reports are sent again (to the current leader).
+RESEND_S = 1.0
+#: Bounds on an assignment: a job is a command line and a list of files, never megabytes.
+MAX_BODY = 1024 * 1024
+MAX_FILES = 10_000
+MAX_TAIL = 4096
+
+
+class AssignmentError(ValueError):
+    """A malformed assignment; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    build: str
+    job: str
+    attempt: int
+    term: int
+    cmd: str | tuple[str, ...]
+    env: Mapping[str, str]
+    outputs: tuple[str, ...]
+    cores: int
+    timeout: float | None
+    inputs: tuple[tuple[str, str], ...]
+    deps: Mapping[str, tuple[tuple[str, str], ...]]
+    sources: tuple[str, ...]
+
+    def plain(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["cmd"] = list(self.cmd) if isinstance(self.cmd, tuple) else self.cmd
+        value["inputs"] = [list(p) for p in self.inputs]
+        value["deps"] = {k: [list(p) for p in v] for k, v in self.deps.items()}
+        return value
+
+    @classmethod
+    def from_plain(cls, v: Any) -> Assignment:
+        if not isinstance(v, dict):
+            raise AssignmentError("assignment: not a map")
+        try:
+            for key in ("build", "job"):
+                check_name(v.get(key), key)
+            cmd = v.get("cmd")
+            if isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd):
+                cmd = tuple(cmd)
+            elif not isinstance(cmd, str) or not cmd:
+                raise AssignmentError("cmd: a command line or a list of strings")
+            return cls(
+                build=v["build"], job=v["job"], attempt=_int(v, "attempt"), term=_int(v, "term"),
+                cmd=cmd, env=_env(v.get("env", {})), outputs=_strs(v.get("outputs", []), "outputs"),
+                cores=max(1, _int(v, "cores")), timeout=_timeout(v.get("timeout")),
+                inputs=_files(v.get("inputs", []), "inputs"),
+                deps={check_name(k, "deps"): _files(f, f"deps.{k}")
+                      for k, f in _map(v.get("deps", {}), "deps").items()},
+                sources=_strs(v.get("sources", []), "sources"))
+        except PlanError as exc:
+            raise AssignmentError(str(exc)) from exc
+
+
+def _int(v: dict[str, Any], key: str) -> int:
+    n = v.get(key)
+    if type(n) is not int or not 0 <= n < 2**63:
+        raise AssignmentError(f"{key}: a non-negative integer")
+    return n
+
+
+def _timeout(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
+        raise AssignmentError("timeout: positive seconds or null")
+    return float(t)
+
+
+def _map(v: Any, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict) or len(v) > MAX_FILES:
+        raise AssignmentError(f"{what}: a map")
+    return v
+
+
+def _env(v: Any) -> dict[str, str]:
+    env = _map(v, "env")
+    if not all(isinstance(k, str) and isinstance(x, str) for k, x in env.items()):
+        raise AssignmentError("env: strings to strings")
+    return env
+
+
+def _strs(v: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_FILES or not all(isinstance(s, str) for s in v):
+        raise AssignmentError(f"{what}: a list of strings")
+    return tuple(v)
+
+
+def _files(v: Any, what: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, list) or len(v) > MAX_FILES:
+        raise AssignmentError(f"{what}: a list of [path, digest]")
+    out = []
+    for item in v:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not is_digest(item[1])):
+            raise AssignmentError(f"{what}: a list of [path, digest]")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+class Fence:
+    """The highest leader term this worker has seen (persisted): lower terms are refused."""
+
+    def __init__(self, term: int = 0) -> None:
+        self.term = term
+
+    def admit(self, term: int) -> bool:
+        if term < self.term:
+            return False
+        self.term = term
+        return True
+
+
+class Worker:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        cores = int(node.core.record.facts_dict().get("cores", os.cpu_count() or 1))
+        self.slots = Slots(cores)
+        self.executor = Executor(node.home / "jobs", slots=self.slots)
+        self.fence = Fence(int(node.store.get(FENCE_KEY, 0)))
+        self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def handles(self, msg_type: str) -> bool:
+        return msg_type in (ASSIGN, CANCEL, REPORT_ACK)
+
+    # -- inbound --------------------------------------------------------------------------
+
+    def on_message(self, inbound: Inbound) -> None:
+        env = inbound.envelope
+        if not self.node.is_admitted_member(env.sender):
+            self.node.drops.drop("not_member")
+            return
+        try:
+            body = _unpack(env.body)
+            if env.type == ASSIGN:
+                self._on_assign(env.sender, Assignment.from_plain(body))
+            elif env.type == CANCEL:
+                self._on_cancel(env.sender, body)
+            else:
+                self._on_ack(body)
+        except (AssignmentError, KeyError, TypeError, ValueError):
+            self.node.drops.drop("malformed_job")
+
+    def _admit_term(self, sender: str, term: Any, what: str) -> bool:
+        if type(term) is not int or not self.fence.admit(term):
+            self.node.drops.drop("stale_term")
+            self.node.event("job_refused", {"id": sender, "what": what, "term": term,
+                                            "seen": self.fence.term})
+            return False
+        self.node.store.put(**{FENCE_KEY: self.fence.term})
+        return True
+
+    def _on_assign(self, sender: str, a: Assignment) -> None:
+        if not self._admit_term(sender, a.term, f"assign {a.build}/{a.job}"):
+            return
+        key = (a.build, a.job)
+        current = self.running.get(key)
+        if current is not None and current[0].attempt >= a.attempt:
+            return  # a duplicate (the leader re-sends until the job starts)
+        if current is not None:
+            current[1].cancel()
+        self.running[key] = (a, None)
+        self._spawn(self._run(a))
+
+    def _on_cancel(self, sender: str, body: dict[str, Any]) -> None:
+        if not self._admit_term(sender, body.get("term"), f"cancel {body.get('build')}"):
+            return
+        for (build, job), (_a, handle) in list(self.running.items()):
+            if build == body.get("build") and body.get("job") in (None, job) and handle:
+                handle.cancel()
+
+    def _on_ack(self, body: dict[str, Any]) -> None:
+        key = [body.get("build"), body.get("job"), body.get("attempt")]
+        reports = [r for r in self.pending_reports() if [r["build"], r["job"],
+                                                          r["attempt"]] != key]
+        self.node.store.put(**{REPORTS_KEY: reports})
+
+    # -- running --------------------------------------------------------------------------
+
+    async def _run(self, a: Assignment) -> None:
+        key = (a.build, a.job)
+        try:
+            result = await self._execute(a)
+        finally:
+            self.running.pop(key, None)
+        self._report(a, result)
+
+    async def _execute(self, a: Assignment) -> JobResult | str:
+        store = self.node.artifacts.store
+        needed = [d for _p, d in a.inputs] + [d for f in a.deps.values() for _p, d in f]
+        try:
+            for digest in dict.fromkeys(needed):
+                await self.node.artifacts.fetch(digest, a.sources)
+        except ArtifactError as exc:
+            return f"could not fetch an input: {exc}"
+        spec = JobSpec(build_id=a.build, job=a.job, cmd=a.cmd, outputs=a.outputs, env=a.env,
+                       cores=min(a.cores, self.slots.total), attempt=a.attempt,
+                       timeout=a.timeout)
+
+        async def keep(path: Path, _output: Any) -> None:
+            await asyncio.to_thread(store.put_file, path)
+
+        handle = self.executor.start(
+            spec, [(p, store.path(d)) for p, d in a.inputs],
+            {k: [(p, store.path(d)) for p, d in f] for k, f in a.deps.items()}, store=keep)
+        self.running[(a.build, a.job)] = (a, handle)
+        return await handle.wait()
+
+    def _report(self, a: Assignment, result: JobResult | str) -> None:
+        if isinstance(result, str):
+            report = {"status": "error", "reason": result, "outputs": [], "log_tail": "",
+                      "duration": 0.0}
+        else:
+            report = {"status": result.status, "reason": result.reason,
+                      "outputs": [[o.path, o.sha256, o.size] for o in result.outputs],
+                      "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration}
+        report.update(build=a.build, job=a.job, attempt=a.attempt, node=self.node.id)
+        self.node.store.put(**{REPORTS_KEY: [*self.pending_reports(), report]})
+        self.node.event("job_finished", {"build": a.build, "job": a.job, "attempt": a.attempt,
+                                         "status": report["status"]})
+        self._send_reports()
+
+    def pending_reports(self) -> list[dict[str, Any]]:
+        return list(self.node.store.get(REPORTS_KEY, []))
+
+    def _send_reports(self) -> None:
+        leader = self.node.leadership.leader
+        if leader is None:
+            return  # kept on disk; sent when a leader is known
+        for report in self.pending_reports():
+            self.node.send_raw(leader, REPORT, msgpack.packb(report))
+
+    async def run(self) -> None:
+        """Re-send unacknowledged reports to whoever leads now."""
+        while True:
+            await asyncio.sleep(RESEND_S)
+            if self.pending_reports():
+                self._send_reports()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for _a, handle in self.running.values():
+            if handle is not None:
+                handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def pack(value: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(dict(value))
+
+
+def _unpack(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY:
+        raise ValueError("oversized")
+    value = msgpack.unpackb(body, raw=False, max_str_len=MAX_BODY, max_array_len=MAX_FILES,
+                            max_map_len=MAX_FILES, max_bin_len=MAX_BODY)
+    if not isinstance(value, dict):
+        raise ValueError("not a map")
+    return value

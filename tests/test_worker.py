@@ -1,0 +1,74 @@
+"""The worker side of builds, between real nodes in-process (real ZeroMQ, real gcc).
+
+What must hold: an assignment runs on the worker with its inputs fetched from the member that
+has them; its outputs land in the worker's artifact store and a report waits on disk until the
+leader acknowledges it; an assignment or cancellation from a lower term than seen is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import msgpack
+import pytest
+
+from swarmnode import worker as jobs
+from tests.test_artifact_service import stop, three_nodes
+
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")]
+
+A_C = b'#include <stdio.h>\nint main(void) { puts("hello from the swarm"); return 0; }\n'
+
+
+async def test_assignment_runs_reports_and_stale_terms_are_refused(tmp_path):
+    from tests.test_node import until
+
+    running = await three_nodes(tmp_path)
+    (a, _), (b, _), _ = running
+    try:
+        src = a.artifacts.store.put_bytes(A_C)
+        assignment = jobs.Assignment(
+            build="b1", job="hello", attempt=1, term=5, cmd=("gcc", "-O2", "-o", "hello",
+                                                              "src/hello.c"),
+            env={}, outputs=("hello",), cores=1, timeout=60.0, inputs=(("src/hello.c", src),),
+            deps={}, sources=(a.id,))
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(assignment.plain()))
+        await until(lambda: b.worker.pending_reports(), timeout=30)
+        [report] = b.worker.pending_reports()
+        assert (report["status"], report["job"], report["attempt"]) == ("ok", "hello", 1), report
+        [(path, digest, size)] = report["outputs"]
+        assert path == "hello" and b.artifacts.store.size(digest) == size
+        out = tmp_path / "hello"
+        b.artifacts.store.export(digest, out, link=False)
+        import subprocess
+
+        out.chmod(0o755)
+        assert subprocess.run([str(out)], capture_output=True, text=True).stdout == \
+            "hello from the swarm\n"
+        assert b.worker.fence.term == 5 and b.store.get(jobs.FENCE_KEY) == 5
+
+        # a deposed leader (term 4) can neither start nor cancel anything
+        stale = jobs.Assignment(**{**assignment.__dict__, "attempt": 2, "term": 4})
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(stale.plain()))
+        a.send_raw(b.id, jobs.CANCEL, jobs.pack({"build": "b1", "job": None, "term": 4}))
+        await until(lambda: len([e for e in b.store.events(limit=1000)
+                                 if e["kind"] == "job_refused"]) == 2)
+        assert not b.worker.running
+
+        # the leader's acknowledgement clears the report from disk
+        a.send_raw(b.id, jobs.REPORT_ACK, msgpack.packb({"build": "b1", "job": "hello",
+                                                         "attempt": 1}))
+        await until(lambda: not b.worker.pending_reports())
+    finally:
+        await stop(running)
+
+
+def test_malformed_assignments_are_named():
+    good = {"build": "b", "job": "j", "attempt": 0, "term": 1, "cmd": "make", "cores": 2}
+    assert jobs.Assignment.from_plain(good).cmd == "make"
+    for bad, field in (({"job": "../x"}, "job"), ({"cmd": []}, "cmd"), ({"term": -1}, "term"),
+                       ({"inputs": [["a", "nothex"]]}, "inputs"), ({"timeout": 0}, "timeout"),
+                       ({"env": {"A": 1}}, "env")):
+        with pytest.raises(jobs.AssignmentError, match=field):
+            jobs.Assignment.from_plain({**good, **bad})
