@@ -21,7 +21,7 @@ import heapq
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from swarmnode.build.plan import Plan, Requires, topological_order
+from swarmnode.build.plan import Plan, Requires
 
 
 @dataclass(frozen=True)
@@ -84,22 +84,39 @@ def satisfiable(
     )
 
 
-def _dependents(plan: Plan) -> dict[str, list[str]]:
-    dependents: dict[str, list[str]] = {name: [] for name in plan.jobs}
-    for name, job in plan.jobs.items():
-        for dep in job.deps:
+def _dependents_of(deps: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    dependents: dict[str, list[str]] = {name: [] for name in deps}
+    for name, before in deps.items():
+        for dep in before:
             dependents[dep].append(name)
     return dependents
 
 
+def _dependents(plan: Plan) -> dict[str, list[str]]:
+    return _dependents_of({name: job.deps for name, job in plan.jobs.items()})
+
+
+def bottom_levels(graph: Mapping[str, tuple[Iterable[str], float]]) -> dict[str, float]:
+    """Each job's estimate plus the longest chain of estimates after it, for a graph given as
+    {job: (deps, estimate)} (a plan's, or a build's as the ledger holds it)."""
+    dependents = _dependents_of({name: deps for name, (deps, _est) in graph.items()})
+    pending = {name: len(tuple(deps)) for name, (deps, _est) in graph.items()}
+    order = [name for name, n in pending.items() if n == 0]
+    for name in order:  # Kahn's order: every job after its deps (the list grows as we go)
+        for child in dependents[name]:
+            pending[child] -= 1
+            if pending[child] == 0:
+                order.append(child)
+    level: dict[str, float] = {}
+    for name in reversed(order):
+        after = max((level[child] for child in dependents[name]), default=0.0)
+        level[name] = graph[name][1] + after
+    return level
+
+
 def priorities(plan: Plan) -> dict[str, float]:
     """Each job's bottom level: its estimate plus the longest chain of estimates after it."""
-    dependents = _dependents(plan)
-    level: dict[str, float] = {}
-    for name in reversed(topological_order(plan)):
-        after = max((level[child] for child in dependents[name]), default=0.0)
-        level[name] = plan.jobs[name].estimate + after
-    return level
+    return bottom_levels({name: (job.deps, job.estimate) for name, job in plan.jobs.items()})
 
 
 def ready_jobs(
