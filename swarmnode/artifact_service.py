@@ -62,10 +62,10 @@ class _Fetch:
         node = self.service.node
         try:
             while not self.done.done():
+                self.wake.clear()  # before carrying out: a message arriving meanwhile re-wakes
                 await self._carry_out()
                 if self.done.done():
                     break
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK_S):
                         await self.wake.wait()
@@ -80,8 +80,14 @@ class _Fetch:
                 self.incoming.abort()
 
     async def _carry_out(self) -> None:
+        """Everything the receiver wants done, including what doing it makes it want next
+        (a verification's result yields Done at once)."""
+        while outputs := self.rx.drain():
+            await self._carry_out_batch(outputs)
+
+    async def _carry_out_batch(self, outputs) -> None:
         node = self.service.node
-        for out in self.rx.drain():
+        for out in outputs:
             if isinstance(out, Send):
                 msg_type, body = pack(out.msg)
                 node.send_raw(out.to, msg_type, body)
@@ -90,7 +96,6 @@ class _Fetch:
             elif isinstance(out, Verify):
                 ok = await asyncio.to_thread(self.incoming.commit, out.size)
                 self.rx.verified(node.clock(), ok)
-                self.wake.set()
             elif isinstance(out, Done):
                 self.done.set_result(None)
             elif isinstance(out, Failed):
