@@ -15,13 +15,16 @@ from swarmnode.election import (
     CANDIDATE,
     FOLLOWER,
     LEADER,
+    MAX_ENTRY,
     MESSAGE_TYPES,
     PRE_CANDIDATE,
+    AppendEntries,
+    AppendReply,
+    Apply,
     Config,
     Election,
     Event,
-    Heartbeat,
-    HeartbeatReply,
+    InstallSnapshot,
     MessageError,
     Output,
     Persist,
@@ -30,6 +33,7 @@ from swarmnode.election import (
     PreVoteReply,
     RequestVote,
     Send,
+    SnapshotReply,
     VoteReply,
     choose_voters,
     decode,
@@ -38,11 +42,22 @@ from swarmnode.election import (
     step_voters,
     unpack,
 )
+from swarmnode.election.messages import MAX_CHUNK
 
 CFG = Config()
 ABC = frozenset({"a", "b", "c"})
 LATER = 10.0
 """A time well past every node's start-up stickiness."""
+
+
+def hb(term: int, leader: str, seq: int) -> AppendEntries:
+    """A heartbeat to a node whose log is empty, as the leader of an empty log sends it."""
+    return AppendEntries(term, leader, seq, 0, 0, 0)
+
+
+def ack(term: int, seq: int) -> AppendReply:
+    """A follower's answer to `hb`: it matches the (empty) log through index 0."""
+    return AppendReply(term, seq, True, 0)
 
 
 def make(
@@ -94,14 +109,14 @@ def elect(el: Election, now: float | None = None) -> float:
 
 def test_one_vote_per_term_and_persisted_before_the_reply() -> None:
     el = make()
-    el.handle(LATER, "b", RequestVote(1, "b"))
+    el.handle(LATER, "b", RequestVote(1, "b", 0, 0))
     out = el.drain()
     assert out.index(Persist(1, "b")) < out.index(Send("b", VoteReply(1, True)))
     assert el.voted_for == "b" and el.term == 1
-    el.handle(LATER, "c", RequestVote(1, "c"))
+    el.handle(LATER, "c", RequestVote(1, "c", 0, 0))
     assert el.drain() == [Send("c", VoteReply(1, False))]
     # a retransmitted request from the same candidate is granted again, with nothing to persist
-    el.handle(LATER, "b", RequestVote(1, "b"))
+    el.handle(LATER, "b", RequestVote(1, "b", 0, 0))
     assert el.drain() == [Send("b", VoteReply(1, True))]
 
 
@@ -109,7 +124,7 @@ def test_every_persist_precedes_every_send_that_follows_it() -> None:
     """Whatever path a handler takes, a Persist is emitted before the first Send after the
     state change it records (here: term adoption and a vote in one message)."""
     el = make()
-    el.handle(LATER, "b", RequestVote(5, "b"))
+    el.handle(LATER, "b", RequestVote(5, "b", 0, 0))
     out = el.drain()
     assert persists(out) == [Persist(5, "b")]  # one write for both changes
     assert isinstance(out[-1], Send) and out.index(Persist(5, "b")) < len(out) - 1
@@ -123,23 +138,23 @@ def test_candidate_persists_its_own_vote_before_asking() -> None:
     first_send = next(i for i, o in enumerate(out) if isinstance(o, Send))
     assert out.index(Persist(1, "a")) < first_send
     assert {s.to for s in sends(out)} == {"b", "c"}
-    assert all(s.msg == RequestVote(1, "a") for s in sends(out))
+    assert all(s.msg == RequestVote(1, "a", 0, 0) for s in sends(out))
 
 
 def test_restart_keeps_the_vote_of_the_persisted_term() -> None:
     el = make(persisted=Persisted(3, "b"))
-    el.handle(LATER, "c", RequestVote(3, "c"))
+    el.handle(LATER, "c", RequestVote(3, "c", 0, 0))
     assert el.drain() == [Send("c", VoteReply(3, False))]
-    el.handle(LATER, "c", RequestVote(4, "c"))
+    el.handle(LATER, "c", RequestVote(4, "c", 0, 0))
     assert el.drain()[-2:] == [Persist(4, "c"), Send("c", VoteReply(4, True))]
 
 
 def test_lower_terms_are_refused_with_our_term() -> None:
     el = make(persisted=Persisted(7, None))
-    el.handle(LATER, "b", RequestVote(6, "b"))
+    el.handle(LATER, "b", RequestVote(6, "b", 0, 0))
     assert el.drain() == [Send("b", VoteReply(7, False))]
-    el.handle(LATER, "b", Heartbeat(6, "b", 1))
-    assert el.drain() == [Send("b", HeartbeatReply(7, 1))]
+    el.handle(LATER, "b", hb(6, "b", 1))
+    assert el.drain() == [Send("b", AppendReply(7, 1, False, 0))]
     assert el.leader is None and el.term == 7
 
 
@@ -147,7 +162,7 @@ def test_higher_term_reply_makes_the_leader_step_down() -> None:
     el = make()
     now = elect(el)
     term = el.term
-    el.handle(now + 0.01, "c", HeartbeatReply(term + 2, 1))
+    el.handle(now + 0.01, "c", ack(term + 2, 1))
     out = el.drain()
     assert el.role == FOLLOWER and el.term == term + 2 and el.leader is None
     assert persists(out) == [Persist(term + 2, None)]
@@ -159,10 +174,10 @@ def test_higher_term_heartbeat_turns_a_candidate_into_a_follower() -> None:
     el = make(cfg=Config(pre_vote=False))
     now = fire_timer(el)
     el.drain()
-    el.handle(now, "c", Heartbeat(2, "c", 9))
+    el.handle(now, "c", hb(2, "c", 9))
     out = el.drain()
     assert el.role == FOLLOWER and el.leader == "c" and el.term == 2
-    assert out[-1] == Send("c", HeartbeatReply(2, 9))
+    assert out[-1] == Send("c", ack(2, 9))
     assert out.index(Persist(2, None)) < len(out) - 1
 
 
@@ -174,29 +189,29 @@ def test_a_fresh_node_votes_for_nobody_during_the_first_minimum_timeout() -> Non
     """A leader may hold a lease on this node's acknowledgement from before a restart."""
     el = make()
     early = CFG.election_timeout_min * 0.9
-    el.handle(early, "b", PreVote(1, "b"))
-    el.handle(early, "b", RequestVote(1, "b"))
+    el.handle(early, "b", PreVote(1, "b", 0, 0))
+    el.handle(early, "b", RequestVote(1, "b", 0, 0))
     assert el.drain() == [
         Send("b", PreVoteReply(1, False, 0)),
         Send("b", VoteReply(0, False)),
     ]
     assert el.term == 0
-    el.handle(CFG.election_timeout_min, "b", RequestVote(1, "b"))
+    el.handle(CFG.election_timeout_min, "b", RequestVote(1, "b", 0, 0))
     assert el.drain()[-1] == Send("b", VoteReply(1, True))
 
 
 def test_a_follower_of_a_live_leader_refuses_pre_votes_and_votes_and_keeps_its_term() -> None:
     el = make()
-    el.handle(LATER, "b", Heartbeat(2, "b", 1))
+    el.handle(LATER, "b", hb(2, "b", 1))
     el.drain()
     soon = LATER + CFG.election_timeout_min / 2
-    el.handle(soon, "c", PreVote(3, "c"))
-    el.handle(soon, "c", RequestVote(3, "c"))
+    el.handle(soon, "c", PreVote(3, "c", 0, 0))
+    el.handle(soon, "c", RequestVote(3, "c", 0, 0))
     assert el.drain() == [Send("c", PreVoteReply(3, False, 2)), Send("c", VoteReply(2, False))]
     assert el.term == 2 and el.leader == "b" and el.voted_for is None
     # once the leader has been silent for the minimum timeout the same request wins the vote
     late = LATER + CFG.election_timeout_min
-    el.handle(late, "c", RequestVote(3, "c"))
+    el.handle(late, "c", RequestVote(3, "c", 0, 0))
     assert el.drain()[-1] == Send("c", VoteReply(3, True))
 
 
@@ -205,8 +220,8 @@ def test_pre_vote_changes_no_term_anywhere() -> None:
     now = fire_timer(asker)
     out = asker.drain()
     assert asker.role == PRE_CANDIDATE and asker.term == 0 and persists(out) == []
-    assert sends(out) == [Send("b", PreVote(1, "a")), Send("c", PreVote(1, "a"))]
-    voter.handle(now, "a", PreVote(1, "a"))
+    assert sends(out) == [Send("b", PreVote(1, "a", 0, 0)), Send("c", PreVote(1, "a", 0, 0))]
+    voter.handle(now, "a", PreVote(1, "a", 0, 0))
     assert voter.drain() == [Send("a", PreVoteReply(1, True, 0))]
     assert voter.term == 0 and voter.voted_for is None
 
@@ -220,13 +235,15 @@ def test_pre_vote_majority_starts_the_election_and_votes_make_a_leader() -> None
     el.handle(now, "c", PreVoteReply(1, True, 0))
     assert el.role == CANDIDATE and el.term == 1
     out = el.drain()
-    assert [s.msg for s in sends(out)] == [RequestVote(1, "a")] * 2
+    assert [s.msg for s in sends(out)] == [RequestVote(1, "a", 0, 0)] * 2
     el.handle(now, "c", VoteReply(1, True))
     out = el.drain()
     assert el.role == LEADER and el.leader == "a"
     assert events(out, "leader_elected")[0].data == {"term": 1}
     assert {s.to for s in sends(out)} == {"b", "c", "o"}  # observers are heartbeated too
-    assert all(s.msg == Heartbeat(1, "a", 1) for s in sends(out))
+    # the first heartbeat carries the new leader's no-op, not yet committed
+    noop = AppendEntries(1, "a", 1, 0, 0, 0, ((1, b""),))
+    assert all(s.msg == noop for s in sends(out))
 
 
 def test_stale_pre_vote_grants_do_not_count() -> None:
@@ -247,8 +264,8 @@ def test_a_higher_term_in_a_pre_vote_refusal_catches_the_laggard_up() -> None:
 
 def test_candidates_and_voters_outside_the_voter_set_get_nothing() -> None:
     el = make()
-    el.handle(LATER, "x", PreVote(1, "x"))
-    el.handle(LATER, "x", RequestVote(1, "x"))
+    el.handle(LATER, "x", PreVote(1, "x", 0, 0))
+    el.handle(LATER, "x", RequestVote(1, "x", 0, 0))
     assert sends(el.drain()) == [
         Send("x", PreVoteReply(1, False, 0)),
         Send("x", VoteReply(1, False)),
@@ -260,9 +277,9 @@ def test_candidates_and_voters_outside_the_voter_set_get_nothing() -> None:
 
 def test_spoofed_ids_are_dropped() -> None:
     el = make()
-    el.handle(LATER, "b", RequestVote(1, "c"))
-    el.handle(LATER, "b", PreVote(1, "c"))
-    el.handle(LATER, "b", Heartbeat(1, "c", 1))
+    el.handle(LATER, "b", RequestVote(1, "c", 0, 0))
+    el.handle(LATER, "b", PreVote(1, "c", 0, 0))
+    el.handle(LATER, "b", hb(1, "c", 1))
     assert el.drain() == [] and el.term == 0
     assert el.counters["drop_spoofed_candidate"] == 2 and el.counters["drop_spoofed_leader"] == 1
 
@@ -280,10 +297,10 @@ def test_non_voters_never_campaign_but_follow_and_report_the_leader() -> None:
     out = el.drain()
     assert not [s for s in sends(out) if isinstance(s.msg, PreVote | RequestVote)]
     assert el.term == 0 and el.role == FOLLOWER and el.counters["pre_votes_started"] == 0
-    el.handle(now, "a", RequestVote(1, "a"))
+    el.handle(now, "a", RequestVote(1, "a", 0, 0))
     assert sends(el.drain())[-1] == Send("a", VoteReply(1, False))
-    el.handle(now, "b", Heartbeat(1, "b", 4))
-    assert el.leader == "b" and el.drain()[-1] == Send("b", HeartbeatReply(1, 4))
+    el.handle(now, "b", hb(1, "b", 4))
+    assert el.leader == "b" and el.drain()[-1] == Send("b", ack(1, 4))
     el.tick(el.next_deadline())  # the leader goes silent
     assert el.leader is None and events(el.drain(), "leader_changed")[0].data["leader"] is None
 
@@ -295,7 +312,9 @@ def test_a_lone_voter_elects_itself_once_start_up_stickiness_ends() -> None:
     out = el.drain()
     assert el.role == LEADER and el.term == 1 and Persist(1, "a") in out
     assert el.leader_lease_valid(1e9)  # nobody else can ever lead
-    assert sends(out) == [Send("o", Heartbeat(1, "a", 1))]
+    # one voter commits (and applies) its no-op at once, and the observer learns it
+    assert sends(out) == [Send("o", AppendEntries(1, "a", 1, 0, 0, 1, ((1, b""),)))]
+    assert Apply(1, 1, b"") in out
     el.tick(el.next_deadline())
     assert el.role == LEADER  # no check-quorum step-down without peers
 
@@ -327,7 +346,7 @@ def test_a_leader_removed_from_the_voters_steps_down() -> None:
 
 def test_a_follower_left_as_the_only_voter_takes_over() -> None:
     el = make()
-    el.handle(LATER, "b", Heartbeat(3, "b", 1))
+    el.handle(LATER, "b", hb(3, "b", 1))
     el.set_voters(LATER, {"a"})
     # still sticky to b for one minimum timeout, then it elects itself
     assert el.next_deadline() == LATER + CFG.election_timeout_min
@@ -373,7 +392,7 @@ def test_repeating_the_voter_set_does_not_postpone_check_quorum() -> None:
 
 
 def heartbeat_seqs(out: list[Output]) -> set[int]:
-    return {s.msg.seq for s in sends(out) if isinstance(s.msg, Heartbeat)}
+    return {s.msg.seq for s in sends(out) if isinstance(s.msg, AppendEntries)}
 
 
 def test_answered_heartbeats_keep_the_leader_and_give_it_a_lease() -> None:
@@ -385,7 +404,7 @@ def test_answered_heartbeats_keep_the_leader_and_give_it_a_lease() -> None:
     assert not el.leader_lease_valid(now)  # votes are no lease: only heartbeat acks are
     for _ in range(100):  # 10 s of heartbeats; b answers each round 5 ms later
         (seq,) = heartbeat_seqs(el.drain())
-        el.handle(now + 0.005, "b", HeartbeatReply(1, seq))
+        el.handle(now + 0.005, "b", ack(1, seq))
         assert el.leader_lease_valid(now + 0.005)
         assert el.lease_expiry() == pytest.approx(now + CFG.lease_duration)
         now = el.next_deadline()
@@ -393,15 +412,15 @@ def test_answered_heartbeats_keep_the_leader_and_give_it_a_lease() -> None:
     assert el.role == LEADER
     # acks from a non-voter, or for rounds never sent, extend nothing
     (seq,) = heartbeat_seqs(el.drain())
-    el.handle(now, "o", HeartbeatReply(1, seq))
-    el.handle(now, "c", HeartbeatReply(1, seq + 1000))
+    el.handle(now, "o", ack(1, seq))
+    el.handle(now, "c", ack(1, seq + 1000))
     assert el.lease_expiry() < now + CFG.lease_duration
 
 
 def test_the_lease_counts_from_the_send_time_of_the_acknowledged_round() -> None:
     el = make()
     now = elect(el)
-    el.handle(now + 0.3, "c", HeartbeatReply(el.term, 1))  # a slow ack of round 1
+    el.handle(now + 0.3, "c", ack(el.term, 1))  # a slow ack of round 1
     assert el.lease_expiry() == pytest.approx(now + CFG.lease_duration)
     assert not el.leader_lease_valid(now + CFG.lease_duration)
 
@@ -411,12 +430,17 @@ def test_the_lease_counts_from_the_send_time_of_the_acknowledged_round() -> None
 
 
 ALL_MESSAGES = [
-    PreVote(1, "a"),
+    PreVote(1, "a", 7, 1),
     PreVoteReply(2, True, 1),
-    RequestVote(3, "node-with-a-long-id" * 3),
+    RequestVote(3, "node-with-a-long-id" * 3, 12, 2),
     VoteReply(4, False),
-    Heartbeat(5, "a", 99),
-    HeartbeatReply(2**63 - 1, 0),
+    hb(5, "a", 99),
+    AppendEntries(5, "a", 100, 8, 4, 7, ((4, b"x" * MAX_ENTRY), (5, b""))),
+    ack(2**63 - 1, 0),
+    AppendReply(6, 3, False, 17),
+    InstallSnapshot(7, "a", 3, 1000, 6, 0, b"\x00" * MAX_CHUNK, False),
+    InstallSnapshot(7, "a", 3, 1000, 6, MAX_CHUNK, b"", True),
+    SnapshotReply(7, 3, 1000, 4096),
 ]
 
 
@@ -456,6 +480,7 @@ def test_malformed_messages_are_rejected(plain: object) -> None:
 def test_unpack_rejects_mismatched_types_and_garbage() -> None:
     _, body = pack(VoteReply(1, True))
     for type_str, raw in [
+        ("election.append_reply", body),
         ("election.heartbeat", body),
         ("ping", body),
         ("election.vote_reply", b"\xc1"),
@@ -478,7 +503,9 @@ def test_unpack_raises_only_message_error(type_str: str, raw: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["k", "term", "granted", "seq", "leader", "candidate", "next_term"]),
+        st.sampled_from(
+            ["k", "term", "granted", "seq", "leader", "candidate", "next_term", "entries"]
+        ),
         st.one_of(st.integers(), st.booleans(), st.text(max_size=70), st.none()),
     )
 )

@@ -1,4 +1,5 @@
-"""Whole-cluster election behaviour in the deterministic simulator (virtual time, fixed seeds).
+"""Whole-cluster Raft behaviour in the deterministic simulator (virtual time, fixed seeds):
+the election, and the log under it (committed entries survive everything).
 
 Default `Config()` timings throughout: virtual time costs nothing, and these are the timings the
 failover target is about.
@@ -63,20 +64,43 @@ def test_random_faults_never_elect_two_leaders_in_one_term(chunk: int) -> None:
     # the faults bit: every size occurred and many runs needed several elections
     assert {r.voters for r in results} == set(range(1, 8))
     assert sum(len(r.faults) for r in results) > 3 * len(results)
-    assert sum(r.max_term >= 3 for r in results) > len(results) // 5
+    assert sum(r.max_term >= 3 for r in results) > len(results) // 6
     recovered = [r.recovered_after for r in results if r.recovered_after is not None]
     assert statistics.median(recovered) < 1.0
+    # and the log: thousands of proposals committed through it all, snapshots taken and sent
+    assert sum(r.accepted for r in results) > 10_000
+    assert sum(r.committed for r in results) > sum(r.accepted for r in results)
+    assert sum(r.snapshots for r in results) > 2_000
 
 
 def test_the_checker_catches_restarts_that_forget_the_vote() -> None:
     """The same runs with a shell that does not keep its Persist outputs: some term gets two
-    leaders, so the invariant check and the persistence both matter."""
+    leaders and committed entries are lost, so the invariant checks and the persistence both
+    matter."""
     results = _runs(range(1000), keep_disk=False)
-    assert any(v.kind == "two_leaders" for r in results for v in r.violations)
+    kinds = {v.kind for r in results for v in r.violations}
+    assert {"two_leaders", "state_machine_safety", "leader_incomplete"} <= kinds
+
+
+class NoVoteRestriction(Election):
+    """Broken on purpose: votes for any candidate, however short its log."""
+
+    def _log_ok(self, last_index: int, last_term: int) -> bool:
+        return True
+
+
+def test_the_checker_catches_a_missing_vote_restriction() -> None:
+    """Without the vote restriction a leader can be elected without a committed entry and
+    overwrite it on the others: the election itself stays safe, the log does not."""
+    results = _runs(range(250), factory=NoVoteRestriction)
+    kinds = {v.kind for r in results for v in r.violations}
+    assert "leader_incomplete" in kinds and "two_leaders" not in kinds
 
 
 def test_the_checker_catches_leases_without_stickiness() -> None:
-    results = _runs(range(1000), factory=NoStickiness)
+    """Without proposals: while entries flow, the vote restriction alone already keeps a
+    follower that cannot hear the leader from winning (the others' logs are ahead of its)."""
+    results = _runs(range(1000), factory=NoStickiness, proposals=0.0)
     assert any(v.kind == "two_leases" for r in results for v in r.violations)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .messages import MAX_CHUNK
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -45,6 +47,12 @@ class Config:
     pre_vote: bool = True
     """Ask "would you vote for me?" before incrementing the term. Off only in tests that show
     what it prevents (a partitioned node inflating its term and deposing the leader on return)."""
+    max_append_bytes: int = 128 * 1024
+    """Entry data in one AppendEntries (at least one entry goes whatever its size). A follower
+    catching up gets one batch per round trip, so 128 KiB moves a few MB per second on a LAN
+    while every message stays far below the 1 MiB wire frame."""
+    snapshot_chunk_bytes: int = 128 * 1024
+    """Snapshot bytes per InstallSnapshot, sent one chunk per round trip, for the same reason."""
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout_min:
@@ -55,6 +63,10 @@ class Config:
             raise ValueError("check_quorum_timeout must exceed heartbeat_interval")
         if not 0 < self.lease_ratio < 1:
             raise ValueError("lease_ratio must be in (0, 1)")
+        if not 0 < self.max_append_bytes <= MAX_CHUNK:
+            raise ValueError(f"max_append_bytes must be in (0, {MAX_CHUNK}]")
+        if not 0 < self.snapshot_chunk_bytes <= MAX_CHUNK:
+            raise ValueError(f"snapshot_chunk_bytes must be in (0, {MAX_CHUNK}]")
 
     @property
     def lease_duration(self) -> float:

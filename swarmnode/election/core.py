@@ -1,12 +1,18 @@
-"""The `Election` state machine: Raft's leader election with pre-vote and check-quorum, sans-I/O.
+"""The `Election` state machine: Raft (election with pre-vote, check-quorum and leases, and log
+replication with snapshots), sans-I/O.
 
-It picks the build scheduler. There is no log here (the job ledger is a separate piece), so
-this is only the part of Raft that guarantees at most one leader per term:
+It picks the build scheduler and replicates the job ledger: the leader appends entries to its
+log, replicates them to every voter and observer, and an entry is committed once a majority of
+the voters store it. Committed entries come out as `Apply` outputs, in index order, on every
+node; the state machine they drive (the ledger) lives outside.
+
+Election (at most one leader per term):
 
 - Terms and one vote per term. A vote, and every term change, is handed to the shell as a
   `Persist` output *before* the message that depends on it: outputs are in order, and the shell
-  must write each `Persist` durably before sending any `Send` drained after it. A node restarted
-  without its persisted vote could vote twice in one term and elect two leaders.
+  must write each `Persist*` durably before acting on anything drained after it (a `Send` or an
+  `Apply`). A node restarted without its persisted vote could vote twice in one term and elect
+  two leaders.
 - Randomized election timeouts, fresh for every wait, so one voter usually campaigns alone.
 - Pre-vote: a voter whose timer fires first asks the other voters whether they would vote for it
   in term + 1, and only with a majority of yeses increments its term. A partitioned or rejoining
@@ -14,19 +20,37 @@ this is only the part of Raft that guarantees at most one leader per term:
 - Leader stickiness: a voter that heard a leader less than `election_timeout_min` ago refuses
   pre-votes and votes (and does not adopt the candidate's term). This is also what makes the
   leader's lease sound: see `leader_lease_valid`.
-- Check-quorum: a leader that has not heard heartbeat replies from a majority of voters for
+- Check-quorum: a leader that has not heard replies from a majority of voters for
   `check_quorum_timeout` steps down, so a leader cut off from the majority stops leading.
 
+Replication (no committed entry is ever lost or changed):
+
+- Log matching: an AppendEntries names the entry before its batch; a follower accepts the batch
+  only if its log holds that entry with that term, and then drops any conflicting suffix. A
+  follower's new entries are `PersistEntries` outputs, durable before its reply goes out.
+- The vote restriction: a voter refuses (also in the pre-vote) a candidate whose log ends at a
+  lower (last term, last index) than its own. Every majority that elects a leader overlaps
+  every majority that committed an entry, so the new leader holds every committed entry.
+- A leader commits by counting replicas only entries of its own term; earlier entries commit
+  with them. It appends a no-op on election, so what its predecessors committed (or nearly
+  did) is settled promptly, and `can_schedule` waits until that no-op is applied: only then
+  does the leader's ledger reflect every committed decision.
+- Snapshots: the shell hands the state machine's snapshot to `compact`; the log is dropped
+  through it. A follower needing compacted entries gets the snapshot in `InstallSnapshot`
+  chunks and a `Restore` output.
+
 Voters are a small set given from outside (`voters.choose_voters` over the membership view);
-non-voters ("observers") receive heartbeats, never campaign or vote, and report the leader.
-Quorum is a majority of the voter set: one voter elects itself (still through a new term); two
-voters need each other, so with one of two dead there is no leader until the voter set shrinks.
+non-voters ("observers") receive the log too (so any node can answer ledger queries), never
+campaign or vote, and do not count for commit. Quorum is a majority of the voter set: one voter
+elects itself and commits alone; two voters need each other, so with one of two dead there is
+no leader until the voter set shrinks.
 
 Limits: voter-set changes are not agreed through consensus here. Safety holds while any two
 voter sets in use differ by at most one member (every two majorities then overlap); the shell
 moves one change at a time (`voters.step_voters`). A set shrinking from two to one on both sides
-of a partition gives each side a leader: that is the price of a two-node cluster scheduling
-with one node down, and the ledger must fence on (term, leader) anyway.
+of a partition gives each side a leader, and whatever the side that later loses the election
+committed alone is overwritten: that is the price of a two-node cluster scheduling with one node
+down, acceptable only when "down" means dead.
 
 Like the membership core, nothing here touches a socket, a clock or global randomness.
 """
@@ -37,20 +61,24 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
+from .log import MAX_ENTRY, Log, LogEntry, Snapshot, encode_entry
 from .messages import (
+    MAX_APPEND_ENTRIES,
     MAX_ID,
     MAX_U63,
-    Heartbeat,
-    HeartbeatReply,
+    AppendEntries,
+    AppendReply,
+    InstallSnapshot,
     Message,
     MessageError,
     PreVote,
     PreVoteReply,
     RequestVote,
+    SnapshotReply,
     VoteReply,
 )
 
@@ -59,12 +87,15 @@ PRE_CANDIDATE = "pre_candidate"
 CANDIDATE = "candidate"
 LEADER = "leader"
 ROLES = (FOLLOWER, PRE_CANDIDATE, CANDIDATE, LEADER)
+MAX_SNAPSHOT = 256 * 1024 * 1024
+"""A snapshot being received may not grow beyond this (memory held for a sender we trust, but
+a bug there must not exhaust ours)."""
 _INF = math.inf
 
 
 @dataclass(frozen=True, slots=True)
 class Persisted:
-    """What must survive a restart: the current term and whom we voted for in it."""
+    """What must survive a restart besides the log: the current term and whom we voted for."""
 
     term: int = 0
     voted_for: str | None = None
@@ -93,10 +124,46 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Write (term, voted_for) durably before sending anything drained after this."""
+    """Write (term, voted_for) durably before acting on anything drained after this."""
 
     term: int
     voted_for: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PersistEntries:
+    """Replace the stored entries from index `start` on by `entries` (possibly none: a
+    truncation), durably before acting on anything drained after this."""
+
+    start: int
+    entries: tuple[LogEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PersistSnapshot:
+    """Store `snapshot` and delete the stored entries through its index, durably before acting
+    on anything drained after this."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Entry `index` is committed: apply it to the state machine. Outputs come in index order
+    without gaps (after a restart, from the snapshot's index + 1). `entry` is the proposed
+    bytes; `b""` is a leader's no-op."""
+
+    index: int
+    term: int
+    entry: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Replace the state machine by `snapshot` (received from the leader); `Apply`s continue
+    from its index + 1."""
+
+    snapshot: Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +176,36 @@ class Event:
     data: dict[str, Any]
 
 
-Output = Send | Persist | Event
+Output = Send | Persist | PersistEntries | PersistSnapshot | Apply | Restore | Event
+
+
+@dataclass(slots=True)
+class Progress:
+    """The leader's view of one follower's log."""
+
+    next: int
+    """The next index to send: a failed consistency check moves it back, a success forward."""
+    match: int = 0
+    """The highest index known to match our log (only ever grows within one leadership)."""
+    snap_index: int = 0
+    snap_offset: int = 0
+    """Bytes of snapshot `snap_index` the follower holds."""
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """A snapshot being received in chunks."""
+
+    term: int
+    index: int
+    snap_term: int
+    data: bytearray = field(default_factory=bytearray)
 
 
 class Election:
-    """One node's part in electing the scheduler. See the module docstring for the model."""
+    """One node's part in electing the scheduler and replicating the ledger. See the module
+    docstring for the model. `persisted`, `log` and `snapshot` are what the node stored (all
+    that a restart gets back); the shell restores its state machine from `snapshot` itself."""
 
     def __init__(
         self,
@@ -125,6 +217,8 @@ class Election:
         persisted: Persisted | None = None,
         *,
         observers: Iterable[str] = (),
+        log: Iterable[LogEntry] = (),
+        snapshot: Snapshot | None = None,
     ) -> None:
         self.id = node_id
         self.counters: Counter[str] = Counter()
@@ -145,12 +239,23 @@ class Election:
         self._heard_leader_at = now
         self._election_at = _INF
         self._granted: set[str] = set()
+        # the log
+        self._snapshot = snapshot
+        snap_index, snap_term = (snapshot.index, snapshot.term) if snapshot else (0, 0)
+        self._log = Log(snap_index, snap_term, log)
+        self._log_dirty_from: int | None = None
+        self._commit = snap_index
+        self._applied = snap_index
+        self._incoming: _Incoming | None = None
         # leader state
         self._seq = 0
         self._heartbeat_at = _INF
         self._sent_at: dict[int, float] = {}
         self._acked: dict[str, float] = {}
+        self._acked_quorum: float | None = None  # _quorum_acked's value until _acked changes
         self._quorum_base = -_INF
+        self._progress: dict[str, Progress] = {}
+        self._term_start = 0
         self._set_peers(frozenset(voters), frozenset(observers))
         self._arm_election_timer(now)
 
@@ -189,6 +294,23 @@ class Election:
     def quorum(self) -> int:
         return len(self._voters) // 2 + 1
 
+    @property
+    def log(self) -> Log:
+        """The log (read only: for status pages and the simulator's checks)."""
+        return self._log
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    @property
+    def commit_index(self) -> int:
+        return self._commit
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
     def handle(self, now: float, sender: str, msg: Message) -> None:
         """Process one message from `sender` (authenticated by the transport)."""
         self._now = now
@@ -224,6 +346,48 @@ class Election:
         out, self._out = self._out, []
         return out
 
+    def propose(self, now: float, entry: bytes | dict[str, Any]) -> int | None:
+        """Append `entry` (bytes, or a plain map encoded with msgpack) to the log and start
+        replicating it; its index, or None when this node is not a leader holding a lease
+        (the shell then forwards to the leader it knows). The index is only a promise: the
+        entry is accepted once an `Apply` of that index *and term* comes out. Raises
+        ValueError for an empty or oversized entry."""
+        self._now = now
+        if not self.leader_lease_valid(now):
+            self.counters["propose_refused"] += 1
+            return None
+        data = bytes(entry) if isinstance(entry, bytes | bytearray) else encode_entry(entry)
+        if not data or len(data) > MAX_ENTRY:
+            raise ValueError(f"an entry has 1..{MAX_ENTRY} bytes (empty is the leader's no-op)")
+        index = self._append_own(data)
+        for peer, pr in self._progress.items():
+            if pr.next == index:  # up to date: send now; others get it after their catch-up
+                self._send_append(peer)
+        self._leader_commit()
+        self._flush_persist()
+        return index
+
+    def compact(self, index: int, data: bytes) -> bool:
+        """Take `data`, the state machine's snapshot as of applied entry `index`, and drop the
+        log through it. False (nothing done) unless index is applied and beyond the current
+        snapshot. The shell calls this when the log has grown enough to be worth it."""
+        if not self._log.snapshot_index < index <= self._applied:
+            return False
+        term = self._log.term_at(index)
+        assert term is not None
+        self._flush_persist()  # pending entries reach the disk before the snapshot drops them
+        snap = Snapshot(index, term, bytes(data))
+        self._log.compact(index, term)
+        self._snapshot = snap
+        self._out.append(PersistSnapshot(snap))
+        self.counters["compactions"] += 1
+        return True
+
+    def can_schedule(self, now: float) -> bool:
+        """A leader with a lease whose applied state includes everything committed before its
+        term (its no-op is applied): only then may it decide from the ledger, e.g. assign."""
+        return self.leader_lease_valid(now) and self._applied >= self._term_start
+
     def set_voters(
         self, now: float, voters: Iterable[str], observers: Iterable[str] | None = None
     ) -> None:
@@ -245,6 +409,7 @@ class Election:
             if voters - old:
                 # New voters have not been heartbeated yet: one check-quorum period for them.
                 self._quorum_base = now
+            self._leader_commit()  # a smaller quorum may commit what is already stored
         elif self._role in (PRE_CANDIDATE, CANDIDATE):
             self._granted &= voters
             self._advance_if_quorum(now)
@@ -274,16 +439,24 @@ class Election:
             "voted_for": self._voted_for,
             "voters": sorted(self._voters),
             "lease_valid": self.leader_lease_valid(now),
+            "last_index": self._log.last_index,
+            "commit": self._commit,
+            "applied": self._applied,
+            "snapshot_index": self._log.snapshot_index,
         }
 
-    # ------------------------------------------------------------------ message handlers
+    # ------------------------------------------------------------------ election messages
 
     def _on_pre_vote(self, src: str, m: PreVote) -> None:
         if m.candidate != src:
             self.counters["drop_spoofed_candidate"] += 1
             return
         # No term change here whatever the outcome: that is the point of a pre-vote.
-        granted = self._may_vote_for(src) and m.next_term > self._term
+        granted = (
+            self._may_vote_for(src)
+            and m.next_term > self._term
+            and self._log_ok(m.last_index, m.last_term)
+        )
         self.counters["pre_vote_granted" if granted else "pre_vote_refused"] += 1
         self._send(src, PreVoteReply(m.next_term, granted, self._term))
 
@@ -308,7 +481,11 @@ class Election:
             return
         if m.term > self._term:
             self._become_follower(m.term, "higher_term")
-        if self._may_vote_for(src) and self._voted_for in (None, src):
+        if (
+            self._may_vote_for(src)
+            and self._voted_for in (None, src)
+            and self._log_ok(m.last_index, m.last_term)
+        ):
             if self._voted_for != src:
                 self._voted_for = src
                 self._dirty = True
@@ -328,36 +505,238 @@ class Election:
         if self._role == CANDIDATE and m.granted and m.term == self._term:
             self._count_grant(src)
 
-    def _on_heartbeat(self, src: str, m: Heartbeat) -> None:
+    # ------------------------------------------------------------------ replication: follower
+
+    def _on_append(self, src: str, m: AppendEntries) -> None:
         if m.leader != src:
             self.counters["drop_spoofed_leader"] += 1
             return
-        if m.term < self._term:
-            # Our higher term tells a stale leader to step down.
-            self.counters["stale_heartbeat"] += 1
-            self._send(src, HeartbeatReply(self._term, m.seq))
+        if not self._accept_leader(src, m.term, m.seq):
             return
-        if m.term == self._term and self._role == LEADER:
+        prev, prev_term, entries = m.prev_index, m.prev_term, m.entries
+        snap = self._log.snapshot_index
+        if prev < snap:
+            # Our snapshot already holds the start of the batch (committed, so it matches).
+            skip = min(snap - prev, len(entries))
+            if skip == len(entries):
+                self._send(src, AppendReply(self._term, m.seq, True, prev + skip))
+                return
+            prev, prev_term, entries = prev + skip, entries[skip - 1][0], entries[skip:]
+        local = self._log.term_at(prev)
+        if local is None:
+            self.counters["append_gap"] += 1
+            self._send(src, AppendReply(self._term, m.seq, False, self._log.last_index + 1))
+            return
+        if local != prev_term:
+            self.counters["append_conflict"] += 1
+            hint = max(self._log.first_index_of_term(prev), self._commit + 1)
+            self._send(src, AppendReply(self._term, m.seq, False, hint))
+            return
+        if not self._store_entries(prev, entries):
+            return
+        match = prev + len(entries)
+        self._advance_commit(min(m.commit, match))
+        self._send(src, AppendReply(self._term, m.seq, True, match))
+
+    def _store_entries(self, prev: int, entries: tuple[tuple[int, bytes], ...]) -> bool:
+        """Append the batch following `prev` (which matches), dropping a conflicting suffix;
+        entries we already hold stay, so a late duplicate of an old batch truncates nothing."""
+        index = prev
+        for term, data in entries:
+            index += 1
+            have = self._log.term_at(index)
+            if have == term:
+                continue
+            if have is not None:
+                if index <= self._commit:
+                    # A committed entry contradicted: a leader without it was elected, which
+                    # the vote restriction rules out. Refuse rather than destroy it.
+                    self.counters["conflict_with_committed"] += 1
+                    return False
+                self._log.truncate_from(index)
+            self._log.append(LogEntry(index, term, data))
+            self._mark_log(index)
+        return True
+
+    def _on_install_snapshot(self, src: str, m: InstallSnapshot) -> None:
+        if m.leader != src:
+            self.counters["drop_spoofed_leader"] += 1
+            return
+        if not self._accept_leader(src, m.term, m.seq):
+            return
+        if m.index <= self._commit:
+            # We already hold it (committed entries match every leader's log).
+            self._send(src, AppendReply(self._term, m.seq, True, m.index))
+            return
+        inc = self._incoming
+        key = (m.term, m.index, m.snap_term)
+        same = inc is not None and (inc.term, inc.index, inc.snap_term) == key
+        if m.offset == 0:
+            inc = _Incoming(*key)
+        elif inc is None or not same or len(inc.data) != m.offset:
+            have = len(inc.data) if inc is not None and same else 0
+            self._send(src, SnapshotReply(self._term, m.seq, m.index, have))
+            return
+        if len(inc.data) + len(m.data) > MAX_SNAPSHOT:
+            self.counters["snapshot_too_large"] += 1
+            self._incoming = None
+            return
+        inc.data += m.data
+        self._incoming = inc
+        if not m.done:
+            self._send(src, SnapshotReply(self._term, m.seq, m.index, len(inc.data)))
+            return
+        self._incoming = None
+        self._install(Snapshot(m.index, m.snap_term, bytes(inc.data)))
+        self._send(src, AppendReply(self._term, m.seq, True, m.index))
+
+    def _install(self, snap: Snapshot) -> None:
+        """Adopt a snapshot beyond our commit index: the log keeps only what follows it (if it
+        agrees at that point), the state machine is replaced."""
+        self._flush_persist()
+        keeps_suffix = self._log.term_at(snap.index) == snap.term
+        self._log.compact(snap.index, snap.term)
+        self._snapshot = snap
+        self._out.append(PersistSnapshot(snap))
+        if not keeps_suffix:
+            self._mark_log(snap.index + 1)  # the stored suffix contradicts it: delete it
+        self._commit = self._applied = snap.index
+        self._flush_persist()
+        self._out.append(Restore(snap))
+        self.counters["snapshots_installed"] += 1
+
+    def _accept_leader(self, src: str, term: int, seq: int) -> bool:
+        """The common part of AppendEntries and InstallSnapshot: a current leader's message
+        makes us its follower; a stale one is answered with our term (which deposes it)."""
+        if term < self._term:
+            self.counters["stale_leader_message"] += 1
+            self._send(src, AppendReply(self._term, seq, False, 0))
+            return False
+        if term == self._term and self._role == LEADER:
             self.counters["conflicting_leader"] += 1  # impossible while the invariant holds
-            return
-        if m.term > self._term:
-            self._become_follower(m.term, "higher_term")
+            return False
+        if term > self._term:
+            self._become_follower(term, "higher_term")
         self._role = FOLLOWER
         self._granted.clear()
         self._heard_leader_at = self._now
         self._election_at = self._now + self._timeout()
         self._set_leader(src)
-        self._send(src, HeartbeatReply(self._term, m.seq))
+        return True
 
-    def _on_heartbeat_reply(self, src: str, m: HeartbeatReply) -> None:
-        if m.term > self._term:
-            self._become_follower(m.term, "higher_term")
+    # ------------------------------------------------------------------ replication: leader
+
+    def _on_append_reply(self, src: str, m: AppendReply) -> None:
+        pr = self._reply_progress(src, m.term, m.seq)
+        if pr is None:
             return
-        if self._role != LEADER or m.term != self._term or src not in self._voters:
+        if not m.success:
+            # The follower's hint, but never below what it has confirmed: a late reply to an
+            # old probe must not undo progress.
+            hint = max(pr.match + 1, min(pr.next, m.index))
+            if hint < pr.next:
+                pr.next = hint
+                self._send_append(src)
             return
-        sent = self._sent_at.get(m.seq)
-        if sent is not None and sent > self._acked.get(src, -_INF):
-            self._acked[src] = sent
+        if m.index > self._log.last_index:
+            self.counters["bogus_append_reply"] += 1
+            return
+        if m.index > pr.match:
+            pr.match = m.index
+            pr.next = max(pr.next, m.index + 1)
+            if src in self._voters:
+                self._leader_commit()
+            if pr.next <= self._log.last_index:
+                self._send_append(src)  # catching up: the next batch right away
+
+    def _on_snapshot_reply(self, src: str, m: SnapshotReply) -> None:
+        pr = self._reply_progress(src, m.term, m.seq)
+        snap = self._snapshot
+        if pr is None or snap is None or m.index != snap.index or pr.next > snap.index:
+            return
+        if m.offset > len(snap.data):
+            self.counters["bogus_snapshot_reply"] += 1
+            return
+        if (pr.snap_index, pr.snap_offset) != (snap.index, m.offset):
+            pr.snap_index, pr.snap_offset = snap.index, m.offset
+            self._send_snapshot(src, pr)
+
+    def _reply_progress(self, src: str, term: int, seq: int) -> Progress | None:
+        """The common part of replies to the leader: a higher term deposes it; a reply in our
+        term acknowledges heartbeat round `seq` (lease and check-quorum, voters only)."""
+        if term > self._term:
+            self._become_follower(term, "higher_term")
+            return None
+        if self._role != LEADER or term != self._term:
+            return None
+        if src in self._voters:
+            sent = self._sent_at.get(seq)
+            if sent is not None and sent > self._acked.get(src, -_INF):
+                self._acked[src] = sent
+                self._acked_quorum = None
+        return self._progress.get(src)
+
+    def _send_append(self, peer: str) -> None:
+        pr = self._progress[peer]
+        if pr.next <= self._log.snapshot_index:
+            self._send_snapshot(peer, pr)
+            return
+        prev = pr.next - 1
+        prev_term = self._log.term_at(prev)
+        assert prev_term is not None
+        batch = self._log.entries_from(pr.next, self._cfg.max_append_bytes, MAX_APPEND_ENTRIES)
+        entries = tuple((e.term, e.data) for e in batch)
+        msg = AppendEntries(self._term, self.id, self._seq, prev, prev_term, self._commit, entries)
+        self._send(peer, msg)
+
+    def _send_snapshot(self, peer: str, pr: Progress) -> None:
+        snap = self._snapshot
+        assert snap is not None, "a compacted log always has its snapshot"
+        if pr.snap_index != snap.index:
+            pr.snap_index, pr.snap_offset = snap.index, 0
+        off = pr.snap_offset
+        chunk = snap.data[off : off + self._cfg.snapshot_chunk_bytes]
+        done = off + len(chunk) >= len(snap.data)
+        self.counters["snapshot_chunks_sent"] += 1
+        term, seq = self._term, self._seq
+        self._send(
+            peer, InstallSnapshot(term, self.id, seq, snap.index, snap.term, off, chunk, done)
+        )
+
+    def _leader_commit(self) -> None:
+        """Commit the highest index a majority of voters stores, if it is of our term (an older
+        entry on a majority can still be overwritten: Raft's figure 8)."""
+        if self._role != LEADER:
+            return
+        last = self._log.last_index
+        matches = sorted(
+            (
+                last if v == self.id else (p.match if (p := self._progress.get(v)) else 0)
+                for v in self._voters
+            ),
+            reverse=True,
+        )
+        n = matches[self.quorum - 1]
+        if n > self._commit and self._log.term_at(n) == self._term:
+            self._advance_commit(n)
+
+    def _append_own(self, data: bytes) -> int:
+        index = self._log.last_index + 1
+        self._log.append(LogEntry(index, self._term, data))
+        self._mark_log(index)
+        return index
+
+    # ------------------------------------------------------------------ the commit index
+
+    def _advance_commit(self, index: int) -> None:
+        if index <= self._commit:
+            return
+        self._commit = index
+        self._flush_persist()  # what is applied is on disk here first
+        while self._applied < self._commit:
+            self._applied += 1
+            e = self._log.entry(self._applied)
+            self._out.append(Apply(e.index, e.term, e.data))
 
     # ------------------------------------------------------------------ transitions
 
@@ -380,8 +759,9 @@ class Election:
         self._granted = {self.id}
         self._election_at = now + self._timeout()
         if not self._advance_if_quorum(now):
+            last_index, last_term = self._log.last_index, self._log.last_term
             for peer in self._peers_voting():
-                self._send(peer, PreVote(self._term + 1, self.id))
+                self._send(peer, PreVote(self._term + 1, self.id, last_index, last_term))
 
     def _start_election(self, now: float) -> None:
         self.counters["elections_started"] += 1
@@ -391,8 +771,9 @@ class Election:
         self._granted = {self.id}
         self._election_at = now + self._timeout()
         if not self._advance_if_quorum(now):
+            last_index, last_term = self._log.last_index, self._log.last_term
             for peer in self._peers_voting():
-                self._send(peer, RequestVote(self._term, self.id))
+                self._send(peer, RequestVote(self._term, self.id, last_index, last_term))
 
     def _count_grant(self, src: str) -> None:
         if src in self._voters:
@@ -417,9 +798,15 @@ class Election:
         self._seq = 0
         self._sent_at.clear()
         self._acked.clear()
+        self._acked_quorum = None
         self._quorum_base = now
+        self._incoming = None
         self._event("leader_elected", term=self._term)
         self._set_leader(self.id)
+        nxt = self._log.last_index + 1
+        self._progress = {p: Progress(nxt) for p in self._peers}
+        self._term_start = self._append_own(b"")  # the no-op that commits our predecessors'
+        self._leader_commit()
         self._broadcast_heartbeat(now)
 
     def _become_follower(self, term: int, reason: str) -> None:
@@ -429,6 +816,7 @@ class Election:
         if self._role == LEADER:
             self.counters["stepped_down_" + reason] += 1
             self._heartbeat_at = _INF
+            self._progress = {}
             self._event("stepped_down", term=self._term, reason=reason)
             self._set_leader(None)
             self._election_at = self._now + self._timeout()
@@ -462,17 +850,21 @@ class Election:
             del self._sent_at[first]
         self._heartbeat_at = now + self._cfg.heartbeat_interval
         for peer in self._peers:
-            self._send(peer, Heartbeat(self._term, self.id, self._seq))
+            # Entries from `next` on: retransmits whatever a lagging follower has not confirmed.
+            self._send_append(peer)
 
     def _quorum_acked(self) -> float:
         """Send time of the latest heartbeat round a majority (us included) acknowledged."""
-        need = self.quorum - 1  # we count ourselves
-        if need <= 0:
-            return _INF
-        acks = sorted(
-            (self._acked.get(v, -_INF) for v in self._voters if v != self.id), reverse=True
-        )
-        return acks[need - 1] if len(acks) >= need else -_INF
+        if self._acked_quorum is None:
+            need = self.quorum - 1  # we count ourselves
+            acks = sorted(
+                (self._acked.get(v, -_INF) for v in self._voters if v != self.id), reverse=True
+            )
+            if need <= 0:
+                self._acked_quorum = _INF
+            else:
+                self._acked_quorum = acks[need - 1] if len(acks) >= need else -_INF
+        return self._acked_quorum
 
     def _quorum_deadline(self) -> float:
         return max(self._quorum_acked(), self._quorum_base) + self._cfg.check_quorum_timeout
@@ -487,14 +879,22 @@ class Election:
     def _may_vote_for(self, candidate: str) -> bool:
         return self.id in self._voters and candidate in self._voters and not self._sticky(self._now)
 
+    def _log_ok(self, last_index: int, last_term: int) -> bool:
+        """The vote restriction: the candidate's log is at least as up to date as ours."""
+        return (last_term, last_index) >= (self._log.last_term, self._log.last_index)
+
     def _peers_voting(self) -> list[str]:
         return [p for p in self._peers if p in self._voters]
 
     def _set_peers(self, voters: frozenset[str], observers: frozenset[str]) -> None:
         self._voters = voters
+        self._acked_quorum = None
         self._observers = observers - voters
         # Sorted: frozenset order depends on string hashing, which differs between processes.
         self._peers = sorted((voters | self._observers) - {self.id})
+        if self._role == LEADER:
+            nxt = self._log.last_index + 1
+            self._progress = {p: self._progress.get(p) or Progress(nxt) for p in self._peers}
 
     def _arm_election_timer(self, now: float) -> None:
         if self.id in self._voters and len(self._voters) == 1:
@@ -506,17 +906,26 @@ class Election:
     def _timeout(self) -> float:
         return self._rng.uniform(self._cfg.election_timeout_min, self._cfg.election_timeout_max)
 
+    def _mark_log(self, index: int) -> None:
+        """Entries from `index` on changed and must be persisted before the next output."""
+        if self._log_dirty_from is None or index < self._log_dirty_from:
+            self._log_dirty_from = index
+
     def _send(self, to: str, msg: Message) -> None:
         self._flush_persist()
         self._out.append(Send(to, msg))
         self.counters["sent_" + type(msg).__name__] += 1
 
     def _flush_persist(self) -> None:
-        """Emit the pending Persist; called before every Send, so the vote or term a message
-        depends on is always durable first."""
+        """Emit the pending Persist and PersistEntries; called before every Send and Apply, so
+        the vote, term or entries a message or an applied entry depends on are durable first."""
         if self._dirty:
             self._dirty = False
             self._out.append(Persist(self._term, self._voted_for))
+        start = self._log_dirty_from
+        if start is not None:
+            self._log_dirty_from = None
+            self._out.append(PersistEntries(start, self._log.entries_from(start)))
 
     def _event(self, kind: str, **data: Any) -> None:
         self._out.append(Event(kind, data))
@@ -527,6 +936,8 @@ _HANDLERS: dict[type, Callable[[Election, str, Any], None]] = {
     PreVoteReply: Election._on_pre_vote_reply,
     RequestVote: Election._on_request_vote,
     VoteReply: Election._on_vote_reply,
-    Heartbeat: Election._on_heartbeat,
-    HeartbeatReply: Election._on_heartbeat_reply,
+    AppendEntries: Election._on_append,
+    AppendReply: Election._on_append_reply,
+    InstallSnapshot: Election._on_install_snapshot,
+    SnapshotReply: Election._on_snapshot_reply,
 }

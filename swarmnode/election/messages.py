@@ -1,4 +1,4 @@
-"""Election messages: frozen dataclasses and a strict codec.
+"""Election and replication messages: frozen dataclasses and a strict codec.
 
 `encode` gives a msgpack-friendly plain dict (with its kind under "k") and `decode` turns any
 object back into a fully validated message or raises `MessageError` -- never another exception,
@@ -8,6 +8,10 @@ wrap the same forms for the signed envelope (type string "election.<kind>", msgp
 A field named `term` always carries the sender's current term, so the receiver can apply Raft's
 "a higher term wins" rule uniformly. `PreVote` has no `term` on purpose: it asks about a term
 nobody holds yet and must not move anyone's term.
+
+Heartbeats are `AppendEntries` (with no entries when the follower is up to date): one message
+both keeps the leader's authority and probes where the follower's log matches, so a follower
+that missed entries is found by the next heartbeat, not by a separate timer.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from typing import Any
 
 import msgpack
 
+from .log import MAX_ENTRY
+
 MAX_U63 = (1 << 63) - 1
 MAX_ID = 64
 """Node ids are opaque strings; 64 is the envelope's longest string (the 52-char id fits)."""
 MAX_BODY = 1024
-"""Every election message is a few dozen bytes; anything bigger is not one of ours."""
+"""Every message without entries or snapshot data is a few dozen bytes."""
+MAX_BULK_BODY = 960 * 1024
+"""AppendEntries and InstallSnapshot bodies: the 1 MiB wire frame minus the envelope."""
+MAX_APPEND_ENTRIES = 4096
+"""Entries in one AppendEntries (the leader also caps a batch's bytes: max_append_bytes)."""
+MAX_CHUNK = 256 * 1024
+"""Snapshot bytes in one InstallSnapshot."""
 TYPE_PREFIX = "election."
 
 
@@ -31,10 +43,14 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PreVote:
-    """Asks "would you vote for me in `next_term`?" (the sender's term + 1); changes nothing."""
+    """Asks "would you vote for me in `next_term`?" (the sender's term + 1); changes nothing.
+    Carries the candidate's last log position because a voter only says yes to a log at least
+    as up to date as its own, exactly as it would in the real vote."""
 
     next_term: int
     candidate: str
+    last_index: int
+    last_term: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +64,13 @@ class PreVoteReply:
 
 @dataclass(frozen=True, slots=True)
 class RequestVote:
+    """The vote restriction's input: a voter refuses a candidate whose log ends at a lower
+    (last_term, last_index) than its own, so a leader always holds every committed entry."""
+
     term: int
     candidate: str
+    last_index: int
+    last_term: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,32 +80,80 @@ class VoteReply:
 
 
 @dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """`seq` grows with every heartbeat round of one leadership: a reply names the round it
-    answers, so the leader knows when that round was sent (its lease starts then)."""
+class AppendEntries:
+    """The leader's heartbeat and log replication in one. `entries` are (term, data) for the
+    indexes prev_index + 1, ...; the follower accepts them only if its log holds prev_index
+    with prev_term (log matching). `seq` grows with every heartbeat round of one leadership: a
+    reply names the round it answers, so the leader knows when that round was sent (its lease
+    starts then). `commit` is the leader's commit index."""
 
     term: int
     leader: str
     seq: int
+    prev_index: int
+    prev_term: int
+    commit: int
+    entries: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
-class HeartbeatReply:
-    """Acknowledges round `seq` when `term` equals the leader's; a higher `term` deposes it."""
+class AppendReply:
+    """Acknowledges round `seq` when `term` equals the leader's (a higher `term` deposes it).
+    `success`: the follower's log matches the leader's through `index`. Otherwise `index` is
+    where the leader should try next (the follower's log is shorter, or conflicts from there)."""
 
     term: int
     seq: int
+    success: bool
+    index: int
 
 
-Message = PreVote | PreVoteReply | RequestVote | VoteReply | Heartbeat | HeartbeatReply
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """One chunk of the leader's snapshot, for a follower that needs entries the leader has
+    compacted away. Chunks go one at a time, each after the previous one is acknowledged."""
+
+    term: int
+    leader: str
+    seq: int
+    index: int
+    snap_term: int
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReply:
+    """The follower holds `offset` bytes of snapshot `index` and wants the rest (a completed
+    install is acknowledged with an `AppendReply` instead)."""
+
+    term: int
+    seq: int
+    index: int
+    offset: int
+
+
+Message = (
+    PreVote
+    | PreVoteReply
+    | RequestVote
+    | VoteReply
+    | AppendEntries
+    | AppendReply
+    | InstallSnapshot
+    | SnapshotReply
+)
 
 _KINDS: dict[type, str] = {
     PreVote: "pre_vote",
     PreVoteReply: "pre_vote_reply",
     RequestVote: "request_vote",
     VoteReply: "vote_reply",
-    Heartbeat: "heartbeat",
-    HeartbeatReply: "heartbeat_reply",
+    AppendEntries: "append_entries",
+    AppendReply: "append_reply",
+    InstallSnapshot: "install_snapshot",
+    SnapshotReply: "snapshot_reply",
 }
 _CLASSES = {kind: cls for cls, kind in _KINDS.items()}
 MESSAGE_TYPES = frozenset(TYPE_PREFIX + kind for kind in _CLASSES)
@@ -94,23 +163,70 @@ MESSAGE_TYPES = frozenset(TYPE_PREFIX + kind for kind in _CLASSES)
 _INT = "int"
 _BOOL = "bool"
 _ID = "id"
+_CHUNK = "chunk"
+_ENTRIES = "entries"
 _FIELDS: dict[type, tuple[tuple[str, str], ...]] = {
-    PreVote: (("next_term", _INT), ("candidate", _ID)),
+    PreVote: (("next_term", _INT), ("candidate", _ID), ("last_index", _INT), ("last_term", _INT)),
     PreVoteReply: (("next_term", _INT), ("granted", _BOOL), ("term", _INT)),
-    RequestVote: (("term", _INT), ("candidate", _ID)),
+    RequestVote: (("term", _INT), ("candidate", _ID), ("last_index", _INT), ("last_term", _INT)),
     VoteReply: (("term", _INT), ("granted", _BOOL)),
-    Heartbeat: (("term", _INT), ("leader", _ID), ("seq", _INT)),
-    HeartbeatReply: (("term", _INT), ("seq", _INT)),
+    AppendEntries: (
+        ("term", _INT),
+        ("leader", _ID),
+        ("seq", _INT),
+        ("prev_index", _INT),
+        ("prev_term", _INT),
+        ("commit", _INT),
+        ("entries", _ENTRIES),
+    ),
+    AppendReply: (("term", _INT), ("seq", _INT), ("success", _BOOL), ("index", _INT)),
+    InstallSnapshot: (
+        ("term", _INT),
+        ("leader", _ID),
+        ("seq", _INT),
+        ("index", _INT),
+        ("snap_term", _INT),
+        ("offset", _INT),
+        ("data", _CHUNK),
+        ("done", _BOOL),
+    ),
+    SnapshotReply: (("term", _INT), ("seq", _INT), ("index", _INT), ("offset", _INT)),
 }
 _KEYS = {cls: frozenset({"k", *(name for name, _ in spec)}) for cls, spec in _FIELDS.items()}
+_BULK = {AppendEntries, InstallSnapshot}
+
+
+def _is_u63(value: object) -> bool:
+    # `type(...) is` because bool is an int subclass and must not pass as a term.
+    return type(value) is int and 0 <= value <= MAX_U63
+
+
+def _entries(value: object, what: str) -> tuple[tuple[int, bytes], ...]:
+    if type(value) not in (list, tuple) or len(value) > MAX_APPEND_ENTRIES:  # type: ignore[arg-type]
+        raise MessageError(f"{what}: expected a list of at most {MAX_APPEND_ENTRIES} entries")
+    out = []
+    for item in value:  # type: ignore[attr-defined]
+        if (
+            type(item) not in (list, tuple)
+            or len(item) != 2
+            or not _is_u63(item[0])
+            or type(item[1]) is not bytes
+            or len(item[1]) > MAX_ENTRY
+        ):
+            raise MessageError(f"{what}: expected [term, bytes] pairs")
+        out.append((item[0], item[1]))
+    return tuple(out)
 
 
 def _check(value: object, how: str, what: str) -> Any:
-    # `type(...) is` because bool is an int subclass and must not pass as a term.
+    if how == _ENTRIES:
+        return _entries(value, what)
     if how == _INT:
-        ok = type(value) is int and 0 <= value <= MAX_U63
+        ok = _is_u63(value)
     elif how == _BOOL:
         ok = type(value) is bool
+    elif how == _CHUNK:
+        ok = type(value) is bytes and len(value) <= MAX_CHUNK
     else:
         ok = type(value) is str and 1 <= len(value) <= MAX_ID
     if not ok:
@@ -124,8 +240,9 @@ def encode(msg: Message) -> dict[str, Any]:
     if kind is None:
         raise TypeError(f"not an election message: {msg!r}")
     plain: dict[str, Any] = {"k": kind}
-    for name, _ in _FIELDS[type(msg)]:
-        plain[name] = getattr(msg, name)
+    for name, how in _FIELDS[type(msg)]:
+        value = getattr(msg, name)
+        plain[name] = [list(e) for e in value] if how == _ENTRIES else value
     return plain
 
 
@@ -146,24 +263,26 @@ def decode(obj: object) -> Message:
 def pack(msg: Message) -> tuple[str, bytes]:
     """(envelope type string, msgpack body)."""
     plain = encode(msg)
-    return TYPE_PREFIX + plain["k"], msgpack.packb(plain)
+    return TYPE_PREFIX + plain["k"], msgpack.packb(plain, use_bin_type=True)
 
 
 def unpack(type_str: str, body: bytes) -> Message:
     """Decode an envelope body; the type string must agree with the body's kind."""
     if type(type_str) is not str or type_str not in MESSAGE_TYPES:
         raise MessageError(f"unknown message type {type_str!r}")
-    if not isinstance(body, bytes | bytearray | memoryview) or len(body) > MAX_BODY:
-        raise MessageError("body: expected bytes of at most MAX_BODY")
+    bulk = _CLASSES[type_str[len(TYPE_PREFIX) :]] in _BULK
+    limit = MAX_BULK_BODY if bulk else MAX_BODY
+    if not isinstance(body, bytes | bytearray | memoryview) or len(body) > limit:
+        raise MessageError("body: expected bytes within the size limit of its type")
     try:
         obj = msgpack.unpackb(
             body,
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_ID,
-            max_bin_len=0,
-            max_array_len=0,
-            max_map_len=8,
+            max_bin_len=max(MAX_ENTRY, MAX_CHUNK) if bulk else 0,
+            max_array_len=MAX_APPEND_ENTRIES if bulk else 0,
+            max_map_len=10,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types for hostile input; all mean malformed.

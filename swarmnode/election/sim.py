@@ -1,25 +1,41 @@
-"""Deterministic discrete-event simulator for the election core, with a safety checker.
+"""Deterministic discrete-event simulator for the Raft core, with a safety checker.
 
 It drives real `Election` instances exactly as the node shell does -- `handle` for each
 delivered message, `tick` when `next_deadline` is due, `drain` after each, writing every
-`Persist` to the node's "disk" before transmitting what follows it -- over a virtual clock and
-a seeded RNG, with per-message latency (so reordering), loss, duplication, partitions, crashes
-and restarts. A restarted node gets back only what it persisted. Same seed, same run.
+`Persist*` to the node's "disk" before transmitting or applying what follows it -- over a
+virtual clock and a seeded RNG, with per-message latency (so reordering), loss, duplication,
+partitions, crashes and restarts. A restarted node gets back only its disk (term, vote, log,
+snapshot). Same seed, same run.
+
+Each node runs a tiny state machine: a running digest over the applied entries (its snapshot is
+the digest followed by the applied bytes, so snapshots are big enough to need several chunks).
+`LedgerSim` (swarmnode/ledger/sim.py) subclasses this with the job ledger through the hooks
+`_on_start`, `_on_apply`, `_on_restore`, `_sm_snapshot`, `_sm_load` and `_deliver_app`.
 
 After every step the acting node is checked against the safety invariants, and violations are
 recorded (not raised) so a test can also show that a broken variant is caught:
 
-- election safety: every (term, leader) ever seen is recorded; two leaders in one term is a
-  violation, even if they never led at the same instant;
-- lease safety: two live nodes never hold a valid leader lease at the same virtual instant.
+- election safety: two leaders ever seen in one term is a violation, even if they never led at
+  the same instant;
+- lease safety: two live nodes never hold a valid leader lease at the same virtual instant;
+- log matching: no two entries ever written to any disk have the same (index, term) but
+  different data or a different previous term (by induction: equal logs up to that index);
+- state machine safety: every node applies indexes in order without gaps, and every `Apply` of
+  an index carries the same (term, entry) as every other node's, forever: each node's applied
+  sequence is a prefix of one history, and so is every snapshot (checked by digest);
+- leader completeness: a newly elected leader's log holds every entry applied anywhere so far;
+- durability: after every step the core's log ends where its disk ends (nothing the core relies
+  on is missing from the disk).
 
-`random_run` is one randomized fault schedule followed by a stable period with a liveness
-check; `python -m swarmnode.election.sim --runs 2000` runs many and prints a summary.
+`random_run` is one randomized fault schedule with a stream of proposals, followed by a stable
+period with a liveness check (a leader followed by all, every node caught up);
+`python -m swarmnode.election.sim --runs 2000` runs many and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import math
 import random
@@ -27,18 +43,90 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Config
-from .core import LEADER, Election, Event, Persist, Persisted, Send
-from .messages import Message, pack, unpack
+from .core import (
+    LEADER,
+    Apply,
+    Election,
+    Event,
+    Persist,
+    Persisted,
+    PersistEntries,
+    PersistSnapshot,
+    Restore,
+    Send,
+)
+from .log import LogEntry, Snapshot
+from .messages import (
+    AppendEntries,
+    AppendReply,
+    InstallSnapshot,
+    PreVote,
+    PreVoteReply,
+    RequestVote,
+    SnapshotReply,
+    VoteReply,
+    pack,
+    unpack,
+)
 
 Latency = tuple[float, float]
 
 _DELIVER = 0
 _TICK = 1
+_CALL = 2
 _INF = math.inf
+_ELECTION_TYPES = frozenset(
+    {
+        PreVote,
+        PreVoteReply,
+        RequestVote,
+        VoteReply,
+        AppendEntries,
+        AppendReply,
+        InstallSnapshot,
+        SnapshotReply,
+    }
+)
+DIGEST0 = bytes(16)
+
+
+def chain(digest: bytes, term: int, entry: bytes) -> bytes:
+    """The digest of a history extended by one applied entry."""
+    h = hashlib.blake2b(digest, digest_size=16)
+    h.update(term.to_bytes(8, "big"))
+    h.update(entry)
+    return h.digest()
+
+
+@dataclass(slots=True)
+class Disk:
+    """What a node persisted; all a restart gets back."""
+
+    hard: Persisted | None = None
+    snapshot: Snapshot | None = None
+    entries: list[LogEntry] = field(default_factory=list)
+
+    @property
+    def snapshot_index(self) -> int:
+        return self.snapshot.index if self.snapshot else 0
+
+    @property
+    def last_index(self) -> int:
+        return self.entries[-1].index if self.entries else self.snapshot_index
+
+    def term_at(self, index: int) -> int | None:
+        if self.snapshot and index == self.snapshot.index:
+            return self.snapshot.term
+        if index == 0:
+            return 0
+        first = self.snapshot_index + 1
+        if first <= index <= self.last_index:
+            return self.entries[index - first].term
+        return None
 
 
 @dataclass(slots=True)
@@ -48,10 +136,17 @@ class SimNode:
     election: Election | None = None
     up: bool = True
     tick_at: float = _INF
-    disk: Persisted | None = None
-    """What the node persisted; all a restart gets back."""
+    disk: Disk = field(default_factory=Disk)
     lease_until: float = -_INF
     """The node's lease expiry after its last step (exact between its steps)."""
+    applied: int = 0
+    digest: bytes = DIGEST0
+    applied_data: list[bytes] = field(default_factory=list)
+    """The applied entries (the tiny state machine; a snapshot carries them)."""
+    epoch: int = 0
+    """Grows at every start: timers set by an earlier life of the node never fire."""
+    app: Any = None
+    """The subclass's per-node state (the ledger and friends)."""
 
 
 @dataclass(slots=True)
@@ -62,7 +157,9 @@ class Violation:
 
 
 class ElectionSim:
-    """`voters` voting nodes "v0".. and `observers` non-voting nodes "o0".., started at time 0."""
+    """`voters` voting nodes "v0".. and `observers` non-voting nodes "o0".., started at time 0.
+    `snapshot_every`: each node compacts its log whenever that many entries were applied since
+    its last snapshot (None: never)."""
 
     def __init__(
         self,
@@ -77,6 +174,7 @@ class ElectionSim:
         codec: bool = False,
         record_events: bool = False,
         factory: Callable[..., Election] = Election,
+        snapshot_every: int | None = None,
     ) -> None:
         self.config = config or Config()
         self.factory = factory
@@ -88,12 +186,19 @@ class ElectionSim:
         self.duplicate = duplicate
         self.codec = codec
         self.record_events = record_events
+        self.snapshot_every = snapshot_every
         self.now = 0.0
         self.voter_ids = frozenset(f"v{i}" for i in range(voters))
         self.observer_ids = frozenset(f"o{i}" for i in range(observers))
         self.nodes: dict[str, SimNode] = {}
         self.leaders: dict[int, set[str]] = {}
         """term -> every node that ever led in it (the election safety record)."""
+        self.committed: list[tuple[int, bytes, bytes]] = [(0, b"", DIGEST0)]
+        """index -> (term, entry, digest after it), as first applied anywhere: the one history."""
+        self.proposals: dict[tuple[str, int], tuple[int, bytes]] = {}
+        """(proposer, index) -> (term, entry) of every proposal a leader took."""
+        self.written: dict[tuple[int, int], tuple[bytes, int | None]] = {}
+        """(index, term) -> (entry, previous entry's term) of every entry ever written."""
         self.violations: list[Violation] = []
         self.events: list[tuple[float, str, Event]] = []
         self.event_counts: Counter[str] = Counter()
@@ -116,6 +221,7 @@ class ElectionSim:
         node.election = None
         node.tick_at = _INF
         node.lease_until = -_INF
+        node.app = None
         self.stats["crashes"] += 1
 
     def restart(self, id_: str, *, keep_disk: bool = True) -> None:
@@ -123,7 +229,7 @@ class ElectionSim:
         node = self.nodes[id_]
         assert not node.up, f"{id_} is running"
         if not keep_disk:
-            node.disk = None
+            node.disk = Disk()
         node.up = True
         self.stats["restarts"] += 1
         self._start(node)
@@ -159,6 +265,35 @@ class ElectionSim:
                 node.election.set_voters(self.now, self.voter_ids, self.observer_ids)
                 self._flush(node)
 
+    # ------------------------------------------------------------------ client side
+
+    def propose(self, id_: str, entry: bytes | dict[str, Any]) -> int | None:
+        """Propose at node `id_` (as its shell would on a client request)."""
+        node = self.nodes[id_]
+        if not node.up or node.election is None:
+            return None
+        el = node.election
+        index = el.propose(self.now, entry)
+        if index is not None:
+            data = el.log.entry(index).data
+            self.proposals[(id_, index)] = (el.term, data)
+            self.stats["proposed"] += 1
+        self._flush(node)
+        return index
+
+    def call_at(self, t: float, id_: str, fn: Callable[[], None]) -> None:
+        """Run `fn` at virtual time `t` in node `id_`'s current life (dropped if it crashes)."""
+        self._push(t, _CALL, id_, "", (self.nodes[id_].epoch, fn))
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        """Run `fn` at virtual time `t`, outside any node (a client, a test's action)."""
+        self._push(t, _CALL, "", "", (0, fn))
+
+    def send_app(self, src: str, dst: str, msg: Any) -> None:
+        """Send a non-election message (a forwarded request, an assignment, a report) over
+        the same lossy, partitioned network."""
+        self._transmit(src, dst, msg)
+
     # ------------------------------------------------------------------ running
 
     def run_until(self, t: float) -> None:
@@ -171,7 +306,7 @@ class ElectionSim:
         self.run_until(self.now + dt)
 
     def run_until_pred(
-        self, pred: Callable[[ElectionSim], bool], timeout: float, step: float = 0.01
+        self, pred: Callable[[Any], bool], timeout: float, step: float = 0.01
     ) -> bool:
         """Run until `pred(self)` holds (checked every `step`), or `timeout` seconds pass."""
         end = self.now + timeout
@@ -183,16 +318,24 @@ class ElectionSim:
             self.run_until(min(end, self.now + step))
 
     def _start(self, node: SimNode) -> None:
+        node.epoch += 1
+        disk = node.disk
         node.election = self.factory(
             node.id,
             self.voter_ids,
             self.config,
             node.rng,
             self.now,
-            node.disk,
+            disk.hard,
             observers=self.observer_ids,
+            log=list(disk.entries),
+            snapshot=disk.snapshot,
         )
         node.tick_at = _INF
+        node.applied, node.digest, node.applied_data = 0, DIGEST0, []
+        self._on_start(node)
+        if disk.snapshot is not None:
+            self._load_snapshot(node, disk.snapshot)
         self._flush(node)
 
     def _push(self, t: float, kind: int, to: str, src: str, msg: Any) -> None:
@@ -202,16 +345,27 @@ class ElectionSim:
     def _step(self) -> None:
         t, _, kind, to, src, msg = heapq.heappop(self._heap)
         self.now = t
+        if not to:
+            msg[1]()
+            return
         node = self.nodes[to]
         el = node.election
         if not node.up or el is None:
             self.stats["dropped_down"] += 1
             return
         if kind == _DELIVER:
-            if self.codec:
+            if type(msg) is tuple:
                 msg = unpack(*msg)
             self.stats["delivered"] += 1
-            el.handle(t, src, msg)
+            if type(msg) in _ELECTION_TYPES:
+                el.handle(t, src, msg)
+            else:
+                self._deliver_app(node, src, msg)
+        elif kind == _CALL:
+            epoch, fn = msg
+            if epoch != node.epoch:
+                return
+            fn()
         else:
             if node.tick_at != t:
                 return  # superseded by an earlier deadline
@@ -223,14 +377,11 @@ class ElectionSim:
     def _flush(self, node: SimNode, after_tick: bool = False) -> None:
         el = node.election
         assert el is not None
-        for out in el.drain():
-            if type(out) is Send:
-                self._transmit(node.id, out.to, out.msg)
-            elif type(out) is Persist:
-                node.disk = Persisted(out.term, out.voted_for)  # durable before what follows
-                self.stats["persists"] += 1
-            else:
-                self._observe(node.id, out)  # type: ignore[arg-type]
+        out = el.drain()
+        while out:
+            for o in out:
+                self._carry_out(node, o)
+            out = self._maybe_compact(node, el)
         self._check(node, el)
         nd = el.next_deadline()
         if nd <= self.now and after_tick:
@@ -242,25 +393,163 @@ class ElectionSim:
             node.tick_at = nd
             self._push(nd, _TICK, node.id, "", None)
 
-    def _transmit(self, src: str, dst: str, msg: Message) -> None:
+    def _carry_out(self, node: SimNode, o: Any) -> None:
+        kind = type(o)
+        if kind is Send:
+            self._transmit(node.id, o.to, o.msg)
+        elif kind is Persist:
+            node.disk.hard = Persisted(o.term, o.voted_for)  # durable before what follows
+            self.stats["persists"] += 1
+        elif kind is PersistEntries:
+            self._write_entries(node, o)
+        elif kind is PersistSnapshot:
+            self._write_snapshot(node, o.snapshot)
+        elif kind is Apply:
+            self._apply(node, o)
+        elif kind is Restore:
+            self._restore(node, o.snapshot)
+        else:
+            self._observe(node, o)
+
+    def _maybe_compact(self, node: SimNode, el: Election) -> list[Any]:
+        every = self.snapshot_every
+        if every is None or node.applied - el.log.snapshot_index < every:
+            return []
+        if el.compact(node.applied, self._snapshot_data(node)):
+            self.stats["compactions"] += 1
+        return el.drain()
+
+    def linked(self, a: str, b: str) -> bool:
+        """Whether the network carries messages between a and b (their processes may be down)."""
+        if self._group and self._group.get(a, -1) != self._group.get(b, -1):
+            return False
+        return not (self._cut and frozenset((a, b)) in self._cut)
+
+    def _transmit(self, src: str, dst: str, msg: Any) -> None:
         self.stats["sent"] += 1
-        if (self._group and self._group.get(src, -1) != self._group.get(dst, -1)) or (
-            self._cut and frozenset((src, dst)) in self._cut
-        ):
+        if not self.linked(src, dst):
             self.stats["partitioned"] += 1
             return
         copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
-        wire: Any = pack(msg) if self.codec else msg
+        wire: Any = pack(msg) if self.codec and type(msg) in _ELECTION_TYPES else msg
         for _ in range(copies):
             if self.loss and self.rng.random() < self.loss:
                 self.stats["lost"] += 1
                 continue
             self._push(self.now + self.rng.uniform(*self.latency), _DELIVER, dst, src, wire)
 
-    def _observe(self, observer: str, ev: Event) -> None:
+    def _observe(self, node: SimNode, ev: Event) -> None:
         self.event_counts[ev.kind] += 1
         if self.record_events:
-            self.events.append((self.now, observer, ev))
+            self.events.append((self.now, node.id, ev))
+        if ev.kind == "leader_elected":
+            self._check_leader_complete(node)
+
+    # ------------------------------------------------------------------ the disk
+
+    def _write_entries(self, node: SimNode, o: PersistEntries) -> None:
+        disk = node.disk
+        self.stats["entry_writes"] += 1
+        if not disk.snapshot_index < o.start <= disk.last_index + 1:
+            self._violate(
+                "bad_write", f"{node.id} writes from {o.start}, disk ends {disk.last_index}"
+            )
+            return
+        del disk.entries[o.start - disk.snapshot_index - 1 :]
+        for e in o.entries:
+            if e.index != disk.last_index + 1:
+                self._violate("bad_write", f"{node.id}: entry {e.index} after {disk.last_index}")
+                return
+            prev_term = disk.term_at(e.index - 1)
+            key = (e.index, e.term)
+            seen = self.written.setdefault(key, (e.data, prev_term))
+            if seen != (e.data, prev_term):
+                self._violate("log_matching", f"{node.id}: entry {key} differs from another's")
+            disk.entries.append(e)
+
+    def _write_snapshot(self, node: SimNode, snap: Snapshot) -> None:
+        disk = node.disk
+        if snap.index <= disk.snapshot_index:
+            self._violate("bad_snapshot", f"{node.id}: snapshot {snap.index} goes backwards")
+            return
+        self._check_snapshot(node, snap)
+        keep = [e for e in disk.entries if e.index > snap.index]
+        if keep and keep[0].index != snap.index + 1:
+            keep = []  # not contiguous with the snapshot: the core truncates it next
+        disk.snapshot = snap
+        disk.entries = keep
+
+    # ------------------------------------------------------------------ the state machine
+
+    def _apply(self, node: SimNode, o: Apply) -> None:
+        if o.index != node.applied + 1:
+            self._violate("apply_gap", f"{node.id}: applied {node.applied}, then {o.index}")
+            return
+        digest = chain(node.digest, o.term, o.entry)
+        history = self.committed
+        if o.index < len(history):
+            if history[o.index] != (o.term, o.entry, digest):
+                self._violate("state_machine_safety", f"{node.id}: entry {o.index} differs")
+        elif o.index == len(history):
+            history.append((o.term, o.entry, digest))
+        else:
+            self._violate("apply_gap", f"{node.id}: entry {o.index} beyond every history")
+        node.applied, node.digest = o.index, digest
+        self.stats["applied"] += 1
+        if self.proposals.pop((node.id, o.index), None) == (o.term, o.entry):
+            self.stats["accepted"] += 1  # its own leader applied it: the client is told
+        self._on_apply(node, o)
+
+    def _restore(self, node: SimNode, snap: Snapshot) -> None:
+        self._check_snapshot(node, snap)
+        self._load_snapshot(node, snap)
+        self.stats["restores"] += 1
+        self._on_restore(node, snap)
+
+    def _snapshot_data(self, node: SimNode) -> bytes:
+        """A snapshot is the digest of the history it stands for (so the checker can compare
+        it with every other node's), then the state machine's own snapshot."""
+        return node.digest + self._sm_snapshot(node)
+
+    def _load_snapshot(self, node: SimNode, snap: Snapshot) -> None:
+        node.applied, node.digest = snap.index, snap.data[:16]
+        self._sm_load(node, snap.data[16:])
+
+    def _check_snapshot(self, node: SimNode, snap: Snapshot) -> None:
+        history = self.committed
+        if snap.index >= len(history):
+            self._violate("snapshot_beyond_commit", f"{node.id}: snapshot {snap.index}")
+        elif history[snap.index][0] != snap.term or history[snap.index][2] != snap.data[:16]:
+            self._violate("state_machine_safety", f"{node.id}: snapshot {snap.index} differs")
+
+    # ------------------------------------------------------------------ hooks (LedgerSim)
+
+    def _on_start(self, node: SimNode) -> None:
+        """A node (re)started from its disk (its state machine loaded from the snapshot)."""
+
+    def _on_apply(self, node: SimNode, o: Apply) -> None:
+        """A node applied a committed entry to its state machine."""
+        node.applied_data.append(o.entry)
+
+    def _sm_snapshot(self, node: SimNode) -> bytes:
+        """The state machine's snapshot: every applied entry, length-prefixed (so snapshots
+        are big enough to travel in several chunks)."""
+        return b"".join(len(d).to_bytes(4, "big") + d for d in node.applied_data)
+
+    def _sm_load(self, node: SimNode, data: bytes) -> None:
+        """Replace the state machine by a snapshot (`_sm_snapshot`'s bytes)."""
+        pos, items = 0, []
+        while pos < len(data):
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            items.append(data[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        node.applied_data = items
+
+    def _on_restore(self, node: SimNode, snap: Snapshot) -> None:
+        """A node replaced its state machine by a snapshot from the leader."""
+
+    def _deliver_app(self, node: SimNode, src: str, msg: Any) -> None:
+        self.stats["app_message_ignored"] += 1
 
     # ------------------------------------------------------------------ invariants
 
@@ -272,11 +561,31 @@ class ElectionSim:
                 seen.add(node.id)
                 if len(seen) > 1:
                     self._violate("two_leaders", f"term {el.term}: {sorted(seen)}")
-        node.lease_until = el.lease_expiry()
-        if node.lease_until > self.now:
-            for other in self.nodes.values():
-                if other is not node and other.up and other.lease_until > self.now:
-                    self._violate("two_leases", f"{node.id} and {other.id}")
+            node.lease_until = lease = el.lease_expiry()
+            if lease > self.now:
+                for other in self.nodes.values():
+                    if other is not node and other.up and other.lease_until > self.now:
+                        self._violate("two_leases", f"{node.id} and {other.id}")
+        else:
+            node.lease_until = -_INF
+        log, disk = el.log, node.disk
+        snap = disk.snapshot
+        last = disk.entries[-1] if disk.entries else snap
+        on_disk = (last.index, last.term) if last else (0, 0)
+        if (log.last_index, log.last_term) != on_disk or log.snapshot_index != (
+            snap.index if snap else 0
+        ):
+            self._violate("not_durable", f"{node.id}: log and disk differ")
+
+    def _check_leader_complete(self, node: SimNode) -> None:
+        el = node.election
+        assert el is not None
+        log = el.log
+        history = self.committed
+        for i in range(max(1, log.snapshot_index), len(history)):
+            if log.term_at(i) != history[i][0]:
+                self._violate("leader_incomplete", f"{node.id} (term {el.term}) lacks entry {i}")
+                return
 
     def _violate(self, kind: str, detail: str) -> None:
         self.violations.append(Violation(self.now, kind, detail))
@@ -310,6 +619,16 @@ class ElectionSim:
         ok = all(self.election(i).leader == lead and self.election(i).term == term for i in group)
         return lead if ok else None
 
+    def caught_up(self, ids: Iterable[str] | None = None) -> str | None:
+        """A stable leader that can schedule, with every node in `ids` having applied all it
+        committed; else None."""
+        lead = self.stable_leader(ids)
+        if lead is None or not self.election(lead).can_schedule(self.now):
+            return None
+        commit = self.election(lead).commit_index
+        group = list(ids) if ids is not None else self.up_ids()
+        return lead if all(self.nodes[i].applied >= commit for i in group) else None
+
     def max_term(self) -> int:
         return max((self.election(i).term for i in self.up_ids()), default=0)
 
@@ -326,16 +645,22 @@ class RunResult:
     faults: list[str] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
     recovered_after: float | None = None
-    """Seconds from the end of the faults to a leader followed by all with a valid lease."""
+    """Seconds from the end of the faults to a leader followed by all with a valid lease and
+    every node caught up with its commit index."""
     max_term: int = 0
     messages: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    """Proposals their own leader applied: committed, so they must survive everything."""
+    committed: int = 0
+    snapshots: int = 0
 
 
 def liveness_bound(config: Config) -> float:
     """How long a healed, loss-free cluster may take to agree on a leader: restarted voters
     refuse to vote for one minimum timeout, a stale leader needs up to check_quorum_timeout to
     step down, then each pre-vote/vote round takes one election timeout; allow eight rounds so
-    that repeated split votes still pass."""
+    that repeated split votes still pass (and a voter with a stale log cannot win)."""
     cfg = config
     return cfg.election_timeout_min + cfg.check_quorum_timeout + 8 * cfg.election_timeout_max
 
@@ -348,16 +673,20 @@ def random_run(
     *,
     factory: Callable[..., Election] = Election,
     keep_disk: bool = True,
+    proposals: float = 20.0,
 ) -> RunResult:
     """One random cluster (1..max_voters voters, 0..2 observers) under a random fault schedule
     (crashes, restarts, partitions, loss, duplication, slow links) for `fault_time` virtual
-    seconds, then healed with no loss until a leader is agreed (or the liveness bound passes).
-    `keep_disk=False` restarts nodes without their persisted vote: a broken shell, to show
-    that the checker notices."""
+    seconds, with `proposals` per second at whichever nodes lead, and random compaction; then
+    healed with no loss until a leader is agreed and everyone caught up (or the liveness bound
+    passes). `keep_disk=False` restarts nodes without their disk: a broken shell, to show that
+    the checker notices."""
     cfg = config or Config()
     rng = random.Random(seed)
     n_voters = rng.randint(1, max_voters)
     n_obs = rng.choice((0, 0, 1, 2))
+    if rng.random() < 0.5:
+        cfg = replace(cfg, snapshot_chunk_bytes=rng.choice((64, 512)))
     sim = ElectionSim(
         n_voters,
         n_obs,
@@ -368,16 +697,28 @@ def random_run(
         duplicate=rng.choice((0.0, 0.0, 0.05)),
         codec=seed % 8 == 0,
         factory=factory,
+        snapshot_every=rng.choice((None, 3, 10, 40)),
     )
     res = RunResult(seed, n_voters, n_obs)
     ids = sorted(sim.nodes)
+
+    def propose() -> None:
+        leaders = sim.current_leaders()
+        if leaders:
+            sim.propose(rng.choice(leaders), f"{seed}:{sim.stats['proposed']}".encode())
+
     t = 0.0
+    next_fault = rng.expovariate(4 / fault_time)  # about four faults per run
     while True:
-        t += rng.expovariate(4 / fault_time)  # about four faults per run
+        t = min(next_fault, t + (rng.expovariate(proposals) if proposals else _INF))
         if t >= fault_time:
             break
         sim.run_until(t)
-        res.faults.append(_random_fault(sim, rng, ids, keep_disk))
+        if t == next_fault:
+            res.faults.append(random_fault(sim, rng, ids, keep_disk))
+            next_fault = t + rng.expovariate(4 / fault_time)
+        else:
+            propose()
     sim.run_until(fault_time)
     sim.heal()
     sim.loss = 0.0
@@ -385,16 +726,20 @@ def random_run(
         if not sim.nodes[id_].up:
             sim.restart(id_, keep_disk=keep_disk)
     start = sim.now
-    if sim.run_until_pred(lambda s: s.stable_leader() is not None, liveness_bound(cfg)):
+    if sim.run_until_pred(lambda s: s.caught_up() is not None, liveness_bound(cfg)):
         res.recovered_after = sim.now - start
     sim.run_for(cfg.election_timeout_max)  # let late messages land while still checking
     res.violations = sim.violations
     res.max_term = sim.max_term()
     res.messages = sim.stats["sent"]
+    res.committed = len(sim.committed) - 1
+    res.proposed = sim.stats["proposed"]
+    res.accepted = sim.stats["accepted"]
+    res.snapshots = sim.stats["compactions"] + sim.stats["restores"]
     return res
 
 
-def _random_fault(sim: ElectionSim, rng: random.Random, ids: list[str], keep_disk: bool) -> str:
+def random_fault(sim: ElectionSim, rng: random.Random, ids: list[str], keep_disk: bool) -> str:
     roll = rng.random()
     up = sim.up_ids()
     down = [i for i in ids if i not in up]
@@ -449,7 +794,7 @@ def measure_failover(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="randomized election safety runs and failover")
+    ap = argparse.ArgumentParser(description="randomized Raft safety runs and failover")
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--failover", type=int, default=200, help="failover samples (3 voters)")
@@ -457,15 +802,17 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     recovered: list[float] = []
     bad = 0
+    totals: Counter[str] = Counter()
     for seed in range(args.seed, args.seed + args.runs):
         res = random_run(seed)
+        totals.update(accepted=res.accepted, committed=res.committed, snapshots=res.snapshots)
         if res.violations or res.recovered_after is None:
             bad += 1
             print(f"seed {seed}: {res.violations or 'no leader within bound'}", flush=True)
         else:
             recovered.append(res.recovered_after)
     wall = time.perf_counter() - t0
-    print(f"{args.runs} runs, {bad} bad, {wall:.1f} s wall")
+    print(f"{args.runs} runs, {bad} bad, {wall:.1f} s wall, {dict(totals)}")
     if recovered:
         qs = statistics.quantiles(recovered, n=100)
         print(f"recovery: median {qs[49]:.3f} s, p99 {qs[98]:.3f} s, max {max(recovered):.3f} s")

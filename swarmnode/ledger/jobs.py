@@ -1,0 +1,820 @@
+"""The job ledger: a deterministic state machine applied from committed log entries.
+
+Every node applies the same committed entries in the same order (`Apply` outputs of the Raft
+core), so every node holds the same ledger and any node can answer queries. Nothing here reads
+a clock, a random source or the node's identity: an entry's effect depends only on the ledger
+before it, which is what makes the replicas agree. Invalid or inapplicable entries are not
+errors -- they were committed, so every replica must skip them the same way -- they become
+`rejected`/`invalid` events and counts.
+
+A job's lifecycle::
+
+    queued -> assigned(node, term) -> running -> done(artifacts)
+                 |  \\__________________|_____-> failed(reason) -> assigned ... (retry)
+                 +-> queued (requeue: the node died)      \\-> blocked (failed on 2 nodes)
+    any unfinished state -> blocked (block, or a dependency blocked) / cancelled (cancel)
+
+Fencing: each assignment has an attempt number (1, 2, ...) and carries the leader's term. A
+report (started, done, failed) counts only if its (node, attempt) is the job's *current*
+assignment -- not a previous attempt, not another node, not an assignment voided by a requeue,
+block or cancel. Anything else is `rejected_stale`: counted, an event, and otherwise ignored.
+A real peer once lost 82% of its results to stale reports overwriting current ones; here a
+stale report cannot change anything. Workers fence on terms themselves (`Fence`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from swarmnode.build.plan import MAX_CORES, MAX_ESTIMATE, MAX_NAME, NAME_RE, Requires
+from swarmnode.election.log import EntryError, decode_entry, encode_entry
+from swarmnode.facts import KINDS
+
+QUEUED = "queued"
+ASSIGNED = "assigned"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+BLOCKED = "blocked"
+CANCELLED = "cancelled"
+STATES = (QUEUED, ASSIGNED, RUNNING, DONE, FAILED, BLOCKED, CANCELLED)
+ACTIVE = frozenset({ASSIGNED, RUNNING})
+"""States in which a node holds the job: only its reports count."""
+FINAL = frozenset({DONE, BLOCKED, CANCELLED})
+BLOCK_AFTER_NODES = 2
+"""A job that failed on this many different nodes is blocked: the job, not the node, is broken."""
+
+MAX_ID = 64
+MAX_BUILD_JOBS = 10_000
+MAX_ARTIFACTS = 10_000
+MAX_PATH = 1024
+MAX_REASON = 1000
+MAX_LOG_TAIL = 16 * 1024
+MAX_U63 = (1 << 63) - 1
+SNAPSHOT_VERSION = 1
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+ANYWHERE = Requires()
+
+
+class LedgerError(ValueError):
+    """An entry or snapshot that is not valid."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What the scheduler needs to know about a job; the command and files travel by
+    `spec_hash` (content-addressed), so the ledger stays small."""
+
+    deps: tuple[str, ...] = ()
+    requires: Requires = ANYWHERE
+    estimate: float = 1.0
+    spec_hash: str = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitBuild:
+    build_id: str
+    name: str
+    submitter: str
+    jobs: tuple[tuple[str, JobSpec], ...]
+    """(job name, spec), sorted by name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    job_key: str
+    node: str
+    term: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    job_key: str
+    node: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    job_key: str
+    node: str
+    attempt: int
+    artifacts: tuple[tuple[str, str], ...]
+    """(path, sha256 hex), sorted by path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    job_key: str
+    node: str
+    attempt: int
+    reason: str
+    log_tail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    job_key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    build_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    job_key: str
+    reason: str
+
+
+Command = SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue
+
+_OPS: dict[type, str] = {
+    SubmitBuild: "submit_build",
+    Assign: "assign",
+    Started: "started",
+    Done: "done",
+    Failed: "failed",
+    Block: "block",
+    Cancel: "cancel",
+    Requeue: "requeue",
+}
+_CLASSES = {op: cls for cls, op in _OPS.items()}
+
+
+def job_key(build_id: str, name: str) -> str:
+    return f"{build_id}/{name}"
+
+
+def _fail(what: str, problem: str) -> LedgerError:
+    return LedgerError(f"{what}: {problem}")
+
+
+def _str(value: object, what: str, max_len: int, *, empty: bool = False) -> str:
+    if type(value) is not str or len(value) > max_len or (not empty and not value):
+        raise _fail(what, f"expected a string of {0 if empty else 1}..{max_len} characters")
+    return value
+
+
+def _name(value: object, what: str, max_len: int = MAX_NAME) -> str:
+    name = _str(value, what, max_len)
+    if not NAME_RE.fullmatch(name):
+        raise _fail(what, "expected letters, digits and . _ + - (not first . + -)")
+    return name
+
+
+def _u63(value: object, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or not minimum <= value <= MAX_U63:
+        raise _fail(what, f"expected an integer >= {minimum}")
+    return value
+
+
+def _sha256(value: object, what: str) -> str:
+    if type(value) is not str or not _HEX64.fullmatch(value):
+        raise _fail(what, "expected 64 lower-case hex digits")
+    return value
+
+
+def _keys(obj: object, keys: Iterable[str], what: str) -> Mapping[str, Any]:
+    if type(obj) is not dict or obj.keys() != set(keys):
+        raise _fail(what, f"expected a map with keys {sorted(keys)}")
+    return obj
+
+
+def _job_key(value: object, what: str) -> str:
+    key = _str(value, what, MAX_ID + 1 + MAX_NAME)
+    build_id, sep, name = key.partition("/")
+    if not sep:
+        raise _fail(what, "expected build_id/job_name")
+    _name(build_id, what, MAX_ID)
+    _name(name, what)
+    return key
+
+
+def _path(value: object, what: str) -> str:
+    path = _str(value, what, MAX_PATH)
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise _fail(what, "expected a normalised relative path")
+    return path
+
+
+def requires_to_plain(r: Requires) -> dict[str, Any]:
+    return {"arch": r.arch, "kind": r.kind, "tags": sorted(r.tags), "cores": r.cores}
+
+
+def _requires(obj: object, what: str) -> Requires:
+    m = _keys(obj, ("arch", "kind", "tags", "cores"), what)
+    arch = None if m["arch"] is None else _str(m["arch"], f"{what}.arch", MAX_NAME)
+    kind = m["kind"]
+    if kind is not None and kind not in KINDS:
+        raise _fail(f"{what}.kind", f"expected one of {', '.join(KINDS)}")
+    tags = m["tags"]
+    if type(tags) is not list or len(tags) > 64 or tags != sorted(set(tags)):
+        raise _fail(f"{what}.tags", "expected a sorted list of distinct strings")
+    for t in tags:
+        _str(t, f"{what}.tags", MAX_NAME)
+    cores = _u63(m["cores"], f"{what}.cores", 1)
+    if cores > MAX_CORES:
+        raise _fail(f"{what}.cores", f"expected at most {MAX_CORES}")
+    return Requires(arch=arch, kind=kind, tags=frozenset(tags), cores=cores)
+
+
+def _spec(obj: object, what: str) -> JobSpec:
+    m = _keys(obj, ("deps", "requires", "estimate", "spec_hash"), what)
+    deps = m["deps"]
+    if type(deps) is not list or len(deps) > MAX_BUILD_JOBS:
+        raise _fail(f"{what}.deps", "expected a list of job names")
+    est = m["estimate"]
+    if type(est) not in (int, float) or not (math.isfinite(est) and 0 <= est <= MAX_ESTIMATE):
+        raise _fail(f"{what}.estimate", f"expected seconds in 0..{MAX_ESTIMATE:g}")
+    return JobSpec(
+        deps=tuple(_name(d, f"{what}.deps") for d in deps),
+        requires=_requires(m["requires"], f"{what}.requires"),
+        estimate=float(est),
+        spec_hash=_sha256(m["spec_hash"], f"{what}.spec_hash"),
+    )
+
+
+def _check_graph(jobs: Mapping[str, JobSpec], what: str) -> None:
+    """Deps name jobs of the same build, once each, and form no cycle."""
+    for name, spec in jobs.items():
+        if len(set(spec.deps)) != len(spec.deps) or name in spec.deps:
+            raise _fail(f"{what}.{name}.deps", "repeats a job or names the job itself")
+        for d in spec.deps:
+            if d not in jobs:
+                raise _fail(f"{what}.{name}.deps", f"unknown job {d!r}")
+    color: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for root in sorted(jobs):
+        if root in color:
+            continue
+        color[root] = 1
+        stack = [(root, iter(jobs[root].deps))]
+        while stack:
+            node, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                color[node] = 2
+                stack.pop()
+            elif color.get(dep) == 1:
+                raise _fail(what, f"dependency cycle through {dep!r}")
+            elif dep not in color:
+                color[dep] = 1
+                stack.append((dep, iter(jobs[dep].deps)))
+
+
+def _submit(m: Mapping[str, Any]) -> SubmitBuild:
+    jobs = m["jobs"]
+    if type(jobs) is not dict or not 1 <= len(jobs) <= MAX_BUILD_JOBS:
+        raise _fail("submit_build.jobs", f"expected a map of 1..{MAX_BUILD_JOBS} jobs")
+    specs = {
+        _name(n, "submit_build.jobs"): _spec(s, f"submit_build.jobs.{n}") for n, s in jobs.items()
+    }
+    _check_graph(specs, "submit_build.jobs")
+    return SubmitBuild(
+        build_id=_name(m["build_id"], "submit_build.build_id", MAX_ID),
+        name=_name(m["name"], "submit_build.name"),
+        submitter=_str(m["submitter"], "submit_build.submitter", MAX_ID),
+        jobs=tuple(sorted(specs.items())),
+    )
+
+
+def _artifacts(obj: object, what: str) -> tuple[tuple[str, str], ...]:
+    if type(obj) is not dict or len(obj) > MAX_ARTIFACTS:
+        raise _fail(what, f"expected a map of at most {MAX_ARTIFACTS} paths to sha256")
+    return tuple(sorted((_path(p, what), _sha256(h, f"{what}.{p}")) for p, h in obj.items()))
+
+
+def _parse(op: str, m: Mapping[str, Any]) -> Command:
+    w = op
+    if op == "submit_build":
+        return _submit(m)
+    if op == "assign":
+        node = _str(m["node"], f"{w}.node", MAX_ID)
+        return Assign(_job_key(m["job_key"], w), node, _u63(m["term"], w), _u63(m["attempt"], w, 1))
+    if op == "started":
+        node = _str(m["node"], f"{w}.node", MAX_ID)
+        return Started(_job_key(m["job_key"], w), node, _u63(m["attempt"], w, 1))
+    if op == "done":
+        node = _str(m["node"], f"{w}.node", MAX_ID)
+        arts = _artifacts(m["artifacts"], f"{w}.artifacts")
+        return Done(_job_key(m["job_key"], w), node, _u63(m["attempt"], w, 1), arts)
+    if op == "failed":
+        return Failed(
+            _job_key(m["job_key"], w),
+            _str(m["node"], f"{w}.node", MAX_ID),
+            _u63(m["attempt"], w, 1),
+            _str(m["reason"], f"{w}.reason", MAX_REASON),
+            _str(m["log_tail"], f"{w}.log_tail", MAX_LOG_TAIL, empty=True),
+        )
+    if op == "block":
+        return Block(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
+    if op == "cancel":
+        return Cancel(_name(m["build_id"], f"{w}.build_id", MAX_ID), _u63(m["term"], w))
+    return Requeue(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
+
+
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "submit_build": ("build_id", "name", "submitter", "jobs"),
+    "assign": ("job_key", "node", "term", "attempt"),
+    "started": ("job_key", "node", "attempt"),
+    "done": ("job_key", "node", "attempt", "artifacts"),
+    "failed": ("job_key", "node", "attempt", "reason", "log_tail"),
+    "block": ("job_key", "reason"),
+    "cancel": ("build_id", "term"),
+    "requeue": ("job_key", "reason"),
+}
+
+
+def from_plain(obj: object) -> Command:
+    """Strictly validate a plain entry ({"op": ..., fields}); raises LedgerError (only)."""
+    if type(obj) is not dict or type(obj.get("op")) is not str or obj["op"] not in _FIELDS:
+        raise LedgerError(f"entry: expected a map with op in {sorted(_FIELDS)}")
+    op = obj["op"]
+    _keys(obj, ("op", *_FIELDS[op]), op)
+    return _parse(op, obj)
+
+
+def spec_to_plain(s: JobSpec) -> dict[str, Any]:
+    return {
+        "deps": list(s.deps),
+        "requires": requires_to_plain(s.requires),
+        "estimate": s.estimate,
+        "spec_hash": s.spec_hash,
+    }
+
+
+def to_plain(cmd: Command) -> dict[str, Any]:
+    """The plain (msgpack-able) form of an entry."""
+    op = _OPS[type(cmd)]
+    plain: dict[str, Any] = {"op": op}
+    for name in _FIELDS[op]:
+        value = getattr(cmd, name)
+        if name == "jobs":
+            value = {n: spec_to_plain(s) for n, s in value}
+        elif name == "artifacts":
+            value = dict(value)
+        plain[name] = value
+    return plain
+
+
+def encode(cmd: Command) -> bytes:
+    """Entry bytes for `Election.propose`."""
+    return encode_entry(to_plain(cmd))
+
+
+def decode(data: bytes) -> Command:
+    """The command in entry bytes; raises LedgerError (only)."""
+    try:
+        return from_plain(decode_entry(data))
+    except EntryError as exc:
+        raise LedgerError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job's ledger record. `node`/`term`/`attempt` describe the latest assignment: current
+    while `state` is assigned or running, then the attempt that finished it (done, failed);
+    a requeue, block or cancel voids it (`node` becomes None), so its reports become stale."""
+
+    build_id: str
+    name: str
+    spec: JobSpec
+    state: str = QUEUED
+    node: str | None = None
+    term: int = 0
+    attempt: int = 0
+    artifacts: tuple[tuple[str, str], ...] = ()
+    reason: str | None = None
+    log_tail: str = ""
+    failed_on: tuple[str, ...] = ()
+    """The distinct nodes the job failed on, in order."""
+
+    @property
+    def key(self) -> str:
+        return job_key(self.build_id, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    build_id: str
+    name: str
+    submitter: str
+    jobs: tuple[str, ...]
+    index: int
+    """The log index that submitted it (builds are listed in this order)."""
+    cancelled_term: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """What an applied entry did. kind: submitted, duplicate, assigned, started, done, failed,
+    blocked, cancelled, requeued, rejected_stale, rejected (an inapplicable entry, `reason`
+    says why), invalid (not a valid entry)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class JobLedger:
+    """The replicated job ledger. Feed it every `Apply` (in order) and every `Restore`."""
+
+    def __init__(self) -> None:
+        self.applied = 0
+        """The last applied log index."""
+        self.tally: Counter[str] = Counter()
+        """Applied entries by outcome (part of the replicated state: rejected_stale counts)."""
+        self._builds: dict[str, Build] = {}
+        self._jobs: dict[str, Job] = {}
+        self._dependents: dict[str, tuple[str, ...]] = {}
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, index: int, entry: bytes | Mapping[str, Any] | Command) -> list[LedgerEvent]:
+        """Apply committed entry `index`: bytes from `Apply.entry` (b"" is a leader's no-op),
+        its plain form, or the command already decoded from them. Never raises for a bad entry
+        (it becomes an `invalid` event); raises ValueError if `index` does not follow the last
+        applied one (a shell bug)."""
+        if index != self.applied + 1:
+            raise ValueError(f"entry {index} does not follow applied entry {self.applied}")
+        self.applied = index
+        if type(entry) in _APPLY:
+            return self._events(_APPLY[type(entry)](self, index, entry))
+        if isinstance(entry, bytes | bytearray) and not entry:
+            return []
+        try:
+            cmd = (
+                decode(bytes(entry)) if isinstance(entry, bytes | bytearray) else from_plain(entry)
+            )
+        except LedgerError as exc:
+            return self._events([LedgerEvent("invalid", {"index": index, "error": str(exc)})])
+        return self._events(_APPLY[type(cmd)](self, index, cmd))
+
+    def _events(self, events: list[LedgerEvent]) -> list[LedgerEvent]:
+        for ev in events:
+            self.tally[ev.kind] += 1
+        return events
+
+    def _submit(self, index: int, c: SubmitBuild) -> list[LedgerEvent]:
+        old = self._builds.get(c.build_id)
+        if old is not None:
+            same = (old.name, old.submitter) == (c.name, c.submitter) and old.jobs == tuple(
+                n for n, _ in c.jobs
+            )
+            same = same and all(self._jobs[job_key(c.build_id, n)].spec == s for n, s in c.jobs)
+            if same:  # a client's retry after a lost answer: accepted once, acknowledged again
+                return [LedgerEvent("duplicate", {"build_id": c.build_id})]
+            return [_rejected(c.build_id, "build_id_taken")]
+        self._builds[c.build_id] = Build(
+            c.build_id, c.name, c.submitter, tuple(n for n, _ in c.jobs), index
+        )
+        for name, spec in c.jobs:
+            self._jobs[job_key(c.build_id, name)] = Job(c.build_id, name, spec)
+        self._index_dependents(c.build_id)
+        return [LedgerEvent("submitted", {"build_id": c.build_id, "jobs": len(c.jobs)})]
+
+    def _assign(self, index: int, c: Assign) -> list[LedgerEvent]:
+        job = self._jobs.get(c.job_key)
+        if job is None:
+            return [_rejected(c.job_key, "unknown_job")]
+        if job.state not in (QUEUED, FAILED):
+            return [_rejected(c.job_key, f"not_assignable_{job.state}")]
+        if c.attempt != job.attempt + 1:
+            return [_rejected(c.job_key, "wrong_attempt")]
+        if c.term < job.term:
+            return [_rejected(c.job_key, "older_term")]
+        if not self._deps_done(job):
+            return [_rejected(c.job_key, "deps_not_done")]
+        self._jobs[c.job_key] = replace(
+            job, state=ASSIGNED, node=c.node, term=c.term, attempt=c.attempt
+        )
+        data = {"job_key": c.job_key, "node": c.node, "term": c.term, "attempt": c.attempt}
+        return [LedgerEvent("assigned", data)]
+
+    def _started(self, index: int, c: Started) -> list[LedgerEvent]:
+        job, event = self._report(c.job_key, c.node, c.attempt, RUNNING)
+        if job is None:
+            return [event]
+        self._jobs[c.job_key] = replace(job, state=RUNNING)
+        return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node})]
+
+    def _done(self, index: int, c: Done) -> list[LedgerEvent]:
+        job, event = self._report(c.job_key, c.node, c.attempt, DONE)
+        if job is None:
+            if event.kind == "duplicate" and self._jobs[c.job_key].artifacts != c.artifacts:
+                event = _stale(c.job_key, c.node, c.attempt, self._jobs[c.job_key])
+            return [event]
+        self._jobs[c.job_key] = replace(job, state=DONE, artifacts=c.artifacts, reason=None)
+        return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node})]
+
+    def _failed(self, index: int, c: Failed) -> list[LedgerEvent]:
+        job, event = self._report(c.job_key, c.node, c.attempt, FAILED)
+        if job is None:
+            return [event]
+        failed_on = job.failed_on if c.node in job.failed_on else (*job.failed_on, c.node)
+        job = replace(job, state=FAILED, reason=c.reason, log_tail=c.log_tail, failed_on=failed_on)
+        self._jobs[c.job_key] = job
+        events = [LedgerEvent("failed", {"job_key": c.job_key, "node": c.node})]
+        if len(failed_on) >= BLOCK_AFTER_NODES:
+            why = f"failed on {', '.join(failed_on)}: {c.reason}"
+            events += self._block_job(c.job_key, why[:MAX_REASON], keep_node=True)
+        return events
+
+    def _block(self, index: int, c: Block) -> list[LedgerEvent]:
+        job = self._jobs.get(c.job_key)
+        if job is None:
+            return [_rejected(c.job_key, "unknown_job")]
+        if job.state in FINAL:
+            return [_rejected(c.job_key, f"already_{job.state}")]
+        return self._block_job(c.job_key, c.reason)
+
+    def _cancel(self, index: int, c: Cancel) -> list[LedgerEvent]:
+        build = self._builds.get(c.build_id)
+        if build is None:
+            return [_rejected(c.build_id, "unknown_build")]
+        if build.cancelled_term is not None:
+            return [LedgerEvent("duplicate", {"build_id": c.build_id})]
+        self._builds[c.build_id] = replace(build, cancelled_term=c.term)
+        n = 0
+        for name in build.jobs:
+            key = job_key(c.build_id, name)
+            job = self._jobs[key]
+            if job.state != DONE:
+                self._jobs[key] = replace(job, state=CANCELLED, node=None, reason="cancelled")
+                n += 1
+        return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
+
+    def _requeue(self, index: int, c: Requeue) -> list[LedgerEvent]:
+        job = self._jobs.get(c.job_key)
+        if job is None:
+            return [_rejected(c.job_key, "unknown_job")]
+        if job.state not in ACTIVE:
+            return [_rejected(c.job_key, f"not_active_{job.state}")]
+        self._jobs[c.job_key] = replace(job, state=QUEUED, node=None, reason=c.reason)
+        return [LedgerEvent("requeued", {"job_key": c.job_key, "reason": c.reason})]
+
+    def _report(
+        self, key: str, node: str, attempt: int, outcome: str
+    ) -> tuple[Job, None] | tuple[None, LedgerEvent]:
+        """The job if a report of `outcome` by (node, attempt) applies to it now: that is its
+        current assignment (latest, and not voided). Otherwise the event to record instead: a
+        duplicate (the same report again: the job already shows that attempt's `outcome`),
+        rejected_stale, or rejected for an unknown job."""
+        job = self._jobs.get(key)
+        if job is None:
+            return None, _rejected(key, "unknown_job")
+        if (job.node, job.attempt) == (node, attempt):
+            if job.state in ACTIVE and not (outcome == RUNNING and job.state == RUNNING):
+                return job, None
+            outcomes = (FAILED, BLOCKED) if outcome == FAILED else (outcome,)
+            if job.state in outcomes:
+                return None, _duplicate(key, node, attempt)
+        return None, _stale(key, node, attempt, job)
+
+    def _block_job(self, key: str, reason: str, *, keep_node: bool = False) -> list[LedgerEvent]:
+        """Block `key` and, transitively, every dependent that has not finished (it can never
+        run now)."""
+        events = []
+        todo = [(key, reason)]
+        while todo:
+            k, why = todo.pop(0)
+            job = self._jobs[k]
+            if job.state in FINAL:
+                continue
+            node = job.node if keep_node and k == key else None
+            self._jobs[k] = replace(job, state=BLOCKED, reason=why, node=node)
+            events.append(LedgerEvent("blocked", {"job_key": k, "reason": why}))
+            todo += [(d, f"dependency {job.name} blocked") for d in self._dependents.get(k, ())]
+        return events
+
+    # ------------------------------------------------------------------ queries
+
+    def job(self, key: str) -> Job | None:
+        return self._jobs.get(key)
+
+    def build(self, build_id: str) -> Build | None:
+        return self._builds.get(build_id)
+
+    def builds(self) -> list[Build]:
+        """Every build, in submission order."""
+        return sorted(self._builds.values(), key=lambda b: b.index)
+
+    def jobs(self, build_id: str) -> list[Job]:
+        """The jobs of a build, by name (empty for an unknown build)."""
+        build = self._builds.get(build_id)
+        if build is None:
+            return []
+        return [self._jobs[job_key(build_id, n)] for n in build.jobs]
+
+    def ready(self) -> list[Job]:
+        """Jobs that may be assigned now (queued, or failed on fewer than two nodes, with every
+        dependency done), oldest build first."""
+        return [
+            j
+            for b in self.builds()
+            for j in self.jobs(b.build_id)
+            if j.state in (QUEUED, FAILED) and self._deps_done(j)
+        ]
+
+    def running_on(self, node: str) -> list[Job]:
+        """Jobs currently assigned to `node` (assigned or running)."""
+        return [
+            j
+            for b in self.builds()
+            for j in self.jobs(b.build_id)
+            if j.state in ACTIVE and j.node == node
+        ]
+
+    def progress(self, build_id: str) -> dict[str, int]:
+        """Jobs of the build per state (every state listed), and "total"."""
+        counts = dict.fromkeys(STATES, 0)
+        for j in self.jobs(build_id):
+            counts[j.state] += 1
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def finished(self, build_id: str) -> bool:
+        """Every job of the build is done, blocked or cancelled."""
+        jobs = self.jobs(build_id)
+        return bool(jobs) and all(j.state in FINAL for j in jobs)
+
+    def _deps_done(self, job: Job) -> bool:
+        return all(self._jobs[job_key(job.build_id, d)].state == DONE for d in job.spec.deps)
+
+    def _index_dependents(self, build_id: str) -> None:
+        deps: dict[str, list[str]] = {}
+        for name in self._builds[build_id].jobs:
+            for d in self._jobs[job_key(build_id, name)].spec.deps:
+                deps.setdefault(job_key(build_id, d), []).append(job_key(build_id, name))
+        self._dependents.update({k: tuple(v) for k, v in deps.items()})
+
+    # ------------------------------------------------------------------ snapshots
+
+    def to_plain(self) -> dict[str, Any]:
+        """The whole state, plain and in a fixed order (equal ledgers give equal bytes)."""
+        return {
+            "v": SNAPSHOT_VERSION,
+            "applied": self.applied,
+            "tally": dict(sorted(self.tally.items())),
+            "builds": [
+                {
+                    "build_id": b.build_id,
+                    "name": b.name,
+                    "submitter": b.submitter,
+                    "index": b.index,
+                    "cancelled_term": b.cancelled_term,
+                    "jobs": [_job_to_plain(j) for j in self.jobs(b.build_id)],
+                }
+                for b in self.builds()
+            ],
+        }
+
+    def snapshot(self) -> bytes:
+        """The state as bytes for `Election.compact` (msgpack, deterministic)."""
+        return msgpack.packb(self.to_plain(), use_bin_type=True)
+
+    @classmethod
+    def restore(cls, data: bytes) -> JobLedger:
+        """A ledger from `snapshot` bytes; raises LedgerError for anything malformed."""
+        try:
+            plain = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            return cls._from_plain(plain)
+        except LedgerError:
+            raise
+        except Exception as exc:  # malformed bytes or shapes: one error type for the shell
+            raise LedgerError(f"snapshot: malformed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_plain(cls, plain: Any) -> JobLedger:
+        m = _keys(plain, ("v", "applied", "tally", "builds"), "snapshot")
+        if m["v"] != SNAPSHOT_VERSION:
+            raise LedgerError(f"snapshot: unknown version {m['v']!r}")
+        led = cls()
+        led.applied = _u63(m["applied"], "snapshot.applied")
+        led.tally = Counter({str(k): _u63(v, "snapshot.tally") for k, v in m["tally"].items()})
+        for b in m["builds"]:
+            names = []
+            for jp in b["jobs"]:
+                job = _job_from_plain(b["build_id"], jp)
+                led._jobs[job.key] = job
+                names.append(job.name)
+            led._builds[b["build_id"]] = Build(
+                b["build_id"],
+                b["name"],
+                b["submitter"],
+                tuple(names),
+                b["index"],
+                b["cancelled_term"],
+            )
+            led._index_dependents(b["build_id"])
+        return led
+
+
+def _job_to_plain(j: Job) -> dict[str, Any]:
+    return {
+        "name": j.name,
+        "spec": spec_to_plain(j.spec),
+        "state": j.state,
+        "node": j.node,
+        "term": j.term,
+        "attempt": j.attempt,
+        "artifacts": [list(a) for a in j.artifacts],
+        "reason": j.reason,
+        "log_tail": j.log_tail,
+        "failed_on": list(j.failed_on),
+    }
+
+
+def _job_from_plain(build_id: str, p: dict[str, Any]) -> Job:
+    if p["state"] not in STATES:
+        raise LedgerError(f"snapshot: unknown state {p['state']!r}")
+    return Job(
+        build_id=build_id,
+        name=p["name"],
+        spec=_spec(p["spec"], "snapshot.spec"),
+        state=p["state"],
+        node=p["node"],
+        term=p["term"],
+        attempt=p["attempt"],
+        artifacts=tuple((a, h) for a, h in p["artifacts"]),
+        reason=p["reason"],
+        log_tail=p["log_tail"],
+        failed_on=tuple(p["failed_on"]),
+    )
+
+
+def _rejected(subject: str, reason: str) -> LedgerEvent:
+    return LedgerEvent("rejected", {"subject": subject, "reason": reason})
+
+
+def _stale(key: str, node: str, attempt: int, job: Job) -> LedgerEvent:
+    data = {
+        "job_key": key,
+        "node": node,
+        "attempt": attempt,
+        "current": [job.node, job.attempt] if job.state in ACTIVE else None,
+        "state": job.state,
+    }
+    return LedgerEvent("rejected_stale", data)
+
+
+def _duplicate(key: str, node: str, attempt: int) -> LedgerEvent:
+    return LedgerEvent("duplicate", {"job_key": key, "node": node, "attempt": attempt})
+
+
+_APPLY: dict[type, Any] = {
+    SubmitBuild: JobLedger._submit,
+    Assign: JobLedger._assign,
+    Started: JobLedger._started,
+    Done: JobLedger._done,
+    Failed: JobLedger._failed,
+    Block: JobLedger._block,
+    Cancel: JobLedger._cancel,
+    Requeue: JobLedger._requeue,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's side
+
+
+@dataclass(slots=True)
+class Fence:
+    """A worker's guard against deposed leaders: the highest leader term it has seen. An
+    assignment or cancellation from a lower term comes from a leader that has been replaced
+    (it may not know yet) and is refused. The shell should persist `term` and feed it the
+    terms it learns elsewhere (`observe`), e.g. from the Raft core."""
+
+    term: int = 0
+    refused: int = 0
+
+    def observe(self, term: int) -> None:
+        """A term seen elsewhere (the core's current term): never goes backwards."""
+        self.term = max(self.term, term)
+
+    def admit(self, term: int) -> bool:
+        """May an assignment or cancellation from a leader of `term` be obeyed?"""
+        if term < self.term:
+            self.refused += 1
+            return False
+        self.term = term
+        return True

@@ -1,0 +1,421 @@
+"""The job ledger state machine: entries and their validation, the job lifecycle, fencing of
+stale reports, queries, snapshots, and the worker-side fence."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmnode.build.plan import Requires
+from swarmnode.ledger import (
+    ASSIGNED,
+    BLOCKED,
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Assign,
+    Block,
+    Cancel,
+    Command,
+    Done,
+    Failed,
+    Fence,
+    JobLedger,
+    JobSpec,
+    LedgerError,
+    Requeue,
+    Started,
+    SubmitBuild,
+    decode,
+    encode,
+    from_plain,
+    to_plain,
+)
+
+H = "ab" * 32
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build(build_id: str = "b1", **deps: tuple[str, ...]) -> SubmitBuild:
+    """A build whose jobs are the keyword names, each with the given dependencies."""
+    specs = deps or {"only": ()}
+    jobs = tuple(sorted((n, JobSpec(deps=d, spec_hash=sha(n))) for n, d in specs.items()))
+    return SubmitBuild(build_id, "hello", "client-1", jobs)
+
+
+class Ledger:
+    """A JobLedger fed with consecutive indexes, for short tests."""
+
+    def __init__(self) -> None:
+        self.led = JobLedger()
+
+    def __call__(self, cmd: Command | bytes | dict[str, Any]) -> list[str]:
+        entry = cmd if isinstance(cmd, bytes | dict) else encode(cmd)
+        return [e.kind for e in self.led.apply(self.led.applied + 1, entry)]
+
+    def state(self, key: str) -> str:
+        job = self.led.job(key)
+        assert job is not None
+        return job.state
+
+
+def arts(text: str) -> tuple[tuple[str, str], ...]:
+    return (("out/bin", sha(text)),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries
+
+
+ALL = [
+    build(),
+    SubmitBuild(
+        "b2",
+        "x",
+        "n",
+        (
+            ("a", JobSpec((), Requires("x86_64", "lxc", frozenset({"gpu"}), 8), 2.5, H)),
+            ("b", JobSpec(("a",), estimate=0.0, spec_hash=H)),
+        ),
+    ),
+    Assign("b1/only", "node-a", 3, 1),
+    Started("b1/only", "node-a", 1),
+    Done("b1/only", "node-a", 1, (("a/b.o", H), ("c", H))),
+    Failed("b1/only", "node-a", 2, "exit 2", "last lines"),
+    Block("b1/only", "operator"),
+    Cancel("b1", 4),
+    Requeue("b1/only", "node died"),
+]
+
+
+@pytest.mark.parametrize("cmd", ALL, ids=lambda c: type(c).__name__)
+def test_entries_round_trip(cmd: Command) -> None:
+    plain = to_plain(cmd)
+    assert from_plain(msgpack.unpackb(msgpack.packb(plain))) == cmd
+    assert decode(encode(cmd)) == cmd
+
+
+def _plain(cmd: Command, **changes: Any) -> dict[str, Any]:
+    plain = to_plain(cmd)
+    plain.update(changes)
+    return plain
+
+
+def _job(**changes: Any) -> dict[str, Any]:
+    spec = {"deps": [], "requires": to_plain(build())["jobs"]["only"]["requires"]}
+    spec |= {"estimate": 1.0, "spec_hash": H, **changes}
+    return _plain(build(), jobs={"only": spec})
+
+
+BAD = [
+    None,
+    [],
+    {"op": "nope"},
+    {"op": "cancel", "build_id": "b1"},
+    _plain(Cancel("b1", 1), extra=1),
+    _plain(Cancel("b1", 1), term=-1),
+    _plain(Cancel("b1", 1), term=True),
+    _plain(Cancel("b1", 1), build_id="../etc"),
+    _plain(Cancel("b1", 1), build_id="x" * 65),
+    _plain(Assign("b1/j", "n", 1, 1), attempt=0),
+    _plain(Assign("b1/j", "n", 1, 1), job_key="no-slash"),
+    _plain(Assign("b1/j", "n", 1, 1), job_key="b1/.hidden"),
+    _plain(Assign("b1/j", "n", 1, 1), node=""),
+    _plain(Done("b1/j", "n", 1, ()), artifacts={"/abs": H}),
+    _plain(Done("b1/j", "n", 1, ()), artifacts={"a/../b": H}),
+    _plain(Done("b1/j", "n", 1, ()), artifacts={"a": "not-a-hash"}),
+    _plain(Done("b1/j", "n", 1, ()), artifacts={"a": H.upper()}),
+    _plain(Failed("b1/j", "n", 1, "r"), log_tail=None),
+    _plain(Failed("b1/j", "n", 1, "r"), reason="x" * 1001),
+    _plain(build(), jobs={}),
+    _plain(build(a=("b",), b=("a",))),
+    _plain(build(a=("a",))),
+    _plain(build(a=("ghost",))),
+    _plain(build(a=(), b=("a", "a"))),
+    _job(estimate=float("nan")),
+    _job(estimate=-1),
+    _job(spec_hash="0" * 63),
+    _job(requires={"arch": None, "kind": "mainframe", "tags": [], "cores": 1}),
+    _job(requires={"arch": None, "kind": None, "tags": ["b", "a"], "cores": 1}),
+    _job(requires={"arch": None, "kind": None, "tags": [], "cores": 0}),
+    _job(requires={"cores": 1}),
+]
+
+
+@pytest.mark.parametrize("plain", BAD)
+def test_invalid_entries_are_refused(plain: object) -> None:
+    with pytest.raises(LedgerError):
+        from_plain(plain)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["op", "job_key", "node", "term", "attempt", "artifacts", "build_id"]),
+        st.one_of(
+            st.sampled_from(["assign", "done", "cancel", "b1/j", "n"]),
+            st.integers(),
+            st.booleans(),
+            st.none(),
+            st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+        ),
+    )
+)
+def test_validation_raises_only_ledger_error(plain: dict[str, Any]) -> None:
+    with contextlib.suppress(LedgerError):
+        from_plain(plain)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_garbage_committed_entries_are_skipped_alike_everywhere(data: bytes) -> None:
+    a, b = JobLedger(), JobLedger()
+    assert a.apply(1, data) == b.apply(1, data)
+    assert a.applied == 1 and a.snapshot() == b.snapshot()
+
+
+# ---------------------------------------------------------------------------------------------
+# The lifecycle
+
+
+def test_a_build_runs_in_dependency_order() -> None:
+    led = Ledger()
+    assert led(build(compile=(), link=("compile",))) == ["submitted"]
+    assert [j.key for j in led.led.ready()] == ["b1/compile"]
+    assert led(Assign("b1/compile", "n1", 1, 1)) == ["assigned"]
+    job = led.led.job("b1/compile")
+    assert job is not None and (job.state, job.node, job.term) == (ASSIGNED, "n1", 1)
+    assert led(Assign("b1/link", "n2", 1, 1)) == ["rejected"]  # its dependency is not done
+    assert led(Started("b1/compile", "n1", 1)) == ["started"]
+    assert [j.key for j in led.led.running_on("n1")] == ["b1/compile"]
+    assert led(Done("b1/compile", "n1", 1, arts("c"))) == ["done"]
+    assert led.led.running_on("n1") == []
+    assert [j.key for j in led.led.ready()] == ["b1/link"]
+    assert led(Assign("b1/link", "n2", 1, 1)) == ["assigned"]
+    assert led(Done("b1/link", "n2", 1, arts("l"))) == ["done"]  # started may be lost
+    assert led.led.finished("b1")
+    assert led.led.progress("b1") == {
+        "queued": 0,
+        "assigned": 0,
+        "running": 0,
+        "done": 2,
+        "failed": 0,
+        "blocked": 0,
+        "cancelled": 0,
+        "total": 2,
+    }
+    done = led.led.job("b1/compile")
+    assert done is not None and done.artifacts == arts("c")
+
+
+def test_assignments_need_the_next_attempt_and_no_older_term() -> None:
+    led = Ledger()
+    led(build())
+    assert led(Assign("b1/only", "n1", 5, 2)) == ["rejected"]  # attempt 1 comes first
+    assert led(Assign("b1/nope", "n1", 5, 1)) == ["rejected"]
+    assert led(Assign("b1/only", "n1", 5, 1)) == ["assigned"]
+    assert led(Assign("b1/only", "n2", 5, 2)) == ["rejected"]  # still assigned
+    assert led(Requeue("b1/only", "n1 died")) == ["requeued"]
+    assert led(Assign("b1/only", "n2", 4, 2)) == ["rejected"]  # from a deposed leader
+    assert led(Assign("b1/only", "n2", 6, 2)) == ["assigned"]
+    assert led.led.tally["rejected"] == 4
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        Done("b1/only", "n1", 1, arts("x")),  # the previous attempt
+        Done("b1/only", "n3", 2, arts("x")),  # another node
+        Failed("b1/only", "n1", 1, "late"),
+        Started("b1/only", "n1", 1),
+    ],
+    ids=["old-attempt", "other-node", "old-failure", "old-start"],
+)
+def test_stale_reports_are_rejected_and_counted(report: Command) -> None:
+    led = Ledger()
+    led(build())
+    led(Assign("b1/only", "n1", 1, 1))
+    led(Requeue("b1/only", "n1 unreachable"))
+    led(Assign("b1/only", "n2", 2, 2))
+    assert led(report) == ["rejected_stale"]
+    assert led.state("b1/only") == ASSIGNED and led.led.tally["rejected_stale"] == 1
+    assert led(Done("b1/only", "n2", 2, arts("good"))) == ["done"]
+    assert led(report) == ["rejected_stale"]  # nor can it overwrite the result
+    job = led.led.job("b1/only")
+    assert job is not None and job.artifacts == arts("good") and job.node == "n2"
+
+
+def test_a_requeued_attempt_is_stale_even_with_no_new_assignment_yet() -> None:
+    led = Ledger()
+    led(build())
+    led(Assign("b1/only", "n1", 1, 1))
+    led(Requeue("b1/only", "n1 unreachable"))
+    assert led(Done("b1/only", "n1", 1, arts("x"))) == ["rejected_stale"]
+    assert led.state("b1/only") == QUEUED
+
+
+def test_redelivered_reports_are_duplicates_not_stale() -> None:
+    led = Ledger()
+    led(build())
+    led(Assign("b1/only", "n1", 1, 1))
+    assert led(Started("b1/only", "n1", 1)) == ["started"]
+    assert led(Started("b1/only", "n1", 1)) == ["duplicate"]
+    assert led.state("b1/only") == RUNNING
+    assert led(Done("b1/only", "n1", 1, arts("x"))) == ["done"]
+    assert led(Done("b1/only", "n1", 1, arts("x"))) == ["duplicate"]
+    assert led(Started("b1/only", "n1", 1)) == ["rejected_stale"]  # a start after the end
+    assert led(Done("b1/only", "n1", 1, arts("different"))) == ["rejected_stale"]
+    assert led.led.tally["rejected_stale"] == 2
+
+
+def test_failing_on_two_nodes_blocks_the_job_and_its_dependents() -> None:
+    led = Ledger()
+    led(build(a=(), b=("a",), c=("b",), d=()))
+    led(Assign("b1/a", "n1", 1, 1))
+    assert led(Failed("b1/a", "n1", 1, "exit 1", "boom")) == ["failed"]
+    assert led.state("b1/a") == FAILED and "b1/a" in [j.key for j in led.led.ready()]
+    led(Assign("b1/a", "n1", 1, 2))
+    assert led(Failed("b1/a", "n1", 2, "exit 1")) == ["failed"]  # same node again: retry
+    assert led(Failed("b1/a", "n1", 2, "exit 1")) == ["duplicate"]
+    led(Assign("b1/a", "n2", 1, 3))
+    assert led(Failed("b1/a", "n2", 3, "exit 1")) == ["failed", "blocked", "blocked", "blocked"]
+    assert [led.state(f"b1/{n}") for n in "abcd"] == [BLOCKED, BLOCKED, BLOCKED, QUEUED]
+    a = led.led.job("b1/a")
+    assert a is not None and a.failed_on == ("n1", "n2") and a.reason is not None
+    assert a.reason.startswith("failed on n1, n2")
+    assert led(Assign("b1/a", "n3", 1, 4)) == ["rejected"]
+
+
+def test_block_voids_the_assignment() -> None:
+    led = Ledger()
+    led(build())
+    led(Assign("b1/only", "n1", 1, 1))
+    assert led(Block("b1/only", "needs a person")) == ["blocked"]
+    assert led(Done("b1/only", "n1", 1, arts("x"))) == ["rejected_stale"]
+    assert led(Block("b1/only", "again")) == ["rejected"]
+
+
+def test_cancel_stops_everything_but_what_is_done() -> None:
+    led = Ledger()
+    led(build(a=(), b=("a",), c=()))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Done("b1/a", "n1", 1, arts("a")))
+    led(Assign("b1/c", "n2", 1, 1))
+    assert led(Cancel("b1", 2)) == ["cancelled"]
+    assert [led.state(f"b1/{n}") for n in "abc"] == [DONE, CANCELLED, CANCELLED]
+    assert led(Done("b1/c", "n2", 1, arts("c"))) == ["rejected_stale"]
+    assert led.led.ready() == [] and led.led.finished("b1")
+    assert led(Cancel("b1", 3)) == ["duplicate"]
+    b = led.led.build("b1")
+    assert b is not None and b.cancelled_term == 2
+    assert led(Cancel("nope", 3)) == ["rejected"]
+
+
+def test_a_resubmitted_build_is_a_duplicate_and_a_different_one_is_refused() -> None:
+    led = Ledger()
+    assert led(build()) == ["submitted"]
+    assert led(build()) == ["duplicate"]
+    assert led(build(other=())) == ["rejected"]
+    assert [b.build_id for b in led.led.builds()] == ["b1"]
+
+
+def test_noops_and_invalid_entries_only_advance_the_index() -> None:
+    led = Ledger()
+    before = led.led.snapshot()
+    assert led(b"") == []
+    assert led(b"\xc1") == ["invalid"]
+    assert led({"op": "assign"}) == ["invalid"]
+    assert led.led.applied == 3
+    assert JobLedger.restore(led.led.snapshot()).tally["invalid"] == 2
+    assert before != led.led.snapshot()
+    with pytest.raises(ValueError):
+        led.led.apply(7, b"")
+
+
+def test_requeue_only_applies_to_a_held_job() -> None:
+    led = Ledger()
+    led(build())
+    assert led(Requeue("b1/only", "x")) == ["rejected"]
+    led(Assign("b1/only", "n1", 1, 1))
+    led(Started("b1/only", "n1", 1))
+    assert led(Requeue("b1/only", "n1 died")) == ["requeued"]
+    job = led.led.job("b1/only")
+    assert job is not None and (job.state, job.node, job.attempt) == (QUEUED, None, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def _random_commands(rng: random.Random, n: int) -> list[Command]:
+    cmds: list[Command] = [build(f"b{i}", a=(), b=("a",), c=("a", "b")) for i in range(3)]
+    keys = [f"b{i}/{j}" for i in range(3) for j in "abc"]
+    nodes = ["n1", "n2", "n3"]
+    for _ in range(n):
+        key, node, attempt = rng.choice(keys), rng.choice(nodes), rng.randint(1, 4)
+        cmds.append(
+            rng.choice(
+                [
+                    Assign(key, node, rng.randint(1, 3), attempt),
+                    Started(key, node, attempt),
+                    Done(key, node, attempt, arts(key)),
+                    Failed(key, node, attempt, "exit 1"),
+                    Requeue(key, "lost"),
+                    Block(key, "op"),
+                    Cancel(key.split("/")[0], 3),
+                ]
+            )
+        )
+    return cmds
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_restored_snapshot_continues_exactly_like_the_original(seed: int) -> None:
+    rng = random.Random(seed)
+    cmds = [encode(c) for c in _random_commands(rng, 300)]
+    whole = JobLedger()
+    for i, c in enumerate(cmds, 1):
+        whole.apply(i, c)
+    cut = rng.randint(0, len(cmds))
+    half = JobLedger()
+    for i, c in enumerate(cmds[:cut], 1):
+        half.apply(i, c)
+    resumed = JobLedger.restore(half.snapshot())
+    assert resumed.snapshot() == half.snapshot()
+    for i, c in enumerate(cmds[cut:], cut + 1):
+        resumed.apply(i, c)
+    assert resumed.snapshot() == whole.snapshot()
+    assert resumed.tally == whole.tally and resumed.ready() == whole.ready()
+
+
+def test_malformed_snapshots_raise_ledger_error() -> None:
+    for data in (b"", b"\xc1", msgpack.packb({"v": 9}), msgpack.packb({"v": 1, "applied": 1})):
+        with pytest.raises(LedgerError):
+            JobLedger.restore(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's fence
+
+
+def test_the_fence_refuses_orders_from_deposed_leaders() -> None:
+    f = Fence()
+    assert f.admit(3) and f.term == 3
+    assert f.admit(3)  # the same leader again
+    assert not f.admit(2) and f.refused == 1
+    f.observe(5)  # e.g. the node's own Raft term
+    assert not f.admit(4) and f.admit(5) and f.admit(7) and f.term == 7
+    f.observe(6)
+    assert f.term == 7  # never backwards

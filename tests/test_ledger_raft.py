@@ -1,0 +1,375 @@
+"""Log replication in the Raft core, one message at a time: what is persisted before what is
+sent, log matching, the vote restriction, the commit rule, snapshots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from swarmnode.election import (
+    LEADER,
+    AppendEntries,
+    AppendReply,
+    Apply,
+    Config,
+    Election,
+    InstallSnapshot,
+    LogEntry,
+    Output,
+    Persist,
+    Persisted,
+    PersistEntries,
+    PersistSnapshot,
+    PreVote,
+    PreVoteReply,
+    RequestVote,
+    Restore,
+    Send,
+    Snapshot,
+    SnapshotReply,
+    VoteReply,
+)
+
+CFG = Config()
+ABC = frozenset({"a", "b", "c"})
+LATER = 10.0
+
+
+def make(
+    node_id: str = "a",
+    voters: frozenset[str] = ABC,
+    *,
+    persisted: Persisted | None = None,
+    log: tuple[LogEntry, ...] = (),
+    snapshot: Snapshot | None = None,
+    observers: frozenset[str] = frozenset(),
+    cfg: Config = CFG,
+) -> Election:
+    el = Election(
+        node_id,
+        voters,
+        cfg,
+        random.Random(1),
+        0.0,
+        persisted,
+        observers=observers,
+        log=log,
+        snapshot=snapshot,
+    )
+    assert el.drain() == []
+    return el
+
+
+def entries(*terms: int, start: int = 1) -> tuple[LogEntry, ...]:
+    return tuple(LogEntry(start + i, t, f"e{start + i}".encode()) for i, t in enumerate(terms))
+
+
+def sends(out: list[Output]) -> list[Send]:
+    return [o for o in out if isinstance(o, Send)]
+
+
+def applies(out: list[Output]) -> list[Apply]:
+    return [o for o in out if isinstance(o, Apply)]
+
+
+def elect(el: Election, voter: str = "b") -> list[Output]:
+    """Make `el` leader with `voter`'s pre-vote and vote; the outputs from the vote on."""
+    now = max(el.next_deadline(), LATER)
+    el.tick(now)
+    el.handle(now, voter, PreVoteReply(el.term + 1, True, el.term))
+    el.drain()
+    el.handle(now, voter, VoteReply(el.term, True))
+    assert el.role == LEADER
+    return el.drain()
+
+
+def give_lease(el: Election, voter: str = "b") -> None:
+    """Acknowledge the current heartbeat round (the leader's lease starts)."""
+    el.handle(LATER, voter, AppendReply(el.term, 1, True, 0))
+
+
+def pump(nodes: dict[str, Election], out: dict[str, list[Output]], now: float = LATER) -> None:
+    """Deliver every Send until the cluster is quiet (no loss, no delay), collecting each
+    node's other outputs in `out`."""
+    queue = [(id_, o) for id_, el in nodes.items() for o in el.drain()]
+    while queue:
+        src, o = queue.pop(0)
+        if isinstance(o, Send):
+            if o.to in nodes:
+                nodes[o.to].handle(now, src, o.msg)
+                queue += [(o.to, x) for x in nodes[o.to].drain()]
+        else:
+            out.setdefault(src, []).append(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# The leader's no-op, proposals, and what is durable before what
+
+
+def test_a_new_leader_persists_its_noop_before_sending_it() -> None:
+    el = make()
+    out = elect(el)
+    appends = [i for i, o in enumerate(out) if isinstance(o, Send)]
+    noop = PersistEntries(1, (LogEntry(1, 1, b""),))
+    assert appends and out.index(noop) < appends[0]
+    assert all(s.msg.entries == ((1, b""),) for s in sends(out))
+    assert el.commit_index == 0 and not el.can_schedule(LATER)
+
+
+def test_propose_needs_a_leader_with_a_lease() -> None:
+    el = make()
+    assert el.propose(LATER, b"x") is None  # a follower forwards, it does not propose
+    elect(el)
+    assert el.propose(LATER, b"x") is None  # elected but no heartbeat acknowledged yet
+    give_lease(el)
+    assert el.propose(LATER, {"op": "x"}) == 2
+    assert el.counters["propose_refused"] == 2
+    with pytest.raises(ValueError):
+        el.propose(LATER, b"")  # empty is the leader's no-op
+    with pytest.raises(ValueError):
+        el.propose(LATER, b"x" * (256 * 1024 + 1))
+
+
+def test_a_proposal_goes_out_at_once_to_followers_that_are_up_to_date() -> None:
+    el = make()
+    elect(el)
+    give_lease(el)
+    el.handle(LATER, "b", AppendReply(1, 1, True, 1))  # b holds the no-op
+    out = el.drain()
+    assert el.commit_index == 1  # the no-op is on a, b: a majority
+    assert applies(out) == [Apply(1, 1, b"")]
+    assert el.can_schedule(LATER)
+    index = el.propose(LATER, b"job")
+    out = el.drain()
+    assert out[0] == PersistEntries(2, (LogEntry(2, 1, b"job"),))
+    # b is up to date: it gets the entry now; c never answered and waits for the heartbeat
+    assert [(s.to, s.msg.prev_index, s.msg.entries) for s in sends(out)] == [
+        ("b", 1, ((1, b"job"),))
+    ]
+    el.handle(LATER, "b", AppendReply(1, 1, True, index))  # type: ignore[arg-type]
+    assert applies(el.drain()) == [Apply(2, 1, b"job")]
+
+
+def test_a_lone_voter_commits_its_own_proposals_after_persisting_them() -> None:
+    el = make(voters=frozenset({"a"}))
+    el.tick(CFG.election_timeout_min)
+    el.drain()
+    assert el.propose(LATER, b"x") == 2
+    out = el.drain()
+    assert out == [PersistEntries(2, (LogEntry(2, 1, b"x"),)), Apply(2, 1, b"x")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Followers: log matching
+
+
+def test_a_follower_persists_before_it_replies_and_applies_only_what_is_committed() -> None:
+    el = make("b")
+    el.handle(LATER, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b""), (1, b"x"))))
+    out = el.drain()
+    stored = PersistEntries(1, (LogEntry(1, 1, b""), LogEntry(1 + 1, 1, b"x")))
+    assert out.index(Persist(1, None)) < out.index(stored) < len(out) - 1
+    assert out[-1] == Send("a", AppendReply(1, 1, True, 2))
+    assert applies(out) == []
+    # the leader's commit index arrives with the next heartbeat
+    el.handle(LATER, "a", AppendEntries(1, "a", 2, 2, 1, 2))
+    assert applies(el.drain()) == [Apply(1, 1, b""), Apply(2, 1, b"x")]
+    # commit is capped by what this follower is known to match: not beyond index 2
+    el.handle(LATER, "a", AppendEntries(1, "a", 3, 2, 1, 9))
+    assert el.commit_index == 2
+
+
+def test_a_gap_or_a_conflict_is_refused_with_a_hint() -> None:
+    el = make("b", persisted=Persisted(3), log=entries(1, 1, 2, 2))
+    el.handle(LATER, "a", AppendEntries(3, "a", 1, 7, 3, 0, ((3, b"z"),)))
+    assert el.drain()[-1] == Send("a", AppendReply(3, 1, False, 5))  # our log ends at 4
+    el.handle(LATER, "a", AppendEntries(3, "a", 2, 4, 3, 0))
+    # entry 4 has term 2, not 3: skip the whole term-2 run (it starts at 3)
+    assert el.drain()[-1] == Send("a", AppendReply(3, 2, False, 3))
+    assert el.log.last_index == 4  # a refusal changes nothing
+
+
+def test_a_conflicting_suffix_is_replaced_and_the_truncation_persisted() -> None:
+    el = make("b", persisted=Persisted(3), log=entries(1, 1, 2, 2))
+    el.handle(LATER, "a", AppendEntries(3, "a", 1, 2, 1, 0, ((3, b"new"),)))
+    out = el.drain()
+    assert PersistEntries(3, (LogEntry(3, 3, b"new"),)) in out
+    assert [e.term for e in el.log] == [1, 1, 3] and out[-1].msg.success  # type: ignore[union-attr]
+
+
+def test_a_late_duplicate_of_an_old_batch_truncates_nothing() -> None:
+    el = make("b")
+    el.handle(LATER, "a", AppendEntries(1, "a", 2, 0, 0, 0, ((1, b"1"), (1, b"2"), (1, b"3"))))
+    el.drain()
+    el.handle(LATER, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b"1"),)))
+    out = el.drain()
+    assert out == [Send("a", AppendReply(1, 1, True, 1))]  # nothing persisted, nothing lost
+    assert el.log.last_index == 3
+
+
+def test_a_committed_entry_is_never_overwritten() -> None:
+    """Only a leader without a committed entry could send this; refuse rather than lose it."""
+    el = make("b", persisted=Persisted(2), log=entries(1, 2))
+    el.handle(LATER, "a", AppendEntries(2, "a", 1, 2, 2, 2))
+    assert el.commit_index == 2
+    el.drain()
+    el.handle(LATER, "c", AppendEntries(3, "c", 1, 1, 1, 0, ((3, b"other"),)))
+    assert el.log.term_at(2) == 2 and el.counters["conflict_with_committed"] == 1
+
+
+def test_a_stale_leader_is_answered_with_the_higher_term() -> None:
+    el = make("b", persisted=Persisted(5))
+    el.handle(LATER, "a", AppendEntries(4, "a", 7, 0, 0, 0, ((4, b"x"),)))
+    assert el.drain() == [Send("a", AppendReply(5, 7, False, 0))]
+    assert el.log.last_index == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The vote restriction
+
+
+@pytest.mark.parametrize(
+    ("last_index", "last_term", "granted"),
+    [(3, 2, True), (9, 2, True), (1, 3, True), (2, 2, False), (10, 1, False), (0, 0, False)],
+)
+def test_votes_and_pre_votes_need_a_log_at_least_as_up_to_date(
+    last_index: int, last_term: int, granted: bool
+) -> None:
+    el = make("b", persisted=Persisted(2), log=entries(1, 2, 2))  # ends at (term 2, index 3)
+    el.handle(LATER, "a", PreVote(3, "a", last_index, last_term))
+    assert el.drain() == [Send("a", PreVoteReply(3, granted, 2))]
+    el.handle(LATER, "a", RequestVote(3, "a", last_index, last_term))
+    assert el.drain()[-1] == Send("a", VoteReply(3, granted))
+    assert el.term == 3  # the higher term is adopted either way
+    assert el.voted_for == ("a" if granted else None)
+
+
+def test_candidates_advertise_their_last_log_position() -> None:
+    el = make(persisted=Persisted(4), log=entries(1, 4, 4), cfg=Config(pre_vote=True))
+    el.tick(LATER)
+    assert {s.msg for s in sends(el.drain())} == {PreVote(5, "a", 3, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The commit rule
+
+
+def test_an_older_term_entry_on_a_majority_is_not_committed_by_counting() -> None:
+    """Raft's figure 8: a leader of term 3 holding entry 2 of term 2 must not commit it when it
+    reaches a majority; only its own no-op (term 3) on a majority commits both."""
+    el = make(persisted=Persisted(2), log=entries(1, 2))
+    elect(el)  # term 3; its no-op is entry 3
+    assert el.term == 3 and el.log.term_at(3) == 3
+    el.handle(LATER, "b", AppendReply(3, 1, True, 2))  # b holds 1..2 only
+    assert el.commit_index == 0 and applies(el.drain()) == []
+    el.handle(LATER, "b", AppendReply(3, 1, True, 3))
+    assert [a.index for a in applies(el.drain())] == [1, 2, 3]
+
+
+def test_observers_receive_the_log_but_do_not_count_for_commit() -> None:
+    el = make(observers=frozenset({"o1", "o2"}))
+    out = elect(el)
+    assert {s.to for s in sends(out)} == {"b", "c", "o1", "o2"}
+    el.handle(LATER, "o1", AppendReply(1, 1, True, 1))
+    el.handle(LATER, "o2", AppendReply(1, 1, True, 1))
+    assert el.commit_index == 0 and not el.leader_lease_valid(LATER)
+    el.handle(LATER, "c", AppendReply(1, 1, True, 1))
+    assert el.commit_index == 1
+
+
+def test_a_whole_cluster_with_observers_applies_the_same_entries() -> None:
+    ids = ["a", "b", "c", "o"]
+    nodes = {i: make(i, observers=frozenset({"o"})) for i in ids}
+    out: dict[str, list[Output]] = {}
+    nodes["a"].tick(LATER)
+    pump(nodes, out)
+    a = nodes["a"]
+    assert a.role == LEADER and a.leader_lease_valid(LATER)
+    for n in range(5):
+        assert a.propose(LATER, f"job{n}".encode()) is not None
+        pump(nodes, out)
+    a.tick(a.next_deadline())  # the heartbeat that carries the final commit index
+    pump(nodes, out)
+    seqs = {i: [(x.index, x.entry) for x in applies(out[i])] for i in ids}
+    assert seqs["a"] == [(1, b"")] + [(2 + n, f"job{n}".encode()) for n in range(5)]
+    assert all(s == seqs["a"] for s in seqs.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def test_compact_drops_the_applied_prefix_and_persists_the_snapshot() -> None:
+    el = make(voters=frozenset({"a"}))
+    el.tick(CFG.election_timeout_min)
+    for n in range(4):
+        el.propose(LATER, f"x{n}".encode())
+    el.drain()
+    assert not el.compact(9, b"state")  # not applied
+    assert el.compact(3, b"state@3")
+    assert el.drain() == [PersistSnapshot(Snapshot(3, 1, b"state@3"))]
+    assert el.log.snapshot_index == 3 and [e.index for e in el.log] == [4, 5]
+    assert not el.compact(2, b"older")
+
+
+def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
+    cfg = Config(snapshot_chunk_bytes=4)
+    nodes = {i: make(i, cfg=cfg) for i in ("a", "b", "c")}
+    out: dict[str, list[Output]] = {}
+    nodes["a"].tick(LATER)
+    pump(nodes, out)
+    a = nodes["a"]
+    lagging = {"a": a, "b": nodes["b"]}  # c is away
+    for n in range(6):
+        a.propose(LATER, f"x{n}".encode())
+        pump(lagging, out)
+    assert a.commit_index == 7
+    assert a.compact(6, b"0123456789")  # 10 bytes: three chunks of 4
+    pump(lagging, out)
+    a.tick(a.next_deadline())  # the heartbeat finds c behind the snapshot
+    pump(nodes, out)
+    c_out = out["c"]
+    assert a.counters["snapshot_chunks_sent"] == 3
+    restore = [o for o in c_out if isinstance(o, Restore)]
+    assert restore == [Restore(Snapshot(6, 1, b"0123456789"))]
+    persisted = c_out.index(PersistSnapshot(Snapshot(6, 1, b"0123456789")))
+    assert persisted < c_out.index(restore[0])
+    # what follows the snapshot is applied after it, from index 7
+    assert [x.index for x in applies(c_out[c_out.index(restore[0]) :])] == [7]
+    assert nodes["c"].applied_index == 7 and nodes["c"].log.snapshot_index == 6
+
+
+def test_an_installed_snapshot_keeps_a_matching_suffix_and_drops_a_conflicting_one() -> None:
+    keep = make("b", persisted=Persisted(1), log=entries(1, 1, 1, 1))
+    keep.handle(LATER, "a", InstallSnapshot(1, "a", 1, 2, 1, 0, b"s", True))
+    out = keep.drain()
+    assert PersistSnapshot(Snapshot(2, 1, b"s")) in out
+    assert not [o for o in out if isinstance(o, PersistEntries)]
+    assert [e.index for e in keep.log] == [3, 4] and keep.commit_index == 2
+
+    drop = make("b", persisted=Persisted(2), log=entries(1, 2, 2, 2))
+    drop.handle(LATER, "a", InstallSnapshot(3, "a", 1, 3, 3, 0, b"s", True))
+    out = drop.drain()
+    assert PersistEntries(4, ()) in out and len(drop.log) == 0
+    assert out[-1] == Send("a", AppendReply(3, 1, True, 3))
+
+
+def test_snapshot_chunks_out_of_order_ask_for_the_right_offset() -> None:
+    el = make("b")
+    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"late", False))
+    assert el.drain()[-1] == Send("a", SnapshotReply(1, 1, 5, 0))
+    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))
+    assert el.drain()[-1] == Send("a", SnapshotReply(1, 1, 5, 4))
+    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))  # duplicate
+    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"ef", True))
+    assert Restore(Snapshot(5, 1, b"abcdef")) in el.drain()
+
+
+def test_a_restarted_node_resumes_from_its_snapshot_and_log() -> None:
+    snap = Snapshot(3, 1, b"state")
+    el = make("b", persisted=Persisted(2, "a"), log=entries(1, 2, start=4), snapshot=snap)
+    assert (el.commit_index, el.applied_index, el.log.last_index) == (3, 3, 5)
+    assert (el.term, el.voted_for) == (2, "a")
+    el.handle(LATER, "a", AppendEntries(2, "a", 1, 5, 2, 5))
+    assert [(x.index, x.term) for x in applies(el.drain())] == [(4, 1), (5, 2)]
