@@ -340,6 +340,90 @@ def reboot(
     raise typer.Exit(_act("reboot", node, [], force, address, verbose))
 
 
+@app.command()
+def build(
+    plan: Annotated[Path, typer.Argument(help="the plan (TOML: [jobs.NAME] tables)")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="write DIR/JOB/PATH")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow progress; non-zero exit "
+                                                     "if any job fails")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a build from this node; the elected leader schedules it across the swarm."""
+    build_id = ask("build", timeout=60.0, plan=str(plan.expanduser().absolute()))
+    if not wait and out_dir is None:
+        if as_json:
+            emit_json({"build": build_id})
+        else:
+            out.print(build_id, highlight=False)
+        return
+    status = _follow(build_id, quiet=as_json)
+    if out_dir is not None:
+        status["files"] = ask("fetch_outputs", timeout=600.0, build=build_id,
+                              out=str(out_dir.expanduser().absolute()))
+    if as_json:
+        emit_json(status)
+    if not status["ok"]:
+        raise typer.Exit(1)
+
+
+def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
+    """Poll the build until every job is done, blocked or cancelled; show progress."""
+    last = ""
+    while True:
+        status = ask("build_status", build=build_id)
+        p = status["progress"]
+        running = ", ".join(f"{n}: {c}" for n, c in sorted(status["running"].items()))
+        line = (f"{build_id}: {p['done']}/{p['total']} done, {p['running'] + p['assigned']} "
+                f"running ({running or '-'}), {p['blocked']} blocked")
+        if line != last and not quiet:
+            err.print(line, highlight=False)
+            last = line
+        if status["finished"]:
+            if not status["ok"] and not quiet:
+                for j in ask("jobs", build=build_id):
+                    if j["state"] != "done":
+                        err.print(f"[red]{j['job']}[/red] {j['state']}: {j['reason']}",
+                                  highlight=False)
+            return status
+        time.sleep(0.5)
+
+
+@app.command()
+def jobs(as_json: JsonOpt = False) -> None:
+    """Every job of every build in the ledger: state, node, attempt."""
+    items = ask("jobs")
+    if as_json:
+        emit_json(items)
+        return
+    table = Table(title=f"{len(items)} jobs")
+    for col in ("build", "job", "state", "node", "attempt", "reason"):
+        table.add_column(col)
+    for j in items:
+        table.add_row(j["build"], j["job"], j["state"], j["node_name"] or "-",
+                      str(j["attempt"]), (j["reason"] or "")[:60])
+    out.print(table)
+
+
+@app.command()
+def logs(job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")]) -> None:
+    """What the ledger holds about a job: state, node, reason and the tail of its log."""
+    info = ask("logs", job=job)
+    out.print(f"{info['job']}: {info['state']} on {info['node'] or '-'} (attempt "
+              f"{info['attempt']})", highlight=False)
+    if info["reason"]:
+        out.print(f"reason: {info['reason']}", highlight=False)
+    if info["failed_on"]:
+        out.print(f"failed on: {', '.join(info['failed_on'])}", highlight=False)
+    if info["log_tail"]:
+        sys.stdout.write(info["log_tail"])
+
+
+@app.command()
+def cancel(build_id: Annotated[str, typer.Argument(metavar="BUILD")]) -> None:
+    """Cancel a build: its unfinished jobs are stopped and never rescheduled."""
+    out.print(ask("cancel", timeout=60.0, build=build_id), highlight=False)
+
+
 @app.command("local-action", hidden=True)
 def local_action(
     verb: Annotated[str, typer.Argument(help="restart or reboot")],

@@ -2,9 +2,10 @@
 
 It shows the founding node making a cluster, three nodes joining with a token, an uninvited
 "ghost" node that stays pending (no work, no data) until admitted, a node killed with SIGKILL
-detected as dead by everyone, and graceful leaves. Each node has its own home under
-./demo-home, so you can poke at the running swarm with `swarmnode --home demo-home/NAME ...`
-(pass --keep to leave it running).
+detected as dead by everyone, a C build submitted from one node and run across the others
+by the elected leader (artifacts verified and collected), and graceful leaves. Each node has
+its own home under ./demo-home, so you can poke at the running swarm with
+`swarmnode --home demo-home/NAME ...` (pass --keep to leave it running).
 """
 
 from __future__ import annotations
@@ -64,6 +65,31 @@ def show(home: Path) -> None:
     print(swarmnode(home, "nodes"))
 
 
+def write_project(root: Path, parts: int = 6) -> Path:
+    """A small C program in `parts` files: one job per file, a link job, a test run."""
+    src = root / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i in range(parts):
+        (src / f"part{i}.c").write_text(f"int part{i}(void) {{ return {i + 1}; }}\n")
+        jobs.append(f'[jobs.part{i}]\ncmd = "gcc -O2 -c src/part{i}.c -o part{i}.o"\n'
+                    f'inputs = ["src/part{i}.c"]\noutputs = ["part{i}.o"]\n')
+    decls = "".join(f"int part{i}(void);\n" for i in range(parts))
+    total = " + ".join(f"part{i}()" for i in range(parts))
+    (src / "main.c").write_text(
+        f'#include <stdio.h>\n{decls}int main(void) {{ printf("hello from the swarm: '
+        f'%d parts\\n", {total}); return 0; }}\n')
+    deps = ", ".join(f'"part{i}"' for i in range(parts))
+    jobs.append(f'[jobs.link]\ncmd = "gcc -O2 -o hello-swarm src/main.c part*.o"\n'
+                f'inputs = ["src/main.c"]\ndeps = [{deps}]\noutputs = ["hello-swarm"]\n')
+    # artifacts are content (no mode bits): the check makes its own executable copy
+    jobs.append('[jobs.check]\ncmd = "cp hello-swarm run && chmod +x run && ./run > result.txt"'
+                '\ndeps = ["link"]\noutputs = ["result.txt"]\n')
+    plan = root / "plan.toml"
+    plan.write_text('name = "hello"\n\n' + "\n".join(jobs))
+    return plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave the swarm running")
@@ -106,7 +132,16 @@ def main() -> None:
             states(homes[n]).get("delta") == "dead" for n in ["alpha", "bravo", "charlie"]),
             timeout=30)
         show(homes["bravo"])
-        print("6. recent events on alpha")
+        print("6. bravo submits a C build; the elected leader spreads its jobs over the swarm")
+        plan = write_project(HOMES / "project")
+        out = HOMES / "out"
+        print(swarmnode(homes["bravo"], "build", str(plan), "--wait", "--out", str(out)))
+        print(swarmnode(homes["bravo"], "jobs"))
+        prog = out / "link" / "hello-swarm"
+        prog.chmod(0o755)
+        result = subprocess.run([str(prog)], capture_output=True, text=True, check=True)
+        print(f"  the artifact {prog} runs: {result.stdout.strip()}")
+        print("7. recent events on alpha")
         print(swarmnode(homes["alpha"], "events", "--limit", "15"))
         if args.keep:
             print("swarm left running; stop it with: pkill -f 'demo-home'")
@@ -120,7 +155,7 @@ def main() -> None:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    print("demo done: builds across the swarm arrive with the scheduler (issue 4).")
+    print("demo done.")
 
 
 if __name__ == "__main__":

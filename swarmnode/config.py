@@ -53,6 +53,7 @@ class SshSettings:
 @dataclass(frozen=True)
 class NodeConfig:
     kind: str | None = None
+    cores: int | None = None  # cores offered to builds (default: those this process may use)
     reboot_command: str = DEFAULT_REBOOT
     restart_command: str = DEFAULT_RESTART
     accept_actions: bool = True  # run exec/restart/reboot asked by admitted members
@@ -91,7 +92,7 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-_TOP = {"kind", "reboot_command", "restart_command", "accept_actions", "exec_timeout",
+_TOP = {"kind", "cores", "reboot_command", "restart_command", "accept_actions", "exec_timeout",
         "overrides", "jumps", "ssh"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
@@ -101,8 +102,12 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
     kind = raw.get("kind")
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    cores = raw.get("cores")
+    if cores is not None and (type(cores) is not int or not 1 <= cores <= 4096):
+        raise ConfigError(f"cores: must be an integer from 1 to 4096, got {cores!r}")
     return NodeConfig(
         kind=kind,
+        cores=cores,
         reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
         accept_actions=_bool(raw, "accept_actions", True),

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from net.transport import Inbound
@@ -32,21 +33,24 @@ from swarmnode.election import (
     Election,
     Event,
     MessageError,
-    Persist,
-    Persisted,
     Send,
     choose_voters,
     pack,
     step_voters,
     unpack,
 )
+from swarmnode.election.core import Apply, Restore
+from swarmnode.ledger import JobLedger, LedgerEvent, LogStore
+
+LEDGER_DB = "ledger.db"
+#: Applied entries between snapshots of the ledger (the log is cut back to the snapshot).
+COMPACT_EVERY = 2_000
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
 
 log = logging.getLogger(__name__)
 
-STORE_KEY = "election"
 VOTERS_KEY = "voters"
 #: A (re)started node leaves the voter set as it was for this long, while gossip and
 #: push-pull fill in its view: a stale view must not shrink the set to itself.
@@ -59,25 +63,28 @@ VOTER_STEP_S = 1.0
 MAX_SLEEP_S = 0.2
 
 
+class NotLeader(RuntimeError):
+    """This node does not lead; `leader` is the one it knows of (or None)."""
+
+    def __init__(self, leader: str | None) -> None:
+        super().__init__(f"not the leader (leader: {leader})")
+        self.leader = leader
+
+
 class Leadership:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.started = node.clock()
         self._changed_at = -SETTLE_S
-        voters = self._initial_voters()
-        self.core = Election(node.id, voters, Config(), random.Random(os.urandom(8)),
-                             node.clock(), self._load(), observers=())
+        self.log_store = LogStore(node.home / LEDGER_DB)
+        stored = self.log_store.load()
+        self.ledger = JobLedger.restore(stored.snapshot.data) if stored.snapshot else JobLedger()
+        self.core = Election(node.id, self._initial_voters(), Config(),
+                             random.Random(os.urandom(8)), node.clock(), stored.persisted,
+                             observers=(), log=stored.entries, snapshot=stored.snapshot)
         self._wake = asyncio.Event()
-
-    def _load(self) -> Persisted | None:
-        stored = self.node.store.get(STORE_KEY)
-        if stored is None:
-            return None
-        try:
-            return Persisted.from_plain(stored)
-        except MessageError:
-            log.warning("ignoring an unreadable stored election state: %r", stored)
-            return None
+        self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
+        self.on_applied: list[Callable[[LedgerEvent], None]] = []
 
     def _initial_voters(self) -> frozenset[str]:
         """The voter set this node last used (persisted), else only itself for a brand-new
@@ -144,16 +151,50 @@ class Leadership:
         self.flush()
 
     def flush(self) -> None:
-        """Carry out the core's outputs in order: a Persist is on disk before any later Send."""
-        for out in self.core.drain():
-            if isinstance(out, Persist):
-                self.node.store.put(**{STORE_KEY: Persisted(out.term, out.voted_for).to_plain()})
-            elif isinstance(out, Send):
+        """Carry out the core's outputs: everything to persist goes to disk in one transaction
+        first, then sends, applies and events in order."""
+        outputs = self.core.drain()
+        self.log_store.persist(outputs)
+        for out in outputs:
+            if isinstance(out, Send):
                 msg_type, body = pack(out.msg)
                 self.node.send_raw(out.to, msg_type, body)
+            elif isinstance(out, Apply):
+                self._apply(out)
+            elif isinstance(out, Restore):
+                self.ledger = JobLedger.restore(out.snapshot.data)
             elif isinstance(out, Event):
                 self._event(out)
         self._wake.set()
+
+    def _apply(self, out: Apply) -> None:
+        for ev in self.ledger.apply(out.index, out.entry):
+            for callback in self.on_applied:
+                callback(ev)
+        waiting = self._waiting.pop(out.index, None)
+        if waiting is not None and not waiting[1].done():
+            waiting[1].set_result(waiting[0] == out.term)
+        if self.ledger.applied % COMPACT_EVERY == 0 and self.core.compact(
+                self.ledger.applied, self.ledger.snapshot()):
+            self._wake.set()
+
+    async def propose(self, entry: bytes, timeout: float = 5.0) -> bool:
+        """Propose a ledger entry as leader and wait until it is committed in this term (True)
+        or lost to another leader's entry at that index (False). NotLeader when this node does
+        not lead (the caller forwards to `leader`)."""
+        index = self.core.propose(self.node.clock(), entry)
+        if index is None:
+            raise NotLeader(self.leader)
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[index] = (self.core.term, fut)
+        self.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting.pop(index, None)
 
     def _event(self, ev: Event) -> None:
         data = dict(ev.data)
@@ -174,6 +215,9 @@ class Leadership:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
+
+    def close(self) -> None:
+        self.log_store.close()
 
     # -- views ----------------------------------------------------------------------------
 

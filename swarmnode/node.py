@@ -27,13 +27,16 @@ from net import whois
 from net.addresses import is_nat, split_hostport
 from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
-from net.wire import DropCounter
+from net.wire import PROTOCOL_VERSION as WIRE_VERSION
+from net.wire import DropCounter, Envelope
 from swarmnode import __version__, cluster, control
 from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
 from swarmnode.artifact_service import ArtifactService
+from swarmnode.build.plan import PlanError
+from swarmnode.builds import Builds
 from swarmnode.discovery import Discovery
 from swarmnode.facts import detect_facts
 from swarmnode.identity import Identity, curve_public_key, load_or_create
@@ -67,6 +70,7 @@ SNAPSHOT_EVERY_S = 2.0
 ADDRESS_CHECK_S = 10.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
+BUILD_COMMANDS = frozenset({"build", "jobs", "build_status", "fetch_outputs", "logs", "cancel"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -123,6 +127,7 @@ class Node:
         self.leadership = Leadership(self)
         self.artifacts = ArtifactService(self)
         self.worker = Worker(self)
+        self.builds = Builds(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -188,6 +193,8 @@ class Node:
         now = self.clock()
         incarnation = int(self.store.get("incarnation", 0)) + 1
         facts = detect_facts(__version__, kind_override=self.node_config.kind)
+        if self.node_config.cores is not None:
+            facts["cores"] = self.node_config.cores
         facts.update(self._ssh_facts())
         self.kind = str(facts["kind"])
         record = make_record(
@@ -243,7 +250,8 @@ class Node:
                  asyncio.ensure_future(self._address_watch()),
                  asyncio.ensure_future(self.router.maintain()),
                  asyncio.ensure_future(self.leadership.run()),
-                 asyncio.ensure_future(self.worker.run())]
+                 asyncio.ensure_future(self.worker.run()),
+                 asyncio.ensure_future(self.builds.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -270,6 +278,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.discovery.close()
+        await self.builds.close()
         await self.worker.close()
         await self.artifacts.close()
         self.router.close()
@@ -331,8 +340,15 @@ class Node:
         return self.send_raw(to, msg_type, body)
 
     def send_raw(self, to: str, msg_type: str, body: bytes) -> bool:
+        if to == self.id:  # the leader is also a worker: deliver to ourselves, next turn
+            asyncio.get_running_loop().call_soon(self._loopback, msg_type, body)
+            return True
         self.route_to(to)
         return self.transport.send(to, msg_type, body)
+
+    def _loopback(self, msg_type: str, body: bytes) -> None:
+        env = Envelope(WIRE_VERSION, msg_type, self.id, 0, 0, body)
+        self.on_message(Inbound(env, None, lambda t, b: self.send_raw(self.id, t, b)))
 
     def route_to(self, peer: str) -> None:
         """Keep a connection to `peer` at its reported addresses and any discovered ones."""
@@ -381,6 +397,9 @@ class Node:
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
+            return
+        if self.builds.handles(env.type):
+            self.builds.on_message(inbound)
             return
         if self.worker.handles(env.type):
             self.worker.on_message(inbound)
@@ -476,7 +495,28 @@ class Node:
             address = args.get("address")
             return self.actions.request(target, cmd, argv, bool(args.get("force")),
                                         str(address) if address else None)
+        if cmd in BUILD_COMMANDS:
+            return await self._build_command(cmd, args)
         raise control.ControlError(f"unknown command {cmd!r}")
+
+    async def _build_command(self, cmd: str, args: dict[str, Any]) -> Any:
+        if not self.admitted:
+            raise control.ControlError("this node is not an admitted member")
+        if cmd == "build":
+            try:
+                return await self.builds.submit(Path(str(args.get("plan", ""))))
+            except (PlanError, OSError) as exc:
+                raise control.ControlError(str(exc)) from exc
+        if cmd == "jobs":
+            return self.builds.jobs_view(args.get("build"))
+        if cmd == "build_status":
+            return self.builds.build_view(str(args.get("build", "")))
+        if cmd == "fetch_outputs":
+            return await self.builds.fetch_outputs(str(args.get("build", "")),
+                                                   Path(str(args.get("out", ""))))
+        if cmd == "logs":
+            return self.builds.log_view(str(args.get("job", "")))
+        return await self.builds.cancel(str(args.get("build", "")))
 
     def drop_counts(self) -> dict[str, int]:
         """Everything dropped, by reason: at the wire, in the handshake, in the core."""

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from swarmnode.artifact_service import ArtifactError
 from swarmnode.artifacts import is_digest
 from swarmnode.build.executor import Executor, JobResult, JobSpec, Slots
 from swarmnode.build.plan import PlanError, check_name
+from swarmnode.ledger import Fence
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -53,6 +55,7 @@ RESEND_S = 1.0
 MAX_BODY = 1024 * 1024
 MAX_FILES = 10_000
 MAX_TAIL = 4096
+MAX_FINISHED = 10_000
 
 
 class AssignmentError(ValueError):
@@ -151,27 +154,17 @@ def _files(v: Any, what: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-class Fence:
-    """The highest leader term this worker has seen (persisted): lower terms are refused."""
-
-    def __init__(self, term: int = 0) -> None:
-        self.term = term
-
-    def admit(self, term: int) -> bool:
-        if term < self.term:
-            return False
-        self.term = term
-        return True
-
-
 class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
         cores = int(node.core.record.facts_dict().get("cores", os.cpu_count() or 1))
         self.slots = Slots(cores)
         self.executor = Executor(node.home / "jobs", slots=self.slots)
-        self.fence = Fence(int(node.store.get(FENCE_KEY, 0)))
+        self.fence = Fence(term=int(node.store.get(FENCE_KEY, 0)))
         self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
+        # attempts finished here: a leader re-sending an assignment it has not yet seen
+        # reported must not make it run twice
+        self.finished: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def handles(self, msg_type: str) -> bool:
@@ -210,7 +203,11 @@ class Worker:
         key = (a.build, a.job)
         current = self.running.get(key)
         if current is not None and current[0].attempt >= a.attempt:
-            return  # a duplicate (the leader re-sends until the job starts)
+            self._send_started(a)  # a re-send: the leader did not hear that it started
+            return
+        if (a.build, a.job, a.attempt) in self.finished:
+            self._send_reports()
+            return
         if current is not None:
             current[1].cancel()
         self.running[key] = (a, None)
@@ -219,8 +216,11 @@ class Worker:
     def _on_cancel(self, sender: str, body: dict[str, Any]) -> None:
         if not self._admit_term(sender, body.get("term"), f"cancel {body.get('build')}"):
             return
-        for (build, job), (_a, handle) in list(self.running.items()):
-            if build == body.get("build") and body.get("job") in (None, job) and handle:
+        self.cancel_build(body.get("build"), body.get("job"))
+
+    def cancel_build(self, build: Any, job: Any = None) -> None:
+        for (b, j), (_a, handle) in list(self.running.items()):
+            if b == build and job in (None, j) and handle is not None:
                 handle.cancel()
 
     def _on_ack(self, body: dict[str, Any]) -> None:
@@ -258,7 +258,15 @@ class Worker:
             spec, [(p, store.path(d)) for p, d in a.inputs],
             {k: [(p, store.path(d)) for p, d in f] for k, f in a.deps.items()}, store=keep)
         self.running[(a.build, a.job)] = (a, handle)
+        self._send_started(a)
         return await handle.wait()
+
+    def _send_started(self, a: Assignment) -> None:
+        leader = self.node.leadership.leader
+        if leader is not None:
+            self.node.send_raw(leader, REPORT, pack({"build": a.build, "job": a.job,
+                                                     "attempt": a.attempt, "status": "started",
+                                                     "node": self.node.id}))
 
     def _report(self, a: Assignment, result: JobResult | str) -> None:
         if isinstance(result, str):
@@ -269,6 +277,9 @@ class Worker:
                       "outputs": [[o.path, o.sha256, o.size] for o in result.outputs],
                       "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration}
         report.update(build=a.build, job=a.job, attempt=a.attempt, node=self.node.id)
+        self.finished[(a.build, a.job, a.attempt)] = None
+        while len(self.finished) > MAX_FINISHED:
+            self.finished.popitem(last=False)
         self.node.store.put(**{REPORTS_KEY: [*self.pending_reports(), report]})
         self.node.event("job_finished", {"build": a.build, "job": a.job, "attempt": a.attempt,
                                          "status": report["status"]})

@@ -20,6 +20,7 @@ def test_missing_file_means_every_default(tmp_path):
 def test_full_file(tmp_path):
     (tmp_path / "config.toml").write_text('''
 kind = "lxc"
+cores = 3
 reboot_command = "touch /tmp/rebooted"
 restart_command = "rc-service swarmnode restart"
 accept_actions = false
@@ -40,7 +41,8 @@ known_hosts = ["/etc/swarmnode/known_hosts"]
 host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
 ''')
     cfg = config.load(tmp_path)
-    assert cfg.kind == "lxc" and cfg.accept_actions is False and cfg.exec_timeout == 60.0
+    assert cfg.kind == "lxc" and cfg.cores == 3 and cfg.accept_actions is False
+    assert cfg.exec_timeout == 60.0
     assert cfg.override_for("xyz", "tarn") == ("10.42.0.1:17946",)
     assert cfg.override_for("abcd", "other") == ("10.0.0.1", "[fd00::1]:7000")
     assert cfg.override_for("nope", "none") == ()
@@ -52,6 +54,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
 @pytest.mark.parametrize(("text", "message"), [
     ("reboot_comand = 'x'", "reboot_comand: unknown key (did you mean 'reboot_command'?)"),
     ("kind = 'laptop'", "kind: must be one of bare, vm, lxc, docker"),
+    ("cores = 0", "cores: must be an integer from 1 to 4096"),
     ("accept_actions = 'yes'", "accept_actions: must be true or false"),
     ("exec_timeout = -1", "exec_timeout: must be a positive number"),
     ("reboot_command = ''", "reboot_command: must be a non-empty command line"),

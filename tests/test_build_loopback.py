@@ -1,0 +1,139 @@
+"""Builds across real swarmnode processes on loopback: a 30-job C build, scheduled by the
+elected leader, run on several nodes, artifacts collected and compared with a local build.
+
+What must hold: the build submitted from a non-leader finishes; jobs ran on more than one
+node; every artifact equals what gcc produces locally; a job that fails on two different nodes
+is blocked, with its log tail, and `build --wait` exits non-zero naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.swarm import Node, Swarm, free_port, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+JOIN_S = 20.0
+N_LIBS = 28  # + main + link = 30 jobs
+
+
+def addr(i: int) -> str:
+    host = f"127.0.0.{i}"
+    return f"{host}:{free_port(host)}"
+
+
+def three(swarm: Swarm) -> list[Node]:
+    first, token = swarm.init("n1", addr(1))
+    swarm.start(first)
+    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in (2, 3)]
+    swarm.wait_converged(nodes, JOIN_S)
+    swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
+                   and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
+    return nodes
+
+
+def write_project(root: Path) -> Path:
+    src = root / "src"
+    src.mkdir(parents=True)
+    jobs = []
+    for i in range(N_LIBS):
+        (src / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i * i}; }}\n")
+        jobs.append(f'[jobs.f{i}]\ncmd = "gcc -O2 -c src/f{i}.c -o f{i}.o"\n'
+                    f'inputs = ["src/f{i}.c"]\noutputs = ["f{i}.o"]\nestimate = 1.0\n')
+    decls = "".join(f"int f{i}(void);\n" for i in range(N_LIBS))
+    calls = " + ".join(f"f{i}()" for i in range(N_LIBS))
+    (src / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{ '
+                                f'printf("%d\\n", {calls}); return 0; }}\n')
+    jobs.append('[jobs.main]\ncmd = "gcc -O2 -c src/main.c -o main.o"\n'
+                'inputs = ["src/main.c"]\noutputs = ["main.o"]\n')
+    deps = ", ".join(f'"f{i}"' for i in range(N_LIBS))
+    jobs.append(f'[jobs.link]\ncmd = "gcc -o prog main.o f*.o"\ndeps = ["main", {deps}]\n'
+                'outputs = ["prog"]\nestimate = 2.0\n')
+    plan = root / "plan.toml"
+    plan.write_text('name = "thirty"\n\n' + "\n".join(jobs))
+    return plan
+
+
+def test_a_30_job_build_runs_across_the_swarm_and_matches_a_local_build(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = three(swarm)
+    plan = write_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    leader = swarm.query(nodes[0], "status")["leader"]
+    submitter = next(n for n in nodes if n.id != leader)
+    res = swarm.cli(submitter, "build", str(plan), "--wait", "--out", str(out), "--json",
+                    timeout=150)
+    status = json.loads(res.stdout)
+    assert status["ok"] and status["progress"]["done"] == 30, status
+    jobs = swarm.cli_json(submitter, "jobs")
+    assert {j["state"] for j in jobs} == {"done"} and len(jobs) == 30
+    assert len({j["node"] for j in jobs}) >= 2, "all jobs ran on one node"
+    # the same build, locally
+    local = tmp_path / "local"
+    local.mkdir()
+    for i in range(N_LIBS):
+        subprocess.run(["gcc", "-O2", "-c", str(tmp_path / "proj/src" / f"f{i}.c"), "-o",
+                        str(local / f"f{i}.o")], check=True)
+        assert (out / f"f{i}" / f"f{i}.o").read_bytes() == (local / f"f{i}.o").read_bytes()
+    prog = out / "link" / "prog"
+    prog.chmod(0o755)
+    expected = sum(i * i for i in range(N_LIBS))
+    assert subprocess.run([str(prog)], capture_output=True, text=True).stdout == f"{expected}\n"
+
+
+def test_a_job_failing_on_two_nodes_is_blocked_and_the_build_fails(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = three(swarm)
+    plan = tmp_path / "bad.toml"
+    plan.write_text('[jobs.ok]\ncmd = "echo fine > ok.txt"\noutputs = ["ok.txt"]\n\n'
+                    '[jobs.bad]\ncmd = "echo broken toolchain >&2; exit 3"\n'
+                    'outputs = ["never"]\n\n'
+                    '[jobs.after]\ncmd = "true"\ndeps = ["bad"]\noutputs = ["x"]\n')
+    res = swarm.cli(nodes[1], "build", str(plan), "--wait", check=False, timeout=120)
+    assert res.returncode == 1, res
+    assert "bad" in res.stderr and "blocked" in res.stderr, res.stderr
+    info = swarm.cli(nodes[1], "logs", "bad").stdout
+    assert "blocked" in info and "broken toolchain" in info, info
+    assert info.count("n") and "failed on: " in info
+    failed_on = info.split("failed on: ")[1].splitlines()[0].split(", ")
+    assert len(set(failed_on)) == 2, info
+    states = {j["job"]: j["state"] for j in swarm.cli_json(nodes[1], "jobs")}
+    assert states == {"ok": "done", "bad": "blocked", "after": "blocked"}, states
+
+
+def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = three(swarm)
+    ids = {n.id for n in nodes}
+    for n in nodes:  # all three vote, so two survivors keep a majority
+        swarm.wait_for(lambda n=n: set(swarm.query(n, "status")["voters"]) == ids, JOIN_S,
+                       f"{n.name} counts three voters")
+    plan = tmp_path / "slow.toml"
+    plan.write_text("".join(
+        f'[jobs.j{i}]\ncmd = "sleep 0.6; echo j{i}-$SWARMNODE_JOB > r.txt"\n'
+        f'outputs = ["r.txt"]\n\n' for i in range(12)))
+    leader_id = swarm.query(nodes[0], "status")["leader"]
+    leader = next(n for n in nodes if n.id == leader_id)
+    rest = [n for n in nodes if n is not leader]
+    build_id = swarm.cli(rest[0], "build", str(plan)).stdout.strip()
+    swarm.wait_for(lambda: any(j["node"] == leader_id and j["state"] == "running"
+                               for j in swarm.query(rest[0], "jobs", build=build_id)),
+                   JOIN_S, "a job running on the leader")
+    swarm.kill9(leader)
+    status = swarm.wait_for(
+        lambda: (s := swarm.query(rest[0], "build_status", build=build_id))["finished"] and s,
+        90, "the build finishes under a new leader")
+    assert status["ok"], status
+    jobs = swarm.wait_for(  # the other survivor's replica agrees (moments later)
+        lambda: (js := swarm.query(rest[1], "jobs", build=build_id))
+        and {j["state"] for j in js} == {"done"} and js, JOIN_S, "the replicas agree")
+    assert any(j["attempt"] > 1 for j in jobs), "no job was requeued from the dead leader"
+    out = tmp_path / "out"
+    swarm.query(rest[0], "fetch_outputs", timeout=60, build=build_id, out=str(out))
+    for i in range(12):
+        assert (out / f"j{i}" / "r.txt").read_text() == f"j{i}-j{i}\n"
