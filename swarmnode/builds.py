@@ -416,7 +416,8 @@ class Builds:
             for j in self.ledger.jobs(b.build_id):
                 out.append({"build": b.build_id, "job": j.name, "state": j.state,
                             "node": j.node, "node_name": self.node.member_name(j.node)
-                            if j.node else None, "attempt": j.attempt, "reason": j.reason,
+                            if j.node else None, "attempt": j.attempt, "term": j.term,
+                            "reason": j.reason,
                             "artifacts": dict(j.artifacts)})
         return out
 

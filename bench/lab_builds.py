@@ -1,0 +1,229 @@
+"""Build scheduling figures of real swarmnode processes on 5 separate hosts (namespaces).
+
+Needs root. The 5-host LAN of lab_membership.py with the shipped default timers; each node
+offers a different number of cores through config.toml (`cores`: 2, 4, 4, 8, 16 — the jobs
+sleep, so these are slots, not this 2-core machine's CPUs). Jobs record when they start and
+end in a file outside their job directory (the namespaces share the file system), so times
+come from one clock. Phases:
+
+1. latency: `--repeats` one-job builds on the idle swarm; submit (the control request the CLI
+   sends) to the job's first instruction, median.
+2. dispatch: one build of `--empty` jobs running `true`; jobs per second from submit to the
+   build finished.
+3. makespan: a 200-job random DAG of sleep jobs (known durations, 1-8 cores each); makespan over
+   its lower bound max(critical path, work / cores), and the share of cores busy while runnable
+   work was queued.
+4. failover: a build of sleep jobs is running; `kill -9` the leader; time until a job starts
+   under the new leader.
+
+    .venv/bin/python bench/lab_builds.py [--repeats 20] [--empty 500] [--worktree]
+
+Results on stdout and in /tmp/swarmnode-bench/lab_builds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import snapshot  # bench/ is on sys.path when run as a script
+
+if __name__ == "__main__":
+    snapshot.reexec_on_head(sys.argv[1:])
+
+from lab_membership import HOSTS, Bench, build, form_cluster
+
+from swarmnode import control
+from swarmnode.build.plan import load_plan
+from swarmnode.build.schedule import lower_bound
+from tests.lab import Lab
+
+CORES = [2, 4, 4, 8, 16]
+TARGETS = {"latency_ms": 20.0, "dispatch_per_s": 500.0, "makespan_ratio": 1.10,
+           "utilisation": 0.90, "failover_s": 2.0}
+
+
+def submit(b: Bench, plan: Path) -> tuple[str, float]:
+    node = b.nodes["n2"]  # not the founder: usually not the leader either
+    t0 = time.time()
+    build_id = control.call(node.home, "build", timeout=120, plan=str(plan))
+    return build_id, t0
+
+
+def wait_finished(b: Bench, build_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = control.call(b.nodes["n2"].home, "build_status", timeout=10, build=build_id)
+        if st["finished"]:
+            return st
+        time.sleep(0.02)
+    raise RuntimeError(f"build {build_id} did not finish in {timeout} s")
+
+
+def stamp(marks: Path, name: str) -> str:
+    return f"echo {name} start $(date +%s.%N) >> {marks}"
+
+
+def phase_latency(b: Bench, root: Path, repeats: int) -> dict[str, Any]:
+    out = []
+    for i in range(repeats):
+        marks = root / f"lat-{i}.txt"
+        plan = root / f"lat-{i}.toml"
+        plan.write_text(f'name = "lat{i}"\n[jobs.one]\ncmd = "{stamp(marks, "one")}"\n')
+        build_id, t0 = submit(b, plan)
+        wait_finished(b, build_id, 30)
+        started = float(marks.read_text().split()[2])
+        out.append(started - t0)
+    return {"each_ms": [round(x * 1000, 1) for x in out],
+            "median_ms": round(statistics.median(out) * 1000, 1)}
+
+
+def phase_dispatch(b: Bench, root: Path, n: int) -> dict[str, Any]:
+    plan = root / "empty.toml"
+    plan.write_text('name = "empty"\n' + "".join(f'[jobs.e{i}]\ncmd = "true"\n'
+                                                 for i in range(n)))
+    build_id, t0 = submit(b, plan)
+    st = wait_finished(b, build_id, 600)
+    took = time.time() - t0
+    return {"jobs": n, "seconds": round(took, 2), "jobs_per_s": round(n / took, 1),
+            "ok": st["ok"]}
+
+
+def dag(root: Path, marks: Path, n: int = 200, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    lines = ['name = "dag"\n']
+    for i in range(n):
+        deps = sorted({f"j{rng.randrange(max(0, i - 20), i)}" for _ in range(rng.randint(0, 3))}
+                      if i else set())
+        cores = rng.choices([1, 2, 4, 8], [50, 25, 15, 10])[0]
+        secs = round(min(3.0, rng.lognormvariate(-1.0, 0.5)), 2)
+        cmd = (f"echo j{i} start $(date +%s.%N) {cores} >> {marks}; sleep {secs}; "
+               f"echo j{i} end $(date +%s.%N) {cores} >> {marks}")
+        dep_list = ", ".join(f'"{d}"' for d in deps)
+        lines.append(f'[jobs.j{i}]\ncmd = "{cmd}"\ndeps = [{dep_list}]\nestimate = {secs}\n'
+                     f'requires = {{ cores = {cores} }}\n')
+    plan = root / "dag.toml"
+    plan.write_text("\n".join(lines))
+    return plan
+
+
+def phase_makespan(b: Bench, root: Path) -> dict[str, Any]:
+    marks = root / "dag-marks.txt"
+    plan = dag(root, marks)
+    bound = lower_bound(load_plan(plan), sum(CORES))
+    build_id, t0 = submit(b, plan)
+    st = wait_finished(b, build_id, 600)
+    starts, ends, cores = {}, {}, {}
+    for line in marks.read_text().split("\n"):
+        if line:
+            name, what, ts, c = line.split()
+            (starts if what == "start" else ends)[name] = float(ts)
+            cores[name] = int(c)
+    first, last_end = min(starts.values()), max(ends.values())
+    makespan = last_end - first
+    # utilisation while runnable work was queued: until the last job started
+    last_start = max(starts.values())
+    window = last_start - first
+    busy = sum(max(0.0, min(ends[j], last_start) - starts[j]) * cores[j] for j in starts)
+    return {"ok": st["ok"], "makespan_s": round(makespan, 2),
+            "submit_to_end_s": round(last_end - t0, 2), "lower_bound_s": round(bound, 2),
+            "ratio": round(makespan / bound, 3),
+            "utilisation_while_queued": round(busy / (sum(CORES) * window), 3) if window else None}
+
+
+def leader_node(b: Bench):
+    st = control.call(b.nodes["n2"].home, "status", timeout=5)
+    return next(n for n in b.running() if n.id == st["leader"])
+
+
+def phase_failover(b: Bench, root: Path, trials: int) -> dict[str, Any]:
+    gaps = []
+    for t in range(trials):
+        marks = root / f"fo-{t}.txt"
+        plan = root / f"fo-{t}.toml"
+        plan.write_text(f'name = "fo{t}"\n' + "".join(
+            f'[jobs.s{i}]\ncmd = "echo s{i} start $(date +%s.%N) >> {marks}; sleep 0.3"\n'
+            f"requires = {{ cores = 2 }}\n" for i in range(150)))
+        leader = leader_node(b)
+        old_term = control.call(b.nodes["n2"].home, "status", timeout=5)["term"]
+        build_id, _ = submit(b, plan)
+        while not marks.exists() or len(marks.read_text().splitlines()) < 10:
+            time.sleep(0.01)
+        t_kill = time.time()
+        b.lab.kill9(leader.proc)
+        gap = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and gap is None:
+            jobs = control.call(b.nodes["n2"].home, "jobs", timeout=10, build=build_id)
+            newer = {j["job"] for j in jobs if j["term"] > old_term
+                     and j["state"] in ("running", "done")}
+            started = {x.split()[0]: float(x.split()[2]) for x in marks.read_text().splitlines()}
+            times = [started[n] for n in newer if n in started]
+            if times:  # the first job the new leader assigned has started
+                gap = min(times) - t_kill
+            time.sleep(0.02)
+        gaps.append(gap)
+        control.call(b.nodes["n2"].home, "cancel", timeout=60, build=build_id)
+        b.start(leader)
+        b.all_alive(30)
+        time.sleep(8)  # voters settle back (not a measurement)
+    ok = [g for g in gaps if g is not None]
+    return {"each_s": gaps, "median_s": round(statistics.median(ok), 3) if ok else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--empty", type=int, default=500)
+    ap.add_argument("--failovers", type=int, default=5)
+    ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
+    ap.add_argument("--worktree", action="store_true",
+                    help="measure the working tree instead of a snapshot of HEAD")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_builds.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-builds-"))
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                           "commit": snapshot.commit(), "cores": CORES, "targets": TARGETS}
+    with Lab("snx", log_dir=root / "lab") as lab:
+        b = Bench(lab=lab, root=root, swarmnode=args.swarmnode, poll=0.02)
+        build(lab)
+        original = b.new_home
+
+        def new_home(host: str, addr: str = ""):
+            node = original(host, addr)
+            (node.home / "config.toml").write_text(f"cores = {CORES[int(host[1:]) - 1]}\n")
+            return node
+
+        b.new_home = new_home  # type: ignore[method-assign]
+        form_cluster(b)
+        b.start(b.new_home(f"n{HOSTS}"))
+        if not b.all_alive(60):
+            raise RuntimeError("5 nodes did not converge")
+        time.sleep(8)  # voters step in one a second after a 3 s settle (not a measurement)
+        for name, phase in (("latency", lambda: phase_latency(b, root, args.repeats)),
+                            ("dispatch", lambda: phase_dispatch(b, root, args.empty)),
+                            ("makespan", lambda: phase_makespan(b, root)),
+                            ("failover", lambda: phase_failover(b, root, args.failovers))):
+            res[name] = phase()
+            print(f"{name}: {res[name]}", flush=True)
+        for n in b.running():
+            b.stop(n)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
