@@ -51,8 +51,17 @@ TARGETS = {"latency_ms": 20.0, "dispatch_per_s": 500.0, "makespan_ratio": 1.10,
            "utilisation": 0.90, "failover_s": 2.0}
 
 
+def asker(b: Bench):
+    """A running node that does not lead (the failover phase kills the leader)."""
+    for n in b.running():
+        st = control.call(n.home, "status", timeout=5)
+        if st["leader"] and st["leader"] != n.id:
+            return n
+    raise RuntimeError("no follower that knows a leader")
+
+
 def submit(b: Bench, plan: Path) -> tuple[str, float]:
-    node = b.nodes["n2"]  # not the founder: usually not the leader either
+    node = asker(b)
     t0 = time.time()
     build_id = control.call(node.home, "build", timeout=120, plan=str(plan))
     return build_id, t0
@@ -61,7 +70,7 @@ def submit(b: Bench, plan: Path) -> tuple[str, float]:
 def wait_finished(b: Bench, build_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = control.call(b.nodes["n2"].home, "build_status", timeout=10, build=build_id)
+        st = control.call(asker(b).home, "build_status", timeout=10, build=build_id)
         if st["finished"]:
             return st
         time.sleep(0.02)
@@ -129,18 +138,30 @@ def phase_makespan(b: Bench, root: Path) -> dict[str, Any]:
             cores[name] = int(c)
     first, last_end = min(starts.values()), max(ends.values())
     makespan = last_end - first
-    # utilisation while runnable work was queued: until the last job started
-    last_start = max(starts.values())
-    window = last_start - first
-    busy = sum(max(0.0, min(ends[j], last_start) - starts[j]) * cores[j] for j in starts)
     return {"ok": st["ok"], "makespan_s": round(makespan, 2),
             "submit_to_end_s": round(last_end - t0, 2), "lower_bound_s": round(bound, 2),
             "ratio": round(makespan / bound, 3),
-            "utilisation_while_queued": round(busy / (sum(CORES) * window), 3) if window else None}
+            "utilisation_while_runnable": utilisation(load_plan(plan), t0, starts, ends, cores)}
+
+
+def utilisation(plan, t0: float, starts: dict[str, float], ends: dict[str, float],
+                cores: dict[str, int], step: float = 0.01) -> float | None:
+    """Busy share of all cores, sampled at the moments when some job was ready (its deps
+    done, or submitted) but not yet started: the issue's "while the queue has runnable work"."""
+    ready = {j: max((ends[d] for d in plan.jobs[j].deps), default=t0) for j in starts}
+    busy_sum, samples = 0.0, 0
+    t = min(starts.values())
+    end = max(ends.values())
+    while t < end:
+        if any(ready[j] <= t < starts[j] for j in starts):
+            busy_sum += sum(cores[j] for j in starts if starts[j] <= t < ends[j])
+            samples += 1
+        t += step
+    return round(busy_sum / (samples * sum(CORES)), 3) if samples else None
 
 
 def leader_node(b: Bench):
-    st = control.call(b.nodes["n2"].home, "status", timeout=5)
+    st = control.call(asker(b).home, "status", timeout=5)
     return next(n for n in b.running() if n.id == st["leader"])
 
 
@@ -153,7 +174,8 @@ def phase_failover(b: Bench, root: Path, trials: int) -> dict[str, Any]:
             f'[jobs.s{i}]\ncmd = "echo s{i} start $(date +%s.%N) >> {marks}; sleep 0.3"\n'
             f"requires = {{ cores = 2 }}\n" for i in range(150)))
         leader = leader_node(b)
-        old_term = control.call(b.nodes["n2"].home, "status", timeout=5)["term"]
+        watcher = asker(b)
+        old_term = control.call(watcher.home, "status", timeout=5)["term"]
         build_id, _ = submit(b, plan)
         while not marks.exists() or len(marks.read_text().splitlines()) < 10:
             time.sleep(0.01)
@@ -162,7 +184,7 @@ def phase_failover(b: Bench, root: Path, trials: int) -> dict[str, Any]:
         gap = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and gap is None:
-            jobs = control.call(b.nodes["n2"].home, "jobs", timeout=10, build=build_id)
+            jobs = control.call(watcher.home, "jobs", timeout=10, build=build_id)
             newer = {j["job"] for j in jobs if j["term"] > old_term
                      and j["state"] in ("running", "done")}
             started = {x.split()[0]: float(x.split()[2]) for x in marks.read_text().splitlines()}
@@ -171,7 +193,7 @@ def phase_failover(b: Bench, root: Path, trials: int) -> dict[str, Any]:
                 gap = min(times) - t_kill
             time.sleep(0.02)
         gaps.append(gap)
-        control.call(b.nodes["n2"].home, "cancel", timeout=60, build=build_id)
+        control.call(watcher.home, "cancel", timeout=60, build=build_id)
         b.start(leader)
         b.all_alive(30)
         time.sleep(8)  # voters settle back (not a measurement)

@@ -167,6 +167,12 @@ class Leadership:
                 self._event(out)
         self._wake.set()
 
+    _flush_soon = False
+
+    def _deferred_flush(self) -> None:
+        self._flush_soon = False
+        self.flush()
+
     def _apply(self, out: Apply) -> None:
         for ev in self.ledger.apply(out.index, out.entry):
             for callback in self.on_applied:
@@ -185,9 +191,12 @@ class Leadership:
         index = self.core.propose(self.node.clock(), entry)
         if index is None:
             raise NotLeader(self.leader)
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         self._waiting[index] = (self.core.term, fut)
-        self.flush()
+        if not self._flush_soon:  # proposals made in the same turn share one fsync
+            self._flush_soon = True
+            loop.call_soon(self._deferred_flush)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
