@@ -389,6 +389,62 @@ def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
 
 
 @app.command()
+def emerge(
+    atoms: Annotated[list[str], typer.Argument(metavar="ATOM...", help="packages, or @world")],
+    pretend_output: Annotated[Path | None, typer.Option(
+        "--pretend-output", help="use this saved `emerge --pretend --tree` output")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan, submit nothing")]
+    = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow progress")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build Gentoo packages across the swarm: one job per package `emerge --pretend --tree`
+    lists (`emerge --buildpkgonly --oneshot =CAT/PKG-VER`), in the dependency order it shows."""
+    import subprocess
+
+    from swarmnode.build.emerge import EmergeError, plan_from_pretend
+
+    if pretend_output is not None:
+        text = pretend_output.read_text(encoding="utf-8", errors="replace")
+    else:
+        try:
+            done = subprocess.run(["emerge", "--pretend", "--tree", "--color=n", *atoms],
+                                  capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            fail("`emerge` is not installed here (not a Gentoo host); run this on one, or "
+                 "pass --pretend-output FILE")
+        if done.returncode != 0:
+            fail(f"emerge --pretend failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        text = done.stdout
+    try:
+        plan = plan_from_pretend(text, name="emerge")
+    except (EmergeError, ValueError) as exc:
+        fail(str(exc))
+    if dry_run:
+        shown = {name: {"cmd": list(j.cmd) if not isinstance(j.cmd, str) else j.cmd,
+                        "deps": list(j.deps), "outputs": list(j.outputs)}
+                 for name, j in plan.jobs.items()}
+        if as_json:
+            emit_json(shown)
+        else:
+            for name, j in shown.items():
+                deps = ", ".join(j["deps"]) or "-"
+                out.print(f"{name}  <- {deps}", highlight=False)
+        return
+    build_id = ask("emerge", timeout=60.0, text=text)
+    if wait:
+        status = _follow(build_id, quiet=as_json)
+        if as_json:
+            emit_json(status)
+        if not status["ok"]:
+            raise typer.Exit(1)
+    elif as_json:
+        emit_json({"build": build_id})
+    else:
+        out.print(build_id, highlight=False)
+
+
+@app.command()
 def jobs(as_json: JsonOpt = False) -> None:
     """Every job of every build in the ledger: state, node, attempt."""
     items = ask("jobs")

@@ -123,7 +123,9 @@ class Builds:
         return SubmitBuild(build_id, plan.name, self.node.id, tuple(sorted(jobs)))
 
     async def submit(self, plan_path: Path) -> str:
-        plan = load_plan(plan_path)
+        return await self.submit_plan(load_plan(plan_path))
+
+    async def submit_plan(self, plan: Plan) -> str:
         build_id = f"{plan.name[:40]}-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
         entry = encode(self.package(plan, build_id))
         if len(entry) > MAX_ENTRY:

@@ -35,6 +35,7 @@ from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
 from swarmnode.artifact_service import ArtifactService
+from swarmnode.build.emerge import EmergeError, plan_from_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
 from swarmnode.discovery import Discovery
@@ -70,7 +71,8 @@ SNAPSHOT_EVERY_S = 2.0
 ADDRESS_CHECK_S = 10.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
-BUILD_COMMANDS = frozenset({"build", "jobs", "build_status", "fetch_outputs", "logs", "cancel"})
+BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
+                            "cancel"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -507,6 +509,12 @@ class Node:
                 return await self.builds.submit(Path(str(args.get("plan", ""))))
             except (PlanError, OSError) as exc:
                 raise control.ControlError(str(exc)) from exc
+        if cmd == "emerge":
+            try:
+                plan = plan_from_pretend(str(args.get("text", "")), name="emerge")
+            except (EmergeError, PlanError) as exc:
+                raise control.ControlError(str(exc)) from exc
+            return await self.builds.submit_plan(plan)
         if cmd == "jobs":
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":

@@ -137,3 +137,28 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
     swarm.query(rest[0], "fetch_outputs", timeout=60, build=build_id, out=str(out))
     for i in range(12):
         assert (out / f"j{i}" / "r.txt").read_text() == f"j{i}-j{i}\n"
+
+
+def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
+        swarm: Swarm, tmp_path: Path) -> None:
+    first, _token = swarm.init("n1", addr(1))
+    swarm.start(first)
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[jobs.a]\ncmd = "true"\n[jobs.b]\ncmd = "true"\ndeps = ["a", "c"]\n')
+    res = swarm.cli(first, "build", str(bad), check=False)
+    assert res.returncode == 1 and "jobs.b.deps[1]" in res.stderr, res.stderr
+    bad.write_text('[jobs.a]\ncomand = "true"\n')
+    res = swarm.cli(first, "build", str(bad), check=False)
+    assert res.returncode == 1 and "jobs.a" in res.stderr and "'cmd'" in res.stderr, res.stderr
+    fixtures = Path(__file__).parent / "fixtures"
+    res = swarm.cli(first, "emerge", "x", "--pretend-output",
+                    str(fixtures / "emerge-pretend-blocker.txt"), check=False)
+    assert res.returncode == 1 and "blocker" in res.stderr, res.stderr
+    # a recorded emerge --tree becomes a plan with the dependency order emerge showed
+    plan = swarm.cli_json(first, "emerge", "x", "--dry-run", "--pretend-output",
+                          str(fixtures / "emerge-pretend-tree.txt"))
+    image = plan["x11-libs_xcb-util-image-0.4.0"]
+    assert image["deps"] == ["x11-libs_xcb-util-0.4.0"]
+    assert image["cmd"][-1] == "=x11-libs/xcb-util-image-0.4.0" and "--buildpkgonly" in image["cmd"]
+    assert swarm.query(first, "jobs") == []  # nothing was submitted
