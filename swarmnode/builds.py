@@ -94,6 +94,7 @@ class Builds:
         self._specs: dict[str, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
 
     @property
     def ledger(self) -> JobLedger:
@@ -228,11 +229,14 @@ class Builds:
             reason = f"{status}: {report.get('reason') or ''}".strip()[:900]
             cmd = Failed(key, worker, attempt, reason, str(report.get("log_tail", ""))[-8000:])
             self._breaker(worker, reason)
+        if key in self._proposing:
+            return  # a re-sent copy of a report whose entry is on its way: ack that one
         if job.state in ACTIVE and (job.node, job.attempt) == (worker, attempt):
             committed = await self._propose(cmd, key)
         else:
-            committed = True  # stale: the ledger has moved on; the worker may forget it
-            self.node.event("report_stale", {"id": worker, "job": key, "attempt": attempt})
+            committed = True  # the ledger has moved on (or has it already): forget it
+            if (job.node, job.attempt) != (worker, attempt):
+                self.node.event("report_stale", {"id": worker, "job": key, "attempt": attempt})
         if committed:
             ack = {"build": report.get("build"), "job": report.get("job"), "attempt": attempt}
             self.node.send_raw(worker, REPORT_ACK, pack(ack))
@@ -288,10 +292,10 @@ class Builds:
         if not ready:
             return
         slots = self._slots()
-        levels: dict[str, dict[str, float]] = {}
+        levels = self._levels
         entries: list[Ready] = []
         for job in ready:
-            if job.build_id not in levels:
+            if job.build_id not in levels:  # a build's graph never changes: once per build
                 graph = {j.name: (j.spec.deps, j.spec.estimate)
                          for j in self.ledger.jobs(job.build_id)}
                 levels[job.build_id] = bottom_levels(graph)
@@ -351,7 +355,7 @@ class Builds:
                 self._spawn(self._keep_artifacts(job))
         if ev.kind == "cancelled" and self.leading:
             self._stop_build(str(ev.data.get("build_id")))
-        if ev.kind in ("assigned", "requeued", "blocked", "cancelled", "done", "failed"):
+        if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
                                                if isinstance(v, str | int | float)})
 

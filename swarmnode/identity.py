@@ -8,6 +8,7 @@ a CURVE connection that only that node can answer. Nothing is ever keyed by netw
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,10 @@ def verify(node_id: str, data: bytes, signature: bytes) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def curve_public_key(node_id: str) -> bytes:
-    """The Z85 CURVE public key of `node_id` (X25519, converted by libsodium)."""
+    """The Z85 CURVE public key of `node_id` (X25519, converted by libsodium). Cached: every
+    inbound message is checked against it, and the conversion is not free."""
     pk = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(decode_id(node_id))
     return z85.encode(pk)
 

@@ -215,8 +215,11 @@ class Leadership:
 
     async def run(self) -> None:
         """Tick the core at its deadlines; re-derive voters as membership changes."""
+        refreshed = -MAX_SLEEP_S
         while True:
-            self.refresh_voters()
+            if self.node.clock() - refreshed >= MAX_SLEEP_S:  # not on every message's wake
+                refreshed = self.node.clock()
+                self.refresh_voters()
             self.core.tick(self.node.clock())
             self.flush()
             delay = min(max(self.core.next_deadline() - self.node.clock(), 0.0), MAX_SLEEP_S)

@@ -21,6 +21,7 @@ DB_FILE = "state.db"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -73,6 +74,21 @@ class Store:
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, msgpack.packb(value, use_bin_type=True)),
                 )
+
+    def outbox_put(self, key: str, value: Any) -> None:
+        """Keep a message until `outbox_delete`: a worker's report waits here for the
+        leader's acknowledgement, across restarts."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
+                       (key, msgpack.packb(value)))
+
+    def outbox_delete(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+
+    def outbox(self) -> list[Any]:
+        rows = self._db.execute("SELECT value FROM outbox ORDER BY key").fetchall()
+        return [msgpack.unpackb(r[0], raw=False) for r in rows]
 
     def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None) -> int:
         with self._tx() as db:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 ASSIGN, CANCEL, REPORT, REPORT_ACK = "job.assign", "job.cancel", "job.report", "job.report_ack"
 TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK})
-FENCE_KEY, REPORTS_KEY = "fence_term", "job_reports"
+FENCE_KEY = "fence_term"
 #: How often unacknowledged reports are sent again (to the current leader).
 RESEND_S = 1.0
 #: Bounds on an assignment: a job is a command line and a list of files, never megabytes.
@@ -189,12 +189,14 @@ class Worker:
             self.node.drops.drop("malformed_job")
 
     def _admit_term(self, sender: str, term: Any, what: str) -> bool:
+        before = self.fence.term
         if type(term) is not int or not self.fence.admit(term):
             self.node.drops.drop("stale_term")
             self.node.event("job_refused", {"id": sender, "what": what, "term": term,
                                             "seen": self.fence.term})
             return False
-        self.node.store.put(**{FENCE_KEY: self.fence.term})
+        if self.fence.term != before:  # durable before obeying the new leader
+            self.node.store.put(**{FENCE_KEY: self.fence.term})
         return True
 
     def _on_assign(self, sender: str, a: Assignment) -> None:
@@ -224,10 +226,7 @@ class Worker:
                 handle.cancel()
 
     def _on_ack(self, body: dict[str, Any]) -> None:
-        key = [body.get("build"), body.get("job"), body.get("attempt")]
-        reports = [r for r in self.pending_reports() if [r["build"], r["job"],
-                                                          r["attempt"]] != key]
-        self.node.store.put(**{REPORTS_KEY: reports})
+        self.node.store.outbox_delete(_report_key(body))
 
     # -- running --------------------------------------------------------------------------
 
@@ -280,13 +279,15 @@ class Worker:
         self.finished[(a.build, a.job, a.attempt)] = None
         while len(self.finished) > MAX_FINISHED:
             self.finished.popitem(last=False)
-        self.node.store.put(**{REPORTS_KEY: [*self.pending_reports(), report]})
-        self.node.event("job_finished", {"build": a.build, "job": a.job, "attempt": a.attempt,
-                                         "status": report["status"]})
+        self.node.store.outbox_put(_report_key(report), report)
+        if report["status"] != "ok":  # the ledger records every job; the log, what went wrong
+            self.node.event("job_failed_here", {"build": a.build, "job": a.job,
+                                                "attempt": a.attempt, "status": report["status"],
+                                                "reason": str(report["reason"])[:200]})
         self._send_reports()
 
     def pending_reports(self) -> list[dict[str, Any]]:
-        return list(self.node.store.get(REPORTS_KEY, []))
+        return self.node.store.outbox()
 
     def _send_reports(self) -> None:
         leader = self.node.leadership.leader
@@ -316,6 +317,10 @@ class Worker:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _report_key(r: Mapping[str, Any]) -> str:
+    return f"report/{r.get('build')}/{r.get('job')}/{r.get('attempt')}"
 
 
 def pack(value: Mapping[str, Any]) -> bytes:
