@@ -353,6 +353,8 @@ class Builds:
             build = self.ledger.build(job.build_id) if job else None
             if job and build and build.submitter == self.node.id:
                 self._spawn(self._keep_artifacts(job))
+        if ev.kind == "submitted" and self.leading:
+            self._spawn(self._prefetch_specs(str(ev.data.get("build_id"))))
         if ev.kind == "cancelled" and self.leading:
             self._stop_build(str(ev.data.get("build_id")))
         if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
@@ -394,6 +396,16 @@ class Builds:
                        timeout=None, inputs=tuple((r, d) for r, d in spec["inputs"]),
                        deps=deps, sources=tuple(sorted(sources)))
         self.node.send_raw(job.node, ASSIGN, pack(a.plain()))
+
+    async def _prefetch_specs(self, build_id: str) -> None:
+        """Fetch a new build's job specs while its first assignments commit, so sending them
+        waits for nothing."""
+        build = self.ledger.build(build_id)
+        if build is None:
+            return
+        for job in self.ledger.jobs(build_id):
+            with contextlib.suppress(ArtifactError):
+                await self._spec(job.spec.spec_hash, build.submitter)
 
     async def _spec(self, digest: str, submitter: str) -> dict[str, Any]:
         if digest not in self._specs:
