@@ -79,6 +79,8 @@ RESEND_S = 2.0
 BREAKER_FAILURES = 3
 PAUSE_S = 300.0
 SPEC_VERSION = 1
+#: What a binhost collects: Portage's binary package formats (xpak-era and GPKG).
+BINARY_PACKAGES = (".tbz2", ".xpak", ".gpkg.tar")
 MAX_ENTRY = 512 * 1024
 
 
@@ -353,6 +355,8 @@ class Builds:
             build = self.ledger.build(job.build_id) if job else None
             if job and build and build.submitter == self.node.id:
                 self._spawn(self._keep_artifacts(job))
+            if job and "binhost" in self.node.node_config.roles:
+                self._spawn(self._collect_packages(job))
         if ev.kind == "submitted" and self.leading:
             self._spawn(self._prefetch_specs(str(ev.data.get("build_id"))))
         if ev.kind == "cancelled" and self.leading:
@@ -424,6 +428,32 @@ class Builds:
             except ArtifactError as exc:
                 self.node.event("artifact_missing", {"job": job.key, "digest": digest,
                                                      "error": str(exc)[:200]})
+
+    @property
+    def binhost_dir(self) -> Path:
+        configured = self.node.node_config.binhost_dir
+        return Path(configured) if configured else self.node.home / "binhost"
+
+    async def _collect_packages(self, job: Job) -> None:
+        """The binhost role: every binary package a job produced goes to `binhost_dir` at its
+        path below the job's PKGDIR (`binpkgs/` for emerge jobs): CAT/PF.tbz2 or
+        CAT/PN/PF-N.gpkg.tar, the layouts Portage reads. Regenerate the `Packages` index with
+        `PKGDIR=<binhost_dir> emaint binhost --fix` on a Gentoo host to serve it as
+        PORTAGE_BINHOST."""
+        for path, digest in job.artifacts:
+            if not path.endswith(BINARY_PACKAGES):
+                continue
+            try:
+                await self.node.artifacts.fetch(digest, [job.node] if job.node else [])
+            except ArtifactError as exc:
+                self.node.event("artifact_missing", {"job": job.key, "digest": digest,
+                                                     "error": str(exc)[:200]})
+                continue
+            rel = path.removeprefix("binpkgs/")
+            dest = self.binhost_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
+            self.node.artifacts.store.pin(digest, "binhost")
 
     # -- queries and commands -------------------------------------------------------------
 

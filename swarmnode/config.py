@@ -31,6 +31,9 @@ DEFAULT_EXEC_TIMEOUT_S = 3600.0
 DEFAULT_HOST_KEYS = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub",
                      "/etc/ssh/ssh_host_rsa_key.pub")
 
+#: Roles a node can take on besides building: a binhost keeps every binary package.
+ROLES = ("binhost",)
+
 #: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
 MAX_HOPS = 8
 MAX_COMMAND = 4096
@@ -54,6 +57,8 @@ class SshSettings:
 class NodeConfig:
     kind: str | None = None
     cores: int | None = None  # cores offered to builds (default: those this process may use)
+    roles: tuple[str, ...] = ()  # "binhost": collect every binary package built by the swarm
+    binhost_dir: str | None = None  # where the binhost keeps them (default <home>/binhost)
     reboot_command: str = DEFAULT_REBOOT
     restart_command: str = DEFAULT_RESTART
     accept_actions: bool = True  # run exec/restart/reboot asked by admitted members
@@ -92,7 +97,8 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-_TOP = {"kind", "cores", "reboot_command", "restart_command", "accept_actions", "exec_timeout",
+_TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
+        "accept_actions", "exec_timeout",
         "overrides", "jumps", "ssh"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
@@ -105,9 +111,15 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
     cores = raw.get("cores")
     if cores is not None and (type(cores) is not int or not 1 <= cores <= 4096):
         raise ConfigError(f"cores: must be an integer from 1 to 4096, got {cores!r}")
+    roles = _strings(raw.get("roles", []), "roles")
+    for role in roles:
+        if role not in ROLES:
+            raise ConfigError(f"roles: unknown role {role!r} (known: {', '.join(ROLES)})")
     return NodeConfig(
         kind=kind,
         cores=cores,
+        roles=roles,
+        binhost_dir=_opt_str(raw, "binhost_dir", ""),
         reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
         accept_actions=_bool(raw, "accept_actions", True),

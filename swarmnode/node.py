@@ -197,6 +197,8 @@ class Node:
         facts = detect_facts(__version__, kind_override=self.node_config.kind)
         if self.node_config.cores is not None:
             facts["cores"] = self.node_config.cores
+        if self.node_config.roles:
+            facts["roles"] = ",".join(self.node_config.roles)
         facts.update(self._ssh_facts())
         self.kind = str(facts["kind"])
         record = make_record(

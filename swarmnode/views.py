@@ -32,6 +32,7 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "kind": facts.get("kind"),
         "version": facts.get("version"),
         "ssh_keys": str(facts.get("ssh_keys", "")).split(),
+        "roles": [r for r in str(facts.get("roles", "")).split(",") if r],
         "admitted_by": m.admitted_by,
         "leader": m.id == node.leadership.leader,
         "voter": m.id in node.leadership.core.voters,

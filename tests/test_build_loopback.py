@@ -162,3 +162,32 @@ def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
     assert image["deps"] == ["x11-libs_xcb-util-0.4.0"]
     assert image["cmd"][-1] == "=x11-libs/xcb-util-image-0.4.0" and "--buildpkgonly" in image["cmd"]
     assert swarm.query(first, "jobs") == []  # nothing was submitted
+
+
+def test_the_binhost_collects_binary_packages_in_portage_layout(
+        swarm: Swarm, tmp_path: Path) -> None:
+    first, token = swarm.init("n1", addr(1))
+    host = swarm.add("bin", addr(2))
+    binhost = tmp_path / "binhost"
+    host.home.mkdir(parents=True, exist_ok=True)
+    (host.home / "config.toml").write_text(f'roles = ["binhost"]\nbinhost_dir = "{binhost}"\n')
+    swarm.start(first)
+    swarm.start(host, token)
+    swarm.wait_converged([first, host], JOIN_S)
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"], JOIN_S, "a leader")
+    plan = tmp_path / "pkgs.toml"  # what emerge --buildpkgonly leaves in the job's PKGDIR
+    plan.write_text(
+        '[jobs.foo]\ncmd = "mkdir -p binpkgs/dev-libs && echo foo > '
+        'binpkgs/dev-libs/foo-1.0.tbz2"\noutputs = ["binpkgs/**/*.tbz2"]\n\n'
+        '[jobs.bar]\ncmd = "mkdir -p binpkgs/app-misc/bar && echo bar > '
+        'binpkgs/app-misc/bar/bar-2.1-1.gpkg.tar && echo log > build.log"\n'
+        'outputs = ["binpkgs/**/*.gpkg.tar", "build.log"]\n')
+    swarm.cli(first, "build", str(plan), "--wait")
+    swarm.wait_for(lambda: (binhost / "dev-libs/foo-1.0.tbz2").exists()
+                   and (binhost / "app-misc/bar/bar-2.1-1.gpkg.tar").exists(), JOIN_S,
+                   "both packages on the binhost")
+    assert (binhost / "dev-libs/foo-1.0.tbz2").read_text() == "foo\n"
+    assert sorted(p.name for p in binhost.rglob("*") if p.is_file()) == [
+        "bar-2.1-1.gpkg.tar", "foo-1.0.tbz2"]  # packages only, not the log
+    members = {m["name"]: m for m in swarm.cli_json(first, "nodes")}
+    assert (members["bin"]["roles"], members["n1"]["roles"]) == (["binhost"], [])

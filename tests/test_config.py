@@ -55,6 +55,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     ("reboot_comand = 'x'", "reboot_comand: unknown key (did you mean 'reboot_command'?)"),
     ("kind = 'laptop'", "kind: must be one of bare, vm, lxc, docker"),
     ("cores = 0", "cores: must be an integer from 1 to 4096"),
+    ("roles = ['binhots']", "roles: unknown role 'binhots'"),
     ("accept_actions = 'yes'", "accept_actions: must be true or false"),
     ("exec_timeout = -1", "exec_timeout: must be a positive number"),
     ("reboot_command = ''", "reboot_command: must be a non-empty command line"),
