@@ -216,18 +216,33 @@ def events(
 
 
 @app.command()
-def voters(as_json: JsonOpt = False) -> None:
-    """The members that vote in leader elections (the longest-admitted alive, at most 5)."""
+def voters(
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="make exactly these nodes the voters (repeatable)")] = None,
+    auto: Annotated[bool, typer.Option(
+        "--auto", help="back to automatic: the longest-admitted live members")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The members that vote in leader elections (automatic: the longest-admitted alive, at
+    most 5). --set/--auto change them cluster-wide (committed through the leader)."""
+    if set_ or auto:
+        ask("set_voters", timeout=60.0, nodes=[] if auto else set_)
     info = ask("status")
     names = {m["id"]: m["name"] for m in ask("nodes")}
     chosen = [{"id": v, "name": names.get(v, "?"), "leader": v == info["leader"]}
               for v in info["voters"]]
+    pinned = info.get("voters_pinned") or []
     if as_json:
-        emit_json({"term": info["term"], "leader": info["leader"], "voters": chosen})
+        emit_json({"term": info["term"], "leader": info["leader"], "voters": chosen,
+                   "pinned": pinned})
         return
     for v in chosen:
         mark = "  (leader)" if v["leader"] else ""
         out.print(f"{v['id'][:12]}  {v['name']}{mark}", highlight=False)
+    if pinned:
+        wanted = ", ".join(names.get(v, v[:12]) for v in pinned)
+        out.print(f"set by an operator: {wanted} (swarmnode voters --auto to undo)",
+                  highlight=False)
 
 
 def _node_command(cmd: str, node: str, **extra: Any) -> None:

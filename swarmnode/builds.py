@@ -54,6 +54,7 @@ from swarmnode.ledger import (
     JobSpec,
     LedgerEvent,
     Requeue,
+    SetVoters,
     Started,
     SubmitBuild,
     encode,
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 PROPOSE, PROPOSE_REPLY = "ledger.propose", "ledger.propose_reply"
 TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT})
 #: Entries a non-leader may ask the leader to propose; everything else only the leader decides.
-FORWARDABLE = frozenset({"submit_build", "cancel"})
+FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters"})
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
 #: unstarted assignments, members that joined).
 TICK_S = 0.25
@@ -508,6 +509,15 @@ class Builds:
                 if job.node else None, "attempt": job.attempt, "reason": job.reason,
                 "failed_on": [self.node.member_name(n) for n in job.failed_on],
                 "log_tail": job.log_tail}
+
+    async def set_voters(self, voters: list[str]) -> list[str]:
+        """Commit the operator's voter set (empty: automatic again); every node then steps
+        toward it one member at a time."""
+        cmd = SetVoters(tuple(sorted(set(voters))))
+        await self.propose_anywhere(encode(cmd), what="set voters")
+        await self._until(lambda: self.ledger.pinned_voters == cmd.voters,
+                          "the voter change was committed but has not reached this node")
+        return list(self.ledger.pinned_voters)
 
     async def cancel(self, build_id: str) -> str:
         if self.ledger.build(build_id) is None:

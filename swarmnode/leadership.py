@@ -98,10 +98,15 @@ class Leadership:
     # -- voters ---------------------------------------------------------------------------
 
     def target_voters(self) -> frozenset[str]:
-        """Who should vote: the longest-admitted live members, keeping current voters that
-        are merely unknown here (a restarted node's view is incomplete at first); a voter
-        leaves only once membership says it is dead, has left or is banned."""
+        """Who should vote: the operator's set when one is committed (`swarmnode voters
+        --set`), else the longest-admitted live members, keeping current voters that are
+        merely unknown here (a restarted node's view is incomplete at first); a voter leaves
+        only once membership says it is dead, has left or is banned."""
         current = self.core.voters
+        pinned = self.ledger.pinned_voters
+        if pinned:  # the operator chose (committed in the ledger): only banned/left drop out
+            gone = {m.id for m in self.node.core.members() if m.state in ("banned", "left")}
+            return frozenset(pinned) - gone
         live: list[tuple[str, float]] = []
         for m in self.node.core.members():
             if m.admitted_by is None or m.admitted_at is None:

@@ -72,7 +72,7 @@ ADDRESS_CHECK_S = 10.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
-                            "cancel"})
+                            "cancel", "set_voters"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -517,6 +517,13 @@ class Node:
             except (EmergeError, PlanError) as exc:
                 raise control.ControlError(str(exc)) from exc
             return await self.builds.submit_plan(plan)
+        if cmd == "set_voters":
+            names = [str(n) for n in args.get("nodes", [])]
+            chosen = [resolve_node(self.core.members(), n) for n in names]
+            for m in chosen:
+                if m.admitted_by is None or m.state in ("pending", "banned", "left"):
+                    raise control.ControlError(f"{m.name} is {m.state}: it cannot vote")
+            return await self.builds.set_voters([m.id for m in chosen])
         if cmd == "jobs":
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":
@@ -548,6 +555,7 @@ class Node:
             "cores_online": sum(_cores(m) for m in alive),
             "pending": sum(1 for m in self.core.members() if m.state == "pending"),
             **self.leadership.status(),
+            "voters_pinned": list(self.leadership.ledger.pinned_voters),
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
             "drops": self.drop_counts(),

@@ -86,3 +86,23 @@ def test_a_lone_node_and_a_two_node_survivor_lead(swarm: Swarm) -> None:
     swarm.wait_for(lambda: swarm.query(a, "status")["role"] == "leader", ELECT_S,
                    "the survivor of two leads once the other is dead")
     assert swarm.query(a, "status")["voters"] == [a.id]
+
+
+def test_an_operator_sets_the_voters_cluster_wide_and_back_to_automatic(swarm: Swarm) -> None:
+    nodes = cluster(swarm, 3)
+    ids = {n.id for n in nodes}
+
+    def voters_everywhere(want: set[str]) -> bool:
+        return all(set(swarm.query(n, "status")["voters"]) == want for n in nodes)
+
+    swarm.wait_for(lambda: voters_everywhere(ids), ELECT_S, "three automatic voters")
+    chosen = {nodes[0].id, nodes[2].id}
+    res = swarm.cli_json(nodes[1], "voters", "--set", "n1", "--set", "n3")
+    assert set(res["pinned"]) == chosen
+    swarm.wait_for(lambda: voters_everywhere(chosen), ELECT_S, "every node uses n1 and n3")
+    swarm.wait_for(lambda: agreed(swarm, nodes) and agreed(swarm, nodes)[0] in chosen,
+                   ELECT_S, "the leader is one of the chosen voters")
+    res = swarm.cli(nodes[1], "voters", "--set", "nobody", check=False)
+    assert res.returncode == 1 and "no node named" in res.stderr
+    swarm.cli(nodes[0], "voters", "--auto")
+    swarm.wait_for(lambda: voters_everywhere(ids), ELECT_S, "automatic voters again")

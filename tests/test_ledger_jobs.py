@@ -419,3 +419,20 @@ def test_the_fence_refuses_orders_from_deposed_leaders() -> None:
     assert not f.admit(4) and f.admit(5) and f.admit(7) and f.term == 7
     f.observe(6)
     assert f.term == 7  # never backwards
+
+
+def test_pinned_voters_are_committed_state_and_survive_a_snapshot():
+    from swarmnode.ledger import JobLedger, LedgerError, SetVoters, decode, encode, from_plain
+
+    led = JobLedger()
+    [ev] = led.apply(1, encode(SetVoters(("b" * 52, "a" * 52))))
+    assert ev.kind == "voters_set" and led.pinned_voters == ("a" * 52, "b" * 52)
+    again = JobLedger.restore(led.snapshot())
+    assert again.pinned_voters == led.pinned_voters and again.snapshot() == led.snapshot()
+    led.apply(2, encode(SetVoters(())))
+    assert led.pinned_voters == ()
+    assert decode(encode(SetVoters(("x",)))) == SetVoters(("x",))
+    with pytest.raises(LedgerError, match="set_voters"):
+        from_plain({"op": "set_voters", "voters": ["v"] * 10})
+    with pytest.raises(LedgerError):
+        from_plain({"op": "set_voters", "voters": "abc"})

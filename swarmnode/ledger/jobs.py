@@ -52,13 +52,14 @@ BLOCK_AFTER_NODES = 2
 """A job that failed on this many different nodes is blocked: the job, not the node, is broken."""
 
 MAX_ID = 64
+MAX_VOTERS = 9
 MAX_BUILD_JOBS = 10_000
 MAX_ARTIFACTS = 10_000
 MAX_PATH = 1024
 MAX_REASON = 1000
 MAX_LOG_TAIL = 16 * 1024
 MAX_U63 = (1 << 63) - 1
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ANYWHERE = Requires()
 
@@ -142,7 +143,15 @@ class Requeue:
     reason: str
 
 
-Command = SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue
+@dataclass(frozen=True, slots=True)
+class SetVoters:
+    """An operator's choice of voters (`swarmnode voters --set`); empty: back to automatic
+    (the longest-admitted live members). Committed, so every node steps toward the same set."""
+
+    voters: tuple[str, ...]
+
+
+Command = SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue | SetVoters
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -153,6 +162,7 @@ _OPS: dict[type, str] = {
     Block: "block",
     Cancel: "cancel",
     Requeue: "requeue",
+    SetVoters: "set_voters",
 }
 _CLASSES = {op: cls for cls, op in _OPS.items()}
 
@@ -326,6 +336,11 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
         return Block(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
     if op == "cancel":
         return Cancel(_name(m["build_id"], f"{w}.build_id", MAX_ID), _u63(m["term"], w))
+    if op == "set_voters":
+        voters = m["voters"]
+        if type(voters) is not list or len(voters) > MAX_VOTERS:
+            raise _fail(w, f"expected a list of at most {MAX_VOTERS} node ids")
+        return SetVoters(tuple(sorted({_str(v, f"{w}.voters", MAX_ID) for v in voters})))
     return Requeue(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
 
 
@@ -338,6 +353,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "block": ("job_key", "reason"),
     "cancel": ("build_id", "term"),
     "requeue": ("job_key", "reason"),
+    "set_voters": ("voters",),
 }
 
 
@@ -369,6 +385,8 @@ def to_plain(cmd: Command) -> dict[str, Any]:
             value = {n: spec_to_plain(s) for n, s in value}
         elif name == "artifacts":
             value = dict(value)
+        elif name == "voters":
+            value = list(value)
         plain[name] = value
     return plain
 
@@ -446,6 +464,8 @@ class JobLedger:
         self._builds: dict[str, Build] = {}
         self._jobs: dict[str, Job] = {}
         self._dependents: dict[str, tuple[str, ...]] = {}
+        self.pinned_voters: tuple[str, ...] = ()
+        """The operator's voter set; empty: chosen automatically."""
 
     # ------------------------------------------------------------------ applying
 
@@ -563,6 +583,10 @@ class JobLedger:
                 n += 1
         return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
 
+    def _set_voters(self, index: int, c: SetVoters) -> list[LedgerEvent]:
+        self.pinned_voters = c.voters
+        return [LedgerEvent("voters_set", {"voters": list(c.voters)})]
+
     def _requeue(self, index: int, c: Requeue) -> list[LedgerEvent]:
         job = self._jobs.get(c.job_key)
         if job is None:
@@ -675,6 +699,7 @@ class JobLedger:
             "v": SNAPSHOT_VERSION,
             "applied": self.applied,
             "tally": dict(sorted(self.tally.items())),
+            "voters": list(self.pinned_voters),
             "builds": [
                 {
                     "build_id": b.build_id,
@@ -705,10 +730,12 @@ class JobLedger:
 
     @classmethod
     def _from_plain(cls, plain: Any) -> JobLedger:
-        m = _keys(plain, ("v", "applied", "tally", "builds"), "snapshot")
+        m = _keys(plain, ("v", "applied", "tally", "voters", "builds"), "snapshot")
         if m["v"] != SNAPSHOT_VERSION:
             raise LedgerError(f"snapshot: unknown version {m['v']!r}")
         led = cls()
+        voters = from_plain({"op": "set_voters", "voters": m["voters"]})
+        led.pinned_voters = voters.voters  # type: ignore[union-attr]
         led.applied = _u63(m["applied"], "snapshot.applied")
         led.tally = Counter({str(k): _u63(v, "snapshot.tally") for k, v in m["tally"].items()})
         for b in m["builds"]:
@@ -782,6 +809,7 @@ def _duplicate(key: str, node: str, attempt: int) -> LedgerEvent:
 
 
 _APPLY: dict[type, Any] = {
+    SetVoters: JobLedger._set_voters,
     SubmitBuild: JobLedger._submit,
     Assign: JobLedger._assign,
     Started: JobLedger._started,
