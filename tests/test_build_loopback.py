@@ -191,3 +191,35 @@ def test_the_binhost_collects_binary_packages_in_portage_layout(
         "bar-2.1-1.gpkg.tar", "foo-1.0.tbz2"]  # packages only, not the log
     members = {m["name"]: m for m in swarm.cli_json(first, "nodes")}
     assert (members["bin"]["roles"], members["n1"]["roles"]) == (["binhost"], [])
+
+
+def test_kill_9_of_a_worker_mid_job_reassigns_its_job_after_death_is_confirmed(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = three(swarm)
+    leader_id = swarm.query(nodes[0], "status")["leader"]
+    workers = [n for n in nodes if n.id != leader_id]
+    leader = next(n for n in nodes if n.id == leader_id)
+    plan = tmp_path / "slow.toml"
+    plan.write_text("".join(f'[jobs.j{i}]\ncmd = "sleep 1; echo j{i} > r.txt"\n'
+                            f'outputs = ["r.txt"]\n\n' for i in range(8)))
+    build_id = swarm.cli(leader, "build", str(plan)).stdout.strip()
+    victim = workers[0]
+    running = swarm.wait_for(
+        lambda: [j["job"] for j in swarm.query(leader, "jobs", build=build_id)
+                 if j["node"] == victim.id and j["state"] == "running"],
+        JOIN_S, f"a job running on {victim.name}")
+    swarm.kill9(victim)
+    # while the victim is only suspected, its jobs stay where they are
+    states = {j["job"]: j for j in swarm.query(leader, "jobs", build=build_id)}
+    assert all(states[name]["node"] == victim.id for name in running
+               if states[name]["state"] in ("assigned", "running"))
+    swarm.wait_state([victim], "dead", [leader], JOIN_S)
+    status = swarm.wait_for(
+        lambda: (s := swarm.query(leader, "build_status", build=build_id))["finished"] and s,
+        60, "the build finishes without the dead worker")
+    assert status["ok"], status
+    jobs = {j["job"]: j for j in swarm.query(leader, "jobs", build=build_id)}
+    for name in running:
+        assert jobs[name]["node"] != victim.id and jobs[name]["attempt"] > 1, jobs[name]
+    requeued = swarm.events(leader, "job_requeued")
+    assert any(e.get("job_key", "").endswith(tuple(running)) for e in requeued), requeued
