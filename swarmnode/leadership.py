@@ -1,19 +1,18 @@
-"""The asyncio shell around the sans-I/O election: who schedules builds.
+"""The asyncio shell around the sans-I/O Raft core: who schedules builds, and the ledger.
 
-The core (swarmnode/election) decides terms, votes and leadership; this shell feeds it
-election messages from admitted members and timer ticks, derives the voter set from the
-membership view, makes every `Persist` durable (SQLite, synchronous=FULL) before sending what
-follows it, and turns the core's events into cluster events (`leader_changed`, ...).
+The core (swarmnode/election) decides terms, votes, leadership and what is committed; this
+shell feeds it messages from admitted members and timer ticks, writes every `Persist*` output
+to SQLite (ledger.db, one transaction per drain) before carrying out anything after it, and
+applies committed entries to the job ledger (swarmnode/ledger).
 
-Voters are the longest-admitted alive members (at most 5, `choose_voters`), moved toward one
-change at a time (`step_voters`) so that two voter sets in use rarely differ by more than one
-member. Everyone else is an observer: it hears the leader's heartbeats and knows the leader.
-The voter set is persisted and a restarted node keeps it until its view has settled.
-
-Limit: voter changes are derived by each node from its own membership view, not agreed
-through consensus; views that disagree for longer than VOTER_STEP_S (a partition that also
-kills voters) can make two sets differ by more than one member. Committing voter changes
-through the replicated job log is the fix that comes with the ledger.
+Voters are a committed configuration (`Voters` ledger entries). Only the leader changes it,
+toward an odd number (up to five) of the longest-admitted live members or the operator's
+choice, one member at a time, each change committed before the next: a node cut off from the
+majority cannot commit a smaller set for itself, so it can never elect itself beside the
+working leader (the partition lab test found exactly that with per-node voter sets). Everyone
+else is an observer: it receives the log and knows the leader. The price is Raft's: with one of
+two voters gone nothing new is accepted until it returns (an odd voter count avoids the case
+for two-node clusters: one of the two votes).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from net.transport import Inbound
 from swarmnode.election import (
+    DEFAULT_MAX_VOTERS,
     MESSAGE_TYPES,
     Config,
     Election,
@@ -40,7 +40,7 @@ from swarmnode.election import (
     unpack,
 )
 from swarmnode.election.core import Apply, Restore
-from swarmnode.ledger import JobLedger, LedgerEvent, LogStore
+from swarmnode.ledger import JobLedger, LedgerEvent, LogStore, Voters, encode
 
 LEDGER_DB = "ledger.db"
 #: Applied entries between snapshots of the ledger (the log is cut back to the snapshot).
@@ -51,13 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VOTERS_KEY = "voters"
-#: A (re)started node leaves the voter set as it was for this long, while gossip and
-#: push-pull fill in its view: a stale view must not shrink the set to itself.
-SETTLE_S = 3.0
-#: At most one voter change this often, longer than an election timeout, so every member
-#: has moved to one set before the next change (two sets in use differ by one at most).
-VOTER_STEP_S = 1.0
 #: Longest the election loop sleeps: membership changes (a voter dying) are picked up at least
 #: this often even when the core's next deadline is far away.
 MAX_SLEEP_S = 0.2
@@ -74,68 +67,72 @@ class NotLeader(RuntimeError):
 class Leadership:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.started = node.clock()
-        self._changed_at = -SETTLE_S
         self.log_store = LogStore(node.home / LEDGER_DB)
         stored = self.log_store.load()
         self.ledger = JobLedger.restore(stored.snapshot.data) if stored.snapshot else JobLedger()
-        self.core = Election(node.id, self._initial_voters(), Config(),
-                             random.Random(os.urandom(8)), node.clock(), stored.persisted,
-                             observers=(), log=stored.entries, snapshot=stored.snapshot)
+        self.core = Election(node.id, (), Config(), random.Random(os.urandom(8)), node.clock(),
+                             stored.persisted, observers=(), log=stored.entries,
+                             snapshot=stored.snapshot)
         self._wake = asyncio.Event()
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
-
-    def _initial_voters(self) -> frozenset[str]:
-        """The voter set this node last used (persisted), else only itself for a brand-new
-        founder, else none: a fresh member observes until its view of the cluster settles,
-        so it never counts itself a lone voter and elects itself beside a working leader."""
-        stored = self.node.store.get(VOTERS_KEY)
-        if isinstance(stored, list) and all(isinstance(v, str) for v in stored):
-            return frozenset(stored)
-        return frozenset({self.node.id}) if self.node.store.get("founder") else frozenset()
+        self._changing = False  # a voter change is on its way through the log
+        self._change_task: asyncio.Future[None] | None = None
 
     # -- voters ---------------------------------------------------------------------------
 
+    def committed_voters(self) -> frozenset[str]:
+        """The voter configuration in force: the last committed `Voters` entry; before any,
+        the founder alone (it commits the first one) and nobody else: a new member observes
+        until the log tells it who votes, so it never counts itself a lone voter."""
+        if self.ledger.voters:
+            return frozenset(self.ledger.voters)
+        return frozenset({self.node.id}) if self.node.store.get("founder") else frozenset()
+
     def target_voters(self) -> frozenset[str]:
-        """Who should vote: the operator's set when one is committed (`swarmnode voters
-        --set`), else the longest-admitted live members, keeping current voters that are
-        merely unknown here (a restarted node's view is incomplete at first); a voter leaves
-        only once membership says it is dead, has left or is banned."""
-        current = self.core.voters
+        """Who should vote, as the leader sees it: the operator's set when one is committed
+        (`swarmnode voters --set`); else the live voters stay (dropping one just to make the
+        count odd would only cost an election), joined by the longest-admitted live members
+        up to an odd number (at most five): two members have one voter, so an even split
+        never leaves both halves without a majority."""
+        members = self.node.core.members()
         pinned = self.ledger.pinned_voters
-        if pinned:  # the operator chose (committed in the ledger): only banned/left drop out
-            gone = {m.id for m in self.node.core.members() if m.state in ("banned", "left")}
+        if pinned:  # the operator chose: only banned or departed members drop out
+            gone = {m.id for m in members if m.state in ("banned", "left")}
             return frozenset(pinned) - gone
-        live: list[tuple[str, float]] = []
-        for m in self.node.core.members():
-            if m.admitted_by is None or m.admitted_at is None:
-                continue
-            if m.state in ("alive", "suspect"):
-                live.append((m.id, m.admitted_at))
-        known = {m.id for m in self.node.core.members()}
-        kept = [(v, -1.0) for v in current if v not in known]  # rank first: not ours to drop
-        return choose_voters(live + kept)
+        live = [(m.id, m.admitted_at) for m in members if m.admitted_by is not None
+                and m.admitted_at is not None and m.state in ("alive", "suspect")]
+        live_ids = {i for i, _ in live}
+        keep = [v for v in self.committed_voters() if v in live_ids]
+        count = min(DEFAULT_MAX_VOTERS, len(live))
+        want = max(1, count - (count + 1) % 2)
+        ranked = sorted(choose_voters(live, len(live)) - set(keep),  # type: ignore[arg-type]
+                        key=lambda i: (dict(live)[i], i))
+        return frozenset(keep + ranked[: max(0, want - len(keep))])
 
     def refresh_voters(self) -> None:
-        """Step the voter set toward the target, one change at a time and at most one per
-        VOTER_STEP_S, only after this node's view had SETTLE_S to fill in; every other live
-        admitted member observes."""
+        """Use the committed configuration; every other live admitted member observes. The
+        leader, while it may schedule, moves the configuration toward the target one member
+        at a time through the log (each change committed before the next is proposed)."""
         now = self.node.clock()
-        if not self.node.admitted or now - self.started < SETTLE_S:
-            return
-        voters = self.core.voters
-        if now - self._changed_at >= VOTER_STEP_S:
-            stepped = step_voters(voters, self.target_voters())
-            if stepped and stepped != voters:
-                voters = stepped
-                self._changed_at = now
-                self.node.store.put(**{VOTERS_KEY: sorted(voters)})
+        voters = self.committed_voters()
         observers = {m.id for m in self.node.core.members()
                      if m.admitted_by is not None and m.state in ("alive", "suspect")
                      and m.id not in voters}
         self.core.set_voters(now, voters, observers)
         self.flush()
+        if self.node.admitted and not self._changing and self.core.can_schedule(now):
+            stepped = step_voters(voters, self.target_voters())
+            if stepped and (stepped != voters or not self.ledger.voters):
+                self._changing = True
+                self._change_task = asyncio.ensure_future(self._change(stepped))
+
+    async def _change(self, voters: frozenset[str]) -> None:
+        try:
+            with contextlib.suppress(NotLeader):
+                await self.propose(encode(Voters(tuple(sorted(voters)))))
+        finally:
+            self._changing = False
 
     # -- I/O ------------------------------------------------------------------------------
 

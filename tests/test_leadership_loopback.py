@@ -78,14 +78,23 @@ def test_one_leader_failover_and_no_deposing_on_return(swarm: Swarm) -> None:
                "no election after the old leader's return")
 
 
-def test_a_lone_node_and_a_two_node_survivor_lead(swarm: Swarm) -> None:
+def test_two_nodes_have_one_voter_and_a_cut_off_node_never_leads_alone(swarm: Swarm) -> None:
     a, b = cluster(swarm, 2)
-    swarm.wait_for(lambda: agreed(swarm, [a, b]), ELECT_S, "two nodes agree on a leader")
-    swarm.kill9(b)
+    swarm.wait_for(lambda: (ag := agreed(swarm, [a, b])) and ag[0] == a.id, ELECT_S,
+                   "the founder leads")
+    # an odd number of voters: with two members only the longest-admitted votes
+    swarm.wait_for(lambda: swarm.query(b, "status")["voters"] == [a.id], ELECT_S,
+                   "b learns from the log that only a votes")
+    swarm.kill9(b)  # the non-voter dies: nothing changes for the voter
     swarm.wait_state([b], "dead", [a], JOIN_S)
-    swarm.wait_for(lambda: swarm.query(a, "status")["role"] == "leader", ELECT_S,
-                   "the survivor of two leads once the other is dead")
-    assert swarm.query(a, "status")["voters"] == [a.id]
+    swarm.hold(lambda: swarm.query(a, "status")["role"] == "leader", 1.0, "a keeps leading")
+    swarm.start(b)
+    swarm.wait_converged([a, b], JOIN_S)
+    swarm.kill9(a)  # the voter dies: b cannot make itself a voter (it commits nothing alone)
+    swarm.wait_state([a], "dead", [b], JOIN_S)
+    swarm.hold(lambda: swarm.query(b, "status")["role"] != "leader"
+               and b.id not in swarm.query(b, "status")["voters"], 2.0,
+               "b never makes itself a voter or leader: no split brain")
 
 
 def test_an_operator_sets_the_voters_cluster_wide_and_back_to_automatic(swarm: Swarm) -> None:

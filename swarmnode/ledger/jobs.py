@@ -151,7 +151,18 @@ class SetVoters:
     voters: tuple[str, ...]
 
 
-Command = SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue | SetVoters
+@dataclass(frozen=True, slots=True)
+class Voters:
+    """The voter configuration in force from this entry on. Only the leader proposes it, one
+    member added or removed at a time, the next only after this one is applied: every voter
+    set in use then overlaps the one before in a majority, and a node cut off from the
+    majority can never commit a smaller set for itself."""
+
+    voters: tuple[str, ...]
+
+
+Command = (SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue | SetVoters
+           | Voters)
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -163,6 +174,7 @@ _OPS: dict[type, str] = {
     Cancel: "cancel",
     Requeue: "requeue",
     SetVoters: "set_voters",
+    Voters: "voters",
 }
 _CLASSES = {op: cls for cls, op in _OPS.items()}
 
@@ -336,11 +348,12 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
         return Block(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
     if op == "cancel":
         return Cancel(_name(m["build_id"], f"{w}.build_id", MAX_ID), _u63(m["term"], w))
-    if op == "set_voters":
+    if op in ("set_voters", "voters"):
         voters = m["voters"]
         if type(voters) is not list or len(voters) > MAX_VOTERS:
             raise _fail(w, f"expected a list of at most {MAX_VOTERS} node ids")
-        return SetVoters(tuple(sorted({_str(v, f"{w}.voters", MAX_ID) for v in voters})))
+        ids = tuple(sorted({_str(v, f"{w}.voters", MAX_ID) for v in voters}))
+        return SetVoters(ids) if op == "set_voters" else Voters(ids)
     return Requeue(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
 
 
@@ -354,6 +367,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "cancel": ("build_id", "term"),
     "requeue": ("job_key", "reason"),
     "set_voters": ("voters",),
+    "voters": ("voters",),
 }
 
 
@@ -466,6 +480,8 @@ class JobLedger:
         self._dependents: dict[str, tuple[str, ...]] = {}
         self.pinned_voters: tuple[str, ...] = ()
         """The operator's voter set; empty: chosen automatically."""
+        self.voters: tuple[str, ...] = ()
+        """The committed voter configuration (empty until the first `Voters` entry)."""
 
     # ------------------------------------------------------------------ applying
 
@@ -582,6 +598,10 @@ class JobLedger:
                 self._jobs[key] = replace(job, state=CANCELLED, node=None, reason="cancelled")
                 n += 1
         return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
+
+    def _voters(self, index: int, c: Voters) -> list[LedgerEvent]:
+        self.voters = c.voters
+        return [LedgerEvent("voters_changed", {"voters": list(c.voters)})]
 
     def _set_voters(self, index: int, c: SetVoters) -> list[LedgerEvent]:
         self.pinned_voters = c.voters
@@ -700,6 +720,7 @@ class JobLedger:
             "applied": self.applied,
             "tally": dict(sorted(self.tally.items())),
             "voters": list(self.pinned_voters),
+            "config": list(self.voters),
             "builds": [
                 {
                     "build_id": b.build_id,
@@ -730,12 +751,14 @@ class JobLedger:
 
     @classmethod
     def _from_plain(cls, plain: Any) -> JobLedger:
-        m = _keys(plain, ("v", "applied", "tally", "voters", "builds"), "snapshot")
+        m = _keys(plain, ("v", "applied", "tally", "voters", "config", "builds"), "snapshot")
         if m["v"] != SNAPSHOT_VERSION:
             raise LedgerError(f"snapshot: unknown version {m['v']!r}")
         led = cls()
         voters = from_plain({"op": "set_voters", "voters": m["voters"]})
         led.pinned_voters = voters.voters  # type: ignore[union-attr]
+        config = from_plain({"op": "voters", "voters": m["config"]})
+        led.voters = config.voters  # type: ignore[union-attr]
         led.applied = _u63(m["applied"], "snapshot.applied")
         led.tally = Counter({str(k): _u63(v, "snapshot.tally") for k, v in m["tally"].items()})
         for b in m["builds"]:
@@ -810,6 +833,7 @@ def _duplicate(key: str, node: str, attempt: int) -> LedgerEvent:
 
 _APPLY: dict[type, Any] = {
     SetVoters: JobLedger._set_voters,
+    Voters: JobLedger._voters,
     SubmitBuild: JobLedger._submit,
     Assign: JobLedger._assign,
     Started: JobLedger._started,
