@@ -34,6 +34,7 @@ from swarmnode.artifacts import (
     pack,
     unpack,
 )
+from swarmnode.tasks import TaskSet
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -115,7 +116,7 @@ class ArtifactService:
         # one disk reader keeps serving from competing with the node for both cores.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="artifacts")
         self._fetches: dict[Digest, _Fetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in MESSAGE_TYPES
@@ -165,15 +166,8 @@ class ArtifactService:
         await asyncio.shield(fetch.done)
 
     def _spawn(self, coro) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.close()
         self._io.shutdown(wait=False, cancel_futures=True)

@@ -60,6 +60,7 @@ from swarmnode.ledger import (
     encode,
     job_key,
 )
+from swarmnode.tasks import TaskSet
 from swarmnode.worker import ASSIGN, CANCEL, REPORT, REPORT_ACK, Assignment, pack
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class Builds:
         self._paused: dict[str, float] = {}  # node -> until
         self._replies: dict[bytes, asyncio.Future[bool]] = {}
         self._specs: dict[str, dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._wake = asyncio.Event()
         self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
 
@@ -529,16 +530,10 @@ class Builds:
     # -- plumbing -------------------------------------------------------------------------
 
     def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.close()
 
 
 def _op(entry: bytes) -> str | None:

@@ -23,7 +23,6 @@ Wire (msgpack maps inside the signed envelope):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from swarmnode.artifacts import is_digest
 from swarmnode.build.executor import Executor, JobResult, JobSpec, Slots
 from swarmnode.build.plan import PlanError, check_name
 from swarmnode.ledger import Fence
+from swarmnode.tasks import TaskSet
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -165,7 +165,7 @@ class Worker:
         # attempts finished here: a leader re-sending an assignment it has not yet seen
         # reported must not make it run twice
         self.finished: OrderedDict[tuple[str, str, int], None] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in (ASSIGN, CANCEL, REPORT_ACK)
@@ -304,19 +304,13 @@ class Worker:
                 self._send_reports()
 
     def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
         for _a, handle in self.running.values():
             if handle is not None:
                 handle.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.close()
 
 
 def _report_key(r: Mapping[str, Any]) -> str:

@@ -13,13 +13,14 @@ the snapshot from which the shell restores its state machine (the ledger) before
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 
+from swarmnode.db import open_db, transaction
 from swarmnode.election.core import Persist, Persisted, PersistEntries, PersistSnapshot
 from swarmnode.election.log import LogEntry, Snapshot
 from swarmnode.election.messages import MessageError
@@ -65,26 +66,14 @@ class LogStore:
     """One node's Raft state in the SQLite file `path` (created 0600 if missing)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600, exist_ok=True)  # job specs and results: owner only
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # ------------------------------------------------------------------ writing
 
