@@ -61,7 +61,7 @@ from swarmnode.ledger import (
     job_key,
 )
 from swarmnode.tasks import TaskSet
-from swarmnode.worker import ASSIGN, CANCEL, REPORT, REPORT_ACK, Assignment, pack
+from swarmnode.worker import ASSIGN, CANCEL, REPORT, REPORT_ACK, Assignment, pack, unpack_map
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -186,12 +186,8 @@ class Builds:
             self.node.drops.drop("not_member")
             return
         try:
-            body = msgpack.unpackb(env.body, raw=False, max_bin_len=MAX_ENTRY,
-                                   max_str_len=MAX_ENTRY, max_array_len=100_000,
-                                   max_map_len=10_000)
-            if not isinstance(body, dict):
-                raise ValueError("not a map")
-        except (ValueError, TypeError, msgpack.UnpackException):
+            body = unpack_map(env.body, MAX_ENTRY)
+        except ValueError:
             self.node.drops.drop("malformed_build")
             return
         if env.type == PROPOSE:

@@ -178,7 +178,7 @@ class Worker:
             self.node.drops.drop("not_member")
             return
         try:
-            body = _unpack(env.body)
+            body = unpack_map(env.body)
             if env.type == ASSIGN:
                 self._on_assign(env.sender, Assignment.from_plain(body))
             elif env.type == CANCEL:
@@ -321,11 +321,15 @@ def pack(value: Mapping[str, Any]) -> bytes:
     return msgpack.packb(dict(value))
 
 
-def _unpack(body: bytes) -> dict[str, Any]:
-    if len(body) > MAX_BODY:
+def unpack_map(body: bytes, max_size: int = MAX_BODY) -> dict[str, Any]:
+    """A bounded msgpack map (job and build messages); ValueError for anything else."""
+    if len(body) > max_size:
         raise ValueError("oversized")
-    value = msgpack.unpackb(body, raw=False, max_str_len=MAX_BODY, max_array_len=MAX_FILES,
-                            max_map_len=MAX_FILES, max_bin_len=MAX_BODY)
+    try:
+        value = msgpack.unpackb(body, raw=False, max_str_len=max_size, max_array_len=MAX_FILES,
+                                max_map_len=MAX_FILES, max_bin_len=max_size)
+    except (TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(str(exc)) from exc
     if not isinstance(value, dict):
         raise ValueError("not a map")
     return value
