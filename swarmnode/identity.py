@@ -54,10 +54,17 @@ def is_node_id(value: object) -> bool:
 def verify(node_id: str, data: bytes, signature: bytes) -> bool:
     """True when `signature` is `node_id`'s Ed25519 signature of `data`; never raises."""
     try:
-        nacl.signing.VerifyKey(decode_id(node_id)).verify(data, signature)
+        _verify_key(node_id).verify(data, signature)
     except (IdentityError, nacl.exceptions.BadSignatureError, ValueError, TypeError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(node_id: str) -> nacl.signing.VerifyKey:
+    """Decoding an id into a key costs as much as the check itself; members sign every
+    message, so their keys are kept (errors are not cached: they raise)."""
+    return nacl.signing.VerifyKey(decode_id(node_id))
 
 
 @functools.lru_cache(maxsize=4096)
