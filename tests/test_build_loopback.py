@@ -9,6 +9,7 @@ is blocked, with its log tail, and `build --wait` exits non-zero naming it.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def write_project(root: Path) -> Path:
     return plan
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (scripts/setup installs it)")
 def test_a_30_job_build_runs_across_the_swarm_and_matches_a_local_build(
         swarm: Swarm, tmp_path: Path) -> None:
     nodes = three(swarm)
