@@ -258,6 +258,7 @@ class Builds:
     async def run(self) -> None:
         """Schedule whenever the ledger changes (a submission, a job done or failed: the work
         that can start changed), and every TICK_S anyway (members come and go)."""
+        swept = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
@@ -267,9 +268,11 @@ class Builds:
                 self._sent.clear()
                 continue
             try:
-                self._requeue_dead()
+                if time.monotonic() - swept >= TICK_S:  # the full sweeps scan every job
+                    swept = time.monotonic()
+                    self._requeue_dead()
+                    self._resend()
                 self._schedule()
-                self._resend()
             except Exception:  # a bug here must not stop scheduling for good
                 log.exception("scheduler step failed")
 
