@@ -40,7 +40,16 @@ from swarmnode.election import (
     unpack,
 )
 from swarmnode.election.core import Apply, Restore
-from swarmnode.ledger import JobLedger, LedgerEvent, LogStore, Voters, encode
+from swarmnode.ledger import (
+    JobLedger,
+    LedgerError,
+    LedgerEvent,
+    LogStore,
+    Stored,
+    Voters,
+    decode,
+    encode,
+)
 
 LEDGER_DB = "ledger.db"
 #: Applied entries between snapshots of the ledger (the log is cut back to the snapshot).
@@ -54,6 +63,19 @@ log = logging.getLogger(__name__)
 #: Longest the election loop sleeps: membership changes (a voter dying) are picked up at least
 #: this often even when the core's next deadline is far away.
 MAX_SLEEP_S = 0.2
+
+
+def _latest_config(ledger: JobLedger, stored: Stored) -> tuple[int, frozenset[str]] | None:
+    """The last `Voters` entry in the stored log, else the snapshot's configuration."""
+    for entry in reversed(stored.entries):
+        if entry.data:
+            with contextlib.suppress(LedgerError):
+                cmd = decode(entry.data)
+                if isinstance(cmd, Voters):
+                    return entry.index, frozenset(cmd.voters)
+    if ledger.voters and stored.snapshot is not None:
+        return stored.snapshot.index, frozenset(ledger.voters)
+    return None
 
 
 class NotLeader(RuntimeError):
@@ -77,16 +99,22 @@ class Leadership:
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
         self._changing = False  # a voter change is on its way through the log
+        # The configuration in force is the latest `Voters` entry in the log, as in Raft: a
+        # restarted node knows it before it learns what is committed (falling back to "the
+        # founder alone" then made a restarted founder elect itself beside the new leader).
+        self._config: tuple[int, frozenset[str]] | None = _latest_config(self.ledger, stored)
         self._change_task: asyncio.Future[None] | None = None
 
     # -- voters ---------------------------------------------------------------------------
 
     def committed_voters(self) -> frozenset[str]:
-        """The voter configuration in force: the last committed `Voters` entry; before any,
-        the founder alone (it commits the first one) and nobody else: a new member observes
-        until the log tells it who votes, so it never counts itself a lone voter."""
-        if self.ledger.voters:
-            return frozenset(self.ledger.voters)
+        """The voter configuration in force: the latest `Voters` entry in the log; before any
+        was ever written, the founder alone (it writes the first) and nobody else: a new
+        member observes until the log tells it who votes, so it never counts itself a lone
+        voter."""
+        if self._config is not None:
+            return self._config[1]
+        # no configuration was ever written: the founder is the only possible voter
         return frozenset({self.node.id}) if self.node.store.get("founder") else frozenset()
 
     def target_voters(self) -> frozenset[str]:
@@ -128,11 +156,14 @@ class Leadership:
                 self._change_task = asyncio.ensure_future(self._change(stepped))
 
     async def _change(self, voters: frozenset[str]) -> None:
+        committed = False
         try:
             with contextlib.suppress(NotLeader):
-                await self.propose(encode(Voters(tuple(sorted(voters)))))
+                committed = await self.propose(encode(Voters(tuple(sorted(voters)))))
         finally:
             self._changing = False
+        if committed:  # the next step at once: an even-sized set in between is fragile
+            self.refresh_voters()
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -165,6 +196,8 @@ class Leadership:
                 self._apply(out)
             elif isinstance(out, Restore):
                 self.ledger = JobLedger.restore(out.snapshot.data)
+                if self.ledger.voters:
+                    self._config = (out.snapshot.index, frozenset(self.ledger.voters))
             elif isinstance(out, Event):
                 self._event(out)
         self._wake.set()
@@ -177,6 +210,9 @@ class Leadership:
 
     def _apply(self, out: Apply) -> None:
         for ev in self.ledger.apply(out.index, out.entry):
+            if ev.kind == "voters_changed" and (self._config is None
+                                                or out.index >= self._config[0]):
+                self._config = (out.index, frozenset(ev.data["voters"]))
             for callback in self.on_applied:
                 callback(ev)
         waiting = self._waiting.pop(out.index, None)

@@ -33,6 +33,9 @@ def three(swarm: Swarm) -> list[Node]:
     swarm.start(first)
     nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in (2, 3)]
     swarm.wait_converged(nodes, JOIN_S)
+    ids = {n.id for n in nodes}
+    swarm.wait_for(lambda: all(set(swarm.query(n, "status")["voters"]) == ids for n in nodes),
+                   JOIN_S, "all three vote (any one may then die)")
     swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
                    and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
     return nodes
