@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import heapq
 import math
 import random
 import time
@@ -32,6 +31,7 @@ from .membership.config import Config
 from .membership.core import FOUNDER, Event, Membership, Send
 from .membership.messages import Admit, Record, admit_body, decode, encode, make_record
 from .membership.state import ALIVE, Entry, SharedMembers
+from .simclock import EventClock
 
 Latency = tuple[float, float] | Callable[[random.Random], float]
 
@@ -73,7 +73,7 @@ class SimNode:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Simulation:
+class Simulation(EventClock):
     """A cluster of n nodes, converged at time 0, ready to be perturbed and observed."""
 
     def __init__(
@@ -95,14 +95,12 @@ class Simulation:
         self.real_crypto = real_crypto
         self.codec = codec
         self.record_events = record_events
-        self.now = 0.0
+        super().__init__()
         self.nodes: dict[str, SimNode] = {}
         self.events: list[tuple[float, str, str, dict[str, Any]]] = []
         self.event_counts: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self.learned: dict[str, dict[str, float]] = {}  # id -> {observer: time it saw id alive}
-        self._heap: list[tuple[float, int, int, str, str, Any]] = []
-        self._seq = 0
         self._group: dict[str, int] = {}
         if n:
             self._build(n)
@@ -213,35 +211,14 @@ class Simulation:
 
     # ------------------------------------------------------------------ running
 
-    def run_until(self, t: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= t:
-            self._step()
-        self.now = max(self.now, t)
-
-    def run_for(self, dt: float) -> None:
-        self.run_until(self.now + dt)
-
     def run_until_pred(
         self, pred: Callable[[Simulation], bool], timeout: float, step: float | None = None
     ) -> bool:
         """Run until `pred(self)` holds (checked every `step`), or `timeout` seconds pass."""
-        step = step or self.config.gossip_interval / 2
-        end = self.now + timeout
-        while True:
-            if pred(self):
-                return True
-            if self.now >= end:
-                return False
-            self.run_until(min(end, self.now + step))
-
-    def _push(self, t: float, kind: int, to: str, src: str, msg: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, kind, to, src, msg))
+        return super().run_until_pred(pred, timeout, step or self.config.gossip_interval / 2)
 
     def _step(self) -> None:
-        t, _, kind, to, src, msg = heapq.heappop(self._heap)
-        self.now = t
+        t, _, kind, to, src, msg = self._pop()
         node = self.nodes.get(to)
         if node is None or node.member is None:
             return

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import heapq
 import math
 import random
 import statistics
@@ -45,6 +44,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from swarmnode.simclock import EventClock
 
 from .config import Config
 from .core import (
@@ -156,7 +157,7 @@ class Violation:
     detail: str
 
 
-class ElectionSim:
+class ElectionSim(EventClock):
     """`voters` voting nodes "v0".. and `observers` non-voting nodes "o0".., started at time 0.
     `snapshot_every`: each node compacts its log whenever that many entries were applied since
     its last snapshot (None: never)."""
@@ -187,7 +188,7 @@ class ElectionSim:
         self.codec = codec
         self.record_events = record_events
         self.snapshot_every = snapshot_every
-        self.now = 0.0
+        super().__init__()
         self.voter_ids = frozenset(f"v{i}" for i in range(voters))
         self.observer_ids = frozenset(f"o{i}" for i in range(observers))
         self.nodes: dict[str, SimNode] = {}
@@ -203,8 +204,6 @@ class ElectionSim:
         self.events: list[tuple[float, str, Event]] = []
         self.event_counts: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
-        self._heap: list[tuple[float, int, int, str, str, Any]] = []
-        self._seq = 0
         self._group: dict[str, int] = {}
         self._cut: set[frozenset[str]] = set()
         for id_ in sorted(self.voter_ids) + sorted(self.observer_ids):
@@ -296,26 +295,11 @@ class ElectionSim:
 
     # ------------------------------------------------------------------ running
 
-    def run_until(self, t: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= t:
-            self._step()
-        self.now = max(self.now, t)
-
-    def run_for(self, dt: float) -> None:
-        self.run_until(self.now + dt)
-
     def run_until_pred(
         self, pred: Callable[[Any], bool], timeout: float, step: float = 0.01
     ) -> bool:
         """Run until `pred(self)` holds (checked every `step`), or `timeout` seconds pass."""
-        end = self.now + timeout
-        while True:
-            if pred(self):
-                return True
-            if self.now >= end:
-                return False
-            self.run_until(min(end, self.now + step))
+        return super().run_until_pred(pred, timeout, step)
 
     def _start(self, node: SimNode) -> None:
         node.epoch += 1
@@ -338,13 +322,8 @@ class ElectionSim:
             self._load_snapshot(node, disk.snapshot)
         self._flush(node)
 
-    def _push(self, t: float, kind: int, to: str, src: str, msg: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, kind, to, src, msg))
-
     def _step(self) -> None:
-        t, _, kind, to, src, msg = heapq.heappop(self._heap)
-        self.now = t
+        t, _, kind, to, src, msg = self._pop()
         if not to:
             msg[1]()
             return
