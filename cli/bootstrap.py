@@ -13,15 +13,16 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from swarmnode import cluster
 from swarmnode import home as homes
 
 # Paths and fingerprints stay on one line, so they can be copied.
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-DEFAULT_PREFIX = "/opt/swarmnode"
-DEFAULT_REMOTE_HOME = "/var/lib/swarmnode"
-DEFAULT_LISTEN = "0.0.0.0:7946"
+DEFAULT_PREFIX = str(homes.INSTALL_PREFIX)
+DEFAULT_REMOTE_HOME = str(homes.SYSTEM_HOME)
+DEFAULT_LISTEN = cluster.DEFAULT_LISTEN
 
 
 def _local_home(ctx: typer.Context) -> Path:

@@ -41,6 +41,8 @@ from typing import Any, BinaryIO
 from net import ssh
 from net.addresses import split_hostport
 from swarmnode import control
+from swarmnode.cluster import DEFAULT_LISTEN
+from swarmnode.home import INSTALL_PREFIX, SYSTEM_HOME
 from swarmnode.identity import is_node_id
 from swarmnode.views import vouched_host_keys
 
@@ -64,9 +66,8 @@ __all__ = [
     "write_tar",
 ]
 
-DEFAULT_PREFIX = "/opt/swarmnode"
-DEFAULT_REMOTE_HOME = "/var/lib/swarmnode"
-DEFAULT_LISTEN = "0.0.0.0:7946"
+DEFAULT_PREFIX = str(INSTALL_PREFIX)
+DEFAULT_REMOTE_HOME = str(SYSTEM_HOME)
 SERVICES = ("auto", "systemd", "openrc", "none")
 #: The token only has to last until the new node first knocks; a leaked one soon expires.
 TOKEN_TTL_S = 3600

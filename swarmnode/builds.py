@@ -270,22 +270,23 @@ class Builds:
             try:
                 if time.monotonic() - swept >= TICK_S:  # the full sweeps scan every job
                     swept = time.monotonic()
-                    self._requeue_dead()
-                    self._resend()
+                    self._sweep()
                 self._schedule()
             except Exception:  # a bug here must not stop scheduling for good
                 log.exception("scheduler step failed")
 
     def _slots(self) -> list[Slot]:
         now = time.monotonic()
+        busy: dict[str, int] = {}
+        for job in self._active_jobs():
+            busy[job.node] = busy.get(job.node, 0) + job.spec.requires.cores  # type: ignore[index]
         slots = []
         for m in self.node.core.members():
             if m.admitted_by is None or m.state != "alive" or m.record is None:
                 continue
             facts = m.record.facts_dict()
             cores = int(facts.get("cores", 1))
-            busy = sum(j.spec.requires.cores for j in self.ledger.running_on(m.id))
-            slots.append(Slot(m.id, max(0, cores - busy), str(facts.get("arch", "")),
+            slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), frozenset(), cores=cores,
                               paused=self._paused.get(m.id, 0.0) > now))
         return slots
@@ -315,24 +316,26 @@ class Builds:
             assert job is not None
             self._spawn(self._propose(Assign(key, node, term, job.attempt + 1), key))
 
-    def _requeue_dead(self) -> None:
-        for build in self.ledger.builds():
-            for job in self.ledger.jobs(build.build_id):
-                if job.state not in ACTIVE or job.key in self._proposing or job.node is None:
-                    continue
-                view = self.node.core.member(job.node)
-                if view is None or view.state in ("dead", "left", "banned"):
+    def _active_jobs(self) -> list[Job]:
+        """Jobs held by a node (assigned or running), in one pass over the ledger."""
+        return [job for build in self.ledger.builds() for job in self.ledger.jobs(build.build_id)
+                if job.state in ACTIVE and job.node is not None]
+
+    def _sweep(self) -> None:
+        """Requeue the jobs of members membership declares gone (never merely suspected), and
+        re-send assignments not yet reported started."""
+        now = time.monotonic()
+        for job in self._active_jobs():
+            assert job.node is not None
+            view = self.node.core.member(job.node)
+            if view is None or view.state in ("dead", "left", "banned"):
+                if job.key not in self._proposing:
                     why = f"{view.name if view else job.node[:12]} is " \
                           f"{view.state if view else 'gone'}"
                     self._spawn(self._propose(Requeue(job.key, why), job.key))
-
-    def _resend(self) -> None:
-        now = time.monotonic()
-        for build in self.ledger.builds():
-            for job in self.ledger.jobs(build.build_id):
-                if job.state == ASSIGNED and now - self._sent.get(job.key, 0.0) >= RESEND_S:
-                    self._sent[job.key] = now
-                    self._spawn(self._send_assignment(job))
+            elif job.state == ASSIGNED and now - self._sent.get(job.key, 0.0) >= RESEND_S:
+                self._sent[job.key] = now
+                self._spawn(self._send_assignment(job))
 
     async def _propose(self, cmd: Any, key: str) -> bool:
         self._proposing.add(key)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The home of a node run by root (the service), and where `bootstrap` installs swarmnode.
+SYSTEM_HOME = Path("/var/lib/swarmnode")
+INSTALL_PREFIX = Path("/opt/swarmnode")
+
 
 def default_home() -> Path:
     env = os.environ.get("SWARMNODE_HOME")
     if env:
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/var/lib/swarmnode")
+        return SYSTEM_HOME
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "swarmnode"
 
