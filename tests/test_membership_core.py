@@ -23,6 +23,7 @@ from swarmnode.membership import (
     Event,
     Gossip,
     Membership,
+    Note,
     Pending,
     Ping,
     PushPull,
@@ -33,7 +34,7 @@ from swarmnode.membership import (
     Suspect,
     make_record,
 )
-from swarmnode.membership.messages import admit_body, ban_body, rename_body
+from swarmnode.membership.messages import admit_body, ban_body, note_body, rename_body
 from swarmnode.sim import NullCrypto, fake_id
 
 CFG = Config.fast()
@@ -342,6 +343,37 @@ def test_rename_is_last_writer_wins() -> None:
     old = Rename(c.id, "old", a.id, 0, net.idents[a.id].sign(rename_body(c.id, "old", a.id, 0)))
     b.handle(net.now, a.id, Gossip((old,)))
     assert b.member(c.id).name == "second"
+
+
+def test_notes_spread_newest_per_author_and_survive_restart() -> None:
+    net, (a, b, c) = cluster(3)
+    a.note(net.now, "release", "app", b"v1")
+    net.run(0.3)
+    b.note(net.now, "release", "app", b"b's")
+    net.run(0.3)
+    a.note(net.now, "release", "app", b"v2")
+    net.run(0.3)
+    for m in (a, b, c):
+        held = {(n.by, n.value) for n in m.notes("release")}
+        assert held == {(a.id, b"v2"), (b.id, b"b's")}  # one slot per author: b cannot overwrite a
+        assert m.notes("grant") == []
+    # an older note, a forged one and one from a non-member change nothing
+    old = Note("release", "app", b"v0", a.id, 1, net.idents[a.id].sign(
+        note_body("release", "app", b"v0", a.id, 1)))
+    forged = Note("release", "app", b"evil", a.id, 10**12, b"x" * 64)
+    g = net.add(9)
+    stranger = Note("release", "app", b"g", g.id, 5, net.idents[g.id].sign(
+        note_body("release", "app", b"g", g.id, 5)))
+    c.handle(net.now, a.id, Gossip((old, forged, stranger)))
+    assert {n.value for n in c.notes("release")} == {b"v2", b"b's"}
+    assert c.counters["drop_bad_signature"] == 1
+    # a node that restarts from its snapshot still holds them; a newcomer gets them by push-pull
+    r = Membership.restore(c.snapshot(), c.record, net.idents[c.id], CFG, random.Random(5), net.now)
+    assert {n.value for n in r.notes("release")} == {b"v2", b"b's"}
+    d = net.add(4)
+    net.join(a, d)
+    net.run(0.5)
+    assert {n.value for n in d.notes("release")} == {b"v2", b"b's"}
 
 
 def test_pending_guest_is_listed_everywhere_but_gets_nothing() -> None:

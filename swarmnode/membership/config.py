@@ -94,6 +94,9 @@ class Config:
     """Cap on records heard of before their admission statement arrived."""
     max_deferred: int = 4096
     """Cap on statements kept while waiting for their author's admission to arrive."""
+    max_notes: int = 4096
+    """Cap on notes (push grants, releases) kept: one per (topic, key, author), a few per member
+    in practice, so this bounds memory without ever binding a real swarm."""
 
     @classmethod
     def fast(cls, **overrides: object) -> Config:

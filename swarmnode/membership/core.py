@@ -46,6 +46,7 @@ from .messages import (
     Message,
     MessageError,
     Nack,
+    Note,
     Pending,
     Ping,
     PingReq,
@@ -64,6 +65,7 @@ from .messages import (
     make_record,
     member_state_from_plain,
     member_state_to_plain,
+    note_body,
     rename_body,
 )
 from .state import (
@@ -204,6 +206,7 @@ class Membership:
         self._relay_heap: list[tuple[float, str, int, str]] = []
         self._pp_out: dict[str, tuple[float, bool]] = {}
         self._deferred: dict[str, list[Statement]] = {}
+        self._notes: dict[tuple[str, str, str], Note] = {}
         self._quiet_admits: Container[str] | None = None
         """While merging: admissions of these ids are not news (no `admitted` event); every
         id while restoring our own snapshot (see `_merge`)."""
@@ -412,6 +415,30 @@ class Membership:
         sig = self._crypto.sign(rename_body(id, name, self.id, ts))
         self._apply_rename(Rename(id, name, self.id, ts, sig))
 
+    def note(self, now: float, topic: str, key: str, value: bytes) -> Note:
+        """State `value` under (topic, key) as this node, and spread it (newest per author wins)."""
+        n = self.sign_note(now, topic, key, value)
+        self._apply_note(n)
+        return n
+
+    def sign_note(self, now: float, topic: str, key: str, value: bytes) -> Note:
+        """A note by this node, newer than any it made for (topic, key), not yet spread: a push
+        shows it to its canaries first and spreads it with `add_note` once they are healthy."""
+        self._now = now
+        old = self._notes.get((topic, key, self.id))
+        ts = self._ts() if old is None else max(self._ts(), old.ts + 1)
+        return Note(topic, key, value, self.id, ts,
+                    self._crypto.sign(note_body(topic, key, value, self.id, ts)))
+
+    def add_note(self, now: float, note: Note) -> None:
+        """Hold and spread a signed note (checked like one that arrived by gossip)."""
+        self._now = now
+        self._apply_note(note)
+
+    def notes(self, topic: str) -> list[Note]:
+        """Every note held under `topic`, all authors (their meaning is the caller's)."""
+        return [n for n in self._notes.values() if n.topic == topic]
+
     def hello(self, now: float, src_id: str, record: Record, how: str) -> None:
         """A guest presented its self-signed record: list it as pending (unless banned/admitted)."""
         self._now = now
@@ -462,6 +489,7 @@ class Membership:
             if e.id != self.id and e.record is not None and e.state in MEMBER:
                 members.append(member_state_to_plain(MemberState(e.record, e.state, e.incarnation)))
             statements.extend(item_to_plain(s) for s in self._entry_statements(e))
+        statements.extend(item_to_plain(n) for n in self._notes.values())
         return {
             "version": SNAPSHOT_VERSION,
             "id": self.id,
@@ -610,6 +638,8 @@ class Membership:
             self._apply_rename(item, bcast)  # type: ignore[arg-type]
         elif t is Pending:
             self._apply_pending(item, bcast)  # type: ignore[arg-type]
+        elif t is Note:
+            self._apply_note(item, bcast)  # type: ignore[arg-type]
 
     def _apply_alive(self, rec: Record, bcast: bool = True) -> None:
         rid = rec.id
@@ -891,6 +921,23 @@ class Membership:
         if bcast:
             self._broadcast(("p", pid), p)
 
+    def _apply_note(self, n: Note, bcast: bool = True) -> None:
+        old = self._notes.get(n.slot)
+        if old is not None and (n.ts, n.sig) <= (old.ts, old.sig):
+            return  # not newer (the signature breaks a tie the same way everywhere)
+        if not self._authority(n.by, n):
+            self._defer(n.by, n)
+            return
+        if old is None and len(self._notes) >= self._cfg.max_notes:
+            self.counters["drop_note_full"] += 1
+            return
+        if not self._verify(n.by, n.body(), n.sig):
+            return
+        self._notes[n.slot] = n
+        self._event("note", topic=n.topic, key=n.key, by=n.by, ts=n.ts)
+        if bcast:
+            self._broadcast(("n", *n.slot), n)
+
     def _defer(self, key: str, stmt: Statement) -> None:
         """Keep a statement whose author (or subject) we do not know yet; bounded."""
         waiting = self._deferred.get(key)
@@ -1148,6 +1195,7 @@ class Membership:
         out: list[Statement] = []
         for e in self._table:
             out.extend(self._entry_statements(e))
+        out.extend(self._notes.values())
         return tuple(out)
 
     @staticmethod

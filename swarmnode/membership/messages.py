@@ -34,6 +34,9 @@ MAX_PIGGYBACK = 64
 MAX_GOSSIP_ITEMS = 512
 MAX_MEMBERS = 65536
 MAX_STATEMENTS = 4 * MAX_MEMBERS
+MAX_TOPIC = 32
+MAX_NOTE_KEY = 128
+MAX_NOTE_VALUE = 4096  # a signed release manifest is ~400 bytes; notes are small facts, not files
 
 _ID_RE = re.compile(r"[a-z2-7]{52}")
 
@@ -186,8 +189,33 @@ class Pending:
     how: str
 
 
-Item = Alive | Suspect | Dead | Admit | Ban | Rename | Pending
-Statement = Admit | Ban | Rename | Pending
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A value member `by` states under (topic, key), e.g. a push grant or a release.
+
+    Membership spreads, syncs and persists notes like any other statement, keeping the newest
+    (by `ts`) per (topic, key, author), but never reads `value`: the module that owns the topic
+    decides what a note means and whose notes count (memberlist's delegate state, signed).
+    Keeping one per author means a member without the right cannot overwrite a valid note.
+    """
+
+    topic: str
+    key: str
+    value: bytes
+    by: str
+    ts: int
+    sig: bytes
+
+    def body(self) -> bytes:
+        return note_body(self.topic, self.key, self.value, self.by, self.ts)
+
+    @property
+    def slot(self) -> tuple[str, str, str]:
+        return (self.topic, self.key, self.by)
+
+
+Item = Alive | Suspect | Dead | Admit | Ban | Rename | Pending | Note
+Statement = Admit | Ban | Rename | Pending | Note
 
 
 def admit_body(id: str, by: str, how: str, ts: int) -> bytes:
@@ -200,6 +228,10 @@ def ban_body(id: str, by: str, ts: int) -> bytes:
 
 def rename_body(id: str, name: str, by: str, ts: int) -> bytes:
     return msgpack.packb(["rename", id, name, by, ts])
+
+
+def note_body(topic: str, key: str, value: bytes, by: str, ts: int) -> bytes:
+    return msgpack.packb(["note", topic, key, value, by, ts])
 
 
 def ack_body(seq: int, nonce: bytes, target_id: str) -> bytes:
@@ -386,6 +418,10 @@ def item_to_plain(item: Item) -> dict[str, Any]:
     if t is Pending:
         p: Pending = item  # type: ignore[assignment]
         return {"k": "pending", "r": record_to_plain(p.record), "how": p.how}
+    if t is Note:
+        n: Note = item  # type: ignore[assignment]
+        return {"k": "note", "t": n.topic, "key": n.key, "v": n.value, "by": n.by, "ts": n.ts,
+                "sig": n.sig}
     raise TypeError(f"not a membership item: {item!r}")
 
 
@@ -397,8 +433,9 @@ _ITEM_KEYS = {
     "ban": frozenset({"k", "id", "by", "ts", "sig"}),
     "rename": frozenset({"k", "id", "name", "by", "ts", "sig"}),
     "pending": frozenset({"k", "r", "how"}),
+    "note": frozenset({"k", "t", "key", "v", "by", "ts", "sig"}),
 }
-STATEMENT_KINDS = frozenset({"admit", "ban", "rename", "pending"})
+STATEMENT_KINDS = frozenset({"admit", "ban", "rename", "pending", "note"})
 
 
 def item_from_plain(v: object, kinds: frozenset[str] | None = None) -> Item:
@@ -433,6 +470,15 @@ def item_from_plain(v: object, kinds: frozenset[str] | None = None) -> Item:
         return Rename(
             _nid(m["id"], "id"),
             _str(m["name"], "name", MAX_NAME),
+            _nid(m["by"], "by"),
+            _int(m["ts"], "ts"),
+            _bin(m["sig"], "sig", MAX_SIG),
+        )
+    if kind == "note":
+        return Note(
+            _str(m["t"], "topic", MAX_TOPIC, 1),
+            _str(m["key"], "note key", MAX_NOTE_KEY),
+            _bin(m["v"], "note value", MAX_NOTE_VALUE),
             _nid(m["by"], "by"),
             _int(m["ts"], "ts"),
             _bin(m["sig"], "sig", MAX_SIG),
