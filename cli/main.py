@@ -127,6 +127,7 @@ def join(
     fast: Annotated[bool, typer.Option(hidden=True, help="fast timers (tests, demo)")] = False,
 ) -> None:
     """Run this node in the foreground until SIGINT/SIGTERM (then leave gracefully)."""
+    _launch_release()
     from swarmnode.node import NodeOptions, StartError, run
 
     opts = NodeOptions(
@@ -146,6 +147,31 @@ def join(
             ValueError) as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+def _launch_release() -> None:
+    """Run the node from the release `<home>/current` points at (a pushed self-update), the
+    installed code when there is none: exec into it when this process is not it already."""
+    import os
+
+    from swarmnode.push import bundle, releases
+
+    running = bundle.code_root().resolve()
+    launcher = Path(os.environ.setdefault(releases.LAUNCHER_ENV, str(running)))
+    try:
+        root = releases.launch_root(state.home, running, time.time())
+    except (OSError, ValueError) as exc:
+        err.print(f"[yellow]warning:[/yellow] releases in {state.home}: {exc}; running the "
+                  "installed code", highlight=False)
+        root = None
+    if root is None and not (state.home / releases.CURRENT_LINK).exists():
+        root = launcher  # no release (or it was rolled back to the installed code)
+    if root is None or root.resolve() == running:
+        return
+    target = root.resolve()
+    digest = target.name if target != launcher.resolve() else ""
+    argv = releases.exec_argv(target, launcher, digest, sys.argv[1:])
+    os.execv(argv[0], argv)
 
 
 @app.command()
@@ -401,6 +427,118 @@ def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
                                   highlight=False)
             return status
         time.sleep(0.5)
+
+
+@app.command()
+def push(
+    path: Annotated[Path | None, typer.Argument(
+        help="directory to deploy [default: this node's own swarmnode code]")] = None,
+    canary: Annotated[int | None, typer.Option(
+        "--canary", help="nodes updated first [default: 1 when there are more than 2]")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the rollout; non-zero exit "
+                                                     "naming any node that failed")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy a release to every node, peer-to-peer, canaries first, rolled back if unhealthy."""
+    where = str(path.expanduser().absolute()) if path is not None else None
+    view = ask("push", timeout=120.0, path=where, canary=canary)
+    if wait:
+        view = _follow_push(view, quiet=as_json)
+    if as_json:
+        emit_json(view)
+    elif not wait:
+        out.print(f"{view['push']}: {view['app']} {view['digest'][:12]} to "
+                  f"{len(view['nodes'])} nodes", highlight=False)
+    if wait and (view["halted"] or view["failures"]):
+        raise typer.Exit(1)
+
+
+PUSH_STATES = ("staged", "fetching", "installed", "restarted", "healthy", "rolled_back",
+               "failed", "timed_out", "offline", "waiting")
+
+
+def _follow_push(view: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """Poll the pusher until the rollout is done or halted; a self-update ends with the pusher
+    itself restarting, so then wait until it answers again running the new release."""
+    last = ""
+    push_id = view["push"]
+    while not view["done"]:
+        line = f"{push_id}: " + ", ".join(
+            f"{view['counts'][s]} {s.replace('_', ' ')}" for s in PUSH_STATES
+            if view["counts"].get(s))
+        if line != last and not quiet:
+            err.print(line, highlight=False)
+            last = line
+        if view["phase"] == "self":
+            return _await_self_update(view)
+        time.sleep(0.05)
+        view = ask("push_status", push=push_id)
+    if not quiet:
+        if view["halted"]:
+            err.print(f"[red]halted[/red]: {view['halted']}", highlight=False)
+        for f in view["failures"]:
+            err.print(f"[red]{f['name']}[/red] {f['state'].replace('_', ' ')}: {f['reason']}",
+                      highlight=False)
+        if not view["halted"] and not view["failures"]:
+            err.print(f"{push_id}: every node healthy in {view['elapsed']:.2f} s",
+                      highlight=False)
+    return view
+
+
+def _await_self_update(view: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    started = time.time() - view["elapsed"]
+    me = next(n for n, s in view["nodes"].items() if s["state"] in ("staged", "fetching",
+                                                                   "installed", "restarted"))
+    while time.monotonic() < deadline:
+        try:
+            status = control.call(state.home, "status", timeout=2.0)
+        except (control.ControlError, TimeoutError, OSError):
+            time.sleep(0.05)
+            continue
+        if status.get("release") == view["digest"]:
+            view["nodes"][me]["state"] = "healthy"
+            view["done"], view["phase"] = True, "done"
+            view["elapsed"] = time.time() - started
+            return view
+        time.sleep(0.05)
+    view["nodes"][me].update(state="timed_out", reason="did not come back on the new release")
+    view["failures"].append({"id": me, "name": view["nodes"][me]["name"], "state": "timed_out",
+                             "reason": "did not come back on the new release"})
+    return view
+
+
+@app.command()
+def versions(as_json: JsonOpt = False) -> None:
+    """Each node's current release per app, when it switched, and drift from the newest."""
+    v = ask("versions")
+    if as_json:
+        emit_json(v)
+        return
+    table = Table(title="releases")
+    for col in ("node", "state", "app", "release", "switched", "drift"):
+        table.add_column(col)
+    for n in v["nodes"]:
+        apps = n["apps"] or {"-": {"digest": "-", "switched_at": None, "drift": False}}
+        for app_name, a in sorted(apps.items()):
+            at = a["switched_at"]
+            table.add_row(n["name"], n["state"], app_name, a["digest"][:12],
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-",
+                          "[red]behind[/]" if a["drift"] else "")
+    out.print(table)
+    for app_name, r in sorted(v["latest"].items()):
+        out.print(f"newest {app_name}: {r['digest'][:12]}", highlight=False)
+
+
+@app.command()
+def grant(
+    right: Annotated[str, typer.Argument(help="the right to give: push")],
+    node: Annotated[str, typer.Argument(help="name or id (prefix) of the member")],
+) -> None:
+    """Allow a member to push releases (only a node that may push can grant it)."""
+    if right != "push":
+        fail(f"unknown right {right!r}; the one right is 'push'")
+    out.print(ask("grant", node=node), highlight=False)
 
 
 @app.command()

@@ -160,10 +160,18 @@ class ArtifactService:
             task = self._spawn(fetch.run())
             task.add_done_callback(lambda _t: self._fetches.pop(digest, None))
         else:
-            for source in sources:
-                fetch.rx.add_source(self.node.clock(), source)
-            fetch.wake.set()
+            self.add_sources(digest, sources)
         await asyncio.shield(fetch.done)
+
+    def add_sources(self, digest: Digest, sources: Sequence[str]) -> None:
+        """More members to pull a fetch under way from (nodes that got the file since)."""
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            return
+        for source in sources:
+            if source != self.node.id:
+                fetch.rx.add_source(self.node.clock(), source)
+        fetch.wake.set()
 
     def _spawn(self, coro) -> asyncio.Task[None]:
         return self._tasks.spawn(coro)

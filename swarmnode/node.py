@@ -54,6 +54,10 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_FACT_VALUE
+from swarmnode.push.bundle import code_root
+from swarmnode.push.release import SELF_APP
+from swarmnode.push.releases import LAUNCHER_ENV, exec_argv
+from swarmnode.push_service import PushService, release_facts
 from swarmnode.routes import PING as ROUTE_PING
 from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
@@ -73,6 +77,7 @@ ADDRESS_CHECK_S = 10.0
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
                             "cancel", "set_voters"})
+PUSH_COMMANDS = frozenset({"push", "push_status", "versions", "grant"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 
@@ -121,6 +126,9 @@ class Node:
             raise StartError(str(exc)) from exc
         self.config = Config.fast() if opts.fast else Config()
         self.observed: dict[str, Observed] = {}
+        self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
+        self.heard_member = False  # a member's gossip has reached us since we started
+        self.push = PushService(self)
         self.core = self._make_core()
         self.admission = Admission(self)
         self.discovery = Discovery(self)
@@ -200,6 +208,7 @@ class Node:
         if self.node_config.roles:
             facts["roles"] = ",".join(self.node_config.roles)
         facts.update(self._ssh_facts())
+        facts.update(release_facts(self.push.releases))
         self.kind = str(facts["kind"])
         record = make_record(
             self.identity, self.id, incarnation, self.name, self.addresses,
@@ -255,7 +264,8 @@ class Node:
                  asyncio.ensure_future(self.router.maintain()),
                  asyncio.ensure_future(self.leadership.run()),
                  asyncio.ensure_future(self.worker.run()),
-                 asyncio.ensure_future(self.builds.run())]
+                 asyncio.ensure_future(self.builds.run()),
+                 asyncio.ensure_future(self.push.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -266,8 +276,11 @@ class Node:
         return 0
 
     async def _shutdown(self, tasks: list[asyncio.Future], udp, ctl) -> None:
-        log.info("leaving the cluster")
-        if self.admitted:
+        if self.reexec_argv is not None:
+            log.info("restarting into %s", self.reexec_argv[3:4])
+        else:
+            log.info("leaving the cluster")
+        if self.admitted and self.reexec_argv is None:  # a restart is back at once: no leave
             self.core.leave(self.clock())
             self.flush()
             # The timer loop keeps gossiping until the leave has been sent its full number of
@@ -283,6 +296,7 @@ class Node:
                 await task
         await self.discovery.close()
         await self.builds.close()
+        await self.push.close()
         await self.worker.close()
         await self.artifacts.close()
         self.router.close()
@@ -377,6 +391,8 @@ class Node:
             self.transport.disconnect(data["id"])
         if ev.kind in ("member_left", "member_reaped") and data.get("id") != self.id:
             self.transport.disconnect(data["id"])
+        if ev.kind == "note":
+            self.push.on_note(str(data.get("topic")))
         if ev.kind == "admitted":
             if data.get("id") == self.id and not self.admitted:
                 self.store.put(admitted=True)
@@ -408,6 +424,9 @@ class Node:
         if self.worker.handles(env.type):
             self.worker.on_message(inbound)
             return
+        if self.push.handles(env.type):
+            self.push.on_message(inbound)
+            return
         if self.artifacts.handles(env.type):
             self.artifacts.on_message(inbound)
             return
@@ -429,6 +448,8 @@ class Node:
         self.observe(env.sender, inbound.observed)
         self.core.handle(self.clock(), env.sender, msg)
         self.flush()
+        if not self.heard_member and self.is_admitted_member(env.sender):
+            self.heard_member = True  # rejoined: a restarted node's health check waits for it
 
     def observed_entry(self, peer: str) -> Observed:
         return self.observed.setdefault(peer, Observed())
@@ -501,6 +522,8 @@ class Node:
                                         str(address) if address else None)
         if cmd in BUILD_COMMANDS:
             return await self._build_command(cmd, args)
+        if cmd in PUSH_COMMANDS:
+            return await self._push_command(cmd, args)
         raise control.ControlError(f"unknown command {cmd!r}")
 
     async def _build_command(self, cmd: str, args: dict[str, Any]) -> Any:
@@ -535,6 +558,31 @@ class Node:
             return self.builds.log_view(str(args.get("job", "")))
         return await self.builds.cancel(str(args.get("build", "")))
 
+    async def _push_command(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "versions":
+            return self.push.versions()
+        if cmd == "push_status":
+            return self.push.push_view(str(args.get("push", "")))
+        if not self.admitted:
+            raise control.ControlError("this node is not an admitted member")
+        if cmd == "grant":
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            if target.admitted_by is None or target.state in ("pending", "banned"):
+                raise control.ControlError(f"{target.name} is {target.state}: admit it first")
+            self.push.grant(target.id)
+            return f"{target.name} ({target.id[:12]}) may push"
+        path = args.get("path")
+        canary = args.get("canary")
+        return await self.push.push(str(path) if path else None,
+                                    int(canary) if canary is not None else None)
+
+    def reexec(self, root: Path | None, digest: str | None) -> None:
+        """Stop (without leaving: the restart is back at once) and exec the release at `root`,
+        or the installed code when None. The same pid, identity and home; a new incarnation."""
+        launcher = Path(os.environ.get(LAUNCHER_ENV) or code_root())
+        self.reexec_argv = exec_argv(root or launcher, launcher, digest or "", sys.argv[1:])
+        self._stop.set()
+
     def drop_counts(self) -> dict[str, int]:
         """Everything dropped, by reason: at the wire, in the handshake, in the core."""
         drops = dict(self.drops)
@@ -557,6 +605,8 @@ class Node:
             **self.leadership.status(),
             "voters_pinned": list(self.leadership.ledger.pinned_voters),
             "version": __version__,
+            "release": self.push.releases.current(SELF_APP),
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
@@ -579,9 +629,15 @@ def run(opts: NodeOptions) -> int:
         level=os.environ.get("SWARMNODE_LOG", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(_run(opts))
+    code, argv = asyncio.run(_run(opts))
+    if argv is not None:  # a self-update: become the new release, same pid, same identity
+        logging.shutdown()
+        os.execv(argv[0], argv)
+    return code
 
 
-async def _run(opts: NodeOptions) -> int:
-    return await Node(opts).main()
+async def _run(opts: NodeOptions) -> tuple[int, list[str] | None]:
+    node = Node(opts)
+    code = await node.main()
+    return code, node.reexec_argv
 

@@ -161,9 +161,10 @@ class Swarm:
 
     def start(self, node: Node | str, token: str | None = None, seeds: Sequence[str] = (),
               *, mdns: bool = False, tailscale: bool = False, extra: Sequence[str] = (),
-              wait: bool = True) -> Node:
+              wait: bool = True, cwd: Path = REPO) -> Node:
         """Run `swarmnode join` for `node` (in its lab host, if any); by default wait until
-        its control socket answers, failing fast with the log if it exits first."""
+        its control socket answers, failing fast with the log if it exits first. `cwd` is
+        where `python -m cli.main` finds the code it runs."""
         node = self._node(node)
         if node.running:
             raise SwarmError(f"{node} is already running")
@@ -179,7 +180,7 @@ class Swarm:
             with node.log.open("ab") as log:
                 node.proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=REPO, env=_env(), start_new_session=True,
+                    cwd=cwd, env=_env(), start_new_session=True,
                 )
         if wait:
             self.wait_ready(node)

@@ -1,0 +1,163 @@
+"""`swarmnode push` across real swarmnode processes on loopback.
+
+What must hold: only a node with the push right can push, and the founder can grant it; a
+payload reaches every node (files installed, `versions` agrees), canary first; a payload whose
+health check fails is rolled back on the canary by itself and never installed anywhere else,
+and `push --wait` exits non-zero naming the node and the reason; a node that was offline
+during a push catches up when it returns; a self-update restarts every node into the new code
+(same pid: the node execs itself) and the cluster stays whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.swarm import REPO, Node, Swarm, free_port, swarm_fixture  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+JOIN_S = 20.0
+PUSH_S = 30.0
+
+
+def addr(i: int) -> str:
+    host = f"127.0.0.{i}"
+    return f"{host}:{free_port(host)}"
+
+
+def cluster(swarm: Swarm, n: int) -> list[Node]:
+    first, token = swarm.init("n1", addr(1))
+    swarm.start(first)
+    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in range(2, n + 1)]
+    swarm.wait_converged(nodes, JOIN_S)
+    return nodes
+
+
+def payload(root: Path, version: str, health: str = "test -f data.txt") -> Path:
+    """A small app: its restart command records which release it restarted into."""
+    d = root / f"web-{version}"
+    (d / "bin").mkdir(parents=True)
+    (d / "data.txt").write_text(f"version {version}\n")
+    (d / "bin" / "serve").write_text("#!/bin/sh\necho serving\n")
+    (d / "bin" / "serve").chmod(0o755)
+    (d / "swarmnode-push.toml").write_text(
+        'name = "web"\n'
+        'restart = "basename $SWARMNODE_RELEASE >> $SWARMNODE_HOME/web-restarts"\n'
+        f'health = "{health}"\nhealth_timeout = 10\n')
+    return d
+
+
+def app_files(node: Node, app: str = "web") -> dict[str, str]:
+    link = node.home / "apps" / app
+    if not link.exists():
+        return {}
+    return {str(p.relative_to(link)): p.read_text() for p in sorted(link.rglob("*"))
+            if p.is_file()}
+
+
+def push(swarm: Swarm, node: Node, *args: str, check: bool = True):
+    res = swarm.cli(node, "push", *args, "--wait", "--json", timeout=90.0, check=check)
+    return res.returncode, json.loads(res.stdout) if res.stdout.strip() else None, res.stderr
+
+
+def versions(swarm: Swarm, node: Node) -> dict[str, dict[str, str]]:
+    v = swarm.query(node, "versions")
+    return {n["name"]: {a: x["digest"] for a, x in n["apps"].items()} for n in v["nodes"]}
+
+
+def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = cluster(swarm, 4)
+    n1, n2 = nodes[0], nodes[1]
+    v1 = payload(tmp_path, "1")
+
+    # n2 may not push until the founder grants it
+    code, _, stderr = push(swarm, n2, str(v1), check=False)
+    assert code != 0 and "may not push" in stderr
+    assert "may push" in swarm.cli(n1, "grant", "push", "n2").stdout
+    code, view, stderr = push(swarm, n2, str(v1))
+    assert code == 0, stderr
+    digest = view["digest"]
+    assert view["counts"] == {"healthy": 4}
+    assert sum(1 for s in view["nodes"].values() if s["canary"]) == 1
+    for n in nodes:
+        assert app_files(n) == {"bin/serve": "#!/bin/sh\necho serving\n",
+                                "data.txt": "version 1\n",
+                                "swarmnode-push.toml": (v1 / "swarmnode-push.toml").read_text()}
+        assert os.access(n.home / "apps" / "web" / "bin" / "serve", os.X_OK)
+        assert (n.home / "web-restarts").read_text().split() == [digest]
+    swarm.wait_for(lambda: all(v == {"web": digest} for v in versions(swarm, n1).values()),
+                   10.0, "every node's record reports the release")
+
+    # a release whose health check fails: the canary rolls back, nobody else installs it
+    v2 = payload(tmp_path, "2", health="echo db unreachable >&2; exit 3")
+    code, view, stderr = push(swarm, n1, str(v2), check=False)
+    assert code == 1
+    bad = view["digest"]
+    (canary,) = [swarm.nodes[s["name"]] for s in view["nodes"].values() if s["canary"]]
+    assert view["halted"].startswith(f"canary {canary.name} rolled back: health command exited 3")
+    assert "db unreachable" in view["halted"]
+    assert [(f["name"], f["state"]) for f in view["failures"]] == [(canary.name, "rolled_back")]
+    for n in nodes:
+        assert app_files(n)["data.txt"] == "version 1\n"  # canary included: rolled back
+        assert (n.home / "releases" / bad).exists() == (n is canary)
+    # the canary restarted into the bad release, then back into the good one
+    assert (canary.home / "web-restarts").read_text().split() == [digest, bad, digest]
+    assert next(e["reason"] for e in swarm.events(canary, "push_rolled_back")).startswith(
+        "health command exited 3")
+    # ... and never tries that release again, even when told to; people see who and why
+    res = swarm.cli(n1, "push", str(v2), "--canary", "0", "--wait", check=False, timeout=90.0)
+    assert res.returncode == 1
+    assert f"{canary.name} rolled back: rolled back here before: health command exited 3" in \
+        " ".join(res.stderr.split())
+
+
+def test_offline_node_catches_up_when_it_returns(swarm: Swarm, tmp_path: Path) -> None:
+    nodes = cluster(swarm, 3)
+    n1, n3 = nodes[0], nodes[2]
+    swarm.stop(n3)
+    swarm.wait_for(lambda: swarm.state(n1, n3) == "left", JOIN_S, "n3 left")
+    code, view, stderr = push(swarm, n1, str(payload(tmp_path, "1")))
+    assert code == 0, stderr
+    assert view["nodes"][n3.id]["state"] == "offline"
+    assert app_files(n3) == {}
+    swarm.start(n3)
+    swarm.wait_for(lambda: app_files(n3).get("data.txt") == "version 1\n", PUSH_S,
+                   "n3 installed the release it missed")
+    swarm.wait_for(lambda: versions(swarm, n1).get("n3") == {"web": view["digest"]}, 10.0,
+                   "n3 reports it")
+
+
+def test_self_update_restarts_every_node_into_the_new_code(swarm: Swarm,
+                                                            tmp_path: Path) -> None:
+    # The pusher runs a modified copy of the code; pushing "itself" deploys that copy.
+    new = tmp_path / "newcode"
+    for pkg in ("swarmnode", "net", "cli"):
+        shutil.copytree(REPO / pkg, new / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    init = new / "swarmnode" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "0.1.0"',
+                                             '__version__ = "0.1.0+pushed"'))
+    nodes = cluster(swarm, 3)
+    n1 = nodes[0]
+    pids = {n.name: swarm.query(n, "status")["pid"] for n in nodes}
+    swarm.stop(n1)
+    swarm.start(n1, cwd=new)
+    assert swarm.query(n1, "status")["version"] == "0.1.0+pushed"
+    swarm.wait_converged(nodes, JOIN_S)
+    pids["n1"] = swarm.query(n1, "status")["pid"]
+
+    code, view, stderr = push(swarm, n1)
+    assert code == 0, stderr
+    digest = view["digest"]
+    for n in nodes:
+        st = swarm.query(n, "status")
+        assert (st["version"], st["release"], st["pid"]) == ("0.1.0+pushed", digest,
+                                                            pids[n.name])
+        assert os.readlink(n.home / "current") == f"releases/{digest}"
+    swarm.wait_converged(nodes, JOIN_S)
+    assert not [e for n in nodes for e in swarm.events(n, "push_rolled_back")]

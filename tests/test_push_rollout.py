@@ -1,0 +1,166 @@
+"""The pusher's rollout core and the release/rights rules, sans-I/O and deterministic."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from swarmnode.membership import MemberView, Note
+from swarmnode.push.bundle import PushSpec
+from swarmnode.push.release import (
+    Release,
+    ReleaseError,
+    check,
+    grant_key,
+    newest,
+    pushers,
+)
+from swarmnode.push.rollout import STAGE_SLACK_S, Publish, Rollout, Stage
+
+D1 = "a" * 64
+D2 = "b" * 64
+
+
+def make(n: int, canaries: int, self_last: bool = False, offline: tuple[str, ...] = ()):
+    nodes = tuple(f"n{i}" for i in range(n))
+    r = Rollout("n0", nodes, nodes[1:1 + canaries], 5.0, self_last, offline)
+    r.start(0.0)
+    return r
+
+
+def heal(r: Rollout, nodes, t: float = 1.0) -> None:
+    for n in nodes:
+        for st in ("fetching", "installed", "restarted", "healthy"):
+            r.report(t, n, st)
+
+
+def test_canary_first_then_published_to_the_rest() -> None:
+    r = make(5, canaries=1)
+    assert r.drain() == [Stage(("n1",))]  # nothing published while the canary is on trial
+    heal(r, ["n1"])
+    assert r.drain() == [Publish(), Stage(("n0", "n2", "n3", "n4"))]
+    heal(r, ["n0", "n2", "n3"])
+    assert not r.done
+    heal(r, ["n4"])
+    assert r.done and not r.halted and not r.failures()
+    assert r.counts() == {"healthy": 5}
+
+
+def test_a_failed_canary_halts_and_nothing_is_published() -> None:
+    r = make(5, canaries=2)
+    assert r.drain() == [Stage(("n1", "n2"))]
+    heal(r, ["n1"])
+    r.report(1.0, "n2", "fetching")
+    r.report(1.5, "n2", "rolled_back", "health command exited 3")
+    assert r.done and r.halted == ("n2", "rolled_back", "health command exited 3")
+    assert r.drain() == []
+    assert r.failures() == [("n2", "rolled_back", "health command exited 3")]
+    assert r.nodes["n3"].state == "waiting"
+
+
+def test_a_silent_canary_times_out_and_halts() -> None:
+    r = make(3, canaries=1)
+    r.drain()
+    r.report(0.1, "n1", "fetching")
+    r.tick(5.0 + STAGE_SLACK_S - 0.01)
+    assert not r.done
+    assert r.next_deadline() == pytest.approx(5.0 + STAGE_SLACK_S)
+    r.tick(5.0 + STAGE_SLACK_S)
+    assert r.done and r.halted[:2] == ("n1", "timed_out")
+    assert "fetching" in r.nodes["n1"].reason
+
+
+def test_failures_after_the_canaries_are_reported_not_halting() -> None:
+    r = make(4, canaries=1)
+    heal(r, ["n1"])
+    r.drain()
+    heal(r, ["n0", "n2"])
+    r.report(2.0, "n3", "failed", "ArtifactError: every source dropped")
+    assert r.done and not r.halted
+    assert r.failures() == [("n3", "failed", "ArtifactError: every source dropped")]
+
+
+def test_self_update_restarts_the_pusher_last() -> None:
+    r = make(3, canaries=1, self_last=True)
+    assert r.drain() == [Stage(("n1",))]
+    heal(r, ["n1"])
+    assert r.drain() == [Publish(), Stage(("n2",))]
+    heal(r, ["n2"])
+    assert r.phase == "self" and r.drain() == [Stage(("n0",))]
+    heal(r, ["n0"])
+    assert r.done
+
+
+def test_reports_from_unstaged_or_unknown_nodes_or_after_the_end_change_nothing() -> None:
+    r = make(4, canaries=1, offline=("gone",))
+    r.drain()
+    r.report(0.1, "n2", "healthy")  # not staged yet: a forged or stale report
+    r.report(0.1, "stranger", "healthy")
+    r.report(0.1, "gone", "healthy")
+    r.report(0.1, "n1", "bogus-state")
+    assert r.nodes["n2"].state == "waiting" and r.nodes["n1"].state == "staged"
+    assert r.nodes["gone"].state == "offline"
+    heal(r, ["n1"])
+    r.report(3.0, "n1", "rolled_back", "late")  # settled already
+    assert r.nodes["n1"].state == "healthy"
+
+
+def test_two_nodes_without_canaries() -> None:
+    r = make(2, canaries=0)
+    assert r.drain() == [Publish(), Stage(("n0", "n1"))]
+
+
+def view(id: str, how: str = "token", by: str = "f", state: str = "alive") -> MemberView:
+    return MemberView(id, state, 0, None, 0.0, by, how, id)
+
+
+def note(by: str, topic: str, key: str, value: bytes = b"", ts: int = 1) -> Note:
+    return Note(topic, key, value, by, ts, b"s" * 64)
+
+
+def test_push_rights_come_from_founders_and_grants_and_bans_remove_them() -> None:
+    members = [view("f", "founder", "f"), view("a"), view("b"), view("c"),
+               view("x", state="banned")]
+    grants = [note("b", "grant", grant_key("c")),  # b may not push: its grant counts only later
+              note("f", "grant", grant_key("a")),
+              note("a", "grant", grant_key("b")),
+              note("f", "grant", grant_key("x")),
+              note("c", "grant", "other:thing")]
+    assert pushers(members, grants) == {"f", "a", "b", "c"}
+    assert pushers(members, grants[:1]) == {"f"}
+
+
+def test_newest_release_per_app_from_allowed_authors_only() -> None:
+    r1 = Release(PushSpec("web", "true", "true", 5.0), D1, 10)
+    r2 = Release(PushSpec("web"), D2, 10)
+    notes = [note("f", "release", "web", r1.pack(), ts=5),
+             note("a", "release", "web", r2.pack(), ts=9),  # newer, but a may not push
+             note("f", "release", "swarmnode", Release.of_self(D2, 3).pack(), ts=1),
+             note("f", "release", "other", r1.pack(), ts=7),  # key and app disagree
+             note("f", "release", "junk", b"\x93garbage", ts=8)]
+    best = newest(notes, frozenset({"f"}))
+    assert {app: r.digest for app, (_, r) in best.items()} == {"web": D1, "swarmnode": D2}
+    assert best["web"][1] == r1
+    with pytest.raises(ReleaseError, match="not allowed"):
+        check(notes[1], frozenset({"f"}))
+
+
+def spec(**kw: object) -> dict[str, object]:
+    return {**PushSpec("web").plain(), **kw}
+
+
+@pytest.mark.parametrize("bad", [
+    [1, spec(), "zz", 1],
+    [1, spec(name="../x"), D1, 1],
+    [1, spec(), D1, -1],
+    [1, spec(restart=7), D1, 1],
+    [1, spec(health_timeout=0), D1, 1],
+    [1, spec(health_timeout=1e9), D1, 1],
+    [1, spec(extra=1), D1, 1],
+    [2, spec(), D1, 1],
+    [1, spec(), D1],
+    {"app": "web"},
+])
+def test_malformed_releases_are_refused(bad: object) -> None:
+    with pytest.raises(ReleaseError):
+        Release.unpack(msgpack.packb(bad))
