@@ -196,7 +196,7 @@ def nodes(as_json: JsonOpt = False) -> None:
             str(m["kind"] or "-"),
             str(m["arch"] or "-"),
             str(m["cores"] or "-"),
-            str(m["version"] or "-"),
+            str(m["version"] or "-") + (f" @{m['release'][:8]}" if m.get("release") else ""),
         )
     out.print(table)
 
@@ -463,7 +463,7 @@ def _follow_push(view: dict[str, Any], quiet: bool) -> dict[str, Any]:
     last = ""
     push_id = view["push"]
     while not view["done"]:
-        line = f"{push_id}: " + ", ".join(
+        line = f"{push_id} {_bar(view['counts'])} " + ", ".join(
             f"{view['counts'][s]} {s.replace('_', ' ')}" for s in PUSH_STATES
             if view["counts"].get(s))
         if line != last and not quiet:
@@ -483,6 +483,15 @@ def _follow_push(view: dict[str, Any], quiet: bool) -> dict[str, Any]:
             err.print(f"{push_id}: every node healthy in {view['elapsed']:.2f} s",
                       highlight=False)
     return view
+
+
+def _bar(counts: dict[str, int], width: int = 20) -> str:
+    """Nodes settled (healthy, or failed one way or another) out of all, as a bar."""
+    total = sum(counts.values()) or 1
+    done = sum(n for s, n in counts.items() if s not in ("staged", "fetching", "installed",
+                                                        "restarted", "waiting"))
+    filled = round(width * done / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 def _await_self_update(view: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:

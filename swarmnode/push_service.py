@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from net.transport import Inbound
 from swarmnode import control
 from swarmnode.artifact_service import ArtifactError
-from swarmnode.identity import verify
 from swarmnode.membership import Note
 from swarmnode.membership.messages import MessageError, item_from_plain, item_to_plain
 from swarmnode.push import bundle as bundles
@@ -42,10 +41,10 @@ from swarmnode.push.release import (
     RELEASE_TOPIC,
     Release,
     ReleaseError,
-    check,
     grant_key,
     newest,
     pushers,
+    verify_stage,
 )
 from swarmnode.push.releases import Releases
 from swarmnode.push.rollout import Publish, Rollout, Stage
@@ -139,14 +138,8 @@ class PushService:
                                          "reason": why})
 
     def _on_stage(self, sender: str, note: Note, sources: list[str]) -> None:
-        if note.by != sender:
-            self._refuse(sender, note, "a release must come from its pusher")
-            return
-        if not verify(note.by, note.body(), note.sig):
-            self._refuse(sender, note, "bad signature on the release")
-            return
         try:
-            release = check(note, self.pushers())
+            release = verify_stage(sender, note, self.pushers())
         except ReleaseError as exc:
             self._refuse(sender, note, str(exc))
             return

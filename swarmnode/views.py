@@ -31,6 +31,7 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "os": facts.get("os"),
         "kind": facts.get("kind"),
         "version": facts.get("version"),
+        "release": str(facts.get("rel.swarmnode", "")).partition("@")[0] or None,
         "ssh_keys": str(facts.get("ssh_keys", "")).split(),
         "roles": [r for r in str(facts.get("roles", "")).split(",") if r],
         "admitted_by": m.admitted_by,

@@ -161,3 +161,30 @@ def test_self_update_restarts_every_node_into_the_new_code(swarm: Swarm,
         assert os.readlink(n.home / "current") == f"releases/{digest}"
     swarm.wait_converged(nodes, JOIN_S)
     assert not [e for n in nodes for e in swarm.events(n, "push_rolled_back")]
+
+
+def test_a_tampered_bundle_is_refused_by_every_node(swarm: Swarm, tmp_path: Path) -> None:
+    from swarmnode.artifacts import ArtifactStore
+    from swarmnode.push.bundle import make_bundle
+
+    nodes = cluster(swarm, 3)
+    n1 = nodes[0]
+    v1 = payload(tmp_path, "1")
+    # The pusher's stored copy of the bundle it is about to push gets one byte flipped (a bad
+    # disk, or someone editing it): same size, so storing it again keeps the bad copy.
+    info = make_bundle(v1, tmp_path / "b.tgz")
+    store = ArtifactStore(n1.home / "artifacts")
+    obj = store.path(store.put_file(tmp_path / "b.tgz"))
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+
+    code, view, _ = push(swarm, n1, str(v1), check=False)
+    assert code == 1 and view["digest"] == info.digest
+    (canary,) = [s for s in view["nodes"].values() if s["canary"]]
+    assert canary["state"] == "failed" and "ArtifactError" in canary["reason"]
+    assert view["halted"].startswith(f"canary {canary['name']} failed")
+    for n in nodes:
+        assert not (n.home / "releases" / info.digest).exists()
+        assert app_files(n) == {}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from swarmnode.identity import Identity
 from swarmnode.membership import MemberView, Note
+from swarmnode.membership.messages import note_body
 from swarmnode.push.bundle import PushSpec
 from swarmnode.push.release import (
     Release,
@@ -14,6 +16,7 @@ from swarmnode.push.release import (
     grant_key,
     newest,
     pushers,
+    verify_stage,
 )
 from swarmnode.push.rollout import STAGE_SLACK_S, Publish, Rollout, Stage
 
@@ -164,3 +167,26 @@ def spec(**kw: object) -> dict[str, object]:
 def test_malformed_releases_are_refused(bad: object) -> None:
     with pytest.raises(ReleaseError):
         Release.unpack(msgpack.packb(bad))
+
+
+def test_a_staged_release_must_be_signed_by_its_sender_who_may_push() -> None:
+    pusher, rogue = Identity.generate(), Identity.generate()
+    value = Release(PushSpec("web"), D1, 10).pack()
+
+    def signed(by: Identity, value: bytes = value, key: str = "web") -> Note:
+        return Note("release", key, value, by.id, 7, by.sign(note_body("release", key, value,
+                                                                         by.id, 7)))
+
+    allowed = frozenset({pusher.id})
+    good = signed(pusher)
+    assert verify_stage(pusher.id, good, allowed).digest == D1
+    tampered = Note("release", "web", Release(PushSpec("web"), D2, 10).pack(), pusher.id, 7,
+                    good.sig)
+    for sender, note, why in [
+        (pusher.id, tampered, "bad signature"),
+        (rogue.id, good, "must come from its pusher"),  # relayed or replayed by another
+        (rogue.id, signed(rogue), "not allowed to push"),
+        (pusher.id, signed(pusher, key="other"), "does not match"),
+    ]:
+        with pytest.raises(ReleaseError, match=why):
+            verify_stage(sender, note, allowed)

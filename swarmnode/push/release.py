@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import msgpack
 
 from swarmnode.artifacts import is_digest
+from swarmnode.identity import verify
 from swarmnode.membership import MemberView, Note
 from swarmnode.push.bundle import SELF_APP, PushSpec
 
@@ -110,6 +111,16 @@ def check(note: Note, allowed: frozenset[str]) -> Release:
     if release.app != note.key:
         raise ReleaseError("release: app does not match the note's key")
     return release
+
+
+def verify_stage(sender: str, note: Note, allowed: frozenset[str]) -> Release:
+    """The release a `push.stage` message carries, checked before anything is fetched: sent by
+    its pusher, signed by it, and the pusher may push (ReleaseError says which failed)."""
+    if note.by != sender:
+        raise ReleaseError("a release must come from its pusher")
+    if not verify(note.by, note.body(), note.sig):
+        raise ReleaseError("bad signature on the release")
+    return check(note, allowed)
 
 
 def newest(notes: Iterable[Note], allowed: frozenset[str]) -> dict[str, tuple[Note, Release]]:
