@@ -53,6 +53,7 @@ __all__ = [
     "SwarmError",
     "free_port",
     "lab_swarm_fixture",
+    "loopback_addr",
     "managed_swarm",
     "swarm_fixture",
 ]
@@ -74,6 +75,12 @@ T = TypeVar("T")
 
 class SwarmError(AssertionError):
     """A swarm condition did not hold (the message carries a full dump of the swarm)."""
+
+
+def loopback_addr(i: int) -> str:
+    """127.0.0.i with a port free for TCP and UDP."""
+    host = f"127.0.0.{i}"
+    return f"{host}:{free_port(host)}"
 
 
 def host_of(hostport: str) -> str:
@@ -185,6 +192,16 @@ class Swarm:
         if wait:
             self.wait_ready(node)
         return node
+
+    def loopback(self, n: int, timeout: float = 20.0) -> tuple[list[Node], str]:
+        """n nodes on 127.0.0.1..n: a founder (init + join) and n-1 joining with its token;
+        returns them, once every one lists every other alive, and the token."""
+        founder, token = self.init("n1", loopback_addr(1))
+        self.start(founder)
+        nodes = [founder] + [self.start(self.add(f"n{i}", loopback_addr(i)), token)
+                             for i in range(2, n + 1)]
+        self.wait_converged(nodes, timeout)
+        return nodes, token
 
     def wait_ready(self, node: Node, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -12,16 +12,16 @@ import json
 
 import pytest
 
-from tests.swarm import Node, Swarm, free_port, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+from tests.swarm import (
+    Node,
+    Swarm,
+    loopback_addr,
+    swarm_fixture,  # noqa: F401 (the `swarm` fixture)
+)
 
 pytestmark = pytest.mark.timeout(90)
 
 JOIN_S = 15.0
-
-
-def addr(i: int) -> str:
-    host = f"127.0.0.{i}"
-    return f"{host}:{free_port(host)}"
 
 
 def harmless_config(node: Node, kind: str = "vm") -> None:
@@ -35,8 +35,8 @@ def harmless_config(node: Node, kind: str = "vm") -> None:
 
 
 def three(swarm: Swarm, kinds=("vm", "vm", "vm")) -> tuple[list[Node], str]:
-    n1, token = swarm.init("n1", addr(1))
-    nodes = [n1, swarm.add("n2", addr(2)), swarm.add("n3", addr(3))]
+    n1, token = swarm.init("n1", loopback_addr(1))
+    nodes = [n1, swarm.add("n2", loopback_addr(2)), swarm.add("n3", loopback_addr(3))]
     for n, kind in zip(nodes, kinds, strict=True):
         harmless_config(n, kind)
     swarm.start(n1)
@@ -100,14 +100,14 @@ def test_route_shows_attempts_and_a_wrong_identity_is_named_not_used(swarm: Swar
     assert res.returncode == 1 and "n3" in res.stderr and "wrong identity" in res.stderr, res
     assert not (n3.home / "rebooted").exists() and not (n2.home / "rebooted").exists()
     # nothing listens: the error lists the attempt
-    dead = f"127.0.0.9:{free_port('127.0.0.9')}"
+    dead = loopback_addr(9)
     res = swarm.cli(n1, "exec", "n2", "--address", dead, "--", "true", check=False)
     assert res.returncode == 1 and "no route to n2" in res.stderr and dead in res.stderr, res
 
 
 def test_actions_on_pending_or_banned_nodes_are_refused(swarm: Swarm) -> None:
     (n1, n2, n3), _ = three(swarm)
-    ghost = swarm.add("ghost", addr(4))
+    ghost = swarm.add("ghost", loopback_addr(4))
     harmless_config(ghost)
     swarm.start(ghost, seeds=[n1.listen])
     swarm.wait_state([ghost], "pending", [n1], JOIN_S)

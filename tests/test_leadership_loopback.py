@@ -12,25 +12,12 @@ import time
 
 import pytest
 
-from tests.swarm import Node, Swarm, free_port, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+from tests.swarm import Node, Swarm, swarm_fixture  # noqa: F401 (the `swarm` fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
 JOIN_S = 15.0
 ELECT_S = 15.0
-
-
-def addr(i: int) -> str:
-    host = f"127.0.0.{i}"
-    return f"{host}:{free_port(host)}"
-
-
-def cluster(swarm: Swarm, n: int) -> list[Node]:
-    first, token = swarm.init("n1", addr(1))
-    swarm.start(first)
-    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in range(2, n + 1)]
-    swarm.wait_converged(nodes, JOIN_S)
-    return nodes
 
 
 def agreed(swarm: Swarm, nodes: list[Node]) -> tuple[str, int] | None:
@@ -44,7 +31,7 @@ def agreed(swarm: Swarm, nodes: list[Node]) -> tuple[str, int] | None:
 
 
 def test_one_leader_failover_and_no_deposing_on_return(swarm: Swarm) -> None:
-    nodes = cluster(swarm, 3)
+    nodes = swarm.loopback(3, JOIN_S)[0]
     by_id = {n.id: n for n in nodes}
     leader, term = swarm.wait_for(lambda: agreed(swarm, nodes), ELECT_S, "one agreed leader")
     assert leader in by_id
@@ -79,7 +66,7 @@ def test_one_leader_failover_and_no_deposing_on_return(swarm: Swarm) -> None:
 
 
 def test_two_nodes_have_one_voter_and_a_cut_off_node_never_leads_alone(swarm: Swarm) -> None:
-    a, b = cluster(swarm, 2)
+    a, b = swarm.loopback(2, JOIN_S)[0]
     swarm.wait_for(lambda: (ag := agreed(swarm, [a, b])) and ag[0] == a.id, ELECT_S,
                    "the founder leads")
     # an odd number of voters: with two members only the longest-admitted votes
@@ -98,7 +85,7 @@ def test_two_nodes_have_one_voter_and_a_cut_off_node_never_leads_alone(swarm: Sw
 
 
 def test_an_operator_sets_the_voters_cluster_wide_and_back_to_automatic(swarm: Swarm) -> None:
-    nodes = cluster(swarm, 3)
+    nodes = swarm.loopback(3, JOIN_S)[0]
     ids = {n.id for n in nodes}
 
     def voters_everywhere(want: set[str]) -> bool:

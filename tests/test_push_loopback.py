@@ -17,25 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.swarm import REPO, Node, Swarm, free_port, swarm_fixture  # noqa: F401 (fixture)
+from tests.swarm import REPO, Node, Swarm, swarm_fixture  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 JOIN_S = 20.0
 PUSH_S = 30.0
-
-
-def addr(i: int) -> str:
-    host = f"127.0.0.{i}"
-    return f"{host}:{free_port(host)}"
-
-
-def cluster(swarm: Swarm, n: int) -> list[Node]:
-    first, token = swarm.init("n1", addr(1))
-    swarm.start(first)
-    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in range(2, n + 1)]
-    swarm.wait_converged(nodes, JOIN_S)
-    return nodes
 
 
 def payload(root: Path, version: str, health: str = "test -f data.txt") -> Path:
@@ -72,7 +59,7 @@ def versions(swarm: Swarm, node: Node) -> dict[str, dict[str, str]]:
 
 def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
         swarm: Swarm, tmp_path: Path) -> None:
-    nodes = cluster(swarm, 4)
+    nodes = swarm.loopback(4, JOIN_S)[0]
     n1, n2 = nodes[0], nodes[1]
     v1 = payload(tmp_path, "1")
 
@@ -118,7 +105,7 @@ def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
 
 
 def test_offline_node_catches_up_when_it_returns(swarm: Swarm, tmp_path: Path) -> None:
-    nodes = cluster(swarm, 3)
+    nodes = swarm.loopback(3, JOIN_S)[0]
     n1, n3 = nodes[0], nodes[2]
     swarm.stop(n3)
     swarm.wait_for(lambda: swarm.state(n1, n3) == "left", JOIN_S, "n3 left")
@@ -142,7 +129,7 @@ def test_self_update_restarts_every_node_into_the_new_code(swarm: Swarm,
     init = new / "swarmnode" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "0.1.0"',
                                              '__version__ = "0.1.0+pushed"'))
-    nodes = cluster(swarm, 3)
+    nodes = swarm.loopback(3, JOIN_S)[0]
     n1 = nodes[0]
     pids = {n.name: swarm.query(n, "status")["pid"] for n in nodes}
     swarm.stop(n1)
@@ -167,7 +154,7 @@ def test_a_tampered_bundle_is_refused_by_every_node(swarm: Swarm, tmp_path: Path
     from swarmnode.artifacts import ArtifactStore
     from swarmnode.push.bundle import make_bundle
 
-    nodes = cluster(swarm, 3)
+    nodes = swarm.loopback(3, JOIN_S)[0]
     n1 = nodes[0]
     v1 = payload(tmp_path, "1")
     # The pusher's stored copy of the bundle it is about to push gets one byte flipped (a bad

@@ -16,10 +16,9 @@ import time
 import pytest
 
 from tests.swarm import (
-    Node,
     Swarm,
-    free_port,
     host_of,
+    loopback_addr,
     swarm_fixture,  # noqa: F401 (the `swarm` fixture)
 )
 
@@ -34,28 +33,11 @@ DETECT_S = 15.0
 HOLD_S = 1.5
 
 
-def addr(i: int) -> str:
-    """127.0.0.i with a port free for TCP and UDP."""
-    host = f"127.0.0.{i}"
-    return f"{host}:{free_port(host)}"
-
-
-def cluster(swarm: Swarm, n: int) -> tuple[list[Node], str]:
-    """A founder (init + join) and n-1 nodes joining with its token; waits for convergence."""
-    founder, token = swarm.init("n1", addr(1))
-    swarm.start(founder)
-    nodes = [founder]
-    for i in range(2, n + 1):
-        nodes.append(swarm.start(swarm.add(f"n{i}", addr(i)), token))
-    swarm.wait_converged(nodes, JOIN_S)
-    return nodes, token
-
-
 def test_four_nodes_join_and_list_each_other_as_they_report_themselves(swarm: Swarm) -> None:
-    founder, token = swarm.init("n1", addr(1))
+    founder, token = swarm.init("n1", loopback_addr(1))
     t0 = time.monotonic()
     swarm.start(founder)
-    nodes = [founder] + [swarm.add(f"n{i}", addr(i)) for i in (2, 3, 4)]
+    nodes = [founder] + [swarm.add(f"n{i}", loopback_addr(i)) for i in (2, 3, 4)]
     for n in nodes[1:]:
         swarm.start(n, token)
     t_started = time.monotonic()
@@ -95,8 +77,8 @@ def test_four_nodes_join_and_list_each_other_as_they_report_themselves(swarm: Sw
 
 
 def test_guest_waits_for_admission_and_a_ban_sticks_across_restarts(swarm: Swarm) -> None:
-    (a, b), _ = cluster(swarm, 2)
-    guest = swarm.start(swarm.add("guest", addr(3)), seeds=[a.listen])
+    (a, b), _ = swarm.loopback(2, JOIN_S)
+    guest = swarm.start(swarm.add("guest", loopback_addr(3)), seeds=[a.listen])
 
     swarm.wait_state([guest], "pending", [a, b], JOIN_S)
     swarm.hold(lambda: swarm.states([a, b], guest) == {"n1": "pending", "n2": "pending"},
@@ -138,7 +120,7 @@ def test_guest_waits_for_admission_and_a_ban_sticks_across_restarts(swarm: Swarm
 
 
 def test_crash_is_detected_as_dead_and_a_graceful_stop_as_left(swarm: Swarm) -> None:
-    (a, b, c, d), _ = cluster(swarm, 4)
+    (a, b, c, d), _ = swarm.loopback(4, JOIN_S)
 
     swarm.kill9(d)
     t_dead = swarm.wait_state([d], "dead", [a, b, c], DETECT_S)
@@ -158,7 +140,7 @@ def test_crash_is_detected_as_dead_and_a_graceful_stop_as_left(swarm: Swarm) -> 
 
 
 def test_restart_rejoins_from_its_snapshot_with_the_same_id(swarm: Swarm) -> None:
-    (a, b, c), _ = cluster(swarm, 3)
+    (a, b, c), _ = swarm.loopback(3, JOIN_S)
     before = swarm.entry(a, c)
     assert before is not None
 
@@ -187,7 +169,7 @@ def test_restart_rejoins_from_its_snapshot_with_the_same_id(swarm: Swarm) -> Non
 
 
 def test_rename_propagates_to_every_node(swarm: Swarm) -> None:
-    nodes, _ = cluster(swarm, 3)
+    nodes, _ = swarm.loopback(3, JOIN_S)
     a, b, c = nodes
 
     def named(name: str) -> bool:
@@ -218,7 +200,7 @@ def test_bad_input_gets_clear_errors_and_never_crashes_a_node(swarm: Swarm) -> N
     assert "Traceback" not in res.stderr
 
     # a garbage token, and a token-shaped forgery
-    bad = swarm.add("bad", addr(9))
+    bad = swarm.add("bad", loopback_addr(9))
     for junk in ("garbage", "swn1." + "A" * 80):
         argv = swarm.join_argv(bad, junk)
         res = swarm.cli(bad.home, *argv[5:], timeout=30, check=False)
@@ -227,7 +209,7 @@ def test_bad_input_gets_clear_errors_and_never_crashes_a_node(swarm: Swarm) -> N
         assert "Traceback" not in res.stderr, res.stderr
 
     # garbage at a running node's TCP and UDP port
-    (a, b), _ = cluster(swarm, 2)
+    (a, b), _ = swarm.loopback(2, JOIN_S)
     host, port = a.listen.rsplit(":", 1)
     target = (host, int(port))
     tcp_payloads = [os.urandom(1024), ZMTP_NULL_GREETING, ZMTP_NULL_GREETING + os.urandom(4096),

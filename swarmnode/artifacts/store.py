@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from swarmnode.files import fsync_dir
+
 __all__ = [
     "DEFAULT_MAX_OBJECT",
     "STALE_TMP_AGE",
@@ -121,14 +123,6 @@ def _check_owner(owner: object) -> str:
     if type(owner) is not str or _OWNER_RE.fullmatch(owner) is None:
         raise InvalidOwner(f"bad pin owner: {owner!r:.80}")
     return owner
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -222,7 +216,7 @@ class ArtifactStore:
             os.replace(src, dest)
         except FileNotFoundError:
             return None
-        _fsync_dir(src.parent)
+        fsync_dir(src.parent)
         self._count("quarantined")
         return dest
 
@@ -343,7 +337,7 @@ class ArtifactStore:
             # Absent, or a size that proves the stored copy corrupt: (re)place it.
             final.parent.mkdir(exist_ok=True, mode=_DIR_MODE)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         self._count("stored")
         return True
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from swarmnode.files import fsync_dir
+
 __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_EXTRACTED_BYTES",
@@ -47,7 +49,6 @@ __all__ = [
     "code_root",
     "extract_bundle",
     "file_digest",
-    "fsync_dir",
     "load_spec",
     "make_bundle",
 ]
@@ -425,15 +426,6 @@ def _fsync_tree(tree: Path) -> None:
                 finally:
                     os.close(fd)
         fsync_dir(Path(d))
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _HashingReader:

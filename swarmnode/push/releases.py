@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarmnode.db import open_db, transaction
-from swarmnode.push.bundle import NAME_RE, SELF_APP, extract_bundle, fsync_dir
+from swarmnode.files import fsync_dir
+from swarmnode.push.bundle import NAME_RE, SELF_APP, extract_bundle
 
 __all__ = [
     "BOOT_FAILED_ENV",
