@@ -531,7 +531,7 @@ def versions(as_json: JsonOpt = False) -> None:
         apps = n["apps"] or {"-": {"digest": "-", "switched_at": None, "drift": False}}
         for app_name, a in sorted(apps.items()):
             at = a["switched_at"]
-            table.add_row(n["name"], n["state"], app_name, a["digest"][:12],
+            table.add_row(n["name"], n["state"], app_name, (a["digest"] or "-")[:12],
                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-",
                           "[red]behind[/]" if a["drift"] else "")
     out.print(table)

@@ -3,7 +3,8 @@
 It shows the founding node making a cluster, three nodes joining with a token, an uninvited
 "ghost" node that stays pending (no work, no data) until admitted, a node killed with SIGKILL
 detected as dead by everyone, a C build submitted from one node and run across the others
-by the elected leader (artifacts verified and collected), and graceful leaves. Each node has
+by the elected leader (artifacts verified and collected), the program pushed to every node
+(canary first, health-checked), and graceful leaves. Each node has
 its own home under ./demo-home, so you can poke at the running swarm with
 `swarmnode --home demo-home/NAME ...` (pass --keep to leave it running).
 """
@@ -141,7 +142,18 @@ def main() -> None:
         prog.chmod(0o755)
         result = subprocess.run([str(prog)], capture_output=True, text=True, check=True)
         print(f"  the artifact {prog} runs: {result.stdout.strip()}")
-        print("7. recent events on alpha")
+        print("7. alpha pushes the program to every node: a canary first, then the rest")
+        app = HOMES / "hello-app"
+        (app / "bin").mkdir(parents=True)
+        shutil.copy2(prog, app / "bin" / "hello-swarm")
+        (app / "swarmnode-push.toml").write_text(
+            'name = "hello"\nhealth = "bin/hello-swarm | grep -q hello"\n')
+        res = subprocess.run(
+            [sys.executable, "-m", "cli.main", "--home", str(homes["alpha"]), "push", str(app),
+             "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        print(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.stdout)
+        print(swarmnode(homes["alpha"], "versions"))
+        print("8. recent events on alpha")
         print(swarmnode(homes["alpha"], "events", "--limit", "15"))
         if args.keep:
             print("swarm left running; stop it with: pkill -f 'demo-home'")

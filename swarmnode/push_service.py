@@ -211,8 +211,7 @@ class PushService:
             self.releases.mark(app, digest, "healthy")
             self.node.event("push_healthy", {"app": app, "digest": digest})
             self._report(note, "healthy")
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.releases.prune)
+            await self._prune()
             return
         back = self.releases.rollback(app, why)
         self._publish_facts()
@@ -221,6 +220,16 @@ class PushService:
         self.node.event("push_rolled_back", {"app": app, "digest": digest, "reason": why,
                                              "now": back})
         self._report(note, "rolled_back", why)
+
+    async def _prune(self) -> None:
+        """Keep the last few releases (and the bundles of those, for others to fetch)."""
+        try:
+            gone = await asyncio.to_thread(self.releases.prune)
+        except OSError as exc:
+            log.warning("pruning old releases: %s", exc)
+            return
+        for digest in gone:
+            self.node.artifacts.store.unpin(digest, OWNER)
 
     async def _run_hook(self, release: Release, what: str, cmd: str | None) -> str | None:
         """Run a payload's restart or health command in its release dir; None when it passed,
@@ -269,6 +278,7 @@ class PushService:
                 self.releases.end_trial(True)
                 self.node.event("push_healthy", {"app": SELF_APP, "digest": trial.digest})
                 self._report_trial(trial.digest, "healthy")
+                await self._prune()
                 return
             await asyncio.sleep(0.05)
         why = "not rejoined before the trial's deadline"
@@ -438,6 +448,8 @@ class PushService:
                     newest_digest = latest.get(app, {}).get("digest")
                     apps[app] = {"digest": digest, "switched_at": int(at) if at.isdigit() else None,
                                  "drift": newest_digest is not None and digest != newest_digest}
+            for app in latest.keys() - apps.keys():  # never got it (offline, or it failed)
+                apps[app] = {"digest": None, "switched_at": None, "drift": True}
             nodes.append({"id": m.id, "name": m.name, "state": m.state, "apps": apps})
         return {"latest": latest, "nodes": nodes}
 

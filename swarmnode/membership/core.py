@@ -934,7 +934,7 @@ class Membership:
         if not self._verify(n.by, n.body(), n.sig):
             return
         self._notes[n.slot] = n
-        self._event("note", topic=n.topic, key=n.key, by=n.by, ts=n.ts)
+        self._event("note", topic=n.topic, key=n.key, by=n.by)
         if bcast:
             self._broadcast(("n", *n.slot), n)
 
