@@ -23,6 +23,7 @@ from swarmnode.membership.messages import (
     MemberState,
     MessageError,
     Nack,
+    Note,
     Pending,
     Ping,
     PingReq,
@@ -35,8 +36,10 @@ from swarmnode.membership.messages import (
     decode,
     encode,
     make_record,
+    note_body,
     rename_body,
 )
+from swarmnode.membership.messages import MAX_NOTE_VALUE
 
 A = Identity(nacl.signing.SigningKey(b"\x01" * 32))
 B = Identity(nacl.signing.SigningKey(b"\x02" * 32))
@@ -47,6 +50,8 @@ REC_B = make_record(B, B.id, 0, "beta", ["b.example:1"], {})
 ADMIT = Admit(B.id, A.id, "token", 5, A.sign(admit_body(B.id, A.id, "token", 5)))
 BAN = Ban(B.id, A.id, 6, A.sign(ban_body(B.id, A.id, 6)))
 RENAME = Rename(B.id, "bee", A.id, 7, A.sign(rename_body(B.id, "bee", A.id, 7)))
+BIG = b"v" * MAX_NOTE_VALUE  # a release note with long commands is kilobytes, not bytes
+NOTE = Note("release", "web", BIG, A.id, 8, A.sign(note_body("release", "web", BIG, A.id, 8)))
 ITEMS = (
     Alive(REC_A),
     Suspect(B.id, 2, A.id),
@@ -55,6 +60,7 @@ ITEMS = (
     BAN,
     RENAME,
     Pending(REC_B, "no token"),
+    NOTE,
 )
 SAMPLES = [
     Ping(1, B.id, b"n" * 16, ITEMS),
@@ -72,6 +78,15 @@ def test_round_trip(msg: object) -> None:
     kind, body = encode(msg)  # type: ignore[arg-type]
     assert kind in MESSAGE_TYPES
     assert decode(kind, body) == msg
+
+
+def test_a_note_value_over_its_cap_is_refused() -> None:
+    kind, body = encode(Gossip((NOTE,)))
+    plain = msgpack.unpackb(body)
+    (item,) = [v for v in plain.values() if isinstance(v, list)][0]
+    item["v"] += b"v"
+    with pytest.raises(MessageError):  # by the msgpack limit itself, before any field check
+        decode(kind, msgpack.packb(plain))
 
 
 def test_record_signature_and_facts() -> None:

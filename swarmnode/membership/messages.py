@@ -629,7 +629,7 @@ def _unpack(body: object) -> object:
             strict_map_key=True,
             use_list=True,
             max_str_len=4096,
-            max_bin_len=256,
+            max_bin_len=MAX_NOTE_VALUE,  # the largest bin field (signatures are 64 bytes)
             max_array_len=MAX_STATEMENTS,
             max_map_len=16,
             max_ext_len=0,
