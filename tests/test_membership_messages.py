@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from net.addresses import MAX_REPORTED
 from swarmnode.identity import Identity
 from swarmnode.membership.messages import (
+    MAX_NOTE_VALUE,
     MESSAGE_TYPES,
     Ack,
     Admit,
@@ -39,7 +40,6 @@ from swarmnode.membership.messages import (
     note_body,
     rename_body,
 )
-from swarmnode.membership.messages import MAX_NOTE_VALUE
 
 A = Identity(nacl.signing.SigningKey(b"\x01" * 32))
 B = Identity(nacl.signing.SigningKey(b"\x02" * 32))
@@ -83,7 +83,7 @@ def test_round_trip(msg: object) -> None:
 def test_a_note_value_over_its_cap_is_refused() -> None:
     kind, body = encode(Gossip((NOTE,)))
     plain = msgpack.unpackb(body)
-    (item,) = [v for v in plain.values() if isinstance(v, list)][0]
+    (item,) = next(v for v in plain.values() if isinstance(v, list))
     item["v"] += b"v"
     with pytest.raises(MessageError):  # by the msgpack limit itself, before any field check
         decode(kind, msgpack.packb(plain))
