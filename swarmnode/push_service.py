@@ -48,6 +48,7 @@ from swarmnode.push.release import (
 )
 from swarmnode.push.releases import Releases
 from swarmnode.push.rollout import Publish, Rollout, Stage
+from swarmnode.routes import RouteError
 from swarmnode.tasks import TaskSet
 from swarmnode.worker import pack, unpack_map
 
@@ -95,6 +96,7 @@ class PushService:
         self.tasks = TaskSet()
         self.pushes: dict[str, _Push] = {}
         self.applying: dict[str, str] = {}  # app -> digest being applied here
+        self.queued: dict[str, tuple[Note, Release, list[str]]] = {}  # app -> next to apply
         self.wake = asyncio.Event()
         self.exec_argv: list[str] | None = None  # set when the node must re-exec (self-update)
 
@@ -161,7 +163,10 @@ class PushService:
             self.node.artifacts.add_sources(digest, sources)  # more holders for the fetch
             return
         if self.applying.get(app) is not None:
-            return  # one release of an app at a time; the newer one is picked up next round
+            # One release of an app at a time: the latest staged one runs next (a canary's
+            # release is not published yet, so the catch-up would not find it).
+            self.queued[app] = (note, release, sources)
+            return
         self.applying[app] = digest
         self.tasks.spawn(self._apply(note, release, sources))
 
@@ -197,6 +202,8 @@ class PushService:
                 await self._switch_payload(note, release)
         finally:
             self.applying.pop(app, None)
+            if app in self.queued:
+                self._start_apply(*self.queued.pop(app))
 
     async def _switch_payload(self, note: Note, release: Release) -> None:
         app, digest = release.app, release.digest
@@ -405,12 +412,33 @@ class PushService:
                 body = pack({"note": item_to_plain(push.note),
                              "sources": [node.id, *random.sample(holders, len(holders))][:64]})
                 for target in out.nodes:
-                    node.send_raw(target, STAGE, body)
+                    self.tasks.spawn(self._stage_to(target, body))
         if push.rollout.done and not push.logged:
             push.logged = True
             view = self.push_view(push.id)
             node.event("push_halted" if view["halted"] else "push_done",
                        {"push": push.id, "halted": view["halted"], "counts": view["counts"]})
+
+    async def _stage_to(self, target: str, body: bytes) -> None:
+        """Send the signed release to `target` over a route proven to reach it, as `exec` does:
+        its reported addresses, an override, the connection it keeps to us from behind NAT, or
+        an SSH jump chain. A member can be alive in gossip (others reach it, and the indirect
+        probes go through them) while this node has no path of its own to it yet; and the
+        send is pinned to that route's path, because a connection the member once opened to
+        us can outlive the path under it (a jump host that stopped forwarding): a release sent
+        down it is lost, and the node times out as if it had failed."""
+        node = self.node
+        view = node.core.member(target)
+        if target == node.id or view is None:
+            node.send_raw(target, STAGE, body)
+            return
+        try:
+            route = await node.router.route(view)
+        except RouteError:
+            node.send_raw(target, STAGE, body)  # maybe still reachable; else its deadline
+            return
+        node.route_to(target)
+        node.transport.send(target, STAGE, body, via=route.via_transport)
 
     def push_view(self, push_id: str) -> dict[str, Any]:
         push = self.pushes.get(push_id)

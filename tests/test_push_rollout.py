@@ -190,3 +190,11 @@ def test_a_staged_release_must_be_signed_by_its_sender_who_may_push() -> None:
     ]:
         with pytest.raises(ReleaseError, match=why):
             verify_stage(sender, note, allowed)
+
+
+def test_a_lone_node_updating_itself_goes_straight_to_itself() -> None:
+    r = Rollout("n0", ("n0",), (), 5.0, self_last=True)
+    r.start(0.0)
+    assert r.drain() == [Publish(), Stage(("n0",))] and r.phase == "self"
+    heal(r, ["n0"])
+    assert r.done

@@ -75,6 +75,7 @@ class Rollout:
             self._stage(now, self.canaries)
         else:
             self._go_rest(now)
+        self._advance(now)  # nothing to wait for (a lone node updating itself) goes on at once
 
     def report(self, now: float, node: str, state: str, reason: str = "") -> None:
         s = self.nodes.get(node)
