@@ -748,9 +748,10 @@ def test_verified_out_of_turn_is_a_bug() -> None:
 
 def test_cancel_and_add_source(honest: Handler) -> None:
     rx = _receiver(["a"])
-    rx.add_source(0.0, "a")
+    rx.add_source(0.0, "a")  # named again while its manifest is awaited: asked again at once
     rx.add_source(0.0, "b")
-    assert [o.to for o in rx.drain() if isinstance(o, Send)] == ["a", "b"]
+    assert [o.to for o in rx.drain() if isinstance(o, Send)] == ["a", "a", "b"]
+    assert rx.counters["reasked"] == 1
     rx.add_source(0.0, "c")
     rx.handle(0.0, "b", ManifestReply(_manifest_of(DATA)))
     rx.handle(0.0, "b", ChunkReply(D, 0, b"bad"))

@@ -463,9 +463,17 @@ class Receiver:
         """Another member that has the artifact (e.g. a binhost that just joined).
 
         A source dropped for silence may be added back (it reconnected); one caught serving
-        bad data may not.
+        bad data may not. A source still waited on for its manifest is asked again at once:
+        being named again means it was just heard from, and the first ask may have gone down
+        a connection that has died since (else it would cost a whole timeout).
         """
-        if self.state in (DONE, FAILED) or source in self._sources:
+        if self.state in (DONE, FAILED):
+            return
+        known = self._sources.get(source)
+        if known is not None:
+            if known.manifest is None and known.asked_at is not None:
+                self.counters["reasked"] += 1
+                self._ask_manifest(now, known)
             return
         if self.failures.get(source, "timeout") != "timeout":
             return
