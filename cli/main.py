@@ -471,8 +471,7 @@ def _follow_push(view: dict[str, Any], quiet: bool) -> dict[str, Any]:
             last = line
         if view["phase"] == "self":
             return _await_self_update(view)
-        time.sleep(0.05)
-        view = ask("push_status", push=push_id)
+        view = ask("push_status", push=push_id, wait=2.0)  # answers at the next change
     if not quiet:
         if view["halted"]:
             err.print(f"[red]halted[/red]: {view['halted']}", highlight=False)

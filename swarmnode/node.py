@@ -562,7 +562,8 @@ class Node:
         if cmd == "versions":
             return self.push.versions()
         if cmd == "push_status":
-            return self.push.push_view(str(args.get("push", "")))
+            wait = min(max(float(args.get("wait", 0.0)), 0.0), 5.0)
+            return await self.push.wait_view(str(args.get("push", "")), wait)
         if not self.admitted:
             raise control.ControlError("this node is not an admitted member")
         if cmd == "grant":

@@ -25,7 +25,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,8 +85,15 @@ class _Push:
     note: Note
     release: Release
     rollout: Rollout
-    started: float
+    started: float  # wall clock when `push` was asked, bundling included
+    finished: float | None = None
     logged: bool = False  # its end is an event once
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # for `push_status --wait`
+
+    def touch(self) -> None:
+        """Wake whoever waits on this push's progress."""
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class PushService:
@@ -178,6 +185,7 @@ class PushService:
         app, digest = release.app, release.digest
         try:
             if self.releases.current(app) == digest:
+                self._set_applied(note)
                 self._report(note, "healthy")
                 return
             why = self.releases.failed(app, digest)
@@ -204,6 +212,9 @@ class PushService:
             self.applying.pop(app, None)
             if app in self.queued:
                 self._start_apply(*self.queued.pop(app))
+            else:  # a newer note may have come while this one applied
+                self._new_notes = True
+                self.wake.set()
 
     async def _switch_payload(self, note: Note, release: Release) -> None:
         app, digest = release.app, release.digest
@@ -216,6 +227,7 @@ class PushService:
             why = await self._run_hook(release, "health", spec.health)
         if why is None:
             self.releases.mark(app, digest, "healthy")
+            self._set_applied(note)
             self.node.event("push_healthy", {"app": app, "digest": digest})
             self._report(note, "healthy")
             await self._prune()
@@ -312,6 +324,8 @@ class PushService:
         with contextlib.suppress(MessageError):
             note = item_from_plain(plain, frozenset({"note"}))
             if _digest_of(note) == digest:  # type: ignore[arg-type]
+                if state == "healthy":
+                    self._set_applied(note)  # type: ignore[arg-type]
                 self._report(note, state, reason)  # type: ignore[arg-type]
         self.node.store.put(push_trial_note=None)
 
@@ -321,6 +335,18 @@ class PushService:
         facts.update(release_facts(self.releases))
         self.node.core.update_record(self.node.clock(), facts=facts)
         self.node.flush()
+
+    def _applied(self, app: str) -> tuple[int, str]:
+        """(ts, author) of the release note this node last applied for `app`: a catch-up only
+        ever moves to a newer one (a canary runs a release not yet published, and must not
+        go back to the older published one meanwhile)."""
+        ts, by = (self.node.store.get("push_applied") or {}).get(app, (-1, ""))
+        return int(ts), str(by)
+
+    def _set_applied(self, note: Note) -> None:
+        applied = dict(self.node.store.get("push_applied") or {})
+        applied[note.key] = [note.ts, note.by]
+        self.node.store.put(push_applied=applied)
 
     def catch_up(self) -> None:
         """Apply the newest release of each app this node holds a note for and does not run
@@ -335,6 +361,8 @@ class PushService:
                 continue
             if self.releases.failed(app, release.digest) is not None:
                 continue
+            if (note.ts, note.by) <= self._applied(app):
+                continue
             holders = [m.id for m in self.node.core.members()
                        if m.state == "alive" and m.id != self.node.id
                        and _runs(m, app, release.digest)]
@@ -345,6 +373,7 @@ class PushService:
 
     async def push(self, path: str | None, canary: int | None) -> dict[str, Any]:
         node = self.node
+        started = time.time()
         if node.id not in self.pushers():
             raise control.ControlError(
                 "this node may not push: a node that may (the first node of the cluster) "
@@ -362,7 +391,7 @@ class PushService:
         canaries = tuple(random.sample(others, min(n, len(others))))
         rollout = Rollout(node.id, tuple(live), canaries, release.spec.health_timeout,
                           self_last=release.is_self, offline=offline)
-        push = _Push(_push_id(note), note, release, rollout, time.time())
+        push = _Push(_push_id(note), note, release, rollout, started)
         self.pushes[push.id] = push
         node.event("push_started", {"push": push.id, "app": release.app,
                                     "digest": release.digest, "size": size,
@@ -413,8 +442,10 @@ class PushService:
                              "sources": [node.id, *random.sample(holders, len(holders))][:64]})
                 for target in out.nodes:
                     self.tasks.spawn(self._stage_to(target, body))
+        push.touch()
         if push.rollout.done and not push.logged:
             push.logged = True
+            push.finished = time.time()
             view = self.push_view(push.id)
             node.event("push_halted" if view["halted"] else "push_done",
                        {"push": push.id, "halted": view["halted"], "counts": view["counts"]})
@@ -440,6 +471,16 @@ class PushService:
         node.route_to(target)
         node.transport.send(target, STAGE, body, via=route.via_transport)
 
+    async def wait_view(self, push_id: str, timeout: float) -> dict[str, Any]:
+        """The push's view once it changes (or `timeout` passes): `push --wait` long-polls
+        instead of sampling, so it sees the end as it happens."""
+        push = self.pushes.get(push_id)
+        if push is not None and not push.rollout.done:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await push.changed.wait()
+        return self.push_view(push_id)
+
     def push_view(self, push_id: str) -> dict[str, Any]:
         push = self.pushes.get(push_id)
         if push is None:
@@ -451,7 +492,7 @@ class PushService:
             "halted": "" if r.halted is None else (
                 f"canary {self.node.member_name(r.halted[0])} "
                 f"{r.halted[1].replace('_', ' ')}: {r.halted[2]}"),
-            "elapsed": time.time() - push.started, "counts": r.counts(),
+            "elapsed": (push.finished or time.time()) - push.started, "counts": r.counts(),
             "nodes": {n: {"name": self.node.member_name(n), "state": s.state,
                           "reason": s.reason, "canary": s.canary}
                       for n, s in r.nodes.items()},

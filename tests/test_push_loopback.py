@@ -175,3 +175,29 @@ def test_a_tampered_bundle_is_refused_by_every_node(swarm: Swarm, tmp_path: Path
     for n in nodes:
         assert not (n.home / "releases" / info.digest).exists()
         assert app_files(n) == {}
+
+
+def test_a_halted_rollout_leaves_healthy_canaries_on_their_release(swarm: Swarm,
+                                                                    tmp_path: Path) -> None:
+    """The catch-up only ever moves forward: a canary that passed runs a release that was
+    never published, and must not be put back on the older published one."""
+    from swarmnode.push_service import CATCH_UP_S
+
+    nodes, _ = swarm.loopback(4, JOIN_S)
+    n1, n2 = nodes[0], nodes[1]
+    code, v1, stderr = push(swarm, n1, str(payload(tmp_path, "1")))
+    assert code == 0, stderr
+    (n2.home / "refuse").write_text("")
+    v2 = payload(tmp_path, "2", health="test ! -f $SWARMNODE_HOME/refuse")
+    code, view, _ = push(swarm, n1, str(v2), "--canary", "3", check=False)
+    assert code == 1 and view["halted"].startswith("canary n2 rolled back")
+    good = {n.name for n in nodes[2:]}
+    assert {s["name"] for s in view["nodes"].values() if s["state"] == "healthy"} == good
+
+    def on_v2_where_it_passed() -> bool:
+        runs = versions(swarm, n1)
+        return all(runs[name] == {"web": view["digest"]} for name in good) and \
+            runs["n1"] == runs["n2"] == {"web": v1["digest"]}
+
+    swarm.wait_for(on_v2_where_it_passed, 10.0, "records show who runs what")
+    swarm.hold(on_v2_where_it_passed, CATCH_UP_S + 1.5, "no catch-up goes backwards")

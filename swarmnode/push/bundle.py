@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from swarmnode.files import fsync_dir
+from swarmnode.files import fsync_dir, sync_tree
 
 __all__ = [
     "MAX_BUNDLE_BYTES",
@@ -318,7 +318,7 @@ def extract_bundle(blob: Path, dest: Path, *, digest: str | None = None) -> None
                 if hashing.sha256.hexdigest() != digest:
                     raise BundleError(f"{blob}: bundle changed while being extracted")
             _check_links(tmp)
-            _fsync_tree(tmp)
+            sync_tree(tmp)
             os.chmod(tmp, _DIR_MODE)
             try:
                 os.rename(tmp, dest)
@@ -413,19 +413,6 @@ def _check_links(tree: Path) -> None:
                 if os.path.commonpath([real, real_tree]) != real_tree:
                     rel = os.path.relpath(path, tree)
                     raise BundleError(f"member {rel!r}: symlink resolves outside the tree")
-
-
-def _fsync_tree(tree: Path) -> None:
-    for d, _dirs, files in os.walk(tree):
-        for name in files:
-            path = os.path.join(d, name)
-            if not os.path.islink(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(Path(d))
 
 
 class _HashingReader:
