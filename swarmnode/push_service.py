@@ -67,6 +67,8 @@ release note): the catch-up of a node that was offline during a push."""
 OWNER = "push"
 """The artifact-store pin that keeps bundles of installed releases (others may fetch them)."""
 FACT_PREFIX = "rel."
+KEEP_PUSHES = 32
+"""Finished pushes whose outcome `push_status` still shows (the events keep every one)."""
 
 
 def release_facts(releases: Releases) -> dict[str, str]:
@@ -105,7 +107,6 @@ class PushService:
         self.applying: dict[str, str] = {}  # app -> digest being applied here
         self.queued: dict[str, tuple[Note, Release, list[str]]] = {}  # app -> next to apply
         self.wake = asyncio.Event()
-        self.exec_argv: list[str] | None = None  # set when the node must re-exec (self-update)
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in (STAGE, STATE)
@@ -393,6 +394,8 @@ class PushService:
                           self_last=release.is_self, offline=offline)
         push = _Push(_push_id(note), note, release, rollout, started)
         self.pushes[push.id] = push
+        for old in [p for p in self.pushes.values() if p.rollout.done][:-KEEP_PUSHES]:
+            del self.pushes[old.id]
         node.event("push_started", {"push": push.id, "app": release.app,
                                     "digest": release.digest, "size": size,
                                     "canaries": list(canaries), "nodes": len(live)})

@@ -66,6 +66,8 @@ def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
     # n2 may not push until the founder grants it
     code, _, stderr = push(swarm, n2, str(v1), check=False)
     assert code != 0 and "may not push" in stderr
+    res = swarm.cli(n2, "grant", "push", "n2", check=False)  # nor grant itself the right
+    assert res.returncode != 0 and "cannot grant" in res.stderr
     assert "may push" in swarm.cli(n1, "grant", "push", "n2").stdout
     code, view, stderr = push(swarm, n2, str(v1))
     assert code == 0, stderr
