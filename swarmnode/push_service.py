@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from net.transport import Inbound
 from swarmnode import control
 from swarmnode.artifact_service import ArtifactError
+from swarmnode.artifacts import check_digest
 from swarmnode.membership import Note
 from swarmnode.membership.messages import MessageError, item_from_plain, item_to_plain
 from swarmnode.push import bundle as bundles
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "push.stage"
 STATE = "push.state"
+SOURCES = "push.sources"
+HINTS_PER_HOLDER = 8
+"""A node that has installed a release is named as a source to at most this many nodes still
+fetching it, so the bundle spreads from every holder (a tree) instead of all from the pusher."""
 TICK_S = 0.25
 """How often rollouts check their deadlines and nodes look for releases they missed."""
 CATCH_UP_S = 5.0
@@ -109,7 +114,7 @@ class PushService:
         self.wake = asyncio.Event()
 
     def handles(self, msg_type: str) -> bool:
-        return msg_type in (STAGE, STATE)
+        return msg_type in (STAGE, STATE, SOURCES)
 
     # -- who may push ---------------------------------------------------------------------
 
@@ -137,6 +142,11 @@ class PushService:
                 note = item_from_plain(body.get("note"), frozenset({"note"}))
                 sources = [str(s) for s in body.get("sources", [])][:64]
                 self._on_stage(env.sender, note, sources)  # type: ignore[arg-type]
+            elif env.type == SOURCES:  # hints only: whatever they send is verified
+                sources = [str(s) for s in body.get("sources", [])][:64]
+                self.node.artifacts.add_sources(
+                    check_digest(body.get("digest")),
+                    [s for s in sources if self.node.is_admitted_member(s)])
             else:
                 self._on_state(env.sender, body)
         except (MessageError, ValueError, TypeError, KeyError):
@@ -159,9 +169,19 @@ class PushService:
         push = self.pushes.get(str(body.get("push", "")))
         if push is None:
             return
-        push.rollout.report(self.node.clock(), sender, str(body.get("state", "")),
-                            str(body.get("reason", ""))[:500])
+        state = str(body.get("state", ""))
+        push.rollout.report(self.node.clock(), sender, state, str(body.get("reason", ""))[:500])
+        if state == "installed":
+            self._hint(push, sender)
         self._carry_out(push)
+
+    def _hint(self, push: _Push, holder: str) -> None:
+        """Name a new holder of the bundle to some of the nodes still fetching it."""
+        fetching = [n for n, s in push.rollout.nodes.items()
+                    if s.state in ("staged", "fetching") and n != holder]
+        body = pack({"digest": push.release.digest, "sources": [holder]})
+        for n in random.sample(fetching, min(HINTS_PER_HOLDER, len(fetching))):
+            self.node.send_raw(n, SOURCES, body)
 
     # -- applying a release here ----------------------------------------------------------
 
