@@ -12,11 +12,19 @@ glue around it:
 * Scheduling (the leader, while its lease holds): critical-path-first list scheduling
   (swarmnode/build/schedule.py) of the ready jobs onto the members' free cores, honouring
   `requires`, avoiding nodes a job failed on and nodes paused by the circuit breaker; each
-  decision is an `assign` entry (node, term, attempt). After it commits the leader sends the
-  worker the job, and re-sends it until the worker says it started.
-* Reports: a worker's report becomes a `started`, `done` or `failed` entry; the ledger itself
-  rejects a report from a node the job is no longer assigned to. Only after the entry is
-  committed is the worker told to forget its report.
+  decision is an assignment (node, term, attempt). After it commits the leader sends each
+  worker its jobs (one message per worker), and re-sends them until the worker says it
+  started.
+* One entry per turn of the leader's loop: the builds submitted, the workers' reports
+  (started, done, failed) and the assignments of a scheduling pass that arrived or were
+  decided in that turn go to the log as one `batch` entry -- one Raft round trip for all of
+  them. The pass counts the results in the batch (and in batches on their way) as done, so a
+  job whose last dependency just finished is assigned in the same entry as that result, and a
+  new build's first jobs in the same entry as the build. A `started` whose job's result is
+  already in the batch is left out. The ledger itself judges each command: it rejects a
+  report from a node the job is no longer assigned to, and an assignment whose dependency's
+  result it rejected. Only after the entry is committed is the worker told to forget its
+  report.
 * A job whose node is confirmed dead by membership (never while it is alive) is requeued.
 * The submitting node fetches every finished job's artifacts, so it keeps a copy.
 """
@@ -25,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +53,8 @@ from swarmnode.ledger import (
     ACTIVE,
     ASSIGNED,
     DONE,
+    FAILED,
+    QUEUED,
     Assign,
     Block,
     Cancel,
@@ -52,19 +63,36 @@ from swarmnode.ledger import (
     Job,
     JobLedger,
     JobSpec,
+    LedgerError,
     LedgerEvent,
     Requeue,
     SetVoters,
     Started,
     SubmitBuild,
+    decode,
     encode,
     job_key,
+    to_plain,
 )
+from swarmnode.ledger.jobs import MAX_BATCH, Batch, Report
 from swarmnode.tasks import TaskSet
-from swarmnode.worker import ASSIGN, CANCEL, REPORT, REPORT_ACK, Assignment, pack, unpack_map
+from swarmnode.worker import (
+    ASSIGN,
+    CANCEL,
+    REPORT,
+    REPORT_ACK,
+    Assignment,
+    batch,
+    pack,
+    unpack_map,
+)
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
+
+#: A command for a `batch` entry: (command, its job key, what to do once it is committed: the
+#: report's acknowledgement, the submitter's future).
+_Item = tuple[Any, str | None, Any]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +112,15 @@ SPEC_VERSION = 1
 #: What a binhost collects: Portage's binary package formats (xpak-era and GPKG).
 BINARY_PACKAGES = (".tbz2", ".xpak", ".gpkg.tar")
 MAX_ENTRY = 512 * 1024
+#: Bytes of commands gathered into one `batch` entry (the log takes entries up to 256 KiB).
+BATCH_BYTES = 192 * 1024
+#: Bytes of assignments in one message to a worker (it takes messages up to 1 MiB).
+ASSIGN_BYTES = 512 * 1024
+#: Job specs fetched from a submitter at a time.
+SPEC_FETCHES = 16
+#: A scheduling pass considers the highest-priority ready jobs only, this many plus this many
+#: per free core (the others could not start now anyway).
+PASS_JOBS, PASS_JOBS_PER_CORE = 64, 4
 
 
 class Builds:
@@ -91,7 +128,19 @@ class Builds:
         self.node = node
         node.leadership.on_applied.append(self._on_applied)
         self._sent: dict[str, float] = {}  # job key -> when its assignment was last sent
-        self._proposing: set[str] = set()  # job keys with an entry on its way
+        self._proposing: dict[str, int] = {}  # job key -> entries about it on their way
+        # reports for the next `reports` entry: job key -> (report, worker to acknowledge it
+        # once committed, or None for a `started`); and the keys whose done/failed report is
+        # in an entry on its way (a re-sent copy is acknowledged when that one commits)
+        self._reports: dict[str, tuple[Report, dict[str, Any] | None]] = {}
+        self._reporting: set[str] = set()
+        self._done_inflight: set[str] = set()  # keys whose `done` is in an entry on its way
+        self._submits: list[tuple[SubmitBuild, asyncio.Future[bool]]] = []  # for this turn
+        # assignments in an entry on its way: job key -> (node, cores, estimate)
+        self._holding: dict[str, tuple[str, int, float]] = {}
+        self._acks: dict[str, list[dict[str, Any]]] = {}  # worker -> this turn's acks
+        self._assigning: dict[str, Job] = {}  # assignments to send at the end of this turn
+        self._since: dict[str, float] = {}  # job key -> when this leader first sent it
         self._failures: dict[str, int] = {}
         self._paused: dict[str, float] = {}  # node -> until
         self._replies: dict[bytes, asyncio.Future[bool]] = {}
@@ -110,21 +159,29 @@ class Builds:
     # -- submitting -----------------------------------------------------------------------
 
     def package(self, plan: Plan, build_id: str) -> SubmitBuild:
-        """Store the plan's inputs and job specs here; the entry names them by digest."""
+        """Store the plan's inputs and job specs here; the entry names them by digest. Each
+        distinct input file and spec is stored and pinned once (jobs often share them)."""
         store = self.node.artifacts.store
         base = plan.base_dir or Path.cwd()
         jobs: list[tuple[str, JobSpec]] = []
+        files: dict[str, str] = {}  # input path -> digest
+        specs: dict[bytes, str] = {}  # spec bytes -> digest
         for name in topological_order(plan):
             job = plan.jobs[name]
-            inputs = [[rel, store.put_file(base / rel)] for rel in job.inputs]
+            for rel in job.inputs:
+                if rel not in files:
+                    files[rel] = store.put_file(base / rel)
+            inputs = [[rel, files[rel]] for rel in job.inputs]
             spec = {"v": SPEC_VERSION, "cmd": job.cmd if isinstance(job.cmd, str)
                     else list(job.cmd), "env": dict(job.env), "outputs": list(job.outputs),
                     "inputs": inputs}
-            spec_hash = store.put_bytes(msgpack.packb(spec))
-            for digest in [spec_hash, *(d for _r, d in inputs)]:
-                store.pin(digest, build_id)
+            data = msgpack.packb(spec)
+            if data not in specs:
+                specs[data] = store.put_bytes(data)
             jobs.append((name, JobSpec(deps=tuple(job.deps), requires=job.requires,
-                                       estimate=job.estimate, spec_hash=spec_hash)))
+                                       estimate=job.estimate, spec_hash=specs[data])))
+        for digest in {*files.values(), *specs.values()}:
+            store.pin(digest, build_id)
         return SubmitBuild(build_id, plan.name, self.node.id, tuple(sorted(jobs)))
 
     async def submit(self, plan_path: Path) -> str:
@@ -132,10 +189,11 @@ class Builds:
 
     async def submit_plan(self, plan: Plan) -> str:
         build_id = f"{plan.name[:40]}-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
-        entry = encode(self.package(plan, build_id))
+        cmd = await asyncio.to_thread(self.package, plan, build_id)  # (fsyncs: not in the loop)
+        entry = encode(cmd)
         if len(entry) > MAX_ENTRY:
             raise ControlError(f"the plan is too large for one ledger entry ({len(entry)} B)")
-        await self.propose_anywhere(entry, what=f"build {build_id}")
+        await self.propose_anywhere(entry, what=f"build {build_id}", submit=cmd)
         await self._until(lambda: self.ledger.build(build_id) is not None,
                           f"build {build_id} was committed but has not reached this node")
         self.node.event("build_submitted", {"build": build_id, "jobs": len(plan.jobs)})
@@ -150,13 +208,18 @@ class Builds:
                 raise ControlError(what)
             await asyncio.sleep(0.02)
 
-    async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0) -> None:
-        """Get `entry` committed: proposed here when leading, else forwarded to the leader;
-        retried across leader changes until `timeout`."""
+    async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0,
+                               submit: SubmitBuild | None = None) -> None:
+        """Get `entry` committed: proposed here when leading (a build, `submit`, in the next
+        batch with its first assignments), else forwarded to the leader; retried across
+        leader changes until `timeout`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if await self.node.leadership.propose(entry):
+                if submit is not None and self.leading:
+                    if await self._submit_here(submit):
+                        return
+                elif await self.node.leadership.propose(entry):
                     return
             except NotLeader as exc:
                 if exc.leader is not None and await self._forward(exc.leader, entry):
@@ -197,18 +260,46 @@ class Builds:
             if fut is not None and not fut.done():
                 fut.set_result(body.get("ok") is True)
         else:
-            self._spawn(self._on_report(env.sender, body))
+            try:
+                reports = batch(body, "reports")
+            except ValueError:
+                self.node.drops.drop("malformed_build")
+                return
+            for report in reports:
+                self._on_report(env.sender, report)
 
     async def _on_propose(self, inbound: Inbound, body: dict[str, Any]) -> None:
         entry = body.get("entry")
         ok = False
-        if isinstance(entry, bytes) and _op(entry) in FORWARDABLE:
+        op = _op(entry) if isinstance(entry, bytes) else None
+        if op == "submit_build" and self.leading:  # into this turn's batch, with its jobs
+            with contextlib.suppress(LedgerError):
+                cmd = decode(entry)  # type: ignore[arg-type]
+                if isinstance(cmd, SubmitBuild):
+                    ok = await self._submit_here(cmd)
+        elif op in FORWARDABLE:
             with contextlib.suppress(NotLeader):
-                ok = await self.node.leadership.propose(entry)
+                ok = await self.node.leadership.propose(entry)  # type: ignore[arg-type]
         inbound.reply(PROPOSE_REPLY, msgpack.packb({"rid": body.get("rid"), "ok": ok}))
 
-    async def _on_report(self, worker: str, report: dict[str, Any]) -> None:
-        """A worker's report becomes a ledger entry; the worker forgets it once committed."""
+    async def _submit_here(self, cmd: SubmitBuild, timeout: float = 5.0) -> bool:
+        """As leader: the build goes into this turn's batch (its first jobs assigned in the
+        same entry); True once committed."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._submits.append((cmd, fut))
+        self._wake.set()
+        # the specs while the entry commits, so sending the first jobs waits for nothing
+        jobs = [Job(cmd.build_id, name, spec) for name, spec in cmd.jobs]
+        self._spawn(self._fetch_specs(jobs, cmd.submitter))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            return False
+
+    def _on_report(self, worker: str, report: dict[str, Any]) -> None:
+        """A worker's report goes into this turn's batch; the worker forgets it once that is
+        committed."""
         if not self.leading:
             return  # it will re-send to whoever leads
         key = job_key(str(report.get("build")), str(report.get("job")))
@@ -216,30 +307,47 @@ class Builds:
         job = self.ledger.job(key)
         if job is None or type(attempt) is not int:
             return
+        current = job.state in ACTIVE and (job.node, job.attempt) == (worker, attempt)
         if status == "started":
-            if job.state == ASSIGNED and (job.node, job.attempt) == (worker, attempt):
+            if current and job.state == ASSIGNED:
                 self._sent.pop(key, None)
-                await self._propose(Started(key, worker, attempt), key)
+                self._since[key] = time.monotonic()  # (when it should end: backfilling)
+                if key not in self._reports and key not in self._reporting:
+                    self._queue_report(key, Started(key, worker, attempt), None)
             return
+        ack = {"build": report.get("build"), "job": report.get("job"), "attempt": attempt}
+        if not current:  # the ledger has moved on (or has it already): forget it
+            if (job.node, job.attempt) != (worker, attempt):
+                self.node.event("report_stale", {"id": worker, "job": key, "attempt": attempt})
+            self._ack(worker, ack)
+            return
+        pending = self._reports.get(key)
+        if key in self._reporting or (pending is not None and pending[1] is not None):
+            return  # a re-sent copy of a report on its way: acknowledged with that one
         outputs = report.get("outputs") or []
         if status == "ok":
-            cmd: Any = Done(key, worker, attempt, tuple(sorted((o[0], o[1]) for o in outputs)))
+            cmd: Report = Done(key, worker, attempt, tuple(sorted((o[0], o[1]) for o in outputs)))
             self._failures.pop(worker, None)
         else:
             reason = f"{status}: {report.get('reason') or ''}".strip()[:900]
             cmd = Failed(key, worker, attempt, reason, str(report.get("log_tail", ""))[-8000:])
             self._breaker(worker, reason)
-        if key in self._proposing:
-            return  # a re-sent copy of a report whose entry is on its way: ack that one
-        if job.state in ACTIVE and (job.node, job.attempt) == (worker, attempt):
-            committed = await self._propose(cmd, key)
-        else:
-            committed = True  # the ledger has moved on (or has it already): forget it
-            if (job.node, job.attempt) != (worker, attempt):
-                self.node.event("report_stale", {"id": worker, "job": key, "attempt": attempt})
-        if committed:
-            ack = {"build": report.get("build"), "job": report.get("job"), "attempt": attempt}
-            self.node.send_raw(worker, REPORT_ACK, pack(ack))
+        self._queue_report(key, cmd, ack)  # replaces its `started`, if that is still here
+
+    def _queue_report(self, key: str, cmd: Report, ack: dict[str, Any] | None) -> None:
+        self._reports[key] = (cmd, ack)
+        self._wake.set()
+
+    def _ack(self, worker: str, ack: dict[str, Any]) -> None:
+        """Acknowledge a report; a turn's acknowledgements go in one message per worker."""
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks.setdefault(worker, []).append(ack)
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for worker, items in acks.items():
+            self.node.send_raw(worker, REPORT_ACK, pack({"acks": items}))
 
     def _breaker(self, worker: str, reason: str) -> None:
         self._failures[worker] = self._failures.get(worker, 0) + 1
@@ -256,8 +364,8 @@ class Builds:
         return self.node.leadership.core.can_schedule(self.node.clock())
 
     async def run(self) -> None:
-        """Schedule whenever the ledger changes (a submission, a job done or failed: the work
-        that can start changed), and every TICK_S anyway (members come and go)."""
+        """A step whenever something happened (an entry applied, a build submitted, a report
+        received), and every TICK_S anyway (members come and go)."""
         swept = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
@@ -266,20 +374,90 @@ class Builds:
             self._wake.clear()
             if not self.leading:
                 self._sent.clear()
+                self._since.clear()
+                self._reports.clear()  # the workers send them again to whoever leads
+                for _cmd, fut in self._submits:
+                    if not fut.done():
+                        fut.set_result(False)
+                self._submits.clear()
                 continue
             try:
                 if time.monotonic() - swept >= TICK_S:  # the full sweeps scan every job
                     swept = time.monotonic()
                     self._sweep()
-                self._schedule()
+                self._step()
             except Exception:  # a bug here must not stop scheduling for good
                 log.exception("scheduler step failed")
 
+    def _step(self) -> None:
+        """This turn's builds, reports and the assignments of a scheduling pass (which counts
+        the reported results as done already: the assignments come after them in the entry)
+        go to the log together, in one `batch` entry (a few when they are large)."""
+        submits, self._submits = self._submits, []
+        reports, self._reports = self._reports, {}
+        # on their way from now on (their cores are free, their results count as done)
+        self._reporting |= {k for k, (cmd, _ack) in reports.items() if not isinstance(cmd, Started)}
+        self._done_inflight |= {k for k, (cmd, _ack) in reports.items() if isinstance(cmd, Done)}
+        new = [cmd for cmd, _fut in submits if self.ledger.build(cmd.build_id) is None]
+        items: list[_Item] = [(cmd, None, fut) for cmd, fut in submits]
+        items += [(cmd, key, ack) for key, (cmd, ack) in reports.items()]
+        items += [(a, a.job_key, None) for a in self._schedule(new, self._done_inflight)]
+        chunk: list[_Item] = []
+        size = 0
+        for item in items:
+            n = len(msgpack.packb(to_plain(item[0])))
+            if chunk and (size + n > BATCH_BYTES or len(chunk) >= MAX_BATCH):
+                self._spawn(self._propose_batch(chunk))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += n
+        if chunk:
+            self._spawn(self._propose_batch(chunk))
+
+    async def _propose_batch(self, items: list[_Item]) -> None:
+        """Propose one batch (its reports are marked on their way already) and carry out what
+        follows its commit: acknowledgements, the submitters' answers."""
+        final = {key for cmd, key, _x in items if isinstance(cmd, Done | Failed)}
+        done = {key for cmd, key, _x in items if isinstance(cmd, Done)}
+        committed = False
+        try:
+            entry = Batch(tuple(cmd for cmd, _key, _x in items))
+            committed = await self._propose(entry, [key for _c, key, _x in items if key])
+        finally:
+            self._reporting -= final  # type: ignore[arg-type]
+            self._done_inflight -= done  # type: ignore[arg-type]
+            for cmd, key, _x in items:
+                if isinstance(cmd, Assign):
+                    self._holding.pop(key, None)  # type: ignore[arg-type]
+            for cmd, _key, extra in items:
+                if isinstance(cmd, SubmitBuild) and not extra.done():
+                    extra.set_result(committed)
+        if committed:
+            for cmd, _key, extra in items:
+                if isinstance(cmd, Done | Failed) and extra is not None:
+                    self._ack(cmd.node, extra)
+
     def _slots(self) -> list[Slot]:
+        """The members' free cores (a job whose result has reached us holds none any more,
+        though its entry may not be committed yet; an assignment on its way to the log holds
+        its cores already), and when their running jobs should end."""
         now = time.monotonic()
         busy: dict[str, int] = {}
-        for job in self._active_jobs():
-            busy[job.node] = busy.get(job.node, 0) + job.spec.requires.cores  # type: ignore[index]
+        releases: dict[str, list[tuple[float, int]]] = {}
+        for job in self.ledger.active():
+            key, node, cores = job.key, job.node, job.spec.requires.cores
+            assert node is not None
+            pending = self._reports.get(key)
+            if key in self._reporting or (pending is not None and pending[1] is not None):
+                continue
+            busy[node] = busy.get(node, 0) + cores
+            left = max(0.0, job.spec.estimate - (now - self._since.get(key, now)))
+            releases.setdefault(node, []).append((left, cores))
+        for key, (node, cores, estimate) in self._holding.items():
+            job = self.ledger.job(key)
+            if job is None or job.state not in ACTIVE:
+                busy[node] = busy.get(node, 0) + cores
+                releases.setdefault(node, []).append((estimate, cores))
         slots = []
         for m in self.node.core.members():
             if m.admitted_by is None or m.state != "alive" or m.record is None:
@@ -288,63 +466,98 @@ class Builds:
             cores = int(facts.get("cores", 1))
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), frozenset(), cores=cores,
-                              paused=self._paused.get(m.id, 0.0) > now))
+                              paused=self._paused.get(m.id, 0.0) > now,
+                              releases=tuple(releases.get(m.id, ()))))
         return slots
 
-    def _schedule(self) -> None:
-        ready = [j for j in self.ledger.ready() if j.key not in self._proposing]
-        if not ready:
-            return
+    def _schedule(self, new: list[SubmitBuild], done: set[str]) -> list[Assign]:
+        """One scheduling pass over the ready jobs, counting the builds in `new` as submitted
+        and the jobs in `done` as done (both are in entries before the assignments). Skipped
+        while no member has a free core (a queue of thousands is not scanned for nothing)."""
         slots = self._slots()
+        if not any(s.free_cores for s in slots if not s.paused):
+            return []
+        ready = {j.key: j for j in self.ledger.ready() if j.key not in self._proposing}
+        for key in done:  # dependents whose last dependencies are among the results
+            for dep in self.ledger.dependents(key):
+                job = self.ledger.job(dep)
+                if (job is not None and job.state in (QUEUED, FAILED) and dep not in ready
+                        and dep not in self._proposing and all(
+                            (k := job_key(job.build_id, d)) in done
+                            or getattr(self.ledger.job(k), "state", None) == DONE
+                            for d in job.spec.deps)):
+                    ready[dep] = job
         levels = self._levels
+        for cmd in new:
+            levels[cmd.build_id] = bottom_levels({n: (s.deps, s.estimate) for n, s in cmd.jobs})
+            for name, spec in cmd.jobs:
+                if not spec.deps:
+                    ready[job_key(cmd.build_id, name)] = Job(cmd.build_id, name, spec)
+        if not ready:
+            return []
+        for build_id in {job.build_id for job in ready.values()} - levels.keys():
+            graph = {j.name: (j.spec.deps, j.spec.estimate) for j in self.ledger.jobs(build_id)}
+            levels[build_id] = bottom_levels(graph)  # a build's graph never changes: once
+        free = sum(s.free_cores for s in slots if not s.paused)
+        candidates: Iterable[Job] = ready.values()
+        if len(ready) > PASS_JOBS + free * PASS_JOBS_PER_CORE:  # the rest cannot start now
+            candidates = heapq.nsmallest(
+                PASS_JOBS + free * PASS_JOBS_PER_CORE, candidates,
+                key=lambda j: (-levels[j.build_id][j.name], -j.spec.requires.cores, j.key))
         entries: list[Ready] = []
-        for job in ready:
-            if job.build_id not in levels:  # a build's graph never changes: once per build
-                graph = {j.name: (j.spec.deps, j.spec.estimate)
-                         for j in self.ledger.jobs(job.build_id)}
-                levels[job.build_id] = bottom_levels(graph)
-            if not satisfiable(job.spec.requires, slots, set(job.failed_on)):
-                if all(not s.paused for s in slots) and slots:
-                    self._spawn(self._propose(Block(job.key, _unsatisfiable(job.spec.requires)),
-                                              job.key))
+        can: dict[tuple[Requires, tuple[str, ...]], bool] = {}  # most jobs ask alike
+        for job in candidates:
+            asks = (job.spec.requires, job.failed_on)
+            if asks not in can:
+                can[asks] = satisfiable(job.spec.requires, slots, set(job.failed_on))
+            if not can[asks]:
+                if all(not s.paused for s in slots) and slots and self.ledger.job(job.key):
+                    block = Block(job.key, _unsatisfiable(job.spec.requires))
+                    self._spawn(self._propose(block, [job.key]))
                 continue
-            entries.append(Ready(job.key, job.spec.requires, levels[job.build_id][job.name]))
-        avoid = {j.key: set(j.failed_on) for j in ready}
+            entries.append(Ready(job.key, job.spec.requires, levels[job.build_id][job.name],
+                                 job.spec.estimate))
+        avoid = {e.job: set(ready[e.job].failed_on) for e in entries if ready[e.job].failed_on}
         term = self.node.leadership.core.term
+        chosen = []
         for key, node in assign(entries, slots, avoid):
-            job = self.ledger.job(key)
-            assert job is not None
-            self._spawn(self._propose(Assign(key, node, term, job.attempt + 1), key))
-
-    def _active_jobs(self) -> list[Job]:
-        """Jobs held by a node (assigned or running), in one pass over the ledger."""
-        return [job for build in self.ledger.builds() for job in self.ledger.jobs(build.build_id)
-                if job.state in ACTIVE and job.node is not None]
+            job = ready[key]
+            chosen.append(Assign(key, node, term, job.attempt + 1))
+            self._holding[key] = (node, job.spec.requires.cores, job.spec.estimate)
+        return chosen
 
     def _sweep(self) -> None:
         """Requeue the jobs of members membership declares gone (never merely suspected), and
         re-send assignments not yet reported started."""
         now = time.monotonic()
-        for job in self._active_jobs():
+        active = self.ledger.active()
+        self._since = {job.key: self._since[job.key] for job in active if job.key in self._since}
+        for job in active:
             assert job.node is not None
             view = self.node.core.member(job.node)
             if view is None or view.state in ("dead", "left", "banned"):
                 if job.key not in self._proposing:
                     why = f"{view.name if view else job.node[:12]} is " \
                           f"{view.state if view else 'gone'}"
-                    self._spawn(self._propose(Requeue(job.key, why), job.key))
+                    self._spawn(self._propose(Requeue(job.key, why), [job.key]))
             elif job.state == ASSIGNED and now - self._sent.get(job.key, 0.0) >= RESEND_S:
-                self._sent[job.key] = now
-                self._spawn(self._send_assignment(job))
+                self._send_soon(job)
 
-    async def _propose(self, cmd: Any, key: str) -> bool:
-        self._proposing.add(key)
+    async def _propose(self, cmd: Any, keys: list[str]) -> bool:
+        """Propose `cmd` (about the jobs `keys`) and wait until it is committed (True) or lost."""
+        proposing = self._proposing
+        for key in keys:
+            proposing[key] = proposing.get(key, 0) + 1
         try:
             return await self.node.leadership.propose(encode(cmd))
         except NotLeader:
             return False
         finally:
-            self._proposing.discard(key)
+            for key in keys:
+                if proposing[key] > 1:
+                    proposing[key] -= 1
+                else:
+                    del proposing[key]
 
     def _on_applied(self, ev: LedgerEvent) -> None:
         self._wake.set()
@@ -352,8 +565,10 @@ class Builds:
         if ev.kind == "assigned" and self.leading and key:
             job = self.ledger.job(key)
             if job is not None:
-                self._sent[key] = time.monotonic()
-                self._spawn(self._send_assignment(job))
+                self._send_soon(job)
+        if ev.kind in ("done", "failed", "requeued", "blocked") and key:
+            self._sent.pop(key, None)
+            self._since.pop(key, None)
         if ev.kind == "done" and key:
             job = self.ledger.job(key)
             build = self.ledger.build(job.build_id) if job else None
@@ -361,8 +576,9 @@ class Builds:
                 self._spawn(self._keep_artifacts(job))
             if job and "binhost" in self.node.node_config.roles:
                 self._spawn(self._collect_packages(job))
-        if ev.kind == "submitted" and self.leading:
-            self._spawn(self._prefetch_specs(str(ev.data.get("build_id"))))
+        if ev.kind == "submitted" and self.leading:  # (a forwarded build's are on their way)
+            build_id = str(ev.data.get("build_id"))
+            self._spawn(self._fetch_specs(self.ledger.jobs(build_id)))
         if ev.kind == "cancelled" and self.leading:
             self._stop_build(str(ev.data.get("build_id")))
         if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
@@ -380,17 +596,61 @@ class Builds:
                 else:
                     self.node.send_raw(m.id, CANCEL, body)
 
-    async def _send_assignment(self, job: Job) -> None:
-        build = self.ledger.build(job.build_id)
-        if build is None or job.node is None:
-            return
-        try:
-            spec = await self._spec(job.spec.spec_hash, build.submitter)
-        except ArtifactError as exc:
-            log.warning("cannot read the spec of %s: %s", job.key, exc)
-            return
+    def _send_soon(self, job: Job) -> None:
+        """Send `job` to its worker at the end of this turn, with the turn's other ones."""
+        if not self._assigning:
+            asyncio.get_running_loop().call_soon(self._send_assignments)
+        self._assigning[job.key] = job
+        self._sent[job.key] = time.monotonic()
+        self._since.setdefault(job.key, self._sent[job.key])
+
+    def _send_assignments(self) -> None:
+        """This turn's assignments, one message per worker (or a few: bounded in size); those
+        whose spec has still to be fetched follow once it is here."""
+        jobs, self._assigning = self._assigning, {}
+        plains: list[tuple[str, dict[str, Any]]] = []
+        later: list[Job] = []
+        for job in jobs.values():
+            build = self.ledger.build(job.build_id)
+            if build is None or job.node is None:
+                continue
+            spec = self._specs.get(job.spec.spec_hash)
+            if spec is None:
+                later.append(job)
+            else:
+                plains.append((job.node, self._assignment(job, spec)))
+        self._send_plains(plains)
+        if later:
+            self._spawn(self._send_fetched(later))
+
+    async def _send_fetched(self, jobs: list[Job]) -> None:
+        await self._fetch_specs(jobs)
+        plains = []
+        for job in jobs:
+            spec = self._specs.get(job.spec.spec_hash)
+            if spec is not None and job.node is not None:
+                plains.append((job.node, self._assignment(job, spec)))
+        self._send_plains(plains)
+
+    def _send_plains(self, plains: list[tuple[str, dict[str, Any]]]) -> None:
+        chunks: dict[str, list[list[dict[str, Any]]]] = {}
+        sizes: dict[str, int] = {}  # node -> bytes in its last chunk
+        for node, plain in plains:
+            size = len(pack(plain))
+            mine = chunks.setdefault(node, [[]])
+            if mine[-1] and sizes.get(node, 0) + size > ASSIGN_BYTES:
+                mine.append([])
+                sizes[node] = 0
+            mine[-1].append(plain)
+            sizes[node] = sizes.get(node, 0) + size
+        for node, items in chunks.items():
+            for chunk in items:
+                self.node.send_raw(node, ASSIGN, pack({"assignments": chunk}))
+
+    def _assignment(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+        submitter = self.ledger.build(job.build_id).submitter  # type: ignore[union-attr]
         deps: dict[str, tuple[tuple[str, str], ...]] = {}
-        sources = {build.submitter}
+        sources = {submitter}
         for dep in job.spec.deps:
             done = self.ledger.job(job_key(job.build_id, dep))
             if done is not None:
@@ -403,25 +663,29 @@ class Builds:
                        outputs=tuple(spec["outputs"]), cores=job.spec.requires.cores,
                        timeout=None, inputs=tuple((r, d) for r, d in spec["inputs"]),
                        deps=deps, sources=tuple(sorted(sources)))
-        self.node.send_raw(job.node, ASSIGN, pack(a.plain()))
+        return a.plain()
 
-    async def _prefetch_specs(self, build_id: str) -> None:
-        """Fetch a new build's job specs while its first assignments commit, so sending them
-        waits for nothing."""
-        build = self.ledger.build(build_id)
-        if build is None:
-            return
-        for job in self.ledger.jobs(build_id):
-            with contextlib.suppress(ArtifactError):
-                await self._spec(job.spec.spec_hash, build.submitter)
+    async def _fetch_specs(self, jobs: list[Job], submitter: str | None = None) -> None:
+        """The specs of `jobs` into the cache, fetched from their submitter (SPEC_FETCHES at a
+        time); a spec that cannot be fetched is logged and left out."""
+        wanted: dict[str, str] = {}
+        for job in jobs:
+            build = self.ledger.build(job.build_id)
+            source = submitter or (build.submitter if build else None)
+            if source and job.spec.spec_hash not in self._specs:
+                wanted.setdefault(job.spec.spec_hash, source)
+        limit = asyncio.Semaphore(SPEC_FETCHES)
 
-    async def _spec(self, digest: str, submitter: str) -> dict[str, Any]:
-        if digest not in self._specs:
-            store = self.node.artifacts.store
-            await self.node.artifacts.fetch(digest, [submitter])
-            with store.open(digest) as f:
-                self._specs[digest] = msgpack.unpackb(f.read(), raw=False)
-        return self._specs[digest]
+        async def one(digest: str, source: str) -> None:
+            async with limit:
+                try:
+                    await self.node.artifacts.fetch(digest, [source])
+                    with self.node.artifacts.store.open(digest) as f:
+                        self._specs[digest] = msgpack.unpackb(f.read(), raw=False)
+                except (ArtifactError, OSError, ValueError) as exc:
+                    log.warning("cannot read the job spec %s: %s", digest[:12], exc)
+
+        await asyncio.gather(*(one(d, s) for d, s in wanted.items()))
 
     async def _keep_artifacts(self, job: Job) -> None:
         sources = [job.node] if job.node else []

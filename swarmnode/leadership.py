@@ -29,10 +29,14 @@ from net.transport import Inbound
 from swarmnode.election import (
     DEFAULT_MAX_VOTERS,
     MESSAGE_TYPES,
+    AppendEntries,
     Config,
     Election,
     Event,
     MessageError,
+    Persist,
+    PersistEntries,
+    PersistSnapshot,
     Send,
     choose_voters,
     pack,
@@ -76,6 +80,14 @@ def _latest_config(ledger: JobLedger, stored: Stored) -> tuple[int, frozenset[st
     if ledger.voters and stored.snapshot is not None:
         return stored.snapshot.index, frozenset(ledger.voters)
     return None
+
+
+def _early_appends(outputs: list[Any]) -> list[Send]:
+    """The leader's AppendEntries that may be sent before this drain's writes (see `flush`)."""
+    if not any(isinstance(o, PersistEntries) for o in outputs) or any(
+            isinstance(o, Persist | PersistSnapshot | Apply | Restore) for o in outputs):
+        return []
+    return [o for o in outputs if isinstance(o, Send) and isinstance(o.msg, AppendEntries)]
 
 
 class NotLeader(RuntimeError):
@@ -185,11 +197,23 @@ class Leadership:
 
     def flush(self) -> None:
         """Carry out the core's outputs: everything to persist goes to disk in one transaction
-        first, then sends, applies and events in order."""
+        first, then sends, applies and events in order. One exception, Raft's "the leader
+        writes in parallel with replication": when the only writes are the leader's new
+        entries (nothing applied, no term, vote or snapshot), its AppendEntries leave before
+        the fsync. That is safe because the leader counts its own copy toward a majority only
+        when it handles a reply, in a later turn, after this flush has written it; a drain that
+        commits (single voter) or changes term or vote keeps the strict order."""
         outputs = self.core.drain()
+        early = _early_appends(outputs)
+        for out in early:
+            msg_type, body = pack(out.msg)
+            self.node.send_raw(out.to, msg_type, body)
         self.log_store.persist(outputs)
+        sent = {id(out) for out in early}
         for out in outputs:
             if isinstance(out, Send):
+                if id(out) in sent:
+                    continue
                 msg_type, body = pack(out.msg)
                 self.node.send_raw(out.to, msg_type, body)
             elif isinstance(out, Apply):

@@ -6,18 +6,25 @@ refused, so a deposed leader cannot start or stop anything. The worker fetches t
 inputs and its dependencies' outputs (artifacts, from the members named as sources), runs the
 job with the executor on free cores, stores the outputs in its artifact store, and reports.
 
-A report is persisted before it is sent and re-sent to whoever leads now until one
-acknowledges it: a worker cut off from the leader finishes its jobs and delivers the results
-when a leader is reachable again. Whether a report still counts (the job may have been
-reassigned meanwhile) is the ledger's decision, not the worker's.
+A report is persisted as it is sent (before any acknowledgement can arrive) and re-sent to
+whoever leads now until one acknowledges it (at once to a new leader): a worker cut off from
+the leader finishes its jobs and delivers the results when a leader is reachable again.
+Whether a report still counts (the job may have been reassigned meanwhile) is the ledger's
+decision, not the worker's. A job is reported started only once it has run STARTED_AFTER_S
+(a shorter one goes from assigned to done or failed in the ledger).
 
-Wire (msgpack maps inside the signed envelope):
-  job.assign  {build, job, attempt, term, cmd, env, outputs, cores, timeout,
-               inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}
+Wire (msgpack maps inside the signed envelope). Assignments, reports and acknowledgements
+made in one turn of the sender's loop travel together, one message per peer (a single map is
+still understood as a list of one):
+  job.assign  {assignments: [{build, job, attempt, term, cmd, env, outputs, cores, timeout,
+               inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}]}
   job.cancel  {build, job (or null: the whole build), term}
-  job.report  {build, job, attempt, node, status, outputs: [[path, digest, size]], reason,
-               log_tail, duration}
-  job.report_ack {build, job, attempt}
+  job.report  {reports: [{build, job, attempt, node, status, outputs: [[path, digest, size]],
+               reason, log_tail, duration}]}  (status "started": only build, job, attempt)
+  job.report_ack {acks: [{build, job, attempt}]}
+
+The reports finished and the acknowledgements received in one turn are written to the outbox
+in one transaction (one fsync), as the reports are sent.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -51,6 +59,11 @@ TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK})
 FENCE_KEY = "fence_term"
 #: How often unacknowledged reports are sent again (to the current leader).
 RESEND_S = 1.0
+#: How often the worker looks whether the leader changed (its reports then go to the new one).
+LEADER_POLL_S = 0.05
+#: A job still running this long after it was started is reported started (a shorter one is
+#: only reported finished: one message and one ledger command fewer for a short job).
+STARTED_AFTER_S = 0.05
 #: Bounds on an assignment: a job is a command line and a list of files, never megabytes.
 MAX_BODY = 1024 * 1024
 MAX_FILES = 10_000
@@ -165,6 +178,13 @@ class Worker:
         # attempts finished here: a leader re-sending an assignment it has not yet seen
         # reported must not make it run twice
         self.finished: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self._sent_at: dict[str, float] = {}  # outbox key -> when the report was last sent
+        # this turn's work, done once at its end: reports to write to the outbox, outbox keys
+        # acknowledged, reports to send to the leader
+        self._unsaved: list[dict[str, Any]] = []
+        self._acked: list[str] = []
+        self._outgoing: list[dict[str, Any]] = []
+        self._flush_soon = False
         self._tasks = TaskSet()
 
     def handles(self, msg_type: str) -> bool:
@@ -179,14 +199,21 @@ class Worker:
             return
         try:
             body = unpack_map(env.body)
-            if env.type == ASSIGN:
-                self._on_assign(env.sender, Assignment.from_plain(body))
-            elif env.type == CANCEL:
+            if env.type == CANCEL:
                 self._on_cancel(env.sender, body)
-            else:
-                self._on_ack(body)
-        except (AssignmentError, KeyError, TypeError, ValueError):
+                return
+            items = batch(body, "assignments" if env.type == ASSIGN else "acks")
+        except (KeyError, TypeError, ValueError):
             self.node.drops.drop("malformed_job")
+            return
+        for item in items:
+            try:
+                if env.type == ASSIGN:
+                    self._on_assign(env.sender, Assignment.from_plain(item))
+                else:
+                    self._on_ack(item)
+            except (AssignmentError, KeyError, TypeError, ValueError):
+                self.node.drops.drop("malformed_job")
 
     def _admit_term(self, sender: str, term: Any, what: str) -> bool:
         before = self.fence.term
@@ -208,7 +235,7 @@ class Worker:
             self._send_started(a)  # a re-send: the leader did not hear that it started
             return
         if (a.build, a.job, a.attempt) in self.finished:
-            self._send_reports()
+            self._send_reports()  # the leader has not heard the result either
             return
         if current is not None:
             current[1].cancel()
@@ -226,7 +253,10 @@ class Worker:
                 handle.cancel()
 
     def _on_ack(self, body: dict[str, Any]) -> None:
-        self.node.store.outbox_delete(_report_key(body))
+        key = _report_key(body)
+        if self._sent_at.pop(key, None) is not None:
+            self._acked.append(key)
+            self._soon()
 
     # -- running --------------------------------------------------------------------------
 
@@ -257,15 +287,18 @@ class Worker:
             spec, [(p, store.path(d)) for p, d in a.inputs],
             {k: [(p, store.path(d)) for p, d in f] for k, f in a.deps.items()}, store=keep)
         self.running[(a.build, a.job)] = (a, handle)
-        self._send_started(a)
+        # A job done within STARTED_AFTER_S is reported once, done (or failed) from assigned.
+        asyncio.get_running_loop().call_later(STARTED_AFTER_S, self._still_running, a, handle)
         return await handle.wait()
 
+    def _still_running(self, a: Assignment, handle: Any) -> None:
+        if not handle.done and self.running.get((a.build, a.job), (None, None))[1] is handle:
+            self._send_started(a)
+
     def _send_started(self, a: Assignment) -> None:
-        leader = self.node.leadership.leader
-        if leader is not None:
-            self.node.send_raw(leader, REPORT, pack({"build": a.build, "job": a.job,
-                                                     "attempt": a.attempt, "status": "started",
-                                                     "node": self.node.id}))
+        self._outgoing.append({"build": a.build, "job": a.job, "attempt": a.attempt,
+                               "status": "started", "node": self.node.id})
+        self._soon()
 
     def _report(self, a: Assignment, result: JobResult | str) -> None:
         if isinstance(result, str):
@@ -279,29 +312,61 @@ class Worker:
         self.finished[(a.build, a.job, a.attempt)] = None
         while len(self.finished) > MAX_FINISHED:
             self.finished.popitem(last=False)
-        self.node.store.outbox_put(_report_key(report), report)
         if report["status"] != "ok":  # the ledger records every job; the log, what went wrong
             self.node.event("job_failed_here", {"build": a.build, "job": a.job,
                                                 "attempt": a.attempt, "status": report["status"],
                                                 "reason": str(report["reason"])[:200]})
-        self._send_reports()
+        self._unsaved.append(report)
+        self._soon()
 
     def pending_reports(self) -> list[dict[str, Any]]:
         return self.node.store.outbox()
 
-    def _send_reports(self) -> None:
+    def _soon(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The turn's reports in one message, and its outbox writes in one transaction right
+        after (in the same callback: an acknowledgement cannot come before they are written;
+        a crash between the two loses the reports just as a crash before sending would)."""
+        self._flush_soon = False
+        unsaved, acked, outgoing = self._unsaved, self._acked, self._outgoing
+        self._unsaved, self._acked, self._outgoing = [], [], []
+        self._send(outgoing + unsaved)
+        if unsaved or acked:
+            _outbox_write(self.node.store, [(_report_key(r), r) for r in unsaved], acked)
+
+    def _send(self, reports: list[dict[str, Any]]) -> None:
         leader = self.node.leadership.leader
-        if leader is None:
-            return  # kept on disk; sent when a leader is known
-        for report in self.pending_reports():
-            self.node.send_raw(leader, REPORT, msgpack.packb(report))
+        now = time.monotonic() if leader else 0.0
+        for report in reports:
+            if report["status"] != "started":
+                self._sent_at[_report_key(report)] = now
+        if reports and leader is not None:  # else kept on disk; sent when a leader is known
+            self.node.send_raw(leader, REPORT, pack({"reports": reports}))
+
+    def _send_reports(self, older_than: float = 0.0) -> None:
+        """Send the unacknowledged reports (those last sent at least `older_than` ago)."""
+        now = time.monotonic()
+        self._send([r for r in self.pending_reports()
+                    if now - self._sent_at.get(_report_key(r), 0.0) >= older_than])
 
     async def run(self) -> None:
-        """Re-send unacknowledged reports to whoever leads now."""
+        """Re-send unacknowledged reports: all of them at once to a new leader (the old one may
+        have died with them), else those unacknowledged for RESEND_S."""
+        leader, resent = None, time.monotonic()
         while True:
-            await asyncio.sleep(RESEND_S)
-            if self.pending_reports():
-                self._send_reports()
+            await asyncio.sleep(LEADER_POLL_S)
+            now = time.monotonic()
+            if self.node.leadership.leader != leader:
+                leader = self.node.leadership.leader
+                if leader is not None:
+                    self._send_reports()
+            elif now - resent >= RESEND_S / 2:
+                resent = now
+                self._send_reports(older_than=RESEND_S)
 
     def _spawn(self, coro) -> None:
         self._tasks.spawn(coro)
@@ -311,6 +376,32 @@ class Worker:
             if handle is not None:
                 handle.cancel()
         await self._tasks.close()
+
+
+def _outbox_write(store: Any, puts: list[tuple[str, Any]], deletes: list[str]) -> None:
+    """Outbox rows written and deleted in one transaction (one fsync for a turn's reports).
+    The Store's outbox methods take one row per transaction; this uses its transaction and
+    its outbox table directly."""
+    if len(puts) + len(deletes) == 1:
+        if puts:
+            store.outbox_put(*puts[0])
+        else:
+            store.outbox_delete(deletes[0])
+        return
+    with store._tx() as db:
+        db.executemany("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
+                       [(key, msgpack.packb(value)) for key, value in puts])
+        db.executemany("DELETE FROM outbox WHERE key = ?", [(key,) for key in deletes])
+
+
+def batch(body: dict[str, Any], key: str) -> list[Any]:
+    """The list of maps under `key`, or the body itself as a list of one (a single item)."""
+    if key not in body:
+        return [body]
+    items = body[key]
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ValueError(f"{key}: a list of maps")
+    return items
 
 
 def _report_key(r: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+from collections import Counter
 from typing import Any
 
 import msgpack
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from swarmnode.build.plan import Requires
 from swarmnode.ledger import (
+    ACTIVE,
     ASSIGNED,
     BLOCKED,
     CANCELLED,
@@ -40,6 +42,7 @@ from swarmnode.ledger import (
     from_plain,
     to_plain,
 )
+from swarmnode.ledger.jobs import MAX_BATCH, Batch, SetVoters, Voters
 
 H = "ab" * 32
 
@@ -97,6 +100,8 @@ ALL = [
     Block("b1/only", "operator"),
     Cancel("b1", 4),
     Requeue("b1/only", "node died"),
+    Batch((build("b3"), Assign("b3/only", "node-a", 3, 1), Started("b1/only", "node-a", 1),
+           Done("b1/only", "node-a", 1, (("o", H),)), Failed("b1/x", "node-b", 2, "exit 2"))),
 ]
 
 
@@ -151,6 +156,15 @@ BAD = [
     _job(requires={"arch": None, "kind": None, "tags": ["b", "a"], "cores": 1}),
     _job(requires={"arch": None, "kind": None, "tags": [], "cores": 0}),
     _job(requires={"cores": 1}),
+    {"op": "batch", "items": []},
+    {"op": "batch", "items": [to_plain(Cancel("b1", 1))]},  # only what the leader batches
+    {"op": "batch", "items": [to_plain(Voters(("n1",)))]},
+    {"op": "batch", "items": [to_plain(SetVoters(("n1",)))]},
+    {"op": "batch", "items": [{"op": "batch", "items": [to_plain(Started("b1/j", "n", 1))]}]},
+    {"op": "batch", "items": [to_plain(Started("b1/j", "n", 1))] * (MAX_BATCH + 1)},
+    {"op": "batch", "items": [to_plain(Started("b1/j", "n", 1)), "started"]},
+    {"op": "batch", "items": [_plain(Assign("b1/j", "n", 1, 1), attempt=0)]},
+    {"op": "batch", "items": to_plain(Started("b1/j", "n", 1))},
 ]
 
 
@@ -436,3 +450,54 @@ def test_pinned_voters_are_committed_state_and_survive_a_snapshot():
         from_plain({"op": "set_voters", "voters": ["v"] * 10})
     with pytest.raises(LedgerError):
         from_plain({"op": "set_voters", "voters": "abc"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_a_batch_is_applied_exactly_as_its_commands_one_by_one() -> None:
+    """Whatever the commands, a `Batch` gives the same state and events as the same commands
+    in entries of their own; each is judged on its own (a stale report in the middle is
+    rejected, the rest still count), and an assignment whose dependency's result comes
+    earlier in the same batch is accepted -- or refused if that result was stale."""
+    rng = random.Random(3)
+    for _ in range(200):
+        cmds: list[Command] = [build("b1", a=(), b=("a",), c=("a",)), build("b2")]
+        for _ in range(rng.randint(1, 12)):
+            key = rng.choice(["b1/a", "b1/b", "b1/c", "b2/only"])
+            node, attempt = rng.choice(["n1", "n2"]), rng.randint(1, 3)
+            cmds.append(rng.choice([
+                Assign(key, node, rng.randint(1, 2), attempt),
+                Started(key, node, attempt),
+                Done(key, node, attempt, arts(key)),
+                Failed(key, node, attempt, "exit 1"),
+            ]))
+        one_by_one, batched = JobLedger(), JobLedger()
+        events = [e for i, c in enumerate(cmds, 1) for e in one_by_one.apply(i, encode(c))]
+        batched.apply(1, encode(cmds[0]))
+        parts = batched.apply_parts(2, encode(Batch(tuple(cmds[1:]))))
+        assert [c for c, _evs in parts] == cmds[1:]
+        events_b = batched.tally  # same outcomes, counted alike
+        assert Counter(e.kind for e in events) == events_b
+        for b in ("b1", "b2"):
+            assert [(j.state, j.node, j.attempt, j.artifacts) for j in one_by_one.jobs(b)] == [
+                (j.state, j.node, j.attempt, j.artifacts) for j in batched.jobs(b)]
+
+
+def test_a_stale_report_in_a_batch_is_rejected_and_the_rest_count() -> None:
+    led = Ledger()
+    led(build(a=(), b=("a",)))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Requeue("b1/a", "n1 unreachable"))
+    led(Assign("b1/a", "n2", 2, 2))
+    assert led(Batch((
+        Done("b1/a", "n1", 1, arts("old")),  # stale: requeued
+        Assign("b1/b", "n1", 2, 1),  # so its dependency is not done: refused
+        Done("b1/a", "n2", 2, arts("good")),
+        Assign("b1/b", "n3", 2, 1),  # now it is
+        Started("b1/b", "n3", 1),
+    ))) == ["rejected_stale", "rejected", "done", "assigned", "started"]
+    a, b = led.led.job("b1/a"), led.led.job("b1/b")
+    assert a is not None and (a.state, a.artifacts) == (DONE, arts("good"))
+    assert b is not None and b.state in ACTIVE and b.node == "n3"

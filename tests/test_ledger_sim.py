@@ -85,7 +85,8 @@ def test_random_faults_lose_nothing_and_accept_no_stale_report(chunk: int) -> No
     and replayed orders from deposed leaders. Every step is checked (one leader per term, log
     matching, one history, leader completeness, no accepted build or result lost, no stale
     report applied, the same ledger events everywhere); once healed, every client must be
-    answered and every accepted build finished."""
+    answered and every accepted build finished. Most entries are `Batch`es (the leader's
+    submissions, reports and assignments of one loop turn)."""
     results = _runs(range(chunk * 500, (chunk + 1) * 500))
     bad = [(r.seed, r.violations[:3], r.faults) for r in results if r.violations]
     assert not bad
@@ -99,6 +100,10 @@ def test_random_faults_lose_nothing_and_accept_no_stale_report(chunk: int) -> No
     assert total["accepted_builds"] == total["builds"] > 1000
     assert total["results"] > 2000
     assert total["stale_rejected"] > 300 and total["fenced"] > 20
+    # most of the log is batches of submissions, reports and assignments; stale reports and
+    # assignments that came too early are refused inside them
+    assert total["batches"] > 5000 and total["batched"] > 3 * total["batches"] / 2
+    assert total["stale_rejected_in_batch"] > 200 and total["batched_assigns_refused"] > 20
     assert total["crashes"] > 300 and total["restores"] > 100 and total["compactions"] > 1000
     assert total["lost"] > 1000 and total["partitioned"] > 1000
 
@@ -212,7 +217,7 @@ def test_a_follower_far_behind_catches_up_from_a_chunked_snapshot() -> None:
     leader = settle(sim)
     away = next(i for i in sorted(sim.nodes) if i != leader)
     sim.crash(away)
-    for i in range(8):
+    for i in range(16):  # (batched entries: fewer entries than commands)
         sim.submit(one_job(f"b{i}", "a", "b", "c"))
     settle(sim, [i for i in sim.up_ids()])
     lead = sim.caught_up()

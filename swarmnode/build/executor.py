@@ -16,9 +16,14 @@ Choices made here, and why:
 * The command runs in its own session (so its process group can be killed as a whole), with
   stdin from /dev/null, a minimal environment (the node's may hold secrets and differs between
   nodes) and at `nice` 10: builds saturate every core, and the node's own event loop must keep
-  answering gossip and election messages on time or it is declared dead under load. `nice` is
-  run as a program wrapping the command, because setting the priority after the fork would
-  race with the first children the job starts.
+  answering gossip and election messages on time or it is declared dead under load. Setting
+  the priority after the fork would race with the first children the job starts, so on Linux,
+  where a nice value belongs to a thread and a child inherits its parent thread's, commands
+  are started from one thread of the node that runs at +10 (no `nice` program wrapping each
+  command: one exec fewer per job); elsewhere `nice` wraps the command. The command's exit is
+  awaited through a pidfd in the event loop (asyncio's child watcher starts a thread per
+  child in Python 3.11). A program that cannot be started is a failure with the exit status
+  a shell gives it (127: not found, 126: not executable), as when `nice` started it.
 * When the job's main process exits, whatever is left of its process group is killed and
   waited for: stragglers would otherwise write into the directory while its outputs are hashed
   or while it is removed. Cancellation and timeouts (counted from the command's start) send
@@ -44,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import math
 import os
@@ -51,9 +57,13 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -354,6 +364,21 @@ def _remove_tree(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path, onerror=retry)
+
+
+def _remove_bare(job_dir: Path) -> bool:
+    """Remove a job directory holding only what the executor made (its log, an empty TMPDIR)
+    at once, without a thread; False (nothing removed) when it holds anything else."""
+    meta = job_dir / META
+    if os.listdir(job_dir) != [META] or sorted(os.listdir(meta)) != [LOG_NAME, "tmp"]:
+        return False
+    if os.listdir(meta / "tmp"):
+        return False
+    os.unlink(meta / LOG_NAME)
+    os.rmdir(meta / "tmp")
+    os.rmdir(meta)
+    os.rmdir(job_dir)
+    return True
 
 
 def _fresh_dir(root: Path, spec: JobSpec) -> Path:
@@ -764,6 +789,69 @@ def _exit_reason(code: int) -> str:
 
 StoreFn = Callable[[Path, Output], Awaitable[object]]
 
+#: Start commands from a thread at a higher nice value (Linux: nice values are per thread).
+_THREAD_NICE = sys.platform == "linux"
+
+
+def _nice_thread(niceness: int) -> None:
+    """Initializer of the thread that starts commands: lower its own priority (only it)."""
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+
+
+class _Child:
+    """A started command (`pid` 0 and a fixed `returncode` for one that could not start),
+    waited for through a pidfd in the event loop, else in a thread."""
+
+    def __init__(self, popen: subprocess.Popen[bytes] | None, returncode: int | None = None):
+        self._popen = popen
+        self.pid = popen.pid if popen is not None else 0
+        self._returncode = returncode
+        self._exited: asyncio.Future[object] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode if self._popen is not None else self._returncode
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            if self._exited is None:
+                self._exited = self._watch()
+            await asyncio.shield(self._exited)
+        code = self.returncode
+        assert code is not None
+        return code
+
+    def _watch(self) -> asyncio.Future[object]:
+        popen = self._popen
+        assert popen is not None
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfds here
+            return asyncio.ensure_future(asyncio.to_thread(popen.wait))
+        exited = loop.create_future()
+
+        def reap() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            popen.wait()  # at once: it has exited
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, reap)
+        return exited
+
+
+def _kill_started(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """The command started after its job was cancelled: kill its group (it is reaped in a
+    thread)."""
+    if started.cancelled() or started.exception() is not None:
+        return
+    popen = started.result()
+    _signal_group(popen.pid, signal.SIGKILL)
+    threading.Thread(target=popen.wait, daemon=True).start()
+
 
 class RunningJob:
     """A job started by `Executor.start`: wait for it, follow its output, or cancel it."""
@@ -853,7 +941,8 @@ class RunningJob:
         job_dir = self.job_dir
         if job_dir is not None and status == "ok" and not self._keep:
             with contextlib.suppress(OSError):  # if it stays, the result still names it
-                await asyncio.to_thread(_remove_tree, job_dir)
+                if not _remove_bare(job_dir):  # left more than the executor's own files
+                    await asyncio.to_thread(_remove_tree, job_dir)
             job_dir = job_dir if job_dir.exists() else None
         return self._result(status, reason, outputs, job_dir)
 
@@ -864,12 +953,18 @@ class RunningJob:
         _check_spec(spec)
         files = _staging(self._inputs, self._deps)
         patterns = [_relative(pattern, "outputs") for pattern in spec.outputs]
+        # A few mkdirs are made at once (a thread hop costs more); removing a stale directory
+        # and staging files take a thread.
+        stale = os.path.lexists(executor.root / spec.build_id / spec.job / str(spec.attempt))
         try:
-            self.job_dir = await asyncio.to_thread(_fresh_dir, executor.root, spec)
+            if stale:
+                self.job_dir = await asyncio.to_thread(_fresh_dir, executor.root, spec)
+            else:
+                self.job_dir = _fresh_dir(executor.root, spec)
             self._log = _Log(self.job_dir / META / LOG_NAME, executor.log_limit)
         except OSError as exc:
             raise JobError(f"cannot make the job directory: {exc}") from None
-        marks = await asyncio.to_thread(_stage, self.job_dir, files)
+        marks = await asyncio.to_thread(_stage, self.job_dir, files) if files else {}
         if not await self._acquire():
             return "cancelled", "cancelled before it started", ()
         try:
@@ -885,7 +980,8 @@ class RunningJob:
         code = self._exit_code
         if code != 0:
             return "failed", _exit_reason(code) if code is not None else "no exit status", ()
-        outputs = await asyncio.to_thread(collect_outputs, self.job_dir, patterns, marks)
+        outputs = (await asyncio.to_thread(collect_outputs, self.job_dir, patterns, marks)
+                   if patterns else ())
         if self._store is not None:
             for output in outputs:
                 try:
@@ -925,32 +1021,40 @@ class RunningJob:
             return [executor.nice_program, "-n", str(executor.niceness), "--", *argv]
         return argv
 
-    async def _execute(self, job_dir: Path) -> None:
+    async def _start(self, job_dir: Path, write_fd: int) -> _Child:
+        """Start the command (from the executor's niced thread) writing to `write_fd`."""
         executor = self._executor
+        argv = self._argv()
+        spawn = functools.partial(
+            subprocess.Popen, argv, cwd=job_dir, env=job_env(self.spec, job_dir, executor.path),
+            stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, start_new_session=True)
+        started = asyncio.get_running_loop().run_in_executor(executor._spawner(), spawn)
+        try:
+            return _Child(await asyncio.shield(started))
+        except asyncio.CancelledError:  # it starts anyway: stop it, and reap it
+            started.add_done_callback(_kill_started)
+            raise
+        except OSError as exc:
+            if exc.filename != argv[0] or not isinstance(exc, FileNotFoundError | PermissionError):
+                raise JobError(f"cannot start the command: {exc}") from None
+            # as a shell (or `nice`) has it: a failure with its exit status, not an error
+            found = isinstance(exc, PermissionError)
+            what = "permission denied" if found else "command not found"
+            self._emit(f"swarmnode: {argv[0]}: {what}\n".encode())
+            return _Child(None, 126 if found else 127)
+
+    async def _execute(self, job_dir: Path) -> None:
         # Our own pipe rather than asyncio's: its wait() also waits for its pipes to close, so
         # a straggler holding the output open would hide that the job itself has ended.
         read_fd, write_fd = os.pipe()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(),
-                cwd=job_dir,
-                env=job_env(self.spec, job_dir, executor.path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=write_fd,
-                stderr=write_fd,
-                start_new_session=True,
-            )
-        except BaseException as exc:
+            proc = await self._start(job_dir, write_fd)
+        except BaseException:
             os.close(read_fd)
-            if isinstance(exc, OSError):
-                raise JobError(f"cannot start the command: {exc}") from None
             raise
         finally:
             os.close(write_fd)
         began = time.monotonic()
-        if executor.niceness and not executor.nice_program:  # no `nice`: racy, but better
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, proc.pid, executor.niceness)
         pump = asyncio.ensure_future(self._pump(read_fd))
         try:
             ended = asyncio.ensure_future(proc.wait())
@@ -968,10 +1072,11 @@ class RunningJob:
             if proc.returncode is None:  # we are being cancelled ourselves
                 _signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
-            await self._sweep(proc.pid)
+            if proc.pid:
+                await self._sweep(proc.pid)
             await self._drain(pump)
 
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+    async def _terminate(self, proc: _Child) -> None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             async with asyncio.timeout(self._executor.grace):
@@ -1061,11 +1166,19 @@ class Executor:
         self.root = Path(root)
         self.slots = slots
         self.niceness = niceness
-        self.nice_program = shutil.which("nice") if niceness else None
+        self.nice_program = shutil.which("nice") if niceness and not _THREAD_NICE else None
+        self._pool: ThreadPoolExecutor | None = None
         self.grace = grace
         self.log_limit = log_limit
         self.path = path
         self._active: dict[tuple[str, str, int], RunningJob] = {}
+
+    def _spawner(self) -> ThreadPoolExecutor:
+        """The thread commands are started from (at +niceness where that is per thread)."""
+        if self._pool is None:
+            nice = self.niceness if _THREAD_NICE and self.niceness else 0
+            self._pool = ThreadPoolExecutor(1, "swarmnode-jobs", _nice_thread, (nice,))
+        return self._pool
 
     def start(
         self,

@@ -7,8 +7,11 @@ the build (its "bottom level"): starting the job that the most work waits on fir
 classic list-scheduling heuristic and keeps the makespan close to the critical path when there
 are enough cores. Nodes are chosen best fit, and a job too big for any node's free cores holds
 one node it could use so that the node drains for it (see `assign`): without that, a stream of
-small jobs can starve a big one indefinitely. Equal inputs always give equal answers, so a new
-leader elected mid-build decides as the old one would have.
+small jobs can starve a big one indefinitely. While it drains, the held node still takes jobs
+expected to end before enough of its cores come free for the big one (backfilling, from the
+estimates of the jobs running there and of the job): the big job starts no later, and the
+cores do not idle meanwhile. Equal inputs always give equal answers, so a new leader elected
+mid-build decides as the old one would have.
 
 `simulate` replays a plan on imaginary nodes with the estimates as durations, calling `assign`
 at every event as the leader would; `lower_bound` is what no schedule can beat. Together they
@@ -35,11 +38,22 @@ class Slot:
     tags: frozenset[str] = frozenset()
     paused: bool = False
     cores: int | None = None
+    releases: tuple[tuple[float, int], ...] = ()
+    """(seconds from now, cores): when each job running here is expected to end, and the cores
+    it frees then. Without them a held node takes no other job until it has drained."""
 
     @property
     def capacity(self) -> int:
         """The most cores a single job could ever get here."""
         return self.free_cores if self.cores is None else self.cores
+
+    def free_after(self, free: int, cores: int) -> float:
+        """Seconds until `cores` are free here, `free` being free now (0.0: unknown)."""
+        for after, freed in sorted(self.releases):
+            free += freed
+            if free >= cores:
+                return after
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,8 @@ class Ready:
     job: str
     requires: Requires
     priority: float
+    estimate: float | None = None
+    """Its expected run time (None: unknown, never backfilled into a held node)."""
 
     @property
     def cores(self) -> int:
@@ -146,33 +162,36 @@ def assign(
     the big jobs that need them. A job that fits nowhere now but would fit on a node once that
     node is idle reserves one such node (the one with the most free cores, nearest to fitting)
     against the lower-priority jobs after it, so the node drains for it instead of being
-    refilled by small jobs forever; nodes it could never use stay open to them. `avoid[job]`
-    lists nodes the job already failed on; paused nodes get nothing; no node is given more
-    cores than it has free. Reserving needs `Slot.cores`; without it a busy node is never
-    reserved.
+    refilled by small jobs forever; nodes it could never use stay open to them. A held node
+    still takes a later job that fits in its free cores and whose `estimate` is at most the
+    time until the held job's cores are expected free (`Slot.releases`): it ends before the
+    held job could start. `avoid[job]` lists nodes the job already failed on; paused nodes get
+    nothing; no node is given more cores than it has free. Reserving needs `Slot.cores`;
+    without it a busy node is never reserved.
     """
     avoid = avoid or {}
     open_ = sorted((slot for slot in slots if not slot.paused), key=lambda slot: slot.node)
     free = {slot.node: slot.free_cores for slot in open_}
-    spare = sum(free.values())  # free cores on open nodes: at 0 nothing more can start
+    spare = sum(free.values())  # free cores on open and held nodes: at 0 nothing can start
+    held: dict[str, float] = {}  # held node -> seconds until its held job could start
     pairs: list[tuple[str, str]] = []
     for job in sorted(ready, key=lambda r: (-r.priority, -r.cores, r.job)):
         if spare <= 0:
             break
         shunned = avoid.get(job.job, ())
         usable = [s for s in open_ if s.node not in shunned and fits(job.requires, s)]
-        now = [s for s in usable if free[s.node] >= job.cores]
+        now = [s for s in usable if free[s.node] >= job.cores and (
+            s.node not in held or (job.estimate is not None and job.estimate <= held[s.node]))]
         if now:
             best = min(now, key=lambda s: free[s.node])  # first of equals: lowest node id
             free[best.node] -= job.cores
             spare -= job.cores
             pairs.append((job.job, best.node))
             continue
-        later = [s for s in usable if s.capacity >= job.cores]
+        later = [s for s in usable if s.capacity >= job.cores and s.node not in held]
         if later:
-            held = max(later, key=lambda s: free[s.node])  # first of equals: lowest node id
-            open_.remove(held)
-            spare -= free[held.node]
+            node = max(later, key=lambda s: free[s.node])  # first of equals: lowest node id
+            held[node.node] = node.free_after(free[node.node], job.cores)
     return pairs
 
 
@@ -217,10 +236,15 @@ def simulate_schedule(
     placements: dict[str, Placement] = {}
     now = 0.0
     while ready or running:
+        releases: dict[str, list[tuple[float, int]]] = {}
+        for end, job, node in running:
+            releases.setdefault(node, []).append((end - now, needs[job].cores))
         current = [
-            Slot(s.node, free[s.node], s.arch, s.kind, s.tags, s.paused, s.cores) for s in slots
+            Slot(s.node, free[s.node], s.arch, s.kind, s.tags, s.paused, s.cores,
+                 tuple(releases.get(s.node, ()))) for s in slots
         ]
-        for job, node in assign([Ready(j, needs[j], prio[j]) for j in ready], current):
+        entries = [Ready(j, needs[j], prio[j], plan.jobs[j].estimate) for j in ready]
+        for job, node in assign(entries, current):
             end = now + plan.jobs[job].estimate
             ready.discard(job)
             free[node] -= needs[job].cores

@@ -59,6 +59,8 @@ MAX_PATH = 1024
 MAX_REASON = 1000
 MAX_LOG_TAIL = 16 * 1024
 MAX_U63 = (1 << 63) - 1
+MAX_BATCH = 4096
+"""Commands in one `Batch` entry (the entry's byte limit usually binds first)."""
 SNAPSHOT_VERSION = 2
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ANYWHERE = Requires()
@@ -161,8 +163,24 @@ class Voters:
     voters: tuple[str, ...]
 
 
-Command = (SubmitBuild | Assign | Started | Done | Failed | Block | Cancel | Requeue | SetVoters
-           | Voters)
+Report = Started | Done | Failed
+Batched = SubmitBuild | Assign | Started | Done | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What the leader has for the log at the end of one turn of its loop, in one entry: the
+    builds submitted, the workers' reports and its scheduling pass's assignments. Each command
+    is applied in order exactly as an entry of its own would be (so each is judged on its own:
+    a stale report is rejected, the others still count; an assignment whose dependency's
+    result is in the same batch but was rejected is refused). One entry, one Raft round trip
+    and one fsync per replica, for all of them."""
+
+    items: tuple[Batched, ...]
+
+
+Command = (SubmitBuild | Assign | Started | Done | Failed | Batch | Block | Cancel | Requeue
+           | SetVoters | Voters)
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -170,6 +188,7 @@ _OPS: dict[type, str] = {
     Started: "started",
     Done: "done",
     Failed: "failed",
+    Batch: "batch",
     Block: "block",
     Cancel: "cancel",
     Requeue: "requeue",
@@ -344,6 +363,14 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
             _str(m["reason"], f"{w}.reason", MAX_REASON),
             _str(m["log_tail"], f"{w}.log_tail", MAX_LOG_TAIL, empty=True),
         )
+    if op == "batch":
+        items = m["items"]
+        if type(items) is not list or not 1 <= len(items) <= MAX_BATCH:
+            raise _fail(f"{w}.items", f"expected a list of 1..{MAX_BATCH} commands")
+        for item in items:
+            if type(item) is not dict or item.get("op") not in _BATCHED:
+                raise _fail(f"{w}.items", f"expected maps with op in {sorted(_BATCHED)}")
+        return Batch(tuple(from_plain(item) for item in items))  # type: ignore[misc]
     if op == "block":
         return Block(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
     if op == "cancel":
@@ -357,9 +384,12 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
     return Requeue(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
 
 
+_BATCHED = frozenset({"submit_build", "assign", "started", "done", "failed"})
+
 _FIELDS: dict[str, tuple[str, ...]] = {
     "submit_build": ("build_id", "name", "submitter", "jobs"),
     "assign": ("job_key", "node", "term", "attempt"),
+    "batch": ("items",),
     "started": ("job_key", "node", "attempt"),
     "done": ("job_key", "node", "attempt", "artifacts"),
     "failed": ("job_key", "node", "attempt", "reason", "log_tail"),
@@ -395,7 +425,9 @@ def to_plain(cmd: Command) -> dict[str, Any]:
     plain: dict[str, Any] = {"op": op}
     for name in _FIELDS[op]:
         value = getattr(cmd, name)
-        if name == "jobs":
+        if name == "items":
+            value = [to_plain(c) for c in value]
+        elif name == "jobs":
             value = {n: spec_to_plain(s) for n, s in value}
         elif name == "artifacts":
             value = dict(value)
@@ -478,6 +510,9 @@ class JobLedger:
         self._builds: dict[str, Build] = {}
         self._jobs: dict[str, Job] = {}
         self._dependents: dict[str, tuple[str, ...]] = {}
+        self._unfinished: dict[str, int] = {}
+        """build id -> its jobs not in a FINAL state, for builds that have any (in submission
+        order): derived, so queries skip finished builds."""
         self.pinned_voters: tuple[str, ...] = ()
         """The operator's voter set; empty: chosen automatically."""
         self.voters: tuple[str, ...] = ()
@@ -490,25 +525,47 @@ class JobLedger:
         its plain form, or the command already decoded from them. Never raises for a bad entry
         (it becomes an `invalid` event); raises ValueError if `index` does not follow the last
         applied one (a shell bug)."""
+        return [ev for _cmd, events in self.apply_parts(index, entry) for ev in events]
+
+    def apply_parts(
+        self, index: int, entry: bytes | Mapping[str, Any] | Command
+    ) -> list[tuple[Command | None, list[LedgerEvent]]]:
+        """`apply`, with the events of each command apart: one part per command of a `Batch`,
+        in order; one part for any other entry (command None for an invalid one); none for a
+        no-op."""
         if index != self.applied + 1:
             raise ValueError(f"entry {index} does not follow applied entry {self.applied}")
         self.applied = index
         if type(entry) in _APPLY:
-            return self._events(_APPLY[type(entry)](self, index, entry))
-        if isinstance(entry, bytes | bytearray) and not entry:
+            cmd: Command = entry  # type: ignore[assignment]
+        elif isinstance(entry, bytes | bytearray) and not entry:
             return []
-        try:
-            cmd = (
-                decode(bytes(entry)) if isinstance(entry, bytes | bytearray) else from_plain(entry)
-            )
-        except LedgerError as exc:
-            return self._events([LedgerEvent("invalid", {"index": index, "error": str(exc)})])
-        return self._events(_APPLY[type(cmd)](self, index, cmd))
+        else:
+            try:
+                cmd = (decode(bytes(entry)) if isinstance(entry, bytes | bytearray)
+                       else from_plain(entry))
+            except LedgerError as exc:
+                event = LedgerEvent("invalid", {"index": index, "error": str(exc)})
+                return [(None, self._events([event]))]
+        items: tuple[Command, ...] = cmd.items if type(cmd) is Batch else (cmd,)
+        return [(c, self._events(_APPLY[type(c)](self, index, c))) for c in items]
 
     def _events(self, events: list[LedgerEvent]) -> list[LedgerEvent]:
         for ev in events:
             self.tally[ev.kind] += 1
         return events
+
+    def _finish(self, job: Job) -> None:
+        """Store `job`, now in a FINAL state (its build has one unfinished job fewer if it was
+        not final before)."""
+        key = job.key
+        if self._jobs[key].state not in FINAL:
+            left = self._unfinished[job.build_id] - 1
+            if left:
+                self._unfinished[job.build_id] = left
+            else:
+                del self._unfinished[job.build_id]
+        self._jobs[key] = job
 
     def _submit(self, index: int, c: SubmitBuild) -> list[LedgerEvent]:
         old = self._builds.get(c.build_id)
@@ -525,6 +582,7 @@ class JobLedger:
         )
         for name, spec in c.jobs:
             self._jobs[job_key(c.build_id, name)] = Job(c.build_id, name, spec)
+        self._unfinished[c.build_id] = len(c.jobs)
         self._index_dependents(c.build_id)
         return [LedgerEvent("submitted", {"build_id": c.build_id, "jobs": len(c.jobs)})]
 
@@ -559,7 +617,7 @@ class JobLedger:
             if event.kind == "duplicate" and self._jobs[c.job_key].artifacts != c.artifacts:
                 event = _stale(c.job_key, c.node, c.attempt, self._jobs[c.job_key])
             return [event]
-        self._jobs[c.job_key] = replace(job, state=DONE, artifacts=c.artifacts, reason=None)
+        self._finish(replace(job, state=DONE, artifacts=c.artifacts, reason=None))
         return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node})]
 
     def _failed(self, index: int, c: Failed) -> list[LedgerEvent]:
@@ -595,7 +653,7 @@ class JobLedger:
             key = job_key(c.build_id, name)
             job = self._jobs[key]
             if job.state != DONE:
-                self._jobs[key] = replace(job, state=CANCELLED, node=None, reason="cancelled")
+                self._finish(replace(job, state=CANCELLED, node=None, reason="cancelled"))
                 n += 1
         return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
 
@@ -645,7 +703,7 @@ class JobLedger:
             if job.state in FINAL:
                 continue
             node = job.node if keep_node and k == key else None
-            self._jobs[k] = replace(job, state=BLOCKED, reason=why, node=node)
+            self._finish(replace(job, state=BLOCKED, reason=why, node=node))
             events.append(LedgerEvent("blocked", {"job_key": k, "reason": why}))
             todo += [(d, f"dependency {job.name} blocked") for d in self._dependents.get(k, ())]
         return events
@@ -669,24 +727,25 @@ class JobLedger:
             return []
         return [self._jobs[job_key(build_id, n)] for n in build.jobs]
 
+    def _open_jobs(self) -> Iterable[Job]:
+        """The jobs of builds not finished, oldest build first."""
+        jobs, builds = self._jobs, self._builds
+        for build_id in self._unfinished:
+            for name in builds[build_id].jobs:
+                yield jobs[f"{build_id}/{name}"]
+
     def ready(self) -> list[Job]:
         """Jobs that may be assigned now (queued, or failed on fewer than two nodes, with every
         dependency done), oldest build first."""
-        return [
-            j
-            for b in self.builds()
-            for j in self.jobs(b.build_id)
-            if j.state in (QUEUED, FAILED) and self._deps_done(j)
-        ]
+        return [j for j in self._open_jobs() if j.state in (QUEUED, FAILED) and self._deps_done(j)]
+
+    def active(self) -> list[Job]:
+        """Jobs held by a node now (assigned or running), oldest build first."""
+        return [j for j in self._open_jobs() if j.state in ACTIVE]
 
     def running_on(self, node: str) -> list[Job]:
         """Jobs currently assigned to `node` (assigned or running)."""
-        return [
-            j
-            for b in self.builds()
-            for j in self.jobs(b.build_id)
-            if j.state in ACTIVE and j.node == node
-        ]
+        return [j for j in self.active() if j.node == node]
 
     def progress(self, build_id: str) -> dict[str, int]:
         """Jobs of the build per state (every state listed), and "total"."""
@@ -698,8 +757,11 @@ class JobLedger:
 
     def finished(self, build_id: str) -> bool:
         """Every job of the build is done, blocked or cancelled."""
-        jobs = self.jobs(build_id)
-        return bool(jobs) and all(j.state in FINAL for j in jobs)
+        return build_id in self._builds and build_id not in self._unfinished
+
+    def dependents(self, key: str) -> tuple[str, ...]:
+        """The keys of the jobs that depend on job `key`."""
+        return self._dependents.get(key, ())
 
     def _deps_done(self, job: Job) -> bool:
         return all(self._jobs[job_key(job.build_id, d)].state == DONE for d in job.spec.deps)
@@ -763,10 +825,14 @@ class JobLedger:
         led.tally = Counter({str(k): _u63(v, "snapshot.tally") for k, v in m["tally"].items()})
         for b in m["builds"]:
             names = []
+            open_ = 0
             for jp in b["jobs"]:
                 job = _job_from_plain(b["build_id"], jp)
                 led._jobs[job.key] = job
                 names.append(job.name)
+                open_ += job.state not in FINAL
+            if open_:
+                led._unfinished[b["build_id"]] = open_
             led._builds[b["build_id"]] = Build(
                 b["build_id"],
                 b["name"],
@@ -839,6 +905,7 @@ _APPLY: dict[type, Any] = {
     Started: JobLedger._started,
     Done: JobLedger._done,
     Failed: JobLedger._failed,
+    Batch: None,  # its commands are applied one by one (apply_parts)
     Block: JobLedger._block,
     Cancel: JobLedger._cancel,
     Requeue: JobLedger._requeue,

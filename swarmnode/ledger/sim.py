@@ -6,19 +6,25 @@ ledger duties, played by the simulator the way the shell will play them:
 
 - every node applies committed entries to its own `JobLedger` (restored from the snapshot on
   restart; snapshots carry the ledger);
-- clients submit builds at random nodes; a node that leads proposes, any other forwards to the
-  leader it knows (one hop). A submission is *accepted* when the leader that proposed it applies
-  it (it is committed) and tells the node the client asked; unanswered clients retry, so
-  duplicates happen and the ledger must absorb them;
-- the leader, once `can_schedule`, assigns ready jobs (term, attempt), sends each assignment to
-  its worker (again while it is not running), requeues jobs of nodes it cannot reach for a while
-  (the failure detector's verdict, taken from the network here), and now and then cancels a
-  build or blocks a job;
+- clients submit builds at random nodes; a node that leads proposes (half the time in its next
+  `Batch`), any other forwards to the leader it knows (one hop). A submission is *accepted*
+  when the leader that proposed it applies it (it is committed) and tells the node the client
+  asked; unanswered clients retry, so duplicates happen and the ledger must absorb them;
+- the leader, once `can_schedule`, assigns ready jobs (term, attempt) -- and, as the node shell
+  does, jobs whose last dependency's result is among the reports of the same batch -- in one
+  `Batch` entry per loop with the submissions and reports it holds, sends each assignment to
+  its worker (again while it is not running), requeues jobs of nodes it cannot reach for a
+  while (the failure detector's verdict, taken from the network here), and now and then
+  cancels a build or blocks a job;
 - workers fence assignments and cancellations by term (`Fence`), run jobs for a random time,
-  keep their reports in a durable outbox and deliver them until their own ledger shows them
-  resolved -- so a worker cut off from the leader finishes and reports when it can;
+  keep their reports in a durable outbox and deliver them to the leader they know until their
+  own ledger shows them resolved -- so a worker cut off from the leader finishes and reports
+  when it can. The leader gathers the reports it receives for its next `Batch` (a `started` is
+  dropped when its job's result is in the same batch, as the node shell does), without judging
+  them: the ledger must reject the stale ones inside a batch;
 - now and then a node sends a deliberately stale report (an older attempt, another node, a
-  requeued attempt), remembered as known stale.
+  requeued attempt), remembered as known stale: into the leader's next batch, or as an entry
+  of its own (the single-report entries a log written before batching can hold).
 
 Checks on top of the election simulator's, after every step:
 
@@ -52,8 +58,12 @@ from swarmnode.election.sim import ElectionSim, SimNode, Violation, random_fault
 
 from .jobs import (
     ACTIVE,
+    DONE,
+    FAILED,
     QUEUED,
     Assign,
+    Batch,
+    Batched,
     Block,
     Cancel,
     Command,
@@ -109,6 +119,13 @@ class AssignJob:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportJob:
+    """Worker (or anyone) to the leader: put this report in your next `Reports` entry."""
+
+    report: Started | Done | Failed
+
+
+@dataclass(frozen=True, slots=True)
 class CancelBuild:
     build_id: str
     term: int
@@ -138,11 +155,15 @@ class NodeApp:
     last_try: dict[int, float] = field(default_factory=dict)
     # leader duties (reset when it stops leading)
     lead_term: int = -1
-    proposed: dict[int, tuple[int, str, int]] = field(default_factory=dict)
-    """log index -> (term, origin, req) of what it proposed on someone's behalf."""
+    proposed: dict[int, list[tuple[int, str, int]]] = field(default_factory=dict)
+    """log index -> (term, origin, req) of each submission it proposed there for someone."""
+    submits: list[tuple[str, int, SubmitBuild]] = field(default_factory=list)
+    """Submissions (origin, req, build) for the next `Batch`."""
     inflight: dict[str, int] = field(default_factory=dict)
     """job key (or "cancel:"/"block:" + id) -> index of an unapplied proposal about it."""
     assign_sent: dict[tuple[str, int], float] = field(default_factory=dict)
+    reports: dict[tuple[str, str, int], Command] = field(default_factory=dict)
+    """Reports received for the next `Reports` entry, by (job key, node, attempt)."""
     lost_since: dict[str, float] = field(default_factory=dict)
     lead_checked: bool = False
 
@@ -186,7 +207,7 @@ class LedgerSim(ElectionSim):
         """build id -> the log index at which it was first accepted."""
         self.results: dict[str, tuple[tuple[str, str], ...]] = {}
         """job key -> artifacts of its accepted done report."""
-        self.known_stale: set[bytes] = set()
+        self.known_stale: set[Command] = set()
         self.outcomes: list[str] = [""]
         """index -> the events its entry produced where it was first applied."""
         self.current: dict[str, tuple[str, int]] = {}
@@ -250,18 +271,21 @@ class LedgerSim(ElectionSim):
 
     def _on_apply(self, node: SimNode, o: Apply) -> None:
         app: NodeApp = node.app
-        events = app.ledger.apply(o.index, self._command(o.entry))
+        parts = app.ledger.apply_parts(o.index, self._command(o.entry))
+        events = [e for _cmd, evs in parts for e in evs]
         said = repr([(e.kind, e.data) for e in events])
         if o.index == len(self.outcomes):
             self.outcomes.append(said)
-            self._track(o, events)
+            batched = isinstance(self._command(o.entry), Batch)
+            for cmd, evs in parts:
+                self._track(o.index, cmd, evs, batched)
         elif o.index < len(self.outcomes) and self.outcomes[o.index] != said:
             self._violate("ledger_divergence", f"{node.id}: entry {o.index} gave {said}")
         # the leader's duties on applying
         app.inflight = {k: i for k, i in app.inflight.items() if i > o.index}
-        mine = app.proposed.pop(o.index, None)
-        if mine is not None and mine[0] == o.term:
-            self._answer(node, mine[1], mine[2], o.index)
+        for term, origin, req in app.proposed.pop(o.index, ()):
+            if term == o.term:
+                self._answer(node, origin, req, o.index)
         el = node.election
         if el is not None and el.role == LEADER:
             for ev in events:
@@ -271,7 +295,7 @@ class LedgerSim(ElectionSim):
     def _deliver_app(self, node: SimNode, src: str, msg: Any) -> None:
         kind = type(msg)
         if kind is Forward:
-            self._propose(node, msg.entry, msg.origin, msg.req)
+            self._offer(node, msg.entry, msg.origin, msg.req)
         elif kind is Accepted:
             r = self.requests.get(msg.req)
             if r is not None:
@@ -280,6 +304,8 @@ class LedgerSim(ElectionSim):
             self._on_assignment(node, msg)
         elif kind is CancelBuild:
             self._on_cancel(node, msg)
+        elif kind is ReportJob:
+            self._on_report(node, msg.report)
 
     # ------------------------------------------------------------------ the shell loop
 
@@ -315,6 +341,8 @@ class LedgerSim(ElectionSim):
             app.proposed.clear()
             app.inflight.clear()
             app.assign_sent.clear()
+            app.reports.clear()
+            app.submits.clear()
             app.lost_since.clear()
             app.lead_checked = False
 
@@ -326,13 +354,25 @@ class LedgerSim(ElectionSim):
         index = el.propose(self.now, entry)
         if index is not None:
             self._sync_lead(node)
-            node.app.proposed[index] = (el.term, origin or node.id, req)
+            node.app.proposed.setdefault(index, []).append((el.term, origin or node.id, req))
         elif not origin and el.leader not in (None, node.id):
             self.send_app(node.id, el.leader, Forward(req, node.id, entry))  # type: ignore[arg-type]
         return index
 
     def _route(self, node: SimNode, req: int, entry: bytes) -> None:
-        self._propose(node, entry, "", req)
+        self._offer(node, entry, "", req)
+
+    def _offer(self, node: SimNode, entry: bytes, origin: str, req: int) -> None:
+        """A leader keeps half the submissions for its next `Batch`; anything else is proposed
+        (or forwarded) at once."""
+        el = node.election
+        assert el is not None
+        cmd = self._command(entry)
+        if el.role == LEADER and isinstance(cmd, SubmitBuild) and self.app_rng.random() < 0.5:
+            self._sync_lead(node)
+            node.app.submits.append((origin or node.id, req, cmd))
+        else:
+            self._propose(node, entry, origin, req)
 
     def _answer(self, node: SimNode, origin: str, req: int, index: int) -> None:
         r = self.requests.get(req)
@@ -355,17 +395,37 @@ class LedgerSim(ElectionSim):
                 app.lost_since.pop(id_, None)
             else:
                 app.lost_since.setdefault(id_, self.now)
-        assigned = 0
-        for job in led.ready():
-            if job.key in app.inflight or assigned >= 8:
+        reports = list(app.reports.values())
+        done = {r.job_key for r in reports if isinstance(r, Done)}
+        candidates = {j.key: j for j in led.ready()}
+        for key in sorted(done):  # their dependents may start once the batch has the results
+            for dep in led.dependents(key):
+                j = led.job(dep)
+                assert j is not None
+                if j.state in (QUEUED, FAILED) and all(
+                    f"{j.build_id}/{d}" in done or led.job(f"{j.build_id}/{d}").state == DONE
+                    for d in j.spec.deps
+                ):
+                    candidates.setdefault(j.key, j)
+        chosen: list[Batched] = []
+        for job in candidates.values():
+            if job.key in app.inflight or len(chosen) >= 8:
                 continue
             fresh = [i for i in everyone if i not in job.failed_on and i not in app.lost_since]
-            target = rng.choice(fresh or everyone)
-            index = self._propose(node, encode(Assign(job.key, target, term, job.attempt + 1)))
+            chosen.append(Assign(job.key, rng.choice(fresh or everyone), term, job.attempt + 1))
+        items = [cmd for _o, _r, cmd in app.submits] + reports + chosen
+        if items:
+            index = self._propose(node, encode(Batch(tuple(items))))
             if index is None:
                 return
-            app.inflight[job.key] = index
-            assigned += 1
+            app.proposed[index] += [(term, origin, req) for origin, req, _c in app.submits]
+            for a in chosen:
+                app.inflight[a.job_key] = index  # type: ignore[union-attr]
+            self.stats["batches"] += 1
+            self.stats["batched"] += len(items)
+            self.stats["batched_assigns"] += len(chosen)
+            app.reports.clear()
+            app.submits.clear()
         for b in led.builds():
             for job in led.jobs(b.build_id):
                 if job.state not in ACTIVE or job.key in app.inflight:
@@ -435,6 +495,26 @@ class LedgerSim(ElectionSim):
         run_for = self.app_rng.uniform(0.02, 0.3)
         self.call_at(self.now + run_for, node.id, lambda: self._finish(node.id, key, attempt))
 
+    def _on_report(self, node: SimNode, report: Command) -> None:
+        """The leader keeps a report for its next `Reports` entry (a non-leader drops it: the
+        sender tries again); a result replaces the `started` of the same attempt."""
+        el, app = node.election, node.app
+        assert el is not None and isinstance(report, Started | Done | Failed)
+        if el.role != LEADER:
+            return
+        self._sync_lead(node)
+        ident = (report.job_key, report.node, report.attempt)
+        if not isinstance(app.reports.get(ident), Done | Failed):
+            app.reports[ident] = report
+
+    def _send_report(self, node: SimNode, report: Command) -> None:
+        el = node.election
+        assert el is not None
+        if el.leader == node.id:
+            self._on_report(node, report)
+        elif el.leader is not None:
+            self.send_app(node.id, el.leader, ReportJob(report))  # type: ignore[arg-type]
+
     def _on_cancel(self, node: SimNode, msg: CancelBuild) -> None:
         app: NodeApp = node.app
         if not app.fence.admit(msg.term):
@@ -463,13 +543,13 @@ class LedgerSim(ElectionSim):
     def _deliver_outbox(self, node: SimNode) -> None:
         app: NodeApp = node.app
         outbox = self.app_disks[node.id].outbox
-        for req, (entry, cmd) in list(outbox.items()):
+        for req, (_entry, cmd) in list(outbox.items()):
             if _resolved(app.ledger, cmd):
                 del outbox[req]
                 app.last_try.pop(req, None)
             elif self.now - app.last_try.get(req, -_INF) >= RETRY:
                 app.last_try[req] = self.now
-                self._route(node, req, entry)
+                self._send_report(node, cmd)
 
     def _inject_stale(self, node: SimNode) -> None:
         """Send a report that the committed history already makes stale, forever."""
@@ -493,37 +573,45 @@ class LedgerSim(ElectionSim):
             who = self.assigns.get((j.key, attempt), rng.choice(sorted(self.nodes)))
         else:
             return
-        entry = encode(Done(j.key, who, attempt, _artifacts(j.key, attempt)))
-        self.known_stale.add(entry)
+        report = Done(j.key, who, attempt, _artifacts(j.key, attempt))
+        self.known_stale.add(report)
         self.stats["stale_sent"] += 1
-        self._route(node, 0, entry)
+        if rng.random() < 0.25:  # an entry of its own, as logs from before batching hold
+            self._route(node, 0, encode(report))
+        else:
+            self._send_report(node, report)
 
     # ------------------------------------------------------------------ checks
 
-    def _track(self, o: Apply, events: list[LedgerEvent]) -> None:
+    def _track(
+        self, index: int, cmd: Command | None, events: list[LedgerEvent], batched: bool = False
+    ) -> None:
         """The independent tracker of current assignments, fed by the first application of
-        each committed entry; judges every accepted report."""
-        cmd = self._command(o.entry)
-        if isinstance(cmd, bytes):
+        each committed command (each item of a batch entry on its own); judges every accepted
+        report."""
+        if cmd is None:
             return
         kinds = {e.kind for e in events}
         if isinstance(cmd, Assign) and "assigned" in kinds:
             self.current[cmd.job_key] = (cmd.node, cmd.attempt)
             self.assigns[(cmd.job_key, cmd.attempt)] = cmd.node
+        elif isinstance(cmd, Assign) and batched:
+            self.stats["batched_assigns_refused"] += 1
         elif isinstance(cmd, Started | Done | Failed):
             if kinds & {"started", "done", "failed"}:
                 if self.current.get(cmd.job_key) != (cmd.node, cmd.attempt):
-                    self._violate("stale_applied", f"entry {o.index}: {cmd}")
-                if o.entry in self.known_stale:
-                    self._violate("stale_applied", f"entry {o.index}: known stale {cmd}")
+                    self._violate("stale_applied", f"entry {index}: {cmd}")
+                if cmd in self.known_stale:
+                    self._violate("stale_applied", f"entry {index}: known stale {cmd}")
                 if isinstance(cmd, Done):
                     self.results[cmd.job_key] = cmd.artifacts
                 if not isinstance(cmd, Started):
                     self.current.pop(cmd.job_key, None)
-            elif o.entry in self.known_stale:
+            elif cmd in self.known_stale:
                 self.stats["stale_rejected"] += 1
+                self.stats["stale_rejected_in_batch"] += batched
                 if "rejected_stale" not in kinds:
-                    self._violate("stale_not_rejected", f"entry {o.index}: {cmd} -> {kinds}")
+                    self._violate("stale_not_rejected", f"entry {index}: {cmd} -> {kinds}")
         elif isinstance(cmd, Requeue) and "requeued" in kinds:
             self.current.pop(cmd.job_key, None)
         elif isinstance(cmd, Cancel) and "cancelled" in kinds:
@@ -715,8 +803,13 @@ def main(argv: list[str] | None = None) -> None:
         "accepted_builds",
         "results",
         "committed",
+        "batches",
+        "batched",
+        "batched_assigns",
+        "batched_assigns_refused",
         "stale_sent",
         "stale_rejected",
+        "stale_rejected_in_batch",
         "fenced",
         "crashes",
         "restores",
