@@ -615,7 +615,7 @@ def summary_of_profile(prof: dict[str, Any]) -> str:
 
 def local_costs(payload: Path, tmp: Path, n: int) -> dict[str, Any]:
     """Bundling and extracting the payload in this process (medians of 5), extraction with and
-    without its per-file fsync (`_fsync_tree`), and `n` extractions at once in `n` processes
+    without its syncfs (`sync_tree`), and `n` extractions at once in `n` processes
     (a rollout's installs on this one machine), with and without it."""
     tmp.mkdir(parents=True, exist_ok=True)
     make, extract, nofsync = [], [], []
@@ -638,23 +638,23 @@ def local_costs(payload: Path, tmp: Path, n: int) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     return {"make_bundle_s": round(statistics.median(make), 4),
             "extract_bundle_s": round(statistics.median(extract), 4),
-            "extract_without_fsync_tree_s": round(statistics.median(nofsync), 4),
+            "extract_without_sync_s": round(statistics.median(nofsync), 4),
             f"extract_x{n}_parallel_s": round(together[True], 3),
-            f"extract_x{n}_parallel_without_fsync_tree_s": round(together[False], 3),
+            f"extract_x{n}_parallel_without_sync_s": round(together[False], 3),
             "bundle_bytes": info.size, "members": info.files}
 
 
 def _extract(job: tuple[Path, Path, str, bool]) -> float:
     blob, dest, digest, fsync = job
-    real = bundles._fsync_tree
+    real = bundles.sync_tree
     if not fsync:
-        bundles._fsync_tree = lambda _p: None  # type: ignore[assignment]
+        bundles.sync_tree = lambda _p: None  # type: ignore[assignment]
     try:
         t = time.perf_counter()
         bundles.extract_bundle(blob, dest, digest=digest)
         return time.perf_counter() - t
     finally:
-        bundles._fsync_tree = real  # type: ignore[assignment]
+        bundles.sync_tree = real  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------ scenarios

@@ -55,6 +55,7 @@ from swarmnode.ledger import (
     DONE,
     FAILED,
     QUEUED,
+    RUNNING,
     Assign,
     Block,
     Cancel,
@@ -79,6 +80,7 @@ from swarmnode.tasks import TaskSet
 from swarmnode.worker import (
     ASSIGN,
     CANCEL,
+    HELD,
     REPORT,
     REPORT_ACK,
     Assignment,
@@ -97,7 +99,10 @@ _Item = tuple[Any, str | None, Any]
 log = logging.getLogger(__name__)
 
 PROPOSE, PROPOSE_REPLY = "ledger.propose", "ledger.propose_reply"
-TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT})
+TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD})
+#: A running job missing from its worker's held list is requeued only when it was reported
+#: started at least this long ago (a held list crossing the started report is not evidence).
+HELD_GRACE_S = 3.0
 #: Entries a non-leader may ask the leader to propose; everything else only the leader decides.
 FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters"})
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
@@ -259,6 +264,8 @@ class Builds:
             fut = self._replies.get(body.get("rid", b""))
             if fut is not None and not fut.done():
                 fut.set_result(body.get("ok") is True)
+        elif env.type == HELD:
+            self._on_held(env.sender, body.get("held"))
         else:
             try:
                 reports = batch(body, "reports")
@@ -525,6 +532,27 @@ class Builds:
             chosen.append(Assign(key, node, term, job.attempt + 1))
             self._holding[key] = (node, job.spec.requires.cores, job.spec.estimate)
         return chosen
+
+    def _on_held(self, worker: str, held: Any) -> None:
+        """A worker's list of the attempts it holds. A job the ledger has running there that it
+        does not hold was lost by a restart (a self-update, a crash and a quick systemd
+        restart): requeued, since the member is alive and its death will never come."""
+        if not self.leading or not isinstance(held, list):
+            return
+        holds = {tuple(h) for h in held[:100_000] if isinstance(h, list) and len(h) == 3
+                 and all(isinstance(x, str | int) for x in h)}
+        now = time.monotonic()
+        for job in self.ledger.active():
+            key = job.key
+            if job.node != worker or job.state != RUNNING or key in self._proposing:
+                continue
+            if (job.build_id, job.name, job.attempt) in holds or key in self._reports \
+                    or key in self._reporting:
+                continue
+            if now - self._since.setdefault(key, now) < HELD_GRACE_S:
+                continue
+            why = f"{self.node.member_name(worker)} no longer runs it (it restarted)"
+            self._spawn(self._propose(Requeue(key, why), [key]))
 
     def _sweep(self) -> None:
         """Requeue the jobs of members membership declares gone (never merely suspected), and

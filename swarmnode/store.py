@@ -64,16 +64,13 @@ class Store:
                     (key, msgpack.packb(value, use_bin_type=True)),
                 )
 
-    def outbox_put(self, key: str, value: Any) -> None:
-        """Keep a message until `outbox_delete`: a worker's report waits here for the
-        leader's acknowledgement, across restarts."""
+    def outbox_write(self, puts: list[tuple[str, Any]], deletes: list[str]) -> None:
+        """Keep messages until deleted, in one transaction (one fsync for a turn): a worker's
+        reports wait here for the leader's acknowledgement, across restarts."""
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
-                       (key, msgpack.packb(value)))
-
-    def outbox_delete(self, key: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+            db.executemany("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
+                           [(key, msgpack.packb(value)) for key, value in puts])
+            db.executemany("DELETE FROM outbox WHERE key = ?", [(key,) for key in deletes])
 
     def outbox(self) -> list[Any]:
         rows = self._db.execute("SELECT value FROM outbox ORDER BY key").fetchall()

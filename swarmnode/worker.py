@@ -22,6 +22,7 @@ still understood as a list of one):
   job.report  {reports: [{build, job, attempt, node, status, outputs: [[path, digest, size]],
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
   job.report_ack {acks: [{build, job, attempt}]}
+  job.held    {held: [[build, job, attempt]]}  every HELD_S and to each new leader
 
 The reports finished and the acknowledgements received in one turn are written to the outbox
 in one transaction (one fsync), as the reports are sent.
@@ -55,10 +56,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ASSIGN, CANCEL, REPORT, REPORT_ACK = "job.assign", "job.cancel", "job.report", "job.report_ack"
-TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK})
+HELD = "job.held"
+TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK, HELD})
 FENCE_KEY = "fence_term"
 #: How often unacknowledged reports are sent again (to the current leader).
 RESEND_S = 1.0
+#: How often the worker tells the leader which attempts it holds (running, or reported and not
+#: yet acknowledged): a node that restarted holds none, and its running jobs are requeued.
+HELD_S = 5.0
 #: How often the worker looks whether the leader changed (its reports then go to the new one).
 LEADER_POLL_S = 0.05
 #: A job still running this long after it was started is reported started (a shorter one is
@@ -336,7 +341,7 @@ class Worker:
         self._unsaved, self._acked, self._outgoing = [], [], []
         self._send(outgoing + unsaved)
         if unsaved or acked:
-            _outbox_write(self.node.store, [(_report_key(r), r) for r in unsaved], acked)
+            self.node.store.outbox_write([(_report_key(r), r) for r in unsaved], acked)
 
     def _send(self, reports: list[dict[str, Any]]) -> None:
         leader = self.node.leadership.leader
@@ -353,10 +358,20 @@ class Worker:
         self._send([r for r in self.pending_reports()
                     if now - self._sent_at.get(_report_key(r), 0.0) >= older_than])
 
+    def held(self) -> list[list[Any]]:
+        """The attempts this node holds: running here, or finished and not yet acknowledged."""
+        out = [[a.build, a.job, a.attempt] for a, _ in self.running.values()]
+        out += [[r.get("build"), r.get("job"), r.get("attempt")] for r in self.pending_reports()]
+        return out
+
+    def _send_held(self, leader: str) -> None:
+        self.node.send_raw(leader, HELD, pack({"held": self.held()}))
+
     async def run(self) -> None:
         """Re-send unacknowledged reports: all of them at once to a new leader (the old one may
-        have died with them), else those unacknowledged for RESEND_S."""
-        leader, resent = None, time.monotonic()
+        have died with them), else those unacknowledged for RESEND_S; tell the leader what this
+        node holds (at once to a new leader, then every HELD_S)."""
+        leader, resent, told = None, time.monotonic(), time.monotonic()
         while True:
             await asyncio.sleep(LEADER_POLL_S)
             now = time.monotonic()
@@ -364,6 +379,11 @@ class Worker:
                 leader = self.node.leadership.leader
                 if leader is not None:
                     self._send_reports()
+                    self._send_held(leader)
+                    told = now
+            elif leader is not None and now - told >= HELD_S:
+                told = now
+                self._send_held(leader)
             elif now - resent >= RESEND_S / 2:
                 resent = now
                 self._send_reports(older_than=RESEND_S)
@@ -376,22 +396,6 @@ class Worker:
             if handle is not None:
                 handle.cancel()
         await self._tasks.close()
-
-
-def _outbox_write(store: Any, puts: list[tuple[str, Any]], deletes: list[str]) -> None:
-    """Outbox rows written and deleted in one transaction (one fsync for a turn's reports).
-    The Store's outbox methods take one row per transaction; this uses its transaction and
-    its outbox table directly."""
-    if len(puts) + len(deletes) == 1:
-        if puts:
-            store.outbox_put(*puts[0])
-        else:
-            store.outbox_delete(deletes[0])
-        return
-    with store._tx() as db:
-        db.executemany("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
-                       [(key, msgpack.packb(value)) for key, value in puts])
-        db.executemany("DELETE FROM outbox WHERE key = ?", [(key,) for key in deletes])
 
 
 def batch(body: dict[str, Any], key: str) -> list[Any]:

@@ -152,7 +152,7 @@ class Swarm:
 
     def join_argv(self, node: Node, token: str | None = None, seeds: Sequence[str] = (),
                   mdns: bool = False, tailscale: bool = False,
-                  extra: Sequence[str] = ()) -> list[str]:
+                  extra: Sequence[str] = (), fast: bool = True) -> list[str]:
         argv = [*CLI, "--home", str(node.home), "join"]
         if token:
             argv.append(token)
@@ -163,19 +163,20 @@ class Swarm:
             argv.append("--no-mdns")
         if not tailscale:
             argv.append("--no-tailscale")
-        argv += ["--fast", *extra]
+        argv += ["--fast", *extra] if fast else list(extra)
         return argv
 
     def start(self, node: Node | str, token: str | None = None, seeds: Sequence[str] = (),
               *, mdns: bool = False, tailscale: bool = False, extra: Sequence[str] = (),
-              wait: bool = True, cwd: Path = REPO) -> Node:
+              wait: bool = True, cwd: Path = REPO, fast: bool = True) -> Node:
         """Run `swarmnode join` for `node` (in its lab host, if any); by default wait until
         its control socket answers, failing fast with the log if it exits first. `cwd` is
-        where `python -m cli.main` finds the code it runs."""
+        where `python -m cli.main` finds the code it runs; `fast=False` runs the shipped
+        default timers instead of the tests' tenfold faster ones."""
         node = self._node(node)
         if node.running:
             raise SwarmError(f"{node} is already running")
-        argv = self.join_argv(node, token, seeds, mdns, tailscale, extra)
+        argv = self.join_argv(node, token, seeds, mdns, tailscale, extra, fast)
         node.starts += 1
         shown = [a[:16] + "..." if a.startswith("swn1.") else a for a in argv[3:]]
         with node.log.open("a") as f:

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.swarm import Node, Swarm, free_port, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+from tests.swarm import (
+    Node,
+    Swarm,
+    loopback_addr,
+    swarm_fixture,  # noqa: F401 (the `swarm` fixture)
+)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -23,15 +28,11 @@ JOIN_S = 20.0
 N_LIBS = 28  # + main + link = 30 jobs
 
 
-def addr(i: int) -> str:
-    host = f"127.0.0.{i}"
-    return f"{host}:{free_port(host)}"
-
 
 def three(swarm: Swarm) -> list[Node]:
-    first, token = swarm.init("n1", addr(1))
+    first, token = swarm.init("n1", loopback_addr(1))
     swarm.start(first)
-    nodes = [first] + [swarm.start(swarm.add(f"n{i}", addr(i)), token) for i in (2, 3)]
+    nodes = [first] + [swarm.start(swarm.add(f"n{i}", loopback_addr(i)), token) for i in (2, 3)]
     swarm.wait_converged(nodes, JOIN_S)
     ids = {n.id for n in nodes}
     swarm.wait_for(lambda: all(set(swarm.query(n, "status")["voters"]) == ids for n in nodes),
@@ -146,7 +147,7 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
 
 def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
         swarm: Swarm, tmp_path: Path) -> None:
-    first, _token = swarm.init("n1", addr(1))
+    first, _token = swarm.init("n1", loopback_addr(1))
     swarm.start(first)
     swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
     bad = tmp_path / "bad.toml"
@@ -171,8 +172,8 @@ def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
 
 def test_the_binhost_collects_binary_packages_in_portage_layout(
         swarm: Swarm, tmp_path: Path) -> None:
-    first, token = swarm.init("n1", addr(1))
-    host = swarm.add("bin", addr(2))
+    first, token = swarm.init("n1", loopback_addr(1))
+    host = swarm.add("bin", loopback_addr(2))
     binhost = tmp_path / "binhost"
     host.home.mkdir(parents=True, exist_ok=True)
     (host.home / "config.toml").write_text(f'roles = ["binhost"]\nbinhost_dir = "{binhost}"\n')
@@ -228,3 +229,42 @@ def test_kill_9_of_a_worker_mid_job_reassigns_its_job_after_death_is_confirmed(
         assert jobs[name]["node"] != victim.id and jobs[name]["attempt"] > 1, jobs[name]
     requeued = swarm.events(leader, "job_requeued")
     assert any(e.get("job_key", "").endswith(tuple(running)) for e in requeued), requeued
+
+
+def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Killed and back at once (systemd's restart, or a self-update's exec) it is never dead,
+    so only its own word that it no longer holds the jobs can free them. Shipped timers: with
+    the tests' fast ones the restart takes longer than declaring a node dead."""
+    first, token = swarm.init("n1", loopback_addr(1))
+    swarm.start(first, fast=False)
+    nodes = [first] + [swarm.start(swarm.add(f"n{i}", loopback_addr(i)), token, fast=False)
+                       for i in (2, 3)]
+    swarm.wait_converged(nodes, JOIN_S)
+    swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
+                   and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
+    leader_id = swarm.query(nodes[0], "status")["leader"]
+    leader = next(n for n in nodes if n.id == leader_id)
+    victim = next(n for n in nodes if n.id != leader_id)
+    plan = tmp_path / "slow.toml"
+    plan.write_text("".join(f'[jobs.j{i}]\ncmd = "sleep 5; echo j{i} > r.txt"\n'
+                            f'outputs = ["r.txt"]\n\n' for i in range(8)))
+    build_id = swarm.cli(leader, "build", str(plan)).stdout.strip()
+    running = swarm.wait_for(
+        lambda: [j["job"] for j in swarm.query(leader, "jobs", build=build_id)
+                 if j["node"] == victim.id and j["state"] == "running"],
+        JOIN_S, f"a job running on {victim.name}")
+    # it keeps its member list on disk every 2 s: a restart then rejoins at once, as in life
+    swarm.wait_for(lambda: swarm.query(victim, "status")["uptime_s"] >= 2.5, JOIN_S,
+                   f"{victim.name} has saved its member list")
+    swarm.kill9(victim)
+    swarm.start(victim, fast=False)
+    status = swarm.wait_for(
+        lambda: (s := swarm.query(leader, "build_status", build=build_id))["finished"] and s,
+        60, "the build finishes")
+    assert status["ok"], status
+    assert swarm.state(leader, victim) == "alive"
+    assert not [e for e in swarm.events(leader, "member_dead") if e.get("id") == victim.id]
+    why = [e.get("reason", "") for e in swarm.events(leader, "job_requeued")
+           if e.get("job_key", "").endswith(tuple(running))]
+    assert any("no longer runs it" in w for w in why), why
