@@ -203,3 +203,22 @@ def test_a_halted_rollout_leaves_healthy_canaries_on_their_release(swarm: Swarm,
 
     swarm.wait_for(on_v2_where_it_passed, 10.0, "records show who runs what")
     swarm.hold(on_v2_where_it_passed, CATCH_UP_S + 1.5, "no catch-up goes backwards")
+
+
+def test_push_needs_no_leader(swarm: Swarm, tmp_path: Path) -> None:
+    """Two nodes have one voter, the founder: with it down nobody leads, and a push still
+    goes out; the founder gets the release when it is back."""
+    (n1, n2), _ = swarm.loopback(2, JOIN_S)
+    swarm.cli(n1, "grant", "push", "n2")
+    swarm.wait_for(lambda: swarm.query(n2, "status")["leader"] == n1.id, JOIN_S, "n1 leads")
+    swarm.wait_for(lambda: any(e.get("key") == f"push:{n2.id}"
+                               for e in swarm.events(n2, "note")), JOIN_S, "n2 holds its grant")
+    swarm.kill9(n1)
+    swarm.wait_for(lambda: swarm.query(n2, "status")["leader"] is None, JOIN_S, "no leader")
+    code, view, stderr = push(swarm, n2, str(payload(tmp_path, "1")))
+    assert code == 0, stderr
+    assert view["counts"] == {"healthy": 1, "offline": 1} and swarm.query(
+        n2, "status")["leader"] is None
+    swarm.start(n1)
+    swarm.wait_for(lambda: app_files(n1).get("data.txt") == "version 1\n", PUSH_S,
+                   "the founder catches up")
