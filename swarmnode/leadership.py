@@ -184,9 +184,6 @@ class Leadership:
 
     def on_message(self, inbound: Inbound) -> None:
         env = inbound.envelope
-        if not self.node.is_admitted_member(env.sender):
-            self.node.drops.drop("not_member")
-            return
         try:
             msg = unpack(env.type, env.body)
         except MessageError:

@@ -418,21 +418,15 @@ class Node:
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
             return
-        if self.builds.handles(env.type):
-            self.builds.on_message(inbound)
-            return
-        if self.worker.handles(env.type):
-            self.worker.on_message(inbound)
-            return
-        if self.push.handles(env.type):
-            self.push.on_message(inbound)
-            return
-        if self.artifacts.handles(env.type):
-            self.artifacts.on_message(inbound)
-            return
-        if self.leadership.handles(env.type):
-            self.leadership.on_message(inbound)
-            return
+        # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
+        # and actions judge outsiders themselves, to list them as pending or to answer them).
+        for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership):
+            if service.handles(env.type):
+                if self.is_admitted_member(env.sender):
+                    service.on_message(inbound)
+                else:
+                    self.drops.drop("not_member")  # no work, code, artifact or vote for a ghost
+                return
         if env.type in (ROUTE_PING, ROUTE_PONG):
             self.router.on_message(inbound)
             return

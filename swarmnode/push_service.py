@@ -133,9 +133,6 @@ class PushService:
 
     def on_message(self, inbound: Inbound) -> None:
         env = inbound.envelope
-        if not self.node.is_admitted_member(env.sender):
-            self.node.drops.drop("push_not_member")
-            return
         try:
             body = unpack_map(env.body)
             if env.type == STAGE:

@@ -199,9 +199,6 @@ class Worker:
 
     def on_message(self, inbound: Inbound) -> None:
         env = inbound.envelope
-        if not self.node.is_admitted_member(env.sender):
-            self.node.drops.drop("not_member")
-            return
         try:
             body = unpack_map(env.body)
             if env.type == CANCEL:
