@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarmnode.identity import Identity
 from swarmnode.membership import MemberView, Note
@@ -33,8 +35,8 @@ def make(n: int, canaries: int, self_last: bool = False, offline: tuple[str, ...
 
 def heal(r: Rollout, nodes, t: float = 1.0) -> None:
     for n in nodes:
-        for st in ("fetching", "installed", "restarted", "healthy"):
-            r.report(t, n, st)
+        for state in ("fetching", "installed", "restarted", "healthy"):
+            r.report(t, n, state)
 
 
 def test_canary_first_then_published_to_the_rest() -> None:
@@ -198,3 +200,53 @@ def test_a_lone_node_updating_itself_goes_straight_to_itself() -> None:
     assert r.drain() == [Publish(), Stage(("n0",))] and r.phase == "self"
     heal(r, ["n0"])
     assert r.done
+
+
+OUTCOMES = ("healthy", "rolled_back", "failed", "silent")
+
+
+@given(st.integers(1, 8), st.integers(0, 3), st.booleans(), st.data())
+@settings(max_examples=300, deadline=None)
+def test_rollout_invariants_over_random_outcomes(n: int, canaries: int, self_last: bool,
+                                                 data: st.DataObject) -> None:
+    """Whatever each node does and in whatever order: nothing is published unless every
+    canary is healthy; nobody but a canary is staged before that; the pusher of its own code
+    goes last; every rollout ends by its deadlines; and the failures are exactly the nodes
+    that did not end healthy."""
+    nodes = tuple(f"n{i}" for i in range(n))
+    canaries = min(canaries, n - 1)
+    outcome = {x: data.draw(st.sampled_from(OUTCOMES), label=x) for x in nodes}
+    r = Rollout("n0", nodes, nodes[1:1 + canaries], 5.0, self_last)
+    now, staged, published = 0.0, [], False
+    r.start(now)
+    for _ in range(4 * n + 4):
+        for out in r.drain():
+            if isinstance(out, Publish):
+                assert all(outcome[c] == "healthy" for c in r.canaries)
+                published = True
+            else:
+                for x in out.nodes:
+                    assert published or x in r.canaries
+                    if self_last and x == "n0" and n > 1:
+                        assert all(r.nodes[o].state in ("healthy", "rolled_back", "failed",
+                                                         "timed_out") for o in nodes if o != x)
+                    staged.append(x)
+        pending = [x for x in staged if r.nodes[x].state == "staged"
+                   and outcome[x] != "silent"]
+        if pending:
+            x = data.draw(st.sampled_from(pending), label="next report")
+            now += 0.1
+            r.report(now, x, "fetching")
+            r.report(now, x, outcome[x], "" if outcome[x] == "healthy" else "because")
+        else:
+            now = max(now, min(r.next_deadline(), now + 100.0))
+            r.tick(now)
+        if r.done:
+            break
+    assert r.done
+    assert published == all(outcome[c] == "healthy" for c in r.canaries)
+    ended = {x: r.nodes[x].state for x in staged}
+    want_fail = {x for x in staged if outcome[x] != "healthy"}
+    assert {x for x, _, _ in r.failures()} == want_fail
+    assert all(ended[x] == ("timed_out" if outcome[x] == "silent" else outcome[x])
+               for x in staged)
