@@ -34,7 +34,7 @@ err = Console(stderr=True)
 
 HomeOpt = Annotated[
     Path | None,
-    typer.Option("--home", help="node home dir [default: $SWARMNODE_HOME or the state dir]"),
+    typer.Option("--home", help="node home dir (default: $SWARMNODE_HOME or the state dir)"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -117,7 +117,7 @@ def token(
 def join(
     join_token: Annotated[str | None, typer.Argument(metavar="[TOKEN]")] = None,
     name: Annotated[str | None, typer.Option(help="this node's name")] = None,
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT [default: 0.0.0.0:7946]")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default: 0.0.0.0:7946)")] = None,
     advertise: Annotated[list[str] | None, typer.Option(help="extra reported address")] = None,
     seed: Annotated[list[str] | None, typer.Option(help="HOST:PORT or ID@HOST:PORT")] = None,
     no_mdns: Annotated[bool, typer.Option("--no-mdns", help="no mDNS discovery")] = False,
@@ -432,9 +432,9 @@ def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
 @app.command()
 def push(
     path: Annotated[Path | None, typer.Argument(
-        help="directory to deploy [default: this node's own swarmnode code]")] = None,
+        help="directory to deploy (default: this node's own swarmnode code)")] = None,
     canary: Annotated[int | None, typer.Option(
-        "--canary", help="nodes updated first [default: 1 when there are more than 2]")] = None,
+        "--canary", help="nodes updated first (default: 1 when there are more than 2)")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the rollout; non-zero exit "
                                                      "naming any node that failed")] = False,
     as_json: JsonOpt = False,
