@@ -305,7 +305,12 @@ class Transport:
         ("dealer" or "inbound") pins one path: a route proven on that path is used even while
         the other still looks connected (a TCP connection can outlive the path under it).
         """
-        frame = self.sealer.seal(msg_type, body)
+        try:
+            frame = self.sealer.seal(msg_type, body)
+        except WireError as exc:  # too big to send: a bug or hostile state, never a crash
+            log.warning("not sending %s to %s: %s", msg_type, peer_id[:12], exc)
+            self.drops.drop("oversized_out")
+            return False
         dealer = self._dealers.get(peer_id) if via != "inbound" else None
         if dealer is not None and self._try_send(dealer.sock, [frame]):
             self._count(msg_type, frame)

@@ -38,7 +38,7 @@ def init(home: Path, name: str, listen: str, advertise: list[str], ttl: int) -> 
                 f"{home} already belongs to cluster {store.get('cluster_name')!r}; "
                 "use another --home for a new cluster"
             )
-        cluster_id = tokens.new_cluster_id()
+        cluster_id = tokens.new_cluster_id(identity.id)
         store.put(
             cluster_id=cluster_id,
             cluster_name=name,

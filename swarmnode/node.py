@@ -220,10 +220,16 @@ class Node:
         snapshot = self.store.get("snapshot")
         if snapshot:
             try:
-                return Membership.restore(snapshot, record, self.identity, self.config, rng, now)
+                return Membership.restore(snapshot, record, self.identity, self.config, rng, now,
+                                          is_founder=self.is_founder)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable membership snapshot: %s", exc)
-        return Membership(record, self.identity, self.config, rng, now, founder=founder)
+        return Membership(record, self.identity, self.config, rng, now, founder=founder,
+                          is_founder=self.is_founder)
+
+    def is_founder(self, node_id: str) -> bool:
+        """Whether `node_id` founded this node's cluster: the cluster id names its founder."""
+        return tokens.is_founder(self.cluster_id, node_id)
 
     def _ssh_facts(self) -> dict[str, str | int]:
         """What others need to reach this host over SSH safely: its host key fingerprints

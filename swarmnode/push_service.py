@@ -34,7 +34,13 @@ from swarmnode import control
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.artifacts import check_digest
 from swarmnode.membership import Note
-from swarmnode.membership.messages import MessageError, item_from_plain, item_to_plain
+from swarmnode.membership.messages import (
+    MAX_FACT_KEY,
+    MAX_NOTE_VALUE,
+    MessageError,
+    item_from_plain,
+    item_to_plain,
+)
 from swarmnode.push import bundle as bundles
 from swarmnode.push.bundle import SELF_APP
 from swarmnode.push.release import (
@@ -72,18 +78,22 @@ release note): the catch-up of a node that was offline during a push."""
 OWNER = "push"
 """The artifact-store pin that keeps bundles of installed releases (others may fetch them)."""
 FACT_PREFIX = "rel."
+MAX_APP_FACTS = 12
+"""Apps whose release a node states in its record; the rest of its 32 facts describe it."""
 KEEP_PUSHES = 32
 """Finished pushes whose outcome `push_status` still shows (the events keep every one)."""
 
 
 def release_facts(releases: Releases) -> dict[str, str]:
-    """The record facts that tell the cluster what this node runs: `rel.APP` = digest@switched."""
-    out: dict[str, str] = {}
+    """The record facts that tell the cluster what this node runs: `rel.APP` = digest@switched,
+    for the MAX_APP_FACTS apps switched most recently (a record holds 32 facts in all)."""
+    runs = []
     for app in releases.apps():
         digest = releases.current(app)
-        if digest is not None:
-            out[FACT_PREFIX + app] = f"{digest}@{int(releases.switched_at(app) or 0)}"
-    return out
+        if digest is not None and len(FACT_PREFIX + app) <= MAX_FACT_KEY:
+            runs.append((releases.switched_at(app) or 0.0, app, digest))
+    runs.sort(reverse=True)
+    return {FACT_PREFIX + app: f"{digest}@{int(at)}" for at, app, digest in runs[:MAX_APP_FACTS]}
 
 
 @dataclass
@@ -120,7 +130,7 @@ class PushService:
 
     def pushers(self) -> frozenset[str]:
         core = self.node.core
-        return pushers(core.members(), core.notes(GRANT_TOPIC))
+        return pushers(core.members(), core.notes(GRANT_TOPIC), self.node.is_founder)
 
     def grant(self, target: str) -> None:
         if self.node.id not in self.pushers():
@@ -202,7 +212,10 @@ class PushService:
     async def _apply(self, note: Note, release: Release, sources: list[str]) -> None:
         app, digest = release.app, release.digest
         try:
-            if self.releases.current(app) == digest:
+            if release.is_self and self.releases.current(app) == digest:
+                return  # running it already, or on trial (whose end is reported)
+            if self.releases.current(app) == digest and (
+                    self.releases.status(app, digest) or ("",))[0] == "healthy":
                 self._set_applied(note)
                 self._report(note, "healthy")
                 return
@@ -216,16 +229,20 @@ class PushService:
             try:
                 await self.node.artifacts.fetch(digest, sources)
                 await asyncio.to_thread(self.releases.install, digest, store.path(digest))
-            except (ArtifactError, bundles.BundleError, OSError) as exc:
+            except (ArtifactError, OSError, ValueError) as exc:  # BundleError, ReleaseError
                 store.unpin(digest, OWNER)
                 self._report(note, "failed", f"{type(exc).__name__}: {exc}")
                 self.node.event("push_failed", {"app": app, "digest": digest, "reason": str(exc)})
                 return
             self._report(note, "installed")
-            if release.is_self:
-                await self._switch_self(note, release)
-            else:
-                await self._switch_payload(note, release)
+            try:
+                if release.is_self:
+                    await self._switch_self(note, release)
+                else:
+                    await self._switch_payload(note, release)
+            except (OSError, ValueError) as exc:  # e.g. a real directory where the link goes
+                self._report(note, "failed", f"{type(exc).__name__}: {exc}")
+                self.node.event("push_failed", {"app": app, "digest": digest, "reason": str(exc)})
         finally:
             self.applying.pop(app, None)
             if app in self.queued:
@@ -297,8 +314,15 @@ class PushService:
     async def _switch_self(self, note: Note, release: Release) -> None:
         """Switch `<home>/current` and re-exec into it, on trial until rejoined."""
         digest = release.digest
-        previous = self.releases.switch(SELF_APP, digest)
-        self.releases.begin_trial(digest, previous, time.time() + release.spec.health_timeout)
+        # Other apps' restarts and health checks finish first: the exec would cut them off
+        # half-way, switched but unverified.
+        deadline = time.monotonic() + release.spec.health_timeout
+        while set(self.applying) - {SELF_APP} and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # The trial is on disk before the switch: a crash in between still rolls back.
+        self.releases.begin_trial(digest, self.releases.current(SELF_APP),
+                                  time.time() + release.spec.health_timeout)
+        self.releases.switch(SELF_APP, digest)
         self.node.store.put(push_trial_note=item_to_plain(note))  # whom to tell, after exec
         self._report(note, "restarted")
         self.node.event("push_restarting", {"app": SELF_APP, "digest": digest})
@@ -362,6 +386,8 @@ class PushService:
         return int(ts), str(by)
 
     def _set_applied(self, note: Note) -> None:
+        if (note.ts, note.by) <= self._applied(note.key):
+            return  # an older push finishing late does not step back
         applied = dict(self.node.store.get("push_applied") or {})
         applied[note.key] = [note.ts, note.by]
         self.node.store.put(push_applied=applied)
@@ -397,7 +423,16 @@ class PushService:
                 "this node may not push: a node that may (the first node of the cluster) "
                 "can allow it with `swarmnode grant push NODE`")
         release, size = await asyncio.to_thread(self._bundle, path)
-        note = node.core.sign_note(node.clock(), RELEASE_TOPIC, release.app, release.pack())
+        value = release.pack()
+        if len(value) > MAX_NOTE_VALUE:
+            raise control.ControlError(
+                f"the release's commands are too long ({len(value)} bytes with the spec; at "
+                f"most {MAX_NOTE_VALUE}): put them in a script inside the payload")
+        # newer than any release of the app anyone announced: a pusher whose clock is behind
+        # another's must still supersede it
+        after = max((n.ts for n in node.core.notes(RELEASE_TOPIC) if n.key == release.app),
+                    default=-1)
+        note = node.core.sign_note(node.clock(), RELEASE_TOPIC, release.app, value, after)
         members = [m for m in node.core.members()
                    if m.admitted_by is not None and m.state not in ("banned", "pending")]
         live = sorted(m.id for m in members if m.state in ("alive", "suspect"))
@@ -535,7 +570,8 @@ class PushService:
                     digest, _, at = v.partition("@")
                     app = k.removeprefix(FACT_PREFIX)
                     newest_digest = latest.get(app, {}).get("digest")
-                    apps[app] = {"digest": digest, "switched_at": int(at) if at.isdigit() else None,
+                    apps[app] = {"digest": digest,
+                                 "switched_at": int(at) if at.isascii() and at.isdigit() else None,
                                  "drift": newest_digest is not None and digest != newest_digest}
             for app in latest.keys() - apps.keys():  # never got it (offline, or it failed)
                 apps[app] = {"digest": None, "switched_at": None, "drift": True}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -40,6 +41,7 @@ __all__ = [
     "PREFIX",
     "Token",
     "TokenError",
+    "is_founder",
     "issue",
     "new_cluster_id",
     "parse",
@@ -118,9 +120,30 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def new_cluster_id() -> str:
-    """A fresh random cluster id (128 bits, 32 lower-case hex characters)."""
-    return secrets.token_hex(16)
+_FOUNDER_DOMAIN = b"swarmnode-cluster-founder-v1"
+
+
+def new_cluster_id(founder: str) -> str:
+    """A fresh cluster id that names its founder: 32 lower-case hex characters, a 4-byte
+    random salt and the first 12 bytes of sha256(domain, salt, founder id).
+
+    Anyone holding the id can tell the one true founder from a member (or a stranger) that
+    signs itself a founder's admission: forging one takes a key whose hash matches 96 bits.
+    """
+    salt = secrets.token_bytes(4)
+    return (salt + _founder_hash(salt, founder)).hex()
+
+
+def is_founder(cluster_id: str | None, node_id: str) -> bool:
+    """Whether `node_id` founded the cluster `cluster_id` (see `new_cluster_id`)."""
+    if not _is_cluster_id(cluster_id):
+        return False
+    raw = bytes.fromhex(cluster_id)  # type: ignore[arg-type]
+    return secrets.compare_digest(raw[4:], _founder_hash(raw[:4], node_id))
+
+
+def _founder_hash(salt: bytes, founder: str) -> bytes:
+    return hashlib.sha256(_FOUNDER_DOMAIN + salt + founder.encode()).digest()[:12]
 
 
 def _is_cluster_id(value: object) -> bool:

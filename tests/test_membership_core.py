@@ -55,11 +55,13 @@ class Net:
         self.sent: list[tuple[str, str, object]] = []
         self.drop: Callable[[str, str, object], bool] = lambda s, d, m: False
         self.now = 0.0
+        self.is_founder: Callable[[str], bool] | None = None
 
     def add(self, i: int, founder: bool = False) -> Membership:
         idn = ident(i)
         rec = make_record(idn, idn.id, 0, f"n{i}", [f"10.0.0.{i}:7946"], {"cores": 4})
-        m = Membership(rec, idn, self.cfg, random.Random(i), self.now, founder=founder)
+        m = Membership(rec, idn, self.cfg, random.Random(i), self.now, founder=founder,
+                       is_founder=self.is_founder)
         self.nodes[idn.id] = m
         self.idents[idn.id] = idn
         return m
@@ -374,6 +376,41 @@ def test_notes_spread_newest_per_author_and_survive_restart() -> None:
     net.join(a, d)
     net.run(0.5)
     assert {n.value for n in d.notes("release")} == {b"v2", b"b's"}
+
+
+def test_notes_are_bounded_per_author_and_in_size() -> None:
+    net, (a, b, c) = cluster(3, Config.fast(max_note_bytes_per_author=10_000))
+    for i in range(4):
+        b.note(net.now, "junk", f"k{i}", b"x" * 4000)  # the third and fourth do not fit
+    assert len(b.notes("junk")) == 2 and b.counters["drop_note_full"] == 2
+    c.note(net.now, "release", "web", b"v" * 300)  # another author still has room
+    net.run(0.3)
+    assert len(a.notes("release")) == 1
+    with pytest.raises(ValueError, match="too large"):
+        c.note(net.now, "release", "web", b"v" * 4097)
+
+
+def test_only_the_cluster_founder_may_admit_itself() -> None:
+    net = Net()
+    net.is_founder = lambda i: i == ident(0).id  # the node: its cluster id names the founder
+    f = net.add(0, founder=True)
+    a, b = net.add(1), net.add(2)
+    net.join(f, a)
+    net.join(f, b)
+    net.run(0.5)
+    # a member signs itself a founder's admission, older than its real one (earliest wins)
+    fake = Admit(b.id, b.id, "founder", 0, net.idents[b.id].sign(
+        admit_body(b.id, b.id, "founder", 0)))
+    a.handle(net.now, b.id, Gossip((fake,)))
+    assert a.member(b.id).admitted_by == f.id and a.member(b.id).how == "token"
+    assert a.counters["drop_false_founder"] == 1
+    # a stranger doing the same with its first message is not let in
+    g = net.add(9)
+    own = Admit(g.id, g.id, "founder", 0, net.idents[g.id].sign(
+        admit_body(g.id, g.id, "founder", 0)))
+    a.handle(net.now, g.id, Gossip((own, Alive(g.record))))
+    assert a.member(g.id) is None or a.member(g.id).admitted_by is None
+    assert a.counters["drop_false_founder"] == 2
 
 
 def test_pending_guest_is_listed_everywhere_but_gets_nothing() -> None:

@@ -145,10 +145,13 @@ def test_rollback_and_failed(rel: Releases, tmp_path: Path) -> None:
     assert rel.failed("web", c) is None  # per app
     assert rel.previous(SELF) == a  # not the failed c
     assert rel.rollback(SELF, "again") == a
-    assert rel.rollback(SELF, "nothing left") is None
     assert rel.current(SELF) == a and rel.failed(SELF, a) is None
     rel.mark(SELF, a, "healthy")
     assert rel.status(SELF, a) == ("healthy", "")
+    # the first release failing: nothing to go back to, so it does not stay live either
+    rel.switch("web", c)
+    assert rel.rollback("web", "first one broken") is None
+    assert rel.current("web") is None and rel.failed("web", c) == "first one broken"
     with pytest.raises(ReleaseError, match="unknown status"):
         rel.mark(SELF, a, "fine")
 

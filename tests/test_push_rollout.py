@@ -131,8 +131,13 @@ def test_push_rights_come_from_founders_and_grants_and_bans_remove_them() -> Non
               note("a", "grant", grant_key("b")),
               note("f", "grant", grant_key("x")),
               note("c", "grant", "other:thing")]
-    assert pushers(members, grants) == {"f", "a", "b", "c"}
-    assert pushers(members, grants[:1]) == {"f"}
+    founder = {"f"}.__contains__  # the id the cluster id names
+    assert pushers(members, grants, founder) == {"f", "a", "b", "c"}
+    assert pushers(members, grants[:1], founder) == {"f"}
+    # "x" signing itself a founder's admission counts for nothing; a reaped founder's grants do
+    members.append(view("y", "founder", "y"))
+    assert pushers(members, grants, founder) == {"f", "a", "b", "c"}
+    assert pushers(members[1:], grants, founder) == {"f", "a", "b", "c"}
 
 
 def test_newest_release_per_app_from_allowed_authors_only() -> None:

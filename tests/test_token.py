@@ -19,6 +19,7 @@ from swarmnode.token import (
     PREFIX,
     Token,
     TokenError,
+    is_founder,
     issue,
     new_cluster_id,
     parse,
@@ -28,7 +29,7 @@ from swarmnode.token import (
 
 ISSUER = Identity.generate()
 OTHER = Identity.generate()
-CLUSTER = new_cluster_id()
+CLUSTER = new_cluster_id(ISSUER.id)
 NOW = 1_700_000_000
 ADDRS = ("192.0.2.10:7946", "[2001:db8::1]:7946", "build-01.example.org:7946")
 
@@ -105,10 +106,12 @@ def test_every_token_distinct() -> None:
     assert len({_issue().encode() for _ in range(20)}) == 20
 
 
-def test_new_cluster_id() -> None:
-    ids = {new_cluster_id() for _ in range(50)}
+def test_new_cluster_id_names_its_founder() -> None:
+    ids = {new_cluster_id(ISSUER.id) for _ in range(50)}
     assert len(ids) == 50
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert all(is_founder(i, ISSUER.id) and not is_founder(i, OTHER.id) for i in ids)
+    assert not is_founder("zz", ISSUER.id) and not is_founder(None, ISSUER.id)
 
 
 def test_expiry() -> None:
@@ -138,7 +141,7 @@ def test_lifetime_cap() -> None:
 def test_wrong_cluster() -> None:
     token = _issue()
     with pytest.raises(TokenError) as info:
-        _verify(token, cluster_id=new_cluster_id())
+        _verify(token, cluster_id=new_cluster_id(OTHER.id))
     assert info.value.reason == "wrong_cluster"
     assert "'lab'" in str(info.value)
 

@@ -97,6 +97,11 @@ class Config:
     max_notes: int = 4096
     """Cap on notes (push grants, releases) kept: one per (topic, key, author), a few per member
     in practice, so this bounds memory without ever binding a real swarm."""
+    max_note_bytes_per_author: int = 32 * 1024
+    """Cap on the note values one member may have held (a release note is ~300 bytes): every
+    push-pull carries all notes, so one member must not be able to grow it past a frame."""
+    max_note_bytes: int = 256 * 1024
+    """Cap on all note values held, a quarter of a frame (1 MiB), leaving room for members."""
 
     @classmethod
     def fast(cls, **overrides: object) -> Config:

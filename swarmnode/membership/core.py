@@ -33,6 +33,9 @@ from .broadcast import BroadcastQueue
 from .config import Config
 from .messages import (
     MAX_NAME,
+    MAX_NOTE_KEY,
+    MAX_NOTE_VALUE,
+    MAX_TOPIC,
     STATEMENT_KINDS,
     Ack,
     Admit,
@@ -188,8 +191,12 @@ class Membership:
         *,
         founder: bool = False,
         base: SharedMembers | None = None,
+        is_founder: Callable[[str], bool] | None = None,
     ) -> None:
         self.id = record.id
+        self._is_founder = is_founder
+        """Which ids may sign themselves a founder's admission (the node: the one its cluster
+        id names); None accepts any (the simulator, whose ids are not keys)."""
         self.counters: Counter[str] = Counter()
         self._record = record
         self._crypto = crypto
@@ -207,6 +214,7 @@ class Membership:
         self._pp_out: dict[str, tuple[float, bool]] = {}
         self._deferred: dict[str, list[Statement]] = {}
         self._notes: dict[tuple[str, str, str], Note] = {}
+        self._note_bytes: Counter[str] = Counter()  # value bytes held per author ("" = all)
         self._quiet_admits: Container[str] | None = None
         """While merging: admissions of these ids are not news (no `admitted` event); every
         id while restoring our own snapshot (see `_merge`)."""
@@ -421,12 +429,19 @@ class Membership:
         self._apply_note(n)
         return n
 
-    def sign_note(self, now: float, topic: str, key: str, value: bytes) -> Note:
-        """A note by this node, newer than any it made for (topic, key), not yet spread: a push
-        shows it to its canaries first and spreads it with `add_note` once they are healthy."""
+    def sign_note(self, now: float, topic: str, key: str, value: bytes, after: int = -1) -> Note:
+        """A note by this node, newer than any it made for (topic, key) and than `after`, not
+        yet spread: a push shows it to its canaries first and spreads it with `add_note` once
+        they are healthy. ValueError when it would be too large to travel."""
         self._now = now
+        if not 0 < len(topic) <= MAX_TOPIC or len(key) > MAX_NOTE_KEY \
+                or len(value) > MAX_NOTE_VALUE:
+            raise ValueError(f"note too large: topic {len(topic)}, key {len(key)}, value "
+                             f"{len(value)} (at most {MAX_TOPIC}, {MAX_NOTE_KEY}, "
+                             f"{MAX_NOTE_VALUE})")
         old = self._notes.get((topic, key, self.id))
         ts = self._ts() if old is None else max(self._ts(), old.ts + 1)
+        ts = max(ts, after + 1)
         return Note(topic, key, value, self.id, ts,
                     self._crypto.sign(note_body(topic, key, value, self.id, ts)))
 
@@ -507,6 +522,8 @@ class Membership:
         config: Config,
         rng: random.Random,
         now: float,
+        *,
+        is_founder: Callable[[str], bool] | None = None,
     ) -> Membership:
         """A restarted node: resume from `snapshot` above its old incarnation and rejoin.
 
@@ -517,7 +534,7 @@ class Membership:
             raise ValueError("snapshot is not a membership snapshot of this node")
         inc = max(record.incarnation, int(snapshot["incarnation"])) + 1
         rec = make_record(crypto, record.id, inc, record.name, record.addresses, record.facts)
-        m = cls(rec, crypto, config, rng, now)
+        m = cls(rec, crypto, config, rng, now, is_founder=is_founder)
         stmts = [item_from_plain(s, STATEMENT_KINDS) for s in snapshot["statements"]]
         states = [member_state_from_plain(s) for s in snapshot["members"]]
         m._merge(states, stmts, m.id, bcast=False, literal=True)  # type: ignore[arg-type]
@@ -808,11 +825,20 @@ class Membership:
         e = self._table.get(by)
         if e is not None and e.admit is not None:
             return True
-        return type(stmt) is Admit and stmt.id == by and stmt.how == FOUNDER  # type: ignore[union-attr]
+        return type(stmt) is Admit and self._genuine_founder(stmt)  # type: ignore[arg-type]
+
+    def _genuine_founder(self, a: Admit) -> bool:
+        return a.id == a.by and a.how == FOUNDER and (
+            self._is_founder is None or self._is_founder(a.id))
 
     def _apply_admit(self, a: Admit, bcast: bool = True) -> bool:
         """Returns True when `a.id` is admitted afterwards."""
         e = self._table.get(a.id)
+        if (a.id == a.by or a.how == FOUNDER) and not self._genuine_founder(a):
+            # Only the founder admits itself: a member (or a stranger) signing itself a
+            # founder's admission would otherwise replace its real one (the earliest wins).
+            self.counters["drop_false_founder"] += 1
+            return e is not None and e.admit is not None
         if e is not None and e.admit is not None:
             old = e.admit
             if (
@@ -931,9 +957,17 @@ class Membership:
         if old is None and len(self._notes) >= self._cfg.max_notes:
             self.counters["drop_note_full"] += 1
             return
+        grow = len(n.value) - (len(old.value) if old is not None else 0)
+        if grow > 0 and (
+                self._note_bytes[n.by] + grow > self._cfg.max_note_bytes_per_author
+                or self._note_bytes[""] + grow > self._cfg.max_note_bytes):
+            self.counters["drop_note_full"] += 1
+            return
         if not self._verify(n.by, n.body(), n.sig):
             return
         self._notes[n.slot] = n
+        self._note_bytes[n.by] += grow
+        self._note_bytes[""] += grow
         self._event("note", topic=n.topic, key=n.key, by=n.by)
         if bcast:
             self._broadcast(("n", *n.slot), n)

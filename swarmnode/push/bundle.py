@@ -78,13 +78,16 @@ SELF_INCLUDE = ("swarmnode", "net", "cli")
 SKIP_DIRS = frozenset({"__pycache__", ".git", ".venv"})
 SKIP_SUFFIXES = (".pyc",)
 
-#: Bounds for the spec's fields: a typo fails loudly instead of waiting for ever.
-MAX_COMMAND = 4096
+#: Bounds for the spec's fields: a typo fails loudly instead of waiting for ever; the spec
+#: travels inside a signed note (4 KiB, and gossip packets of 4 KiB), so commands stay short
+#: (a longer one belongs in a script in the payload).
+MAX_COMMAND = 1024
 MAX_HEALTH_TIMEOUT = 3600.0
 DEFAULT_HEALTH_TIMEOUT = 30.0
 SPEC_KEYS = ("name", "restart", "health", "health_timeout")
-#: App names become file names on every node (`<home>/apps/NAME`): a portable alphabet.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: App names become file names on every node (`<home>/apps/NAME`): a portable alphabet; and
+#: the record fact `rel.NAME` that says what a node runs (fact keys are at most 32 long).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,27}")
 
 _DIR_MODE = 0o755
 _EXEC_MODE = 0o755
@@ -484,7 +487,7 @@ class PushSpec:
 
 def _check_spec(name: object, restart: object, health: object, timeout: object) -> None:
     if type(name) is not str or NAME_RE.fullmatch(name) is None:
-        raise BundleError(f"name: {name!r} must be 1-64 characters of [A-Za-z0-9._-], "
+        raise BundleError(f"name: {name!r} must be 1-28 characters of [A-Za-z0-9._-], "
                           "starting with a letter or digit")
     for key, value in (("restart", restart), ("health", health)):
         if value is None:

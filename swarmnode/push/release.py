@@ -12,7 +12,7 @@ and so may anyone a pusher granted the right to. A banned member loses it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgpack
@@ -76,17 +76,18 @@ class Release:
             raise ReleaseError(f"release: {exc}") from None
 
 
-def pushers(members: Iterable[MemberView], grants: Iterable[Note]) -> frozenset[str]:
-    """Ids allowed to push: the founders, then whoever a pusher granted the right (to a
-    fixed point, so a grant counts once its author's own right is known). Bans remove it."""
-    banned = set()
-    allowed = set()
-    for m in members:
-        if m.state == "banned":
-            banned.add(m.id)
-        elif m.how == "founder" and m.admitted_by == m.id:
-            allowed.add(m.id)
-    edges = [(g.by, g.key.removeprefix("push:")) for g in grants if g.key.startswith("push:")]
+def pushers(members: Iterable[MemberView], grants: Iterable[Note],
+            is_founder: Callable[[str], bool]) -> frozenset[str]:
+    """Ids allowed to push: the cluster's founder (the id its cluster id names: never a member
+    that merely signs itself one), then whoever a pusher granted the right, to a fixed point
+    (a grant counts once its author's right is known; it keeps counting after its author is
+    gone, so retiring the founder does not end pushing). Bans remove the right."""
+    members = list(members)
+    grants = [g for g in grants if g.key.startswith("push:")]
+    banned = {m.id for m in members if m.state == "banned"}
+    known = {m.id for m in members} | {g.by for g in grants}
+    allowed = {i for i in known if is_founder(i)}
+    edges = [(g.by, g.key.removeprefix("push:")) for g in grants]
     grew = True
     while grew:
         grew = False

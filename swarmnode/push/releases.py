@@ -128,7 +128,7 @@ def check_digest(digest: object) -> str:
 
 def check_app(app: object) -> str:
     if type(app) is not str or NAME_RE.fullmatch(app) is None:
-        raise ReleaseError(f"bad app name {app!r:.80}: 1-64 characters of [A-Za-z0-9._-]")
+        raise ReleaseError(f"bad app name {app!r:.80}: 1-28 characters of [A-Za-z0-9._-]")
     return app
 
 
@@ -313,12 +313,11 @@ class Releases:
         return st[1] if st is not None and st[0] == "rolled_back" else None
 
     def rollback(self, app: str, reason: str) -> str | None:
-        """Switch the app back to `previous`; the digest now current, None if there is none."""
+        """Switch the app back to `previous` and mark the abandoned release rolled back; the
+        digest now current. With nothing to go back to (the app's first release failed) the
+        link is removed: None, and a broken first release does not stay live."""
         with transaction(self.db):
-            target = self.previous(app)
-            if target is None:
-                return None
-            return self._rollback_to(app, target, reason)
+            return self._rollback_to(app, self.previous(app), reason)
 
     def _rollback_to(self, app: str, target: str | None, reason: str) -> str | None:
         abandoned = self.linked_or_none(app)
