@@ -75,7 +75,7 @@ from swarmnode.ledger import (
     job_key,
     to_plain,
 )
-from swarmnode.ledger.jobs import MAX_BATCH, Batch, Report
+from swarmnode.ledger.jobs import MAX_BATCH, MAX_REASON, Batch, Report, checked
 from swarmnode.tasks import TaskSet
 from swarmnode.worker import (
     ASSIGN,
@@ -270,7 +270,11 @@ class Builds:
                 self.node.drops.drop("malformed_build")
                 return
             for report in reports:
-                self._on_report(env.sender, report)
+                try:
+                    self._on_report(env.sender, report)
+                except (LookupError, TypeError, ValueError):  # a bug: the others still count
+                    log.exception("report from %s not handled", env.sender)
+                    self.node.drops.drop("malformed_build")
 
     async def _on_propose(self, inbound: Inbound, body: dict[str, Any]) -> None:
         entry = body.get("entry")
@@ -328,14 +332,25 @@ class Builds:
         pending = self._reports.get(key)
         if key in self._reporting or (pending is not None and pending[1] is not None):
             return  # a re-sent copy of a report on its way: acknowledged with that one
-        outputs = report.get("outputs") or []
-        if status == "ok":
-            cmd: Report = Done(key, worker, attempt, tuple(sorted((o[0], o[1]) for o in outputs)))
+        try:
+            cmd = _report_command(key, worker, attempt, status, report)
+        except LedgerError as exc:
+            # Not valid as a ledger command (in a batch it would void the batch's other
+            # commands): recorded as a failure of this attempt instead; the job runs again.
+            error = str(exc)[:300]
+            self.node.drops.drop("invalid_report")
+            self.node.event("report_invalid", {"id": worker, "job": key, "attempt": attempt,
+                                               "error": error})
+            try:
+                reason = f"invalid report: {error}"[:MAX_REASON]
+                cmd = checked(Failed(key, worker, attempt, reason))
+            except LedgerError:  # (the job's own key, node and attempt: cannot happen)
+                log.error("no valid failure for %s's report on %s", worker, key)
+                return
+        if isinstance(cmd, Done):
             self._failures.pop(worker, None)
         else:
-            reason = f"{status}: {report.get('reason') or ''}".strip()[:900]
-            cmd = Failed(key, worker, attempt, reason, str(report.get("log_tail", ""))[-8000:])
-            self._breaker(worker, reason)
+            self._breaker(worker, cmd.reason)  # type: ignore[union-attr]
         self._queue_report(key, cmd, ack)  # replaces its `started`, if that is still here
 
     def _queue_report(self, key: str, cmd: Report, ack: dict[str, Any] | None) -> None:
@@ -825,6 +840,26 @@ class Builds:
 
     async def close(self) -> None:
         await self._tasks.close()
+
+
+def _report_command(key: str, worker: str, attempt: int, status: Any,
+                    report: Mapping[str, Any]) -> Report:
+    """The ledger command for a worker's `done`/`failed` report on `key`, as the replicas will
+    read it; raises LedgerError (only) for a report that is not a valid command: outputs that
+    are not a list of [path, digest, size] with distinct paths, a digest that is not sha256,
+    too many outputs, a path too long or not normalised."""
+    if status != "ok":
+        reason = f"{status}: {report.get('reason') or ''}".strip()[:900]
+        return checked(Failed(key, worker, attempt, reason,  # type: ignore[return-value]
+                              str(report.get("log_tail", ""))[-8000:]))
+    outputs = report.get("outputs")
+    outputs = [] if outputs is None else outputs
+    if type(outputs) is not list or not all(type(o) is list and len(o) == 3 for o in outputs):
+        raise LedgerError("outputs: expected a list of [path, digest, size]")
+    done = checked(Done(key, worker, attempt, tuple((o[0], o[1]) for o in outputs)))
+    if len(done.artifacts) != len(outputs):  # type: ignore[union-attr]
+        raise LedgerError("outputs: a path twice")
+    return done  # type: ignore[return-value]
 
 
 def _op(entry: bytes) -> str | None:

@@ -356,9 +356,12 @@ class Worker:
                     if now - self._sent_at.get(_report_key(r), 0.0) >= older_than])
 
     def held(self) -> list[list[Any]]:
-        """The attempts this node holds: running here, or finished and not yet acknowledged."""
+        """The attempts this node holds: running here, or finished and not yet acknowledged --
+        including those finished in this turn, whose reports `_flush` has still to write and
+        send (a held list sent in between must not make the leader requeue them)."""
         out = [[a.build, a.job, a.attempt] for a, _ in self.running.values()]
-        out += [[r.get("build"), r.get("job"), r.get("attempt")] for r in self.pending_reports()]
+        reports = (*self._unsaved, *self._outgoing, *self.pending_reports())
+        out += [[r.get("build"), r.get("job"), r.get("attempt")] for r in reports]
         return out
 
     def _send_held(self, leader: str) -> None:

@@ -42,7 +42,15 @@ from swarmnode.ledger import (
     from_plain,
     to_plain,
 )
-from swarmnode.ledger.jobs import MAX_BATCH, Batch, SetVoters, Voters
+from swarmnode.ledger.jobs import (
+    MAX_ARTIFACTS,
+    MAX_BATCH,
+    MAX_PATH,
+    Batch,
+    SetVoters,
+    Voters,
+    checked,
+)
 
 H = "ab" * 32
 
@@ -501,3 +509,33 @@ def test_a_stale_report_in_a_batch_is_rejected_and_the_rest_count() -> None:
     a, b = led.led.job("b1/a"), led.led.job("b1/b")
     assert a is not None and (a.state, a.artifacts) == (DONE, arts("good"))
     assert b is not None and b.state in ACTIVE and b.node == "n3"
+
+
+def test_one_invalid_command_voids_a_batch_so_checked_refuses_it_first() -> None:
+    """A batch is parsed whole: a Done with a bad digest makes the entry invalid (the build
+    and the valid report with it are lost). `checked` refuses such a command up front, and
+    gives a valid one as the replicas will read it."""
+    led = Ledger()
+    led(build(a=(), b=()))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Assign("b1/b", "n2", 1, 1))
+    good = Done("b1/b", "n2", 1, arts("good"))
+    bad = Done("b1/a", "n1", 1, (("a", "not-a-digest"),))
+    assert led(Batch((build("b2"), good, bad))) == ["invalid"]
+    for cmd in (
+        bad,
+        Done("b1/a", "n1", 1, (("a" * (MAX_PATH + 1), H),)),
+        Done("b1/a", "n1", 1, tuple((f"f{i}", H) for i in range(MAX_ARTIFACTS + 1))),
+        Done("b1/a", "n1", 1, (("a", H, 1),)),  # type: ignore[arg-type]
+        Done("b1/a", "n1", 1, ((["a"], H),)),  # type: ignore[arg-type]
+        Done("b1/a", "n1", 1, None),  # type: ignore[arg-type]
+        Failed("b1/a", "n1", 1, "x" * 5000),
+        Failed("b1/a", "n1", 1, "exit 1", "t" * (300 * 1024)),  # too large for an entry
+        Started("b1/a", "n1", 0),
+    ):
+        with pytest.raises(LedgerError):
+            checked(cmd)
+    assert checked(good) == good
+    unsorted = Done("b1/a", "n1", 1, (("z", H), ("a", H)))
+    assert checked(unsorted) == Done("b1/a", "n1", 1, (("a", H), ("z", H)))
+    assert led(Batch((build("b2"), good, checked(unsorted)))) == ["submitted", "done", "done"]

@@ -72,3 +72,21 @@ def test_malformed_assignments_are_named():
                        ({"env": {"A": 1}}, "env")):
         with pytest.raises(jobs.AssignmentError, match=field):
             jobs.Assignment.from_plain({**good, **bad})
+
+
+def test_held_includes_reports_finished_this_turn():
+    """A report finished this turn is not yet in the outbox (`_flush` writes it at the turn's
+    end): a held list sent in between must still name its attempt, or the leader requeues a
+    job whose result is on its way."""
+    from types import SimpleNamespace
+
+    w = object.__new__(jobs.Worker)
+    outbox = [{"build": "b", "job": "old", "attempt": 1, "status": "ok"}]
+    w.node = SimpleNamespace(store=SimpleNamespace(outbox=lambda: list(outbox)))
+    a = jobs.Assignment(build="b", job="run", attempt=2, term=1, cmd="true", env={}, outputs=(),
+                        cores=1, timeout=None, inputs=(), deps={}, sources=())
+    w.running = {("b", "run"): (a, None)}
+    w._unsaved = [{"build": "b", "job": "just", "attempt": 3, "status": "ok"}]
+    w._outgoing = [{"build": "b", "job": "run", "attempt": 2, "status": "started"}]
+    held = {tuple(h) for h in w.held()}
+    assert held == {("b", "run", 2), ("b", "just", 3), ("b", "old", 1)}

@@ -450,6 +450,23 @@ def decode(data: bytes) -> Command:
         raise LedgerError(str(exc)) from None
 
 
+def checked(cmd: Batched) -> Batched:
+    """`cmd` as every replica reads it back from a `Batch` entry (e.g. a `Done`'s artifacts
+    sorted by path); raises LedgerError (only) if it is not a valid command, or if a batch of
+    it alone would not fit in an entry. A batch is parsed whole (one invalid command makes
+    the entry `invalid`, voiding the others), so the leader checks each command it did not
+    make itself -- a worker's report -- before it joins one."""
+    try:
+        entry = decode(encode(Batch((cmd,))))
+    except LedgerError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
+        # not encodable (EntryError: too large; or fields of the wrong shape)
+        raise LedgerError(f"{_OPS.get(type(cmd), 'entry')}: {exc}") from None
+    assert type(entry) is Batch and len(entry.items) == 1
+    return entry.items[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # State
 

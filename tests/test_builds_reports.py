@@ -1,0 +1,151 @@
+"""The leader's handling of workers' reports: a report that is not a valid ledger command (a
+bad output digest, too many outputs, a path too long, outputs of the wrong shape) becomes a
+failure of that attempt instead of voiding the batch it would have joined -- the other
+builds, reports and assignments of that batch still count -- and never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from swarmnode.builds import Builds
+from swarmnode.ledger import (
+    DONE,
+    FAILED,
+    Assign,
+    Done,
+    Failed,
+    JobLedger,
+    JobSpec,
+    SubmitBuild,
+    encode,
+)
+from swarmnode.ledger.jobs import MAX_ARTIFACTS, MAX_PATH, Batch
+
+H = "ab" * 32
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def submit(build_id: str, *names: str) -> SubmitBuild:
+    jobs = tuple(sorted((n, JobSpec(spec_hash=sha(n))) for n in names))
+    return SubmitBuild(build_id, "hello", "client-1", jobs)
+
+
+class FakeNode:
+    """What `Builds` uses of a node to take reports as the leader."""
+
+    def __init__(self) -> None:
+        self.ledger = JobLedger()
+        self.leadership = SimpleNamespace(
+            on_applied=[], ledger=self.ledger,
+            core=SimpleNamespace(can_schedule=lambda _now: True))
+        self.drops: Counter[str] = Counter()
+        self.drops.drop = lambda reason: self.drops.update([reason])  # type: ignore[attr-defined]
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[tuple[str, str, bytes]] = []
+
+    def clock(self) -> float:
+        return 0.0
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+
+    def send_raw(self, peer: str, msg_type: str, body: bytes) -> None:
+        self.sent.append((peer, msg_type, body))
+
+    def apply(self, *cmds: Any) -> list[str]:
+        return [ev.kind for c in cmds for ev in self.ledger.apply(self.ledger.applied + 1, c)]
+
+
+def leader() -> tuple[Builds, FakeNode]:
+    """A leader whose ledger has build b1 (jobs a, b, c), a on w1 and b on w2 (attempt 1)."""
+    node = FakeNode()
+    node.apply(submit("b1", "a", "b", "c"), Assign("b1/a", "w1", 1, 1), Assign("b1/b", "w2", 1, 1))
+    return Builds(node), node  # type: ignore[arg-type]
+
+
+def ok(job: str, outputs: Any) -> dict[str, Any]:
+    return {"build": "b1", "job": job, "attempt": 1, "status": "ok", "outputs": outputs,
+            "reason": None, "log_tail": "", "duration": 0.1}
+
+
+async def test_an_invalid_report_does_not_void_the_others_in_its_batch():
+    builds, node = leader()
+    # the reviewer's reproduction: all-or-nothing, one bad Done voids the batch
+    bad = Done("b1/a", "w1", 1, (("a", "not-a-digest"),))
+    good = Done("b1/b", "w2", 1, (("out", H),))
+    copy = JobLedger.restore(node.ledger.snapshot())
+    assert [e.kind for e in copy.apply(copy.applied + 1, encode(Batch((submit("b2", "x"), good,
+                                                                         bad))))] == ["invalid"]
+
+    # through the leader: the bad report becomes a failure of its attempt
+    builds._on_report("w1", ok("a", [["a", "not-a-digest", 3]]))
+    builds._on_report("w2", ok("b", [["out", H, 3]]))
+    (cmd_a, _), (cmd_b, _) = builds._reports["b1/a"], builds._reports["b1/b"]
+    assert isinstance(cmd_a, Failed) and cmd_a.reason.startswith("invalid report: ")
+    assert cmd_b == good
+    assert node.drops["invalid_report"] == 1
+    assert [k for k, _ in node.events] == ["report_invalid"]
+
+    # ... and the batch it joins (with a new build) is applied whole
+    async def propose(cmd: Any, _keys: list[str]) -> bool:
+        node.apply(encode(cmd))
+        return True
+
+    builds._propose = propose  # type: ignore[method-assign]
+    fut = asyncio.get_running_loop().create_future()
+    items = [(submit("b2", "x"), None, fut)]
+    items += [(cmd, key, ack) for key, (cmd, ack) in builds._reports.items()]
+    await builds._propose_batch(items)
+    assert fut.result() is True
+    assert node.ledger.build("b2") is not None
+    assert node.ledger.job("b1/b").state == DONE
+    assert node.ledger.job("b1/b").artifacts == (("out", H),)
+    assert node.ledger.job("b1/a").state == FAILED  # assignable again: it retries elsewhere
+    assert "invalid" not in node.ledger.tally
+    # both workers are told to forget their reports (w1's counted, as a failure)
+    builds._send_acks()
+    assert sorted(peer for peer, _t, _b in node.sent) == ["w1", "w2"]
+
+
+@pytest.mark.parametrize("outputs", [
+    5, "abc", {"a": H}, [1, 2], [["a", H]], [("a", H, 1)], [[1, H, 1]], [[["a"], H, 1]],
+    [["a", 7, 1]], [["a", "not-a-digest", 1]], [["a", H.upper(), 1]], [["/abs", H, 1]],
+    [["../up", H, 1]], [["a" * (MAX_PATH + 1), H, 1]], [["a", H, 1], ["a", sha("x"), 1]],
+    [[f"f{i}", H, 1] for i in range(MAX_ARTIFACTS + 1)], [[None, None, None]],
+])
+async def test_garbage_outputs_become_a_failure_and_never_raise(outputs):
+    builds, node = leader()
+    builds._on_report("w1", ok("a", outputs))
+    cmd, ack = builds._reports["b1/a"]
+    assert isinstance(cmd, Failed) and cmd.reason.startswith("invalid report: ")
+    assert ack == {"build": "b1", "job": "a", "attempt": 1}
+    assert node.drops["invalid_report"] == 1
+    assert node.apply(encode(Batch((cmd,)))) == ["failed"]
+
+
+async def test_valid_outputs_are_kept_and_sorted():
+    builds, _node = leader()
+    builds._on_report("w1", ok("a", [["z", H, 1], ["a/b", sha("x"), 2]]))
+    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, (("a/b", sha("x")), ("z", H)))
+    builds._reports.clear()
+    builds._on_report("w1", ok("a", None))  # no outputs at all
+    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, ())
+
+
+async def test_malformed_failure_fields_are_bounded():
+    builds, node = leader()
+    report = {**ok("a", []), "status": ["odd"], "reason": {"x": "y" * 5000},
+              "log_tail": "t" * 100_000}
+    builds._on_report("w1", report)
+    cmd, _ack = builds._reports["b1/a"]
+    assert isinstance(cmd, Failed) and not cmd.reason.startswith("invalid report")
+    assert node.apply(encode(Batch((cmd,)))) == ["failed"]
