@@ -6,7 +6,6 @@ builds, reports and assignments of that batch still count -- and never raises.""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
@@ -26,12 +25,7 @@ from swarmnode.ledger import (
     encode,
 )
 from swarmnode.ledger.jobs import MAX_ARTIFACTS, MAX_PATH, Batch
-
-H = "ab" * 32
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+from tests.test_ledger_jobs import H, sha
 
 
 def submit(build_id: str, *names: str) -> SubmitBuild:
