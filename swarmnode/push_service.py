@@ -252,28 +252,56 @@ class PushService:
                 self.wake.set()
 
     async def _switch_payload(self, note: Note, release: Release) -> None:
-        app, digest = release.app, release.digest
-        self.releases.switch(app, digest)
+        self.releases.switch(release.app, release.digest)
         self._publish_facts()
-        spec = release.spec
-        self._report(note, "restarted" if spec.restart else "installed")
+        self._report(note, "restarted" if release.spec.restart else "installed")
+        why = await self._check_payload(release)
+        if why is None:
+            self._set_applied(note)
+            self._report(note, "healthy")
+            await self._prune()
+        else:
+            self._report(note, "rolled_back", why)
+
+    async def _check_payload(self, release: Release) -> str | None:
+        """Restart the app's current release and check its health; when either fails, roll
+        back (and restart the previous release). None when healthy, else why not."""
+        app, digest, spec = release.app, release.digest, release.spec
         why = await self._run_hook(release, "restart", spec.restart)
         if why is None:
             why = await self._run_hook(release, "health", spec.health)
         if why is None:
             self.releases.mark(app, digest, "healthy")
-            self._set_applied(note)
             self.node.event("push_healthy", {"app": app, "digest": digest})
-            self._report(note, "healthy")
-            await self._prune()
-            return
+            return None
         back = self.releases.rollback(app, why)
         self._publish_facts()
-        if back is not None and release.spec.restart:  # the previous release runs again
-            await self._run_hook(Release(release.spec, back, 0), "restart", release.spec.restart)
+        if back is not None and spec.restart:  # the previous release runs again
+            await self._run_hook(Release(spec, back, 0), "restart", spec.restart)
         self.node.event("push_rolled_back", {"app": app, "digest": digest, "reason": why,
                                              "now": back})
-        self._report(note, "rolled_back", why)
+        return why
+
+    async def _recheck(self) -> None:
+        """An app switched to a release that was never found healthy (the node stopped in
+        the middle of its check) is checked again now, with the spec its bundle carries."""
+        for app in self.releases.apps():
+            digest = self.releases.current(app)
+            if app == SELF_APP or digest is None or \
+                    (self.releases.status(app, digest) or ("",))[0] != "installed":
+                continue
+            try:
+                spec = bundles.load_spec(self.releases.path(digest))
+                spec = bundles.PushSpec(app, spec.restart, spec.health, spec.health_timeout)
+            except (OSError, ValueError) as exc:
+                self.releases.rollback(app, f"its spec cannot be read: {exc}")
+                self._publish_facts()
+                continue
+            self.applying[app] = digest  # no catch-up of the app meanwhile
+            try:
+                await self._check_payload(Release(spec, digest, 0))
+            finally:
+                self.applying.pop(app, None)
 
     async def _prune(self) -> None:
         """Keep the last few releases (and the bundles of those, for others to fetch)."""
@@ -582,6 +610,7 @@ class PushService:
 
     async def run(self) -> None:
         self.tasks.spawn(self._watch_trial())
+        self.tasks.spawn(self._recheck())
         next_catch_up = time.monotonic() + 1.0
         while True:
             with contextlib.suppress(TimeoutError):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.swarm import REPO, Node, Swarm, swarm_fixture  # noqa: F401 (fixture)
+from tests.swarm import REPO, Node, Swarm, loopback_addr, swarm_fixture  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -222,3 +222,29 @@ def test_push_needs_no_leader(swarm: Swarm, tmp_path: Path) -> None:
     swarm.start(n1)
     swarm.wait_for(lambda: app_files(n1).get("data.txt") == "version 1\n", PUSH_S,
                    "the founder catches up")
+
+
+def test_a_release_left_unchecked_by_a_stop_is_checked_at_start(swarm: Swarm,
+                                                                 tmp_path: Path) -> None:
+    """A node stopped between switching an app and its health check: on start it runs the
+    check from the spec in the bundle, and a failing release does not stay live."""
+    from swarmnode.push.bundle import make_bundle
+    from swarmnode.push.releases import Releases
+
+    n1, _token = swarm.init("n1", loopback_addr(1))
+    good, bad = payload(tmp_path, "1"), payload(tmp_path, "2", health="exit 4")
+    with Releases(n1.home) as rel:
+        digests = []
+        for d in (good, bad):
+            info = make_bundle(d, tmp_path / f"{d.name}.tgz")
+            rel.install(info.digest, tmp_path / f"{d.name}.tgz")
+            digests.append(info.digest)
+        rel.switch("web", digests[0])
+        rel.mark("web", digests[0], "healthy")
+        rel.switch("web", digests[1])  # ... and the node stopped here
+    swarm.start(n1)
+    swarm.wait_for(lambda: app_files(n1).get("data.txt") == "version 1\n", PUSH_S,
+                   "the unchecked release rolled back")
+    with Releases(n1.home) as rel:
+        assert rel.failed("web", digests[1]) == "health command exited 4"
+    assert (n1.home / "web-restarts").read_text().split() == digests[::-1]
