@@ -23,9 +23,7 @@ Results on stdout and in /tmp/swarmnode-bench/lab_builds.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -202,17 +200,12 @@ def phase_failover(b: Bench, root: Path, trials: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = snapshot.lab_parser(__doc__, "lab_builds")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--empty", type=int, default=500)
     ap.add_argument("--failovers", type=int, default=5)
-    ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_builds.json"))
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not snapshot.is_root():
         return 2
     root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-builds-"))
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),

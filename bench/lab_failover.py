@@ -13,10 +13,8 @@ Results on stdout and in /tmp/swarmnode-bench/lab_failover.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -88,16 +86,11 @@ def trial(b: Bench, poll: float) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = snapshot.lab_parser(__doc__, "lab_failover")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--poll", type=float, default=0.02)
-    ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_failover.json"))
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not snapshot.is_root():
         return 2
     root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-failover-"))
     trials: list[dict[str, Any]] = []

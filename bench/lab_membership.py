@@ -38,7 +38,6 @@ namespace and process the script starts is removed at the end, also on failure o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -693,7 +692,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = snapshot.lab_parser(__doc__, "lab_membership")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--minutes", type=float, default=10.0, help="saturation phase; 0 skips it")
     ap.add_argument("--busy", type=int, default=4, help="busy-loop processes in saturation")
@@ -706,17 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--settle", type=float, default=5.0, help="quiet seconds between crashes")
     ap.add_argument("--poll", type=float, default=0.05)
-    ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
-    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_membership.json"))
-    ap.add_argument(
-        "--worktree",
-        action="store_true",
-        help="measure the working tree instead of a snapshot of HEAD",
-    )
     ap.add_argument("--keep", action="store_true", help="keep homes and logs (printed path)")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not snapshot.is_root():
         return 2
     root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-"))
     res: dict[str, Any] = {

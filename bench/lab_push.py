@@ -53,7 +53,6 @@ namespace, node, sshd and service process the script starts is removed at the en
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -732,21 +731,16 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = snapshot.lab_parser(__doc__, "lab_push")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--nodes", default="5,10,20",
                     help="loopback cluster sizes, comma-separated ('' for none)")
     ap.add_argument("--lab-nodes", type=int, default=5, help="lab hosts (0: no lab run)")
     ap.add_argument("--profile", type=int, default=2,
                     help="timeline pushes per variant after each size's repeats (0: none)")
-    ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
     ap.add_argument("--keep", action="store_true", help="keep homes and logs")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_push.json"))
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not snapshot.is_root():
         return 2
     sizes = [int(x) for x in args.nodes.split(",") if x.strip()]
     if any(n < 3 or n > 200 for n in sizes):

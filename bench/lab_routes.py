@@ -23,9 +23,7 @@ Results on stdout and in /tmp/swarmnode-bench/lab_routes.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -152,14 +150,10 @@ def ms(xs: list[float]) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = snapshot.lab_parser(__doc__, "lab_routes", swarmnode=False)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/swarmnode-bench/lab_routes.json"))
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not snapshot.is_root():
         return 2
     root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-routes-"))
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": snapshot.commit(),

@@ -10,6 +10,7 @@ the editable install, so the `swarmnode` command and every import use the snapsh
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -73,3 +74,23 @@ def reexec_on_head(argv: list[str]) -> None:
     print(f"benchmarking commit {rev} (snapshot in {dest})", flush=True)
     script = str(Path(sys.argv[0]).resolve())
     os.execve(sys.executable, [sys.executable, script, *argv], env)
+
+
+def lab_parser(doc: str, name: str, *, swarmnode: bool = True) -> argparse.ArgumentParser:
+    """The options every lab benchmark takes: `--worktree` (see `reexec_on_head`), `--out`
+    (BASE/NAME.json) and, for those that run nodes, `--swarmnode` (the command)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--worktree", action="store_true",
+                    help="measure the working tree instead of a snapshot of HEAD")
+    ap.add_argument("--out", type=Path, default=BASE / f"{name}.json")
+    if swarmnode:
+        ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
+    return ap
+
+
+def is_root() -> bool:
+    """Lab benchmarks make network namespaces: say so and give up without root."""
+    if os.geteuid() == 0:
+        return True
+    print("needs root (network namespaces)", file=sys.stderr)
+    return False
