@@ -671,39 +671,19 @@ def random_run(
         n_obs,
         cfg,
         seed=rng.getrandbits(32),
-        loss=rng.choice((0.0, 0.0, 0.02, 0.1, 0.3)),
-        latency=(0.0005, rng.choice((0.002, 0.02, 0.15))),
-        duplicate=rng.choice((0.0, 0.0, 0.05)),
+        **random_links(rng),
         codec=seed % 8 == 0,
         factory=factory,
         snapshot_every=rng.choice((None, 3, 10, 40)),
     )
     res = RunResult(seed, n_voters, n_obs)
-    ids = sorted(sim.nodes)
 
     def propose() -> None:
         leaders = sim.current_leaders()
         if leaders:
             sim.propose(rng.choice(leaders), f"{seed}:{sim.stats['proposed']}".encode())
 
-    t = 0.0
-    next_fault = rng.expovariate(4 / fault_time)  # about four faults per run
-    while True:
-        t = min(next_fault, t + (rng.expovariate(proposals) if proposals else _INF))
-        if t >= fault_time:
-            break
-        sim.run_until(t)
-        if t == next_fault:
-            res.faults.append(random_fault(sim, rng, ids, keep_disk))
-            next_fault = t + rng.expovariate(4 / fault_time)
-        else:
-            propose()
-    sim.run_until(fault_time)
-    sim.heal()
-    sim.loss = 0.0
-    for id_ in ids:
-        if not sim.nodes[id_].up:
-            sim.restart(id_, keep_disk=keep_disk)
+    run_faults(sim, rng, keep_disk, fault_time, proposals, propose, res.faults)
     start = sim.now
     if sim.run_until_pred(lambda s: s.caught_up() is not None, liveness_bound(cfg)):
         res.recovered_after = sim.now - start
@@ -716,6 +696,38 @@ def random_run(
     res.accepted = sim.stats["accepted"]
     res.snapshots = sim.stats["compactions"] + sim.stats["restores"]
     return res
+
+
+def random_links(rng: random.Random) -> dict[str, Any]:
+    """Loss, latency and duplication of one randomized run (the ledger's runs draw the same)."""
+    return {"loss": rng.choice((0.0, 0.0, 0.02, 0.1, 0.3)),
+            "latency": (0.0005, rng.choice((0.002, 0.02, 0.15))),
+            "duplicate": rng.choice((0.0, 0.0, 0.05))}
+
+
+def run_faults(sim: ElectionSim, rng: random.Random, keep_disk: bool, fault_time: float,
+               rate: float, work: Callable[[], None], faults: list[str]) -> None:
+    """Until `fault_time`: about four random faults, and `work` at a Poisson `rate` between
+    them; then heal every link and restart every crashed node (`faults` gets the log)."""
+    ids = sorted(sim.nodes)
+    t = 0.0
+    next_fault = rng.expovariate(4 / fault_time)
+    while True:
+        t = min(next_fault, t + (rng.expovariate(rate) if rate else _INF))
+        if t >= fault_time:
+            break
+        sim.run_until(t)
+        if t == next_fault:
+            faults.append(random_fault(sim, rng, ids, keep_disk))
+            next_fault = t + rng.expovariate(4 / fault_time)
+        else:
+            work()
+    sim.run_until(fault_time)
+    sim.heal()
+    sim.loss = 0.0
+    for id_ in ids:
+        if not sim.nodes[id_].up:
+            sim.restart(id_, keep_disk=keep_disk)
 
 
 def random_fault(sim: ElectionSim, rng: random.Random, ids: list[str], keep_disk: bool) -> str:

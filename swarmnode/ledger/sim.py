@@ -54,7 +54,7 @@ from typing import Any
 
 from swarmnode.election.config import Config
 from swarmnode.election.core import LEADER, Apply, Election
-from swarmnode.election.sim import ElectionSim, SimNode, Violation, random_fault
+from swarmnode.election.sim import ElectionSim, SimNode, Violation, random_links, run_faults
 
 from .jobs import (
     ACTIVE,
@@ -737,35 +737,21 @@ def random_run(
         n_obs,
         cfg,
         seed=rng.getrandbits(32),
-        loss=rng.choice((0.0, 0.0, 0.02, 0.1, 0.3)),
-        latency=(0.0005, rng.choice((0.002, 0.02, 0.15))),
-        duplicate=rng.choice((0.0, 0.0, 0.05)),
+        **random_links(rng),
         codec=seed % 8 == 0,
         factory=factory,
         ledger_factory=ledger_factory,
         snapshot_every=rng.choice((None, 5, 20)),
     )
     res = LedgerRunResult(seed, n_voters, n_obs)
-    ids = sorted(sim.nodes)
-    t, n_builds = 0.0, 0
-    next_fault = rng.expovariate(4 / fault_time)
-    while True:
-        t = min(next_fault, t + rng.expovariate(builds))
-        if t >= fault_time:
-            break
-        sim.run_until(t)
-        if t == next_fault:
-            res.faults.append(random_fault(sim, rng, ids, keep_disk))
-            next_fault = t + rng.expovariate(4 / fault_time)
-        else:
-            n_builds += 1
-            sim.submit(random_build(rng, f"b{n_builds}", "client"))
-    sim.run_until(fault_time)
-    sim.heal()
-    sim.loss = 0.0
-    for id_ in ids:
-        if not sim.nodes[id_].up:
-            sim.restart(id_, keep_disk=keep_disk)
+    n_builds = 0
+
+    def submit() -> None:
+        nonlocal n_builds
+        n_builds += 1
+        sim.submit(random_build(rng, f"b{n_builds}", "client"))
+
+    run_faults(sim, rng, keep_disk, fault_time, builds, submit, res.faults)
     start = sim.now
     if sim.run_until_pred(lambda s: s.settled(), settle_bound(cfg), step=0.05):
         res.settled_after = sim.now - start
