@@ -147,17 +147,21 @@ class PushService:
             body = unpack_map(env.body)
             if env.type == STAGE:
                 note = item_from_plain(body.get("note"), frozenset({"note"}))
-                sources = [str(s) for s in body.get("sources", [])][:64]
-                self._on_stage(env.sender, note, sources)  # type: ignore[arg-type]
+                self._on_stage(env.sender, note, self._sources(body))  # type: ignore[arg-type]
             elif env.type == SOURCES:  # hints only: whatever they send is verified
-                sources = [str(s) for s in body.get("sources", [])][:64]
-                self.node.artifacts.add_sources(
-                    check_digest(body.get("digest")),
-                    [s for s in sources if self.node.is_admitted_member(s)])
+                self.node.artifacts.add_sources(check_digest(body.get("digest")),
+                                                self._sources(body))
             else:
                 self._on_state(env.sender, body)
         except (MessageError, ValueError, TypeError, KeyError):
             self.node.drops.drop("push_malformed")
+
+    def _sources(self, body: dict[str, Any]) -> list[str]:
+        """The members a message names as holders of a bundle (at most 64)."""
+        named = body.get("sources")
+        if not isinstance(named, list):
+            return []
+        return [s for s in named[:64] if isinstance(s, str) and self.node.is_admitted_member(s)]
 
     def _refuse(self, sender: str, note: Note | None, why: str) -> None:
         self.node.drops.drop("push_refused")
