@@ -24,12 +24,22 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """All or nothing: committed on leaving the block, rolled back if it raised."""
-    db.execute("BEGIN IMMEDIATE")
+def transaction(db: sqlite3.Connection, synced: bool = True) -> Iterator[sqlite3.Connection]:
+    """All or nothing: committed on leaving the block, rolled back if it raised.
+
+    `synced=False` commits without an fsync (synchronous=NORMAL for this one transaction): it
+    survives the process being killed, not the machine losing power, and the next synced
+    commit makes it durable too. For writes whose loss only costs redoing work."""
+    if not synced:
+        db.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        if not synced:
+            db.execute("PRAGMA synchronous=FULL")

@@ -2,7 +2,9 @@
 
 SQLite in WAL mode with synchronous=FULL: every write that returns is on disk, so an
 incarnation number persisted before a refutation goes out can never go backwards after a
-crash, and a restarted node finds the members it knew.
+crash, and a restarted node finds the members it knew. The one exception is the report outbox
+(`outbox_write`), written once per turn of a busy worker: losing its last writes to a power cut
+only means running those jobs again.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
+    def _tx(self, synced: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, synced)
 
     def get(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -65,9 +67,11 @@ class Store:
                 )
 
     def outbox_write(self, puts: list[tuple[str, Any]], deletes: list[str]) -> None:
-        """Keep messages until deleted, in one transaction (one fsync for a turn): a worker's
-        reports wait here for the leader's acknowledgement, across restarts."""
-        with self._tx() as db:
+        """Keep messages until deleted, in one transaction: a worker's reports wait here for the
+        leader's acknowledgement, across restarts. Not fsynced: a crash of the node keeps
+        them; a power cut may lose the last ones, and the leader then requeues those jobs
+        (`job.held`), so the cost is running them again, never a wrong result."""
+        with self._tx(synced=False) as db:
             db.executemany("INSERT OR REPLACE INTO outbox (key, value) VALUES (?, ?)",
                            [(key, msgpack.packb(value)) for key, value in puts])
             db.executemany("DELETE FROM outbox WHERE key = ?", [(key,) for key in deletes])
