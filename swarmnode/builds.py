@@ -140,6 +140,7 @@ class Builds:
         self._reports: dict[str, tuple[Report, dict[str, Any] | None]] = {}
         self._reporting: set[str] = set()
         self._done_inflight: set[str] = set()  # keys whose `done` is in an entry on its way
+        self._batches = 0  # batch entries on their way
         self._submits: list[tuple[SubmitBuild, asyncio.Future[bool]]] = []  # for this turn
         # assignments in an entry on its way: job key -> (node, cores, estimate)
         self._holding: dict[str, tuple[str, int, float]] = {}
@@ -153,6 +154,7 @@ class Builds:
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
         self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
+        self._order: dict[str, tuple[float, int, str]] = {}  # job key -> its place in a pass
 
     @property
     def ledger(self) -> JobLedger:
@@ -358,15 +360,9 @@ class Builds:
         self._wake.set()
 
     def _ack(self, worker: str, ack: dict[str, Any]) -> None:
-        """Acknowledge a report; a turn's acknowledgements go in one message per worker."""
-        if not self._acks:
-            asyncio.get_running_loop().call_soon(self._send_acks)
+        """Acknowledge a report at the end of this turn, with the worker's new assignments."""
+        self._turn_soon()
         self._acks.setdefault(worker, []).append(ack)
-
-    def _send_acks(self) -> None:
-        acks, self._acks = self._acks, {}
-        for worker, items in acks.items():
-            self.node.send_raw(worker, REPORT_ACK, pack({"acks": items}))
 
     def _breaker(self, worker: str, reason: str) -> None:
         self._failures[worker] = self._failures.get(worker, 0) + 1
@@ -404,7 +400,8 @@ class Builds:
                 if time.monotonic() - swept >= TICK_S:  # the full sweeps scan every job
                     swept = time.monotonic()
                     self._sweep()
-                self._step()
+                if not self._batches or self._submits:
+                    self._step()
             except Exception:  # a bug here must not stop scheduling for good
                 log.exception("scheduler step failed")
 
@@ -439,10 +436,13 @@ class Builds:
         final = {key for cmd, key, _x in items if isinstance(cmd, Done | Failed)}
         done = {key for cmd, key, _x in items if isinstance(cmd, Done)}
         committed = False
+        self._batches += 1
         try:
             entry = Batch(tuple(cmd for cmd, _key, _x in items))
             committed = await self._propose(entry, [key for _c, key, _x in items if key])
         finally:
+            self._batches -= 1
+            self._wake.set()
             self._reporting -= final  # type: ignore[arg-type]
             self._done_inflight -= done  # type: ignore[arg-type]
             for cmd, key, _x in items:
@@ -496,33 +496,43 @@ class Builds:
         slots = self._slots()
         if not any(s.free_cores for s in slots if not s.paused):
             return []
-        ready = {j.key: j for j in self.ledger.ready() if j.key not in self._proposing}
+        # The ready set by set operations and a cached order, so that a pass costs the jobs it
+        # can start, not the queue's length (thousands of ready jobs are common).
+        keys = self.ledger.ready_keys() - self._proposing.keys()
+        extra: dict[str, Job] = {}  # ready only counting `done` and `new`: not in the ledger yet
         for key in done:  # dependents whose last dependencies are among the results
             for dep in self.ledger.dependents(key):
                 job = self.ledger.job(dep)
-                if (job is not None and job.state in (QUEUED, FAILED) and dep not in ready
+                if (job is not None and job.state in (QUEUED, FAILED) and dep not in keys
                         and dep not in self._proposing and all(
                             (k := job_key(job.build_id, d)) in done
                             or getattr(self.ledger.job(k), "state", None) == DONE
                             for d in job.spec.deps)):
-                    ready[dep] = job
+                    extra[dep] = job
         levels = self._levels
         for cmd in new:
             levels[cmd.build_id] = bottom_levels({n: (s.deps, s.estimate) for n, s in cmd.jobs})
             for name, spec in cmd.jobs:
                 if not spec.deps:
-                    ready[job_key(cmd.build_id, name)] = Job(cmd.build_id, name, spec)
-        if not ready:
+                    extra[job_key(cmd.build_id, name)] = Job(cmd.build_id, name, spec)
+        keys |= extra.keys()
+        if not keys:
             return []
-        for build_id in {job.build_id for job in ready.values()} - levels.keys():
-            graph = {j.name: (j.spec.deps, j.spec.estimate) for j in self.ledger.jobs(build_id)}
-            levels[build_id] = bottom_levels(graph)  # a build's graph never changes: once
+        order = self._order
+        for key in keys - order.keys():
+            job = extra.get(key) or self.ledger.job(key)
+            assert job is not None
+            if job.build_id not in levels:  # a build's graph never changes: once
+                graph = {j.name: (j.spec.deps, j.spec.estimate)
+                         for j in self.ledger.jobs(job.build_id)}
+                levels[job.build_id] = bottom_levels(graph)
+            order[key] = (-levels[job.build_id][job.name], -job.spec.requires.cores, key)
         free = sum(s.free_cores for s in slots if not s.paused)
-        candidates: Iterable[Job] = ready.values()
-        if len(ready) > PASS_JOBS + free * PASS_JOBS_PER_CORE:  # the rest cannot start now
-            candidates = heapq.nsmallest(
-                PASS_JOBS + free * PASS_JOBS_PER_CORE, candidates,
-                key=lambda j: (-levels[j.build_id][j.name], -j.spec.requires.cores, j.key))
+        if len(keys) > PASS_JOBS + free * PASS_JOBS_PER_CORE:  # the rest cannot start now
+            keys = heapq.nsmallest(PASS_JOBS + free * PASS_JOBS_PER_CORE, keys,
+                                   key=order.__getitem__)
+        ready = {key: extra.get(key) or self.ledger.job(key) for key in keys}
+        candidates: Iterable[Job] = ready.values()  # type: ignore[assignment]
         entries: list[Ready] = []
         can: dict[tuple[Requires, tuple[str, ...]], bool] = {}  # most jobs ask alike
         for job in candidates:
@@ -609,6 +619,11 @@ class Builds:
         if ev.kind in ("done", "failed", "requeued", "blocked") and key:
             self._sent.pop(key, None)
             self._since.pop(key, None)
+            if ev.kind in ("done", "blocked"):
+                self._order.pop(key, None)
+                build_id = key.partition("/")[0]
+                if self.ledger.finished(build_id):
+                    self._levels.pop(build_id, None)
         if ev.kind == "done" and key:
             job = self.ledger.job(key)
             build = self.ledger.build(job.build_id) if job else None
@@ -619,8 +634,11 @@ class Builds:
         if ev.kind == "submitted" and self.leading:  # (a forwarded build's are on their way)
             build_id = str(ev.data.get("build_id"))
             self._spawn(self._fetch_specs(self.ledger.jobs(build_id)))
-        if ev.kind == "cancelled" and self.leading:
-            self._stop_build(str(ev.data.get("build_id")))
+        if ev.kind == "cancelled":
+            for job in self.ledger.jobs(str(ev.data.get("build_id"))):
+                self._order.pop(job.key, None)
+            if self.leading:
+                self._stop_build(str(ev.data.get("build_id")))
         if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
                                                if isinstance(v, str | int | float)})
@@ -638,16 +656,25 @@ class Builds:
 
     def _send_soon(self, job: Job) -> None:
         """Send `job` to its worker at the end of this turn, with the turn's other ones."""
-        if not self._assigning:
-            asyncio.get_running_loop().call_soon(self._send_assignments)
+        self._turn_soon()
         self._assigning[job.key] = job
         self._sent[job.key] = time.monotonic()
         self._since.setdefault(job.key, self._sent[job.key])
 
-    def _send_assignments(self) -> None:
-        """This turn's assignments, one message per worker (or a few: bounded in size); those
-        whose spec has still to be fetched follow once it is here."""
+    def _turn_soon(self) -> None:
+        """`_send_turn` once this turn is over: two hops of the loop, so that the proposals
+        woken by the same commit (which acknowledge its reports) have run first and their
+        acknowledgements ride with the assignments it made."""
+        if not self._assigning and not self._acks:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._send_turn)
+
+    def _send_turn(self) -> None:
+        """This turn's assignments and acknowledgements, one message per worker (or a few:
+        bounded in size); assignments whose spec has still to be fetched follow once it is
+        here."""
         jobs, self._assigning = self._assigning, {}
+        acks, self._acks = self._acks, {}
         plains: list[tuple[str, dict[str, Any]]] = []
         later: list[Job] = []
         for job in jobs.values():
@@ -659,7 +686,7 @@ class Builds:
                 later.append(job)
             else:
                 plains.append((job.node, self._assignment(job, spec)))
-        self._send_plains(plains)
+        self._send_plains(plains, acks)
         if later:
             self._spawn(self._send_fetched(later))
 
@@ -672,7 +699,11 @@ class Builds:
                 plains.append((job.node, self._assignment(job, spec)))
         self._send_plains(plains)
 
-    def _send_plains(self, plains: list[tuple[str, dict[str, Any]]]) -> None:
+    def _send_plains(self, plains: list[tuple[str, dict[str, Any]]],
+                     acks: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        """Assignments (and acknowledgements) per worker, in messages of at most ASSIGN_BYTES
+        of assignments."""
+        acks = dict(acks or {})
         chunks: dict[str, list[list[dict[str, Any]]]] = {}
         sizes: dict[str, int] = {}  # node -> bytes in its last chunk
         for node, plain in plains:
@@ -685,7 +716,12 @@ class Builds:
             sizes[node] = sizes.get(node, 0) + size
         for node, items in chunks.items():
             for chunk in items:
-                self.node.send_raw(node, ASSIGN, pack({"assignments": chunk}))
+                body: dict[str, Any] = {"assignments": chunk}
+                if node in acks:
+                    body["acks"] = acks.pop(node)
+                self.node.send_raw(node, ASSIGN, pack(body))
+        for node, items in acks.items():
+            self.node.send_raw(node, REPORT_ACK, pack({"acks": items}))
 
     def _assignment(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
         submitter = self.ledger.build(job.build_id).submitter  # type: ignore[union-attr]
@@ -783,8 +819,8 @@ class Builds:
             raise ControlError(f"no build {build_id!r}")
         progress = self.ledger.progress(build_id)
         running: dict[str, int] = {}
-        for j in self.ledger.jobs(build_id):
-            if j.state in ACTIVE and j.node:
+        for j in self.ledger.active_in(build_id):
+            if j.node:
                 name = self.node.member_name(j.node)
                 running[name] = running.get(name, 0) + 1
         return {"build": build_id, "name": build.name, "progress": progress,

@@ -612,6 +612,7 @@ class Node:
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
+            "sent": dict(sorted(self.transport.sent.items())),  # messages by type
         }
 
 

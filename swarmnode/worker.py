@@ -17,7 +17,8 @@ Wire (msgpack maps inside the signed envelope). Assignments, reports and acknowl
 made in one turn of the sender's loop travel together, one message per peer (a single map is
 still understood as a list of one):
   job.assign  {assignments: [{build, job, attempt, term, cmd, env, outputs, cores, timeout,
-               inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}]}
+               inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}],
+               acks: [...]}  (acks as in job.report_ack: those of the same turn ride along)
   job.cancel  {build, job (or null: the whole build), term}
   job.report  {reports: [{build, job, attempt, node, status, outputs: [[path, digest, size]],
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
@@ -204,17 +205,20 @@ class Worker:
             if env.type == CANCEL:
                 self._on_cancel(env.sender, body)
                 return
-            items = batch(body, "assignments" if env.type == ASSIGN else "acks")
+            items = batch(body, "assignments") if env.type == ASSIGN else []
+            acks = batch(body, "acks") if env.type == REPORT_ACK or "acks" in body else []
         except (KeyError, TypeError, ValueError):
             self.node.drops.drop("malformed_job")
             return
         for item in items:
             try:
-                if env.type == ASSIGN:
-                    self._on_assign(env.sender, Assignment.from_plain(item))
-                else:
-                    self._on_ack(item)
+                self._on_assign(env.sender, Assignment.from_plain(item))
             except (AssignmentError, KeyError, TypeError, ValueError):
+                self.node.drops.drop("malformed_job")
+        for item in acks:
+            try:
+                self._on_ack(item)
+            except (KeyError, TypeError, ValueError):
                 self.node.drops.drop("malformed_job")
 
     def _admit_term(self, sender: str, term: Any, what: str) -> bool:

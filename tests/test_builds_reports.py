@@ -106,7 +106,7 @@ async def test_an_invalid_report_does_not_void_the_others_in_its_batch():
     assert node.ledger.job("b1/a").state == FAILED  # assignable again: it retries elsewhere
     assert "invalid" not in node.ledger.tally
     # both workers are told to forget their reports (w1's counted, as a failure)
-    builds._send_acks()
+    builds._send_turn()
     assert sorted(peer for peer, _t, _b in node.sent) == ["w1", "w2"]
 
 

@@ -539,3 +539,68 @@ def test_one_invalid_command_voids_a_batch_so_checked_refuses_it_first() -> None
     unsorted = Done("b1/a", "n1", 1, (("z", H), ("a", H)))
     assert checked(unsorted) == Done("b1/a", "n1", 1, (("a", H), ("z", H)))
     assert led(Batch((build("b2"), good, checked(unsorted)))) == ["submitted", "done", "done"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The derived indexes (ready, active, progress) against a recomputation from the jobs
+
+
+def _recomputed(led: JobLedger) -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
+    """ready, active and progress as their definitions say, from every job of every build."""
+    ready, active, progress = [], [], {}
+    for b in led.builds():
+        jobs = led.jobs(b.build_id)
+        done = {j.name for j in jobs if j.state == DONE}
+        ready += [j.key for j in jobs if j.state in (QUEUED, FAILED) and set(j.spec.deps) <= done]
+        active += [j.key for j in jobs if j.state in ACTIVE]
+        counts = Counter(j.state for j in jobs)
+        progress[b.build_id] = {s: counts[s] for s in (QUEUED, ASSIGNED, RUNNING, DONE, FAILED,
+                                                       BLOCKED, CANCELLED)}
+        progress[b.build_id]["total"] = len(jobs)
+    return ready, active, progress
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_the_indexes_match_the_jobs_after_any_sequence_of_commands(seed: int) -> None:
+    """Random graphs and random (valid or not) commands: after each one, `ready`, `active`,
+    `progress` and `finished` equal what the jobs say, and a ledger restored from a snapshot
+    has the same indexes."""
+    rng = random.Random(seed)
+    led = Ledger()
+    names = [f"j{i}" for i in range(6)]
+    for b in ("b1", "b2"):
+        led(build(b, **{n: tuple(sorted({rng.choice(names[:i]) for _ in range(rng.randint(0, 2))}
+                                         if i else ())) for i, n in enumerate(names)}))
+    for step in range(60):
+        key = f"{rng.choice(('b1', 'b2'))}/{rng.choice(names)}"
+        node, job = rng.choice(("n1", "n2", "n3")), led.led.job(key)
+        assert job is not None
+        pick = rng.random()
+        if pick < 0.35:
+            cmd: Command = Assign(key, node, 1, job.attempt + 1)
+        elif pick < 0.45:
+            cmd = Started(key, job.node or node, job.attempt)
+        elif pick < 0.7:
+            cmd = Done(key, job.node or node, job.attempt, arts(key))
+        elif pick < 0.82:
+            cmd = Failed(key, rng.choice((job.node or node, node)), job.attempt, "broke")
+        elif pick < 0.9:
+            cmd = Requeue(key, "node gone")
+        elif pick < 0.96:
+            cmd = Block(key, "no member")
+        else:
+            cmd = Cancel(key.split("/")[0], 1)
+        led(cmd)
+        ready, active, progress = _recomputed(led.led)
+        assert [j.key for j in led.led.ready()] == ready, step
+        assert set(led.led.ready_keys()) == set(ready)
+        assert [j.key for j in led.led.active()] == active
+        for b, counts in progress.items():
+            assert led.led.progress(b) == counts
+            assert led.led.finished(b) == (counts["total"] == sum(
+                counts[s] for s in (DONE, BLOCKED, CANCELLED)))
+    copy = JobLedger.restore(led.led.snapshot())
+    assert [j.key for j in copy.ready()] == [j.key for j in led.led.ready()]
+    assert [j.key for j in copy.active()] == [j.key for j in led.led.active()]
+    assert all(copy.progress(b.build_id) == led.led.progress(b.build_id) for b in copy.builds())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, KeysView, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -526,10 +526,17 @@ class JobLedger:
         """Applied entries by outcome (part of the replicated state: rejected_stale counts)."""
         self._builds: dict[str, Build] = {}
         self._jobs: dict[str, Job] = {}
+        # Derived from the two above and kept in step by `_put`, so that the leader's queries
+        # on every turn cost what they return, not the size of the ledger:
         self._dependents: dict[str, tuple[str, ...]] = {}
         self._unfinished: dict[str, int] = {}
         """build id -> its jobs not in a FINAL state, for builds that have any (in submission
-        order): derived, so queries skip finished builds."""
+        order), so queries skip finished builds."""
+        self._waiting: dict[str, int] = {}  # job key -> its dependencies not done
+        self._ready: dict[str, None] = {}  # keys: queued or failed, every dependency done
+        self._active: dict[str, None] = {}  # keys: assigned or running
+        self._counts: dict[str, Counter[str]] = {}  # build id -> its jobs per state
+        self._rank: dict[str, tuple[int, int]] = {}  # key -> (build's index, position)
         self.pinned_voters: tuple[str, ...] = ()
         """The operator's voter set; empty: chosen automatically."""
         self.voters: tuple[str, ...] = ()
@@ -572,17 +579,54 @@ class JobLedger:
             self.tally[ev.kind] += 1
         return events
 
-    def _finish(self, job: Job) -> None:
-        """Store `job`, now in a FINAL state (its build has one unfinished job fewer if it was
-        not final before)."""
-        key = job.key
-        if self._jobs[key].state not in FINAL:
-            left = self._unfinished[job.build_id] - 1
-            if left:
-                self._unfinished[job.build_id] = left
-            else:
-                del self._unfinished[job.build_id]
+    def _put(self, job: Job) -> None:
+        """Store `job` (new, or in a new state) and keep the derived indexes in step."""
+        key, state = job.key, job.state
+        old = self._jobs.get(key)
         self._jobs[key] = job
+        counts = self._counts[job.build_id]
+        counts[state] += 1
+        if old is not None:
+            counts[old.state] -= 1
+            if old.state not in FINAL and state in FINAL:
+                left = self._unfinished[job.build_id] - 1
+                if left:
+                    self._unfinished[job.build_id] = left
+                else:
+                    del self._unfinished[job.build_id]
+        if state in ACTIVE:
+            self._active[key] = None
+        else:
+            self._active.pop(key, None)
+        if state in (QUEUED, FAILED) and not self._waiting[key]:
+            self._ready[key] = None
+        else:
+            self._ready.pop(key, None)
+        if state == DONE and old is not None and old.state != DONE:  # (final: once; a job
+            # restored done was never counted in its dependents' `_waiting`)
+            for d in self._dependents.get(key, ()):
+                self._waiting[d] -= 1
+                if not self._waiting[d] and self._jobs[d].state in (QUEUED, FAILED):
+                    self._ready[d] = None
+
+    def _add_build(self, build: Build, jobs: Iterable[Job]) -> None:
+        """A build and its jobs (new, or from a snapshot), with their indexes."""
+        self._builds[build.build_id] = build
+        self._counts[build.build_id] = Counter()
+        jobs = list(jobs)
+        states = {job.name: job.state for job in jobs}
+        deps: dict[str, list[str]] = {}
+        for pos, job in enumerate(jobs):
+            self._rank[job.key] = (build.index, pos)
+            self._waiting[job.key] = sum(states[d] != DONE for d in job.spec.deps)
+            for d in job.spec.deps:
+                deps.setdefault(job_key(build.build_id, d), []).append(job.key)
+        self._dependents.update({k: tuple(v) for k, v in deps.items()})
+        open_ = sum(job.state not in FINAL for job in jobs)
+        if open_:
+            self._unfinished[build.build_id] = open_
+        for job in jobs:
+            self._put(job)
 
     def _submit(self, index: int, c: SubmitBuild) -> list[LedgerEvent]:
         old = self._builds.get(c.build_id)
@@ -594,13 +638,8 @@ class JobLedger:
             if same:  # a client's retry after a lost answer: accepted once, acknowledged again
                 return [LedgerEvent("duplicate", {"build_id": c.build_id})]
             return [_rejected(c.build_id, "build_id_taken")]
-        self._builds[c.build_id] = Build(
-            c.build_id, c.name, c.submitter, tuple(n for n, _ in c.jobs), index
-        )
-        for name, spec in c.jobs:
-            self._jobs[job_key(c.build_id, name)] = Job(c.build_id, name, spec)
-        self._unfinished[c.build_id] = len(c.jobs)
-        self._index_dependents(c.build_id)
+        build = Build(c.build_id, c.name, c.submitter, tuple(n for n, _ in c.jobs), index)
+        self._add_build(build, (Job(c.build_id, name, spec) for name, spec in c.jobs))
         return [LedgerEvent("submitted", {"build_id": c.build_id, "jobs": len(c.jobs)})]
 
     def _assign(self, index: int, c: Assign) -> list[LedgerEvent]:
@@ -615,9 +654,7 @@ class JobLedger:
             return [_rejected(c.job_key, "older_term")]
         if not self._deps_done(job):
             return [_rejected(c.job_key, "deps_not_done")]
-        self._jobs[c.job_key] = replace(
-            job, state=ASSIGNED, node=c.node, term=c.term, attempt=c.attempt
-        )
+        self._put(replace(job, state=ASSIGNED, node=c.node, term=c.term, attempt=c.attempt))
         data = {"job_key": c.job_key, "node": c.node, "term": c.term, "attempt": c.attempt}
         return [LedgerEvent("assigned", data)]
 
@@ -625,7 +662,7 @@ class JobLedger:
         job, event = self._report(c.job_key, c.node, c.attempt, RUNNING)
         if job is None:
             return [event]
-        self._jobs[c.job_key] = replace(job, state=RUNNING)
+        self._put(replace(job, state=RUNNING))
         return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node})]
 
     def _done(self, index: int, c: Done) -> list[LedgerEvent]:
@@ -634,7 +671,7 @@ class JobLedger:
             if event.kind == "duplicate" and self._jobs[c.job_key].artifacts != c.artifacts:
                 event = _stale(c.job_key, c.node, c.attempt, self._jobs[c.job_key])
             return [event]
-        self._finish(replace(job, state=DONE, artifacts=c.artifacts, reason=None))
+        self._put(replace(job, state=DONE, artifacts=c.artifacts, reason=None))
         return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node})]
 
     def _failed(self, index: int, c: Failed) -> list[LedgerEvent]:
@@ -643,7 +680,7 @@ class JobLedger:
             return [event]
         failed_on = job.failed_on if c.node in job.failed_on else (*job.failed_on, c.node)
         job = replace(job, state=FAILED, reason=c.reason, log_tail=c.log_tail, failed_on=failed_on)
-        self._jobs[c.job_key] = job
+        self._put(job)
         events = [LedgerEvent("failed", {"job_key": c.job_key, "node": c.node})]
         if len(failed_on) >= BLOCK_AFTER_NODES:
             why = f"failed on {', '.join(failed_on)}: {c.reason}"
@@ -670,7 +707,7 @@ class JobLedger:
             key = job_key(c.build_id, name)
             job = self._jobs[key]
             if job.state != DONE:
-                self._finish(replace(job, state=CANCELLED, node=None, reason="cancelled"))
+                self._put(replace(job, state=CANCELLED, node=None, reason="cancelled"))
                 n += 1
         return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
 
@@ -688,7 +725,7 @@ class JobLedger:
             return [_rejected(c.job_key, "unknown_job")]
         if job.state not in ACTIVE:
             return [_rejected(c.job_key, f"not_active_{job.state}")]
-        self._jobs[c.job_key] = replace(job, state=QUEUED, node=None, reason=c.reason)
+        self._put(replace(job, state=QUEUED, node=None, reason=c.reason))
         return [LedgerEvent("requeued", {"job_key": c.job_key, "reason": c.reason})]
 
     def _report(
@@ -720,7 +757,7 @@ class JobLedger:
             if job.state in FINAL:
                 continue
             node = job.node if keep_node and k == key else None
-            self._finish(replace(job, state=BLOCKED, reason=why, node=node))
+            self._put(replace(job, state=BLOCKED, reason=why, node=node))
             events.append(LedgerEvent("blocked", {"job_key": k, "reason": why}))
             todo += [(d, f"dependency {job.name} blocked") for d in self._dependents.get(k, ())]
         return events
@@ -744,21 +781,27 @@ class JobLedger:
             return []
         return [self._jobs[job_key(build_id, n)] for n in build.jobs]
 
-    def _open_jobs(self) -> Iterable[Job]:
-        """The jobs of builds not finished, oldest build first."""
-        jobs, builds = self._jobs, self._builds
-        for build_id in self._unfinished:
-            for name in builds[build_id].jobs:
-                yield jobs[f"{build_id}/{name}"]
+    def _sorted(self, keys: Iterable[str]) -> list[Job]:
+        """The jobs `keys`, oldest build first, each build's in plan order."""
+        return [self._jobs[k] for k in sorted(keys, key=self._rank.__getitem__)]
 
     def ready(self) -> list[Job]:
         """Jobs that may be assigned now (queued, or failed on fewer than two nodes, with every
         dependency done), oldest build first."""
-        return [j for j in self._open_jobs() if j.state in (QUEUED, FAILED) and self._deps_done(j)]
+        return self._sorted(self._ready)
+
+    def ready_keys(self) -> KeysView[str]:
+        """The keys of `ready()`, unordered, without building the list (a live view: the
+        leader's pass takes set differences of it each turn)."""
+        return self._ready.keys()
 
     def active(self) -> list[Job]:
         """Jobs held by a node now (assigned or running), oldest build first."""
-        return [j for j in self._open_jobs() if j.state in ACTIVE]
+        return self._sorted(self._active)
+
+    def active_in(self, build_id: str) -> list[Job]:
+        """The build's jobs held by a node now."""
+        return [j for j in self.active() if j.build_id == build_id]
 
     def running_on(self, node: str) -> list[Job]:
         """Jobs currently assigned to `node` (assigned or running)."""
@@ -766,9 +809,8 @@ class JobLedger:
 
     def progress(self, build_id: str) -> dict[str, int]:
         """Jobs of the build per state (every state listed), and "total"."""
-        counts = dict.fromkeys(STATES, 0)
-        for j in self.jobs(build_id):
-            counts[j.state] += 1
+        have = self._counts.get(build_id, Counter())
+        counts = {state: have[state] for state in STATES}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -781,14 +823,7 @@ class JobLedger:
         return self._dependents.get(key, ())
 
     def _deps_done(self, job: Job) -> bool:
-        return all(self._jobs[job_key(job.build_id, d)].state == DONE for d in job.spec.deps)
-
-    def _index_dependents(self, build_id: str) -> None:
-        deps: dict[str, list[str]] = {}
-        for name in self._builds[build_id].jobs:
-            for d in self._jobs[job_key(build_id, name)].spec.deps:
-                deps.setdefault(job_key(build_id, d), []).append(job_key(build_id, name))
-        self._dependents.update({k: tuple(v) for k, v in deps.items()})
+        return not self._waiting[job.key]
 
     # ------------------------------------------------------------------ snapshots
 
@@ -841,24 +876,10 @@ class JobLedger:
         led.applied = _u63(m["applied"], "snapshot.applied")
         led.tally = Counter({str(k): _u63(v, "snapshot.tally") for k, v in m["tally"].items()})
         for b in m["builds"]:
-            names = []
-            open_ = 0
-            for jp in b["jobs"]:
-                job = _job_from_plain(b["build_id"], jp)
-                led._jobs[job.key] = job
-                names.append(job.name)
-                open_ += job.state not in FINAL
-            if open_:
-                led._unfinished[b["build_id"]] = open_
-            led._builds[b["build_id"]] = Build(
-                b["build_id"],
-                b["name"],
-                b["submitter"],
-                tuple(names),
-                b["index"],
-                b["cancelled_term"],
-            )
-            led._index_dependents(b["build_id"])
+            jobs = [_job_from_plain(b["build_id"], jp) for jp in b["jobs"]]
+            led._add_build(Build(b["build_id"], b["name"], b["submitter"],
+                                 tuple(j.name for j in jobs), b["index"], b["cancelled_term"]),
+                           jobs)
         return led
 
 
