@@ -44,8 +44,14 @@ def decode_id(node_id: str) -> bytes:
 
 
 def is_node_id(value: object) -> bool:
+    return isinstance(value, str) and _is_id(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_id(value: str) -> bool:
+    """Cached: every inbound message names its sender, nearly always a member."""
     try:
-        decode_id(value)  # type: ignore[arg-type]
+        decode_id(value)
     except IdentityError:
         return False
     return True
@@ -79,8 +85,8 @@ def curve_public_key(node_id: str) -> bytes:
 class Identity:
     signing_key: nacl.signing.SigningKey
 
-    @property
-    def id(self) -> str:
+    @functools.cached_property
+    def id(self) -> str:  # (every message sealed names it)
         return encode_id(bytes(self.signing_key.verify_key))
 
     def sign(self, data: bytes) -> bytes:

@@ -420,6 +420,27 @@ async def test_inputs_cannot_leave_the_job_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "evil").exists()
 
 
+async def test_a_planted_symlink_cannot_move_a_job_directory(tmp_path: Path) -> None:
+    """A job can write next to its own directory; a symlink it leaves where a later job's
+    build or job directory goes must not make that job run (or clean up) elsewhere."""
+    ex = executor(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "j" / "0").mkdir(parents=True)
+    (elsewhere / "j" / "0" / "precious").write_text("keep")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "b1").symlink_to(elsewhere)  # the build's directory
+    result = await ex.run(spec("j", cmd="touch made"))
+    assert result.status == "error" and "is not a directory (a symlink?)" in result.reason
+    assert (elsewhere / "j" / "0" / "precious").read_text() == "keep"
+    assert sorted(p.name for p in elsewhere.rglob("*")) == ["0", "j", "precious"]
+    (tmp_path / "jobs" / "b1").unlink()
+    (tmp_path / "jobs" / "b1" / "j").mkdir(parents=True)
+    (tmp_path / "jobs" / "b1" / "k").symlink_to(elsewhere)  # a job's directory
+    result = await ex.run(spec("k", cmd="touch made"))
+    assert result.status == "error" and "is not a directory (a symlink?)" in result.reason
+    assert (await ex.run(spec("j", cmd="touch made"))).ok  # the real ones still run
+
+
 def test_staging_checks_the_resolved_path(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     job_dir.mkdir()

@@ -7,6 +7,7 @@ leader acknowledges it; an assignment or cancellation from a lower term than see
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import msgpack
@@ -72,6 +73,17 @@ def test_malformed_assignments_are_named():
                        ({"env": {"A": 1}}, "env")):
         with pytest.raises(jobs.AssignmentError, match=field):
             jobs.Assignment.from_plain({**good, **bad})
+
+
+def test_an_assignment_survives_its_wire_form():
+    """`plain` is written field by field: every field goes, and comes back equal."""
+    a = jobs.Assignment(build="b", job="j", attempt=2, term=3, cmd=("cc", "-c", "x.c"),
+                        env={"CFLAGS": "-O2"}, outputs=("*.o",), cores=4, timeout=60.0,
+                        inputs=(("x.c", "ab" * 32),), deps={"gen": (("gen.h", "cd" * 32),)},
+                        sources=("n1", "n2"))
+    plain = jobs.Assignment.from_plain(msgpack.unpackb(jobs.pack(a.plain()), raw=False))
+    assert set(a.plain()) == {f.name for f in dataclasses.fields(jobs.Assignment)}
+    assert plain == a
 
 
 def test_held_includes_reports_finished_this_turn():

@@ -382,14 +382,21 @@ def _remove_bare(job_dir: Path) -> bool:
 
 
 def _fresh_dir(root: Path, spec: JobSpec) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    root = root.resolve()
+    """ROOT/BUILD/JOB/ATTEMPT and its META/tmp, new (`root`: resolved, existing). BUILD and JOB
+    must be directories, not symlinks (a job could plant one to have a later job's directory
+    made elsewhere): checked with one lstat each instead of resolving the whole path."""
     job_dir = root / spec.build_id / spec.job / str(spec.attempt)
+    for level in (job_dir.parent.parent, job_dir.parent):
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(level).st_mode):
+                raise JobError(f"{level} is not a directory (a symlink?): refusing to run "
+                               "a job through it") from None
     _remove_tree(job_dir)  # a run of this attempt that died with the node
-    job_dir.mkdir(parents=True)
-    if not job_dir.resolve().is_relative_to(root):
-        raise JobError(f"{job_dir} resolves outside {root}")
-    (job_dir / META / "tmp").mkdir(parents=True)
+    os.mkdir(job_dir)
+    os.mkdir(job_dir / META)
+    os.mkdir(job_dir / META / "tmp")
     return job_dir
 
 
@@ -955,12 +962,13 @@ class RunningJob:
         patterns = [_relative(pattern, "outputs") for pattern in spec.outputs]
         # A few mkdirs are made at once (a thread hop costs more); removing a stale directory
         # and staging files take a thread.
-        stale = os.path.lexists(executor.root / spec.build_id / spec.job / str(spec.attempt))
+        root = executor.resolved_root()
+        stale = os.path.lexists(root / spec.build_id / spec.job / str(spec.attempt))
         try:
             if stale:
-                self.job_dir = await asyncio.to_thread(_fresh_dir, executor.root, spec)
+                self.job_dir = await asyncio.to_thread(_fresh_dir, root, spec)
             else:
-                self.job_dir = _fresh_dir(executor.root, spec)
+                self.job_dir = _fresh_dir(root, spec)
             self._log = _Log(self.job_dir / META / LOG_NAME, executor.log_limit)
         except OSError as exc:
             raise JobError(f"cannot make the job directory: {exc}") from None
@@ -1172,6 +1180,14 @@ class Executor:
         self.log_limit = log_limit
         self.path = path
         self._active: dict[tuple[str, str, int], RunningJob] = {}
+        self._resolved: Path | None = None
+
+    def resolved_root(self) -> Path:
+        """`root`, made and resolved once (job directories are checked against it)."""
+        if self._resolved is None or not self._resolved.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._resolved = self.root.resolve()
+        return self._resolved
 
     def _spawner(self) -> ThreadPoolExecutor:
         """The thread commands are started from (at +niceness where that is per thread)."""
@@ -1218,7 +1234,7 @@ class Executor:
     async def discard(self, result: JobResult) -> None:
         """Remove a kept job directory (once its log is no longer wanted)."""
         job_dir = result.job_dir
-        if job_dir is None or not job_dir.resolve().is_relative_to(self.root.resolve()):
+        if job_dir is None or not job_dir.resolve().is_relative_to(self.resolved_root()):
             return
         await asyncio.to_thread(_remove_tree, job_dir)
 
