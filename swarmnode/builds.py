@@ -48,6 +48,7 @@ from swarmnode.artifact_service import ArtifactError
 from swarmnode.build.plan import Plan, Requires, load_plan, topological_order
 from swarmnode.build.schedule import Ready, Slot, assign, bottom_levels, satisfiable
 from swarmnode.control import ControlError
+from swarmnode.election import MAX_ENTRY, EntryError
 from swarmnode.leadership import NotLeader
 from swarmnode.ledger import (
     ACTIVE,
@@ -116,8 +117,9 @@ PAUSE_S = 300.0
 SPEC_VERSION = 1
 #: What a binhost collects: Portage's binary package formats (xpak-era and GPKG).
 BINARY_PACKAGES = (".tbz2", ".xpak", ".gpkg.tar")
-MAX_ENTRY = 512 * 1024
-#: Bytes of commands gathered into one `batch` entry (the log takes entries up to 256 KiB).
+#: A forwarded proposal: the entry and its request id.
+MAX_PROPOSAL = MAX_ENTRY + 1024
+#: Bytes of commands gathered into one `batch` entry (the log takes entries up to 896 KiB).
 BATCH_BYTES = 192 * 1024
 #: Bytes of assignments in one message to a worker (it takes messages up to 1 MiB).
 ASSIGN_BYTES = 512 * 1024
@@ -197,9 +199,12 @@ class Builds:
     async def submit_plan(self, plan: Plan) -> str:
         build_id = f"{plan.name[:40]}-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
         cmd = await asyncio.to_thread(self.package, plan, build_id)  # (fsyncs: not in the loop)
-        entry = encode(cmd)
-        if len(entry) > MAX_ENTRY:
-            raise ControlError(f"the plan is too large for one ledger entry ({len(entry)} B)")
+        try:
+            entry = encode(cmd)
+        except EntryError:
+            raise ControlError(f"the plan is too large: the graph of its {len(plan.jobs)} jobs "
+                               f"does not fit one ledger entry ({MAX_ENTRY} bytes); split it "
+                               "into several builds") from None
         await self.propose_anywhere(entry, what=f"build {build_id}", submit=cmd)
         await self._until(lambda: self.ledger.build(build_id) is not None,
                           f"build {build_id} was committed but has not reached this node")
@@ -253,7 +258,7 @@ class Builds:
     def on_message(self, inbound: Inbound) -> None:
         env = inbound.envelope
         try:
-            body = unpack_map(env.body, MAX_ENTRY)
+            body = unpack_map(env.body, MAX_PROPOSAL)
         except ValueError:
             self.node.drops.drop("malformed_build")
             return

@@ -170,6 +170,29 @@ def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
     assert swarm.query(first, "jobs") == []  # nothing was submitted
 
 
+def test_a_build_of_thousands_of_jobs_runs_and_a_larger_one_is_refused_clearly(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """A build's graph is one ledger entry: 3,000 jobs (an `emerge -e @world` is about that)
+    fit and run; a plan too large for an entry is refused before anything is submitted, with
+    a message saying what to do."""
+    first, _token = swarm.init("n1", loopback_addr(1))
+    (first.home / "config.toml").write_text("cores = 8\n")
+    swarm.start(first)
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
+    big = tmp_path / "big.toml"
+    big.write_text("".join(f'[jobs.j{i}]\ncmd = "true"\n' + (f'deps = ["j{i - 1}"]\n'
+                                                             if i % 100 else "")
+                           for i in range(3000)))
+    res = swarm.cli(first, "build", str(big), "--wait", "--json", timeout=120)
+    assert json.loads(res.stdout)["progress"]["done"] == 3000
+    huge = tmp_path / "huge.toml"
+    huge.write_text("".join(f'[jobs.job-with-a-long-name-{i}]\ncmd = "true"\n'
+                            for i in range(8000)))
+    res = swarm.cli(first, "build", str(huge), check=False, timeout=120)
+    assert res.returncode == 1 and "split it into several builds" in res.stderr, res.stderr
+    assert len(swarm.query(first, "jobs")) == 3000  # nothing more was submitted
+
+
 def test_the_binhost_collects_binary_packages_in_portage_layout(
         swarm: Swarm, tmp_path: Path) -> None:
     first, token = swarm.init("n1", loopback_addr(1))

@@ -9,6 +9,7 @@ import pytest
 
 from swarmnode.election import (
     LEADER,
+    MAX_ENTRY,
     AppendEntries,
     AppendReply,
     Apply,
@@ -128,7 +129,7 @@ def test_propose_needs_a_leader_with_a_lease() -> None:
     with pytest.raises(ValueError):
         el.propose(LATER, b"")  # empty is the leader's no-op
     with pytest.raises(ValueError):
-        el.propose(LATER, b"x" * (256 * 1024 + 1))
+        el.propose(LATER, b"x" * (MAX_ENTRY + 1))
 
 
 def test_a_proposal_goes_out_at_once_to_followers_that_are_up_to_date() -> None:
