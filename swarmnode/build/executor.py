@@ -210,6 +210,14 @@ class Slots:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.total:
             raise ValueError(f"cores must be between 1 and {self.total}, got {n!r}")
 
+    def try_acquire(self, n: int = 1) -> bool:
+        """Take `n` cores now if they are free and nobody is waiting (never jumps the line)."""
+        self._check(n)
+        if self._queue or self._free < n:
+            return False
+        self._free -= n
+        return True
+
     async def acquire(self, n: int = 1) -> None:
         """Wait until `n` cores are free and this caller is first in line, then take them."""
         self._check(n)
@@ -233,6 +241,8 @@ class Slots:
         if self._free + n > self.total:
             raise ValueError(f"releasing {n} cores, but only {self.total - self._free} are taken")
         self._free += n
+        if not self._queue:
+            return  # nobody to wake
         task = asyncio.get_running_loop().create_task(self._wake())
         self._wakers.add(task)
         task.add_done_callback(self._wakers.discard)
@@ -1007,6 +1017,8 @@ class RunningJob:
             return True
         if self.spec.cores > slots.total:
             raise JobError(f"the job needs {self.spec.cores} cores, this node has {slots.total}")
+        if slots.try_acquire(self.spec.cores):  # the usual case: free, and nobody waiting
+            return True
         getting = asyncio.ensure_future(slots.acquire(self.spec.cores))
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
@@ -1114,20 +1126,30 @@ class RunningJob:
             )
 
     async def _pump(self, fd: int) -> None:
-        reader = asyncio.StreamReader(limit=4 * _CHUNK)
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        try:
-            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), pipe
-            )
-        except BaseException:
-            pipe.close()
-            raise
-        try:
-            while chunk := await reader.read(_CHUNK):
+        """Copy the output pipe to the log until its end (a reader callback: no stream or
+        transport objects per job)."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if chunk:
                 self._emit(chunk)
+            elif not ended.done():
+                ended.set_result(None)
+
+        try:
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, readable)
+            await ended
         finally:
-            transport.close()
+            loop.remove_reader(fd)
+            os.close(fd)
 
     def _emit(self, chunk: bytes) -> None:
         if self._log is not None:
