@@ -378,20 +378,22 @@ def _remove_tree(path: Path) -> None:
 
 def _remove_bare(job_dir: Path) -> bool:
     """Remove a job directory holding only what the executor made (its log, an empty TMPDIR)
-    at once, without a thread; False (nothing removed) when it holds anything else."""
-    meta = job_dir / META
-    if os.listdir(job_dir) != [META] or sorted(os.listdir(meta)) != [LOG_NAME, "tmp"]:
+    at once, without a thread; False (nothing removed) when it holds anything else. (Plain
+    strings: this runs once per job.)"""
+    top = os.fspath(job_dir)
+    meta = f"{top}/{META}"
+    if os.listdir(top) != [META] or sorted(os.listdir(meta)) != [LOG_NAME, "tmp"]:
         return False
-    if os.listdir(meta / "tmp"):
+    if os.listdir(f"{meta}/tmp"):
         return False
-    os.unlink(meta / LOG_NAME)
-    os.rmdir(meta / "tmp")
+    os.unlink(f"{meta}/{LOG_NAME}")
+    os.rmdir(f"{meta}/tmp")
     os.rmdir(meta)
-    os.rmdir(job_dir)
+    os.rmdir(top)
     return True
 
 
-def _fresh_dir(root: Path, spec: JobSpec) -> Path:
+def _fresh_dir(root: Path, spec: JobSpec, stale: bool = True) -> Path:
     """ROOT/BUILD/JOB/ATTEMPT and its META/tmp, new (`root`: resolved, existing). BUILD and JOB
     must be directories, not symlinks (a job could plant one to have a later job's directory
     made elsewhere): checked with one lstat each instead of resolving the whole path."""
@@ -403,10 +405,12 @@ def _fresh_dir(root: Path, spec: JobSpec) -> Path:
             if not stat.S_ISDIR(os.lstat(level).st_mode):
                 raise JobError(f"{level} is not a directory (a symlink?): refusing to run "
                                "a job through it") from None
-    _remove_tree(job_dir)  # a run of this attempt that died with the node
+    if stale:  # a run of this attempt that died with the node
+        _remove_tree(job_dir)
     os.mkdir(job_dir)
-    os.mkdir(job_dir / META)
-    os.mkdir(job_dir / META / "tmp")
+    meta = f"{job_dir}/{META}"
+    os.mkdir(meta)
+    os.mkdir(f"{meta}/tmp")
     return job_dir
 
 
@@ -697,7 +701,7 @@ class _Log:
             self._fail(exc)
         finally:
             self._close_spill()
-            for spill in self._spills:
+            for spill in self._spills if self._overflowed else ():  # (only then made)
                 with contextlib.suppress(OSError):
                     spill.unlink()
             if self._fd is not None:
@@ -978,7 +982,7 @@ class RunningJob:
             if stale:
                 self.job_dir = await asyncio.to_thread(_fresh_dir, root, spec)
             else:
-                self.job_dir = _fresh_dir(root, spec)
+                self.job_dir = _fresh_dir(root, spec, stale=False)
             self._log = _Log(self.job_dir / META / LOG_NAME, executor.log_limit)
         except OSError as exc:
             raise JobError(f"cannot make the job directory: {exc}") from None
