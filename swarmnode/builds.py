@@ -155,6 +155,7 @@ class Builds:
         self._specs: dict[str, dict[str, Any]] = {}
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # set by every ledger event applied here
         self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
         self._order: dict[str, tuple[float, int, str]] = {}  # job key -> its place in a pass
 
@@ -213,12 +214,16 @@ class Builds:
 
     async def _until(self, cond, what: str, timeout: float = 10.0) -> None:
         """Wait for the replicated ledger here to show `cond` (committed entries reach every
-        member shortly after the leader applies them)."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise ControlError(what)
-            await asyncio.sleep(0.02)
+        member shortly after the leader applies them), looking again at each entry applied."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._changed.clear()  # (no await before the wait: no change is missed)
+                    if cond():
+                        return
+                    await self._changed.wait()
+        except TimeoutError:
+            raise ControlError(what) from None
 
     async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0,
                                submit: SubmitBuild | None = None) -> None:
@@ -616,6 +621,7 @@ class Builds:
 
     def _on_applied(self, ev: LedgerEvent) -> None:
         self._wake.set()
+        self._changed.set()
         key = ev.data.get("job_key")
         if ev.kind == "assigned" and self.leading and key:
             job = self.ledger.job(key)

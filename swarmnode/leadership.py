@@ -219,6 +219,8 @@ class Leadership:
                 self.ledger = JobLedger.restore(out.snapshot.data)
                 if self.ledger.voters:
                     self._config = (out.snapshot.index, frozenset(self.ledger.voters))
+                for callback in self.on_applied:  # (whoever waits for the ledger to change)
+                    callback(LedgerEvent("restored", {"index": out.snapshot.index}))
             elif isinstance(out, Event):
                 self._event(out)
         self._wake.set()

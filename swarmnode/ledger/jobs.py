@@ -510,7 +510,8 @@ class Build:
 class LedgerEvent:
     """What an applied entry did. kind: submitted, duplicate, assigned, started, done, failed,
     blocked, cancelled, requeued, rejected_stale, rejected (an inapplicable entry, `reason`
-    says why), invalid (not a valid entry)."""
+    says why), invalid (not a valid entry); and `restored` (the shell's: a snapshot replaced
+    the whole ledger)."""
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
