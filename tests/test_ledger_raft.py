@@ -328,8 +328,9 @@ def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
     assert a.commit_index == 7
     assert a.compact(6, b"0123456789")  # 10 bytes: three chunks of 4
     pump(lagging, out)
-    a.tick(a.next_deadline())  # the heartbeat finds c behind the snapshot
-    pump(nodes, out)
+    while a.counters["snapshot_chunks_sent"] == 0:  # (a commit notice to b may come first)
+        a.tick(a.next_deadline())  # the heartbeat finds c behind the snapshot
+        pump(nodes, out)
     c_out = out["c"]
     assert a.counters["snapshot_chunks_sent"] == 3
     restore = [o for o in c_out if isinstance(o, Restore)]
@@ -374,3 +375,30 @@ def test_a_restarted_node_resumes_from_its_snapshot_and_log() -> None:
     assert (el.term, el.voted_for) == (2, "a")
     el.handle(LATER, "a", AppendEntries(2, "a", 1, 5, 2, 5))
     assert [(x.index, x.term) for x in applies(el.drain())] == [(4, 1), (5, 2)]
+
+
+def test_followers_hear_a_new_commit_index_soon_not_at_the_next_heartbeat() -> None:
+    """After the last entry of a burst commits, a follower holding it learns the commit index
+    `commit_notify_delay` later (and applies it), not a heartbeat later; one still missing
+    entries is not sent a notice (it hears the index with the entries)."""
+    nodes = {i: make(i) for i in ("a", "b", "c")}
+    out: dict[str, list[Output]] = {}
+    nodes["a"].tick(LATER)
+    pump(nodes, out)
+    a = nodes["a"]
+    assert a.role == LEADER
+    ab = {"a": a, "b": nodes["b"]}  # c is away for this entry
+    a.propose(LATER, b"x1")
+    pump(ab, out)
+    assert a.commit_index == 2 and nodes["b"].commit_index < 2  # b holds it, unaware
+    due = a.next_deadline()
+    assert due == LATER + CFG.commit_notify_delay < LATER + CFG.heartbeat_interval
+    out.clear()
+    a.tick(due)
+    notices = sends(a.drain())
+    assert [(s.to, s.msg.commit) for s in notices] == [("b", 2)]  # not c: it lacks x1
+    for s in notices:
+        nodes[s.to].handle(due, "a", s.msg)
+    assert nodes["b"].commit_index == 2
+    assert [x.entry for x in applies(nodes["b"].drain())] == [b"x1"]
+    assert a.next_deadline() == LATER + CFG.heartbeat_interval  # nothing more to tell

@@ -44,6 +44,12 @@ class Config:
     the 10% margin (40 ms) covers clock rate differences between machines with a wide margin
     (quartz drift is parts per million). Clock offsets do not matter: each side measures an
     interval on its own clock."""
+    commit_notify_delay: float = 0.005
+    """When the commit index advances, a follower holding every entry but not yet told of the
+    new commit gets an AppendEntries with it after this long, unless one carrying it went
+    meanwhile (under load the next batch does). Without it a follower would apply the last
+    entries of a burst only at the next heartbeat, up to 100 ms later: the node a user asked
+    would show a finished build that late. 5 ms lets the leader's next turn go first."""
     pre_vote: bool = True
     """Ask "would you vote for me?" before incrementing the term. Off only in tests that show
     what it prevents (a partitioned node inflating its term and deposing the leader on return)."""

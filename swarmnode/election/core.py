@@ -190,6 +190,8 @@ class Progress:
     snap_index: int = 0
     snap_offset: int = 0
     """Bytes of snapshot `snap_index` the follower holds."""
+    sent_commit: int = 0
+    """The commit index in the latest AppendEntries sent to it."""
 
 
 @dataclass(slots=True)
@@ -250,6 +252,7 @@ class Election:
         # leader state
         self._seq = 0
         self._heartbeat_at = _INF
+        self._notify_at = _INF  # when to tell up-to-date followers a new commit index
         self._sent_at: dict[int, float] = {}
         self._acked: dict[str, float] = {}
         self._acked_quorum: float | None = None  # _quorum_acked's value until _acked changes
@@ -331,6 +334,8 @@ class Election:
                 self._become_follower(self._term, "check_quorum")
             elif now >= self._heartbeat_at:
                 self._broadcast_heartbeat(now)
+            elif now >= self._notify_at:
+                self._notify_commit()
         elif now >= self._election_at:
             self._election_timer_fired(now)
         self._flush_persist()
@@ -338,7 +343,7 @@ class Election:
     def next_deadline(self) -> float:
         """When `tick` must next be called (may be early; never late)."""
         if self._role == LEADER:
-            return min(self._heartbeat_at, self._quorum_deadline())
+            return min(self._heartbeat_at, self._notify_at, self._quorum_deadline())
         return self._election_at
 
     def drain(self) -> list[Output]:
@@ -687,7 +692,17 @@ class Election:
         batch = self._log.entries_from(pr.next, self._cfg.max_append_bytes, MAX_APPEND_ENTRIES)
         entries = tuple((e.term, e.data) for e in batch)
         msg = AppendEntries(self._term, self.id, self._seq, prev, prev_term, self._commit, entries)
+        pr.sent_commit = self._commit
         self._send(peer, msg)
+
+    def _notify_commit(self) -> None:
+        """The commit index to each follower that holds every entry but has not heard it (one
+        still missing entries hears it with them, after its reply)."""
+        self._notify_at = _INF
+        last = self._log.last_index
+        for peer, pr in self._progress.items():
+            if pr.sent_commit < self._commit and pr.match >= last:
+                self._send_append(peer)
 
     def _send_snapshot(self, peer: str, pr: Progress) -> None:
         snap = self._snapshot
@@ -719,6 +734,8 @@ class Election:
         n = matches[self.quorum - 1]
         if n > self._commit and self._log.term_at(n) == self._term:
             self._advance_commit(n)
+            if self._progress and self._notify_at == _INF:
+                self._notify_at = self._now + self._cfg.commit_notify_delay
 
     def _append_own(self, data: bytes) -> int:
         index = self._log.last_index + 1
@@ -815,7 +832,7 @@ class Election:
             self._set_term(term)
         if self._role == LEADER:
             self.counters["stepped_down_" + reason] += 1
-            self._heartbeat_at = _INF
+            self._heartbeat_at = self._notify_at = _INF
             self._progress = {}
             self._event("stepped_down", term=self._term, reason=reason)
             self._set_leader(None)
