@@ -622,8 +622,13 @@ def jobs(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def logs(job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")]) -> None:
-    """What the ledger holds about a job: state, node, reason and the tail of its log."""
+def logs(
+    job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing the output "
+                                         "until the job ends (across retries)")] = False,
+) -> None:
+    """A job's state, node and reason from the ledger, and its output (the last 4 KiB) from
+    the node that runs or ran it."""
     info = ask("logs", job=job)
     out.print(f"{info['job']}: {info['state']} on {info['node'] or '-'} (attempt "
               f"{info['attempt']})", highlight=False)
@@ -631,8 +636,33 @@ def logs(job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")]) -> None:
         out.print(f"reason: {info['reason']}", highlight=False)
     if info["failed_on"]:
         out.print(f"failed on: {', '.join(info['failed_on'])}", highlight=False)
-    if info["log_tail"]:
+    if info["output"] is None:  # its node does not have it: what the ledger kept, if anything
         sys.stdout.write(info["log_tail"])
+    seen = _print_output(info, 0)
+    attempt = info["attempt"]
+    while follow and info["state"] in ("queued", "assigned", "running", "failed"):
+        info = ask("logs", timeout=15.0, job=info["job"], since=seen, wait=True)
+        if info["attempt"] != attempt:
+            attempt, seen = info["attempt"], 0
+            out.print(f"[attempt {attempt} on {info['node'] or '-'}]", highlight=False)
+        seen = _print_output(info, seen)
+        if info["output"] is None:
+            time.sleep(0.5)  # not started yet, or its node is not answering
+    sys.stdout.flush()
+
+
+def _print_output(info: dict[str, Any], seen: int) -> int:
+    """Print the output `logs` returned after offset `seen`, saying what was skipped (only the
+    last 4 KiB are held); the new offset."""
+    data, total = info["output"], info["total"]
+    if not data:
+        return max(seen, total) if data is not None else seen
+    skipped = info["start"] - seen
+    if skipped > 0:
+        sys.stdout.write(f"[... {skipped} bytes not shown ...]\n")
+    sys.stdout.write(data)
+    sys.stdout.flush()
+    return total
 
 
 @app.command()

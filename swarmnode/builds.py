@@ -82,6 +82,9 @@ from swarmnode.worker import (
     ASSIGN,
     CANCEL,
     HELD,
+    LOG,
+    LOG_REPLY,
+    LOG_WAIT_S,
     REPORT,
     REPORT_ACK,
     Assignment,
@@ -100,7 +103,7 @@ _Item = tuple[Any, str | None, Any]
 log = logging.getLogger(__name__)
 
 PROPOSE, PROPOSE_REPLY = "ledger.propose", "ledger.propose_reply"
-TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD})
+TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY})
 #: A running job missing from its worker's held list is requeued only when it was reported
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
@@ -152,6 +155,7 @@ class Builds:
         self._failures: dict[str, int] = {}
         self._paused: dict[str, float] = {}  # node -> until
         self._replies: dict[bytes, asyncio.Future[bool]] = {}
+        self._outputs: dict[bytes, asyncio.Future[dict[str, Any]]] = {}  # `job.log` requests
         self._specs: dict[str, dict[str, Any]] = {}
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
@@ -273,6 +277,10 @@ class Builds:
             fut = self._replies.get(body.get("rid", b""))
             if fut is not None and not fut.done():
                 fut.set_result(body.get("ok") is True)
+        elif env.type == LOG_REPLY:
+            fut = self._outputs.get(body.get("rid", b""))
+            if fut is not None and not fut.done():
+                fut.set_result(body)
         elif env.type == HELD:
             self._on_held(env.sender, body.get("held"))
         else:
@@ -852,17 +860,52 @@ class Builds:
                 written.append(str(dest))
         return written
 
-    def log_view(self, name: str) -> dict[str, Any]:
-        """The ledger's record of a job: `BUILD/JOB`, or JOB in the newest build having it."""
+    async def log_view(self, name: str, since: int = 0, wait: bool = False) -> dict[str, Any]:
+        """The ledger's record of a job (`BUILD/JOB`, or JOB in the newest build having it) and
+        its output from offset `since`, asked of the node that runs or ran it (`wait`: a long
+        poll for new output of a running job). `output` is None when that node does not have
+        it (it restarted, or no longer keeps it); `total` is the output's length so far and
+        `start` the offset `output` begins at (after `since` when bytes were not kept)."""
         job = self.ledger.job(name) if "/" in name else next(
             (self.ledger.job(job_key(b.build_id, name)) for b in reversed(self.ledger.builds())
              if self.ledger.job(job_key(b.build_id, name))), None)
         if job is None:
             raise ControlError(f"no job {name!r}")
-        return {"job": job.key, "state": job.state, "node": self.node.member_name(job.node)
+        view = {"job": job.key, "state": job.state, "node": self.node.member_name(job.node)
                 if job.node else None, "attempt": job.attempt, "reason": job.reason,
                 "failed_on": [self.node.member_name(n) for n in job.failed_on],
-                "log_tail": job.log_tail}
+                "log_tail": job.log_tail, "output": None, "total": 0, "start": 0, "live": False}
+        got = await self._job_output(job, since, wait) if job.node and job.attempt else None
+        if got is not None and got.get("state") in ("running", "finished"):
+            data, total = got.get("data"), got.get("total")
+            if isinstance(data, bytes) and type(total) is int:
+                view.update(output=data.decode("utf-8", "replace"), total=total,
+                            start=total - len(data), live=got["state"] == "running")
+        return view
+
+    async def _job_output(self, job: Job, since: int, wait: bool) -> dict[str, Any] | None:
+        """A `job.log` request to the job's node (answered here directly when that is us)."""
+        assert job.node is not None
+        if job.node == self.node.id:
+            handle = self.node.worker.job_output(job.build_id, job.name, job.attempt)
+            if handle is None:
+                return None
+            total, data = await handle.output_after(since, LOG_WAIT_S if wait else 0.0)
+            return {"state": "finished" if handle.done else "running", "total": total,
+                    "data": data}
+        rid = os.urandom(8)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._outputs[rid] = fut
+        try:
+            self.node.send_raw(job.node, LOG, msgpack.packb(
+                {"rid": rid, "build": job.build_id, "job": job.name, "attempt": job.attempt,
+                 "since": max(0, since), "wait": wait}))
+            async with asyncio.timeout(LOG_WAIT_S + 3.0):
+                return await fut
+        except TimeoutError:
+            return None
+        finally:
+            self._outputs.pop(rid, None)
 
     async def set_voters(self, voters: list[str]) -> list[str]:
         """Commit the operator's voter set (empty: automatic again); every node then steps

@@ -558,7 +558,10 @@ class Node:
             return await self.builds.fetch_outputs(str(args.get("build", "")),
                                                    Path(str(args.get("out", ""))))
         if cmd == "logs":
-            return self.builds.log_view(str(args.get("job", "")))
+            since = args.get("since", 0)
+            return await self.builds.log_view(str(args.get("job", "")),
+                                              since if type(since) is int else 0,
+                                              args.get("wait") is True)
         return await self.builds.cancel(str(args.get("build", "")))
 
     async def _push_command(self, cmd: str, args: dict[str, Any]) -> Any:

@@ -24,6 +24,10 @@ still understood as a list of one):
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
   job.report_ack {acks: [{build, job, attempt}]}
   job.held    {held: [[build, job, attempt]]}  every HELD_S and to each new leader
+  job.log     {rid, build, job, attempt (or null: the latest), since, wait}  any member asks
+  job.log_reply {rid, state: running|finished|unknown, total, data}  the output after
+              offset `since` (the last 4 KiB at most); with `wait`, held up to LOG_WAIT_S
+              until there is some, for `logs --follow`
 
 The reports finished and the acknowledgements received in one turn are written to the outbox
 in one transaction (one fsync), as the reports are sent.
@@ -46,7 +50,7 @@ import msgpack
 from net.transport import Inbound
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.artifacts import is_digest
-from swarmnode.build.executor import Executor, JobResult, JobSpec, Slots
+from swarmnode.build.executor import Executor, JobResult, JobSpec, RunningJob, Slots
 from swarmnode.build.plan import PlanError, check_name
 from swarmnode.ledger import Fence
 from swarmnode.tasks import TaskSet
@@ -58,7 +62,8 @@ log = logging.getLogger(__name__)
 
 ASSIGN, CANCEL, REPORT, REPORT_ACK = "job.assign", "job.cancel", "job.report", "job.report_ack"
 HELD = "job.held"
-TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK, HELD})
+LOG, LOG_REPLY = "job.log", "job.log_reply"
+TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK, HELD, LOG, LOG_REPLY})
 FENCE_KEY = "fence_term"
 #: How often unacknowledged reports are sent again (to the current leader).
 RESEND_S = 1.0
@@ -75,6 +80,10 @@ MAX_BODY = 1024 * 1024
 MAX_FILES = 10_000
 MAX_TAIL = 4096
 MAX_FINISHED = 10_000
+#: Finished jobs whose output (the last TAIL_BYTES) this node keeps for `logs`: a few MB.
+MAX_OUTPUTS = 1000
+#: Longest a `job.log` request waits for new output of a running job (a long poll).
+LOG_WAIT_S = 2.0
 
 
 class AssignmentError(ValueError):
@@ -187,6 +196,8 @@ class Worker:
         # attempts finished here: a leader re-sending an assignment it has not yet seen
         # reported must not make it run twice
         self.finished: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        # finished here, newest last: their output, for `logs` (kept in memory only)
+        self.outputs: OrderedDict[tuple[str, str, int], RunningJob] = OrderedDict()
         self._sent_at: dict[str, float] = {}  # outbox key -> when the report was last sent
         # this turn's work, done once at its end: reports to write to the outbox, outbox keys
         # acknowledged, reports to send to the leader
@@ -197,7 +208,7 @@ class Worker:
         self._tasks = TaskSet()
 
     def handles(self, msg_type: str) -> bool:
-        return msg_type in (ASSIGN, CANCEL, REPORT_ACK)
+        return msg_type in (ASSIGN, CANCEL, REPORT_ACK, LOG)
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -207,6 +218,9 @@ class Worker:
             body = unpack_map(env.body)
             if env.type == CANCEL:
                 self._on_cancel(env.sender, body)
+                return
+            if env.type == LOG:
+                self._spawn(self._on_log(inbound, body))
                 return
             items = batch(body, "assignments") if env.type == ASSIGN else []
             acks = batch(body, "acks") if env.type == REPORT_ACK or "acks" in body else []
@@ -261,6 +275,35 @@ class Worker:
             if b == build and job in (None, j) and handle is not None:
                 handle.cancel()
 
+    async def _on_log(self, inbound: Inbound, body: dict[str, Any]) -> None:
+        """A member asks for a job's output from offset `since`: what is there now or, for a
+        running job with nothing new, as soon as there is (at most LOG_WAIT_S)."""
+        build, job, attempt, since = (body.get("build"), body.get("job"), body.get("attempt"),
+                                      body.get("since", 0))
+        if type(since) is not int or since < 0:
+            since = 0
+        total, data, state = 0, b"", "unknown"
+        handle = self.job_output(build, job, attempt)
+        if handle is not None:
+            state = "finished" if handle.done else "running"
+            total, data = await handle.output_after(since, LOG_WAIT_S if body.get("wait")
+                                                    else 0.0)
+        inbound.reply(LOG_REPLY, pack({"rid": body.get("rid"), "state": state,
+                                       "total": total, "data": data}))
+
+    def job_output(self, build: Any, job: Any, attempt: Any) -> RunningJob | None:
+        """The running or recently finished attempt (or latest attempt when `attempt` is
+        None) of a job here, whose `output` can be read."""
+        if not isinstance(build, str) or not isinstance(job, str):
+            return None
+        current = self.running.get((build, job))
+        if current is not None and current[1] is not None and attempt in (None, current[0].attempt):
+            return current[1]
+        if attempt is None:
+            found = [k for k in self.outputs if k[:2] == (build, job)]
+            return self.outputs[max(found)] if found else None
+        return self.outputs.get((build, job, attempt))
+
     def _on_ack(self, body: dict[str, Any]) -> None:
         key = _report_key(body)
         if self._sent_at.pop(key, None) is not None:
@@ -274,7 +317,11 @@ class Worker:
         try:
             result = await self._execute(a)
         finally:
-            self.running.pop(key, None)
+            _a, handle = self.running.pop(key, (None, None))
+            if handle is not None:
+                self.outputs[(a.build, a.job, a.attempt)] = handle
+                while len(self.outputs) > MAX_OUTPUTS:
+                    self.outputs.popitem(last=False)
         self._report(a, result)
 
     async def _execute(self, a: Assignment) -> JobResult | str:

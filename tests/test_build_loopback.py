@@ -193,6 +193,37 @@ def test_a_build_of_thousands_of_jobs_runs_and_a_larger_one_is_refused_clearly(
     assert len(swarm.query(first, "jobs")) == 3000  # nothing more was submitted
 
 
+def test_logs_show_a_jobs_output_live_and_after_from_any_node(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """`logs` asks the node running the job for its output: it grows while the job runs, is
+    there once it is done, from any node; `logs --follow` prints it all and ends with it."""
+    nodes = three(swarm)
+    plan = tmp_path / "talk.toml"
+    plan.write_text('[jobs.talk]\ncmd = "for i in 1 2 3 4; do echo line $i; sleep 0.5; done"\n')
+    build_id = swarm.cli(nodes[0], "build", str(plan), "--json").stdout
+    build_id = json.loads(build_id)["build"]
+    worker = swarm.wait_for(lambda: next((j["node"] for j in swarm.query(nodes[0], "jobs")
+                                          if j["state"] in ("assigned", "running")), None),
+                            10, "the job to be assigned")
+    other = next(n for n in nodes if n.id != worker)
+    live = swarm.wait_for(lambda: (v := swarm.query(other, "logs", job="talk"))["live"]
+                          and "line 1" in v["output"] and v, 10, "output while it runs")
+    assert "line 4" not in live["output"] and live["total"] == len(live["output"])
+    # a long poll from where it got to returns the next lines as they come
+    more = swarm.query(other, "logs", timeout=10, job="talk", since=live["total"], wait=True)
+    assert more["start"] == live["total"] and more["output"].startswith("line ")
+    followed = swarm.cli(other, "logs", "talk", "--follow", timeout=30)
+    assert "line 1\nline 2\nline 3\nline 4\n" in followed.stdout, followed.stdout
+    swarm.wait_for(lambda: swarm.query(nodes[2], "build_status", build=build_id)["finished"],
+                   10, "the build to finish")
+    for n in nodes:  # after the end, from every node (the worker answers)
+        done = swarm.query(n, "logs", job=f"{build_id}/talk")
+        assert done["state"] == "done" and not done["live"]
+        assert done["output"] == "line 1\nline 2\nline 3\nline 4\n"
+    shown = swarm.cli(other, "logs", "talk").stdout
+    assert "done on" in shown and shown.endswith("line 4\n")
+
+
 def test_the_binhost_collects_binary_packages_in_portage_layout(
         swarm: Swarm, tmp_path: Path) -> None:
     first, token = swarm.init("n1", loopback_addr(1))

@@ -10,7 +10,6 @@ import re
 import shutil
 import stat
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from swarmnode.build.executor import (
     JobResult,
     JobSpec,
     Output,
+    RunningJob,
     Slots,
     _stage,
     match_output,
@@ -94,13 +94,16 @@ def alive(pid: int) -> bool:
     return state != b"Z"
 
 
-async def read_until(follow: AsyncIterator[bytes], needle: bytes) -> bytes:
+async def read_until(job: RunningJob, needle: bytes) -> bytes:
+    """The job's output, read live with `output_after`, until it shows `needle`."""
     seen = b""
-    async for chunk in follow:
-        seen += chunk
-        if needle in seen:
-            return seen
-    raise AssertionError(f"the job ended without printing {needle!r}: {seen!r}")
+    while needle not in seen:
+        total, data = await job.output_after(len(seen), timeout=10)
+        assert total == len(seen) + len(data)  # (these outputs are small: nothing skipped)
+        if not data and job.done:
+            raise AssertionError(f"the job ended without printing {needle!r}: {seen!r}")
+        seen += data
+    return seen
 
 
 # --- a small C project, job by job ------------------------------------------------------------
@@ -223,16 +226,27 @@ async def test_small_log_limit_still_exact(tmp_path: Path) -> None:
     assert expected.startswith(head) and expected.endswith(tail) and len(tail) > 1000
 
 
-async def test_follow_streams_live_output(tmp_path: Path) -> None:
+async def test_output_is_read_live_and_after_the_end(tmp_path: Path) -> None:
     ex = executor(tmp_path)
-    job = ex.start(spec(cmd="echo one; echo two >&2; echo three"))
+    job = ex.start(spec(cmd="echo one; echo two >&2; sleep 0.3; echo three"))
     assert ex.running("b1", "j") is job
-    seen = b"".join([chunk async for chunk in job.follow()])
-    assert seen == b"one\ntwo\nthree\n"
+    assert await read_until(job, b"two\n") == b"one\ntwo\n"  # while it sleeps
+    assert not job.done
+    total, rest = await job.output_after(8, timeout=10)  # waits for what comes next
+    assert (total, rest) == (14, b"three\n")
     result = await job.wait()
     assert result.ok and ex.running("b1", "j") is None
-    late = b"".join([chunk async for chunk in job.follow()])  # after the end: the tail
-    assert late == b"one\ntwo\nthree\n"
+    assert job.output(0) == (14, b"one\ntwo\nthree\n")  # after the end: still there
+    assert await job.output_after(14, timeout=10) == (14, b"")  # ended: no wait
+
+
+async def test_a_reader_that_fell_behind_gets_the_recent_tail(tmp_path: Path) -> None:
+    ex = executor(tmp_path)
+    job = ex.start(spec(cmd="seq 1 5000"))
+    await job.wait()
+    total, data = job.output(10)
+    assert total == len("".join(f"{n}\n" for n in range(1, 5001)))
+    assert len(data) == TAIL_BYTES and data.endswith(b"4999\n5000\n")  # offsets show the gap
 
 
 # --- stopping -----------------------------------------------------------------------------
@@ -241,7 +255,7 @@ async def test_follow_streams_live_output(tmp_path: Path) -> None:
 async def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
     ex = executor(tmp_path)
     job = ex.start(spec(cmd="sleep 1000 & echo child=$!; wait", timeout=1.0))
-    seen = await read_until(job.follow(), b"\n")
+    seen = await read_until(job, b"\n")
     child = int(seen.split(b"=")[1])
     result = await job.wait()
     assert result.status == "timed_out"
@@ -254,7 +268,7 @@ async def test_cancel_escalates_to_sigkill_for_the_whole_group(tmp_path: Path) -
     ex = executor(tmp_path, grace=0.3)
     # Both the shell and its child ignore SIGTERM: only the SIGKILL after the grace ends them.
     job = ex.start(spec(cmd="trap '' TERM; sleep 1000 & echo child=$!; wait; echo survived"))
-    seen = await read_until(job.follow(), b"\n")
+    seen = await read_until(job, b"\n")
     child = int(seen.split(b"=")[1])
     assert alive(child)
     job.cancel()

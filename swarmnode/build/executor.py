@@ -80,10 +80,9 @@ NICENESS = 10
 GRACE_S = 5.0
 #: Bytes of log kept per job; past that the head and the tail are kept around a marker.
 LOG_LIMIT = 16 * 1024 * 1024
-#: Bytes of the end of the output kept in results (for reports of failed jobs).
+#: Bytes of the end of the output kept in results and while running (reports of failed jobs,
+#: `logs` and `logs --follow`, which reads it from afar).
 TAIL_BYTES = 4096
-#: Bytes a slow follower may lag behind before its oldest chunks are dropped.
-FOLLOW_BUFFER = 1024 * 1024
 META = ".swarmnode"
 LOG_NAME = "log"
 
@@ -721,45 +720,6 @@ class _Log:
             self._fd = None
 
 
-class _Follower:
-    """One reader of the live output; a slow one loses its oldest chunks, never the job's
-    progress or the node's memory."""
-
-    def __init__(self) -> None:
-        self.chunks: deque[bytes] = deque()
-        self.size = 0
-        self.dropped = 0
-        self.ended = False
-        self.wake = asyncio.Event()
-
-    def push(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-        while self.size > FOLLOW_BUFFER and len(self.chunks) > 1:
-            old = self.chunks.popleft()
-            self.size -= len(old)
-            self.dropped += len(old)
-        self.wake.set()
-
-    def end(self) -> None:
-        self.ended = True
-        self.wake.set()
-
-    async def next(self) -> bytes | None:
-        while not self.chunks:
-            if self.ended:
-                return None
-            self.wake.clear()
-            await self.wake.wait()
-        if self.dropped:
-            note = f"\n[swarmnode: {self.dropped} bytes skipped: reading too slowly]\n"
-            self.dropped = 0
-            return note.encode()
-        data = self.chunks.popleft()
-        self.size -= len(data)
-        return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Processes
 
@@ -896,7 +856,7 @@ class RunningJob:
         self._stop = asyncio.Event()
         self._stopped: Status | None = None
         self._log: _Log | None = None
-        self._followers: set[_Follower] = set()
+        self._more = asyncio.Event()  # set on new output and at the end
         self._exit_code: int | None = None
         self._duration = 0.0
         self._finished = False
@@ -923,21 +883,28 @@ class RunningJob:
         """The result; cancelling the caller does not cancel the job."""
         return await asyncio.shield(self._task)
 
-    async def follow(self) -> AsyncIterator[bytes]:
-        """The recent output (up to the last TAIL_BYTES, possibly from mid-line), then the
-        output as it comes, until the job ends."""
-        follower = _Follower()
-        if self._log is not None and self._log.tail:
-            follower.push(self._log.tail)
-        if self._finished:
-            follower.end()
-        else:
-            self._followers.add(follower)
-        try:
-            while (chunk := await follower.next()) is not None:
-                yield chunk
-        finally:
-            self._followers.discard(follower)
+    def output(self, since: int = 0) -> tuple[int, bytes]:
+        """(bytes the job has written so far, those after offset `since` that are still held):
+        the recent output is kept (the last TAIL_BYTES), so a reader that fell further behind
+        gets all of it and sees the gap from the offsets."""
+        log = self._log
+        if log is None:
+            return 0, b""
+        start = log.total - len(log.tail)
+        return log.total, log.tail[max(0, since - start):] if since < log.total else b""
+
+    async def output_after(self, since: int, timeout: float) -> tuple[int, bytes]:
+        """`output(since)` as soon as there is output after `since` or the job has ended, or
+        when `timeout` runs out (a long poll: `logs --follow` from another node)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._more.clear()  # (no await before the wait: nothing is missed)
+                    total, data = self.output(since)
+                    if data or self._finished:
+                        return total, data
+                    await self._more.wait()
+        return self.output(since)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -955,8 +922,7 @@ class RunningJob:
             self._finished = True
             if self._log is not None:
                 self._log.close()
-            for follower in self._followers:
-                follower.end()
+            self._more.set()
             if self._executor._active.get(self.key) is self:
                 del self._executor._active[self.key]
         job_dir = self.job_dir
@@ -1158,8 +1124,7 @@ class RunningJob:
     def _emit(self, chunk: bytes) -> None:
         if self._log is not None:
             self._log.write(chunk)
-        for follower in self._followers:
-            follower.push(chunk)
+        self._more.set()
 
     def _result(
         self, status: Status, reason: str, outputs: tuple[Output, ...], job_dir: Path | None
