@@ -12,8 +12,12 @@ come from one clock. Phases:
    build finished.
 3. makespan: a 200-job random DAG of sleep jobs (known durations, 1-8 cores each); makespan over
    its lower bound max(critical path, work / cores), and the share of cores busy while runnable
-   work was queued.
-4. failover: a build of sleep jobs is running; `kill -9` the leader; time until a job starts
+   work was queued (there: mostly the moments between a dependency's end and its dependent's
+   start, so this share measures the hop).
+4. backlog: 300 independent jobs of the same kinds, more work than cores: the share of cores
+   busy while runnable work is queued (from the submit until the last job starts), and the
+   makespan over its bound.
+5. failover: a build of sleep jobs is running; `kill -9` the leader; time until a job starts
    under the new leader.
 
     .venv/bin/python bench/lab_builds.py [--repeats 20] [--empty 500] [--worktree]
@@ -104,12 +108,15 @@ def phase_dispatch(b: Bench, root: Path, n: int) -> dict[str, Any]:
             "ok": st["ok"]}
 
 
-def dag(root: Path, marks: Path, n: int = 200, seed: int = 1) -> Path:
+def dag(root: Path, marks: Path, n: int = 200, seed: int = 1, name: str = "dag",
+        with_deps: bool = True) -> Path:
+    """A random graph of sleep jobs (1-8 cores, log-normal durations) recording their start and
+    end in `marks`; `with_deps=False`: the same kind of jobs, all independent."""
     rng = random.Random(seed)
-    lines = ['name = "dag"\n']
+    lines = [f'name = "{name}"\n']
     for i in range(n):
         deps = sorted({f"j{rng.randrange(max(0, i - 20), i)}" for _ in range(rng.randint(0, 3))}
-                      if i else set())
+                      if i and with_deps else set())
         cores = rng.choices([1, 2, 4, 8], [50, 25, 15, 10])[0]
         secs = round(min(3.0, rng.lognormvariate(-1.0, 0.5)), 2)
         cmd = (f"echo j{i} start $(date +%s.%N) {cores} >> {marks}; sleep {secs}; "
@@ -117,29 +124,40 @@ def dag(root: Path, marks: Path, n: int = 200, seed: int = 1) -> Path:
         dep_list = ", ".join(f'"{d}"' for d in deps)
         lines.append(f'[jobs.j{i}]\ncmd = "{cmd}"\ndeps = [{dep_list}]\nestimate = {secs}\n'
                      f'requires = {{ cores = {cores} }}\n')
-    plan = root / "dag.toml"
+    plan = root / f"{name}.toml"
     plan.write_text("\n".join(lines))
     return plan
 
 
-def phase_makespan(b: Bench, root: Path) -> dict[str, Any]:
-    marks = root / "dag-marks.txt"
-    plan = dag(root, marks)
+def run_marked(b: Bench, root: Path, name: str, **kw: Any) -> dict[str, Any]:
+    """Build a `dag` and read its marks: makespan, its lower bound, and the busy share."""
+    marks = root / f"{name}-marks.txt"
+    plan = dag(root, marks, name=name, **kw)
     bound = lower_bound(load_plan(plan), sum(CORES))
     build_id, t0 = submit(b, plan)
     st = wait_finished(b, build_id, 600)
     starts, ends, cores = {}, {}, {}
     for line in marks.read_text().split("\n"):
         if line:
-            name, what, ts, c = line.split()
-            (starts if what == "start" else ends)[name] = float(ts)
-            cores[name] = int(c)
+            job, what, ts, c = line.split()
+            (starts if what == "start" else ends)[job] = float(ts)
+            cores[job] = int(c)
     first, last_end = min(starts.values()), max(ends.values())
     makespan = last_end - first
     return {"ok": st["ok"], "makespan_s": round(makespan, 2),
             "submit_to_end_s": round(last_end - t0, 2), "lower_bound_s": round(bound, 2),
             "ratio": round(makespan / bound, 3),
             "utilisation_while_runnable": utilisation(load_plan(plan), t0, starts, ends, cores)}
+
+
+def phase_makespan(b: Bench, root: Path) -> dict[str, Any]:
+    return run_marked(b, root, "dag")
+
+
+def phase_backlog(b: Bench, root: Path) -> dict[str, Any]:
+    """300 independent jobs of the same kinds: runnable work is queued from the submit until
+    the last job starts, so the busy share is the scheduler's packing and dispatch."""
+    return run_marked(b, root, "backlog", n=300, seed=2, with_deps=False)
 
 
 def utilisation(plan, t0: float, starts: dict[str, float], ends: dict[str, float],
@@ -229,6 +247,7 @@ def main() -> int:
         for name, phase in (("latency", lambda: phase_latency(b, root, args.repeats)),
                             ("dispatch", lambda: phase_dispatch(b, root, args.empty)),
                             ("makespan", lambda: phase_makespan(b, root)),
+                            ("backlog", lambda: phase_backlog(b, root)),
                             ("failover", lambda: phase_failover(b, root, args.failovers))):
             res[name] = phase()
             print(f"{name}: {res[name]}", flush=True)
