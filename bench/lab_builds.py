@@ -70,12 +70,12 @@ def submit(b: Bench, plan: Path) -> tuple[str, float]:
 
 
 def wait_finished(b: Bench, build_id: str, timeout: float) -> dict[str, Any]:
+    """The build's status once finished (a long poll: the node answers when it sees the end)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = control.call(asker(b).home, "build_status", timeout=10, build=build_id)
+        st = control.call(asker(b).home, "build_status", timeout=15, build=build_id, wait=5.0)
         if st["finished"]:
             return st
-        time.sleep(0.02)
     raise RuntimeError(f"build {build_id} did not finish in {timeout} s")
 
 

@@ -408,10 +408,13 @@ def build(
 
 
 def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
-    """Poll the build until every job is done, blocked or cancelled; show progress."""
+    """Follow the build until every job is done, blocked or cancelled; show progress (the
+    node answers at each change, at most four times a second, and at the end at once)."""
     last = ""
+    known = None
     while True:
-        status = ask("build_status", build=build_id)
+        status = ask("build_status", timeout=15.0, build=build_id, wait=5.0, known=known)
+        known = status["progress"]
         p = status["progress"]
         running = ", ".join(f"{n}: {c}" for n, c in sorted(status["running"].items()))
         line = (f"{build_id}: {p['done']}/{p['total']} done, {p['running'] + p['assigned']} "
@@ -426,7 +429,6 @@ def _follow(build_id: str, quiet: bool) -> dict[str, Any]:
                         err.print(f"[red]{j['job']}[/red] {j['state']}: {j['reason']}",
                                   highlight=False)
             return status
-        time.sleep(0.5)
 
 
 @app.command()

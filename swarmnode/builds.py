@@ -114,6 +114,8 @@ FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters"})
 TICK_S = 0.25
 #: An assignment not yet reported started is sent again after this long.
 RESEND_S = 2.0
+#: A long-polled build status answers a change of progress no sooner than this (its end at once).
+PROGRESS_S = 0.25
 #: Consecutive failures after which a node gets no work for PAUSE_S (the circuit breaker).
 BREAKER_FAILURES = 3
 PAUSE_S = 300.0
@@ -831,6 +833,25 @@ class Builds:
                             "reason": j.reason,
                             "artifacts": dict(j.artifacts)})
         return out
+
+    async def wait_view(self, build_id: str, wait: float,
+                        known: dict[str, int] | None) -> dict[str, Any]:
+        """`build_view` as soon as the build finishes; else, when `known` (the progress the
+        caller last saw) is given, once the progress differs from it, but not before
+        PROGRESS_S (a busy build changes every few ms); else after `wait` seconds. A long
+        poll: `build --wait` shows the end at once without asking twice a second."""
+        if self.ledger.build(build_id) is None:
+            raise ControlError(f"no build {build_id!r}")
+        wait = min(max(wait, 0.0), 30.0)
+        deadline = time.monotonic() + wait
+        first = wait if known is None else min(wait, PROGRESS_S)
+        with contextlib.suppress(ControlError):  # (timed out: the view as it is)
+            await self._until(lambda: self.ledger.finished(build_id), "", timeout=first)
+            if known is not None:
+                await self._until(lambda: self.ledger.finished(build_id)
+                                  or self.ledger.progress(build_id) != known, "",
+                                  timeout=max(0.0, deadline - time.monotonic()))
+        return self.build_view(build_id)
 
     def build_view(self, build_id: str) -> dict[str, Any]:
         build = self.ledger.build(build_id)

@@ -553,6 +553,11 @@ class Node:
         if cmd == "jobs":
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":
+            wait, known = args.get("wait"), args.get("known")
+            if isinstance(wait, int | float) and not isinstance(wait, bool):
+                return await self.builds.wait_view(
+                    str(args.get("build", "")), float(wait),
+                    known if isinstance(known, dict) else None)
             return self.builds.build_view(str(args.get("build", "")))
         if cmd == "fetch_outputs":
             return await self.builds.fetch_outputs(str(args.get("build", "")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,28 @@ def test_logs_show_a_jobs_output_live_and_after_from_any_node(
         assert done["output"] == "line 1\nline 2\nline 3\nline 4\n"
     shown = swarm.cli(other, "logs", "talk").stdout
     assert "done on" in shown and shown.endswith("line 4\n")
+
+
+def test_build_status_answers_the_end_of_a_build_as_it_happens(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """A long-polled `build_status` returns when the build finishes (not at the next poll),
+    and with the progress the caller saw, at the next change of it."""
+    first, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(first)
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
+    plan = tmp_path / "slow.toml"
+    marks = tmp_path / "ended"
+    plan.write_text(f'[jobs.a]\ncmd = "sleep 0.3"\n[jobs.b]\ncmd = "sleep 1; date +%s.%N > {marks}"'
+                    '\ndeps = ["a"]\n')
+    build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
+    seen = swarm.query(first, "build_status", build=build_id)["progress"]
+    changed = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0,
+                          known=seen)
+    assert changed["progress"] != seen and not changed["finished"]
+    end = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0)
+    answered = time.time()
+    assert end["finished"] and end["ok"]
+    assert 0 <= answered - float(marks.read_text()) < 0.5  # at the end, not a poll later
 
 
 def test_the_binhost_collects_binary_packages_in_portage_layout(
