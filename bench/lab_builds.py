@@ -8,8 +8,9 @@ come from one clock. Phases:
 
 1. latency: `--repeats` one-job builds on the idle swarm; submit (the control request the CLI
    sends) to the job's first instruction, median.
-2. dispatch: one build of `--empty` jobs running `true`; jobs per second from submit to the
-   build finished.
+2. dispatch: `--dispatches` builds of `--empty` jobs running `true`; jobs per second from
+   submit to the build finished (median), and the CPU the nodes spent per job (with the jobs
+   themselves: a `sh -c true` costs about 0.8 ms here).
 3. makespan: a 200-job random DAG of sleep jobs (known durations, 1-8 cores each); makespan over
    its lower bound max(critical path, work / cores), and the share of cores busy while runnable
    work was queued (there: mostly the moments between a dependency's end and its dependent's
@@ -20,7 +21,8 @@ come from one clock. Phases:
 5. failover: a build of sleep jobs is running; `kill -9` the leader; time until a job starts
    under the new leader.
 
-    .venv/bin/python bench/lab_builds.py [--repeats 20] [--empty 500] [--worktree]
+    .venv/bin/python bench/lab_builds.py [--repeats 20] [--empty 500] [--dispatches 5]
+        [--failovers 5] [--only latency,dispatch,makespan,backlog,failover] [--worktree]
 
 Results on stdout and in /tmp/swarmnode-bench/lab_builds.json.
 """
@@ -28,6 +30,7 @@ Results on stdout and in /tmp/swarmnode-bench/lab_builds.json.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -101,15 +104,30 @@ def phase_latency(b: Bench, root: Path, repeats: int) -> dict[str, Any]:
             "median_ms": round(statistics.median(out) * 1000, 1)}
 
 
-def phase_dispatch(b: Bench, root: Path, n: int) -> dict[str, Any]:
-    plan = root / "empty.toml"
-    plan.write_text('name = "empty"\n' + "".join(f'[jobs.e{i}]\ncmd = "true"\n'
-                                                 for i in range(n)))
-    build_id, t0 = submit(b, plan)
-    st = wait_finished(b, build_id, 600)
-    took = time.time() - t0
-    return {"jobs": n, "seconds": round(took, 2), "jobs_per_s": round(n / took, 1),
-            "ok": st["ok"]}
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its reaped children (the jobs it ran), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def phase_dispatch(b: Bench, root: Path, n: int, runs: int) -> dict[str, Any]:
+    """`runs` builds of `n` jobs running `true`: jobs per second from submit to the build
+    finished, and the CPU the five nodes (with the jobs they ran) spent per job."""
+    pids = [control.call(node.home, "status", timeout=5)["pid"] for node in b.running()]
+    rates, cpu_ms, ok = [], [], True
+    for r in range(runs):
+        plan = root / f"empty{r}.toml"
+        plan.write_text(f'name = "empty{r}"\n' + "".join(f'[jobs.e{i}]\ncmd = "true"\n'
+                                                         for i in range(n)))
+        before = sum(cpu_seconds(pid) for pid in pids)
+        build_id, t0 = submit(b, plan)
+        st = wait_finished(b, build_id, 600)
+        took = time.time() - t0
+        cpu_ms.append(round((sum(cpu_seconds(pid) for pid in pids) - before) / n * 1000, 2))
+        rates.append(round(n / took, 1))
+        ok = ok and st["ok"]
+    return {"jobs": n, "each_jobs_per_s": rates, "jobs_per_s": statistics.median(rates),
+            "cpu_ms_per_job": statistics.median(cpu_ms), "ok": ok}
 
 
 def dag(root: Path, marks: Path, n: int = 200, seed: int = 1, name: str = "dag",
@@ -226,6 +244,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--empty", type=int, default=500)
     ap.add_argument("--failovers", type=int, default=5)
+    ap.add_argument("--dispatches", type=int, default=5, help="dispatch runs (median)")
+    ap.add_argument("--only", default="", help="phases to run, comma-separated (default all)")
     args = ap.parse_args()
     if not snapshot.is_root():
         return 2
@@ -249,10 +269,13 @@ def main() -> int:
             raise RuntimeError("5 nodes did not converge")
         time.sleep(8)  # voters step in one a second after a 3 s settle (not a measurement)
         for name, phase in (("latency", lambda: phase_latency(b, root, args.repeats)),
-                            ("dispatch", lambda: phase_dispatch(b, root, args.empty)),
+                            ("dispatch", lambda: phase_dispatch(b, root, args.empty,
+                                                                args.dispatches)),
                             ("makespan", lambda: phase_makespan(b, root)),
                             ("backlog", lambda: phase_backlog(b, root)),
                             ("failover", lambda: phase_failover(b, root, args.failovers))):
+            if args.only and name not in args.only.split(","):
+                continue
             res[name] = phase()
             print(f"{name}: {res[name]}", flush=True)
         for n in b.running():
