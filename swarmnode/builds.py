@@ -275,14 +275,12 @@ class Builds:
             return
         if env.type == PROPOSE:
             self._spawn(self._on_propose(inbound, body))
-        elif env.type == PROPOSE_REPLY:
-            fut = self._replies.get(body.get("rid", b""))
+        elif env.type in (PROPOSE_REPLY, LOG_REPLY):
+            rid = body.get("rid")
+            waiting = self._replies if env.type == PROPOSE_REPLY else self._outputs
+            fut = waiting.get(rid) if isinstance(rid, bytes) else None
             if fut is not None and not fut.done():
-                fut.set_result(body.get("ok") is True)
-        elif env.type == LOG_REPLY:
-            fut = self._outputs.get(body.get("rid", b""))
-            if fut is not None and not fut.done():
-                fut.set_result(body)
+                fut.set_result(body.get("ok") is True if env.type == PROPOSE_REPLY else body)
         elif env.type == HELD:
             self._on_held(env.sender, body.get("held"))
         else:

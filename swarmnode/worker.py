@@ -24,7 +24,7 @@ still understood as a list of one):
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
   job.report_ack {acks: [{build, job, attempt}]}
   job.held    {held: [[build, job, attempt]]}  every HELD_S and to each new leader
-  job.log     {rid, build, job, attempt (or null: the latest), since, wait}  any member asks
+  job.log     {rid, build, job, attempt, since, wait}  any member asks
   job.log_reply {rid, state: running|finished|unknown, total, data}  the output after
               offset `since` (the last 4 KiB at most); with `wait`, held up to LOG_WAIT_S
               until there is some, for `logs --follow`
@@ -285,23 +285,20 @@ class Worker:
         total, data, state = 0, b"", "unknown"
         handle = self.job_output(build, job, attempt)
         if handle is not None:
-            state = "finished" if handle.done else "running"
             total, data = await handle.output_after(since, LOG_WAIT_S if body.get("wait")
                                                     else 0.0)
+            state = "finished" if handle.done else "running"
         inbound.reply(LOG_REPLY, pack({"rid": body.get("rid"), "state": state,
                                        "total": total, "data": data}))
 
     def job_output(self, build: Any, job: Any, attempt: Any) -> RunningJob | None:
-        """The running or recently finished attempt (or latest attempt when `attempt` is
-        None) of a job here, whose `output` can be read."""
-        if not isinstance(build, str) or not isinstance(job, str):
+        """The attempt of a job running or recently finished here, whose `output` can be
+        read."""
+        if not isinstance(build, str) or not isinstance(job, str) or type(attempt) is not int:
             return None
         current = self.running.get((build, job))
-        if current is not None and current[1] is not None and attempt in (None, current[0].attempt):
+        if current is not None and current[1] is not None and current[0].attempt == attempt:
             return current[1]
-        if attempt is None:
-            found = [k for k in self.outputs if k[:2] == (build, job)]
-            return self.outputs[max(found)] if found else None
         return self.outputs.get((build, job, attempt))
 
     def _on_ack(self, body: dict[str, Any]) -> None:
