@@ -9,8 +9,8 @@ come from one clock. Phases:
 1. latency: `--repeats` one-job builds on the idle swarm; submit (the control request the CLI
    sends) to the job's first instruction, median.
 2. dispatch: `--dispatches` builds of `--empty` jobs running `true`; jobs per second from
-   submit to the build finished (median), and the CPU the nodes spent per job (with the jobs
-   themselves: a `sh -c true` costs about 0.8 ms here).
+   submit to the build finished (median), the CPU the nodes spent per job (with the jobs
+   themselves: a `sh -c true` costs about 0.8 ms here) and the messages they sent per job.
 3. makespan: a 200-job random DAG of sleep jobs (known durations, 1-8 cores each); makespan over
    its lower bound max(critical path, work / cores), and the share of cores busy while runnable
    work was queued (there: mostly the moments between a dependency's end and its dependent's
@@ -115,6 +115,7 @@ def phase_dispatch(b: Bench, root: Path, n: int, runs: int) -> dict[str, Any]:
     finished, and the CPU the five nodes (with the jobs they ran) spent per job."""
     pids = [control.call(node.home, "status", timeout=5)["pid"] for node in b.running()]
     rates, cpu_ms, ok = [], [], True
+    sent_before = messages_sent(b)
     for r in range(runs):
         plan = root / f"empty{r}.toml"
         plan.write_text(f'name = "empty{r}"\n' + "".join(f'[jobs.e{i}]\ncmd = "true"\n'
@@ -126,8 +127,19 @@ def phase_dispatch(b: Bench, root: Path, n: int, runs: int) -> dict[str, Any]:
         cpu_ms.append(round((sum(cpu_seconds(pid) for pid in pids) - before) / n * 1000, 2))
         rates.append(round(n / took, 1))
         ok = ok and st["ok"]
+    sent = {t: round((c - sent_before.get(t, 0)) / (n * runs), 3)
+            for t, c in sorted(messages_sent(b).items()) if c - sent_before.get(t, 0) > n / 100}
     return {"jobs": n, "each_jobs_per_s": rates, "jobs_per_s": statistics.median(rates),
-            "cpu_ms_per_job": statistics.median(cpu_ms), "ok": ok}
+            "cpu_ms_per_job": statistics.median(cpu_ms), "messages_per_job": sent, "ok": ok}
+
+
+def messages_sent(b: Bench) -> dict[str, int]:
+    """Messages every node sent so far, by type, summed (`status` of older nodes has none)."""
+    total: dict[str, int] = {}
+    for node in b.running():
+        for kind, count in control.call(node.home, "status", timeout=5).get("sent", {}).items():
+            total[kind] = total.get(kind, 0) + count
+    return total
 
 
 def dag(root: Path, marks: Path, n: int = 200, seed: int = 1, name: str = "dag",
