@@ -63,6 +63,10 @@ class NodeConfig:
     restart_command: str = DEFAULT_RESTART
     accept_actions: bool = True  # run exec/restart/reboot asked by admitted members
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT_S
+    # this machine's draw idle and at full load (a wall meter's figures): the power estimate
+    # where RAPL counters cannot be read (swarmnode/power.py has defaults per core)
+    watts_idle: float | None = None
+    watts_max: float | None = None
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> addresses
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
     ssh: SshSettings = field(default_factory=SshSettings)
@@ -98,7 +102,7 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
 
 
 _TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
-        "accept_actions", "exec_timeout",
+        "accept_actions", "exec_timeout", "watts_idle", "watts_max",
         "overrides", "jumps", "ssh"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
@@ -124,6 +128,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
         accept_actions=_bool(raw, "accept_actions", True),
         exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
+        **_watts(raw),
         overrides=_node_map(raw.get("overrides", {}), "overrides", _address),
         jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
         ssh=_ssh(raw.get("ssh", {})),
@@ -174,6 +179,23 @@ def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: must be true or false, got {value!r}")
     return value
+
+
+def _watts(raw: dict[str, Any]) -> dict[str, float | None]:
+    """watts_idle and watts_max: both or neither, 0 <= idle <= max <= 100 kW."""
+    got: dict[str, float | None] = {}
+    for key in ("watts_idle", "watts_max"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value <= 100_000):
+            raise ConfigError(f"{key}: must be watts from 0 to 100000, got {value!r}")
+        got[key] = None if value is None else float(value)
+    if (got["watts_idle"] is None) != (got["watts_max"] is None):
+        raise ConfigError("watts_idle and watts_max: set both or neither")
+    if got["watts_idle"] is not None and got["watts_max"] < got["watts_idle"]:  # type: ignore[operator]
+        raise ConfigError(f"watts_max: must be at least watts_idle ({got['watts_idle']:g}), "
+                          f"got {got['watts_max']:g}")
+    return got
 
 
 def _positive(raw: dict[str, Any], key: str, default: float) -> float:

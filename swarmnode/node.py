@@ -55,6 +55,7 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_FACT_VALUE
+from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
 from swarmnode.push.release import SELF_APP
 from swarmnode.push.releases import LAUNCHER_ENV, exec_argv
@@ -74,6 +75,9 @@ SNAPSHOT_EVERY_S = 2.0
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
 #: up); a change is re-signed and gossiped under the same identity.
 ADDRESS_CHECK_S = 10.0
+#: How often this machine's draw is sampled (RAPL counters or /proc/stat): a reading is the
+#: mean over the interval, and reading costs two small files.
+POWER_S = 5.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
@@ -140,6 +144,7 @@ class Node:
         self.leadership = Leadership(self)
         self.artifacts = ArtifactService(self)
         self.worker = Worker(self)
+        self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.builds = Builds(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
@@ -270,6 +275,7 @@ class Node:
                  self.listen, ", ".join(self.addresses))
         tasks = [asyncio.ensure_future(self._timer_loop()),
                  asyncio.ensure_future(self._address_watch()),
+                 asyncio.ensure_future(self._power_watch()),
                  asyncio.ensure_future(self.router.maintain()),
                  asyncio.ensure_future(self.leadership.run()),
                  asyncio.ensure_future(self.worker.run()),
@@ -333,6 +339,12 @@ class Node:
                     await self._wake.wait()
 
     _last_save = 0.0
+
+    async def _power_watch(self) -> None:
+        """Sample this machine's draw every POWER_S (RAPL, else the estimate)."""
+        while True:
+            self.power.sample(time.monotonic())
+            await asyncio.sleep(POWER_S)
 
     async def _address_watch(self) -> None:
         while True:
@@ -624,6 +636,9 @@ class Node:
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
             "sent": dict(sorted(self.transport.sent.items())),  # messages by type
+            "watts": self.power.last.watts if self.power.last else None,
+            "power_source": self.power.last.source if self.power.last else None,
+            "energy_kwh": round(self.power.joules / 3.6e6, 6),
         }
 
 

@@ -25,6 +25,8 @@ reboot_command = "touch /tmp/rebooted"
 restart_command = "rc-service swarmnode restart"
 accept_actions = false
 exec_timeout = 60
+watts_idle = 35
+watts_max = 180.5
 
 [overrides]
 tarn = "10.42.0.1:17946"
@@ -43,6 +45,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     cfg = config.load(tmp_path)
     assert cfg.kind == "lxc" and cfg.cores == 3 and cfg.accept_actions is False
     assert cfg.exec_timeout == 60.0
+    assert (cfg.watts_idle, cfg.watts_max) == (35.0, 180.5)
     assert cfg.override_for("xyz", "tarn") == ("10.42.0.1:17946",)
     assert cfg.override_for("abcd", "other") == ("10.0.0.1", "[fd00::1]:7000")
     assert cfg.override_for("nope", "none") == ()
@@ -66,6 +69,10 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     ("[ssh]\nport = 70000", "ssh.port: must be a port number"),
     ("[ssh]\nknwon_hosts = []", "ssh.knwon_hosts: unknown key (did you mean 'known_hosts'?)"),
     ("ssh = 3", "ssh: must be a table"),
+    ("watts_idle = 40", "watts_idle and watts_max: set both or neither"),
+    ("watts_idle = 40\nwatts_max = 30", "watts_max: must be at least watts_idle (40)"),
+    ("watts_idle = -1\nwatts_max = 30", "watts_idle: must be watts from 0 to 100000"),
+    ("watts_idle = 1\nwatts_max = 'lots'", "watts_max: must be watts from 0 to 100000"),
     ("kind = ", "config.toml"),  # TOML syntax error: names the file and the line
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path, text, message):
