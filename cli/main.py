@@ -668,6 +668,21 @@ def _print_output(info: dict[str, Any], seen: int) -> int:
 
 
 @app.command()
+def dashboard(
+    bind: Annotated[str | None, typer.Option(
+        "--bind", help="serve on HOST[:PORT] instead (kept across restarts); anywhere but "
+        "localhost every request then needs the token, which the printed URL carries")] = None,
+) -> None:
+    """Print the URL of this node's dashboard and Prometheus metrics (/metrics)."""
+    info = ask("dashboard", bind=bind or "")
+    out.print(info["url"] or "the dashboard is not being served (see the node's log)",
+              highlight=False, soft_wrap=True)
+    if info["token_needed"]:
+        err.print("the URL carries this node's dashboard token: share it like a password "
+                  f"(it is in {state.home}/dashboard.token)", highlight=False)
+
+
+@app.command()
 def cancel(build_id: Annotated[str, typer.Argument(metavar="BUILD")]) -> None:
     """Cancel a build: its unfinished jobs are stopped and never rescheduled."""
     out.print(ask("cancel", timeout=60.0, build=build_id), highlight=False)

@@ -41,13 +41,13 @@ from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
 from swarmnode.discovery import Discovery
 from swarmnode.facts import detect_facts
+from swarmnode.http_api import HttpApi, HttpError
 from swarmnode.identity import Identity, curve_public_key, load_or_create
 from swarmnode.leadership import Leadership
 from swarmnode.membership import (
     Config,
     Event,
     Membership,
-    MemberView,
     MessageError,
     Send,
     decode,
@@ -55,6 +55,7 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_FACT_VALUE
+from swarmnode.metrics import Metrics
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
 from swarmnode.push.release import SELF_APP
@@ -64,7 +65,7 @@ from swarmnode.routes import PING as ROUTE_PING
 from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
 from swarmnode.store import Store
-from swarmnode.views import member_view, resolve_node
+from swarmnode.views import member_cores, member_view, resolve_node
 from swarmnode.worker import Worker
 
 log = logging.getLogger("swarmnode")
@@ -75,6 +76,8 @@ SNAPSHOT_EVERY_S = 2.0
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
 #: up); a change is re-signed and gossiped under the same identity.
 ADDRESS_CHECK_S = 10.0
+#: Where `swarmnode dashboard --bind` put the HTTP server (kept across restarts).
+HTTP_BIND_KEY = "dashboard_bind"
 #: How often this machine's draw is sampled (RAPL counters or /proc/stat): a reading is the
 #: mean over the interval, and reading costs two small files.
 POWER_S = 5.0
@@ -145,6 +148,8 @@ class Node:
         self.artifacts = ArtifactService(self)
         self.worker = Worker(self)
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
+        self.metrics = Metrics(self)
+        self.http = HttpApi(self)
         self.builds = Builds(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
@@ -269,6 +274,7 @@ class Node:
             await self.transport.close()
             self.store.close()
             raise StartError(f"cannot listen on {self.listen}: {exc}") from exc
+        await self._serve_http()
         self.event("node_started", {"id": self.id, "name": self.name,
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
@@ -289,6 +295,24 @@ class Node:
         finally:
             await self._shutdown(tasks, udp, ctl)
         return 0
+
+    def _default_http_bind(self) -> str:
+        """Localhost, at the port after the swarm port (any free one if that is taken)."""
+        _host, port = split_hostport(self.listen, cluster.DEFAULT_PORT)
+        return f"127.0.0.1:{port + 1 if port else 0}"
+
+    async def _serve_http(self) -> None:
+        """The metrics and dashboard server where `dashboard --bind` last put it, else on
+        localhost; a bind that fails falls back to localhost, then to any free port."""
+        for bind in dict.fromkeys((self.store.get(HTTP_BIND_KEY) or self._default_http_bind(),
+                                   self._default_http_bind(), "127.0.0.1:0")):
+            try:
+                url = await self.http.start(bind, 0)
+            except HttpError as exc:
+                log.warning("%s", exc)
+                continue
+            log.info("dashboard and metrics at %s", url)
+            return
 
     async def _shutdown(self, tasks: list[asyncio.Future], udp, ctl) -> None:
         if self.reexec_argv is not None:
@@ -314,6 +338,7 @@ class Node:
         await self.push.close()
         await self.worker.close()
         await self.artifacts.close()
+        await self.http.stop()
         self.router.close()
         ctl.close()
         with contextlib.suppress(FileNotFoundError):
@@ -501,6 +526,15 @@ class Node:
             return [member_view(self, m) for m in self.core.members()]
         if cmd == "status":
             return self.status()
+        if cmd == "dashboard":
+            bind = args.get("bind")
+            if isinstance(bind, str) and bind:
+                try:
+                    await self.http.start(bind, 0)
+                except HttpError as exc:
+                    raise control.ControlError(str(exc)) from None
+                self.store.put(**{HTTP_BIND_KEY: bind})
+            return {"url": self.http.url(with_token=True), "token_needed": not self.http.open_reads}
         if cmd == "events":
             return self.store.events(limit=int(args.get("limit", 50)))
         if cmd == "token":
@@ -624,7 +658,7 @@ class Node:
             "cluster_id": self.cluster_id,
             "admitted": self.admitted,
             "nodes_alive": len(alive),
-            "cores_online": sum(_cores(m) for m in alive),
+            "cores_online": sum(member_cores(m) for m in alive),
             "pending": sum(1 for m in self.core.members() if m.state == "pending"),
             **self.leadership.status(),
             "voters_pinned": list(self.leadership.ledger.pinned_voters),
@@ -639,11 +673,8 @@ class Node:
             "watts": self.power.last.watts if self.power.last else None,
             "power_source": self.power.last.source if self.power.last else None,
             "energy_kwh": round(self.power.joules / 3.6e6, 6),
+            "dashboard": self.http.url(),
         }
-
-
-def _cores(m: MemberView) -> int:
-    return int(m.record.facts_dict().get("cores", 0)) if m.record else 0
 
 
 def _raw_curve(node_id: str) -> bytes:

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from swarmnode.node import Node
 
 
+def member_cores(m: MemberView) -> int:
+    """The cores a member offers (its signed `cores` fact; 0 without a record)."""
+    return int(m.record.facts_dict().get("cores", 0)) if m.record else 0
+
+
 def member_view(node: Node, m: MemberView) -> dict[str, Any]:
     """One `swarmnode nodes --json` entry. `addresses` are as the member reports them
     (signed); `observed` is only where this node saw its traffic come from."""

@@ -361,6 +361,7 @@ class Worker:
             report = {"status": result.status, "reason": result.reason,
                       "outputs": [[o.path, o.sha256, o.size] for o in result.outputs],
                       "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration}
+            self.node.metrics.job_seconds.labels(result.status).observe(result.duration)
         report.update(build=a.build, job=a.job, attempt=a.attempt, node=self.node.id)
         self.finished[(a.build, a.job, a.attempt)] = None
         while len(self.finished) > MAX_FINISHED:

@@ -1,0 +1,110 @@
+"""Prometheus metrics of one node, read from its live state at each scrape.
+
+A collector rather than counters updated along the way: members, cores, jobs and releases are
+state the node holds anyway (the membership view, the replicated ledger, the release notes),
+so a scrape reads them and nothing can drift. Job durations are the exception: a histogram
+the worker feeds as its jobs end (each node reports the jobs it ran).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from swarmnode.ledger import STATES
+from swarmnode.views import member_cores
+
+if TYPE_CHECKING:
+    from swarmnode.node import Node
+
+#: Job durations from seconds to a day: compiles take seconds, whole packages hours.
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        members = [m for m in node.core.members() if m.admitted_by or m.state == "pending"]
+        states = GaugeMetricFamily("swarmnode_members", "Members this node knows, by state",
+                                   labels=["state"])
+        counts: dict[str, int] = {}
+        for m in members:
+            counts[m.state] = counts.get(m.state, 0) + 1
+        for state, n in sorted(counts.items()):
+            states.add_metric([state], n)
+        yield states
+        cores = GaugeMetricFamily("swarmnode_cores", "Cores of admitted members, by state",
+                                  labels=["state"])
+        alive = [m for m in members if m.admitted_by and m.state == "alive" and m.record]
+        cores.add_metric(["online"], sum(member_cores(m) for m in alive))
+        cores.add_metric(["total"], sum(member_cores(m) for m in members
+                                        if m.admitted_by and m.record and m.state != "left"))
+        yield cores
+        jobs = GaugeMetricFamily("swarmnode_jobs", "Jobs in the replicated ledger, by state",
+                                 labels=["state"])
+        ledger = node.leadership.ledger
+        totals = dict.fromkeys(STATES, 0)
+        for build in ledger.builds():
+            for state, n in ledger.progress(build.build_id).items():
+                if state in totals:
+                    totals[state] += n
+        for state, n in totals.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        sent = CounterMetricFamily("swarmnode_messages_sent", "Messages sent, by type",
+                                   labels=["type"])
+        for kind, n in sorted(node.transport.sent.items()):
+            sent.add_metric([kind], n)
+        yield sent
+        wire = CounterMetricFamily("swarmnode_wire_bytes", "Bytes of messages, by direction",
+                                   labels=["direction"])
+        wire.add_metric(["in"], node.transport.bytes_in)
+        wire.add_metric(["out"], node.transport.bytes_out)
+        yield wire
+        drops = CounterMetricFamily("swarmnode_dropped_messages",
+                                    "Messages dropped, by reason", labels=["reason"])
+        for reason, n in sorted(node.drop_counts().items()):
+            drops.add_metric([reason], n)
+        yield drops
+        releases = GaugeMetricFamily("swarmnode_release_nodes",
+                                     "Members per pushed app: on its newest release or not",
+                                     labels=["app", "state"])
+        per_app: dict[tuple[str, str], int] = {}
+        for member in node.push.versions()["nodes"]:
+            for app, info in member["apps"].items():
+                key = (app, "behind" if info["drift"] else "current")
+                per_app[key] = per_app.get(key, 0) + 1
+        for (app, state), n in sorted(per_app.items()):
+            releases.add_metric([app, state], n)
+        yield releases
+        reading = node.power.last
+        watts = GaugeMetricFamily("swarmnode_watts", "This machine's draw (RAPL or estimate)",
+                                  labels=["source"])
+        if reading is not None:
+            watts.add_metric([reading.source], reading.watts)
+        yield watts
+        yield CounterMetricFamily("swarmnode_energy_joules",
+                                  "Energy this machine drew since the node started",
+                                  value=node.power.joules)
+
+
+class Metrics:
+    """A node's registry: the collector and the job-duration histogram."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(node))
+        self.job_seconds = Histogram("swarmnode_job_seconds",
+                                     "Run time of the jobs this node ran, by outcome",
+                                     ["status"], buckets=DURATION_BUCKETS,
+                                     registry=self.registry)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,89 @@
+"""The node's HTTP side on real processes: Prometheus metrics that reflect the swarm, the status
+JSON, the token that a bind off localhost requires, and the bind surviving a restart."""
+
+from __future__ import annotations
+
+import json
+import stat
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.ports import free_port
+from tests.swarm import (
+    Swarm,
+    loopback_addr,
+    swarm_fixture,  # noqa: F401 (the `swarm` fixture)
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> None:
+    nodes, _token = swarm.loopback(2, 30)
+    first = nodes[0]
+    (url,) = [swarm.cli(first, "dashboard").stdout.strip()]
+    assert url.startswith("http://127.0.0.1:") and url == swarm.query(first, "status")["dashboard"]
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"], 20, "a leader")
+    plan = tmp_path / "p.toml"
+    plan.write_text('[jobs.a]\ncmd = "true"\n[jobs.b]\ncmd = "exit 3"\n')
+    swarm.cli(first, "build", str(plan), "--wait", check=False, timeout=60)
+    code, text = get(url + "metrics")
+    assert code == 200
+    got = samples(text)
+    assert got[("swarmnode_members", (("state", "alive"),))] == 2
+    assert got[("swarmnode_cores", (("state", "online"),))] == \
+        swarm.query(first, "status")["cores_online"] > 0
+    assert got[("swarmnode_jobs", (("state", "done"),))] == 1
+    assert got[("swarmnode_jobs", (("state", "blocked"),))] == 1  # failed on both nodes
+    assert got[("swarmnode_messages_sent_total", (("type", "ping"),))] > 0
+    assert got[("swarmnode_wire_bytes_total", (("direction", "out"),))] > 0
+    runs = 0.0
+    for n in nodes:
+        per = samples(get(swarm.query(n, "status")["dashboard"] + "metrics")[1])
+        runs += sum(v for (name, _l), v in per.items() if name == "swarmnode_job_seconds_count")
+    assert runs == 3  # a once, b on each node before it was blocked
+    code, body = get(url + "api/status")
+    assert code == 200 and json.loads(body)["id"] == first.id
+
+
+def test_a_bind_off_localhost_needs_the_token_and_is_kept(swarm: Swarm) -> None:
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    port = free_port()
+    shown = swarm.cli(node, "dashboard", "--bind", f"0.0.0.0:{port}")
+    url = shown.stdout.strip()
+    token = (node.home / "dashboard.token").read_text().strip()
+    assert url == f"http://0.0.0.0:{port}/?token={token}" and "token" in shown.stderr
+    assert stat.S_IMODE((node.home / "dashboard.token").stat().st_mode) == 0o600
+    local = f"http://127.0.0.1:{port}/"
+    assert get(local + "metrics")[0] == 401
+    assert get(local + "metrics", token="wrong" * 8)[0] == 401
+    assert get(local + "metrics", token=token)[0] == 200
+    assert get(local + f"api/status?token={token}")[0] == 200
+    assert swarm.query(node, "status")["drops"].get("http_unauthorised") == 2
+    swarm.stop(node)
+    swarm.start(node)  # the bind is kept
+    assert swarm.query(node, "status")["dashboard"] == f"http://0.0.0.0:{port}/"
+    assert get(local + "metrics")[0] == 401
+    res = swarm.cli(node, "dashboard", "--bind", "192.0.2.1:80", check=False)  # not ours
+    assert res.returncode == 1 and "cannot serve the dashboard on 192.0.2.1:80" in res.stderr
+    assert get(local + "metrics", token=token)[0] == 200  # the old bind still serves
