@@ -40,6 +40,8 @@ from swarmnode.build.emerge import EmergeError, plan_from_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
 from swarmnode.discovery import Discovery
+from swarmnode.eventlog import FILE as EVENTS_FILE
+from swarmnode.eventlog import JsonLines
 from swarmnode.facts import detect_facts
 from swarmnode.http_api import HttpApi, HttpError
 from swarmnode.identity import Identity, curve_public_key, load_or_create
@@ -126,6 +128,7 @@ class Node:
         self.identity: Identity = load_or_create(self.home)
         self.id = self.identity.id
         self.store = Store(self.home)
+        self.event_lines = JsonLines(self.home / EVENTS_FILE)  # events for log shippers
         self.drops = DropCounter()
         self.started = time.time()
         self._epoch = self.started - time.monotonic()
@@ -449,7 +452,9 @@ class Node:
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         data = {k: v for k, v in data.items() if k != "kind"}
-        self.store.add_event(kind, data)
+        ts = time.time()
+        seq = self.store.add_event(kind, data, ts)
+        self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
         who = data.get("id", "")
         log.info("event %s %s %s", kind, who[:12] if isinstance(who, str) else who,
                  {k: v for k, v in data.items() if k != "id"})

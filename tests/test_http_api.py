@@ -1,5 +1,6 @@
-"""The node's HTTP side on real processes: Prometheus metrics that reflect the swarm, the status
-JSON, the token that a bind off localhost requires, and the bind surviving a restart."""
+"""The node's outward interfaces on real processes: Prometheus metrics that reflect the swarm,
+the status JSON, the token that a bind off localhost requires, the bind surviving a restart,
+and the events as JSON lines."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarmnode.eventlog import JsonLines
 from tests.ports import free_port
 from tests.swarm import (
     Swarm,
@@ -87,3 +89,25 @@ def test_a_bind_off_localhost_needs_the_token_and_is_kept(swarm: Swarm) -> None:
     res = swarm.cli(node, "dashboard", "--bind", "192.0.2.1:80", check=False)  # not ours
     assert res.returncode == 1 and "cannot serve the dashboard on 192.0.2.1:80" in res.stderr
     assert get(local + "metrics", token=token)[0] == 200  # the old bind still serves
+
+
+def test_events_are_json_lines_for_log_shippers(swarm: Swarm, tmp_path: Path) -> None:
+    """Every event a node records is also a JSON line in <home>/events.jsonl (0600), the same
+    record `events --json` shows; past the size limit the file rotates to `.1`."""
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    path = node.home / "events.jsonl"
+    lines = swarm.wait_for(lambda: [json.loads(x) for x in path.read_text().splitlines()]
+                           if path.exists() else None, 10, "events.jsonl")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    started = next(x for x in lines if x["kind"] == "node_started")
+    recorded = next(e for e in swarm.events(node) if e["kind"] == "node_started")
+    assert started == recorded
+    log = JsonLines(tmp_path / "ev.jsonl", max_bytes=200)
+    for i in range(10):
+        log.write({"seq": i, "kind": "x", "pad": "y" * 40})
+    newer = [json.loads(x)["seq"] for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    older = [json.loads(x)["seq"]
+             for x in (tmp_path / "ev.jsonl.1").read_text().splitlines()]
+    assert older + newer == list(range(older[0], 10)) and newer[-1] == 9
+    assert (tmp_path / "ev.jsonl").stat().st_size <= 200
