@@ -10,18 +10,25 @@ never open by accident. The token lives in `<home>/dashboard.token`, mode 0600.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hmac
 import ipaddress
+import json
 import logging
 import secrets
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from net.addresses import split_hostport
+from swarmnode.control import ControlError
 from swarmnode.identity import write_secret
+from swarmnode.views import member_view
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -30,6 +37,15 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "dashboard.token"
 COOKIE = "swarmnode_token"
+#: The page's stream looks at the swarm at least this often (and at once on an event).
+STREAM_S = 1.0
+KEEPALIVE_S = 15.0
+ACTIONS = ("admit", "ban", "cancel")
+MAX_BUILDS, MAX_EVENTS = 10, 30
+#: The page runs its own inline script and style, talks only to this node, embeds nothing.
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+       "frame-ancestors 'none'")
 
 
 class HttpError(Exception):
@@ -63,6 +79,7 @@ class HttpApi:
         self.token = load_token(node.home)
         self.bind: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Event] = set()
 
     @property
     def open_reads(self) -> bool:
@@ -73,7 +90,7 @@ class HttpApi:
             return None
         host, port = self.bind
         shown = f"[{host}]" if ":" in host else host
-        query = f"?token={self.token}" if with_token and not self.open_reads else ""
+        query = f"?token={self.token}" if with_token else ""
         return f"http://{shown}:{port}/{query}"
 
     async def start(self, bind: str, default_port: int) -> str:
@@ -84,8 +101,12 @@ class HttpApi:
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
         app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/", self._page)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/stream", self._stream)
+        app.router.add_post("/api/action", self._action)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -110,6 +131,7 @@ class HttpApi:
         given = (request.query.get("token") or request.cookies.get(COOKIE)
                  or request.headers.get("Authorization", "").removeprefix("Bearer ").strip())
         good = bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+        request["token_ok"] = good
         if not good and not self.open_reads:
             self.node.drops.drop("http_unauthorised")
             raise web.HTTPUnauthorized(text="a token is needed: swarmnode dashboard shows the URL")
@@ -125,3 +147,107 @@ class HttpApi:
 
     async def _status(self, _request: web.Request) -> web.Response:
         return web.json_response(self.node.status())
+
+    async def _page(self, _request: web.Request) -> web.Response:
+        return web.Response(text=_page(), content_type="text/html",
+                            headers={"Content-Security-Policy": CSP,
+                                     "X-Content-Type-Options": "nosniff"})
+
+    async def _state(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot(), dumps=_dumps)
+
+    def notify(self) -> None:
+        """Something changed (an event): the streams send a snapshot now, not in a second."""
+        for changed in self._streams:
+            changed.set()
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the snapshot whenever it differs, looked at on each event and
+        every STREAM_S; a comment line now and then keeps proxies from closing it."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        changed = asyncio.Event()
+        self._streams.add(changed)
+        last, quiet = "", 0
+        try:
+            while True:
+                data = _dumps(self.snapshot())
+                if data != last:
+                    await response.write(f"data: {data}\n\n".encode())
+                    last, quiet = data, 0
+                elif (quiet := quiet + 1) * STREAM_S >= KEEPALIVE_S:
+                    await response.write(b": keepalive\n\n")
+                    quiet = 0
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STREAM_S):
+                        await changed.wait()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._streams.discard(changed)
+        return response
+
+    async def _action(self, request: web.Request) -> web.Response:
+        """admit, ban (a node) or cancel (a build), through the same code as the CLI; only
+        with the token, as JSON (a cross-site form cannot send that), wherever it is bound."""
+        if not request.get("token_ok"):
+            self.node.drops.drop("http_unauthorised")
+            return web.json_response({"error": "actions need the token"}, status=401)
+        if request.content_type != "application/json":
+            return web.json_response({"error": "send JSON"}, status=415)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "not JSON"}, status=400)
+        action = body.get("action") if isinstance(body, dict) else None
+        target = body.get("target") if isinstance(body, dict) else None
+        if action not in ACTIONS or not isinstance(target, str) or not target:
+            return web.json_response({"error": f"action: one of {', '.join(ACTIONS)}, with a "
+                                               "target"}, status=400)
+        args = {"build": target} if action == "cancel" else {"node": target, "via": "dashboard"}
+        try:
+            result = await self.node.handle_command(action, args)
+        except ControlError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.node.event("dashboard_action", {"action": action, "target": target[:80]})
+        return web.json_response({"result": result})
+
+    def snapshot(self) -> dict[str, Any]:
+        """The swarm as this node sees it, for the page."""
+        node = self.node
+        ledger = node.leadership.ledger
+        running: dict[str, int] = {}
+        for job in ledger.active():
+            if job.node:
+                running[job.node] = running.get(job.node, 0) + 1
+        builds = []
+        for build in ledger.builds()[-MAX_BUILDS:]:
+            progress = ledger.progress(build.build_id)
+            builds.append({"build": build.build_id, "name": build.name, "done": progress["done"],
+                           "total": progress["total"], "blocked": progress["blocked"]})
+        events = []
+        for ev in node.store.events(limit=MAX_EVENTS):
+            who = ev.get("id")
+            detail = {k: v for k, v in ev.items() if k not in ("seq", "ts", "kind", "id")}
+            events.append({"ts": ev["ts"], "kind": ev["kind"],
+                           "who": node.member_name(who) if isinstance(who, str) and who else "",
+                           "detail": " ".join(f"{k}={v}" for k, v in detail.items())[:200]})
+        leader = node.leadership.leader
+        return {"status": node.status(),
+                "nodes": [member_view(node, m) for m in node.core.members()],
+                "running": running, "builds": builds[::-1], "events": events[::-1],
+                "leader_name": node.member_name(leader) if leader else None}
+
+
+@functools.cache
+def _page() -> str:
+    """The dashboard: one page (swarmnode/dashboard.html), no build step, nothing fetched from
+    the internet. It follows `/api/stream` and posts actions to `/api/action` with the token
+    the URL `swarmnode dashboard` prints carries (kept by the server in a same-site cookie)."""
+    return resources.files("swarmnode").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))

@@ -455,6 +455,8 @@ class Node:
         ts = time.time()
         seq = self.store.add_event(kind, data, ts)
         self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
+        if hasattr(self, "http"):  # (events during start-up come before the HTTP side)
+            self.http.notify()
         who = data.get("id", "")
         log.info("event %s %s %s", kind, who[:12] if isinstance(who, str) else who,
                  {k: v for k, v in data.items() if k != "id"})
@@ -549,7 +551,8 @@ class Node:
                 raise control.ControlError("this node is not an admitted member")
             target = resolve_node(self.core.members(), str(args.get("node", "")))
             if cmd == "admit":
-                self.core.admit(now, target.id, how=f"by {self.name[:40]} via CLI")
+                via = "dashboard" if args.get("via") == "dashboard" else "CLI"
+                self.core.admit(now, target.id, how=f"by {self.name[:40]} via {via}")
             elif cmd == "ban":
                 if target.id == self.id:
                     raise control.ControlError("a node cannot ban itself")

@@ -42,8 +42,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> None:
     nodes, _token = swarm.loopback(2, 30)
     first = nodes[0]
-    (url,) = [swarm.cli(first, "dashboard").stdout.strip()]
+    url, _, query = swarm.cli(first, "dashboard").stdout.strip().partition("?")
     assert url.startswith("http://127.0.0.1:") and url == swarm.query(first, "status")["dashboard"]
+    assert query == "token=" + (first.home / "dashboard.token").read_text().strip()
     swarm.wait_for(lambda: swarm.query(first, "status")["leader"], 20, "a leader")
     plan = tmp_path / "p.toml"
     plan.write_text('[jobs.a]\ncmd = "true"\n[jobs.b]\ncmd = "exit 3"\n')

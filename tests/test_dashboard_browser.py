@@ -1,0 +1,97 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a running
+3-node swarm: the right node count and cores, a new pending node appearing without a reload,
+and admitting it from the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.swarm import (
+    REPO,
+    Swarm,
+    loopback_addr,
+    swarm_fixture,  # noqa: F401 (the `swarm` fixture)
+)
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason="needs Debian's chromium (scripts/setup installs it as root)"),
+]
+#: Flags for a headless Chromium on a machine without internet: no background connections
+#: (they are refused here, many at a time), no first-run or update checks.
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+#: Where to save the screenshot as well; docs/dashboard.png is made with
+#: SWARMNODE_SCREENSHOT=docs/dashboard.png .venv/bin/python -m pytest \
+#:     tests/test_dashboard_browser.py
+SCREENSHOT = os.environ.get("SWARMNODE_SCREENSHOT")
+
+
+def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
+                                                                   tmp_path: Path) -> None:
+    nodes, _token = swarm.loopback(3, 30)
+    first = nodes[0]
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"], 20, "a leader")
+    url = swarm.cli(first, "dashboard").stdout.strip()
+    cores = swarm.query(first, "status")["cores_online"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            expect = playwright.expect  # (locator checks: the page's CSP forbids eval)
+            expect(page.locator("#nodes")).to_have_text("3", timeout=20_000)
+            assert page.inner_text("#cores") == str(cores)
+            assert page.locator("#members tbody tr").count() == 3
+            assert page.inner_text("#status") == "live"
+
+            guest = swarm.start(swarm.add("guest", loopback_addr(4)), seeds=[first.listen])
+            row = page.locator('#members tr.pending[data-name="guest"]')
+            row.wait_for(timeout=20_000)  # arrives over the stream: no reload
+            assert page.inner_text("#pending") == "1"
+            page.screenshot(path=str(tmp_path / "pending.png"))
+
+            row.locator("button.admit").click()
+            expect(page.locator('#members tr.alive[data-name="guest"]')).to_have_count(
+                1, timeout=20_000)
+            assert "admit: guest" in page.inner_text("#status")
+            swarm.wait_state([guest], "alive", [first], 20)
+            how = [e for e in swarm.events(first, "admitted") if e.get("id") == guest.id]
+            assert how and "via dashboard" in how[-1]["how"]
+            expect(page.locator("#nodes")).to_have_text("4", timeout=20_000)
+            page.screenshot(path=str(tmp_path / "admitted.png"))
+            if SCREENSHOT:
+                shutil.copy(tmp_path / "admitted.png", REPO / SCREENSHOT)
+        finally:
+            browser.close()
+
+
+def test_actions_need_the_token_even_on_localhost(swarm: Swarm) -> None:
+    """Viewing on this machine needs no token; acting does (the page without it cannot)."""
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    base = swarm.query(node, "status")["dashboard"]
+    with urllib.request.urlopen(base, timeout=5) as r:
+        assert r.status == 200 and b"swarmnode" in r.read()
+    request = urllib.request.Request(base + "api/action", method="POST",
+                                     data=json.dumps({"action": "ban", "target": "x"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 401
+    token = (node.home / "dashboard.token").read_text().strip()
+    request.add_header("Authorization", f"Bearer {token}")
+    with pytest.raises(urllib.error.HTTPError) as info:  # with it: judged like the CLI's
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 400 and "no node" in json.loads(info.value.read())["error"]
