@@ -677,9 +677,10 @@ def dashboard(
     info = ask("dashboard", bind=bind or "")
     out.print(info["url"] or "the dashboard is not being served (see the node's log)",
               highlight=False, soft_wrap=True)
-    if info["token_needed"]:
-        err.print("the URL carries this node's dashboard token: share it like a password "
-                  f"(it is in {state.home}/dashboard.token)", highlight=False)
+    err.print("the URL carries this node's dashboard token (actions need it" +
+              ("" if info["token_needed"] else "; viewing on this machine does not") +
+              f"): share it like a password. It is in {state.home}/dashboard.token",
+              highlight=False)
 
 
 @app.command()
