@@ -238,6 +238,7 @@ class HttpApi:
         return {"status": node.status(),
                 "nodes": [member_view(node, m) for m in node.core.members()],
                 "running": running, "builds": builds[::-1], "events": events[::-1],
+                "power": node.power_view(),
                 "leader_name": node.member_name(leader) if leader else None}
 
 

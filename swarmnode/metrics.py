@@ -90,6 +90,12 @@ class NodeCollector(Collector):
         if reading is not None:
             watts.add_metric([reading.source], reading.watts)
         yield watts
+        members_watts = GaugeMetricFamily("swarmnode_member_watts",
+                                          "Each member's draw as it last stated it",
+                                          labels=["node", "source"])
+        for member, view in sorted(node.power_view().items()):
+            members_watts.add_metric([node.member_name(member), view["source"]], view["watts"])
+        yield members_watts
         yield CounterMetricFamily("swarmnode_energy_joules",
                                   "Energy this machine drew since the node started",
                                   value=node.power.joules)

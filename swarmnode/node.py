@@ -30,7 +30,7 @@ from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import PROTOCOL_VERSION as WIRE_VERSION
 from net.wire import DropCounter, Envelope
-from swarmnode import __version__, cluster, control
+from swarmnode import __version__, cluster, control, power
 from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
@@ -83,6 +83,9 @@ HTTP_BIND_KEY = "dashboard_bind"
 #: How often this machine's draw is sampled (RAPL counters or /proc/stat): a reading is the
 #: mean over the interval, and reading costs two small files.
 POWER_S = 5.0
+#: How often a node states its draw to the swarm (a signed note, gossiped): the dashboard's
+#: cluster watts are at most this old, at one small broadcast per node.
+POWER_NOTE_S = 30.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
@@ -369,10 +372,33 @@ class Node:
     _last_save = 0.0
 
     async def _power_watch(self) -> None:
-        """Sample this machine's draw every POWER_S (RAPL, else the estimate)."""
+        """Sample this machine's draw every POWER_S (RAPL, else the estimate), and state it to
+        the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped)."""
+        stated = -POWER_NOTE_S
         while True:
-            self.power.sample(time.monotonic())
+            reading = self.power.sample(time.monotonic())
+            if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
+                stated = time.monotonic()
+                value = power.note_value(reading, self.power.joules)
+                self.core.add_note(self.clock(), self.core.sign_note(
+                    self.clock(), power.POWER_TOPIC, "", value))
+                self.flush()
             await asyncio.sleep(POWER_S)
+
+    def power_view(self) -> dict[str, dict[str, Any]]:
+        """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
+        now_ms = self.clock() * 1000
+        out: dict[str, dict[str, Any]] = {}
+        for note in self.core.notes(power.POWER_TOPIC):
+            view = self.core.member(note.by)
+            reading = power.read_note(note.value)
+            age = (now_ms - note.ts) / 1000
+            if (reading is None or view is None or view.admitted_by is None
+                    or view.state not in ("alive", "suspect") or age > power.STALE_S):
+                continue
+            out[note.by] = {"watts": reading.watts, "source": reading.source,
+                            "age_s": round(max(age, 0.0), 1)}
+        return out
 
     async def _address_watch(self) -> None:
         while True:
@@ -681,6 +707,7 @@ class Node:
             "watts": self.power.last.watts if self.power.last else None,
             "power_source": self.power.last.source if self.power.last else None,
             "energy_kwh": round(self.power.joules / 3.6e6, 6),
+            "cluster_watts": round(sum(v["watts"] for v in self.power_view().values()), 1),
             "dashboard": self.http.url(),
         }
 

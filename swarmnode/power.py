@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
+
 POWERCAP = Path("/sys/class/powercap")
 PROC_STAT = Path("/proc/stat")
 #: The estimate without configured figures: a small server's idle draw, and what each core
@@ -157,6 +159,31 @@ class PowerMeter:
         if watts is not None:
             self.last = Reading(round(watts, 1), source)
         return self.last if watts is not None else None
+
+
+#: The membership note topic a node states its latest reading under (the newest per node is
+#: kept and spread by gossip; see `Note`), and how old one may be before it no longer counts.
+POWER_TOPIC = "power"
+STALE_S = 120.0
+
+
+def note_value(reading: Reading, joules: float) -> bytes:
+    return msgpack.packb({"w": reading.watts, "s": reading.source[:40], "j": int(joules)})
+
+
+def read_note(value: bytes) -> Reading | None:
+    """A power note's reading; None for anything malformed (another member's bytes)."""
+    try:
+        plain = msgpack.unpackb(value, raw=False, max_str_len=64, max_map_len=8)
+    except (ValueError, msgpack.UnpackException, TypeError):
+        return None
+    if not isinstance(plain, dict):
+        return None
+    watts, source = plain.get("w"), plain.get("s")
+    if isinstance(watts, bool) or not isinstance(watts, int | float) or not 0 <= watts < 1e6 \
+            or not isinstance(source, str):
+        return None
+    return Reading(float(watts), source)
 
 
 def _read_text(path: Path, limit: int = 256) -> str | None:

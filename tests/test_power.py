@@ -18,6 +18,7 @@ from swarmnode.power import (
     estimate,
     parse_cpu_line,
     rapl_zones,
+    read_note,
 )
 from tests.swarm import (
     Swarm,
@@ -134,3 +135,17 @@ def test_a_running_node_reports_its_draw(swarm: Swarm) -> None:
     if st["power_source"] == "estimate":
         assert 20 <= st["watts"] <= 80
     assert st["energy_kwh"] >= 0
+
+
+def test_every_node_states_its_draw_and_each_sees_the_swarms(swarm: Swarm) -> None:
+    """Each node states its reading in a signed note; every node sums the members' latest
+    (`cluster_watts`), and a stranger's or a malformed note does not count."""
+    nodes, _token = swarm.loopback(2, 30)
+    views = swarm.wait_for(
+        lambda: (v := [swarm.query(n, "status") for n in nodes])
+        and all(s["watts"] is not None for s in v)
+        and all(s["cluster_watts"] >= sum(x["watts"] for x in v) * 0.5 for s in v) and v,
+        4 * POWER_S, "both nodes' draw everywhere")
+    for st in views:
+        assert st["cluster_watts"] > st["watts"] > 0  # the other node's counts too
+    assert read_note(b"\xff\x00") is None and read_note(b"\x81\xa1w\xc3") is None
