@@ -668,6 +668,16 @@ def _print_output(info: dict[str, Any], seen: int) -> int:
 
 
 @app.command()
+def monitor() -> None:
+    """The swarm at a glance, refreshed every second: cores, nodes (pending highlighted),
+    routes, jobs, builds, events, watts. q quits."""
+    from cli import monitor as view  # (rich's Live only when asked for)
+
+    ask("status")  # a clear error, not a blank screen, when no node runs here
+    view.run(state.home)
+
+
+@app.command()
 def dashboard(
     bind: Annotated[str | None, typer.Option(
         "--bind", help="serve on HOST[:PORT] instead (kept across restarts); anywhere but "

@@ -559,6 +559,8 @@ class Node:
             return [member_view(self, m) for m in self.core.members()]
         if cmd == "status":
             return self.status()
+        if cmd == "snapshot":
+            return self.http.snapshot()
         if cmd == "dashboard":
             bind = args.get("bind")
             if isinstance(bind, str) and bind:
