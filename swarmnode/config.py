@@ -67,6 +67,7 @@ class NodeConfig:
     # where RAPL counters cannot be read (swarmnode/power.py has defaults per core)
     watts_idle: float | None = None
     watts_max: float | None = None
+    price_per_kwh: float | None = None  # for the energy cost the dashboard shows
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> addresses
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
     ssh: SshSettings = field(default_factory=SshSettings)
@@ -102,7 +103,7 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
 
 
 _TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
-        "accept_actions", "exec_timeout", "watts_idle", "watts_max",
+        "accept_actions", "exec_timeout", "watts_idle", "watts_max", "price_per_kwh",
         "overrides", "jumps", "ssh"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
@@ -182,7 +183,8 @@ def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def _watts(raw: dict[str, Any]) -> dict[str, float | None]:
-    """watts_idle and watts_max: both or neither, 0 <= idle <= max <= 100 kW."""
+    """watts_idle and watts_max (both or neither, 0 <= idle <= max <= 100 kW) and
+    price_per_kwh."""
     got: dict[str, float | None] = {}
     for key in ("watts_idle", "watts_max"):
         value = raw.get(key)
@@ -195,6 +197,11 @@ def _watts(raw: dict[str, Any]) -> dict[str, float | None]:
     if got["watts_idle"] is not None and got["watts_max"] < got["watts_idle"]:  # type: ignore[operator]
         raise ConfigError(f"watts_max: must be at least watts_idle ({got['watts_idle']:g}), "
                           f"got {got['watts_max']:g}")
+    price = raw.get("price_per_kwh")
+    if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)
+                              or not 0 <= price <= 1000):
+        raise ConfigError(f"price_per_kwh: must be a price from 0 to 1000, got {price!r}")
+    got["price_per_kwh"] = None if price is None else float(price)
     return got
 
 

@@ -376,27 +376,40 @@ class Node:
         the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped)."""
         stated = -POWER_NOTE_S
         while True:
-            reading = self.power.sample(time.monotonic())
+            reading = self.power.sample(time.monotonic(), time.strftime("%Y-%m-%d"))
             if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
                 stated = time.monotonic()
-                value = power.note_value(reading, self.power.joules)
+                value = power.note_value(self.power)
                 self.core.add_note(self.clock(), self.core.sign_note(
                     self.clock(), power.POWER_TOPIC, "", value))
                 self.flush()
             await asyncio.sleep(POWER_S)
 
+    def _cluster_power(self) -> dict[str, Any]:
+        """The swarm's draw now, its energy today and, at the configured price, its cost."""
+        view = self.power_view().values()
+        kwh = round(sum(v["kwh_today"] for v in view), 4)
+        price = self.node_config.price_per_kwh
+        return {"cluster_watts": round(sum(v["watts"] for v in view), 1),
+                "cluster_kwh_today": kwh,
+                "cost_today": round(kwh * price, 4) if price is not None else None,
+                "price_per_kwh": price}
+
     def power_view(self) -> dict[str, dict[str, Any]]:
         """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
         now_ms = self.clock() * 1000
+        today = time.strftime("%Y-%m-%d")
         out: dict[str, dict[str, Any]] = {}
         for note in self.core.notes(power.POWER_TOPIC):
             view = self.core.member(note.by)
-            reading = power.read_note(note.value)
+            stated = power.read_note(note.value)
             age = (now_ms - note.ts) / 1000
-            if (reading is None or view is None or view.admitted_by is None
+            if (stated is None or view is None or view.admitted_by is None
                     or view.state not in ("alive", "suspect") or age > power.STALE_S):
                 continue
-            out[note.by] = {"watts": reading.watts, "source": reading.source,
+            out[note.by] = {"watts": stated.reading.watts, "source": stated.reading.source,
+                            "kwh_today": round(stated.joules_today / 3.6e6, 4)
+                            if stated.day == today else 0.0,
                             "age_s": round(max(age, 0.0), 1)}
         return out
 
@@ -709,7 +722,7 @@ class Node:
             "watts": self.power.last.watts if self.power.last else None,
             "power_source": self.power.last.source if self.power.last else None,
             "energy_kwh": round(self.power.joules / 3.6e6, 6),
-            "cluster_watts": round(sum(v["watts"] for v in self.power_view().values()), 1),
+            **self._cluster_power(),
             "dashboard": self.http.url(),
         }
 

@@ -137,11 +137,16 @@ class PowerMeter:
         self.estimate_source = "estimate" if configured else "estimate (default figures)"
         self.last: Reading | None = None
         self.joules = 0.0  # energy since start, from the samples
+        self.day = ""  # the local date the samples are counted under
+        self.joules_today = 0.0  # energy since the day began (or since start, if later)
         self._at: float | None = None
 
-    def sample(self, now: float) -> Reading | None:
-        """Read the counters (or /proc/stat) at `now` (monotonic seconds); the draw since the
-        previous sample, added to `joules`."""
+    def sample(self, now: float, day: str = "") -> Reading | None:
+        """Read the counters (or /proc/stat) at `now` (monotonic seconds), on local date `day`;
+        the draw since the previous sample, added to `joules` and to `joules_today` (which a
+        new day starts again from 0)."""
+        if day != self.day:
+            self.day, self.joules_today = day, 0.0
         watts: float | None = None
         source = "rapl"
         if self.rapl is not None:
@@ -155,6 +160,7 @@ class PowerMeter:
             watts = None if util is None else estimate(util, self.watts_idle, self.watts_max)
         if watts is not None and self._at is not None:
             self.joules += watts * (now - self._at)
+            self.joules_today += watts * (now - self._at)
         self._at = now
         if watts is not None:
             self.last = Reading(round(watts, 1), source)
@@ -167,12 +173,23 @@ POWER_TOPIC = "power"
 STALE_S = 120.0
 
 
-def note_value(reading: Reading, joules: float) -> bytes:
-    return msgpack.packb({"w": reading.watts, "s": reading.source[:40], "j": int(joules)})
+@dataclass(frozen=True, slots=True)
+class Stated:
+    """What a member stated: its reading and its energy on the local `day` so far."""
+
+    reading: Reading
+    day: str
+    joules_today: float
 
 
-def read_note(value: bytes) -> Reading | None:
-    """A power note's reading; None for anything malformed (another member's bytes)."""
+def note_value(meter: PowerMeter) -> bytes:
+    assert meter.last is not None
+    return msgpack.packb({"w": meter.last.watts, "s": meter.last.source[:40],
+                          "d": meter.day[:10], "jd": int(meter.joules_today)})
+
+
+def read_note(value: bytes) -> Stated | None:
+    """A power note's contents; None for anything malformed (another member's bytes)."""
     try:
         plain = msgpack.unpackb(value, raw=False, max_str_len=64, max_map_len=8)
     except (ValueError, msgpack.UnpackException, TypeError):
@@ -180,10 +197,12 @@ def read_note(value: bytes) -> Reading | None:
     if not isinstance(plain, dict):
         return None
     watts, source = plain.get("w"), plain.get("s")
+    day, today = plain.get("d", ""), plain.get("jd", 0)
     if isinstance(watts, bool) or not isinstance(watts, int | float) or not 0 <= watts < 1e6 \
-            or not isinstance(source, str):
+            or not isinstance(source, str) or not isinstance(day, str) \
+            or type(today) is not int or not 0 <= today < 1e13:
         return None
-    return Reading(float(watts), source)
+    return Stated(Reading(float(watts), source), day, float(today))
 
 
 def _read_text(path: Path, limit: int = 256) -> str | None:

@@ -27,6 +27,7 @@ accept_actions = false
 exec_timeout = 60
 watts_idle = 35
 watts_max = 180.5
+price_per_kwh = 0.31
 
 [overrides]
 tarn = "10.42.0.1:17946"
@@ -45,7 +46,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     cfg = config.load(tmp_path)
     assert cfg.kind == "lxc" and cfg.cores == 3 and cfg.accept_actions is False
     assert cfg.exec_timeout == 60.0
-    assert (cfg.watts_idle, cfg.watts_max) == (35.0, 180.5)
+    assert (cfg.watts_idle, cfg.watts_max, cfg.price_per_kwh) == (35.0, 180.5, 0.31)
     assert cfg.override_for("xyz", "tarn") == ("10.42.0.1:17946",)
     assert cfg.override_for("abcd", "other") == ("10.0.0.1", "[fd00::1]:7000")
     assert cfg.override_for("nope", "none") == ()
@@ -73,6 +74,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     ("watts_idle = 40\nwatts_max = 30", "watts_max: must be at least watts_idle (40)"),
     ("watts_idle = -1\nwatts_max = 30", "watts_idle: must be watts from 0 to 100000"),
     ("watts_idle = 1\nwatts_max = 'lots'", "watts_max: must be watts from 0 to 100000"),
+    ("price_per_kwh = -0.2", "price_per_kwh: must be a price from 0 to 1000"),
     ("kind = ", "config.toml"),  # TOML syntax error: names the file and the line
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path, text, message):

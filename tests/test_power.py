@@ -16,6 +16,7 @@ from swarmnode.power import (
     PowerMeter,
     RaplMeter,
     estimate,
+    note_value,
     parse_cpu_line,
     rapl_zones,
     read_note,
@@ -87,6 +88,25 @@ def test_unreadable_or_absent_counters_mean_the_estimate(tmp_path: Path) -> None
     assert meter.joules == pytest.approx(95.0 * 5.0)
 
 
+def test_energy_today_starts_again_with_a_new_day_and_travels_in_the_note(
+        tmp_path: Path) -> None:
+    proc = tmp_path / "stat"
+    proc.write_text(stat(0, 100))
+    meter = PowerMeter(watts_idle=10.0, watts_max=10.0, powercap=tmp_path, proc_stat=proc)
+    busy = 0
+    for t, day in ((0.0, "2026-11-26"), (10.0, "2026-11-26"), (20.0, "2026-11-26")):
+        busy += 10
+        proc.write_text(stat(busy, 100 + int(t)))
+        meter.sample(t, day)
+    assert meter.joules_today == pytest.approx(200.0)  # 10 W for 20 s
+    proc.write_text(stat(busy + 10, 200))
+    meter.sample(30.0, "2026-11-27")  # past midnight: only what follows counts for today
+    assert meter.joules_today == pytest.approx(100.0) and meter.joules == pytest.approx(300.0)
+    stated = read_note(note_value(meter))
+    assert stated is not None and stated.day == "2026-11-27" and stated.joules_today == 100
+    assert stated.reading == meter.last
+
+
 def test_rapl_is_preferred_and_a_counter_that_goes_away_falls_back(tmp_path: Path) -> None:
     z = zone(tmp_path / "pc", "intel-rapl:0", "package-0", 0)
     proc = tmp_path / "stat"
@@ -149,3 +169,4 @@ def test_every_node_states_its_draw_and_each_sees_the_swarms(swarm: Swarm) -> No
     for st in views:
         assert st["cluster_watts"] > st["watts"] > 0  # the other node's counts too
     assert read_note(b"\xff\x00") is None and read_note(b"\x81\xa1w\xc3") is None
+    assert all(st["cluster_kwh_today"] >= 0 and st["cost_today"] is None for st in views)
