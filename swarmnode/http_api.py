@@ -42,6 +42,8 @@ STREAM_S = 1.0
 KEEPALIVE_S = 15.0
 ACTIONS = ("admit", "ban", "cancel")
 MAX_BUILDS, MAX_EVENTS = 10, 30
+#: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
+JOB_BUILDS, MAX_JOBS = 3, 300
 #: The page runs its own inline script and style, talks only to this node, embeds nothing.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -106,6 +108,7 @@ class HttpApi:
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/stream", self._stream)
+        app.router.add_get("/api/logs", self._logs)
         app.router.add_post("/api/action", self._action)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -189,6 +192,14 @@ class HttpApi:
             self._streams.discard(changed)
         return response
 
+    async def _logs(self, request: web.Request) -> web.Response:
+        """A job's record and output (`logs BUILD/JOB`), for a click on it."""
+        try:
+            return web.json_response(await self.node.builds.log_view(
+                request.query.get("job", "")[:300]), dumps=_dumps)
+        except ControlError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+
     async def _action(self, request: web.Request) -> web.Response:
         """admit, ban (a node) or cancel (a build), through the same code as the CLI; only
         with the token, as JSON (a cross-site form cannot send that), wherever it is bound."""
@@ -214,6 +225,18 @@ class HttpApi:
         self.node.event("dashboard_action", {"action": action, "target": target[:80]})
         return web.json_response({"result": result})
 
+    def _pushes(self) -> list[dict[str, Any]]:
+        """Each pushed app: its newest release and how many members run it or not."""
+        versions = self.node.push.versions()
+        out = []
+        for app, latest in sorted(versions["latest"].items()):
+            states = [m["apps"].get(app, {}) for m in versions["nodes"]]
+            out.append({"app": app, "digest": latest["digest"][:12],
+                        "by": self.node.member_name(latest["by"]),
+                        "current": sum(1 for a in states if a and not a["drift"]),
+                        "behind": sum(1 for a in states if a and a["drift"])})
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         """The swarm as this node sees it, for the page."""
         node = self.node
@@ -223,10 +246,14 @@ class HttpApi:
             if job.node:
                 running[job.node] = running.get(job.node, 0) + 1
         builds = []
-        for build in ledger.builds()[-MAX_BUILDS:]:
+        for n, build in enumerate(reversed(ledger.builds()[-MAX_BUILDS:])):
             progress = ledger.progress(build.build_id)
+            jobs = [{"job": j.name, "state": j.state,
+                     "node": node.member_name(j.node) if j.node else None}
+                    for j in ledger.jobs(build.build_id)[:MAX_JOBS]] if n < JOB_BUILDS else []
             builds.append({"build": build.build_id, "name": build.name, "done": progress["done"],
-                           "total": progress["total"], "blocked": progress["blocked"]})
+                           "total": progress["total"], "blocked": progress["blocked"],
+                           "finished": ledger.finished(build.build_id), "jobs": jobs})
         events = []
         for ev in node.store.events(limit=MAX_EVENTS):
             who = ev.get("id")
@@ -237,7 +264,8 @@ class HttpApi:
         leader = node.leadership.leader
         return {"status": node.status(),
                 "nodes": [member_view(node, m) for m in node.core.members()],
-                "running": running, "builds": builds[::-1], "events": events[::-1],
+                "running": running, "builds": builds, "events": events[::-1],
+                "pushes": self._pushes(),
                 "power": node.power_view(),
                 "leader_name": node.member_name(leader) if leader else None}
 

@@ -95,3 +95,34 @@ def test_actions_need_the_token_even_on_localhost(swarm: Swarm) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:  # with it: judged like the CLI's
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 400 and "no node" in json.loads(info.value.read())["error"]
+
+
+def test_the_page_shows_a_build_a_jobs_output_and_cancels_it(swarm: Swarm,
+                                                             tmp_path: Path) -> None:
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    swarm.wait_for(lambda: swarm.query(node, "status")["leader"] == node.id, 20, "leading")
+    plan = tmp_path / "talk.toml"
+    plan.write_text('name = "talk"\n[jobs.hello]\ncmd = "echo hello from the page; sleep 60"\n'
+                    '[jobs.after]\ncmd = "true"\ndeps = ["hello"]\n')
+    build_id = json.loads(swarm.cli(node, "build", str(plan), "--json").stdout)["build"]
+    url = swarm.cli(node, "dashboard").stdout.strip()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            expect = playwright.expect
+            job = page.locator(f'.job.running[data-job="{build_id}/hello"]')
+            expect(job).to_have_count(1, timeout=20_000)
+            expect(page.locator(f'.job.queued[data-job="{build_id}/after"]')).to_have_count(1)
+            job.click()
+            expect(page.locator("#log")).to_contain_text("hello from the page",
+                                                         timeout=10_000)
+            assert "running on n1" in page.inner_text("#logtitle")
+            page.locator(f'button.cancel[data-build="{build_id}"]').click()
+            expect(page.locator(f'.job.cancelled[data-job="{build_id}/hello"]')).to_have_count(
+                1, timeout=20_000)
+            assert swarm.query(node, "build_status", build=build_id)["finished"]
+        finally:
+            browser.close()
