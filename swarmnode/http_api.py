@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from net.addresses import split_hostport
 from swarmnode.control import ControlError
-from swarmnode.identity import write_secret
+from swarmnode.identity import is_node_id, write_secret
 from swarmnode.views import member_view
 
 if TYPE_CHECKING:
@@ -257,7 +257,8 @@ class HttpApi:
         events = []
         for ev in node.store.events(limit=MAX_EVENTS):
             who = ev.get("id")
-            detail = {k: v for k, v in ev.items() if k not in ("seq", "ts", "kind", "id")}
+            detail = {k: node.member_name(v) if isinstance(v, str) and is_node_id(v) else v
+                      for k, v in ev.items() if k not in ("seq", "ts", "kind", "id")}
             events.append({"ts": ev["ts"], "kind": ev["kind"],
                            "who": node.member_name(who) if isinstance(who, str) and who else "",
                            "detail": " ".join(f"{k}={v}" for k, v in detail.items())[:200]})

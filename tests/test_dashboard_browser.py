@@ -65,7 +65,7 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             row.locator("button.admit").click()
             expect(page.locator('#members tr.alive[data-name="guest"]')).to_have_count(
                 1, timeout=20_000)
-            assert "admit: guest" in page.inner_text("#status")
+            assert "admit: guest" in page.inner_text("#result")
             swarm.wait_state([guest], "alive", [first], 20)
             how = [e for e in swarm.events(first, "admitted") if e.get("id") == guest.id]
             assert how and "via dashboard" in how[-1]["how"]
