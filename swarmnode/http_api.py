@@ -40,6 +40,8 @@ COOKIE = "swarmnode_token"
 #: The page's stream looks at the swarm at least this often (and at once on an event).
 STREAM_S = 1.0
 KEEPALIVE_S = 15.0
+#: Longest a stop waits for requests in flight (a stream ends at once when told).
+SHUTDOWN_S = 1.0
 ACTIONS = ("admit", "ban", "cancel")
 MAX_BUILDS, MAX_EVENTS = 10, 30
 #: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
@@ -82,6 +84,7 @@ class HttpApi:
         self.bind: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Event] = set()
+        self._closing = False  # set while stopping: streams end
 
     @property
     def open_reads(self) -> bool:
@@ -110,7 +113,7 @@ class HttpApi:
         app.router.add_get("/api/stream", self._stream)
         app.router.add_get("/api/logs", self._logs)
         app.router.add_post("/api/action", self._action)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:
@@ -125,9 +128,16 @@ class HttpApi:
         return self.url() or ""
 
     async def stop(self) -> None:
+        """Stop serving: open streams end first (an open page must not hold up a node's
+        shutdown: aiohttp would wait for them up to its shutdown timeout)."""
         if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+            runner, self._runner = self._runner, None
+            self._closing = True
+            self.notify()
+            try:
+                await runner.cleanup()
+            finally:
+                self._closing = False
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
@@ -174,7 +184,7 @@ class HttpApi:
         self._streams.add(changed)
         last, quiet = "", 0
         try:
-            while True:
+            while not self._closing:
                 data = _dumps(self.snapshot())
                 if data != last:
                     await response.write(f"data: {data}\n\n".encode())

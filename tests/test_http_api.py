@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -112,3 +113,19 @@ def test_events_are_json_lines_for_log_shippers(swarm: Swarm, tmp_path: Path) ->
              for x in (tmp_path / "ev.jsonl.1").read_text().splitlines()]
     assert older + newer == list(range(older[0], 10)) and newer[-1] == 9
     assert (tmp_path / "ev.jsonl").stat().st_size <= 200
+
+
+def test_an_open_page_does_not_hold_up_a_nodes_stop(swarm: Swarm) -> None:
+    """A dashboard left open (its event stream never ends by itself) must not delay a
+    restart or a shutdown: the streams end when the node stops serving."""
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    url = swarm.query(node, "status")["dashboard"]
+    stream = urllib.request.urlopen(url + "api/stream", timeout=10)
+    try:
+        assert stream.readline().startswith(b"data: ")
+        started = time.monotonic()
+        assert swarm.stop(node, timeout=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        stream.close()
