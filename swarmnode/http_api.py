@@ -46,6 +46,7 @@ ACTIONS = ("admit", "ban", "cancel")
 MAX_BUILDS, MAX_EVENTS = 10, 30
 #: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
 JOB_BUILDS, MAX_JOBS = 3, 300
+TAILSCALE = ipaddress.ip_network("100.64.0.0/10")  # the CGNAT range Tailscale assigns from
 #: The page runs its own inline script and style, talks only to this node, embeds nothing.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -235,6 +236,24 @@ class HttpApi:
         self.node.event("dashboard_action", {"action": action, "target": target[:80]})
         return web.json_response({"result": result})
 
+    def _path_to(self, peer: str, observed: str | None) -> dict[str, str]:
+        """How this node reaches `peer`: the route actions use (override, SSH jumps...), else
+        the address its connection completed the handshake on, else only the peer's own
+        inbound connection (it is behind NAT), else none yet."""
+        node = self.node
+        if peer == node.id:
+            return {"how": "this node", "detail": ""}
+        route = node.router.cached(peer)
+        if route is not None:
+            return {"how": route.method, "detail": " → ".join((*route.via, route.address))}
+        shaken = [ep for _t, ev, ep in node.transport.connection_events(peer)
+                  if ev == "handshake_ok"]
+        if shaken:
+            return {"how": "direct", "detail": shaken[-1].removeprefix("tcp://")}
+        if node.transport.inbound_age(peer) is not None:
+            return {"how": "inbound", "detail": f"its connection from {observed or '?'}"}
+        return {"how": "none", "detail": ""}
+
     def _pushes(self) -> list[dict[str, Any]]:
         """Each pushed app: its newest release and how many members run it or not."""
         versions = self.node.push.versions()
@@ -273,12 +292,35 @@ class HttpApi:
                            "who": node.member_name(who) if isinstance(who, str) and who else "",
                            "detail": " ".join(f"{k}={v}" for k, v in detail.items())[:200]})
         leader = node.leadership.leader
-        return {"status": node.status(),
-                "nodes": [member_view(node, m) for m in node.core.members()],
+        nodes = []
+        for m in node.core.members():
+            view = member_view(node, m)
+            view["network"] = network_of(view["addresses"])
+            view["path"] = self._path_to(m.id, view["observed"])
+            nodes.append(view)
+        return {"status": node.status(), "nodes": nodes,
                 "running": running, "builds": builds, "events": events[::-1],
                 "pushes": self._pushes(),
                 "power": node.power_view(),
                 "leader_name": node.member_name(leader) if leader else None}
+
+
+def network_of(addresses: list[str]) -> str:
+    """The network a member's first reported address is in, as the page groups them:
+    loopback, the Tailscale range, a private /24 (IPv4) or /64 (IPv6), or the internet."""
+    if not addresses:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(split_hostport(addresses[0], 0)[0])
+    except ValueError:
+        return "unknown"
+    if ip.is_loopback:
+        return "loopback"
+    if ip in TAILSCALE:
+        return "tailscale"
+    if ip.is_private:
+        return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
+    return "internet"
 
 
 @functools.cache

@@ -55,6 +55,10 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             assert page.inner_text("#cores") == str(cores)
             assert page.locator("#members tbody tr").count() == 3
             assert page.inner_text("#status") == "live"
+            loop = page.locator('#network .net[data-network="loopback"]')
+            expect(loop.locator(".peer")).to_have_count(3)
+            assert loop.locator('.peer[data-name="n1"] .how').inner_text() == "this node"
+            expect(loop.locator('.peer[data-name="n2"] .how')).to_have_text("direct")
 
             guest = swarm.start(swarm.add("guest", loopback_addr(4)), seeds=[first.listen])
             row = page.locator('#members tr.pending[data-name="guest"]')

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarmnode.eventlog import JsonLines
+from swarmnode.http_api import network_of
 from tests.ports import free_port
 from tests.swarm import (
     Swarm,
@@ -129,3 +130,17 @@ def test_an_open_page_does_not_hold_up_a_nodes_stop(swarm: Swarm) -> None:
         assert time.monotonic() - started < 5
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize(("addresses", "network"), [
+    (["127.0.0.3:7946"], "loopback"),
+    (["100.101.102.103:7946"], "tailscale"),
+    (["192.168.1.20:7946", "100.64.0.1:7946"], "192.168.1.0/24"),
+    (["10.42.7.9:7946"], "10.42.7.0/24"),
+    (["[fd00:1:2:3::9]:7946"], "fd00:1:2:3::/64"),
+    (["8.8.4.4:7946"], "internet"),  # (a string only: no traffic)
+    ([], "unknown"),
+    (["not an address"], "unknown"),
+])
+def test_members_are_grouped_by_the_network_of_their_first_address(addresses, network):
+    assert network_of(addresses) == network
