@@ -15,9 +15,6 @@ Results on stdout and in /tmp/swarmnode-bench/dashboard.json. Needs /usr/bin/chr
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,19 +34,11 @@ from tests.swarm import Swarm, loopback_addr
 from tests.test_dashboard_browser import ARGS, CHROMIUM
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = snapshot.lab_parser(__doc__, "dashboard", swarmnode=False)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
-    ap.add_argument("--out", type=Path, default=snapshot.BASE / "dashboard.json")
     args = ap.parse_args()
     swarm = Swarm(Path(tempfile.mkdtemp(prefix="swarmnode-bench-dash-")))
     try:
@@ -82,9 +71,9 @@ def main() -> int:
                         page.goto("about:blank")
                     elif page.url == "about:blank":
                         page.goto(url)
-                    before = cpu_seconds(pid)
+                    before = snapshot.cpu_seconds(pid)
                     time.sleep(args.seconds)  # the span measured
-                    busy[state].append((cpu_seconds(pid) - before) / args.seconds)
+                    busy[state].append((snapshot.cpu_seconds(pid) - before) / args.seconds)
             browser.close()
     finally:
         swarm.close()
@@ -100,9 +89,7 @@ def main() -> int:
           f"{res['latency_ms']['max']} ms ({args.repeats} renames)")
     print(f"n1 CPU, % of one core: page open {res['cpu_percent']['open']}, closed "
           f"{res['cpu_percent']['closed']}, extra {res['cpu_percent']['extra']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"JSON: {args.out}")
+    snapshot.write_result(args.out, res)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import statistics
@@ -109,13 +108,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = snapshot.lab_parser(__doc__, "executor", swarmnode=False)
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--worktree", action="store_true",
-                    help="measure the working tree instead of a snapshot of HEAD")
-    ap.add_argument("--out", type=Path, default=snapshot.BASE / "executor.json")
     args = ap.parse_args()
     res = {"commit": snapshot.commit(), "jobs": args.jobs, "parallel": args.parallel,
            **asyncio.run(main_async(args))}
@@ -123,9 +119,7 @@ def main() -> int:
         r = res[name]
         print(f"{name:9s} {r['jobs_per_s']:7.1f} jobs/s   own {r['own_ms']:.2f} ms/job   "
               f"children {r['children_ms']:.2f} ms/job")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"JSON: {args.out}")
+    snapshot.write_result(args.out, res)
     return 0
 
 

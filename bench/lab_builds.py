@@ -29,8 +29,6 @@ Results on stdout and in /tmp/swarmnode-bench/lab_builds.json.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import statistics
 import sys
@@ -104,27 +102,24 @@ def phase_latency(b: Bench, root: Path, repeats: int) -> dict[str, Any]:
             "median_ms": round(statistics.median(out) * 1000, 1)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its reaped children (the jobs it ran), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def phase_dispatch(b: Bench, root: Path, n: int, runs: int) -> dict[str, Any]:
     """`runs` builds of `n` jobs running `true`: jobs per second from submit to the build
     finished, and the CPU the five nodes (with the jobs they ran) spent per job."""
     pids = [control.call(node.home, "status", timeout=5)["pid"] for node in b.running()]
     rates, cpu_ms, ok = [], [], True
     sent_before = messages_sent(b)
+
+    def used() -> float:
+        return sum(snapshot.cpu_seconds(pid, children=True) for pid in pids)
     for r in range(runs):
         plan = root / f"empty{r}.toml"
         plan.write_text(f'name = "empty{r}"\n' + "".join(f'[jobs.e{i}]\ncmd = "true"\n'
                                                          for i in range(n)))
-        before = sum(cpu_seconds(pid) for pid in pids)
+        before = used()
         build_id, t0 = submit(b, plan)
         st = wait_finished(b, build_id, 600)
         took = time.time() - t0
-        cpu_ms.append(round((sum(cpu_seconds(pid) for pid in pids) - before) / n * 1000, 2))
+        cpu_ms.append(round((used() - before) / n * 1000, 2))
         rates.append(round(n / took, 1))
         ok = ok and st["ok"]
     sent = {t: round((c - sent_before.get(t, 0)) / (n * runs), 3)
@@ -292,9 +287,7 @@ def main() -> int:
             print(f"{name}: {res[name]}", flush=True)
         for n in b.running():
             b.stop(n)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"JSON: {args.out}")
+    snapshot.write_result(args.out, res)
     return 0
 
 

@@ -249,11 +249,6 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def if_bytes(lab: Lab, host: str, ifname: str) -> tuple[int, int]:
     res = lab.run(
         host,
@@ -427,7 +422,7 @@ def sample(b: Bench) -> dict[str, dict[str, Any]]:
             "bytes_out": st["bytes_out"],
             "if_rx": rx,
             "if_tx": tx,
-            "cpu_s": cpu_seconds(pid),
+            "cpu_s": snapshot.cpu_seconds(pid),
             "pid": pid,
             "tcp_opens": tcp_active_opens(b.lab, n.host),
             "wrapper_pid": n.proc.pid,
@@ -507,7 +502,7 @@ def phase_saturation(b: Bench, minutes: float, busy: int) -> dict[str, Any]:
         raise RuntimeError("cluster not converged before the saturation phase")
     nodes = b.running()
     pids = {n.host: b.python_pid(n) for n in nodes}
-    cpu0 = {h: cpu_seconds(p) for h, p in pids.items()}
+    cpu0 = {h: snapshot.cpu_seconds(p) for h, p in pids.items()}
     hogs: list[subprocess.Popen[bytes]] = []
     t0 = time.time()
     load = []
@@ -527,7 +522,8 @@ def phase_saturation(b: Bench, minutes: float, busy: int) -> dict[str, Any]:
         for h in hogs:
             h.wait()
     t1 = time.time()
-    cpu = {h: round(100 * (cpu_seconds(p) - cpu0[h]) / (t1 - t0), 2) for h, p in pids.items()}
+    cpu = {h: round(100 * (snapshot.cpu_seconds(p) - cpu0[h]) / (t1 - t0), 2)
+           for h, p in pids.items()}
     time.sleep(2)  # let refutations in flight land
     names = {n.id: n.host for n in nodes}
     found: list[dict[str, Any]] = []

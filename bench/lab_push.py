@@ -546,12 +546,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ profiling
 def cpu_seconds(c: Cluster) -> float:
     """CPU time of every node process so far, with its reaped children (the hooks)."""
-    total = 0.0
-    for m in c.members:
-        assert m.proc is not None
-        fields = Path(f"/proc/{m.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(snapshot.cpu_seconds(m.proc.pid, children=True)  # type: ignore[union-attr]
+               for m in c.members)
 
 
 def profile(c: Cluster, payload: Path, k: int) -> dict[str, Any]:

@@ -23,7 +23,6 @@ Results on stdout and in /tmp/swarmnode-bench/lab_routes.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -158,9 +157,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="swarmnode-bench-routes-"))
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": snapshot.commit(),
            "repeats": args.repeats, "members": run(args.repeats, root)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"JSON: {args.out}")
+    snapshot.write_result(args.out, res)
     return 0
 
 

@@ -11,10 +11,12 @@ the editable install, so the `swarmnode` command and every import use the snapsh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = "SWARMNODE_BENCH_SRC"
@@ -86,6 +88,20 @@ def lab_parser(doc: str, name: str, *, swarmnode: bool = True) -> argparse.Argum
     if swarmnode:
         ap.add_argument("--swarmnode", default=str(Path(sys.executable).parent / "swarmnode"))
     return ap
+
+
+def write_result(out: Path, res: dict[str, Any]) -> None:
+    """A benchmark's figures as JSON at `out`, and where they went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"JSON: {out}")
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU time of process `pid` so far, from /proc (with its reaped children: the jobs or
+    hooks it ran)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
 def is_root() -> bool:

@@ -44,6 +44,14 @@ def _parse_ip(value: str) -> IPAddress | None:
     return ip
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or `localhost` (a hostname otherwise is not)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def is_tailscale(ip: str) -> bool:
     """True for an address in Tailscale's CGNAT range or its IPv6 ULA prefix."""
     parsed = _parse_ip(ip)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 import uuid
@@ -31,7 +30,7 @@ import zmq.asyncio
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from net.addresses import split_hostport
+from net.addresses import is_loopback, split_hostport
 from net.wire import MAX_FRAME, DropCounter, Envelope, ReplayGuard, Sealer, WireError, open_envelope
 from swarmnode.identity import Identity, curve_public_key
 
@@ -118,13 +117,6 @@ def _heartbeat(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def endpoint(hostport: str, source: str | None = None) -> str:
@@ -420,9 +412,9 @@ class Transport:
     def _source_for(self, address: str) -> str | None:
         """Dial from the listen address, except from a LAN address to loopback (an SSH tunnel's
         local end), which the kernel would not route."""
-        if self.source is None or _is_loopback(self.source):
+        if self.source is None or is_loopback(self.source):
             return self.source
-        return None if _is_loopback(split_hostport(address, 0)[0]) else self.source
+        return None if is_loopback(split_hostport(address, 0)[0]) else self.source
 
     def connection_events(self, peer_id: str) -> list[tuple[float, str, str]]:
         """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first."""

@@ -77,7 +77,7 @@ from swarmnode.ledger import (
     to_plain,
 )
 from swarmnode.ledger.jobs import MAX_BATCH, MAX_REASON, Batch, Report, checked
-from swarmnode.tasks import TaskSet
+from swarmnode.tasks import TaskSet, until
 from swarmnode.worker import (
     ASSIGN,
     CANCEL,
@@ -221,15 +221,8 @@ class Builds:
     async def _until(self, cond, what: str, timeout: float = 10.0) -> None:
         """Wait for the replicated ledger here to show `cond` (committed entries reach every
         member shortly after the leader applies them), looking again at each entry applied."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    self._changed.clear()  # (no await before the wait: no change is missed)
-                    if cond():
-                        return
-                    await self._changed.wait()
-        except TimeoutError:
-            raise ControlError(what) from None
+        if not await until(self._changed, cond, timeout):
+            raise ControlError(what)
 
     async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0,
                                submit: SubmitBuild | None = None) -> None:

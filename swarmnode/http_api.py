@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from net.addresses import split_hostport
+from net.addresses import is_loopback, is_tailscale, split_hostport
 from swarmnode.control import ControlError
 from swarmnode.identity import is_node_id, write_secret
 from swarmnode.views import member_view
@@ -46,7 +46,6 @@ ACTIONS = ("admit", "ban", "cancel")
 MAX_BUILDS, MAX_EVENTS = 10, 30
 #: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
 JOB_BUILDS, MAX_JOBS = 3, 300
-TAILSCALE = ipaddress.ip_network("100.64.0.0/10")  # the CGNAT range Tailscale assigns from
 #: The page runs its own inline script and style, talks only to this node, embeds nothing.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -69,13 +68,6 @@ def load_token(home: Path) -> str:
     token = secrets.token_urlsafe(32)
     write_secret(path, token.encode("ascii"))
     return token
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class HttpApi:
@@ -316,7 +308,7 @@ def network_of(addresses: list[str]) -> str:
         return "unknown"
     if ip.is_loopback:
         return "loopback"
-    if ip in TAILSCALE:
+    if is_tailscale(str(ip)):
         return "tailscale"
     if ip.is_private:
         return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))

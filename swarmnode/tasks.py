@@ -1,4 +1,5 @@
-"""Background tasks a component owns: kept referenced while they run, cancelled on close.
+"""Background tasks a component owns: kept referenced while they run, cancelled on close;
+and waiting for a condition that an event announces changes of.
 
 asyncio keeps only weak references to tasks, so a fire-and-forget task can vanish mid-run;
 and a component that stops must not leave its tasks running against closed sockets or stores.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -33,3 +34,17 @@ class TaskSet:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def until(changed: asyncio.Event, cond: Callable[[], bool], timeout: float) -> bool:
+    """Wait until `cond()` holds, looking again each time `changed` is set; False when
+    `timeout` runs out first. The event is cleared before each look, with no await in
+    between, so a change cannot slip past (and many waiters may share one event)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                changed.clear()
+                if cond():
+                    return True
+                await changed.wait()
+    return cond()

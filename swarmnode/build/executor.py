@@ -69,6 +69,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from swarmnode.build.plan import Job, PlanError, check_name
+from swarmnode.tasks import until
 
 Status = Literal["ok", "failed", "cancelled", "timed_out", "error"]
 
@@ -896,14 +897,8 @@ class RunningJob:
     async def output_after(self, since: int, timeout: float) -> tuple[int, bytes]:
         """`output(since)` as soon as there is output after `since` or the job has ended, or
         when `timeout` runs out (a long poll: `logs --follow` from another node)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while True:
-                    self._more.clear()  # (no await before the wait: nothing is missed)
-                    total, data = self.output(since)
-                    if data or self._finished:
-                        return total, data
-                    await self._more.wait()
+        await until(self._more, lambda: self._finished or self.output(since)[1] != b"",
+                    timeout)
         return self.output(since)
 
     # -- the run ------------------------------------------------------------------------------
