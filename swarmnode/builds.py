@@ -836,12 +836,13 @@ class Builds:
         wait = min(max(wait, 0.0), 30.0)
         deadline = time.monotonic() + wait
         first = wait if known is None else min(wait, PROGRESS_S)
-        with contextlib.suppress(ControlError):  # (timed out: the view as it is)
-            await self._until(lambda: self.ledger.finished(build_id), "", timeout=first)
-            if known is not None:
-                await self._until(lambda: self.ledger.finished(build_id)
-                                  or self.ledger.progress(build_id) != known, "",
-                                  timeout=max(0.0, deadline - time.monotonic()))
+        def finished() -> bool:
+            return self.ledger.finished(build_id)
+
+        if not await until(self._changed, finished, first) and known is not None:
+            await until(self._changed,
+                        lambda: finished() or self.ledger.progress(build_id) != known,
+                        max(0.0, deadline - time.monotonic()))
         return self.build_view(build_id)
 
     def build_view(self, build_id: str) -> dict[str, Any]:

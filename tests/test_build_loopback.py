@@ -245,6 +245,13 @@ def test_build_status_answers_the_end_of_a_build_as_it_happens(
     answered = time.time()
     assert end["finished"] and end["ok"]
     assert 0 <= answered - float(marks.read_text()) < 0.5  # at the end, not a poll later
+    # while nothing changes (one job sleeping), a poll with the progress seen waits for its end
+    plan.write_text('[jobs.c]\ncmd = "sleep 1.5"\n')
+    build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
+    seen = swarm.wait_for(lambda: (p := swarm.query(first, "build_status", build=build_id)
+                                   ["progress"])["running"] == 1 and p, 10, "c running")
+    later = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0, known=seen)
+    assert later["finished"] and later["progress"] != seen
 
 
 def test_the_binhost_collects_binary_packages_in_portage_layout(
