@@ -91,11 +91,11 @@ class HttpApi:
         query = f"?token={self.token}" if with_token else ""
         return f"http://{shown}:{port}/{query}"
 
-    async def start(self, bind: str, default_port: int) -> str:
+    async def start(self, bind: str) -> str:
         """Serve on `bind` (HOST[:PORT]; port 0: any free one), replacing a previous binding;
         the URL. Raises HttpError when the address cannot be bound."""
         try:
-            host, port = split_hostport(bind, default_port)
+            host, port = split_hostport(bind, 0)
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
         app = web.Application(middlewares=[self._guard])

@@ -132,6 +132,7 @@ class Node:
         self.id = self.identity.id
         self.store = Store(self.home)
         self.event_lines = JsonLines(self.home / EVENTS_FILE)  # events for log shippers
+        self.http = HttpApi(self)  # (serves once started; its streams hear every event)
         self.drops = DropCounter()
         self.started = time.time()
         self._epoch = self.started - time.monotonic()
@@ -155,7 +156,6 @@ class Node:
         self.worker = Worker(self)
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.metrics = Metrics(self)
-        self.http = HttpApi(self)
         self.builds = Builds(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
@@ -313,7 +313,7 @@ class Node:
         for bind in dict.fromkeys((self.store.get(HTTP_BIND_KEY) or self._default_http_bind(),
                                    self._default_http_bind(), "127.0.0.1:0")):
             try:
-                url = await self.http.start(bind, 0)
+                url = await self.http.start(bind)
             except HttpError as exc:
                 log.warning("%s", exc)
                 continue
@@ -494,8 +494,7 @@ class Node:
         ts = time.time()
         seq = self.store.add_event(kind, data, ts)
         self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
-        if hasattr(self, "http"):  # (events during start-up come before the HTTP side)
-            self.http.notify()
+        self.http.notify()
         who = data.get("id", "")
         log.info("event %s %s %s", kind, who[:12] if isinstance(who, str) else who,
                  {k: v for k, v in data.items() if k != "id"})
@@ -578,7 +577,7 @@ class Node:
             bind = args.get("bind")
             if isinstance(bind, str) and bind:
                 try:
-                    await self.http.start(bind, 0)
+                    await self.http.start(bind)
                 except HttpError as exc:
                     raise control.ControlError(str(exc)) from None
                 self.store.put(**{HTTP_BIND_KEY: bind})
