@@ -46,7 +46,9 @@ from swarmnode.ledger.jobs import (
     MAX_ARTIFACTS,
     MAX_BATCH,
     MAX_PATH,
+    SNAPSHOT_VERSION,
     Batch,
+    Pause,
     SetVoters,
     Voters,
     checked,
@@ -104,7 +106,11 @@ ALL = [
     Assign("b1/only", "node-a", 3, 1),
     Started("b1/only", "node-a", 1),
     Done("b1/only", "node-a", 1, (("a/b.o", H), ("c", H))),
+    Done("b1/only", "node-a", 1, (("c", H),), 12.5, 340.25),
     Failed("b1/only", "node-a", 2, "exit 2", "last lines"),
+    Failed("b1/only", "node-a", 2, "exit 2", "", 0.0, 3.0),
+    Pause("node-a", True),
+    Pause("node-a", False),
     Block("b1/only", "operator"),
     Cancel("b1", 4),
     Requeue("b1/only", "node died"),
@@ -152,6 +158,16 @@ BAD = [
     _plain(Done("b1/j", "n", 1, ()), artifacts={"a": H.upper()}),
     _plain(Failed("b1/j", "n", 1, "r"), log_tail=None),
     _plain(Failed("b1/j", "n", 1, "r"), reason="x" * 1001),
+    _plain(Failed("b1/j", "n", 1, "r"), seconds=-1.0),
+    _plain(Done("b1/j", "n", 1, ()), joules=float("nan")),
+    _plain(Done("b1/j", "n", 1, ()), seconds="3"),
+    _plain(Done("b1/j", "n", 1, ()), seconds=True),
+    _plain(Done("b1/j", "n", 1, ()), joules=1e13),
+    _plain(Done("b1/j", "n", 1, ()), watts=1.0),
+    _plain(Pause("n", True), paused=1),
+    _plain(Pause("n", True), node=""),
+    _plain(Pause("n", True), seconds=1.0),
+    {"op": "batch", "items": [to_plain(Pause("n", True))]},
     _plain(build(), jobs={}),
     _plain(build(a=("b",), b=("a",))),
     _plain(build(a=("a",))),
@@ -582,9 +598,10 @@ def test_the_indexes_match_the_jobs_after_any_sequence_of_commands(seed: int) ->
         elif pick < 0.45:
             cmd = Started(key, job.node or node, job.attempt)
         elif pick < 0.7:
-            cmd = Done(key, job.node or node, job.attempt, arts(key))
+            cmd = Done(key, job.node or node, job.attempt, arts(key), 1.5, rng.choice((0, 8.25)))
         elif pick < 0.82:
-            cmd = Failed(key, rng.choice((job.node or node, node)), job.attempt, "broke")
+            cmd = Failed(key, rng.choice((job.node or node, node)), job.attempt, "broke",
+                         joules=rng.choice((0.0, 2.5)))
         elif pick < 0.9:
             cmd = Requeue(key, "node gone")
         elif pick < 0.96:
@@ -600,7 +617,71 @@ def test_the_indexes_match_the_jobs_after_any_sequence_of_commands(seed: int) ->
             assert led.led.progress(b) == counts
             assert led.led.finished(b) == (counts["total"] == sum(
                 counts[s] for s in (DONE, BLOCKED, CANCELLED)))
+            assert led.led.energy(b) == pytest.approx(sum(j.joules for j in led.led.jobs(b)))
     copy = JobLedger.restore(led.led.snapshot())
+    assert all(copy.energy(b.build_id) == pytest.approx(led.led.energy(b.build_id))
+               for b in copy.builds())
     assert [j.key for j in copy.ready()] == [j.key for j in led.led.ready()]
     assert [j.key for j in copy.active()] == [j.key for j in led.led.active()]
     assert all(copy.progress(b.build_id) == led.led.progress(b.build_id) for b in copy.builds())
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs (seconds, joules) and operator pauses
+
+
+def test_reports_without_costs_are_written_as_before_and_costs_add_up_per_build() -> None:
+    """A report that states no seconds or joules has the plain form nodes from before them
+    read; the joules of failed and done attempts add up to the build's energy, a job's
+    seconds are its last attempt's."""
+    assert set(to_plain(Done("b1/a", "n", 1, ()))) == {"op", "job_key", "node", "attempt",
+                                                       "artifacts"}
+    assert "joules" in to_plain(Done("b1/a", "n", 1, (), 0.0, 1.0))
+    led = Ledger()
+    led(build("b1", a=(), b=()))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Failed("b1/a", "n1", 1, "exit 1", "", 4.0, 100.0))
+    led(Assign("b1/a", "n2", 1, 2))
+    led(Done("b1/a", "n2", 2, arts("a"), 2.5, 50.0))
+    led(Assign("b1/b", "n2", 1, 1))
+    led(Done("b1/b", "n2", 1, arts("b"), 1.0, 0.0))
+    job = led.led.job("b1/a")
+    assert job is not None and (job.seconds, job.joules) == (2.5, 150.0)
+    assert led.led.energy("b1") == 150.0 and led.led.energy("nope") == 0.0
+    copy = JobLedger.restore(led.led.snapshot())
+    assert copy.job("b1/a") == job and copy.energy("b1") == 150.0
+    # a stale or duplicate report adds nothing
+    assert led(Done("b1/a", "n2", 2, arts("a"), 2.5, 50.0)) == ["duplicate"]
+    assert led.led.energy("b1") == 150.0
+
+
+def test_pause_and_resume_are_replicated_and_survive_a_snapshot() -> None:
+    led = Ledger()
+    assert led(Pause("n1", True)) == ["paused"]
+    assert led(Pause("n1", True)) == ["duplicate"]
+    assert led(Pause("n2", True)) == ["paused"]
+    assert led(Pause("n1", False)) == ["resumed"]
+    assert led.led.paused == {"n2"}
+    assert JobLedger.restore(led.led.snapshot()).paused == {"n2"}
+
+
+def test_a_version_2_snapshot_is_still_read() -> None:
+    """Snapshots from before costs and pauses: no `paused`, jobs without seconds/joules."""
+    led = Ledger()
+    led(build("b1"))
+    led(Assign("b1/only", "n1", 1, 1))
+    led(Done("b1/only", "n1", 1, arts("x"), 3.0, 9.0))
+    plain = led.led.to_plain()
+    assert plain["v"] == SNAPSHOT_VERSION == 3
+    del plain["paused"]
+    for b in plain["builds"]:
+        for j in b["jobs"]:
+            del j["seconds"], j["joules"]
+    old = JobLedger.restore(msgpack.packb({**plain, "v": 2}))
+    job = old.job("b1/only")
+    assert job is not None and job.state == DONE and (job.seconds, job.joules) == (0.0, 0.0)
+    assert old.paused == frozenset()
+    with pytest.raises(LedgerError, match="keys"):  # v3 without `paused`
+        JobLedger.restore(msgpack.packb({**plain, "v": 3}))
+    with pytest.raises(LedgerError, match="version"):
+        JobLedger.restore(msgpack.packb({**plain, "v": 1}))

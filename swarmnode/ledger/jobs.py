@@ -61,7 +61,14 @@ MAX_LOG_TAIL = 16 * 1024
 MAX_U63 = (1 << 63) - 1
 MAX_BATCH = 4096
 """Commands in one `Batch` entry (the entry's byte limit usually binds first)."""
-SNAPSHOT_VERSION = 2
+LEDGER_FORMAT = 3
+"""The entries this code reads, stated in a node's facts (`ledger`): 3 adds reports'
+`seconds` and `joules` and `pause` entries. A leader writes the new fields only when every
+member states 3 or more (a node from before would find a whole batch invalid)."""
+SNAPSHOT_VERSION = 3
+"""3: jobs' seconds and joules, paused nodes. Version 2 snapshots are still read."""
+MAX_SECONDS = 1e9
+MAX_JOULES = 1e13
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ANYWHERE = Requires()
 
@@ -116,6 +123,10 @@ class Done:
     attempt: int
     artifacts: tuple[tuple[str, str], ...]
     """(path, sha256 hex), sorted by path."""
+    seconds: float = 0.0
+    """How long the attempt ran, as its worker measured it (0: not stated)."""
+    joules: float = 0.0
+    """The worker's energy share for the attempt (`power.EnergyShare`; 0: not stated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,8 @@ class Failed:
     attempt: int
     reason: str
     log_tail: str = ""
+    seconds: float = 0.0
+    joules: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,15 @@ class SetVoters:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """An operator's pause of a node (`swarmnode pause`): no new work goes to it, what runs
+    there finishes. Committed, so whichever node leads next keeps it paused."""
+
+    node: str
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Voters:
     """The voter configuration in force from this entry on. Only the leader proposes it, one
     member added or removed at a time, the next only after this one is applied: every voter
@@ -180,7 +202,7 @@ class Batch:
 
 
 Command = (SubmitBuild | Assign | Started | Done | Failed | Batch | Block | Cancel | Requeue
-           | SetVoters | Voters)
+           | SetVoters | Voters | Pause)
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -194,6 +216,7 @@ _OPS: dict[type, str] = {
     Requeue: "requeue",
     SetVoters: "set_voters",
     Voters: "voters",
+    Pause: "pause",
 }
 _CLASSES = {op: cls for cls, op in _OPS.items()}
 
@@ -354,7 +377,8 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
     if op == "done":
         node = _str(m["node"], f"{w}.node", MAX_ID)
         arts = _artifacts(m["artifacts"], f"{w}.artifacts")
-        return Done(_job_key(m["job_key"], w), node, _u63(m["attempt"], w, 1), arts)
+        return Done(_job_key(m["job_key"], w), node, _u63(m["attempt"], w, 1), arts,
+                    *_cost(m, w))
     if op == "failed":
         return Failed(
             _job_key(m["job_key"], w),
@@ -362,7 +386,12 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
             _u63(m["attempt"], w, 1),
             _str(m["reason"], f"{w}.reason", MAX_REASON),
             _str(m["log_tail"], f"{w}.log_tail", MAX_LOG_TAIL, empty=True),
+            *_cost(m, w),
         )
+    if op == "pause":
+        if type(m["paused"]) is not bool:
+            raise _fail(f"{w}.paused", "expected true or false")
+        return Pause(_str(m["node"], f"{w}.node", MAX_ID), m["paused"])
     if op == "batch":
         items = m["items"]
         if type(items) is not list or not 1 <= len(items) <= MAX_BATCH:
@@ -386,6 +415,20 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
 
 _BATCHED = frozenset({"submit_build", "assign", "started", "done", "failed"})
 
+
+def _amount(value: object, what: str, most: float) -> float:
+    if type(value) not in (int, float) or not 0 <= value < most:  # (NaN fails this too)
+        raise _fail(what, f"expected a number from 0 to {most:g}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _cost(m: Mapping[str, Any], w: str) -> tuple[float, float]:
+    """A report's optional seconds and joules (written only when stated, so that an entry
+    without them reads the same to nodes from before they existed)."""
+    return (_amount(m.get("seconds", 0.0), f"{w}.seconds", MAX_SECONDS),
+            _amount(m.get("joules", 0.0), f"{w}.joules", MAX_JOULES))
+
+
 _FIELDS: dict[str, tuple[str, ...]] = {
     "submit_build": ("build_id", "name", "submitter", "jobs"),
     "assign": ("job_key", "node", "term", "attempt"),
@@ -398,7 +441,10 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "requeue": ("job_key", "reason"),
     "set_voters": ("voters",),
     "voters": ("voters",),
+    "pause": ("node", "paused"),
 }
+_OPTIONAL: dict[str, tuple[str, ...]] = {"done": ("seconds", "joules"),
+                                         "failed": ("seconds", "joules")}
 
 
 def from_plain(obj: object) -> Command:
@@ -406,7 +452,11 @@ def from_plain(obj: object) -> Command:
     if type(obj) is not dict or type(obj.get("op")) is not str or obj["op"] not in _FIELDS:
         raise LedgerError(f"entry: expected a map with op in {sorted(_FIELDS)}")
     op = obj["op"]
-    _keys(obj, ("op", *_FIELDS[op]), op)
+    required = ("op", *_FIELDS[op])
+    optional = _OPTIONAL.get(op, ())
+    if obj.keys() - set(optional) != set(required):
+        also = f" (and optionally {sorted(optional)})" if optional else ""
+        raise _fail(op, f"expected a map with keys {sorted(required)}{also}")
     return _parse(op, obj)
 
 
@@ -434,6 +484,9 @@ def to_plain(cmd: Command) -> dict[str, Any]:
         elif name == "voters":
             value = list(value)
         plain[name] = value
+    for name in _OPTIONAL.get(op, ()):
+        if value := getattr(cmd, name):
+            plain[name] = value
     return plain
 
 
@@ -489,6 +542,10 @@ class Job:
     log_tail: str = ""
     failed_on: tuple[str, ...] = ()
     """The distinct nodes the job failed on, in order."""
+    seconds: float = 0.0
+    """How long its last finished attempt ran (0: not stated)."""
+    joules: float = 0.0
+    """The energy of all its finished attempts, failed ones included."""
 
     @property
     def key(self) -> str:
@@ -538,10 +595,13 @@ class JobLedger:
         self._active: dict[str, None] = {}  # keys: assigned or running
         self._counts: dict[str, Counter[str]] = {}  # build id -> its jobs per state
         self._rank: dict[str, tuple[int, int]] = {}  # key -> (build's index, position)
+        self._joules: dict[str, float] = {}  # build id -> its jobs' joules
         self.pinned_voters: tuple[str, ...] = ()
         """The operator's voter set; empty: chosen automatically."""
         self.voters: tuple[str, ...] = ()
         """The committed voter configuration (empty until the first `Voters` entry)."""
+        self.paused: frozenset[str] = frozenset()
+        """Nodes an operator paused: no new work goes to them."""
 
     # ------------------------------------------------------------------ applying
 
@@ -585,6 +645,9 @@ class JobLedger:
         key, state = job.key, job.state
         old = self._jobs.get(key)
         self._jobs[key] = job
+        if job.joules != (old.joules if old is not None else 0.0):
+            self._joules[job.build_id] = (self._joules.get(job.build_id, 0.0) + job.joules
+                                          - (old.joules if old is not None else 0.0))
         counts = self._counts[job.build_id]
         counts[state] += 1
         if old is not None:
@@ -672,7 +735,8 @@ class JobLedger:
             if event.kind == "duplicate" and self._jobs[c.job_key].artifacts != c.artifacts:
                 event = _stale(c.job_key, c.node, c.attempt, self._jobs[c.job_key])
             return [event]
-        self._put(replace(job, state=DONE, artifacts=c.artifacts, reason=None))
+        self._put(replace(job, state=DONE, artifacts=c.artifacts, reason=None,
+                          seconds=c.seconds, joules=job.joules + c.joules))
         return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node})]
 
     def _failed(self, index: int, c: Failed) -> list[LedgerEvent]:
@@ -680,7 +744,8 @@ class JobLedger:
         if job is None:
             return [event]
         failed_on = job.failed_on if c.node in job.failed_on else (*job.failed_on, c.node)
-        job = replace(job, state=FAILED, reason=c.reason, log_tail=c.log_tail, failed_on=failed_on)
+        job = replace(job, state=FAILED, reason=c.reason, log_tail=c.log_tail, failed_on=failed_on,
+                      seconds=c.seconds, joules=job.joules + c.joules)
         self._put(job)
         events = [LedgerEvent("failed", {"job_key": c.job_key, "node": c.node})]
         if len(failed_on) >= BLOCK_AFTER_NODES:
@@ -719,6 +784,12 @@ class JobLedger:
     def _set_voters(self, index: int, c: SetVoters) -> list[LedgerEvent]:
         self.pinned_voters = c.voters
         return [LedgerEvent("voters_set", {"voters": list(c.voters)})]
+
+    def _pause(self, index: int, c: Pause) -> list[LedgerEvent]:
+        if (c.node in self.paused) == c.paused:
+            return [LedgerEvent("duplicate", {"node": c.node, "paused": c.paused})]
+        self.paused = self.paused | {c.node} if c.paused else self.paused - {c.node}
+        return [LedgerEvent("paused" if c.paused else "resumed", {"node": c.node})]
 
     def _requeue(self, index: int, c: Requeue) -> list[LedgerEvent]:
         job = self._jobs.get(c.job_key)
@@ -815,6 +886,10 @@ class JobLedger:
         counts["total"] = sum(counts.values())
         return counts
 
+    def energy(self, build_id: str) -> float:
+        """The joules of the build's finished attempts, as their workers stated them."""
+        return self._joules.get(build_id, 0.0)
+
     def finished(self, build_id: str) -> bool:
         """Every job of the build is done, blocked or cancelled."""
         return build_id in self._builds and build_id not in self._unfinished
@@ -836,6 +911,7 @@ class JobLedger:
             "tally": dict(sorted(self.tally.items())),
             "voters": list(self.pinned_voters),
             "config": list(self.voters),
+            "paused": sorted(self.paused),
             "builds": [
                 {
                     "build_id": b.build_id,
@@ -866,10 +942,13 @@ class JobLedger:
 
     @classmethod
     def _from_plain(cls, plain: Any) -> JobLedger:
-        m = _keys(plain, ("v", "applied", "tally", "voters", "config", "builds"), "snapshot")
-        if m["v"] != SNAPSHOT_VERSION:
-            raise LedgerError(f"snapshot: unknown version {m['v']!r}")
+        version = plain.get("v") if type(plain) is dict else None
+        if version not in (2, SNAPSHOT_VERSION):
+            raise LedgerError(f"snapshot: unknown version {version!r}")
+        m = _keys(plain, ("v", "applied", "tally", "voters", "config", "builds",
+                          *(("paused",) if version == SNAPSHOT_VERSION else ())), "snapshot")
         led = cls()
+        led.paused = frozenset(_str(n, "snapshot.paused", MAX_ID) for n in m.get("paused", []))
         voters = from_plain({"op": "set_voters", "voters": m["voters"]})
         led.pinned_voters = voters.voters  # type: ignore[union-attr]
         config = from_plain({"op": "voters", "voters": m["config"]})
@@ -896,6 +975,8 @@ def _job_to_plain(j: Job) -> dict[str, Any]:
         "reason": j.reason,
         "log_tail": j.log_tail,
         "failed_on": list(j.failed_on),
+        "seconds": j.seconds,
+        "joules": j.joules,
     }
 
 
@@ -914,6 +995,8 @@ def _job_from_plain(build_id: str, p: dict[str, Any]) -> Job:
         reason=p["reason"],
         log_tail=p["log_tail"],
         failed_on=tuple(p["failed_on"]),
+        seconds=_amount(p.get("seconds", 0.0), "snapshot.seconds", MAX_SECONDS),
+        joules=_amount(p.get("joules", 0.0), "snapshot.joules", MAX_JOULES),
     )
 
 
@@ -948,6 +1031,7 @@ _APPLY: dict[type, Any] = {
     Block: JobLedger._block,
     Cancel: JobLedger._cancel,
     Requeue: JobLedger._requeue,
+    Pause: JobLedger._pause,
 }
 
 
