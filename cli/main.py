@@ -289,6 +289,18 @@ def ban(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")
 
 
 @app.command()
+def pause(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
+    """Give a node no new work (its running jobs finish), whichever node leads, until resumed."""
+    out.print(ask("pause", timeout=60.0, node=node), highlight=False)
+
+
+@app.command()
+def resume(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
+    """Undo `pause`: the node gets work again."""
+    out.print(ask("resume", timeout=60.0, node=node), highlight=False)
+
+
+@app.command()
 def rename(
     node: Annotated[str, typer.Argument(help="name, id or unique id prefix")],
     new_name: Annotated[str, typer.Argument(metavar="NEWNAME")],
@@ -608,18 +620,22 @@ def emerge(
 
 
 @app.command()
-def jobs(as_json: JsonOpt = False) -> None:
-    """Every job of every build in the ledger: state, node, attempt."""
-    items = ask("jobs")
+def jobs(
+    build: Annotated[str | None, typer.Option("--build", help="only this build's jobs")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every job of every build in the ledger: state, node, attempt, how long it ran."""
+    items = ask("jobs", **({"build": build} if build else {}))
     if as_json:
         emit_json(items)
         return
     table = Table(title=f"{len(items)} jobs")
-    for col in ("build", "job", "state", "node", "attempt", "reason"):
+    for col in ("build", "job", "state", "node", "attempt", "seconds", "reason"):
         table.add_column(col)
     for j in items:
         table.add_row(j["build"], j["job"], j["state"], j["node_name"] or "-",
-                      str(j["attempt"]), (j["reason"] or "")[:60])
+                      str(j["attempt"]), f"{j['seconds']:.1f}" if j.get("seconds") else "-",
+                      (j["reason"] or "")[:60])
     out.print(table)
 
 

@@ -76,7 +76,17 @@ from swarmnode.ledger import (
     job_key,
     to_plain,
 )
-from swarmnode.ledger.jobs import MAX_BATCH, MAX_REASON, Batch, Report, checked
+from swarmnode.ledger.jobs import (
+    LEDGER_FORMAT,
+    MAX_BATCH,
+    MAX_JOULES,
+    MAX_REASON,
+    MAX_SECONDS,
+    Batch,
+    Pause,
+    Report,
+    checked,
+)
 from swarmnode.tasks import TaskSet, until
 from swarmnode.worker import (
     ASSIGN,
@@ -108,7 +118,7 @@ TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY})
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
 #: Entries a non-leader may ask the leader to propose; everything else only the leader decides.
-FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters"})
+FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters", "pause"})
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
 #: unstarted assignments, members that joined).
 TICK_S = 0.25
@@ -164,10 +174,26 @@ class Builds:
         self._changed = asyncio.Event()  # set by every ledger event applied here
         self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
         self._order: dict[str, tuple[float, int, str]] = {}  # job key -> its place in a pass
+        self._costed_until = -1.0  # `_costed`'s answer holds until then
+        self._costed_now = False
 
     @property
     def ledger(self) -> JobLedger:
         return self.node.leadership.ledger
+
+    def _costed(self) -> bool:
+        """Whether reports' seconds and joules may go into the ledger: every admitted member
+        reads ledger format 3 (one from before would find a whole batch invalid and fall out
+        of step). Looked at once a second: reports come by the thousand."""
+        now = time.monotonic()
+        if now >= self._costed_until:
+            self._costed_until = now + 1.0
+            self._costed_now = all(
+                type(f := m.record.facts_dict().get("ledger")) is int and f >= LEDGER_FORMAT
+                for m in self.node.core.members()
+                if m.admitted_by is not None and m.record is not None
+                and m.state not in ("banned", "left"))
+        return self._costed_now
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in TYPES
@@ -346,7 +372,7 @@ class Builds:
         if key in self._reporting or (pending is not None and pending[1] is not None):
             return  # a re-sent copy of a report on its way: acknowledged with that one
         try:
-            cmd = _report_command(key, worker, attempt, status, report)
+            cmd = _report_command(key, worker, attempt, status, report, self._costed())
         except LedgerError as exc:
             # Not valid as a ledger command (in a batch it would void the batch's other
             # commands): recorded as a failure of this attempt instead; the job runs again.
@@ -496,7 +522,8 @@ class Builds:
             cores = int(facts.get("cores", 1))
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), frozenset(), cores=cores,
-                              paused=self._paused.get(m.id, 0.0) > now,
+                              paused=(self._paused.get(m.id, 0.0) > now
+                                      or m.id in self.ledger.paused),
                               releases=tuple(releases.get(m.id, ()))))
         return slots
 
@@ -651,6 +678,8 @@ class Builds:
                 self._order.pop(job.key, None)
             if self.leading:
                 self._stop_build(str(ev.data.get("build_id")))
+        if ev.kind in ("paused", "resumed"):
+            self.node.event(f"node_{ev.kind}_by_operator", {"id": str(ev.data.get("node"))})
         if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
                                                if isinstance(v, str | int | float)})
@@ -821,7 +850,7 @@ class Builds:
                 out.append({"build": b.build_id, "job": j.name, "state": j.state,
                             "node": j.node, "node_name": self.node.member_name(j.node)
                             if j.node else None, "attempt": j.attempt, "term": j.term,
-                            "reason": j.reason,
+                            "reason": j.reason, "seconds": j.seconds, "joules": j.joules,
                             "artifacts": dict(j.artifacts)})
         return out
 
@@ -857,7 +886,8 @@ class Builds:
                 running[name] = running.get(name, 0) + 1
         return {"build": build_id, "name": build.name, "progress": progress,
                 "running": running, "finished": self.ledger.finished(build_id),
-                "ok": progress["done"] == progress["total"]}
+                "ok": progress["done"] == progress["total"],
+                "kwh": self.ledger.energy(build_id) / 3.6e6}
 
     async def fetch_outputs(self, build_id: str, out: Path) -> list[str]:
         """Each job's artifacts as OUT/JOB/PATH (fetched from its worker if not here)."""
@@ -929,6 +959,14 @@ class Builds:
                           "the voter change was committed but has not reached this node")
         return list(self.ledger.pinned_voters)
 
+    async def pause(self, node: str, paused: bool) -> None:
+        """Commit an operator's pause (or resume) of `node`: whoever leads gives it no new
+        work while paused; its running jobs finish."""
+        await self.propose_anywhere(encode(Pause(node, paused)),
+                                    what="pause" if paused else "resume")
+        await self._until(lambda: (node in self.ledger.paused) == paused,
+                          "the pause was committed but has not reached this node")
+
     async def cancel(self, build_id: str) -> str:
         if self.ledger.build(build_id) is None:
             raise ControlError(f"no build {build_id!r}")
@@ -946,23 +984,30 @@ class Builds:
 
 
 def _report_command(key: str, worker: str, attempt: int, status: Any,
-                    report: Mapping[str, Any]) -> Report:
+                    report: Mapping[str, Any], costed: bool) -> Report:
     """The ledger command for a worker's `done`/`failed` report on `key`, as the replicas will
-    read it; raises LedgerError (only) for a report that is not a valid command: outputs that
+    read it (with its seconds and joules if `costed`; a figure out of range counts as not
+    stated); raises LedgerError (only) for a report that is not a valid command: outputs that
     are not a list of [path, digest, size] with distinct paths, a digest that is not sha256,
     too many outputs, a path too long or not normalised."""
+    cost = (_figure(report.get("duration"), MAX_SECONDS),
+            _figure(report.get("joules"), MAX_JOULES)) if costed else (0.0, 0.0)
     if status != "ok":
         reason = f"{status}: {report.get('reason') or ''}".strip()[:900]
         return checked(Failed(key, worker, attempt, reason,  # type: ignore[return-value]
-                              str(report.get("log_tail", ""))[-8000:]))
+                              str(report.get("log_tail", ""))[-8000:], *cost))
     outputs = report.get("outputs")
     outputs = [] if outputs is None else outputs
     if type(outputs) is not list or not all(type(o) is list and len(o) == 3 for o in outputs):
         raise LedgerError("outputs: expected a list of [path, digest, size]")
-    done = checked(Done(key, worker, attempt, tuple((o[0], o[1]) for o in outputs)))
+    done = checked(Done(key, worker, attempt, tuple((o[0], o[1]) for o in outputs), *cost))
     if len(done.artifacts) != len(outputs):  # type: ignore[union-attr]
         raise LedgerError("outputs: a path twice")
     return done  # type: ignore[return-value]
+
+
+def _figure(value: Any, most: float) -> float:
+    return float(value) if type(value) in (int, float) and 0 <= value < most else 0.0
 
 
 def _op(entry: bytes) -> str | None:

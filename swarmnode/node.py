@@ -46,6 +46,7 @@ from swarmnode.facts import detect_facts
 from swarmnode.http_api import HttpApi, HttpError
 from swarmnode.identity import Identity, curve_public_key, load_or_create
 from swarmnode.leadership import Leadership
+from swarmnode.ledger.jobs import LEDGER_FORMAT
 from swarmnode.membership import (
     Config,
     Event,
@@ -89,7 +90,7 @@ POWER_NOTE_S = 30.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
-                            "cancel", "set_voters"})
+                            "cancel", "set_voters", "pause", "resume"})
 PUSH_COMMANDS = frozenset({"push", "push_status", "versions", "grant"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
@@ -226,6 +227,7 @@ class Node:
             facts["cores"] = self.node_config.cores
         if self.node_config.roles:
             facts["roles"] = ",".join(self.node_config.roles)
+        facts["ledger"] = LEDGER_FORMAT
         facts.update(self._ssh_facts())
         facts.update(release_facts(self.push.releases))
         self.kind = str(facts["kind"])
@@ -373,17 +375,19 @@ class Node:
 
     async def _power_watch(self) -> None:
         """Sample this machine's draw every POWER_S (RAPL, else the estimate), and state it to
-        the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped)."""
+        the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped).
+        The first reading comes a quarter of a second after the start (the estimate needs
+        two looks at /proc/stat, RAPL two at its counters): jobs' energy shares count from it."""
         stated = -POWER_NOTE_S
         while True:
             reading = self.power.sample(time.monotonic(), time.strftime("%Y-%m-%d"))
             if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
                 stated = time.monotonic()
-                value = power.note_value(self.power)
+                value = power.note_value(self.power, os.getloadavg()[0])
                 self.core.add_note(self.clock(), self.core.sign_note(
                     self.clock(), power.POWER_TOPIC, "", value))
                 self.flush()
-            await asyncio.sleep(POWER_S)
+            await asyncio.sleep(POWER_S if reading is not None else 0.25)
 
     def _cluster_power(self) -> dict[str, Any]:
         """The swarm's draw now, its energy today and, at the configured price, its cost."""
@@ -410,7 +414,7 @@ class Node:
             out[note.by] = {"watts": stated.reading.watts, "source": stated.reading.source,
                             "kwh_today": round(stated.joules_today / 3.6e6, 4)
                             if stated.day == today else 0.0,
-                            "age_s": round(max(age, 0.0), 1)}
+                            "load": stated.load, "age_s": round(max(age, 0.0), 1)}
         return out
 
     async def _address_watch(self) -> None:
@@ -480,6 +484,9 @@ class Node:
         if ev.kind in ("member_left", "member_reaped") and data.get("id") != self.id:
             self.transport.disconnect(data["id"])
         if ev.kind == "note":
+            if data.get("topic") == power.POWER_TOPIC:
+                self._dirty = True
+                return  # telemetry every POWER_NOTE_S from each node: not an event
             self.push.on_note(str(data.get("topic")))
         if ev.kind == "admitted":
             if data.get("id") == self.id and not self.admitted:
@@ -644,6 +651,12 @@ class Node:
                 if m.admitted_by is None or m.state in ("pending", "banned", "left"):
                     raise control.ControlError(f"{m.name} is {m.state}: it cannot vote")
             return await self.builds.set_voters([m.id for m in chosen])
+        if cmd in ("pause", "resume"):
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            if target.admitted_by is None or target.state in ("pending", "banned"):
+                raise control.ControlError(f"{target.name} is {target.state}: it gets no work")
+            await self.builds.pause(target.id, cmd == "pause")
+            return f"{cmd}d: {target.name} ({target.id[:12]})"
         if cmd == "jobs":
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":

@@ -120,6 +120,42 @@ def estimate(utilisation: float, watts_idle: float, watts_max: float) -> float:
     return watts_idle + (watts_max - watts_idle) * utilisation
 
 
+class EnergyShare:
+    """The node's draw split among the jobs running on it by the cores each holds, so that a
+    build's energy is what its jobs' shares add up to (the draw while nothing runs is no
+    build's). The draw counts as the latest sample until the next: a job shorter than a
+    sample interval still gets its share of that figure. O(1) per job start and end: one
+    running integral of watts per busy core."""
+
+    def __init__(self) -> None:
+        self.per_core = 0.0  # joules per busy core since start
+        self._watts = 0.0
+        self._busy = 0
+        self._at: float | None = None
+
+    def _advance(self, now: float) -> None:
+        if self._at is not None and self._busy > 0 and now > self._at:
+            self.per_core += self._watts * (now - self._at) / self._busy
+        self._at = now
+
+    def watts(self, now: float, watts: float) -> None:
+        """A new reading of the node's draw, counted from `now`."""
+        self._advance(now)
+        self._watts = watts
+
+    def start(self, now: float, cores: int) -> float:
+        """A job holding `cores` starts: the mark its `end` takes."""
+        self._advance(now)
+        self._busy += cores
+        return self.per_core
+
+    def end(self, now: float, cores: int, mark: float) -> float:
+        """The job started at `mark` ends: its joules."""
+        self._advance(now)
+        self._busy = max(0, self._busy - cores)
+        return cores * (self.per_core - mark)
+
+
 class PowerMeter:
     """The node's draw, sampled every few seconds: RAPL if readable, else the estimate."""
 
@@ -139,6 +175,7 @@ class PowerMeter:
         self.joules = 0.0  # energy since start, from the samples
         self.day = ""  # the local date the samples are counted under
         self.joules_today = 0.0  # energy since the day began (or since start, if later)
+        self.share = EnergyShare()
         self._at: float | None = None
 
     def sample(self, now: float, day: str = "") -> Reading | None:
@@ -163,6 +200,7 @@ class PowerMeter:
             self.joules_today += watts * (now - self._at)
         self._at = now
         if watts is not None:
+            self.share.watts(now, watts)
             self.last = Reading(round(watts, 1), source)
         return self.last if watts is not None else None
 
@@ -175,17 +213,22 @@ STALE_S = 120.0
 
 @dataclass(frozen=True, slots=True)
 class Stated:
-    """What a member stated: its reading and its energy on the local `day` so far."""
+    """What a member stated: its reading, its energy on the local `day` so far, and its
+    one-minute load average (None if it did not say)."""
 
     reading: Reading
     day: str
     joules_today: float
+    load: float | None = None
 
 
-def note_value(meter: PowerMeter) -> bytes:
+def note_value(meter: PowerMeter, load: float | None = None) -> bytes:
     assert meter.last is not None
-    return msgpack.packb({"w": meter.last.watts, "s": meter.last.source[:40],
-                          "d": meter.day[:10], "jd": int(meter.joules_today)})
+    plain = {"w": meter.last.watts, "s": meter.last.source[:40], "d": meter.day[:10],
+             "jd": int(meter.joules_today)}
+    if load is not None:
+        plain["l"] = round(load, 2)
+    return msgpack.packb(plain)
 
 
 def read_note(value: bytes) -> Stated | None:
@@ -197,12 +240,14 @@ def read_note(value: bytes) -> Stated | None:
     if not isinstance(plain, dict):
         return None
     watts, source = plain.get("w"), plain.get("s")
-    day, today = plain.get("d", ""), plain.get("jd", 0)
+    day, today, load = plain.get("d", ""), plain.get("jd", 0), plain.get("l")
     if isinstance(watts, bool) or not isinstance(watts, int | float) or not 0 <= watts < 1e6 \
             or not isinstance(source, str) or not isinstance(day, str) \
             or type(today) is not int or not 0 <= today < 1e13:
         return None
-    return Stated(Reading(float(watts), source), day, float(today))
+    if isinstance(load, bool) or not isinstance(load, int | float) or not 0 <= load < 1e5:
+        load = None
+    return Stated(Reading(float(watts), source), day, float(today), load)
 
 
 def _read_text(path: Path, limit: int = 256) -> str | None:

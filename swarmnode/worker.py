@@ -311,24 +311,26 @@ class Worker:
 
     async def _run(self, a: Assignment) -> None:
         key = (a.build, a.job)
+        joules = 0.0
         try:
-            result = await self._execute(a)
+            result, joules = await self._execute(a)
         finally:
             _a, handle = self.running.pop(key, (None, None))
             if handle is not None:
                 self.outputs[(a.build, a.job, a.attempt)] = handle
                 while len(self.outputs) > MAX_OUTPUTS:
                     self.outputs.popitem(last=False)
-        self._report(a, result)
+        self._report(a, result, joules)
 
-    async def _execute(self, a: Assignment) -> JobResult | str:
+    async def _execute(self, a: Assignment) -> tuple[JobResult | str, float]:
+        """The job run here: its result (or why it could not run) and its energy share."""
         store = self.node.artifacts.store
         needed = [d for _p, d in a.inputs] + [d for f in a.deps.values() for _p, d in f]
         try:
             for digest in dict.fromkeys(needed):
                 await self.node.artifacts.fetch(digest, a.sources)
         except ArtifactError as exc:
-            return f"could not fetch an input: {exc}"
+            return f"could not fetch an input: {exc}", 0.0
         spec = JobSpec(build_id=a.build, job=a.job, cmd=a.cmd, outputs=a.outputs, env=a.env,
                        cores=min(a.cores, self.slots.total), attempt=a.attempt,
                        timeout=a.timeout)
@@ -342,7 +344,13 @@ class Worker:
         self.running[(a.build, a.job)] = (a, handle)
         # A job done within STARTED_AFTER_S is reported once, done (or failed) from assigned.
         asyncio.get_running_loop().call_later(STARTED_AFTER_S, self._still_running, a, handle)
-        return await handle.wait()
+        share = self.node.power.share
+        mark = share.start(time.monotonic(), spec.cores)
+        try:
+            result = await handle.wait()
+        finally:
+            joules = share.end(time.monotonic(), spec.cores, mark)
+        return result, joules
 
     def _still_running(self, a: Assignment, handle: Any) -> None:
         if not handle.done and self.running.get((a.build, a.job), (None, None))[1] is handle:
@@ -353,14 +361,15 @@ class Worker:
                                "status": "started", "node": self.node.id})
         self._soon()
 
-    def _report(self, a: Assignment, result: JobResult | str) -> None:
+    def _report(self, a: Assignment, result: JobResult | str, joules: float) -> None:
         if isinstance(result, str):
             report = {"status": "error", "reason": result, "outputs": [], "log_tail": "",
-                      "duration": 0.0}
+                      "duration": 0.0, "joules": 0.0}
         else:
             report = {"status": result.status, "reason": result.reason,
                       "outputs": [[o.path, o.sha256, o.size] for o in result.outputs],
-                      "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration}
+                      "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration,
+                      "joules": round(joules, 3)}
             self.node.metrics.job_seconds.labels(result.status).observe(result.duration)
         report.update(build=a.build, job=a.job, attempt=a.attempt, node=self.node.id)
         self.finished[(a.build, a.job, a.attempt)] = None

@@ -352,3 +352,34 @@ def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
     why = [e.get("reason", "") for e in swarm.events(leader, "job_requeued")
            if e.get("job_key", "").endswith(tuple(running))]
     assert any("no longer runs it" in w for w in why), why
+
+
+def test_a_paused_node_gets_no_work_until_resumed_and_jobs_state_seconds_and_joules(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """`pause` is committed (any node may ask; whoever leads honours it), a paused node's
+    name gets no job; `resume` gives it work again. Every finished job states how long it
+    ran and its energy share, and the build its kWh."""
+    nodes = three(swarm)
+    names = {n.id: n.name for n in nodes}
+    assert "paused: n2" in swarm.cli(nodes[0], "pause", "n2").stdout
+    assert "paused: n3" in swarm.cli(nodes[1], "pause", "n3").stdout
+    swarm.wait_for(lambda: all({e["kind"] for e in swarm.query(n, "events", limit=200)}
+                               >= {"node_paused_by_operator"} for n in nodes), 10, "events")
+    plan = tmp_path / "six.toml"
+    plan.write_text("".join(f'[jobs.s{i}]\ncmd = "sleep 0.3"\n' for i in range(6)))
+    status = json.loads(swarm.cli(nodes[2], "build", str(plan), "--wait", "--json",
+                                  timeout=60).stdout)
+    assert status["ok"] and status["kwh"] > 0, status
+    jobs = swarm.cli_json(nodes[2], "jobs", "--build", status["build"])
+    assert {names[j["node"]] for j in jobs} == {"n1"}, jobs
+    assert all(0.3 <= j["seconds"] < 5 and j["joules"] > 0 for j in jobs), jobs
+    assert sum(j["joules"] for j in jobs) / 3.6e6 == pytest.approx(status["kwh"])
+    assert "resumed: n2" in swarm.cli(nodes[2], "resume", "n2").stdout
+    plan.write_text("".join(f'[jobs.t{i}]\ncmd = "sleep 0.3"\n' for i in range(12)))
+    status = json.loads(swarm.cli(nodes[0], "build", str(plan), "--wait", "--json",
+                                  timeout=60).stdout)
+    ran_on = {names[j["node"]] for j in swarm.cli_json(nodes[0], "jobs", "--build",
+                                                       status["build"])}
+    assert "n2" in ran_on and "n3" not in ran_on, ran_on
+    bad = swarm.cli(nodes[0], "pause", "nobody", check=False)
+    assert bad.returncode != 0 and "no node named" in bad.stderr

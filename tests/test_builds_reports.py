@@ -24,7 +24,7 @@ from swarmnode.ledger import (
     SubmitBuild,
     encode,
 )
-from swarmnode.ledger.jobs import MAX_ARTIFACTS, MAX_PATH, Batch
+from swarmnode.ledger.jobs import LEDGER_FORMAT, MAX_ARTIFACTS, MAX_PATH, Batch, to_plain
 from tests.test_ledger_jobs import H, sha
 
 
@@ -33,10 +33,18 @@ def submit(build_id: str, *names: str) -> SubmitBuild:
     return SubmitBuild(build_id, "hello", "client-1", jobs)
 
 
+def member(mid: str, ledger_format: object) -> SimpleNamespace:
+    facts = {"cores": 2} | ({} if ledger_format is None else {"ledger": ledger_format})
+    return SimpleNamespace(id=mid, admitted_by="w1", state="alive",
+                           record=SimpleNamespace(facts_dict=lambda: facts))
+
+
 class FakeNode:
     """What `Builds` uses of a node to take reports as the leader."""
 
     def __init__(self) -> None:
+        self.members = [member("w1", LEDGER_FORMAT), member("w2", LEDGER_FORMAT)]
+        self.core = SimpleNamespace(members=lambda: self.members)
         self.ledger = JobLedger()
         self.leadership = SimpleNamespace(
             on_applied=[], ledger=self.ledger,
@@ -68,14 +76,14 @@ def leader() -> tuple[Builds, FakeNode]:
 
 def ok(job: str, outputs: Any) -> dict[str, Any]:
     return {"build": "b1", "job": job, "attempt": 1, "status": "ok", "outputs": outputs,
-            "reason": None, "log_tail": "", "duration": 0.1}
+            "reason": None, "log_tail": "", "duration": 0.1, "joules": 2.5}
 
 
 async def test_an_invalid_report_does_not_void_the_others_in_its_batch():
     builds, node = leader()
     # the reviewer's reproduction: all-or-nothing, one bad Done voids the batch
     bad = Done("b1/a", "w1", 1, (("a", "not-a-digest"),))
-    good = Done("b1/b", "w2", 1, (("out", H),))
+    good = Done("b1/b", "w2", 1, (("out", H),), 0.1, 2.5)
     copy = JobLedger.restore(node.ledger.snapshot())
     assert [e.kind for e in copy.apply(copy.applied + 1, encode(Batch((submit("b2", "x"), good,
                                                                          bad))))] == ["invalid"]
@@ -129,10 +137,35 @@ async def test_garbage_outputs_become_a_failure_and_never_raise(outputs):
 async def test_valid_outputs_are_kept_and_sorted():
     builds, _node = leader()
     builds._on_report("w1", ok("a", [["z", H, 1], ["a/b", sha("x"), 2]]))
-    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, (("a/b", sha("x")), ("z", H)))
+    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, (("a/b", sha("x")), ("z", H)),
+                                              0.1, 2.5)
     builds._reports.clear()
     builds._on_report("w1", ok("a", None))  # no outputs at all
-    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, ())
+    assert builds._reports["b1/a"][0] == Done("b1/a", "w1", 1, (), 0.1, 2.5)
+
+
+@pytest.mark.parametrize("duration, joules", [(-1, 2.5), ("3", None), (float("nan"), True),
+                                              (1e12, 1e14), (None, float("inf"))])
+async def test_bad_figures_in_a_report_count_as_not_stated(duration, joules):
+    """A job's result is never lost to a bad figure: the report counts, without it."""
+    builds, node = leader()
+    builds._on_report("w1", {**ok("a", []), "duration": duration, "joules": joules})
+    cmd = builds._reports["b1/a"][0]
+    assert cmd == Done("b1/a", "w1", 1, (), *(
+        v if type(v) is float and 0 <= v < 1e9 else 0.0 for v in (duration, joules)))
+    assert node.apply(encode(Batch((cmd,)))) == ["done"]
+
+
+async def test_costs_are_left_out_while_a_member_reads_an_older_ledger_format():
+    """A member from before ledger format 3 would find a batch with `seconds`/`joules`
+    invalid: while one is admitted, the leader writes reports as before."""
+    for odd in (None, 2, "3"):  # none stated, older, not a number
+        builds, node = leader()
+        node.members.append(member("old", odd))
+        builds._on_report("w1", ok("a", []))
+        cmd = builds._reports["b1/a"][0]
+        assert cmd == Done("b1/a", "w1", 1, ())
+        assert to_plain(cmd).keys() == {"op", "job_key", "node", "attempt", "artifacts"}
 
 
 async def test_malformed_failure_fields_are_bounded():

@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from swarmnode.node import POWER_S
 from swarmnode.power import (
     DEFAULT_WATTS_IDLE,
     DEFAULT_WATTS_PER_CORE,
+    EnergyShare,
     PowerMeter,
     RaplMeter,
     estimate,
@@ -104,7 +106,13 @@ def test_energy_today_starts_again_with_a_new_day_and_travels_in_the_note(
     assert meter.joules_today == pytest.approx(100.0) and meter.joules == pytest.approx(300.0)
     stated = read_note(note_value(meter))
     assert stated is not None and stated.day == "2026-11-27" and stated.joules_today == 100
-    assert stated.reading == meter.last
+    assert stated.reading == meter.last and stated.load is None
+    loaded = read_note(note_value(meter, 1.2345))
+    assert loaded is not None and loaded.load == 1.23
+    for bad in (-1, "high", True, 1e9):
+        plain = {**msgpack.unpackb(note_value(meter)), "l": bad}
+        odd = read_note(msgpack.packb(plain))
+        assert odd is not None and odd.load is None  # a bad load does not void the reading
 
 
 def test_rapl_is_preferred_and_a_counter_that_goes_away_falls_back(tmp_path: Path) -> None:
@@ -130,6 +138,36 @@ def test_utilisation_and_the_model() -> None:
     assert parse_cpu_line("cpu  1 2\n") is None
     assert estimate(0.0, 10, 90) == 10 and estimate(1.0, 10, 90) == 90
     assert estimate(0.25, 10, 90) == pytest.approx(30)
+
+
+def test_the_draw_is_split_among_running_jobs_by_their_cores() -> None:
+    """100 W: one 1-core job alone for 2 s gets 200 J; then a 3-core job joins for 4 s (the
+    draw split 1:3); the draw changes to 60 W while both run; idle time is nobody's."""
+    share = EnergyShare()
+    share.watts(0.0, 100.0)
+    assert share.end(5.0, 1, share.start(5.0, 1)) == 0.0  # ended as it started
+    a = share.start(10.0, 1)
+    b = share.start(12.0, 3)
+    share.watts(16.0, 60.0)
+    b_joules = share.end(18.0, 3, b)
+    a_joules = share.end(20.0, 1, a)
+    assert a_joules == pytest.approx(200 + 400 / 4 + 120 / 4 + 120)
+    assert b_joules == pytest.approx(400 * 3 / 4 + 120 * 3 / 4)
+    assert a_joules + b_joules == pytest.approx(100 * 6 + 60 * 4)  # all of 10..20 s
+    share.end(30.0, 1, 0.0)  # an end too many does not make the busy count negative
+    c = share.start(40.0, 2)
+    assert share.end(41.0, 2, c) == pytest.approx(60.0)
+
+
+def test_a_meters_readings_feed_its_share(tmp_path: Path) -> None:
+    proc = tmp_path / "stat"
+    proc.write_text(stat(0, 100))
+    meter = PowerMeter(10.0, 90.0, powercap=tmp_path / "none", proc_stat=proc)
+    meter.sample(0.0)
+    mark = meter.share.start(0.5, 1)
+    proc.write_text(stat(50, 150))  # 50% busy -> 50 W
+    meter.sample(1.0)
+    assert meter.share.end(3.0, 1, mark) == pytest.approx(100.0)  # 50 W from 1 s to 3 s
 
 
 def test_the_real_machine_gives_a_reading() -> None:
@@ -161,12 +199,16 @@ def test_every_node_states_its_draw_and_each_sees_the_swarms(swarm: Swarm) -> No
     """Each node states its reading in a signed note; every node sums the members' latest
     (`cluster_watts`), and a stranger's or a malformed note does not count."""
     nodes, _token = swarm.loopback(2, 30)
-    views = swarm.wait_for(
-        lambda: (v := [swarm.query(n, "status") for n in nodes])
-        and all(s["watts"] is not None for s in v)
-        and all(s["cluster_watts"] >= sum(x["watts"] for x in v) * 0.5 for s in v) and v,
+    ids = {n.id for n in nodes}
+    snaps = swarm.wait_for(
+        lambda: (v := [swarm.query(n, "snapshot") for n in nodes])
+        and all(set(s["power"]) == ids for s in v) and v,
         4 * POWER_S, "both nodes' draw everywhere")
-    for st in views:
-        assert st["cluster_watts"] > st["watts"] > 0  # the other node's counts too
+    views = [s["status"] for s in snaps]
+    for snap in snaps:
+        stated = snap["power"].values()
+        assert all(p["watts"] > 0 and p["source"].startswith(("rapl", "estimate"))
+                   and p["load"] >= 0 for p in stated)
+        assert snap["status"]["cluster_watts"] == pytest.approx(sum(p["watts"] for p in stated))
     assert read_note(b"\xff\x00") is None and read_note(b"\x81\xa1w\xc3") is None
     assert all(st["cluster_kwh_today"] >= 0 and st["cost_today"] is None for st in views)
