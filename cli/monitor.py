@@ -27,36 +27,44 @@ from swarmnode import control
 
 REFRESH_S = 1.0
 STATE_STYLE = {"pending": "bold black on yellow", "suspect": "red", "dead": "dim",
-               "left": "dim", "banned": "dim strike"}
+               "left": "dim", "banned": "dim strike", "paused": "yellow"}
 
 
 def render(snap: dict[str, Any], width: int, height: int) -> Group:
     """One frame for a `width` x `height` terminal."""
     st = snap["status"]
+    total = sum(m["cores"] or 0 for m in snap["nodes"]
+                if m["admitted_by"] and m["state"] not in ("left", "banned"))
     top = Text.assemble(
-        ("swarmnode ", "bold"), (f"{st['cores_online']}", "bold green"), " cores  ",
+        ("swarmnode ", "bold"), (f"{st['cores_online']}", "bold green"), f"/{total} cores  ",
         (f"{st['nodes_alive']}", "bold"), " nodes  ",
         (f"{st['pending']} pending", "bold black on yellow" if st["pending"] else ""), "  ",
         "leader ", (f"{snap['leader_name'] or 'none'}", "bold"), f" (term {st['term']})  ",
         (f"{st['cluster_watts']} W", "bold"), " in the swarm")
     nodes = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
     for name, ratio in (("node", 3), ("state", 2), ("kind", 2), ("arch", 2), ("cores", 1),
-                        ("route", 5), ("version", 2), ("jobs", 1), ("W", 1)):
+                        ("load", 1), ("route", 5), ("version", 2), ("job", 3), ("W", 1)):
         nodes.add_column(name, ratio=ratio, no_wrap=True, overflow="ellipsis")
     for m in snap["nodes"]:
         route = (m["addresses"] or ["-"])[0]
         if m["observed"] and m["nat"]:
             route = f"{route} via {m['observed']} NAT"
-        watts = snap["power"].get(m["id"], {}).get("watts", "")
-        nodes.add_row(m["name"] + (" *" if m["leader"] else ""), m["state"], m["kind"] or "",
-                      m["arch"] or "", str(m["cores"] or ""), route, str(m["version"] or ""),
-                      str(snap["running"].get(m["id"], 0)), str(watts),
-                      style=STATE_STYLE.get(m["state"], ""))
+        if m["path"]["how"] == "ssh":
+            route = f"{route} ssh via {len(m['path']['via'])} jump"
+        stated = snap["power"].get(m["id"], {})
+        running = snap["running"].get(m["id"], 0)
+        job = (m["current"] or [""])[0] + (f" +{running - 1}" if running > 1 else "")
+        state = "paused" if m["paused"] and m["state"] == "alive" else m["state"]
+        nodes.add_row(m["name"] + (" *" if m["leader"] else ""), state, m["kind"] or "",
+                      m["arch"] or "", str(m["cores"] or ""), str(stated.get("load") or ""),
+                      route, str(m["version"] or ""), job, str(stated.get("watts", "")),
+                      style=STATE_STYLE.get(state, ""))
     parts: list[Any] = [top, nodes]
     used = 2 + len(snap["nodes"])
     for b in snap["builds"][:3]:
-        if b["done"] < b["total"]:
+        if not b["finished"]:
             parts.append(Text(f"build {b['name']}: {b['done']}/{b['total']} done"
+                              + (f", {b['running']} running" if b["running"] else "")
                               + (f", {b['blocked']} blocked" if b["blocked"] else "")))
             used += 1
     room = max(0, height - used - 2)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -25,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from net.addresses import is_loopback, is_tailscale, split_hostport
+from net.addresses import is_loopback, split_hostport
 from swarmnode.control import ControlError
 from swarmnode.identity import is_node_id, write_secret
+from swarmnode.netmap import network_of, picture
 from swarmnode.views import member_view
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ STREAM_S = 1.0
 KEEPALIVE_S = 15.0
 #: Longest a stop waits for requests in flight (a stream ends at once when told).
 SHUTDOWN_S = 1.0
-ACTIONS = ("admit", "ban", "cancel")
-MAX_BUILDS, MAX_EVENTS = 10, 30
+ACTIONS = ("admit", "ban", "pause", "resume", "cancel")
+MAX_BUILDS, MAX_EVENTS, MAX_PUSHES = 10, 100, 5
 #: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
 JOB_BUILDS, MAX_JOBS = 3, 300
 #: The page runs its own inline script and style, talks only to this node, embeds nothing.
@@ -204,8 +204,9 @@ class HttpApi:
             return web.json_response({"error": str(exc)}, status=404)
 
     async def _action(self, request: web.Request) -> web.Response:
-        """admit, ban (a node) or cancel (a build), through the same code as the CLI; only
-        with the token, as JSON (a cross-site form cannot send that), wherever it is bound."""
+        """admit, ban, pause, resume (a node) or cancel (a build), through the same code as
+        the CLI; only with the token, as JSON (a cross-site form cannot send that), wherever
+        it is bound."""
         if not request.get("token_ok"):
             self.node.drops.drop("http_unauthorised")
             return web.json_response({"error": "actions need the token"}, status=401)
@@ -228,53 +229,85 @@ class HttpApi:
         self.node.event("dashboard_action", {"action": action, "target": target[:80]})
         return web.json_response({"result": result})
 
-    def _path_to(self, peer: str, observed: str | None) -> dict[str, str]:
+    def _path_to(self, peer: str, observed: str | None) -> dict[str, Any]:
         """How this node reaches `peer`: the route actions use (override, SSH jumps...), else
         the address its connection completed the handshake on, else only the peer's own
-        inbound connection (it is behind NAT), else none yet."""
+        inbound connection (it is behind NAT), else none yet. `via`: the jump hosts."""
         node = self.node
         if peer == node.id:
-            return {"how": "this node", "detail": ""}
+            return {"how": "this node", "via": [], "detail": ""}
         route = node.router.cached(peer)
         if route is not None:
-            return {"how": route.method, "detail": " → ".join((*route.via, route.address))}
+            return {"how": route.method, "via": list(route.via),
+                    "detail": " → ".join((*route.via, route.address))}
         shaken = [ep for _t, ev, ep in node.transport.connection_events(peer)
                   if ev == "handshake_ok"]
         if shaken:
-            return {"how": "direct", "detail": shaken[-1].removeprefix("tcp://")}
+            return {"how": "direct", "via": [], "detail": shaken[-1].removeprefix("tcp://")}
         if node.transport.inbound_age(peer) is not None:
-            return {"how": "inbound", "detail": f"its connection from {observed or '?'}"}
-        return {"how": "none", "detail": ""}
+            return {"how": "inbound", "via": [],
+                    "detail": f"its connection from {observed or '?'}"}
+        return {"how": "none", "via": [], "detail": ""}
 
-    def _pushes(self) -> list[dict[str, Any]]:
-        """Each pushed app: its newest release and how many members run it or not."""
+    def _pushes(self) -> dict[str, Any]:
+        """Each app pushed or rolled back: its newest release, the members on each release
+        (by name), where a release was rolled back; and the pushes started from this node,
+        newest first, with how each ended."""
         versions = self.node.push.versions()
+        apps = sorted(versions["latest"].keys()
+                      | {a for m in versions["nodes"] for a in m["rolled_back"]})
         out = []
-        for app, latest in sorted(versions["latest"].items()):
-            states = [m["apps"].get(app, {}) for m in versions["nodes"]]
-            out.append({"app": app, "digest": latest["digest"][:12],
-                        "by": self.node.member_name(latest["by"]),
-                        "current": sum(1 for a in states if a and not a["drift"]),
-                        "behind": sum(1 for a in states if a and a["drift"])})
-        return out
+        for app in apps:
+            latest = versions["latest"].get(app)
+            runs: dict[str, list[str]] = {}
+            for m in versions["nodes"]:
+                digest = m["apps"].get(app, {}).get("digest")
+                runs.setdefault(digest[:12] if digest else "none", []).append(m["name"])
+            out.append({
+                "app": app, "digest": latest["digest"][:12] if latest else None,
+                "by": self.node.member_name(latest["by"]) if latest else None,
+                "current": len(runs.get(latest["digest"][:12], ())) if latest else 0,
+                "behind": sum(len(v) for k, v in runs.items()
+                              if not latest or k != latest["digest"][:12]),
+                "releases": [{"digest": d, "nodes": sorted(n)} for d, n in sorted(runs.items())],
+                "rolled_back": [{"node": m["name"], "digest": m["rolled_back"][app][:12]}
+                                for m in versions["nodes"] if app in m["rolled_back"]]})
+        service = self.node.push
+        started = sorted(service.pushes.values(), key=lambda p: p.started, reverse=True)
+        here = []
+        for push in started[:MAX_PUSHES]:
+            view = service.push_view(push.id)
+            here.append({"push": push.id, "app": view["app"], "digest": view["digest"][:12],
+                         "phase": view["phase"], "done": view["done"],
+                         "halted": view["halted"], "counts": view["counts"],
+                         "failures": view["failures"]})
+        return {"apps": out, "here": here}
 
     def snapshot(self) -> dict[str, Any]:
         """The swarm as this node sees it, for the page."""
         node = self.node
         ledger = node.leadership.ledger
         running: dict[str, int] = {}
+        current: dict[str, list[str]] = {}  # node -> its running jobs' names (a few)
         for job in ledger.active():
             if job.node:
                 running[job.node] = running.get(job.node, 0) + 1
+                if len(names := current.setdefault(job.node, [])) < 3:
+                    names.append(job.name)
+        price = node.node_config.price_per_kwh
         builds = []
         for n, build in enumerate(reversed(ledger.builds()[-MAX_BUILDS:])):
             progress = ledger.progress(build.build_id)
-            jobs = [{"job": j.name, "state": j.state,
+            jobs = [{"job": j.name, "state": j.state, "seconds": round(j.seconds, 2),
                      "node": node.member_name(j.node) if j.node else None}
                     for j in ledger.jobs(build.build_id)[:MAX_JOBS]] if n < JOB_BUILDS else []
+            kwh = ledger.energy(build.build_id) / 3.6e6
             builds.append({"build": build.build_id, "name": build.name, "done": progress["done"],
                            "total": progress["total"], "blocked": progress["blocked"],
-                           "finished": ledger.finished(build.build_id), "jobs": jobs})
+                           "running": progress["running"] + progress["assigned"],
+                           "finished": ledger.finished(build.build_id), "jobs": jobs,
+                           "kwh": kwh,
+                           "cost": round(kwh * price, 4) if price is not None else None})
         events = []
         for ev in node.store.events(limit=MAX_EVENTS):
             who = ev.get("id")
@@ -289,30 +322,14 @@ class HttpApi:
             view = member_view(node, m)
             view["network"] = network_of(view["addresses"])
             view["path"] = self._path_to(m.id, view["observed"])
+            view["paused"] = m.id in ledger.paused
+            view["current"] = current.get(m.id, [])
             nodes.append(view)
-        return {"status": node.status(), "nodes": nodes,
+        return {"status": node.status(), "nodes": nodes, "network": picture(node.id, nodes),
                 "running": running, "builds": builds, "events": events[::-1],
                 "pushes": self._pushes(),
                 "power": node.power_view(),
                 "leader_name": node.member_name(leader) if leader else None}
-
-
-def network_of(addresses: list[str]) -> str:
-    """The network a member's first reported address is in, as the page groups them:
-    loopback, the Tailscale range, a private /24 (IPv4) or /64 (IPv6), or the internet."""
-    if not addresses:
-        return "unknown"
-    try:
-        ip = ipaddress.ip_address(split_hostport(addresses[0], 0)[0])
-    except ValueError:
-        return "unknown"
-    if ip.is_loopback:
-        return "loopback"
-    if is_tailscale(str(ip)):
-        return "tailscale"
-    if ip.is_private:
-        return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
-    return "internet"
 
 
 @functools.cache

@@ -79,6 +79,10 @@ OWNER = "push"
 """The artifact-store pin that keeps bundles of installed releases (others may fetch them)."""
 FACT_PREFIX = "rel."
 MAX_APP_FACTS = 12
+ROLLBACK_PREFIX = "rb."
+#: Apps whose latest rollback here a node states (`rb.APP` = digest@when; a record holds 32
+#: facts in all): the dashboard shows where a release was rolled back.
+MAX_ROLLBACK_FACTS = 4
 """Apps whose release a node states in its record; the rest of its 32 facts describe it."""
 KEEP_PUSHES = 32
 """Finished pushes whose outcome `push_status` still shows (the events keep every one)."""
@@ -86,14 +90,19 @@ KEEP_PUSHES = 32
 
 def release_facts(releases: Releases) -> dict[str, str]:
     """The record facts that tell the cluster what this node runs: `rel.APP` = digest@switched,
-    for the MAX_APP_FACTS apps switched most recently (a record holds 32 facts in all)."""
+    for the MAX_APP_FACTS apps switched most recently (a record holds 32 facts in all), and
+    `rb.APP` = digest@when for its MAX_ROLLBACK_FACTS latest rollbacks."""
     runs = []
     for app in releases.apps():
         digest = releases.current(app)
         if digest is not None and len(FACT_PREFIX + app) <= MAX_FACT_KEY:
             runs.append((releases.switched_at(app) or 0.0, app, digest))
     runs.sort(reverse=True)
-    return {FACT_PREFIX + app: f"{digest}@{int(at)}" for at, app, digest in runs[:MAX_APP_FACTS]}
+    facts = {FACT_PREFIX + app: f"{digest}@{int(at)}" for at, app, digest in runs[:MAX_APP_FACTS]}
+    facts.update({ROLLBACK_PREFIX + app: f"{digest}@{int(at)}"
+                  for app, digest, at in releases.rolled_back(MAX_ROLLBACK_FACTS)
+                  if len(ROLLBACK_PREFIX + app) <= MAX_FACT_KEY})
+    return facts
 
 
 @dataclass
@@ -405,7 +414,8 @@ class PushService:
 
     def _publish_facts(self) -> None:
         rec = self.node.core.record
-        facts = {k: v for k, v in rec.facts if not k.startswith(FACT_PREFIX)}
+        facts = {k: v for k, v in rec.facts
+                 if not k.startswith((FACT_PREFIX, ROLLBACK_PREFIX))}
         facts.update(release_facts(self.releases))
         self.node.core.update_record(self.node.clock(), facts=facts)
         self.node.flush()
@@ -596,9 +606,11 @@ class PushService:
         for m in self.node.core.members():
             if m.admitted_by is None or m.record is None or m.state == "banned":
                 continue
-            apps = {}
+            apps, rolled_back = {}, {}
             for k, v in m.record.facts:
-                if k.startswith(FACT_PREFIX) and isinstance(v, str) and "@" in v:
+                if k.startswith(ROLLBACK_PREFIX) and isinstance(v, str):
+                    rolled_back[k.removeprefix(ROLLBACK_PREFIX)] = v.partition("@")[0]
+                elif k.startswith(FACT_PREFIX) and isinstance(v, str) and "@" in v:
                     digest, _, at = v.partition("@")
                     app = k.removeprefix(FACT_PREFIX)
                     newest_digest = latest.get(app, {}).get("digest")
@@ -607,7 +619,8 @@ class PushService:
                                  "drift": newest_digest is not None and digest != newest_digest}
             for app in latest.keys() - apps.keys():  # never got it (offline, or it failed)
                 apps[app] = {"digest": None, "switched_at": None, "drift": True}
-            nodes.append({"id": m.id, "name": m.name, "state": m.state, "apps": apps})
+            nodes.append({"id": m.id, "name": m.name, "state": m.state, "apps": apps,
+                          "rolled_back": rolled_back})
         return {"latest": latest, "nodes": nodes}
 
     # -- loop -----------------------------------------------------------------------------

@@ -55,10 +55,12 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             assert page.inner_text("#cores") == str(cores)
             assert page.locator("#members tbody tr").count() == 3
             assert page.inner_text("#status") == "live"
-            loop = page.locator('#network .net[data-network="loopback"]')
+            assert page.inner_text("#cores_total") == f"of {cores}"
+            loop = page.locator('#network svg .net[data-network="loopback"]')
             expect(loop.locator(".peer")).to_have_count(3)
-            assert loop.locator('.peer[data-name="n1"] .how').inner_text() == "this node"
+            expect(loop.locator('.peer[data-name="n1"] .how')).to_have_text("this node")
             expect(loop.locator('.peer[data-name="n2"] .how')).to_have_text("direct")
+            expect(page.locator("#network svg path.edge.direct")).to_have_count(2)
 
             guest = swarm.start(swarm.add("guest", loopback_addr(4)), seeds=[first.listen])
             row = page.locator('#members tr.pending[data-name="guest"]')
@@ -69,11 +71,28 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             row.locator("button.admit").click()
             expect(page.locator('#members tr.alive[data-name="guest"]')).to_have_count(
                 1, timeout=20_000)
-            assert "admit: guest" in page.inner_text("#result")
+            expect(page.locator("#result")).to_contain_text("admit: guest")
             swarm.wait_state([guest], "alive", [first], 20)
             how = [e for e in swarm.events(first, "admitted") if e.get("id") == guest.id]
             assert how and "via dashboard" in how[-1]["how"]
             expect(page.locator("#nodes")).to_have_text("4", timeout=20_000)
+
+            # pause a node from the page: committed, shown, and undone with Resume
+            page.locator('#members tr[data-name="n2"] button.pause').click()
+            expect(page.locator('#members tr[data-name="n2"] .tag.paused')).to_have_count(
+                1, timeout=20_000)
+            expect(page.locator("#result")).to_contain_text("paused: n2")  # (the answer may
+            # come after the stream showed the pause)
+            assert swarm.wait_for(lambda: any(n["paused"] for n in swarm.query(
+                nodes[2], "snapshot")["nodes"] if n["name"] == "n2"), 10, "paused everywhere")
+            page.locator("#evkind").select_option("actions")
+            expect(page.locator('#events tr[data-kind="node_paused_by_operator"]')).to_have_count(
+                1, timeout=10_000)
+            expect(page.locator('#events tr[data-kind="member_join"]')).to_have_count(0)
+            page.locator('#members tr[data-name="n2"] button.resume').click()
+            expect(page.locator('#members tr[data-name="n2"] .tag.paused')).to_have_count(
+                0, timeout=20_000)
+            page.locator("#evkind").select_option("")
             page.screenshot(path=str(tmp_path / "admitted.png"))
             if SCREENSHOT:
                 shutil.copy(tmp_path / "admitted.png", REPO / SCREENSHOT)
@@ -108,7 +127,8 @@ def test_the_page_shows_a_build_a_jobs_output_and_cancels_it(swarm: Swarm,
     swarm.wait_for(lambda: swarm.query(node, "status")["leader"] == node.id, 20, "leading")
     plan = tmp_path / "talk.toml"
     plan.write_text('name = "talk"\n[jobs.hello]\ncmd = "echo hello from the page; sleep 60"\n'
-                    '[jobs.after]\ncmd = "true"\ndeps = ["hello"]\n')
+                    '[jobs.after]\ncmd = "true"\ndeps = ["hello"]\n'
+                    '[jobs.quick]\ncmd = "sleep 0.3"\n')
     build_id = json.loads(swarm.cli(node, "build", str(plan), "--json").stdout)["build"]
     url = swarm.cli(node, "dashboard").stdout.strip()
     with playwright.sync_playwright() as p:
@@ -119,6 +139,14 @@ def test_the_page_shows_a_build_a_jobs_output_and_cancels_it(swarm: Swarm,
             expect = playwright.expect
             job = page.locator(f'.job.running[data-job="{build_id}/hello"]')
             expect(job).to_have_count(1, timeout=20_000)
+            expect(job).to_contain_text("hello · n1")  # the job's node on its chip
+            done = page.locator(f'.job.done[data-job="{build_id}/quick"]')
+            expect(done).to_contain_text(" s", timeout=20_000)  # and, once ended, its time
+            assert 0.2 <= float(done.inner_text().split(" · ")[-1].removesuffix(" s")) < 5
+            expect(page.locator(f'.build[data-build="{build_id}"] .energy')).to_contain_text(
+                "Wh", timeout=20_000)
+            expect(page.locator('#members tr[data-name="n1"] .current')).to_contain_text(
+                "hello")
             expect(page.locator(f'.job.queued[data-job="{build_id}/after"]')).to_have_count(1)
             job.click()
             expect(page.locator("#log")).to_contain_text("hello from the page",

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarmnode.eventlog import JsonLines
-from swarmnode.http_api import network_of
+from swarmnode.netmap import network_of, picture
 from tests.ports import free_port
 from tests.swarm import (
     Swarm,
@@ -144,3 +144,30 @@ def test_an_open_page_does_not_hold_up_a_nodes_stop(swarm: Swarm) -> None:
 ])
 def test_members_are_grouped_by_the_network_of_their_first_address(addresses, network):
     assert network_of(addresses) == network
+
+
+def _member(mid: str, network: str, how: str, via: tuple[str, ...] = ()) -> dict[str, object]:
+    return {"id": mid, "network": network, "path": {"how": how, "via": list(via)}}
+
+
+def test_the_network_picture_draws_jump_chains_once_and_nat_as_the_members_own_edge() -> None:
+    pic = picture("me", [
+        _member("lan", "10.0.0.0/24", "reported"),
+        _member("me", "10.0.0.0/24", "this node"),
+        _member("far1", "172.31.0.0/24", "ssh", ("root@10.0.0.3:22", "root@172.30.0.2:22")),
+        _member("far2", "172.31.0.0/24", "ssh", ("root@10.0.0.3:22", "root@172.30.0.2:22")),
+        _member("natted", "192.168.7.0/24", "inbound"),
+        _member("ts", "tailscale", "override"),
+        _member("lost", "internet", "none"),
+    ])
+    assert pic["networks"][0] == {"name": "10.0.0.0/24", "members": ["me", "lan"]}
+    assert {n["name"] for n in pic["networks"]} == {"10.0.0.0/24", "172.31.0.0/24",
+                                                    "192.168.7.0/24", "tailscale", "internet"}
+    assert pic["jumps"] == ["jump:root@10.0.0.3:22", "jump:root@172.30.0.2:22"]
+    edges = {(e["from"], e["to"]): e["kind"] for e in pic["edges"]}
+    assert edges == {
+        ("me", "lan"): "direct", ("me", "ts"): "direct", ("natted", "me"): "inbound",
+        ("me", "jump:root@10.0.0.3:22"): "ssh",
+        ("jump:root@10.0.0.3:22", "jump:root@172.30.0.2:22"): "ssh",
+        ("jump:root@172.30.0.2:22", "far1"): "ssh", ("jump:root@172.30.0.2:22", "far2"): "ssh",
+    }

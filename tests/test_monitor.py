@@ -1,6 +1,7 @@
 """`swarmnode monitor` in a real pseudo-terminal of 80x24 against a running swarm: it draws
-the swarm, shows a node that turns up pending without being restarted, and `q` quits with
-the terminal given back (the alternate screen left)."""
+the swarm, shows a node that turns up pending without being restarted, a node's current job
+and a paused node as they happen, and `q` quits with the terminal given back (the alternate
+screen left)."""
 
 from __future__ import annotations
 
@@ -66,11 +67,20 @@ def test_monitor_draws_the_swarm_and_q_quits(swarm: Swarm) -> None:
         screen = term.read_until(b"recent events", 20)
         assert b"\x1b[?1049h" in screen  # the alternate screen: the shell's is kept intact
         cores = swarm.query(nodes[0], "status")["cores_online"]
+        assert f"/{cores} cores".encode() in screen  # online (bold) / total
         assert f"{cores}".encode() in screen and b"n1" in screen and b"n2" in screen
         assert b"0 pending" in screen
         swarm.start(swarm.add("guest", loopback_addr(3)), seeds=[nodes[0].listen])
         term.read_until(b"1 pending", 20)  # redrawn without a restart
         term.read_until(b"guest", 5)
+        # a node's current job and load, and a paused node, as they happen
+        plan = nodes[0].home / "sleepy.toml"
+        plan.write_text('[jobs.sleeper]\ncmd = "sleep 30"\n')
+        swarm.cli(nodes[0], "build", str(plan))
+        term.read_until(b"sleeper", 20)
+        term.read_until(b"1 running", 5)
+        swarm.cli(nodes[0], "pause", "n2")
+        term.read_until(b"paused", 20)
         os.write(term.master, b"q")
         assert term.proc.wait(timeout=10) == 0
         term.read_until(b"\x1b[?1049l", 5)  # and left again

@@ -82,6 +82,17 @@ def test_reboot_reaches_the_node_behind_nat_never_the_gateway(lab: Lab, lab_swar
     assert route["method"] == "inbound", route
     assert [a["method"] for a in route["attempts"]] == ["reported", "inbound"], route
     assert route["attempts"][0]["result"] != "ok"
+    # the dashboard's picture says the same: tarn in its own network, marked NAT with the
+    # address it reports and the gateway's it is seen from, reached only by its connection
+    snap = swarm.query(lan1, "snapshot")
+    [seen] = [n for n in snap["nodes"] if n["id"] == tarn.id]
+    assert (seen["network"], seen["nat"], seen["observed"], seen["addresses"]) == (
+        "192.168.10.0/24", True, topo.gw_lan_addr, [f"{topo.addr('tarn')}:{PORT}"]), seen
+    assert seen["path"]["how"] == "inbound", seen
+    edges = {(e["from"], e["to"]): e["kind"] for e in snap["network"]["edges"]}
+    assert edges[(tarn.id, lan1.id)] == "inbound" and (lan1.id, tarn.id) not in edges
+    assert edges[(lan1.id, gw.id)] == "direct", edges
+    assert snap["network"]["networks"][0]["members"][0] == lan1.id
     swarm.cli(lan1, "reboot", "tarn")
     assert marks(lan1, gw, tarn) == {"lan1": False, "gw": False, "tarn": True}
     res = swarm.cli(lan1, "exec", "tarn", "--", "sh", "-c",

@@ -101,6 +101,15 @@ host_keys = ["{sshd["target"].host_key.path}.pub"]
     # the same route carries membership: the target is alive again, through the tunnel
     swarm.wait_for(lambda: swarm.state(orch, target) == "alive", JOIN_S,
                    "gossip flows through the SSH tunnel")
+    # the dashboard's picture draws the chain: orch -> jump1 -> jump2 -> target
+    snap = swarm.query(orch, "snapshot")
+    [seen] = [n for n in snap["nodes"] if n["id"] == target.id]
+    assert seen["network"] == "172.31.0.0/24" and seen["path"]["via"] == route["via"], seen
+    hops = [f"jump:root@{JUMP1}:22", f"jump:root@{JUMP2}:22"]
+    assert snap["network"]["jumps"] == hops
+    assert snap["network"]["edges"] == [
+        {"from": a, "to": b, "kind": "ssh"}
+        for a, b in ((orch.id, hops[0]), (hops[0], hops[1]), (hops[1], target.id))]
     res = swarm.cli(orch, "exec", "target", "--", "sh", "-c",
                     f"ip -4 -o addr show | grep -c {TARGET}; exit 7", check=False)
     assert (res.returncode, res.stdout) == (7, "1\n"), res

@@ -307,6 +307,12 @@ class Releases:
                               (check_app(app), check_digest(digest))).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
+    def rolled_back(self, limit: int) -> list[tuple[str, str, float]]:
+        """(app, digest, when) of the `limit` newest releases rolled back here, one per app."""
+        return [(str(a), str(d), float(t)) for a, d, t in self.db.execute(
+            "SELECT app, digest, MAX(at) FROM status WHERE status = 'rolled_back' "
+            "GROUP BY app ORDER BY MAX(at) DESC LIMIT ?", (limit,))]
+
     def failed(self, app: str, digest: str) -> str | None:
         """Why the release was rolled back on this node, or None if it was not."""
         st = self.status(app, digest)
