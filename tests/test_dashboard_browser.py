@@ -93,7 +93,13 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             expect(page.locator('#members tr[data-name="n2"] .tag.paused')).to_have_count(
                 0, timeout=20_000)
             page.locator("#evkind").select_option("")
-            page.screenshot(path=str(tmp_path / "admitted.png"))
+            plan = tmp_path / "four.toml"  # (for the screenshot: a build spread over nodes)
+            plan.write_text('name = "four"\n' + "".join(
+                f'[jobs.part{i}]\ncmd = "sleep 0.5"\n' for i in range(4))
+                + '[jobs.link]\ncmd = "true"\ndeps = ["part0", "part1", "part2", "part3"]\n')
+            swarm.cli(first, "build", str(plan), "--wait")
+            expect(page.locator(".build .job.done")).to_have_count(5, timeout=20_000)
+            page.screenshot(path=str(tmp_path / "admitted.png"), full_page=True)
             if SCREENSHOT:
                 shutil.copy(tmp_path / "admitted.png", REPO / SCREENSHOT)
         finally:

@@ -99,6 +99,16 @@ def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
     assert (canary.home / "web-restarts").read_text().split() == [digest, bad, digest]
     assert next(e["reason"] for e in swarm.events(canary, "push_rolled_back")).startswith(
         "health command exited 3")
+    # the dashboard, on any node: every member on the good release, the rollback on the
+    # canary (from its signed record), and on the pusher its halted push
+    names = sorted(n.name for n in nodes)
+    web = swarm.wait_for(lambda: [a for a in swarm.query(n2, "snapshot")["pushes"]["apps"]
+                                  if a["app"] == "web" and a["rolled_back"]], 10.0, "rollback")
+    assert web == [{**web[0], "releases": [{"digest": digest[:12], "nodes": names}],
+                    "rolled_back": [{"node": canary.name, "digest": bad[:12]}]}], web
+    [here] = swarm.query(n1, "snapshot")["pushes"]["here"]  # (v1 was pushed from n2)
+    assert here["digest"] == bad[:12] and here["halted"].startswith(f"canary {canary.name}")
+    assert web[0]["digest"] == digest[:12]  # the bad release was never published
     # ... and never tries that release again, even when told to; people see who and why
     res = swarm.cli(n1, "push", str(v2), "--canary", "0", "--wait", check=False, timeout=90.0)
     assert res.returncode == 1
