@@ -33,10 +33,9 @@ STATE_STYLE = {"pending": "bold black on yellow", "suspect": "red", "dead": "dim
 def render(snap: dict[str, Any], width: int, height: int) -> Group:
     """One frame for a `width` x `height` terminal."""
     st = snap["status"]
-    total = sum(m["cores"] or 0 for m in snap["nodes"]
-                if m["admitted_by"] and m["state"] not in ("left", "banned"))
     top = Text.assemble(
-        ("swarmnode ", "bold"), (f"{st['cores_online']}", "bold green"), f"/{total} cores  ",
+        ("swarmnode ", "bold"), (f"{st['cores_online']}", "bold green"),
+        f"/{st['cores_total']} cores  ",
         (f"{st['nodes_alive']}", "bold"), " nodes  ",
         (f"{st['pending']} pending", "bold black on yellow" if st["pending"] else ""), "  ",
         "leader ", (f"{snap['leader_name'] or 'none'}", "bold"), f" (term {st['term']})  ",

@@ -11,7 +11,8 @@ glue around it:
   `ledger.propose`); the build counts as accepted once it is committed.
 * Scheduling (the leader, while its lease holds): critical-path-first list scheduling
   (swarmnode/build/schedule.py) of the ready jobs onto the members' free cores, honouring
-  `requires`, avoiding nodes a job failed on and nodes paused by the circuit breaker; each
+  `requires`, avoiding nodes a job failed on, nodes paused by the circuit breaker and nodes
+  an operator paused (`pause` entries in the ledger); each
   decision is an assignment (node, term, attempt). After it commits the leader sends each
   worker its jobs (one message per worker), and re-sends them until the worker says it
   started.
@@ -86,8 +87,10 @@ from swarmnode.ledger.jobs import (
     Pause,
     Report,
     checked,
+    in_range,
 )
 from swarmnode.tasks import TaskSet, until
+from swarmnode.views import member_cores
 from swarmnode.worker import (
     ASSIGN,
     CANCEL,
@@ -174,26 +177,27 @@ class Builds:
         self._changed = asyncio.Event()  # set by every ledger event applied here
         self._levels: dict[str, dict[str, float]] = {}  # build -> job -> bottom level
         self._order: dict[str, tuple[float, int, str]] = {}  # job key -> its place in a pass
-        self._costed_until = -1.0  # `_costed`'s answer holds until then
-        self._costed_now = False
+        self._format3_until = -1.0  # `_format3`'s answer holds until then
+        self._format3_now = False
 
     @property
     def ledger(self) -> JobLedger:
         return self.node.leadership.ledger
 
-    def _costed(self) -> bool:
-        """Whether reports' seconds and joules may go into the ledger: every admitted member
-        reads ledger format 3 (one from before would find a whole batch invalid and fall out
-        of step). Looked at once a second: reports come by the thousand."""
+    def _format3(self) -> bool:
+        """Whether every admitted member reads ledger format 3, so that reports' seconds and
+        joules and `pause` entries may go into the ledger (a node from before would find a
+        whole batch invalid and fall out of step). Looked at once a second: reports come by
+        the thousand."""
         now = time.monotonic()
-        if now >= self._costed_until:
-            self._costed_until = now + 1.0
-            self._costed_now = all(
-                type(f := m.record.facts_dict().get("ledger")) is int and f >= LEDGER_FORMAT
+        if now >= self._format3_until:
+            self._format3_until = now + 1.0
+            self._format3_now = all(
+                m.record is not None and type(f := m.record.facts_dict().get("ledger")) is int
+                and f >= LEDGER_FORMAT
                 for m in self.node.core.members()
-                if m.admitted_by is not None and m.record is not None
-                and m.state not in ("banned", "left"))
-        return self._costed_now
+                if m.admitted_by is not None and m.state not in ("banned", "left"))
+        return self._format3_now
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in TYPES
@@ -372,7 +376,7 @@ class Builds:
         if key in self._reporting or (pending is not None and pending[1] is not None):
             return  # a re-sent copy of a report on its way: acknowledged with that one
         try:
-            cmd = _report_command(key, worker, attempt, status, report, self._costed())
+            cmd = _report_command(key, worker, attempt, status, report, self._format3())
         except LedgerError as exc:
             # Not valid as a ledger command (in a batch it would void the batch's other
             # commands): recorded as a failure of this attempt instead; the job runs again.
@@ -519,7 +523,7 @@ class Builds:
             if m.admitted_by is None or m.state != "alive" or m.record is None:
                 continue
             facts = m.record.facts_dict()
-            cores = int(facts.get("cores", 1))
+            cores = member_cores(m) or 1  # (a fact that is not a positive number: one)
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), frozenset(), cores=cores,
                               paused=(self._paused.get(m.id, 0.0) > now
@@ -961,7 +965,10 @@ class Builds:
 
     async def pause(self, node: str, paused: bool) -> None:
         """Commit an operator's pause (or resume) of `node`: whoever leads gives it no new
-        work while paused; its running jobs finish."""
+        work while paused; its running jobs finish (and jobs only it could run wait)."""
+        if not self._format3():
+            raise ControlError("a member runs a swarmnode from before ledger format 3, which "
+                               "cannot read a pause: push the new version to every node first")
         await self.propose_anywhere(encode(Pause(node, paused)),
                                     what="pause" if paused else "resume")
         await self._until(lambda: (node in self.ledger.paused) == paused,
@@ -1007,7 +1014,7 @@ def _report_command(key: str, worker: str, attempt: int, status: Any,
 
 
 def _figure(value: Any, most: float) -> float:
-    return float(value) if type(value) in (int, float) and 0 <= value < most else 0.0
+    return float(value) if in_range(value, most) else 0.0
 
 
 def _op(entry: bytes) -> str | None:

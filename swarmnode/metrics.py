@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from swarmnode.ledger import STATES
-from swarmnode.views import member_cores
+from swarmnode.views import cores_online_total
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -42,10 +42,9 @@ class NodeCollector(Collector):
         yield states
         cores = GaugeMetricFamily("swarmnode_cores", "Cores of admitted members, by state",
                                   labels=["state"])
-        alive = [m for m in members if m.admitted_by and m.state == "alive" and m.record]
-        cores.add_metric(["online"], sum(member_cores(m) for m in alive))
-        cores.add_metric(["total"], sum(member_cores(m) for m in members
-                                        if m.admitted_by and m.record and m.state != "left"))
+        online, total = cores_online_total(members)
+        cores.add_metric(["online"], online)
+        cores.add_metric(["total"], total)
         yield cores
         jobs = GaugeMetricFamily("swarmnode_jobs", "Jobs in the replicated ledger, by state",
                                  labels=["state"])
@@ -58,6 +57,9 @@ class NodeCollector(Collector):
         for state, n in totals.items():
             jobs.add_metric([state], n)
         yield jobs
+        yield GaugeMetricFamily("swarmnode_members_paused",
+                                "Members an operator paused (no new work)",
+                                value=len(ledger.paused))
         sent = CounterMetricFamily("swarmnode_messages_sent", "Messages sent, by type",
                                    labels=["type"])
         for kind, n in sorted(node.transport.sent.items()):
@@ -74,13 +76,16 @@ class NodeCollector(Collector):
             drops.add_metric([reason], n)
         yield drops
         releases = GaugeMetricFamily("swarmnode_release_nodes",
-                                     "Members per pushed app: on its newest release or not",
+                                     "Members per pushed app: on its newest release or not, "
+                                     "and those whose latest rollback was of that app",
                                      labels=["app", "state"])
         per_app: dict[tuple[str, str], int] = {}
         for member in node.push.versions()["nodes"]:
             for app, info in member["apps"].items():
                 key = (app, "behind" if info["drift"] else "current")
                 per_app[key] = per_app.get(key, 0) + 1
+            for app in member["rolled_back"]:
+                per_app[(app, "rolled_back")] = per_app.get((app, "rolled_back"), 0) + 1
         for (app, state), n in sorted(per_app.items()):
             releases.add_metric([app, state], n)
         yield releases
@@ -102,7 +107,7 @@ class NodeCollector(Collector):
 
 
 class Metrics:
-    """A node's registry: the collector and the job-duration histogram."""
+    """A node's registry: the collector, the job-duration histogram and the jobs' energy."""
 
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry()
@@ -111,6 +116,9 @@ class Metrics:
                                      "Run time of the jobs this node ran, by outcome",
                                      ["status"], buckets=DURATION_BUCKETS,
                                      registry=self.registry)
+        self.job_joules = Counter("swarmnode_job_energy_joules",
+                                  "Energy shares of the jobs this node ran, by outcome",
+                                  ["status"], registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -68,7 +68,7 @@ from swarmnode.routes import PING as ROUTE_PING
 from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
 from swarmnode.store import Store
-from swarmnode.views import member_cores, member_view, resolve_node
+from swarmnode.views import cores_online_total, member_view, resolve_node
 from swarmnode.worker import Worker
 
 log = logging.getLogger("swarmnode")
@@ -378,8 +378,9 @@ class Node:
         the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped).
         The first reading comes a quarter of a second after the start (the estimate needs
         two looks at /proc/stat, RAPL two at its counters): jobs' energy shares count from it."""
-        stated = -POWER_NOTE_S
+        stated, tries = -POWER_NOTE_S, 0
         while True:
+            tries += 1
             reading = self.power.sample(time.monotonic(), time.strftime("%Y-%m-%d"))
             if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
                 stated = time.monotonic()
@@ -387,7 +388,7 @@ class Node:
                 self.core.add_note(self.clock(), self.core.sign_note(
                     self.clock(), power.POWER_TOPIC, "", value))
                 self.flush()
-            await asyncio.sleep(POWER_S if reading is not None else 0.25)
+            await asyncio.sleep(0.25 if self.power.last is None and tries < 8 else POWER_S)
 
     def _cluster_power(self) -> dict[str, Any]:
         """The swarm's draw now, its energy today and, at the configured price, its cost."""
@@ -653,7 +654,8 @@ class Node:
             return await self.builds.set_voters([m.id for m in chosen])
         if cmd in ("pause", "resume"):
             target = resolve_node(self.core.members(), str(args.get("node", "")))
-            if target.admitted_by is None or target.state in ("pending", "banned"):
+            if cmd == "pause" and (target.admitted_by is None
+                                   or target.state in ("pending", "banned")):
                 raise control.ControlError(f"{target.name} is {target.state}: it gets no work")
             await self.builds.pause(target.id, cmd == "pause")
             return f"{cmd}d: {target.name} ({target.id[:12]})"
@@ -712,6 +714,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         alive = [m for m in self.core.members() if m.admitted_by and m.state == "alive"]
+        online, total = cores_online_total(self.core.members())
         return {
             "id": self.id,
             "name": self.core.member(self.id).name,  # as renamed by anyone
@@ -719,7 +722,8 @@ class Node:
             "cluster_id": self.cluster_id,
             "admitted": self.admitted,
             "nodes_alive": len(alive),
-            "cores_online": sum(member_cores(m) for m in alive),
+            "cores_online": online,
+            "cores_total": total,
             "pending": sum(1 for m in self.core.members() if m.state == "pending"),
             **self.leadership.status(),
             "voters_pinned": list(self.leadership.ledger.pinned_voters),

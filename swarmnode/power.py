@@ -123,37 +123,49 @@ def estimate(utilisation: float, watts_idle: float, watts_max: float) -> float:
 class EnergyShare:
     """The node's draw split among the jobs running on it by the cores each holds, so that a
     build's energy is what its jobs' shares add up to (the draw while nothing runs is no
-    build's). The draw counts as the latest sample until the next: a job shorter than a
-    sample interval still gets its share of that figure. O(1) per job start and end: one
-    running integral of watts per busy core."""
+    build's).
+
+    A reading is the mean draw since the one before, so it is shared out over that interval,
+    among the jobs that ran in it by cores x time (a running integral of 1 / busy cores makes
+    each start and end O(1); a reading costs one step per running job). The worker takes a
+    reading as a job ends (`PowerMeter.refresh`), so a job's energy is complete when it is
+    reported; only a tail shorter than `PowerMeter.REFRESH_S` counts at the latest figure."""
 
     def __init__(self) -> None:
-        self.per_core = 0.0  # joules per busy core since start
-        self._watts = 0.0
-        self._busy = 0
+        self._g = 0.0  # integral of 1 / busy cores since the last reading
         self._at: float | None = None
+        self._busy = 0
+        self._watts = 0.0  # the latest reading, for tails
+        self._jobs: dict[object, list[float]] = {}  # key -> [cores, mark in _g, joules]
 
     def _advance(self, now: float) -> None:
         if self._at is not None and self._busy > 0 and now > self._at:
-            self.per_core += self._watts * (now - self._at) / self._busy
+            self._g += (now - self._at) / self._busy
         self._at = now
 
-    def watts(self, now: float, watts: float) -> None:
-        """A new reading of the node's draw, counted from `now`."""
+    def reading(self, now: float, watts: float | None) -> None:
+        """The mean draw since the previous reading (None: unknown, that interval is no
+        job's), shared among the jobs that ran in it."""
         self._advance(now)
-        self._watts = watts
+        for job in self._jobs.values():
+            if watts is not None:
+                job[2] += watts * job[0] * (self._g - job[1])
+            job[1] = 0.0
+        self._g = 0.0
+        if watts is not None:
+            self._watts = watts
 
-    def start(self, now: float, cores: int) -> float:
-        """A job holding `cores` starts: the mark its `end` takes."""
+    def start(self, now: float, key: object, cores: int) -> None:
         self._advance(now)
         self._busy += cores
-        return self.per_core
+        self._jobs[key] = [float(cores), self._g, 0.0]
 
-    def end(self, now: float, cores: int, mark: float) -> float:
-        """The job started at `mark` ends: its joules."""
+    def end(self, now: float, key: object) -> float:
+        """The job `key` ended: its joules."""
         self._advance(now)
-        self._busy = max(0, self._busy - cores)
-        return cores * (self.per_core - mark)
+        cores, mark, joules = self._jobs.pop(key)
+        self._busy = max(0, self._busy - int(cores))
+        return joules + self._watts * cores * (self._g - mark)
 
 
 class PowerMeter:
@@ -178,6 +190,15 @@ class PowerMeter:
         self.share = EnergyShare()
         self._at: float | None = None
 
+    #: A job's end takes a reading unless the last is younger than this (its energy share
+    #: is then complete; at most this many readings a second however many jobs end).
+    REFRESH_S = 0.25
+
+    def refresh(self, now: float, day: str = "") -> None:
+        """A reading now, unless the last one is younger than REFRESH_S."""
+        if self._at is None or now - self._at >= self.REFRESH_S:
+            self.sample(now, day)
+
     def sample(self, now: float, day: str = "") -> Reading | None:
         """Read the counters (or /proc/stat) at `now` (monotonic seconds), on local date `day`;
         the draw since the previous sample, added to `joules` and to `joules_today` (which a
@@ -199,8 +220,8 @@ class PowerMeter:
             self.joules += watts * (now - self._at)
             self.joules_today += watts * (now - self._at)
         self._at = now
+        self.share.reading(now, watts)
         if watts is not None:
-            self.share.watts(now, watts)
             self.last = Reading(round(watts, 1), source)
         return self.last if watts is not None else None
 

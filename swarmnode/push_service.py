@@ -79,11 +79,11 @@ OWNER = "push"
 """The artifact-store pin that keeps bundles of installed releases (others may fetch them)."""
 FACT_PREFIX = "rel."
 MAX_APP_FACTS = 12
-ROLLBACK_PREFIX = "rb."
-#: Apps whose latest rollback here a node states (`rb.APP` = digest@when; a record holds 32
-#: facts in all): the dashboard shows where a release was rolled back.
-MAX_ROLLBACK_FACTS = 4
 """Apps whose release a node states in its record; the rest of its 32 facts describe it."""
+ROLLBACK_PREFIX = "rb."
+MAX_ROLLBACK_FACTS = 4
+"""Apps whose latest rollback here a node states (`rb.APP` = digest@when): the dashboard
+shows where a release was rolled back. With MAX_APP_FACTS, 16 of a record's 32 facts."""
 KEEP_PUSHES = 32
 """Finished pushes whose outcome `push_status` still shows (the events keep every one)."""
 

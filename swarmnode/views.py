@@ -14,8 +14,20 @@ if TYPE_CHECKING:
 
 
 def member_cores(m: MemberView) -> int:
-    """The cores a member offers (its signed `cores` fact; 0 without a record)."""
-    return int(m.record.facts_dict().get("cores", 0)) if m.record else 0
+    """The cores a member offers (its signed `cores` fact; 0 without a record or for a fact
+    that is not a positive number)."""
+    cores = m.record.facts_dict().get("cores") if m.record else None
+    return cores if type(cores) is int and cores > 0 else 0
+
+
+def cores_online_total(members: Iterable[MemberView]) -> tuple[int, int]:
+    """The cores of admitted members alive now, and of every admitted member not gone."""
+    online = total = 0
+    for m in members:
+        if m.admitted_by and m.state not in ("left", "banned"):
+            total += member_cores(m)
+            online += member_cores(m) if m.state == "alive" else 0
+    return online, total
 
 
 def member_view(node: Node, m: MemberView) -> dict[str, Any]:

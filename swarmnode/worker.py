@@ -311,7 +311,6 @@ class Worker:
 
     async def _run(self, a: Assignment) -> None:
         key = (a.build, a.job)
-        joules = 0.0
         try:
             result, joules = await self._execute(a)
         finally:
@@ -344,12 +343,14 @@ class Worker:
         self.running[(a.build, a.job)] = (a, handle)
         # A job done within STARTED_AFTER_S is reported once, done (or failed) from assigned.
         asyncio.get_running_loop().call_later(STARTED_AFTER_S, self._still_running, a, handle)
-        share = self.node.power.share
-        mark = share.start(time.monotonic(), spec.cores)
+        meter, key = self.node.power, (a.build, a.job, a.attempt)
+        meter.share.start(time.monotonic(), key, spec.cores)
         try:
             result = await handle.wait()
         finally:
-            joules = share.end(time.monotonic(), spec.cores, mark)
+            now = time.monotonic()
+            meter.refresh(now, time.strftime("%Y-%m-%d"))  # the draw up to its end, shared
+            joules = meter.share.end(now, key)
         return result, joules
 
     def _still_running(self, a: Assignment, handle: Any) -> None:
@@ -371,6 +372,7 @@ class Worker:
                       "log_tail": result.log_tail[-MAX_TAIL:], "duration": result.duration,
                       "joules": round(joules, 3)}
             self.node.metrics.job_seconds.labels(result.status).observe(result.duration)
+            self.node.metrics.job_joules.labels(result.status).inc(joules)
         report.update(build=a.build, job=a.job, attempt=a.attempt, node=self.node.id)
         self.finished[(a.build, a.job, a.attempt)] = None
         while len(self.finished) > MAX_FINISHED:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from swarmnode.builds import Builds
+from swarmnode.control import ControlError
 from swarmnode.ledger import (
     DONE,
     FAILED,
@@ -24,7 +25,14 @@ from swarmnode.ledger import (
     SubmitBuild,
     encode,
 )
-from swarmnode.ledger.jobs import LEDGER_FORMAT, MAX_ARTIFACTS, MAX_PATH, Batch, to_plain
+from swarmnode.ledger.jobs import (
+    LEDGER_FORMAT,
+    MAX_ARTIFACTS,
+    MAX_PATH,
+    Batch,
+    Pause,
+    to_plain,
+)
 from tests.test_ledger_jobs import H, sha
 
 
@@ -159,9 +167,11 @@ async def test_bad_figures_in_a_report_count_as_not_stated(duration, joules):
 async def test_costs_are_left_out_while_a_member_reads_an_older_ledger_format():
     """A member from before ledger format 3 would find a batch with `seconds`/`joules`
     invalid: while one is admitted, the leader writes reports as before."""
-    for odd in (None, 2, "3"):  # none stated, older, not a number
+    for odd in (None, 2, "3", "no record"):  # none stated, older, not a number, no record
         builds, node = leader()
         node.members.append(member("old", odd))
+        if odd == "no record":
+            node.members[-1].record = None
         builds._on_report("w1", ok("a", []))
         cmd = builds._reports["b1/a"][0]
         assert cmd == Done("b1/a", "w1", 1, ())
@@ -176,3 +186,15 @@ async def test_malformed_failure_fields_are_bounded():
     cmd, _ack = builds._reports["b1/a"]
     assert isinstance(cmd, Failed) and not cmd.reason.startswith("invalid report")
     assert node.apply(encode(Batch((cmd,)))) == ["failed"]
+
+
+async def test_an_operators_pause_is_honoured_by_the_scheduling_pass_and_needs_format_3():
+    builds, node = leader()
+    node.apply(Pause("w2", True))
+    assert {slot.node: slot.paused for slot in builds._slots()} == {"w1": False, "w2": True}
+    node.apply(Pause("w2", False))
+    assert {slot.node: slot.paused for slot in builds._slots()} == {"w1": False, "w2": False}
+    node.members.append(member("old", 2))
+    builds._format3_until = -1.0  # (looked at again now, not a second later)
+    with pytest.raises(ControlError, match="ledger format 3"):
+        await builds.pause("w2", True)

@@ -61,6 +61,8 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             expect(loop.locator('.peer[data-name="n1"] .how')).to_have_text("this node")
             expect(loop.locator('.peer[data-name="n2"] .how')).to_have_text("direct")
             expect(page.locator("#network svg path.edge.direct")).to_have_count(2)
+            expect(page.locator("#powernodes tr")).to_have_count(3, timeout=20_000)
+            expect(page.locator('#powernodes tr[data-name="n2"]')).to_contain_text(" W")
 
             guest = swarm.start(swarm.add("guest", loopback_addr(4)), seeds=[first.listen])
             row = page.locator('#members tr.pending[data-name="guest"]')

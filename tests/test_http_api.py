@@ -61,11 +61,16 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     assert got[("swarmnode_jobs", (("state", "blocked"),))] == 1  # failed on both nodes
     assert got[("swarmnode_messages_sent_total", (("type", "ping"),))] > 0
     assert got[("swarmnode_wire_bytes_total", (("direction", "out"),))] > 0
-    runs = 0.0
+    assert got[("swarmnode_members_paused", ())] == 0
+    runs, joules = 0.0, 0.0
     for n in nodes:
         per = samples(get(swarm.query(n, "status")["dashboard"] + "metrics")[1])
         runs += sum(v for (name, _l), v in per.items() if name == "swarmnode_job_seconds_count")
+        joules += sum(v for (name, _l), v in per.items()
+                      if name == "swarmnode_job_energy_joules_total")
     assert runs == 3  # a once, b on each node before it was blocked
+    ledger_joules = sum(j["joules"] for j in swarm.cli_json(first, "jobs"))
+    assert joules == pytest.approx(ledger_joules, abs=0.01)  # (the ledger's are rounded)
     code, body = get(url + "api/status")
     assert code == 200 and json.loads(body)["id"] == first.id
 

@@ -140,34 +140,38 @@ def test_utilisation_and_the_model() -> None:
     assert estimate(0.25, 10, 90) == pytest.approx(30)
 
 
-def test_the_draw_is_split_among_running_jobs_by_their_cores() -> None:
-    """100 W: one 1-core job alone for 2 s gets 200 J; then a 3-core job joins for 4 s (the
-    draw split 1:3); the draw changes to 60 W while both run; idle time is nobody's."""
+def test_each_reading_is_shared_among_the_jobs_that_ran_in_its_interval() -> None:
+    """A reading is the mean draw since the one before: shared over that interval among the
+    jobs that ran in it, by cores x time. a (1 core) runs 10..20 s, b (3 cores) 12..18 s."""
     share = EnergyShare()
-    share.watts(0.0, 100.0)
-    assert share.end(5.0, 1, share.start(5.0, 1)) == 0.0  # ended as it started
-    a = share.start(10.0, 1)
-    b = share.start(12.0, 3)
-    share.watts(16.0, 60.0)
-    b_joules = share.end(18.0, 3, b)
-    a_joules = share.end(20.0, 1, a)
-    assert a_joules == pytest.approx(200 + 400 / 4 + 120 / 4 + 120)
-    assert b_joules == pytest.approx(400 * 3 / 4 + 120 * 3 / 4)
-    assert a_joules + b_joules == pytest.approx(100 * 6 + 60 * 4)  # all of 10..20 s
-    share.end(30.0, 1, 0.0)  # an end too many does not make the busy count negative
-    c = share.start(40.0, 2)
-    assert share.end(41.0, 2, c) == pytest.approx(60.0)
+    share.reading(0.0, None)
+    share.start(10.0, "a", 1)
+    share.start(12.0, "b", 3)
+    share.reading(16.0, 100.0)  # 100 W over 0..16 s: busy 10..16 (600 J), idle before
+    share.reading(18.0, 60.0)  # 60 W over 16..18 s, split 1:3 (b's end takes a reading)
+    b = share.end(18.0, "b")
+    a = share.end(20.0, "a")  # no reading at its end: its tail at the latest figure
+    assert b == pytest.approx(100 * 6 * 3 / 4 - 100 * 2 * 3 / 4 + 60 * 2 * 3 / 4)  # 390
+    assert a == pytest.approx(100 * 2 + 100 * 4 / 4 + 60 * 2 / 4 + 60 * 2)  # 450
+    assert a + b == pytest.approx(100 * 6 + 60 * 2 + 60 * 2)  # every busy moment, once
+    share.start(30.0, "c", 2)
+    share.reading(31.0, None)  # an interval of unknown draw is nobody's
+    share.reading(32.0, 40.0)
+    assert share.end(32.0, "c") == pytest.approx(40.0)
 
 
-def test_a_meters_readings_feed_its_share(tmp_path: Path) -> None:
+def test_a_meters_readings_feed_its_share_and_a_jobs_end_takes_one(tmp_path: Path) -> None:
     proc = tmp_path / "stat"
     proc.write_text(stat(0, 100))
     meter = PowerMeter(10.0, 90.0, powercap=tmp_path / "none", proc_stat=proc)
     meter.sample(0.0)
-    mark = meter.share.start(0.5, 1)
-    proc.write_text(stat(50, 150))  # 50% busy -> 50 W
-    meter.sample(1.0)
-    assert meter.share.end(3.0, 1, mark) == pytest.approx(100.0)  # 50 W from 1 s to 3 s
+    meter.share.start(0.5, "job", 1)
+    proc.write_text(stat(50, 150))  # 50% busy since the last reading -> 50 W
+    meter.refresh(0.1)  # younger than REFRESH_S: no reading
+    assert meter.last is None
+    meter.refresh(3.0)
+    assert meter.last is not None and meter.last.watts == 50.0
+    assert meter.share.end(3.0, "job") == pytest.approx(50 * 2.5)  # its part of 0..3 s
 
 
 def test_the_real_machine_gives_a_reading() -> None:

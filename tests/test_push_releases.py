@@ -19,6 +19,7 @@ from swarmnode.push.releases import (
     exec_argv,
     launch_root,
 )
+from swarmnode.push_service import FACT_PREFIX, ROLLBACK_PREFIX, release_facts
 
 SELF = "swarmnode"
 
@@ -152,6 +153,13 @@ def test_rollback_and_failed(rel: Releases, tmp_path: Path) -> None:
     rel.switch("web", c)
     assert rel.rollback("web", "first one broken") is None
     assert rel.current("web") is None and rel.failed("web", c) == "first one broken"
+    # what the node states in its record: each app's latest rollback, newest first
+    assert [(app, d) for app, d, _t in rel.rolled_back(4)] == [("web", c), (SELF, b)]
+    assert [app for app, _d, _t in rel.rolled_back(1)] == ["web"]
+    facts = release_facts(rel)
+    assert facts[f"{ROLLBACK_PREFIX}web"].startswith(c + "@")
+    assert facts[f"{ROLLBACK_PREFIX}{SELF}"].startswith(b + "@")
+    assert facts[f"{FACT_PREFIX}{SELF}"].startswith(a + "@") and f"{FACT_PREFIX}web" not in facts
     with pytest.raises(ReleaseError, match="unknown status"):
         rel.mark(SELF, a, "fine")
 

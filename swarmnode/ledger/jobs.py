@@ -416,8 +416,13 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
 _BATCHED = frozenset({"submit_build", "assign", "started", "done", "failed"})
 
 
+def in_range(value: object, most: float) -> bool:
+    """A number (not a bool) from 0 up to, not including, `most` (NaN is not)."""
+    return type(value) in (int, float) and 0 <= value < most  # type: ignore[operator]
+
+
 def _amount(value: object, what: str, most: float) -> float:
-    if type(value) not in (int, float) or not 0 <= value < most:  # (NaN fails this too)
+    if not in_range(value, most):
         raise _fail(what, f"expected a number from 0 to {most:g}")
     return float(value)  # type: ignore[arg-type]
 
@@ -566,7 +571,8 @@ class Build:
 @dataclass(frozen=True, slots=True)
 class LedgerEvent:
     """What an applied entry did. kind: submitted, duplicate, assigned, started, done, failed,
-    blocked, cancelled, requeued, rejected_stale, rejected (an inapplicable entry, `reason`
+    blocked, cancelled, requeued, paused, resumed, voters_set, voters_changed,
+    rejected_stale, rejected (an inapplicable entry, `reason`
     says why), invalid (not a valid entry); and `restored` (the shell's: a snapshot replaced
     the whole ledger)."""
 
@@ -595,7 +601,8 @@ class JobLedger:
         self._active: dict[str, None] = {}  # keys: assigned or running
         self._counts: dict[str, Counter[str]] = {}  # build id -> its jobs per state
         self._rank: dict[str, tuple[int, int]] = {}  # key -> (build's index, position)
-        self._joules: dict[str, float] = {}  # build id -> its jobs' joules
+        self._mj: dict[str, int] = {}  # build id -> its jobs' millijoules (integers: the sum
+        # is the same on every replica, whatever order it was added up in)
         self.pinned_voters: tuple[str, ...] = ()
         """The operator's voter set; empty: chosen automatically."""
         self.voters: tuple[str, ...] = ()
@@ -646,8 +653,8 @@ class JobLedger:
         old = self._jobs.get(key)
         self._jobs[key] = job
         if job.joules != (old.joules if old is not None else 0.0):
-            self._joules[job.build_id] = (self._joules.get(job.build_id, 0.0) + job.joules
-                                          - (old.joules if old is not None else 0.0))
+            self._mj[job.build_id] = (self._mj.get(job.build_id, 0) + round(job.joules * 1000)
+                                      - (round(old.joules * 1000) if old is not None else 0))
         counts = self._counts[job.build_id]
         counts[state] += 1
         if old is not None:
@@ -888,7 +895,7 @@ class JobLedger:
 
     def energy(self, build_id: str) -> float:
         """The joules of the build's finished attempts, as their workers stated them."""
-        return self._joules.get(build_id, 0.0)
+        return self._mj.get(build_id, 0) / 1000
 
     def finished(self, build_id: str) -> bool:
         """Every job of the build is done, blocked or cancelled."""
@@ -904,14 +911,17 @@ class JobLedger:
     # ------------------------------------------------------------------ snapshots
 
     def to_plain(self) -> dict[str, Any]:
-        """The whole state, plain and in a fixed order (equal ledgers give equal bytes)."""
+        """The whole state, plain and in a fixed order (equal ledgers give equal bytes). In
+        version 2's form while nothing needs version 3 (no pause, no job's seconds or joules):
+        a node from before format 3 can still restore it (a self-update rolled back)."""
+        v3 = bool(self.paused) or any(j.seconds or j.joules for j in self._jobs.values())
         return {
-            "v": SNAPSHOT_VERSION,
+            "v": SNAPSHOT_VERSION if v3 else 2,
             "applied": self.applied,
             "tally": dict(sorted(self.tally.items())),
             "voters": list(self.pinned_voters),
             "config": list(self.voters),
-            "paused": sorted(self.paused),
+            **({"paused": sorted(self.paused)} if v3 else {}),
             "builds": [
                 {
                     "build_id": b.build_id,
@@ -919,7 +929,7 @@ class JobLedger:
                     "submitter": b.submitter,
                     "index": b.index,
                     "cancelled_term": b.cancelled_term,
-                    "jobs": [_job_to_plain(j) for j in self.jobs(b.build_id)],
+                    "jobs": [_job_to_plain(j, v3) for j in self.jobs(b.build_id)],
                 }
                 for b in self.builds()
             ],
@@ -963,8 +973,8 @@ class JobLedger:
         return led
 
 
-def _job_to_plain(j: Job) -> dict[str, Any]:
-    return {
+def _job_to_plain(j: Job, v3: bool) -> dict[str, Any]:
+    plain = {
         "name": j.name,
         "spec": spec_to_plain(j.spec),
         "state": j.state,
@@ -975,9 +985,10 @@ def _job_to_plain(j: Job) -> dict[str, Any]:
         "reason": j.reason,
         "log_tail": j.log_tail,
         "failed_on": list(j.failed_on),
-        "seconds": j.seconds,
-        "joules": j.joules,
     }
+    if v3:
+        plain |= {"seconds": j.seconds, "joules": j.joules}
+    return plain
 
 
 def _job_from_plain(build_id: str, p: dict[str, Any]) -> Job:
@@ -995,8 +1006,9 @@ def _job_from_plain(build_id: str, p: dict[str, Any]) -> Job:
         reason=p["reason"],
         log_tail=p["log_tail"],
         failed_on=tuple(p["failed_on"]),
-        seconds=_amount(p.get("seconds", 0.0), "snapshot.seconds", MAX_SECONDS),
-        joules=_amount(p.get("joules", 0.0), "snapshot.joules", MAX_JOULES),
+        # (a job's joules add up over its attempts: no bound but being a finite number)
+        seconds=_amount(p.get("seconds", 0.0), "snapshot.seconds", math.inf),
+        joules=_amount(p.get("joules", 0.0), "snapshot.joules", math.inf),
     )
 
 
