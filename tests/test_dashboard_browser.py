@@ -115,6 +115,9 @@ def test_actions_need_the_token_even_on_localhost(swarm: Swarm) -> None:
     base = swarm.query(node, "status")["dashboard"]
     with urllib.request.urlopen(base, timeout=5) as r:
         assert r.status == 200 and b"swarmnode" in r.read()
+        script_src = next(d for d in r.headers["Content-Security-Policy"].split("; ")
+                          if d.startswith("script-src"))
+        assert script_src.startswith("script-src 'sha256-") and "unsafe" not in script_src
     request = urllib.request.Request(base + "api/action", method="POST",
                                      data=json.dumps({"action": "ban", "target": "x"}).encode(),
                                      headers={"Content-Type": "application/json"})
