@@ -149,12 +149,14 @@ def _check_host(host: str, original: str) -> str:
     return host
 
 
-def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+def split_hostport(value: str, default_port: int | None = None,
+                   any_port: bool = False) -> tuple[str, int]:
     """Split "host:port", "[v6]:port", "host", "[v6]" or a bare IPv6 literal into (host, port).
 
     A bare IPv6 literal ("fd00::1") has no port: its colons belong to the address, so an IPv6
     address with a port must be bracketed. Without a port, `default_port` is used; ValueError
-    names the offending input when it cannot be parsed or a port is needed but missing.
+    names the offending input when it cannot be parsed or a port is needed but missing. Port 0
+    ("any free one") only for an address to listen on: `any_port`.
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"empty address: {value!r}")
@@ -191,7 +193,7 @@ def split_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     if not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"bad port in address {value!r}")
     port = int(port_text)
-    if not 1 <= port <= 65535:
+    if not (0 if any_port else 1) <= port <= 65535:
         raise ValueError(f"port out of range in address {value!r}")
     return host, port
 

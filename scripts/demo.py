@@ -155,8 +155,14 @@ def main() -> None:
         print(swarmnode(homes["alpha"], "versions"))
         print("8. recent events on alpha")
         print(swarmnode(homes["alpha"], "events", "--limit", "15"))
+        print("9. watching: the swarm's draw, and alpha's dashboard (`swarmnode monitor` shows")
+        print("   the same in a terminal)")
+        status = json.loads(swarmnode(homes["alpha"], "status", "--json"))
+        print(f"  {status['cores_online']} of {status['cores_total']} cores online, "
+              f"{status['cluster_watts']} W in the swarm ({status['power_source']})")
+        print("  " + swarmnode(homes["alpha"], "dashboard").strip())
         if args.keep:
-            print("swarm left running; stop it with: pkill -f 'demo-home'")
+            print("swarm left running (open the URL above); stop it with: pkill -f 'demo-home'")
             procs.clear()
     finally:
         for proc in procs.values():

@@ -98,7 +98,7 @@ class HttpApi:
         """Serve on `bind` (HOST[:PORT]; port 0: any free one), replacing a previous binding;
         the URL. Raises HttpError when the address cannot be bound."""
         try:
-            host, port = split_hostport(bind, 0)
+            host, port = split_hostport(bind, 0, any_port=True)
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
         app = web.Application(middlewares=[self._guard])

@@ -5,6 +5,7 @@ and the events as JSON lines."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import time
 import urllib.error
@@ -73,6 +74,22 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     assert joules == pytest.approx(ledger_joules, abs=0.01)  # (the ledger's are rounded)
     code, body = get(url + "api/status")
     assert code == 200 and json.loads(body)["id"] == first.id
+
+
+def test_a_taken_default_port_falls_back_to_any_free_one(swarm: Swarm) -> None:
+    """Nodes on one machine sharing a swarm port (on different addresses) all want
+    127.0.0.1:<port + 1> for the dashboard: the ones that lose get a free port, not none."""
+    node, _token = swarm.init("n1", loopback_addr(1))
+    port = int(node.listen.rpartition(":")[2])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen()
+        swarm.start(node)
+        url = swarm.query(node, "status")["dashboard"]
+        assert url.startswith("http://127.0.0.1:") and url != f"http://127.0.0.1:{port + 1}/"
+        assert get(url + "metrics")[0] == 200
+    bound = swarm.cli(node, "dashboard", "--bind", "127.0.0.1:0").stdout.strip()
+    assert not bound.startswith("http://127.0.0.1:0/") and get(bound.split("?")[0])[0] == 200
 
 
 def test_a_bind_off_localhost_needs_the_token_and_is_kept(swarm: Swarm) -> None:
