@@ -35,7 +35,7 @@ def render(snap: dict[str, Any], width: int, height: int) -> Group:
     st = snap["status"]
     top = Text.assemble(
         ("swarmnode ", "bold"), (f"{st['cores_online']}", "bold green"),
-        f"/{st['cores_total']} cores  ",
+        f"/{st.get('cores_total', '?')} cores  ",  # (a node before cores_total: "?")
         (f"{st['nodes_alive']}", "bold"), " nodes  ",
         (f"{st['pending']} pending", "bold black on yellow" if st["pending"] else ""), "  ",
         "leader ", (f"{snap['leader_name'] or 'none'}", "bold"), f" (term {st['term']})  ",

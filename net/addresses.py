@@ -189,7 +189,7 @@ def split_hostport(value: str, default_port: int | None = None,
     if port_text is None:
         if default_port is None:
             raise ValueError(f"address {value!r} has no port")
-        return host, _check_port(default_port)
+        return host, 0 if any_port and default_port == 0 else _check_port(default_port)
     if not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"bad port in address {value!r}")
     port = int(port_text)

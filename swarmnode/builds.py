@@ -192,12 +192,15 @@ class Builds:
         now = time.monotonic()
         if now >= self._format3_until:
             self._format3_until = now + 1.0
-            self._format3_now = all(
-                m.record is not None and type(f := m.record.facts_dict().get("ledger")) is int
-                and f >= LEDGER_FORMAT
-                for m in self.node.core.members()
-                if m.admitted_by is not None and m.state not in ("banned", "left"))
+            self._format3_now = not self._before_format3()
         return self._format3_now
+
+    def _before_format3(self) -> list[str]:
+        """The admitted members that do not state ledger format 3 (or have no record yet)."""
+        return [m.name for m in self.node.core.members()
+                if m.admitted_by is not None and m.state not in ("banned", "left")
+                and (m.record is None or type(f := m.record.facts_dict().get("ledger")) is not int
+                     or f < LEDGER_FORMAT)]
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in TYPES
@@ -966,9 +969,11 @@ class Builds:
     async def pause(self, node: str, paused: bool) -> None:
         """Commit an operator's pause (or resume) of `node`: whoever leads gives it no new
         work while paused; its running jobs finish (and jobs only it could run wait)."""
-        if not self._format3():
-            raise ControlError("a member runs a swarmnode from before ledger format 3, which "
-                               "cannot read a pause: push the new version to every node first")
+        if behind := self._before_format3():
+            raise ControlError(
+                f"{', '.join(sorted(behind)[:5])} cannot read a pause: a swarmnode from before "
+                "ledger format 3 (push the new version to every node), or no record yet "
+                "(a member that was never heard from: wait, or remove it)")
         await self.propose_anywhere(encode(Pause(node, paused)),
                                     what="pause" if paused else "resume")
         await self._until(lambda: (node in self.ledger.paused) == paused,

@@ -139,7 +139,9 @@ class EnergyShare:
         self._jobs: dict[object, list[float]] = {}  # key -> [cores, mark in _g, joules]
 
     def _advance(self, now: float) -> None:
-        if self._at is not None and self._busy > 0 and now > self._at:
+        if self._at is not None and now <= self._at:
+            return
+        if self._at is not None and self._busy > 0:
             self._g += (now - self._at) / self._busy
         self._at = now
 
@@ -189,20 +191,36 @@ class PowerMeter:
         self.joules_today = 0.0  # energy since the day began (or since start, if later)
         self.share = EnergyShare()
         self._at: float | None = None
+        self._known = 0.0  # seconds whose draw is known (in `joules`)
+        self._period = (0.0, 0.0)  # (`_known`, `joules`) at the last `sample`
 
     #: A job's end takes a reading unless the last is younger than this (its energy share
     #: is then complete; at most this many readings a second however many jobs end).
     REFRESH_S = 0.25
 
     def refresh(self, now: float, day: str = "") -> None:
-        """A reading now, unless the last one is younger than REFRESH_S."""
+        """A reading for the jobs' shares and the energy now, unless the last one is younger
+        than REFRESH_S (the figure people see, `last`, stays `sample`'s)."""
         if self._at is None or now - self._at >= self.REFRESH_S:
-            self.sample(now, day)
+            self._measure(now, day)
 
     def sample(self, now: float, day: str = "") -> Reading | None:
+        """A reading now; `last` becomes the mean draw since the previous `sample` (readings
+        that jobs' ends took in between included: alone, a quarter of a second of /proc/stat
+        is too coarse a figure to show). None while the draw is unknown."""
+        source = self._measure(now, day)
+        known, joules = self._known - self._period[0], self.joules - self._period[1]
+        if source is None or known <= 0:
+            return None
+        self._period = (self._known, self.joules)
+        self.last = Reading(round(joules / known, 1), source)
+        return self.last
+
+    def _measure(self, now: float, day: str) -> str | None:
         """Read the counters (or /proc/stat) at `now` (monotonic seconds), on local date `day`;
-        the draw since the previous sample, added to `joules` and to `joules_today` (which a
-        new day starts again from 0)."""
+        the draw since the previous reading, added to `joules` and to `joules_today` (which a
+        new day starts again from 0) and shared among the jobs that ran. Its source, or None
+        when the draw is not known."""
         if day != self.day:
             self.day, self.joules_today = day, 0.0
         watts: float | None = None
@@ -216,14 +234,13 @@ class PowerMeter:
             source = self.estimate_source
             util = self.cpu.update(_read_text(self.proc_stat, 1 << 16) or "")
             watts = None if util is None else estimate(util, self.watts_idle, self.watts_max)
-        if watts is not None and self._at is not None:
+        if watts is not None and self._at is not None and now > self._at:
             self.joules += watts * (now - self._at)
             self.joules_today += watts * (now - self._at)
+            self._known += now - self._at
         self._at = now
         self.share.reading(now, watts)
-        if watts is not None:
-            self.last = Reading(round(watts, 1), source)
-        return self.last if watts is not None else None
+        return source if watts is not None else None
 
 
 #: The membership note topic a node states its latest reading under (the newest per node is

@@ -260,8 +260,8 @@ class Worker:
         if (a.build, a.job, a.attempt) in self.finished:
             self._send_reports()  # the leader has not heard the result either
             return
-        if current is not None:
-            current[1].cancel()
+        if current is not None and current[1] is not None:
+            current[1].cancel()  # (one still fetching its inputs sees it was superseded)
         self.running[key] = (a, None)
         self._spawn(self._run(a))
 
@@ -314,8 +314,10 @@ class Worker:
         try:
             result, joules = await self._execute(a)
         finally:
-            _a, handle = self.running.pop(key, (None, None))
-            if handle is not None:
+            mine, handle = self.running.get(key, (None, None))
+            if mine is a:  # (not a newer attempt of the job, which took the slot)
+                del self.running[key]
+            if mine is a and handle is not None:
                 self.outputs[(a.build, a.job, a.attempt)] = handle
                 while len(self.outputs) > MAX_OUTPUTS:
                     self.outputs.popitem(last=False)
@@ -330,6 +332,8 @@ class Worker:
                 await self.node.artifacts.fetch(digest, a.sources)
         except ArtifactError as exc:
             return f"could not fetch an input: {exc}", 0.0
+        if self.running.get((a.build, a.job), (None,))[0] is not a:
+            return "superseded by a newer attempt while fetching its inputs", 0.0
         spec = JobSpec(build_id=a.build, job=a.job, cmd=a.cmd, outputs=a.outputs, env=a.env,
                        cores=min(a.cores, self.slots.total), attempt=a.attempt,
                        timeout=a.timeout)
@@ -343,14 +347,16 @@ class Worker:
         self.running[(a.build, a.job)] = (a, handle)
         # A job done within STARTED_AFTER_S is reported once, done (or failed) from assigned.
         asyncio.get_running_loop().call_later(STARTED_AFTER_S, self._still_running, a, handle)
-        meter, key = self.node.power, (a.build, a.job, a.attempt)
-        meter.share.start(time.monotonic(), key, spec.cores)
+        meter, run = self.node.power, object()  # (one key per run, however the job repeats)
+        meter.share.start(time.monotonic(), run, spec.cores)
         try:
             result = await handle.wait()
         finally:
             now = time.monotonic()
-            meter.refresh(now, time.strftime("%Y-%m-%d"))  # the draw up to its end, shared
-            joules = meter.share.end(now, key)
+            try:
+                meter.refresh(now, time.strftime("%Y-%m-%d"))  # the draw up to its end, shared
+            finally:
+                joules = meter.share.end(now, run)
         return result, joules
 
     def _still_running(self, a: Assignment, handle: Any) -> None:

@@ -138,6 +138,7 @@ def test_split_hostport_errors(value: str, message: str) -> None:
 def test_port_0_only_where_any_free_port_is_meant() -> None:
     assert split_hostport("127.0.0.1:0", any_port=True) == ("127.0.0.1", 0)
     assert split_hostport("[::1]:0", any_port=True) == ("::1", 0)
+    assert split_hostport("0.0.0.0", 0, any_port=True) == ("0.0.0.0", 0)
     with pytest.raises(ValueError, match="out of range"):
         split_hostport("127.0.0.1:65536", any_port=True)
 

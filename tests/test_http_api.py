@@ -4,7 +4,10 @@ and the events as JSON lines."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import socket
 import stat
 import time
@@ -16,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarmnode.eventlog import JsonLines
+from swarmnode.http_api import _page
 from swarmnode.netmap import network_of, picture
 from tests.ports import free_port
 from tests.swarm import (
@@ -193,3 +197,15 @@ def test_the_network_picture_draws_jump_chains_once_and_nat_as_the_members_own_e
         ("jump:root@10.0.0.3:22", "jump:root@172.30.0.2:22"): "ssh",
         ("jump:root@172.30.0.2:22", "far1"): "ssh", ("jump:root@172.30.0.2:22", "far2"): "ssh",
     }
+
+
+def test_the_page_has_one_script_and_the_policy_names_it() -> None:
+    """The policy allows the page's script by its hash: a second <script> (or one with
+    attributes) would be silently blocked, so the page must keep exactly one, bare."""
+    text, csp = _page()
+    assert text.count("<script") == 1 and text.count("<script>") == 1
+    script = text.split("<script>")[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in csp and "'unsafe-inline'; " not in csp.split(
+        "style-src")[0]
+    assert not re.search(r"<[^>]*\son[a-z]+=", text)  # no inline handlers either

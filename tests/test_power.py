@@ -170,8 +170,11 @@ def test_a_meters_readings_feed_its_share_and_a_jobs_end_takes_one(tmp_path: Pat
     meter.refresh(0.1)  # younger than REFRESH_S: no reading
     assert meter.last is None
     meter.refresh(3.0)
-    assert meter.last is not None and meter.last.watts == 50.0
     assert meter.share.end(3.0, "job") == pytest.approx(50 * 2.5)  # its part of 0..3 s
+    assert meter.last is None and meter.joules == pytest.approx(150.0)
+    proc.write_text(stat(250, 150))  # then fully busy -> 90 W for 2 s
+    reading = meter.sample(5.0)  # the figure shown: the mean since the last `sample`
+    assert reading is not None and reading.watts == pytest.approx((150 + 180) / 5, abs=0.05)
 
 
 def test_the_real_machine_gives_a_reading() -> None:

@@ -102,3 +102,30 @@ def test_held_includes_reports_finished_this_turn():
     w._outgoing = [{"build": "b", "job": "run", "attempt": 2, "status": "started"}]
     held = {tuple(h) for h in w.held()}
     assert held == {("b", "run", 2), ("b", "just", 3), ("b", "old", 1)}
+
+
+async def test_a_newer_attempt_keeps_its_slot_when_the_older_one_ends(tmp_path):
+    """Attempt 2 of a job arriving while attempt 1 runs cancels attempt 1; attempt 1's end
+    must not take attempt 2 out of the running table (it would then be started again on
+    the next re-send, and its output lost), and each attempt's energy share is its own."""
+    from tests.test_node import until
+
+    running = await three_nodes(tmp_path)
+    (a, _), (b, _), _ = running
+    try:
+        first = jobs.Assignment(
+            build="b1", job="slow", attempt=1, term=5, cmd=("sleep", "30"), env={},
+            outputs=(), cores=1, timeout=60.0, inputs=(), deps={}, sources=(a.id,))
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(first.plain()))
+        await until(lambda: (r := b.worker.running.get(("b1", "slow"))) and r[1] is not None)
+        second = dataclasses.replace(first, attempt=2, cmd=("sleep", "1"))
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(second.plain()))
+        await until(lambda: any(r["attempt"] == 1 for r in b.worker.pending_reports()))
+        assert b.worker.running[("b1", "slow")][0].attempt == 2  # still there
+        await until(lambda: any(r["attempt"] == 2 for r in b.worker.pending_reports()))
+        reports = {r["attempt"]: r for r in b.worker.pending_reports()}
+        assert reports[2]["status"] == "ok" and reports[1]["status"] != "ok", reports
+        assert not b.worker.running
+        assert reports[2]["joules"] >= 0 and b.power.share._busy == 0  # every core given back
+    finally:
+        await stop(running)

@@ -1006,8 +1006,8 @@ def _job_from_plain(build_id: str, p: dict[str, Any]) -> Job:
         reason=p["reason"],
         log_tail=p["log_tail"],
         failed_on=tuple(p["failed_on"]),
+        seconds=_amount(p.get("seconds", 0.0), "snapshot.seconds", MAX_SECONDS),
         # (a job's joules add up over its attempts: no bound but being a finite number)
-        seconds=_amount(p.get("seconds", 0.0), "snapshot.seconds", math.inf),
         joules=_amount(p.get("joules", 0.0), "snapshot.joules", math.inf),
     )
 
