@@ -372,6 +372,8 @@ class Node:
                     await self._wake.wait()
 
     _last_save = 0.0
+    members_saved = 0
+    """Other members in the member list last saved (a restart rejoins them at once)."""
 
     async def _power_watch(self) -> None:
         """Sample this machine's draw every POWER_S (RAPL, else the estimate), and state it to
@@ -430,9 +432,11 @@ class Node:
                 self.flush()
 
     def save_snapshot(self) -> None:
-        self.store.put(snapshot=self.core.snapshot())
+        snapshot = self.core.snapshot()
+        self.store.put(snapshot=snapshot)
         self._dirty = False
         self._last_save = time.time()
+        self.members_saved = len(snapshot["members"])
 
     # -- core outputs ---------------------------------------------------------------------
 
@@ -731,6 +735,7 @@ class Node:
             "release": self.push.releases.current(SELF_APP),
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
+            "members_saved": self.members_saved,
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
