@@ -291,13 +291,13 @@ def ban(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")
 @app.command()
 def pause(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
     """Give a node no new work (its running jobs finish), whichever node leads, until resumed."""
-    out.print(ask("pause", timeout=60.0, node=node), highlight=False)
+    _node_command("pause", node, timeout=60.0)
 
 
 @app.command()
 def resume(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
     """Undo `pause`: the node gets work again."""
-    out.print(ask("resume", timeout=60.0, node=node), highlight=False)
+    _node_command("resume", node, timeout=60.0)
 
 
 @app.command()

@@ -90,7 +90,7 @@ from swarmnode.ledger.jobs import (
     in_range,
 )
 from swarmnode.tasks import TaskSet, until
-from swarmnode.views import member_cores
+from swarmnode.views import cores_fact
 from swarmnode.worker import (
     ASSIGN,
     CANCEL,
@@ -169,8 +169,7 @@ class Builds:
         self._since: dict[str, float] = {}  # job key -> when this leader first sent it
         self._failures: dict[str, int] = {}
         self._paused: dict[str, float] = {}  # node -> until
-        self._replies: dict[bytes, asyncio.Future[bool]] = {}
-        self._outputs: dict[bytes, asyncio.Future[dict[str, Any]]] = {}  # `job.log` requests
+        self._replies: dict[bytes, asyncio.Future[dict[str, Any]]] = {}  # `_request`s
         self._specs: dict[str, dict[str, Any]] = {}
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
@@ -278,15 +277,22 @@ class Builds:
                            "majority of the voters up? `swarmnode voters`)")
 
     async def _forward(self, leader: str, entry: bytes) -> bool:
+        reply = await self._request(leader, PROPOSE, {"entry": entry}, 6.0)
+        return reply is not None and reply.get("ok") is True
+
+    async def _request(self, peer: str, msg_type: str, body: dict[str, Any],
+                       timeout: float) -> dict[str, Any] | None:
+        """Send `body` with a fresh request id to `peer` (ourselves too: `send_raw` delivers
+        it here); its reply's body, or None after `timeout`."""
         rid = os.urandom(8)
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            self.node.send_raw(leader, PROPOSE, msgpack.packb({"rid": rid, "entry": entry}))
-            async with asyncio.timeout(6.0):
+            self.node.send_raw(peer, msg_type, msgpack.packb({**body, "rid": rid}))
+            async with asyncio.timeout(timeout):
                 return await fut
         except TimeoutError:
-            return False
+            return None
         finally:
             self._replies.pop(rid, None)
 
@@ -303,10 +309,9 @@ class Builds:
             self._spawn(self._on_propose(inbound, body))
         elif env.type in (PROPOSE_REPLY, LOG_REPLY):
             rid = body.get("rid")
-            waiting = self._replies if env.type == PROPOSE_REPLY else self._outputs
-            fut = waiting.get(rid) if isinstance(rid, bytes) else None
+            fut = self._replies.get(rid) if isinstance(rid, bytes) else None
             if fut is not None and not fut.done():
-                fut.set_result(body.get("ok") is True if env.type == PROPOSE_REPLY else body)
+                fut.set_result(body)
         elif env.type == HELD:
             self._on_held(env.sender, body.get("held"))
         else:
@@ -526,7 +531,7 @@ class Builds:
             if m.admitted_by is None or m.state != "alive" or m.record is None:
                 continue
             facts = m.record.facts_dict()
-            cores = member_cores(m) or 1  # (a fact that is not a positive number: one)
+            cores = cores_fact(facts) or 1  # (a fact that is not a positive number: one)
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), frozenset(), cores=cores,
                               paused=(self._paused.get(m.id, 0.0) > now
@@ -934,28 +939,11 @@ class Builds:
         return view
 
     async def _job_output(self, job: Job, since: int, wait: bool) -> dict[str, Any] | None:
-        """A `job.log` request to the job's node (answered here directly when that is us)."""
+        """A `job.log` request to the job's node (this one too)."""
         assert job.node is not None
-        if job.node == self.node.id:
-            handle = self.node.worker.job_output(job.build_id, job.name, job.attempt)
-            if handle is None:
-                return None
-            total, data = await handle.output_after(since, LOG_WAIT_S if wait else 0.0)
-            return {"state": "finished" if handle.done else "running", "total": total,
-                    "data": data}
-        rid = os.urandom(8)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._outputs[rid] = fut
-        try:
-            self.node.send_raw(job.node, LOG, msgpack.packb(
-                {"rid": rid, "build": job.build_id, "job": job.name, "attempt": job.attempt,
-                 "since": max(0, since), "wait": wait}))
-            async with asyncio.timeout(LOG_WAIT_S + 3.0):
-                return await fut
-        except TimeoutError:
-            return None
-        finally:
-            self._outputs.pop(rid, None)
+        return await self._request(job.node, LOG, {
+            "build": job.build_id, "job": job.name, "attempt": job.attempt,
+            "since": max(0, since), "wait": wait}, LOG_WAIT_S + 3.0)
 
     async def set_voters(self, voters: list[str]) -> list[str]:
         """Commit the operator's voter set (empty: automatic again); every node then steps

@@ -16,6 +16,7 @@ tested on fake trees and figures; `PowerMeter.sample` does the reading.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ class EnergyShare:
         """The job `key` ended: its joules."""
         self._advance(now)
         cores, mark, joules = self._jobs.pop(key)
-        self._busy = max(0, self._busy - int(cores))
+        self._busy -= int(cores)
         return joules + self._watts * cores * (self._g - mark)
 
 
@@ -198,13 +199,13 @@ class PowerMeter:
     #: is then complete; at most this many readings a second however many jobs end).
     REFRESH_S = 0.25
 
-    def refresh(self, now: float, day: str = "") -> None:
+    def refresh(self, now: float, day: str | None = None) -> None:
         """A reading for the jobs' shares and the energy now, unless the last one is younger
         than REFRESH_S (the figure people see, `last`, stays `sample`'s)."""
         if self._at is None or now - self._at >= self.REFRESH_S:
             self._measure(now, day)
 
-    def sample(self, now: float, day: str = "") -> Reading | None:
+    def sample(self, now: float, day: str | None = None) -> Reading | None:
         """A reading now; `last` becomes the mean draw since the previous `sample` (readings
         that jobs' ends took in between included: alone, a quarter of a second of /proc/stat
         is too coarse a figure to show). None while the draw is unknown."""
@@ -216,11 +217,12 @@ class PowerMeter:
         self.last = Reading(round(joules / known, 1), source)
         return self.last
 
-    def _measure(self, now: float, day: str) -> str | None:
-        """Read the counters (or /proc/stat) at `now` (monotonic seconds), on local date `day`;
-        the draw since the previous reading, added to `joules` and to `joules_today` (which a
-        new day starts again from 0) and shared among the jobs that ran. Its source, or None
-        when the draw is not known."""
+    def _measure(self, now: float, day: str | None) -> str | None:
+        """Read the counters (or /proc/stat) at `now` (monotonic seconds), on local date `day`
+        (None: today's); the draw since the previous reading, added to `joules` and to
+        `joules_today` (which a new day starts again from 0) and shared among the jobs that
+        ran. Its source, or None when the draw is not known."""
+        day = today() if day is None else day
         if day != self.day:
             self.day, self.joules_today = day, 0.0
         watts: float | None = None
@@ -286,6 +288,11 @@ def read_note(value: bytes) -> Stated | None:
     if isinstance(load, bool) or not isinstance(load, int | float) or not 0 <= load < 1e5:
         load = None
     return Stated(Reading(float(watts), source), day, float(today), load)
+
+
+def today() -> str:
+    """The local date, as power notes and `joules_today` count days."""
+    return time.strftime("%Y-%m-%d")
 
 
 def _read_text(path: Path, limit: int = 256) -> str | None:

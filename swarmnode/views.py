@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from net.addresses import host_of
@@ -14,9 +14,13 @@ if TYPE_CHECKING:
 
 
 def member_cores(m: MemberView) -> int:
-    """The cores a member offers (its signed `cores` fact; 0 without a record or for a fact
-    that is not a positive number)."""
-    cores = m.record.facts_dict().get("cores") if m.record else None
+    """The cores a member offers (its signed `cores` fact; 0 without a record)."""
+    return cores_fact(m.record.facts_dict()) if m.record else 0
+
+
+def cores_fact(facts: Mapping[str, object]) -> int:
+    """The `cores` of a member's facts; 0 for a fact that is not a positive number."""
+    cores = facts.get("cores")
     return cores if type(cores) is int and cores > 0 else 0
 
 
@@ -25,8 +29,9 @@ def cores_online_total(members: Iterable[MemberView]) -> tuple[int, int]:
     online = total = 0
     for m in members:
         if m.admitted_by and m.state not in ("left", "banned"):
-            total += member_cores(m)
-            online += member_cores(m) if m.state == "alive" else 0
+            cores = member_cores(m)
+            total += cores
+            online += cores if m.state == "alive" else 0
     return online, total
 
 

@@ -354,7 +354,7 @@ class Worker:
         finally:
             now = time.monotonic()
             try:
-                meter.refresh(now, time.strftime("%Y-%m-%d"))  # the draw up to its end, shared
+                meter.refresh(now)  # the draw up to its end, shared
             finally:
                 joules = meter.share.end(now, run)
         return result, joules

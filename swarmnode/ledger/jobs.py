@@ -593,9 +593,6 @@ class JobLedger:
         # Derived from the two above and kept in step by `_put`, so that the leader's queries
         # on every turn cost what they return, not the size of the ledger:
         self._dependents: dict[str, tuple[str, ...]] = {}
-        self._unfinished: dict[str, int] = {}
-        """build id -> its jobs not in a FINAL state, for builds that have any (in submission
-        order), so queries skip finished builds."""
         self._waiting: dict[str, int] = {}  # job key -> its dependencies not done
         self._ready: dict[str, None] = {}  # keys: queued or failed, every dependency done
         self._active: dict[str, None] = {}  # keys: assigned or running
@@ -659,12 +656,6 @@ class JobLedger:
         counts[state] += 1
         if old is not None:
             counts[old.state] -= 1
-            if old.state not in FINAL and state in FINAL:
-                left = self._unfinished[job.build_id] - 1
-                if left:
-                    self._unfinished[job.build_id] = left
-                else:
-                    del self._unfinished[job.build_id]
         if state in ACTIVE:
             self._active[key] = None
         else:
@@ -693,9 +684,6 @@ class JobLedger:
             for d in job.spec.deps:
                 deps.setdefault(job_key(build.build_id, d), []).append(job.key)
         self._dependents.update({k: tuple(v) for k, v in deps.items()})
-        open_ = sum(job.state not in FINAL for job in jobs)
-        if open_:
-            self._unfinished[build.build_id] = open_
         for job in jobs:
             self._put(job)
 
@@ -899,7 +887,8 @@ class JobLedger:
 
     def finished(self, build_id: str) -> bool:
         """Every job of the build is done, blocked or cancelled."""
-        return build_id in self._builds and build_id not in self._unfinished
+        counts = self._counts.get(build_id)
+        return counts is not None and not any(n for st, n in counts.items() if st not in FINAL)
 
     def dependents(self, key: str) -> tuple[str, ...]:
         """The keys of the jobs that depend on job `key`."""
