@@ -287,6 +287,7 @@ class Node:
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
                  self.listen, ", ".join(self.addresses))
+        self.ready = True
         tasks = [asyncio.ensure_future(self._timer_loop()),
                  asyncio.ensure_future(self._address_watch()),
                  asyncio.ensure_future(self._power_watch()),
@@ -372,6 +373,9 @@ class Node:
                     await self._wake.wait()
 
     _last_save = 0.0
+    ready = False
+    """Start-up is over: it listens, its HTTP side serves (the control socket answers from
+    the first moment, so that a second node in the same home is refused at once)."""
     members_saved = 0
     """Other members in the member list last saved (a restart rejoins them at once)."""
 
@@ -383,7 +387,7 @@ class Node:
         stated, tries = -POWER_NOTE_S, 0
         while True:
             tries += 1
-            reading = self.power.sample(time.monotonic(), time.strftime("%Y-%m-%d"))
+            reading = self.power.sample(time.monotonic())
             if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
                 stated = time.monotonic()
                 value = power.note_value(self.power, os.getloadavg()[0])
@@ -405,7 +409,7 @@ class Node:
     def power_view(self) -> dict[str, dict[str, Any]]:
         """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
         now_ms = self.clock() * 1000
-        today = time.strftime("%Y-%m-%d")
+        today = power.today()
         out: dict[str, dict[str, Any]] = {}
         for note in self.core.notes(power.POWER_TOPIC):
             view = self.core.member(note.by)
@@ -734,6 +738,7 @@ class Node:
             "version": __version__,
             "release": self.push.releases.current(SELF_APP),
             "pid": os.getpid(),
+            "ready": self.ready,
             "uptime_s": round(time.time() - self.started, 1),
             "members_saved": self.members_saved,
             "drops": self.drop_counts(),

@@ -211,12 +211,12 @@ class Swarm:
                 raise SwarmError(f"{node} exited ({self._rc(node)}) before it answered on its "
                                  f"control socket\n{self.dump()}")
             try:
-                self.query(node, "status", timeout=2.0)
-                return
+                if self.query(node, "status", timeout=2.0)["ready"]:
+                    return  # listening, its dashboard served
             except (control.ControlError, OSError, TimeoutError, ValueError):
                 pass
             if time.monotonic() >= deadline:
-                raise SwarmError(f"{node} did not answer on its control socket within "
+                raise SwarmError(f"{node} did not answer ready on its control socket within "
                                  f"{timeout}s\n{self.dump()}")
             time.sleep(POLL_S)
 
