@@ -90,6 +90,22 @@ def _early_appends(outputs: list[Any]) -> list[Send]:
     return [o for o in outputs if isinstance(o, Send) and isinstance(o.msg, AppendEntries)]
 
 
+class _Signatures:
+    """Votes are signed with the node's identity key; a vote counts only from a member that is
+    not banned (a banned voter's key may have been stolen: that is why it was banned)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def sign(self, data: bytes) -> bytes:
+        return self._node.identity.sign(data)
+
+    def verify(self, signer: str, data: bytes, sig: bytes) -> bool:
+        view = self._node.core.member(signer)
+        return view is not None and view.state != "banned" and \
+            self._node.identity.verify(signer, data, sig)
+
+
 class NotLeader(RuntimeError):
     """This node does not lead; `leader` is the one it knows of (or None)."""
 
@@ -106,7 +122,7 @@ class Leadership:
         self.ledger = JobLedger.restore(stored.snapshot.data) if stored.snapshot else JobLedger()
         self.core = Election(node.id, (), Config(), random.Random(os.urandom(8)), node.clock(),
                              stored.persisted, observers=(), log=stored.entries,
-                             snapshot=stored.snapshot)
+                             snapshot=stored.snapshot, signatures=_Signatures(node))
         self._wake = asyncio.Event()
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
@@ -156,9 +172,12 @@ class Leadership:
         at a time through the log (each change committed before the next is proposed)."""
         now = self.node.clock()
         voters = self.committed_voters()
-        observers = {m.id for m in self.node.core.members()
+        members = self.node.core.members()
+        observers = {m.id for m in members
                      if m.admitted_by is not None and m.state in ("alive", "suspect")
                      and m.id not in voters}
+        if self.core.root is None:  # whose lone leadership a node without voters believes
+            self.core.root = next((m.id for m in members if self.node.is_founder(m.id)), None)
         self.core.set_voters(now, voters, observers)
         self.flush()
         if self.node.admitted and not self._changing and self.core.can_schedule(now):

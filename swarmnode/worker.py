@@ -1,10 +1,14 @@
 """The worker side of builds: run what the leader assigns, and make sure it hears the result.
 
-The leader sends `job.assign` (signed, over the member's proven route) carrying its term; the
-worker fences on terms — an assignment or cancellation from a lower term than it has seen is
-refused, so a deposed leader cannot start or stop anything. The worker fetches the job's
-inputs and its dependencies' outputs (artifacts, from the members named as sources), runs the
-job with the executor on free cores, stores the outputs in its artifact store, and reports.
+The leader sends `job.assign` (signed, over the member's proven route) carrying its term. The
+worker obeys an assignment or cancellation only from the proven leader of that term (the
+Raft core checked its `LeaderProof`: election/proof.py), so a member that merely claims to
+lead, at whatever term, runs nothing and moves no fence; and it fences on terms — one from a
+lower term than it has seen is refused, so a deposed leader cannot start or stop anything.
+Acknowledgements, which let the worker forget a report, count only from the current leader.
+The worker fetches the job's inputs and its dependencies' outputs (artifacts, from the members
+named as sources), runs the job with the executor on free cores, stores the outputs in its
+artifact store, and reports.
 
 A report is persisted as it is sent (before any acknowledgement can arrive) and re-sent to
 whoever leads now until one acknowledges it (at once to a new leader): a worker cut off from
@@ -227,6 +231,9 @@ class Worker:
         except (KeyError, TypeError, ValueError):
             self.node.drops.drop("malformed_job")
             return
+        if acks and env.sender != self.node.leadership.leader:
+            self.node.drops.drop("ack_not_from_leader")  # it would make us forget a report
+            acks = []
         for item in items:
             try:
                 self._on_assign(env.sender, Assignment.from_plain(item))
@@ -240,7 +247,12 @@ class Worker:
 
     def _admit_term(self, sender: str, term: Any, what: str) -> bool:
         before = self.fence.term
-        if type(term) is not int or not self.fence.admit(term):
+        if type(term) is not int or self.node.leadership.core.proven_leader(term) != sender:
+            self.node.drops.drop("unproven_leader")
+            self.node.event("job_refused", {"id": sender, "what": what, "term": term,
+                                            "reason": "not the proven leader of that term"})
+            return False
+        if not self.fence.admit(term):
             self.node.drops.drop("stale_term")
             self.node.event("job_refused", {"id": sender, "what": what, "term": term,
                                             "seen": self.fence.term})

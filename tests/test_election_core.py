@@ -25,15 +25,19 @@ from swarmnode.election import (
     Election,
     Event,
     InstallSnapshot,
+    KeyRing,
+    LeaderProof,
     MessageError,
     Output,
     Persist,
     Persisted,
     PreVote,
     PreVoteReply,
+    ProofRequest,
     RequestVote,
     Send,
     SnapshotReply,
+    VoteProof,
     VoteReply,
     choose_voters,
     decode,
@@ -41,6 +45,7 @@ from swarmnode.election import (
     pack,
     step_voters,
     unpack,
+    vote_payload,
 )
 from swarmnode.election.messages import MAX_CHUNK
 
@@ -49,10 +54,37 @@ ABC = frozenset({"a", "b", "c"})
 LATER = 10.0
 """A time well past every node's start-up stickiness."""
 
+KEYS = KeyRing()
+"""Real Ed25519 keys for the named test nodes."""
+
 
 def hb(term: int, leader: str, seq: int) -> AppendEntries:
     """A heartbeat to a node whose log is empty, as the leader of an empty log sends it."""
     return AppendEntries(term, leader, seq, 0, 0, 0)
+
+
+def vote(term: int, voter: str, candidate: str) -> VoteProof:
+    """`voter`'s signed vote for `candidate` (what a grant counts by)."""
+    return VoteProof(term, candidate, KEYS.key(voter).sign(vote_payload(term, candidate)).signature)
+
+
+def proof(term: int, leader: str, voters: frozenset[str] = ABC,
+          signers: frozenset[str] | None = None) -> LeaderProof:
+    """`leader`'s proof of `term`, signed by `signers` (default: a majority including it)."""
+    if signers is None:
+        signers = frozenset(sorted(voters - {leader})[: len(voters) // 2]) | {leader}
+    votes = tuple((v, vote(term, v, leader).sig) for v in sorted(signers))
+    return LeaderProof(term, leader, tuple(sorted(voters)), votes)
+
+
+def lead(el: Election, now: float, term: int, leader: str, voters: frozenset[str] = ABC) -> None:
+    """Show `el` the proof that `leader` leads `term` (it follows it from then on)."""
+    el.handle(now, leader, proof(term, leader, voters))
+
+
+def granted(voter: str, candidate: str, term: int) -> list[Send]:
+    """What a voter sends when it grants a vote: the signature first, then the reply."""
+    return [Send(candidate, vote(term, voter, candidate)), Send(candidate, VoteReply(term, True))]
 
 
 def ack(term: int, seq: int) -> AppendReply:
@@ -67,7 +99,8 @@ def make(
     observers: frozenset[str] = frozenset(),
     cfg: Config = CFG,
 ) -> Election:
-    el = Election(node_id, voters, cfg, random.Random(1), 0.0, persisted, observers=observers)
+    el = Election(node_id, voters, cfg, random.Random(1), 0.0, persisted, observers=observers,
+                  signatures=KEYS.for_node(node_id))
     assert el.drain() == []
     return el
 
@@ -97,7 +130,7 @@ def elect(el: Election, now: float | None = None) -> float:
     assert el.role == PRE_CANDIDATE
     el.handle(now, "b", PreVoteReply(el.term + 1, True, el.term))
     assert el.role == CANDIDATE
-    el.handle(now, "b", VoteReply(el.term, True))
+    el.handle(now, "b", vote(el.term, "b", el.id))
     assert el.role == LEADER
     el.drain()
     return now
@@ -111,13 +144,14 @@ def test_one_vote_per_term_and_persisted_before_the_reply() -> None:
     el = make()
     el.handle(LATER, "b", RequestVote(1, "b", 0, 0))
     out = el.drain()
-    assert out.index(Persist(1, "b")) < out.index(Send("b", VoteReply(1, True)))
+    assert out.index(Persist(1, "b")) < out.index(granted("a", "b", 1)[0])
+    assert out[-2:] == granted("a", "b", 1)
     assert el.voted_for == "b" and el.term == 1
     el.handle(LATER, "c", RequestVote(1, "c", 0, 0))
     assert el.drain() == [Send("c", VoteReply(1, False))]
     # a retransmitted request from the same candidate is granted again, with nothing to persist
     el.handle(LATER, "b", RequestVote(1, "b", 0, 0))
-    assert el.drain() == [Send("b", VoteReply(1, True))]
+    assert el.drain() == granted("a", "b", 1)
 
 
 def test_every_persist_precedes_every_send_that_follows_it() -> None:
@@ -146,7 +180,7 @@ def test_restart_keeps_the_vote_of_the_persisted_term() -> None:
     el.handle(LATER, "c", RequestVote(3, "c", 0, 0))
     assert el.drain() == [Send("c", VoteReply(3, False))]
     el.handle(LATER, "c", RequestVote(4, "c", 0, 0))
-    assert el.drain()[-2:] == [Persist(4, "c"), Send("c", VoteReply(4, True))]
+    assert el.drain()[-3:] == [Persist(4, "c"), *granted("a", "c", 4)]
 
 
 def test_lower_terms_are_refused_with_our_term() -> None:
@@ -175,10 +209,13 @@ def test_higher_term_heartbeat_turns_a_candidate_into_a_follower() -> None:
     now = fire_timer(el)
     el.drain()
     el.handle(now, "c", hb(2, "c", 9))
+    assert el.role == CANDIDATE and el.term == 1  # nothing moves before the proof
+    assert el.drain() == [Send("c", ProofRequest(2))]
+    lead(el, now, 2, "c")  # the held heartbeat is handled with it
     out = el.drain()
     assert el.role == FOLLOWER and el.leader == "c" and el.term == 2
     assert out[-1] == Send("c", ack(2, 9))
-    assert out.index(Persist(2, None)) < len(out) - 1
+    assert out.index(Persist(2, None, "c")) < len(out) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,11 +234,12 @@ def test_a_fresh_node_votes_for_nobody_during_the_first_minimum_timeout() -> Non
     ]
     assert el.term == 0
     el.handle(CFG.election_timeout_min, "b", RequestVote(1, "b", 0, 0))
-    assert el.drain()[-1] == Send("b", VoteReply(1, True))
+    assert el.drain()[-2:] == granted("a", "b", 1)
 
 
 def test_a_follower_of_a_live_leader_refuses_pre_votes_and_votes_and_keeps_its_term() -> None:
     el = make()
+    lead(el, LATER, 2, "b")
     el.handle(LATER, "b", hb(2, "b", 1))
     el.drain()
     soon = LATER + CFG.election_timeout_min / 2
@@ -212,7 +250,7 @@ def test_a_follower_of_a_live_leader_refuses_pre_votes_and_votes_and_keeps_its_t
     # once the leader has been silent for the minimum timeout the same request wins the vote
     late = LATER + CFG.election_timeout_min
     el.handle(late, "c", RequestVote(3, "c", 0, 0))
-    assert el.drain()[-1] == Send("c", VoteReply(3, True))
+    assert el.drain()[-2:] == granted("a", "c", 3)
 
 
 def test_pre_vote_changes_no_term_anywhere() -> None:
@@ -237,13 +275,16 @@ def test_pre_vote_majority_starts_the_election_and_votes_make_a_leader() -> None
     out = el.drain()
     assert [s.msg for s in sends(out)] == [RequestVote(1, "a", 0, 0)] * 2
     el.handle(now, "c", VoteReply(1, True))
+    assert el.role == CANDIDATE  # a grant counts by its signature
+    el.handle(now, "c", vote(1, "c", "a"))
     out = el.drain()
     assert el.role == LEADER and el.leader == "a"
     assert events(out, "leader_elected")[0].data == {"term": 1}
-    assert {s.to for s in sends(out)} == {"b", "c", "o"}  # observers are heartbeated too
-    # the first heartbeat carries the new leader's no-op, not yet committed
+    # everyone, observers too, gets the proof first, then the first heartbeat, which carries
+    # the new leader's no-op, not yet committed
     noop = AppendEntries(1, "a", 1, 0, 0, 0, ((1, b""),))
-    assert all(s.msg == noop for s in sends(out))
+    assert [s.msg for s in sends(out)] == [proof(1, "a", signers=frozenset("ac"))] * 3 + [noop] * 3
+    assert [s.to for s in sends(out)] == ["b", "c", "o"] * 2
 
 
 def test_stale_pre_vote_grants_do_not_count() -> None:
@@ -263,16 +304,16 @@ def test_a_higher_term_in_a_pre_vote_refusal_catches_the_laggard_up() -> None:
 
 
 def test_candidates_and_voters_outside_the_voter_set_get_nothing() -> None:
+    """Not even an answer (or a term: a non-voter's word moves nothing)."""
     el = make()
     el.handle(LATER, "x", PreVote(1, "x", 0, 0))
-    el.handle(LATER, "x", RequestVote(1, "x", 0, 0))
-    assert sends(el.drain()) == [
-        Send("x", PreVoteReply(1, False, 0)),
-        Send("x", VoteReply(1, False)),
-    ]
+    el.handle(LATER, "x", RequestVote(1 << 62, "x", 0, 0))
+    assert el.drain() == [] and el.term == 0
     now = fire_timer(el)
     el.handle(now, "x", PreVoteReply(el.term + 1, True, el.term))
-    assert el.role == PRE_CANDIDATE  # x's grant does not count
+    el.handle(now, "x", VoteReply(1 << 62, False))
+    assert el.role == PRE_CANDIDATE and el.term == 0  # x's grant does not count
+    assert el.counters["drop_not_voter"] == 4
 
 
 def test_spoofed_ids_are_dropped() -> None:
@@ -299,6 +340,7 @@ def test_non_voters_never_campaign_but_follow_and_report_the_leader() -> None:
     assert el.term == 0 and el.role == FOLLOWER and el.counters["pre_votes_started"] == 0
     el.handle(now, "a", RequestVote(1, "a", 0, 0))
     assert sends(el.drain())[-1] == Send("a", VoteReply(1, False))
+    lead(el, now, 1, "b")
     el.handle(now, "b", hb(1, "b", 4))
     assert el.leader == "b" and el.drain()[-1] == Send("b", ack(1, 4))
     el.tick(el.next_deadline())  # the leader goes silent
@@ -310,10 +352,13 @@ def test_a_lone_voter_elects_itself_once_start_up_stickiness_ends() -> None:
     assert el.next_deadline() == CFG.election_timeout_min
     el.tick(CFG.election_timeout_min)
     out = el.drain()
-    assert el.role == LEADER and el.term == 1 and Persist(1, "a") in out
+    assert el.role == LEADER and el.term == 1 and Persist(1, "a", "a") in out
     assert el.leader_lease_valid(1e9)  # nobody else can ever lead
     # one voter commits (and applies) its no-op at once, and the observer learns it
-    assert sends(out) == [Send("o", AppendEntries(1, "a", 1, 0, 0, 1, ((1, b""),)))]
+    assert sends(out) == [
+        Send("o", proof(1, "a", frozenset("a"))),
+        Send("o", AppendEntries(1, "a", 1, 0, 0, 1, ((1, b""),))),
+    ]
     assert Apply(1, 1, b"") in out
     el.tick(el.next_deadline())
     assert el.role == LEADER  # no check-quorum step-down without peers
@@ -328,7 +373,7 @@ def test_two_voters_need_each_other() -> None:
         el.tick(now)
     assert el.role == PRE_CANDIDATE and el.term == 0
     el.handle(now, "b", PreVoteReply(1, True, 0))
-    el.handle(now, "b", VoteReply(1, True))
+    el.handle(now, "b", vote(1, "b", "a"))
     assert el.role == LEADER and el.quorum == 2
 
 
@@ -346,7 +391,7 @@ def test_a_leader_removed_from_the_voters_steps_down() -> None:
 
 def test_a_follower_left_as_the_only_voter_takes_over() -> None:
     el = make()
-    el.handle(LATER, "b", hb(3, "b", 1))
+    lead(el, LATER, 3, "b")
     el.set_voters(LATER, {"a"})
     # still sticky to b for one minimum timeout, then it elects itself
     assert el.next_deadline() == LATER + CFG.election_timeout_min
@@ -399,7 +444,7 @@ def test_answered_heartbeats_keep_the_leader_and_give_it_a_lease() -> None:
     el = make()
     now = fire_timer(el)
     el.handle(now, "b", PreVoteReply(1, True, 0))
-    el.handle(now, "b", VoteReply(1, True))
+    el.handle(now, "b", vote(1, "b", "a"))
     assert el.role == LEADER
     assert not el.leader_lease_valid(now)  # votes are no lease: only heartbeat acks are
     for _ in range(100):  # 10 s of heartbeats; b answers each round 5 ms later

@@ -16,6 +16,8 @@ from swarmnode.election import (
     Config,
     Election,
     InstallSnapshot,
+    KeyRing,
+    LeaderProof,
     LogEntry,
     Output,
     Persist,
@@ -29,12 +31,17 @@ from swarmnode.election import (
     Send,
     Snapshot,
     SnapshotReply,
+    VoteProof,
     VoteReply,
+    vote_payload,
 )
 
 CFG = Config()
 ABC = frozenset({"a", "b", "c"})
 LATER = 10.0
+
+KEYS = KeyRing()
+"""Real Ed25519 keys for the named test nodes."""
 
 
 def make(
@@ -57,6 +64,7 @@ def make(
         observers=observers,
         log=log,
         snapshot=snapshot,
+        signatures=KEYS.for_node(node_id),
     )
     assert el.drain() == []
     return el
@@ -80,9 +88,19 @@ def elect(el: Election, voter: str = "b") -> list[Output]:
     el.tick(now)
     el.handle(now, voter, PreVoteReply(el.term + 1, True, el.term))
     el.drain()
-    el.handle(now, voter, VoteReply(el.term, True))
+    el.handle(now, voter, VoteProof(el.term, el.id,
+                                    KEYS.key(voter).sign(vote_payload(el.term, el.id)).signature))
     assert el.role == LEADER
     return el.drain()
+
+
+def led(el: Election, leader: str, msg: AppendEntries | InstallSnapshot) -> None:
+    """Handle a leader's message, after the proof of its term when `el` has none yet."""
+    if el.proven_leader(msg.term) != leader:
+        votes = tuple((v, KEYS.key(v).sign(vote_payload(msg.term, leader)).signature)
+                      for v in sorted(el.voters))
+        el.handle(LATER, leader, LeaderProof(msg.term, leader, tuple(sorted(el.voters)), votes))
+    el.handle(LATER, leader, msg)
 
 
 def give_lease(el: Election, voter: str = "b") -> None:
@@ -114,7 +132,8 @@ def test_a_new_leader_persists_its_noop_before_sending_it() -> None:
     appends = [i for i, o in enumerate(out) if isinstance(o, Send)]
     noop = PersistEntries(1, (LogEntry(1, 1, b""),))
     assert appends and out.index(noop) < appends[0]
-    assert all(s.msg.entries == ((1, b""),) for s in sends(out))
+    heartbeats = [s.msg for s in sends(out) if isinstance(s.msg, AppendEntries)]
+    assert len(heartbeats) == 2 and all(m.entries == ((1, b""),) for m in heartbeats)
     assert el.commit_index == 0 and not el.can_schedule(LATER)
 
 
@@ -167,25 +186,25 @@ def test_a_lone_voter_commits_its_own_proposals_after_persisting_them() -> None:
 
 def test_a_follower_persists_before_it_replies_and_applies_only_what_is_committed() -> None:
     el = make("b")
-    el.handle(LATER, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b""), (1, b"x"))))
+    led(el, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b""), (1, b"x"))))
     out = el.drain()
     stored = PersistEntries(1, (LogEntry(1, 1, b""), LogEntry(1 + 1, 1, b"x")))
-    assert out.index(Persist(1, None)) < out.index(stored) < len(out) - 1
+    assert out.index(Persist(1, None, "a")) < out.index(stored) < len(out) - 1
     assert out[-1] == Send("a", AppendReply(1, 1, True, 2))
     assert applies(out) == []
     # the leader's commit index arrives with the next heartbeat
-    el.handle(LATER, "a", AppendEntries(1, "a", 2, 2, 1, 2))
+    led(el, "a", AppendEntries(1, "a", 2, 2, 1, 2))
     assert applies(el.drain()) == [Apply(1, 1, b""), Apply(2, 1, b"x")]
     # commit is capped by what this follower is known to match: not beyond index 2
-    el.handle(LATER, "a", AppendEntries(1, "a", 3, 2, 1, 9))
+    led(el, "a", AppendEntries(1, "a", 3, 2, 1, 9))
     assert el.commit_index == 2
 
 
 def test_a_gap_or_a_conflict_is_refused_with_a_hint() -> None:
     el = make("b", persisted=Persisted(3), log=entries(1, 1, 2, 2))
-    el.handle(LATER, "a", AppendEntries(3, "a", 1, 7, 3, 0, ((3, b"z"),)))
+    led(el, "a", AppendEntries(3, "a", 1, 7, 3, 0, ((3, b"z"),)))
     assert el.drain()[-1] == Send("a", AppendReply(3, 1, False, 5))  # our log ends at 4
-    el.handle(LATER, "a", AppendEntries(3, "a", 2, 4, 3, 0))
+    led(el, "a", AppendEntries(3, "a", 2, 4, 3, 0))
     # entry 4 has term 2, not 3: skip the whole term-2 run (it starts at 3)
     assert el.drain()[-1] == Send("a", AppendReply(3, 2, False, 3))
     assert el.log.last_index == 4  # a refusal changes nothing
@@ -193,7 +212,7 @@ def test_a_gap_or_a_conflict_is_refused_with_a_hint() -> None:
 
 def test_a_conflicting_suffix_is_replaced_and_the_truncation_persisted() -> None:
     el = make("b", persisted=Persisted(3), log=entries(1, 1, 2, 2))
-    el.handle(LATER, "a", AppendEntries(3, "a", 1, 2, 1, 0, ((3, b"new"),)))
+    led(el, "a", AppendEntries(3, "a", 1, 2, 1, 0, ((3, b"new"),)))
     out = el.drain()
     assert PersistEntries(3, (LogEntry(3, 3, b"new"),)) in out
     assert [e.term for e in el.log] == [1, 1, 3] and out[-1].msg.success  # type: ignore[union-attr]
@@ -201,9 +220,9 @@ def test_a_conflicting_suffix_is_replaced_and_the_truncation_persisted() -> None
 
 def test_a_late_duplicate_of_an_old_batch_truncates_nothing() -> None:
     el = make("b")
-    el.handle(LATER, "a", AppendEntries(1, "a", 2, 0, 0, 0, ((1, b"1"), (1, b"2"), (1, b"3"))))
+    led(el, "a", AppendEntries(1, "a", 2, 0, 0, 0, ((1, b"1"), (1, b"2"), (1, b"3"))))
     el.drain()
-    el.handle(LATER, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b"1"),)))
+    led(el, "a", AppendEntries(1, "a", 1, 0, 0, 0, ((1, b"1"),)))
     out = el.drain()
     assert out == [Send("a", AppendReply(1, 1, True, 1))]  # nothing persisted, nothing lost
     assert el.log.last_index == 3
@@ -212,16 +231,16 @@ def test_a_late_duplicate_of_an_old_batch_truncates_nothing() -> None:
 def test_a_committed_entry_is_never_overwritten() -> None:
     """Only a leader without a committed entry could send this; refuse rather than lose it."""
     el = make("b", persisted=Persisted(2), log=entries(1, 2))
-    el.handle(LATER, "a", AppendEntries(2, "a", 1, 2, 2, 2))
+    led(el, "a", AppendEntries(2, "a", 1, 2, 2, 2))
     assert el.commit_index == 2
     el.drain()
-    el.handle(LATER, "c", AppendEntries(3, "c", 1, 1, 1, 0, ((3, b"other"),)))
+    led(el, "c", AppendEntries(3, "c", 1, 1, 1, 0, ((3, b"other"),)))
     assert el.log.term_at(2) == 2 and el.counters["conflict_with_committed"] == 1
 
 
 def test_a_stale_leader_is_answered_with_the_higher_term() -> None:
     el = make("b", persisted=Persisted(5))
-    el.handle(LATER, "a", AppendEntries(4, "a", 7, 0, 0, 0, ((4, b"x"),)))
+    led(el, "a", AppendEntries(4, "a", 7, 0, 0, 0, ((4, b"x"),)))
     assert el.drain() == [Send("a", AppendReply(5, 7, False, 0))]
     assert el.log.last_index == 0
 
@@ -344,14 +363,14 @@ def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
 
 def test_an_installed_snapshot_keeps_a_matching_suffix_and_drops_a_conflicting_one() -> None:
     keep = make("b", persisted=Persisted(1), log=entries(1, 1, 1, 1))
-    keep.handle(LATER, "a", InstallSnapshot(1, "a", 1, 2, 1, 0, b"s", True))
+    led(keep, "a", InstallSnapshot(1, "a", 1, 2, 1, 0, b"s", True))
     out = keep.drain()
     assert PersistSnapshot(Snapshot(2, 1, b"s")) in out
     assert not [o for o in out if isinstance(o, PersistEntries)]
     assert [e.index for e in keep.log] == [3, 4] and keep.commit_index == 2
 
     drop = make("b", persisted=Persisted(2), log=entries(1, 2, 2, 2))
-    drop.handle(LATER, "a", InstallSnapshot(3, "a", 1, 3, 3, 0, b"s", True))
+    led(drop, "a", InstallSnapshot(3, "a", 1, 3, 3, 0, b"s", True))
     out = drop.drain()
     assert PersistEntries(4, ()) in out and len(drop.log) == 0
     assert out[-1] == Send("a", AppendReply(3, 1, True, 3))
@@ -359,12 +378,12 @@ def test_an_installed_snapshot_keeps_a_matching_suffix_and_drops_a_conflicting_o
 
 def test_snapshot_chunks_out_of_order_ask_for_the_right_offset() -> None:
     el = make("b")
-    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"late", False))
+    led(el, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"late", False))
     assert el.drain()[-1] == Send("a", SnapshotReply(1, 1, 5, 0))
-    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))
+    led(el, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))
     assert el.drain()[-1] == Send("a", SnapshotReply(1, 1, 5, 4))
-    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))  # duplicate
-    el.handle(LATER, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"ef", True))
+    led(el, "a", InstallSnapshot(1, "a", 1, 5, 1, 0, b"abcd", False))  # duplicate
+    led(el, "a", InstallSnapshot(1, "a", 1, 5, 1, 4, b"ef", True))
     assert Restore(Snapshot(5, 1, b"abcdef")) in el.drain()
 
 
@@ -373,7 +392,7 @@ def test_a_restarted_node_resumes_from_its_snapshot_and_log() -> None:
     el = make("b", persisted=Persisted(2, "a"), log=entries(1, 2, start=4), snapshot=snap)
     assert (el.commit_index, el.applied_index, el.log.last_index) == (3, 3, 5)
     assert (el.term, el.voted_for) == (2, "a")
-    el.handle(LATER, "a", AppendEntries(2, "a", 1, 5, 2, 5))
+    led(el, "a", AppendEntries(2, "a", 1, 5, 2, 5))
     assert [(x.index, x.term) for x in applies(el.drain())] == [(4, 1), (5, 2)]
 
 

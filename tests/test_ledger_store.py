@@ -17,6 +17,7 @@ import pytest
 from swarmnode.election import (
     Config,
     Election,
+    KeyRing,
     LogEntry,
     Persist,
     Persisted,
@@ -108,7 +109,7 @@ def test_a_core_restarted_from_the_store_continues_where_it_was(tmp_path: Path) 
     same term, vote, log and snapshot point."""
     store = LogStore(tmp_path / "ledger.db")
     cfg = Config()
-    el = Election("a", {"a"}, cfg, random.Random(1), 0.0)
+    el = Election("a", {"a"}, cfg, random.Random(1), 0.0, signatures=KeyRing().for_node("a"))
     el.tick(cfg.election_timeout_min)
     for n in range(10):
         el.propose(1.0, f"job {n}".encode())
@@ -126,6 +127,7 @@ def test_a_core_restarted_from_the_store_continues_where_it_was(tmp_path: Path) 
         got.persisted,
         log=got.entries,
         snapshot=got.snapshot,
+        signatures=KeyRing().for_node("a"),
     )
     assert (again.term, again.voted_for) == (el.term, el.voted_for) == (1, "a")
     assert list(again.log) == list(el.log)

@@ -73,14 +73,18 @@ from .messages import (
     AppendEntries,
     AppendReply,
     InstallSnapshot,
+    LeaderProof,
     Message,
     MessageError,
     PreVote,
     PreVoteReply,
+    ProofRequest,
     RequestVote,
     SnapshotReply,
+    VoteProof,
     VoteReply,
 )
+from .proof import Signatures, proof_valid, vote_payload
 
 FOLLOWER = "follower"
 PRE_CANDIDATE = "pre_candidate"
@@ -91,29 +95,44 @@ MAX_SNAPSHOT = 256 * 1024 * 1024
 """A snapshot being received may not grow beyond this (memory held for a sender we trust, but
 a bug there must not exhaust ours)."""
 _INF = math.inf
+MAX_TERM_STEP = 1000
+"""The furthest a voter's unproven word (a vote request, a reply) may move our term. Honest
+terms grow by one per election; a proven leader's term may jump any distance (a majority
+signed it). Without the bound one message at term 2^63-1 wedged the cluster for good."""
+PROVEN_KEPT = 16
+"""Terms whose proven leader is remembered (the current one is what matters; a few more let a
+worker check an assignment from a term it just left)."""
+_VOTER_ONLY: tuple[type, ...] = (PreVote, PreVoteReply, RequestVote, VoteReply, VoteProof)
+"""Messages only a voter may send: a member outside our voter set neither stands nor votes."""
 
 
 @dataclass(frozen=True, slots=True)
 class Persisted:
-    """What must survive a restart besides the log: the current term and whom we voted for."""
+    """What must survive a restart besides the log: the current term, whom we voted for, and
+    the leader of that term whose proof we checked (a node that restarts holding a voter set
+    the leader grew after its election could not check that proof again)."""
 
     term: int = 0
     voted_for: str | None = None
+    leader: str | None = None
 
     def to_plain(self) -> dict[str, Any]:
-        return {"term": self.term, "voted_for": self.voted_for}
+        plain = {"term": self.term, "voted_for": self.voted_for}
+        return plain if self.leader is None else {**plain, "leader": self.leader}
 
     @classmethod
     def from_plain(cls, obj: object) -> Persisted:
         """Strictly load the stored form; raises MessageError for anything else."""
-        if type(obj) is not dict or obj.keys() != {"term", "voted_for"}:
-            raise MessageError("persisted: expected a map with keys term, voted_for")
-        term, voted = obj["term"], obj["voted_for"]
+        if type(obj) is not dict or not {"term", "voted_for"} <= obj.keys() <= {
+                "term", "voted_for", "leader"}:
+            raise MessageError("persisted: expected a map with keys term, voted_for[, leader]")
+        term, voted, leader = obj["term"], obj["voted_for"], obj.get("leader")
         if type(term) is not int or not 0 <= term <= MAX_U63:
             raise MessageError("persisted.term: expected int")
-        if voted is not None and (type(voted) is not str or not 1 <= len(voted) <= MAX_ID):
-            raise MessageError("persisted.voted_for: expected an id or None")
-        return cls(term, voted)
+        for what, value in (("voted_for", voted), ("leader", leader)):
+            if value is not None and (type(value) is not str or not 1 <= len(value) <= MAX_ID):
+                raise MessageError(f"persisted.{what}: expected an id or None")
+        return cls(term, voted, leader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +143,12 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Write (term, voted_for) durably before acting on anything drained after this."""
+    """Write (term, voted_for, the term's proven leader) durably before acting on anything
+    drained after this."""
 
     term: int
     voted_for: str | None
+    leader: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +242,13 @@ class Election:
         observers: Iterable[str] = (),
         log: Iterable[LogEntry] = (),
         snapshot: Snapshot | None = None,
+        signatures: Signatures,
+        root: str | None = None,
     ) -> None:
         self.id = node_id
+        self.signatures = signatures
+        self.root = root
+        """The cluster's founder: the voter set a node without a configuration trusts."""
         self.counters: Counter[str] = Counter()
         self._cfg = config
         self._rng = rng
@@ -241,6 +267,16 @@ class Election:
         self._heard_leader_at = now
         self._election_at = _INF
         self._granted: set[str] = set()
+        self._votes: dict[str, bytes] = {}  # signed votes for us in our term (as candidate)
+        self._proof: LeaderProof | None = None  # ours, while leading
+        self._proven: dict[int, str] = {}  # term -> the leader whose proof we checked
+        if persisted is not None and persisted.leader is not None:
+            self._proven[persisted.term] = persisted.leader
+        self._proof_asked: tuple[str, int, float] | None = None  # (leader, term, when)
+        self._proof_sent: dict[str, float] = {}  # peer -> when we last sent it our proof
+        # the latest leader message refused for want of its proof, handled once it arrives
+        # (the proof is sent first, but two connections to a peer may reorder them)
+        self._held: tuple[str, AppendEntries | InstallSnapshot] | None = None
         # the log
         self._snapshot = snapshot
         snap_index, snap_term = (snapshot.index, snapshot.term) if snapshot else (0, 0)
@@ -289,9 +325,10 @@ class Election:
     def observers(self) -> frozenset[str]:
         return self._observers
 
-    @property
-    def is_voter(self) -> bool:
-        return self.id in self._voters
+    def proven_leader(self, term: int) -> str | None:
+        """The leader of `term` whose proof this node checked (itself when it won), or None:
+        only its word in that term counts (assignments and cancellations included)."""
+        return self._proven.get(term)
 
     @property
     def quorum(self) -> int:
@@ -322,6 +359,8 @@ class Election:
             self.counters["drop_unknown_message"] += 1
         elif sender == self.id:
             self.counters["drop_from_self"] += 1
+        elif isinstance(msg, _VOTER_ONLY) and sender not in self._voters:
+            self.counters["drop_not_voter"] += 1
         else:
             fn(self, sender, msg)
         self._flush_persist()
@@ -467,7 +506,7 @@ class Election:
 
     def _on_pre_vote_reply(self, src: str, m: PreVoteReply) -> None:
         if m.term > self._term:
-            self._become_follower(m.term, "higher_term")
+            self._higher_term(m.term)
             return
         if self._role == PRE_CANDIDATE and m.granted and m.next_term == self._term + 1:
             self._count_grant(src)
@@ -478,6 +517,9 @@ class Election:
             return
         if m.term < self._term:
             self._send(src, VoteReply(self._term, False))
+            return
+        if m.term > self._term + MAX_TERM_STEP:
+            self.counters["drop_term_jump"] += 1
             return
         if self._sticky(self._now):
             # Neither the vote nor the term: a live leader exists as far as we know.
@@ -498,17 +540,86 @@ class Election:
                 self._role = FOLLOWER
             self._election_at = self._now + self._timeout()
             self.counters["vote_granted"] += 1
+            sig = self.signatures.sign(vote_payload(self._term, src))
+            self._send(src, VoteProof(self._term, src, sig))
             self._send(src, VoteReply(self._term, True))
         else:
             self.counters["vote_refused"] += 1
             self._send(src, VoteReply(self._term, False))
 
     def _on_vote_reply(self, src: str, m: VoteReply) -> None:
+        """A refusal's term may tell us we are behind; a grant counts only with its signature
+        (`VoteProof`), which the proof of our leadership is made of."""
         if m.term > self._term:
-            self._become_follower(m.term, "higher_term")
+            self._higher_term(m.term)
+
+    def _on_vote_proof(self, src: str, m: VoteProof) -> None:
+        if m.candidate != self.id or m.term != self._term or self._role not in (CANDIDATE, LEADER):
             return
-        if self._role == CANDIDATE and m.granted and m.term == self._term:
+        if not self.signatures.verify(src, vote_payload(m.term, self.id), m.sig):
+            self.counters["bad_vote_signature"] += 1
+            return
+        self._votes[src] = m.sig
+        if self._role == CANDIDATE:
             self._count_grant(src)
+        else:  # a late vote: the proof grows stronger for nodes whose voters lag behind
+            self._proof = self._make_proof()
+
+    # ------------------------------------------------------------------ proof of leadership
+
+    def _make_proof(self) -> LeaderProof:
+        votes = tuple(sorted((v, s) for v, s in self._votes.items() if v in self._voters))
+        return LeaderProof(self._term, self.id, tuple(sorted(self._voters)), votes)
+
+    def _send_proof(self, peer: str) -> None:
+        if self._proof is not None:
+            self._proof_sent[peer] = self._now
+            self._send(peer, self._proof)
+
+    def _on_proof_request(self, src: str, m: ProofRequest) -> None:
+        """Answered at most once per heartbeat interval per peer: a 1.6 KiB answer to a few
+        bytes must not become an amplifier."""
+        if self._role != LEADER or m.term != self._term or src not in self._progress:
+            return
+        if self._now - self._proof_sent.get(src, -_INF) < self._cfg.heartbeat_interval:
+            self.counters["proof_request_limited"] += 1
+            return
+        self._send_proof(src)
+
+    def _on_leader_proof(self, src: str, m: LeaderProof) -> None:
+        if m.leader != src:
+            self.counters["drop_spoofed_leader"] += 1
+            return
+        if m.term < self._term or self._proven.get(m.term) == src:
+            return
+        if m.term in self._proven:  # two proven leaders of one term: a voter voted twice
+            self.counters["conflicting_leader_proof"] += 1
+            return
+        if not proof_valid(m.term, src, frozenset(m.voters), m.votes, self._voters, self.root,
+                           self.signatures):
+            self.counters["bad_leader_proof"] += 1
+            return
+        self._proven[m.term] = src
+        self._dirty = True  # remembered across a restart (see `Persisted`)
+        while len(self._proven) > PROVEN_KEPT:
+            del self._proven[min(self._proven)]
+        held, self._held = self._held, None
+        if held is not None and held[0] == src and held[1].term == m.term:
+            _HANDLERS[type(held[1])](self, src, held[1])
+        else:
+            self._accept_leader(src, m.term, 0)
+
+    def _hold(self, src: str, m: AppendEntries | InstallSnapshot) -> None:
+        if m.term >= self._term and self._proven.get(m.term) != src:
+            self._held = (src, m)
+
+    def _request_proof(self, leader: str, term: int) -> None:
+        asked = self._proof_asked
+        if asked is not None and asked[:2] == (leader, term) \
+                and self._now - asked[2] < self._cfg.heartbeat_interval:
+            return
+        self._proof_asked = (leader, term, self._now)
+        self._send(leader, ProofRequest(term))
 
     # ------------------------------------------------------------------ replication: follower
 
@@ -517,6 +628,7 @@ class Election:
             self.counters["drop_spoofed_leader"] += 1
             return
         if not self._accept_leader(src, m.term, m.seq):
+            self._hold(src, m)
             return
         prev, prev_term, entries = m.prev_index, m.prev_term, m.entries
         snap = self._log.snapshot_index
@@ -568,6 +680,7 @@ class Election:
             self.counters["drop_spoofed_leader"] += 1
             return
         if not self._accept_leader(src, m.term, m.seq):
+            self._hold(src, m)
             return
         if m.index <= self._commit:
             # We already hold it (committed entries match every leader's log).
@@ -616,6 +729,11 @@ class Election:
         if term < self._term:
             self.counters["stale_leader_message"] += 1
             self._send(src, AppendReply(self._term, seq, False, 0))
+            return False
+        if self._proven.get(term) != src:
+            # Nothing moves for an unproven leader: not our term, not our log, not our timer.
+            self.counters["unproven_leader"] += 1
+            self._request_proof(src, term)
             return False
         if term == self._term and self._role == LEADER:
             self.counters["conflicting_leader"] += 1  # impossible while the invariant holds
@@ -670,7 +788,7 @@ class Election:
         """The common part of replies to the leader: a higher term deposes it; a reply in our
         term acknowledges heartbeat round `seq` (lease and check-quorum, voters only)."""
         if term > self._term:
-            self._become_follower(term, "higher_term")
+            self._higher_term(term, src)
             return None
         if self._role != LEADER or term != self._term:
             return None
@@ -786,6 +904,7 @@ class Election:
         self._voted_for = self.id
         self._role = CANDIDATE
         self._granted = {self.id}
+        self._votes = {self.id: self.signatures.sign(vote_payload(self._term, self.id))}
         self._election_at = now + self._timeout()
         if not self._advance_if_quorum(now):
             last_index, last_term = self._log.last_index, self._log.last_term
@@ -818,12 +937,18 @@ class Election:
         self._acked_quorum = None
         self._quorum_base = now
         self._incoming = None
+        self._proof = self._make_proof()
+        self._proven[self._term] = self.id
+        self._dirty = True
+        self._proof_sent.clear()
         self._event("leader_elected", term=self._term)
         self._set_leader(self.id)
         nxt = self._log.last_index + 1
         self._progress = {p: Progress(nxt) for p in self._peers}
         self._term_start = self._append_own(b"")  # the no-op that commits our predecessors'
         self._leader_commit()
+        for peer in self._peers:  # before the first heartbeat, which they check against it
+            self._send_proof(peer)
         self._broadcast_heartbeat(now)
 
     def _become_follower(self, term: int, reason: str) -> None:
@@ -834,11 +959,20 @@ class Election:
             self.counters["stepped_down_" + reason] += 1
             self._heartbeat_at = self._notify_at = _INF
             self._progress = {}
+            self._proof = None
             self._event("stepped_down", term=self._term, reason=reason)
             self._set_leader(None)
             self._election_at = self._now + self._timeout()
         self._role = FOLLOWER
         self._granted.clear()
+
+    def _higher_term(self, term: int, src: str | None = None) -> None:
+        """A voter's unproven word that we are behind: followed within MAX_TERM_STEP (a reply
+        from an observer, or a bigger jump, moves nothing)."""
+        if (src is not None and src not in self._voters) or term > self._term + MAX_TERM_STEP:
+            self.counters["drop_term_jump"] += 1
+            return
+        self._become_follower(term, "higher_term")
 
     def _set_term(self, term: int) -> None:
         old = self._term
@@ -938,7 +1072,7 @@ class Election:
         the vote, term or entries a message or an applied entry depends on are durable first."""
         if self._dirty:
             self._dirty = False
-            self._out.append(Persist(self._term, self._voted_for))
+            self._out.append(Persist(self._term, self._voted_for, self._proven.get(self._term)))
         start = self._log_dirty_from
         if start is not None:
             self._log_dirty_from = None
@@ -957,4 +1091,7 @@ _HANDLERS: dict[type, Callable[[Election, str, Any], None]] = {
     AppendReply: Election._on_append_reply,
     InstallSnapshot: Election._on_install_snapshot,
     SnapshotReply: Election._on_snapshot_reply,
+    VoteProof: Election._on_vote_proof,
+    LeaderProof: Election._on_leader_proof,
+    ProofRequest: Election._on_proof_request,
 }

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from .log import MAX_ENTRY
+from .proof import MAX_PROOF_VOTERS, SIGNATURE_BYTES
 
 MAX_U63 = (1 << 63) - 1
 MAX_ID = 64
@@ -34,6 +35,8 @@ MAX_APPEND_ENTRIES = 4096
 """Entries in one AppendEntries (the leader also caps a batch's bytes: max_append_bytes)."""
 MAX_CHUNK = 256 * 1024
 """Snapshot bytes in one InstallSnapshot."""
+MAX_PROOF_BODY = 4096
+"""A `LeaderProof` names at most MAX_PROOF_VOTERS voters and as many signed votes: about 1.6 KiB."""
 TYPE_PREFIX = "election."
 
 
@@ -134,6 +137,37 @@ class SnapshotReply:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class VoteProof:
+    """The signature behind a granted vote: the voter's over `vote_payload(term, candidate)`.
+    Sent just before the `VoteReply` it backs (a separate message, so a voter still elects a
+    candidate of the previous release, which knows only `VoteReply`)."""
+
+    term: int
+    candidate: str
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderProof:
+    """`leader` was elected in `term` by `voters`: `votes` are (voter, signature) pairs, at
+    least a majority of `voters`. A follower accepts a leader's messages of a term only after
+    it checked this (election/proof.py)."""
+
+    term: int
+    leader: str
+    voters: tuple[str, ...]
+    votes: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProofRequest:
+    """A follower heard a leader of `term` it has no proof for (it restarted, or the proof was
+    lost): please send the `LeaderProof` again."""
+
+    term: int
+
+
 Message = (
     PreVote
     | PreVoteReply
@@ -143,6 +177,9 @@ Message = (
     | AppendReply
     | InstallSnapshot
     | SnapshotReply
+    | VoteProof
+    | LeaderProof
+    | ProofRequest
 )
 
 _KINDS: dict[type, str] = {
@@ -154,8 +191,13 @@ _KINDS: dict[type, str] = {
     AppendReply: "append_reply",
     InstallSnapshot: "install_snapshot",
     SnapshotReply: "snapshot_reply",
+    VoteProof: "vote_proof",
+    LeaderProof: "leader_proof",
+    ProofRequest: "proof_request",
 }
 _CLASSES = {kind: cls for cls, kind in _KINDS.items()}
+MESSAGE_CLASSES = frozenset(_KINDS)
+"""Every election message class (for a simulator's dispatch)."""
 MESSAGE_TYPES = frozenset(TYPE_PREFIX + kind for kind in _CLASSES)
 """Envelope type strings of election messages (for the shell's dispatch)."""
 
@@ -165,6 +207,9 @@ _BOOL = "bool"
 _ID = "id"
 _CHUNK = "chunk"
 _ENTRIES = "entries"
+_SIG = "sig"
+_IDS = "ids"
+_VOTES = "votes"
 _FIELDS: dict[type, tuple[tuple[str, str], ...]] = {
     PreVote: (("next_term", _INT), ("candidate", _ID), ("last_index", _INT), ("last_term", _INT)),
     PreVoteReply: (("next_term", _INT), ("granted", _BOOL), ("term", _INT)),
@@ -191,9 +236,13 @@ _FIELDS: dict[type, tuple[tuple[str, str], ...]] = {
         ("done", _BOOL),
     ),
     SnapshotReply: (("term", _INT), ("seq", _INT), ("index", _INT), ("offset", _INT)),
+    VoteProof: (("term", _INT), ("candidate", _ID), ("sig", _SIG)),
+    LeaderProof: (("term", _INT), ("leader", _ID), ("voters", _IDS), ("votes", _VOTES)),
+    ProofRequest: (("term", _INT),),
 }
 _KEYS = {cls: frozenset({"k", *(name for name, _ in spec)}) for cls, spec in _FIELDS.items()}
 _BULK = {AppendEntries, InstallSnapshot}
+_PROOFS = {VoteProof, LeaderProof}
 
 
 def _is_u63(value: object) -> bool:
@@ -218,17 +267,54 @@ def _entries(value: object, what: str) -> tuple[tuple[int, bytes], ...]:
     return tuple(out)
 
 
+def _is_id(value: object) -> bool:
+    return type(value) is str and 1 <= len(value) <= MAX_ID
+
+
+def _is_sig(value: object) -> bool:
+    return type(value) is bytes and len(value) == SIGNATURE_BYTES
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if type(value) not in (list, tuple) or len(value) > MAX_PROOF_VOTERS:  # type: ignore[arg-type]
+        raise MessageError(f"{what}: expected a list of at most {MAX_PROOF_VOTERS}")
+    return list(value)  # type: ignore[call-overload]
+
+
+def _ids(value: object, what: str) -> tuple[str, ...]:
+    items = _list(value, what)
+    if not all(_is_id(i) for i in items) or len(set(items)) != len(items):
+        raise MessageError(f"{what}: expected distinct ids")
+    return tuple(items)
+
+
+def _votes(value: object, what: str) -> tuple[tuple[str, bytes], ...]:
+    out = []
+    for item in _list(value, what):
+        if type(item) not in (list, tuple) or len(item) != 2 or not _is_id(item[0]) \
+                or not _is_sig(item[1]):
+            raise MessageError(f"{what}: expected [id, signature] pairs")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
 def _check(value: object, how: str, what: str) -> Any:
     if how == _ENTRIES:
         return _entries(value, what)
+    if how == _IDS:
+        return _ids(value, what)
+    if how == _VOTES:
+        return _votes(value, what)
     if how == _INT:
         ok = _is_u63(value)
     elif how == _BOOL:
         ok = type(value) is bool
     elif how == _CHUNK:
         ok = type(value) is bytes and len(value) <= MAX_CHUNK
+    elif how == _SIG:
+        ok = _is_sig(value)
     else:
-        ok = type(value) is str and 1 <= len(value) <= MAX_ID
+        ok = _is_id(value)
     if not ok:
         raise MessageError(f"{what}: expected {how}")
     return value
@@ -242,7 +328,8 @@ def encode(msg: Message) -> dict[str, Any]:
     plain: dict[str, Any] = {"k": kind}
     for name, how in _FIELDS[type(msg)]:
         value = getattr(msg, name)
-        plain[name] = [list(e) for e in value] if how == _ENTRIES else value
+        plain[name] = [list(e) for e in value] if how in (_ENTRIES, _VOTES) else (
+            list(value) if how == _IDS else value)
     return plain
 
 
@@ -270,8 +357,9 @@ def unpack(type_str: str, body: bytes) -> Message:
     """Decode an envelope body; the type string must agree with the body's kind."""
     if type(type_str) is not str or type_str not in MESSAGE_TYPES:
         raise MessageError(f"unknown message type {type_str!r}")
-    bulk = _CLASSES[type_str[len(TYPE_PREFIX) :]] in _BULK
-    limit = MAX_BULK_BODY if bulk else MAX_BODY
+    cls = _CLASSES[type_str[len(TYPE_PREFIX) :]]
+    bulk, proof = cls in _BULK, cls in _PROOFS
+    limit = MAX_BULK_BODY if bulk else MAX_PROOF_BODY if proof else MAX_BODY
     if not isinstance(body, bytes | bytearray | memoryview) or len(body) > limit:
         raise MessageError("body: expected bytes within the size limit of its type")
     try:
@@ -280,8 +368,8 @@ def unpack(type_str: str, body: bytes) -> Message:
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_ID,
-            max_bin_len=max(MAX_ENTRY, MAX_CHUNK) if bulk else 0,
-            max_array_len=MAX_APPEND_ENTRIES if bulk else 0,
+            max_bin_len=max(MAX_ENTRY, MAX_CHUNK) if bulk else SIGNATURE_BYTES if proof else 0,
+            max_array_len=MAX_APPEND_ENTRIES if bulk else MAX_PROOF_VOTERS if proof else 0,
             max_map_len=10,
             max_ext_len=0,
         )

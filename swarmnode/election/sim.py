@@ -62,17 +62,11 @@ from .core import (
 )
 from .log import LogEntry, Snapshot
 from .messages import (
-    AppendEntries,
-    AppendReply,
-    InstallSnapshot,
-    PreVote,
-    PreVoteReply,
-    RequestVote,
-    SnapshotReply,
-    VoteReply,
+    MESSAGE_CLASSES,
     pack,
     unpack,
 )
+from .proof import KeyRing
 
 Latency = tuple[float, float]
 
@@ -80,18 +74,7 @@ _DELIVER = 0
 _TICK = 1
 _CALL = 2
 _INF = math.inf
-_ELECTION_TYPES = frozenset(
-    {
-        PreVote,
-        PreVoteReply,
-        RequestVote,
-        VoteReply,
-        AppendEntries,
-        AppendReply,
-        InstallSnapshot,
-        SnapshotReply,
-    }
-)
+_ELECTION_TYPES = MESSAGE_CLASSES
 DIGEST0 = bytes(16)
 
 
@@ -189,6 +172,8 @@ class ElectionSim(EventClock):
         self.record_events = record_events
         self.snapshot_every = snapshot_every
         super().__init__()
+        self.keys = KeyRing()
+        """Every node's real Ed25519 key (votes and leader proofs are checked as in a node)."""
         self.voter_ids = frozenset(f"v{i}" for i in range(voters))
         self.observer_ids = frozenset(f"o{i}" for i in range(observers))
         self.nodes: dict[str, SimNode] = {}
@@ -314,6 +299,7 @@ class ElectionSim(EventClock):
             observers=self.observer_ids,
             log=list(disk.entries),
             snapshot=disk.snapshot,
+            signatures=self.keys.for_node(node.id),
         )
         node.tick_at = _INF
         node.applied, node.digest, node.applied_data = 0, DIGEST0, []
@@ -377,7 +363,7 @@ class ElectionSim(EventClock):
         if kind is Send:
             self._transmit(node.id, o.to, o.msg)
         elif kind is Persist:
-            node.disk.hard = Persisted(o.term, o.voted_for)  # durable before what follows
+            node.disk.hard = Persisted(o.term, o.voted_for, o.leader)  # durable before what follows
             self.stats["persists"] += 1
         elif kind is PersistEntries:
             self._write_entries(node, o)

@@ -87,7 +87,7 @@ class LogStore:
         with self._tx() as db:
             for o in writes:
                 if isinstance(o, Persist):
-                    self._put_hard(db, Persisted(o.term, o.voted_for))
+                    self._put_hard(db, Persisted(o.term, o.voted_for, o.leader))
                 elif isinstance(o, PersistEntries):
                     self._put_entries(db, o.start, o.entries)
                 else:
