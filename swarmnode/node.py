@@ -597,7 +597,7 @@ class Node:
                 except HttpError as exc:
                     raise control.ControlError(str(exc)) from None
                 self.store.put(**{HTTP_BIND_KEY: bind})
-            return {"url": self.http.url(with_token=True), "token_needed": not self.http.open_reads}
+            return {"url": self.http.url(with_token=True), "open_paths": list(self.http.open_paths)}
         if cmd == "events":
             return self.store.events(limit=int(args.get("limit", 50)))
         if cmd == "token":
