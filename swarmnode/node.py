@@ -275,7 +275,7 @@ class Node:
         ctl = await control.serve(self.home, self.handle_command)  # refuses a second node here
         try:
             await self.transport.start()
-            udp = await whois.serve(self.identity, self.cluster_id, self.listen)
+            udp = await whois.serve(self.identity, self.cluster_id, self.listen, self.drops)
         except (zmq.ZMQError, OSError) as exc:
             ctl.close()
             control.socket_path(self.home).unlink(missing_ok=True)
