@@ -62,6 +62,10 @@ CSP = ("default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
        "frame-ancestors 'none'")
 
 
+#: The address an app is bound to, which a request's Host must name.
+BOUND_HOST = web.AppKey("bound_host", str)
+
+
 class HttpError(Exception):
     """The HTTP side could not bind where asked."""
 
@@ -110,6 +114,7 @@ class HttpApi:
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
         app = web.Application(middlewares=[self._guard])
+        app[BOUND_HOST] = host  # (each app its own: a re-bind serves before the old one stops)
         app.router.add_get("/", self._page)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
@@ -147,8 +152,7 @@ class HttpApi:
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
         """Refuse a foreign Host (421), then a request without the token (401) unless it is a
         read the operator opened."""
-        assert self.bind is not None
-        if not host_allowed(request.headers.get("Host", ""), self.bind[0],
+        if not host_allowed(request.headers.get("Host", ""), request.app[BOUND_HOST],
                             self.node.node_config.http_hosts):
             self.node.drops.drop("http_foreign_host")
             raise web.HTTPMisdirectedRequest(text="this Host is not the dashboard's address "
