@@ -696,15 +696,16 @@ def monitor() -> None:
 @app.command()
 def dashboard(
     bind: Annotated[str | None, typer.Option(
-        "--bind", help="serve on HOST[:PORT] instead (kept across restarts); anywhere but "
-        "localhost every request then needs the token, which the printed URL carries")] = None,
+        "--bind", help="serve on HOST[:PORT] instead (kept across restarts); every request "
+        "needs the token, which the printed URL carries")] = None,
 ) -> None:
     """Print the URL of this node's dashboard and Prometheus metrics (/metrics)."""
     info = ask("dashboard", bind=bind or "")
     out.print(info["url"] or "the dashboard is not being served (see the node's log)",
               highlight=False, soft_wrap=True)
-    err.print("the URL carries this node's dashboard token (actions need it" +
-              ("" if info["token_needed"] else "; viewing on this machine does not") +
+    opened = info.get("open_paths") or []  # (an older node: "token_needed" instead)
+    err.print("the URL carries this node's dashboard token (every request needs it" +
+              (f"; {', '.join(opened)} opened without it in config.toml" if opened else "") +
               f"): share it like a password. It is in {state.home}/dashboard.token",
               highlight=False)
 

@@ -8,6 +8,7 @@ file means every default; a bad file is refused with the key and the reason, nev
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,16 @@ DEFAULT_EXEC_TIMEOUT_S = 3600.0
 DEFAULT_HOST_KEYS = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub",
                      "/etc/ssh/ssh_host_rsa_key.pub")
 
+#: The dashboard's read paths an operator may open to requests without the token
+#: (`http_open_paths`); `/api/action` is never among them.
+HTTP_READ_PATHS = ("/", "/metrics", "/api/status", "/api/state", "/api/stream", "/api/logs")
+
 #: Roles a node can take on besides building: a binhost keeps every binary package.
 ROLES = ("binhost",)
 
 #: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
 MAX_HOPS = 8
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 MAX_COMMAND = 4096
 
 
@@ -68,6 +74,13 @@ class NodeConfig:
     watts_idle: float | None = None
     watts_max: float | None = None
     price_per_kwh: float | None = None  # for the energy cost the dashboard shows
+    # HTTP reads answered without the dashboard token (e.g. ["/metrics"] for a Prometheus
+    # that sends no bearer token); none by default: job output and the member list are not
+    # for every local user
+    http_open_paths: tuple[str, ...] = ()
+    # names besides the bound address that the Host header may carry (a DNS or MagicDNS name
+    # the dashboard is reached by); none by default: an unknown name is a DNS rebinding
+    http_hosts: tuple[str, ...] = ()
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> addresses
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
     ssh: SshSettings = field(default_factory=SshSettings)
@@ -104,7 +117,7 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
 
 _TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
         "accept_actions", "exec_timeout", "watts_idle", "watts_max", "price_per_kwh",
-        "overrides", "jumps", "ssh"}
+        "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -117,6 +130,11 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
     if cores is not None and (type(cores) is not int or not 1 <= cores <= 4096):
         raise ConfigError(f"cores: must be an integer from 1 to 4096, got {cores!r}")
     roles = _strings(raw.get("roles", []), "roles")
+    open_paths = _strings(raw.get("http_open_paths", []), "http_open_paths")
+    for path in open_paths:
+        if path not in HTTP_READ_PATHS:
+            raise ConfigError(f"http_open_paths: {path!r} is not a read path (one of "
+                              f"{', '.join(HTTP_READ_PATHS)})")
     for role in roles:
         if role not in ROLES:
             raise ConfigError(f"roles: unknown role {role!r} (known: {', '.join(ROLES)})")
@@ -130,6 +148,8 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         accept_actions=_bool(raw, "accept_actions", True),
         exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
         **_watts(raw),
+        http_open_paths=open_paths,
+        http_hosts=_host_names(raw.get("http_hosts", [])),
         overrides=_node_map(raw.get("overrides", {}), "overrides", _address),
         jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
         ssh=_ssh(raw.get("ssh", {})),
@@ -203,6 +223,15 @@ def _watts(raw: dict[str, Any]) -> dict[str, float | None]:
         raise ConfigError(f"price_per_kwh: must be a price from 0 to 1000, got {price!r}")
     got["price_per_kwh"] = None if price is None else float(price)
     return got
+
+
+def _host_names(value: Any) -> tuple[str, ...]:
+    """Host names as a Host header carries them, without a port, lower-cased."""
+    names = _strings(value, "http_hosts")
+    for name in names:
+        if not _HOST_NAME.fullmatch(name):
+            raise ConfigError(f"http_hosts: {name!r} is not a host name (no port, no scheme)")
+    return tuple(n.lower() for n in names)
 
 
 def _positive(raw: dict[str, Any], key: str, default: float) -> float:

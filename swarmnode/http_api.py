@@ -1,11 +1,17 @@
 """The node's HTTP side: Prometheus metrics at `/metrics` and its status at `/api/status`
 (the dashboard's data), served on localhost unless told otherwise.
 
-Bound to a loopback address, it answers reads without a token (whoever can reach it is on
-this machine, as with `swarmnode status`). Bound anywhere else (`swarmnode dashboard --bind`),
-every request needs the node's dashboard token -- `Authorization: Bearer TOKEN`, `?token=`
-(which also sets a cookie, so a browser keeps it), or that cookie -- so a bind to the LAN is
-never open by accident. The token lives in `<home>/dashboard.token`, mode 0600.
+Every request needs the node's dashboard token -- `Authorization: Bearer TOKEN`, `?token=`
+(which also sets a cookie, so a browser keeps it), or that cookie -- wherever it is bound:
+the control socket is owner-only, and the dashboard shows as much (job output, the members),
+so another local user must not read it either. The token lives in `<home>/dashboard.token`,
+mode 0600. An operator may open chosen reads on purpose (`http_open_paths` in config.toml,
+e.g. `/metrics` for a Prometheus without a bearer token); actions always need the token.
+
+A request whose Host header is neither the bound address (an IP literal of this machine for
+a wildcard bind; `localhost` for a loopback one) nor a name in `http_hosts` is refused: a
+page on another site whose name was rebound to this address (DNS rebinding) sends its own
+name, so it can neither read nor act even where reads are open.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -55,6 +62,10 @@ CSP = ("default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
        "frame-ancestors 'none'")
 
 
+#: The address an app is bound to, which a request's Host must name.
+BOUND_HOST = web.AppKey("bound_host", str)
+
+
 class HttpError(Exception):
     """The HTTP side could not bind where asked."""
 
@@ -83,8 +94,9 @@ class HttpApi:
         self._closing = False  # set while stopping: streams end
 
     @property
-    def open_reads(self) -> bool:
-        return self.bind is not None and is_loopback(self.bind[0])
+    def open_paths(self) -> tuple[str, ...]:
+        """The reads the operator opened to requests without the token."""
+        return self.node.node_config.http_open_paths
 
     def url(self, with_token: bool = False) -> str | None:
         if self.bind is None:
@@ -102,6 +114,7 @@ class HttpApi:
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
         app = web.Application(middlewares=[self._guard])
+        app[BOUND_HOST] = host  # (each app its own: a re-bind serves before the old one stops)
         app.router.add_get("/", self._page)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
@@ -137,11 +150,19 @@ class HttpApi:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Refuse a foreign Host (421), then a request without the token (401) unless it is a
+        read the operator opened."""
+        if not host_allowed(request.headers.get("Host", ""), request.app[BOUND_HOST],
+                            self.node.node_config.http_hosts):
+            self.node.drops.drop("http_foreign_host")
+            raise web.HTTPMisdirectedRequest(text="this Host is not the dashboard's address "
+                                                  "(add the name to http_hosts in config.toml)")
         given = (request.query.get("token") or request.cookies.get(COOKIE)
                  or request.headers.get("Authorization", "").removeprefix("Bearer ").strip())
         good = bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
         request["token_ok"] = good
-        if not good and not self.open_reads:
+        opened = request.method in ("GET", "HEAD") and request.path in self.open_paths
+        if not good and not opened:
             self.node.drops.drop("http_unauthorised")
             raise web.HTTPUnauthorized(text="a token is needed: swarmnode dashboard shows the URL")
         response = await handler(request)
@@ -334,6 +355,25 @@ class HttpApi:
                 "pushes": self._pushes(),
                 "power": node.power_view(),
                 "leader_name": node.member_name(leader) if leader else None}
+
+
+def host_allowed(header: str, bound: str, names: tuple[str, ...]) -> bool:
+    """Whether a request's Host header (`header`) names the server bound to `bound`: the bound
+    address itself, any IP literal when bound to a wildcard address (whoever typed an address
+    of this machine meant it), `localhost` when bound to loopback, or one of `names`. The port
+    is not compared (a port-forward changes it); the name is what a rebound page cannot fake.
+    """
+    try:
+        host = split_hostport(header, 80)[0].lower()
+    except ValueError:
+        return False
+    if host in names or host == bound.lower():
+        return True
+    try:
+        asked, ours = ipaddress.ip_address(host), ipaddress.ip_address(bound)
+    except ValueError:
+        return host == "localhost" and is_loopback(bound)
+    return asked == ours or ours.is_unspecified
 
 
 @functools.cache

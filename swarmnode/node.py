@@ -275,7 +275,7 @@ class Node:
         ctl = await control.serve(self.home, self.handle_command)  # refuses a second node here
         try:
             await self.transport.start()
-            udp = await whois.serve(self.identity, self.cluster_id, self.listen)
+            udp = await whois.serve(self.identity, self.cluster_id, self.listen, self.drops)
         except (zmq.ZMQError, OSError) as exc:
             ctl.close()
             control.socket_path(self.home).unlink(missing_ok=True)
@@ -597,7 +597,7 @@ class Node:
                 except HttpError as exc:
                     raise control.ControlError(str(exc)) from None
                 self.store.put(**{HTTP_BIND_KEY: bind})
-            return {"url": self.http.url(with_token=True), "token_needed": not self.http.open_reads}
+            return {"url": self.http.url(with_token=True), "open_paths": list(self.http.open_paths)}
         if cmd == "events":
             return self.store.events(limit=int(args.get("limit", 50)))
         if cmd == "token":

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a running
 3-node swarm: the right node count and cores, a new pending node appearing without a reload,
-and admitting it from the page."""
+and admitting it from the page (opened by the URL `swarmnode dashboard` prints: its token
+becomes the page's cookie, which its stream, log and action requests then carry)."""
 
 from __future__ import annotations
 
@@ -108,12 +109,16 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             browser.close()
 
 
-def test_actions_need_the_token_even_on_localhost(swarm: Swarm) -> None:
-    """Viewing on this machine needs no token; acting does (the page without it cannot)."""
+def test_viewing_and_acting_need_the_token_even_on_localhost(swarm: Swarm) -> None:
+    """Another user of this machine can neither view (job output, members) nor act."""
     node, _token = swarm.init("n1", loopback_addr(1))
     swarm.start(node)
     base = swarm.query(node, "status")["dashboard"]
-    with urllib.request.urlopen(base, timeout=5) as r:
+    token = (node.home / "dashboard.token").read_text().strip()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(base, timeout=5)
+    assert info.value.code == 401
+    with urllib.request.urlopen(f"{base}?token={token}", timeout=5) as r:
         assert r.status == 200 and b"swarmnode" in r.read()
         script_src = next(d for d in r.headers["Content-Security-Policy"].split("; ")
                           if d.startswith("script-src"))
@@ -124,7 +129,6 @@ def test_actions_need_the_token_even_on_localhost(swarm: Swarm) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 401
-    token = (node.home / "dashboard.token").read_text().strip()
     request.add_header("Authorization", f"Bearer {token}")
     with pytest.raises(urllib.error.HTTPError) as info:  # with it: judged like the CLI's
         urllib.request.urlopen(request, timeout=5)

@@ -1,5 +1,6 @@
 """The node's outward interfaces on real processes: Prometheus metrics that reflect the swarm,
-the status JSON, the token that a bind off localhost requires, the bind surviving a restart,
+the status JSON, the token every request needs (reads too, on localhost too, unless the
+operator opened them), the Host check against DNS rebinding, the bind surviving a restart,
 and the events as JSON lines."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarmnode.config import ConfigError, parse
 from swarmnode.eventlog import JsonLines
-from swarmnode.http_api import _page
+from swarmnode.http_api import _page, host_allowed
 from swarmnode.netmap import network_of, picture
 from tests.ports import free_port
 from tests.swarm import (
@@ -31,8 +33,10 @@ from tests.swarm import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
-def get(url: str, token: str | None = None) -> tuple[int, str]:
+def get(url: str, token: str | None = None, host: str | None = None) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if host:
+        headers["Host"] = host
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=5) as r:
@@ -51,12 +55,13 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     first = nodes[0]
     url, _, query = swarm.cli(first, "dashboard").stdout.strip().partition("?")
     assert url.startswith("http://127.0.0.1:") and url == swarm.query(first, "status")["dashboard"]
-    assert query == "token=" + (first.home / "dashboard.token").read_text().strip()
+    token = (first.home / "dashboard.token").read_text().strip()
+    assert query == "token=" + token
     swarm.wait_for(lambda: swarm.query(first, "status")["leader"], 20, "a leader")
     plan = tmp_path / "p.toml"
     plan.write_text('[jobs.a]\ncmd = "true"\n[jobs.b]\ncmd = "exit 3"\n')
     swarm.cli(first, "build", str(plan), "--wait", check=False, timeout=60)
-    code, text = get(url + "metrics")
+    code, text = get(url + "metrics", token)
     assert code == 200
     got = samples(text)
     assert got[("swarmnode_members", (("state", "alive"),))] == 2
@@ -69,14 +74,15 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     assert got[("swarmnode_members_paused", ())] == 0
     runs, joules = 0.0, 0.0
     for n in nodes:
-        per = samples(get(swarm.query(n, "status")["dashboard"] + "metrics")[1])
+        per = samples(get(swarm.query(n, "status")["dashboard"] + "metrics",
+                          (n.home / "dashboard.token").read_text().strip())[1])
         runs += sum(v for (name, _l), v in per.items() if name == "swarmnode_job_seconds_count")
         joules += sum(v for (name, _l), v in per.items()
                       if name == "swarmnode_job_energy_joules_total")
     assert runs == 3  # a once, b on each node before it was blocked
     ledger_joules = sum(j["joules"] for j in swarm.cli_json(first, "jobs"))
     assert joules == pytest.approx(ledger_joules, abs=0.01)  # (the ledger's are rounded)
-    code, body = get(url + "api/status")
+    code, body = get(url + "api/status", token)
     assert code == 200 and json.loads(body)["id"] == first.id
 
 
@@ -91,9 +97,70 @@ def test_a_taken_default_port_falls_back_to_any_free_one(swarm: Swarm) -> None:
         swarm.start(node)
         url = swarm.query(node, "status")["dashboard"]
         assert url.startswith("http://127.0.0.1:") and url != f"http://127.0.0.1:{port + 1}/"
-        assert get(url + "metrics")[0] == 200
+        assert get(url + "metrics", _token_of(node))[0] == 200
     bound = swarm.cli(node, "dashboard", "--bind", "127.0.0.1:0").stdout.strip()
-    assert not bound.startswith("http://127.0.0.1:0/") and get(bound.split("?")[0])[0] == 200
+    assert not bound.startswith("http://127.0.0.1:0/") and get(bound)[0] == 200
+
+
+def _token_of(node) -> str:
+    return (node.home / "dashboard.token").read_text().strip()
+
+
+def test_every_read_needs_the_token_and_a_foreign_host_is_refused(swarm: Swarm) -> None:
+    """Regression (issue 13, item 8): on localhost the dashboard's reads -- the member list,
+    metrics, a job's output -- were open to every local user, and any Host was answered, so a
+    site whose name was rebound to 127.0.0.1 could read them from a browser. Now every read
+    needs the token unless the operator opens it in config.toml, and only the bound address
+    or a configured name is answered."""
+    node, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(node)
+    url, token = swarm.query(node, "status")["dashboard"], _token_of(node)
+    port = url.rstrip("/").rpartition(":")[2]
+    reads = ("", "metrics", "api/status", "api/state", "api/logs?job=none/x")
+    for path in reads:
+        assert get(url + path)[0] == 401, path
+        assert get(url + path, token)[0] in (200, 404), path  # (404: no such job)
+    assert get(url + f"api/state?token={token}")[0] == 200
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
+        assert get(url + "metrics", token, host=host)[0] == 200, host
+    for host in (f"rebound.example:{port}", "127.0.0.2", f"[::1]:{port}", "a b"):
+        assert get(url + "metrics", token, host=host)[0] == 421, host
+    drops = swarm.query(node, "status")["drops"]
+    assert drops.get("http_unauthorised") == len(reads) and drops.get("http_foreign_host") == 4
+
+    # opened on purpose: only what config.toml names, and only under a name it knows
+    (node.home / "config.toml").write_text('http_open_paths = ["/metrics"]\n'
+                                           'http_hosts = ["swarm.lan"]\n')
+    swarm.stop(node)
+    swarm.start(node)
+    url = swarm.query(node, "status")["dashboard"]
+    port = url.rstrip("/").rpartition(":")[2]
+    assert get(url + "metrics")[0] == 200
+    assert get(url + "metrics", host=f"swarm.lan:{port}")[0] == 200
+    assert get(url + "metrics", host=f"rebound.example:{port}")[0] == 421
+    assert get(url + "api/state")[0] == 401 and get(url + "api/status")[0] == 401
+    shown = swarm.cli(node, "dashboard")
+    assert shown.stdout.strip() == f"{url}?token={token}"
+    assert "/metrics opened" in " ".join(shown.stderr.split())
+
+
+@pytest.mark.parametrize(("header", "bound", "allowed"), [
+    ("127.0.0.1:7947", "127.0.0.1", True),
+    ("localhost:7947", "127.0.0.1", True),
+    ("LOCALHOST", "::1", True),
+    ("[::1]:7947", "::1", True),
+    ("[::1]:7947", "127.0.0.1", False),
+    ("localhost:7947", "192.168.1.5", False),
+    ("192.168.1.5:8080", "0.0.0.0", True),  # a wildcard bind: any address typed (port-forward)
+    ("[fd00::5]", "::", True),
+    ("evil.example:7947", "0.0.0.0", False),  # a name rebound to this machine
+    ("swarm.lan:7947", "0.0.0.0", True),  # ... unless configured
+    ("swarm.lan", "swarm.lan", True),  # bound by name
+    ("", "127.0.0.1", False),
+    ("[::1", "::1", False),
+])
+def test_the_host_must_name_the_bound_address_or_a_configured_name(header, bound, allowed):
+    assert host_allowed(header, bound, ("swarm.lan",) if bound != "127.0.0.1" else ()) is allowed
 
 
 def test_a_bind_off_localhost_needs_the_token_and_is_kept(swarm: Swarm) -> None:
@@ -148,7 +215,7 @@ def test_an_open_page_does_not_hold_up_a_nodes_stop(swarm: Swarm) -> None:
     node, _token = swarm.init("n1", loopback_addr(1))
     swarm.start(node)
     url = swarm.query(node, "status")["dashboard"]
-    stream = urllib.request.urlopen(url + "api/stream", timeout=10)
+    stream = urllib.request.urlopen(url + f"api/stream?token={_token_of(node)}", timeout=10)
     try:
         assert stream.readline().startswith(b"data: ")
         started = time.monotonic()
@@ -209,3 +276,13 @@ def test_the_page_has_one_script_and_the_policy_names_it() -> None:
     assert f"script-src 'sha256-{digest}';" in csp and "'unsafe-inline'; " not in csp.split(
         "style-src")[0]
     assert not re.search(r"<[^>]*\son[a-z]+=", text)  # no inline handlers either
+
+
+def test_opened_reads_and_host_names_are_checked_in_the_config() -> None:
+    cfg = parse('http_open_paths = ["/metrics"]\nhttp_hosts = ["Swarm.LAN"]\n')
+    assert cfg.http_open_paths == ("/metrics",) and cfg.http_hosts == ("swarm.lan",)
+    assert parse("").http_open_paths == () and parse("").http_hosts == ()  # closed by default
+    with pytest.raises(ConfigError, match="http_open_paths: '/api/action' is not a read path"):
+        parse('http_open_paths = ["/api/action"]')
+    with pytest.raises(ConfigError, match=r"http_hosts: 'swarm\.lan:80' is not a host name"):
+        parse('http_hosts = ["swarm.lan:80"]')

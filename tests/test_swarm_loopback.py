@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from net import whois
 from tests.swarm import (
     Swarm,
     host_of,
@@ -232,7 +233,7 @@ def test_bad_input_gets_clear_errors_and_never_crashes_a_node(swarm: Swarm) -> N
             u.sendto(payload, target)
         # a well-formed whois still gets its answer
         u.settimeout(3)
-        u.sendto(b"SWNWHO1" + os.urandom(16), target)
+        u.sendto(whois.request(os.urandom(16)), target)
         answer, _ = u.recvfrom(2048)
         assert answer.startswith(b"SWNIAM1") and a.id.encode() in answer
 
