@@ -164,13 +164,16 @@ def test_hello_flood_from_one_address_leaves_room_for_a_newcomer() -> None:
 
 def test_hello_flood_from_many_addresses_evicts_the_oldest_guest() -> None:
     m, rng = _founder(), random.Random(3)
-    first = _guest(rng)
-    m.hello(0.5, first.id, first, "hello", "198.51.100.1")
+    silent, knocking = _guest(rng), _guest(rng)
+    m.hello(0.5, silent.id, silent, "hello", "198.51.100.1")
     for i in range(1500):
         r = _guest(rng)
         m.hello(1.0, r.id, r, "hello", f"203.0.113.{i % 250}:{i}")
+        if i % 500 == 0:  # a real guest knocks again every probe interval
+            m.hello(1.0, knocking.id, knocking, "hello", "198.51.100.3")
     pending = [v for v in m.members() if v.state == "pending"]
-    assert len(pending) == CFG.max_pending and m.state_of(first.id) is None
+    assert len(pending) == CFG.max_pending and m.state_of(silent.id) is None
+    assert m.state_of(knocking.id) == "pending"
     newcomer = _guest(rng)
     assert m.hello(2.0, newcomer.id, newcomer, "hello", "198.51.100.2") is True
     assert m.state_of(newcomer.id) == "pending" and m.counters["pending_evicted"] > 0

@@ -1023,7 +1023,8 @@ class Membership:
                 if since_now:  # the guest said hello again: keep it listed
                     self._put(replace(e, since=self._now))
                     self._push_reap(pid, self._cfg.pending_expire_after)
-                    self._pending[pid] = self._pending.pop(pid)  # heard from most recently
+                    if pid in self._pending:  # now the guest heard from most recently
+                        self._pending[pid] = self._pending.pop(pid)
                 return
         if not self._verify_record(rec):
             return
