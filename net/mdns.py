@@ -41,6 +41,9 @@ INSTANCE_PREFIX_LEN = 16  # 80 bits of the key: unique among the nodes of any re
 MAX_NAME_BYTES = 63
 MAX_CLUSTER_BYTES = 64
 RESOLVE_TIMEOUT_MS = 3000
+#: Resolutions in flight at once: a real link has a handful of swarmnodes, so a flood of fake
+#: service records beyond this is dropped (counted as `busy`) instead of growing tasks.
+MAX_RESOLVING = 32
 
 Interfaces = InterfaceChoice | Sequence[str | int]
 OnFound = Callable[["Sighting"], object]
@@ -312,6 +315,9 @@ class Mdns:
         if name in self._tasks:
             self._again.add(name)
             return
+        if len(self._tasks) >= MAX_RESOLVING:
+            self.drops["busy"] += 1
+            return
         task = asyncio.ensure_future(self._resolve(name))
         self._tasks[name] = task
         task.add_done_callback(lambda done: self._forget(name, done))
@@ -358,6 +364,7 @@ class Mdns:
 
 __all__ = [
     "INSTANCE_PREFIX_LEN",
+    "MAX_RESOLVING",
     "PROTOCOL_VERSION",
     "SERVICE_TYPE",
     "InterfaceChoice",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from net.addresses import split_hostport
 from net.transport import Inbound
 from swarmnode import token as tokens
 from swarmnode.membership.messages import (
@@ -189,7 +190,12 @@ class Admission:
         found = f", found us by {via}" if isinstance(via, str) and via.isidentifier() else ""
         how = f"{inbound.envelope.type} from {inbound.observed or '?'}{found}"[:MAX_HOW]
         if inbound.envelope.type == HELLO:
-            node.core.hello(now, sender, record, how=how)
+            if not node.core.hello(now, sender, record, how=how,
+                                   source=_source_host(inbound.observed)):
+                # Told "pending" only when listed: a guest from an address that already has
+                # its share of the pending list learns it is not, and keeps knocking.
+                return {"status": "refused",
+                        "error": "not listed: too many pending guests from your address"}
             node.observe(sender, inbound.observed)
             return {"status": "pending", **base}
         try:
@@ -200,10 +206,19 @@ class Admission:
             node.drops.drop("bad_token")
             return {"status": "refused", "error": f"join token refused: {exc}"}
         node.core.admit(now, sender, how=f"token of {tok.issuer[:8]}, {how}"[:MAX_HOW])
-        node.core.hello(now, sender, record, how=how)
+        node.core.hello(now, sender, record, how=how, source=_source_host(inbound.observed))
         node.observe(sender, inbound.observed)
         return {"status": "member", **base}
 
+
+def _source_host(observed: str | None) -> str:
+    """The host a hello came from (its port changes with every connection), "" if unknown."""
+    if not observed:
+        return ""
+    try:
+        return split_hostport(observed, any_port=True)[0]
+    except ValueError:
+        return observed
 
 def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)

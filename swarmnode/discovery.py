@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 #: Tailscale's peer list changes rarely; asking once a minute costs nothing.
 TAILSCALE_EVERY_S = 60.0
+#: Candidate ids remembered while not admitted, and addresses remembered per id: discovery
+#: (mDNS above all) is unauthenticated, so a flood of made-up sightings must cost bounded
+#: memory; a real link or seed list has a few dozen nodes with a few addresses each.
+MAX_CANDIDATES = 64
+MAX_CANDIDATE_ADDRESSES = 8
 
 
 def parse_seed(text: str) -> tuple[str | None, str]:
@@ -97,15 +102,27 @@ class Discovery:
             self.candidate(s.id, addr, "mdns")
 
     def candidate(self, peer: str, addr: str, how: str) -> None:
-        """An (id, address) pair worth trying: remember the address, then make contact."""
+        """An (id, address) pair worth trying: remember the address, then make contact.
+
+        Bounded: once admitted only members' addresses are kept (a stranger says hello
+        itself); before, at most MAX_CANDIDATES ids; each with MAX_CANDIDATE_ADDRESSES."""
         node = self.node
-        node.observed_entry(peer).extra.add(addr)
-        if node.admitted:
-            # Only a member we lost touch with gets our state; an unknown id gets nothing
-            # (a stranger says hello itself and waits to be admitted).
-            view = node.core.member(peer)
-            lost = view is not None and view.admitted_by and view.state in ("dead", "left")
-            if lost:
+        view = node.core.member(peer) if node.admitted else None
+        if node.admitted and (view is None or not view.admitted_by):
+            node.drops.drop("candidate_not_member")
+            return
+        if not node.admitted and peer not in node.admission.contacts \
+                and len(node.admission.contacts) >= MAX_CANDIDATES:
+            node.drops.drop("candidate_full")
+            return
+        extra = node.observed_entry(peer).extra
+        if addr not in extra and len(extra) >= MAX_CANDIDATE_ADDRESSES:
+            node.drops.drop("candidate_addresses_full")
+        else:
+            extra.add(addr)
+        if view is not None:
+            # Only a member we lost touch with gets our state.
+            if view.state in ("dead", "left"):
                 node.core.join(self.node.clock(), [peer])
                 node.flush()
         else:

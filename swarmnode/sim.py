@@ -29,7 +29,16 @@ import nacl.signing
 from .identity import Identity
 from .membership.config import Config
 from .membership.core import FOUNDER, Event, Membership, Send
-from .membership.messages import Admit, Record, admit_body, decode, encode, make_record
+from .membership.messages import (
+    Admit,
+    Gossip,
+    Item,
+    Record,
+    admit_body,
+    decode,
+    encode,
+    make_record,
+)
 from .membership.state import ALIVE, Entry, SharedMembers
 from .simclock import EventClock
 
@@ -38,6 +47,7 @@ Latency = tuple[float, float] | Callable[[random.Random], float]
 _DELIVER = 0
 _TICK = 1
 _STOP = 2
+_FORGE = 3
 _INF = math.inf
 
 
@@ -202,6 +212,14 @@ class Simulation(EventClock):
             linger = 5 * self.config.gossip_interval
         self._push(self.now + linger, _STOP, id_, "", None)
 
+    def byzantine(
+        self, id_: str, forge: Callable[[Simulation], Iterable[Item]], every: float
+    ) -> None:
+        """From now on `id_` (a member whose key an attacker holds) also sends every other node
+        a gossip of the items `forge` makes, every `every` seconds, beside its honest protocol."""
+        self.nodes[id_].extra["forge"] = (forge, every)
+        self._push(self.now, _FORGE, id_, "", None)
+
     def partition(self, groups: Iterable[Iterable[str]]) -> None:
         """Nodes in different groups cannot talk; unlisted nodes form one more group."""
         self._group = {id_: gi for gi, g in enumerate(groups) for id_ in g}
@@ -241,6 +259,13 @@ class Simulation(EventClock):
         elif kind == _STOP:
             node.up = False
             node.tick_at = _INF
+        elif kind == _FORGE and node.up:
+            forge, every = node.extra["forge"]
+            lie = Gossip(tuple(forge(self)))
+            for dst in self.live_ids():
+                if dst != to:
+                    self._transmit(to, dst, lie)
+            self._push(t + every, _FORGE, to, "", None)
 
     def _flush(self, node: SimNode, after_tick: bool = False) -> None:
         m = node.member

@@ -7,6 +7,7 @@ each sees the other's id, and that a malformed announcement is ignored and count
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,12 +19,14 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from net.mdns import (
+    MAX_RESOLVING,
     SERVICE_TYPE,
     Mdns,
     Sighting,
@@ -34,7 +37,9 @@ from net.mdns import (
     instance_name,
     parse_sighting,
 )
+from swarmnode.discovery import MAX_CANDIDATE_ADDRESSES, MAX_CANDIDATES, Discovery
 from swarmnode.identity import encode_id
+from swarmnode.node import Observed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,6 +145,67 @@ def test_instance_name_and_advertised_ips() -> None:
 def test_mdns_rejects_bad_identity_before_touching_the_network() -> None:
     with pytest.raises(TxtError):
         Mdns("not-an-id", 7000, ["10.0.0.1"], lambda s: None)
+
+
+# ---- a flood of fake service records costs bounded memory --------------------------------
+
+
+def test_fake_service_flood_resolves_a_bounded_number_at_once() -> None:
+    async def run() -> Mdns:
+        mdns = Mdns(NODE, 7000, ["10.0.0.1:7000"], lambda s: None)
+        mdns._azc = object()  # type: ignore[assignment]  # "started", without sockets
+        release = asyncio.Event()
+
+        async def stuck(name: str) -> None:  # a resolution that takes its whole timeout
+            await release.wait()
+
+        mdns._resolve = stuck  # type: ignore[method-assign]
+        for i in range(1000):
+            mdns._schedule_resolve(f"fake{i}.{SERVICE_TYPE}")
+        assert len(mdns._tasks) == MAX_RESOLVING
+        release.set()
+        await asyncio.gather(*mdns._tasks.values())
+        return mdns
+
+    mdns = asyncio.run(run())
+    assert mdns.drops["busy"] == 1000 - MAX_RESOLVING and not mdns._tasks
+
+
+class _Drops:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def drop(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+def _discovery(admitted: bool) -> tuple[Discovery, SimpleNamespace]:
+    contacts: dict[str, str] = {}
+    observed: dict[str, Observed] = {}
+    node = SimpleNamespace(
+        admitted=admitted, drops=_Drops(), observed=observed,
+        observed_entry=lambda peer: observed.setdefault(peer, Observed()),
+        admission=SimpleNamespace(contacts=contacts,
+                                  contact=lambda peer, how: contacts.setdefault(peer, how)),
+        core=SimpleNamespace(member=lambda peer: None), opts=SimpleNamespace(seeds=()))
+    return Discovery(node), node  # type: ignore[arg-type]
+
+
+def test_mdns_candidates_are_bounded() -> None:
+    disc, node = _discovery(admitted=False)
+    for i in range(500):
+        disc.candidate(new_id(), f"10.1.{i // 250}.{i % 250}:7000", "mdns")
+    peer = next(iter(node.admission.contacts))
+    for i in range(50):
+        disc.candidate(peer, f"10.2.0.{i}:7000", "mdns")
+    assert len(node.admission.contacts) == MAX_CANDIDATES == len(node.observed)
+    assert len(node.observed[peer].extra) == MAX_CANDIDATE_ADDRESSES
+    assert node.drops.counts["candidate_full"] == 500 - MAX_CANDIDATES
+    # a member keeps nothing for ids that are not members (a stranger says hello itself)
+    disc, node = _discovery(admitted=True)
+    for _ in range(100):
+        disc.candidate(new_id(), "10.3.0.1:7000", "mdns")
+    assert not node.observed and node.drops.counts["candidate_not_member"] == 100
 
 
 # ---- end to end in two network namespaces ------------------------------------------------

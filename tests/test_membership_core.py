@@ -274,9 +274,9 @@ def test_leave_is_left_not_dead_and_is_not_refuted() -> None:
     net.pump()
     net.run(0.3)
     assert a.state_of(b.id) == "left" and c.state_of(b.id) == "left"
-    assert b.incarnation == 0  # no refutation after leaving
-    b.handle(net.now, a.id, Gossip((Dead(b.id, 0, a.id),)))
-    assert b.incarnation == 0
+    assert b.incarnation == 1 and b.record.is_goodbye  # the leave is its signed goodbye
+    b.handle(net.now, a.id, Gossip((Dead(b.id, 1, a.id),)))
+    assert b.incarnation == 1  # no refutation after leaving
     del net.nodes[c.id]  # c crashes without a word
     net.run(60 * CFG.probe_interval)
     assert a.state_of(c.id) == "dead" and d.state_of(c.id) == "dead"
@@ -382,7 +382,7 @@ def test_notes_are_bounded_per_author_and_in_size() -> None:
     net, (a, b, c) = cluster(3, Config.fast(max_note_bytes_per_author=10_000))
     for i in range(4):
         b.note(net.now, "junk", f"k{i}", b"x" * 4000)  # the third and fourth do not fit
-    assert len(b.notes("junk")) == 2 and b.counters["drop_note_full"] == 2
+    assert len(b.notes("junk")) == 2 and b.counters["drop_note_author_full"] == 2
     c.note(net.now, "release", "web", b"v" * 300)  # another author still has room
     net.run(0.3)
     assert len(a.notes("release")) == 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from swarmnode.membership import Config
+from swarmnode.membership import Config, Dead, Suspect
+from swarmnode.membership.messages import MAX_U63
 from swarmnode.sim import Simulation, measure_join
 
 CFG = Config.fast()
@@ -151,3 +152,30 @@ def test_admitted_is_emitted_once_per_admission() -> None:
     assert sim.member(other).state_of(new) == "left"
     # the restarted member logged only the admission it saw happen (the others were seeded)
     assert [d["id"] for _t, o, k, d in sim.events if o == other and k == "admitted"] == [new]
+
+
+def test_honest_members_stay_alive_despite_a_byzantine_member() -> None:
+    """A member forges leaves, deaths and suspicions of everyone at the largest incarnation,
+    and suspicions of their current life, ten times a second (issue 13, item 4)."""
+    sim = Simulation(6, CFG, seed=21, real_crypto=True, codec=True, record_events=True)
+    *honest, byz = sim.live_ids()
+
+    def forge(s: Simulation) -> list:
+        lies: list = []
+        for h in honest:
+            inc = s.member(h).incarnation
+            lies += [Dead(h, MAX_U63, h), Dead(h, MAX_U63, byz), Suspect(h, MAX_U63, byz),
+                     Dead(h, inc + 1, byz), Suspect(h, inc, byz)]
+        return lies
+
+    sim.byzantine(byz, forge, every=0.1)
+    sim.run_for(10.0)
+    assert sim.views_agree(honest)
+    assert not [e for e in sim.events if e[2] == "member_left" and e[3]["id"] in honest]
+    # a death at a member's current life is a lie it refutes (one step up), so deaths come
+    # and go; the ones named at unannounced incarnations never happen at all
+    assert all(e[3]["incarnation"] < 1000 for e in sim.events
+               if e[2] in ("member_dead", "member_suspect"))
+    assert all(sim.member(h).incarnation <= 200 for h in honest)
+    assert sum(sim.member(h).counters["drop_leave_unsigned"] for h in honest) > 0
+    assert sum(sim.member(h).counters["drop_incarnation_unannounced"] for h in honest) > 0

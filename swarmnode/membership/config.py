@@ -89,19 +89,32 @@ class Config:
     pending_expire_after: float = 24 * 3600.0
     """Guests seen but never admitted are forgotten after a day."""
     max_pending: int = 1024
-    """Cap on pending (unadmitted) records kept, so unknown hosts cannot fill memory."""
+    """Cap on pending (unadmitted) records kept, so unknown hosts cannot fill memory. When it
+    is full the guest listed (or heard from) longest ago is forgotten for the newest."""
+    max_pending_per_source: int = 64
+    """Guests listed from one address (the source host of their hello): a lab of containers
+    behind one NAT fits, while one flooding machine holds at most this many slots."""
+    max_pending_per_member: int = 256
+    """Guests listed on one member's word (its gossip and push-pulls relay what it heard): a
+    quarter of the table, so a flooding member cannot crowd out what the others report."""
     max_orphans: int = 1024
     """Cap on records heard of before their admission statement arrived."""
     max_deferred: int = 4096
     """Cap on statements kept while waiting for their author's admission to arrive."""
     max_notes: int = 4096
-    """Cap on notes (push grants, releases) kept: one per (topic, key, author), a few per member
-    in practice, so this bounds memory without ever binding a real swarm."""
+    """Cap on notes (push grants, releases, power) kept: one per (topic, key, author), a few
+    per member in practice, so this bounds memory without ever binding a real swarm."""
+    max_notes_per_author: int = 128
+    """Cap on the notes one member may have held: a founder grants each member a right or two,
+    a node states its power and a few releases; 128 is ample for a swarm of dozens."""
     max_note_bytes_per_author: int = 32 * 1024
-    """Cap on the note values one member may have held (a release note is ~300 bytes): every
-    push-pull carries all notes, so one member must not be able to grow it past a frame."""
+    """Cap on the encoded size (topic, key, value, signature: empty notes count too) of one
+    member's notes: every push-pull carries all notes, so one member must not grow it past a
+    frame (a release note is ~500 bytes encoded)."""
     max_note_bytes: int = 256 * 1024
-    """Cap on all note values held, a quarter of a frame (1 MiB), leaving room for members."""
+    """Cap on all notes held, a quarter of a frame (1 MiB), leaving room for members. When it
+    is reached the author holding the most bytes loses its oldest note to an author holding
+    fewer, so no author (nor a few) can crowd out another's grants."""
 
     @classmethod
     def fast(cls, **overrides: object) -> Config:

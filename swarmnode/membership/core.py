@@ -32,6 +32,7 @@ from .awareness import Awareness
 from .broadcast import BroadcastQueue
 from .config import Config
 from .messages import (
+    LEFT_FACT,
     MAX_NAME,
     MAX_NOTE_KEY,
     MAX_NOTE_VALUE,
@@ -93,6 +94,10 @@ FOUNDER = "founder"
 SNAPSHOT_VERSION = 1
 _INF = math.inf
 _SMALL_TABLE = 64
+_MAX_NEWS_PER_MEMBER = 16
+"""Suspicions/deaths kept per member while its record is on the way: honest news names one or
+two incarnations (one per prober's view), so 16 keeps the merge order-insensitive in practice
+while a liar naming made-up incarnations costs bounded memory."""
 """Tables up to this size are sampled by listing candidates; larger ones by random probing."""
 
 
@@ -214,7 +219,14 @@ class Membership:
         self._pp_out: dict[str, tuple[float, bool]] = {}
         self._deferred: dict[str, list[Statement]] = {}
         self._notes: dict[tuple[str, str, str], Note] = {}
-        self._note_bytes: Counter[str] = Counter()  # value bytes held per author ("" = all)
+        self._note_bytes: Counter[str] = Counter()  # encoded bytes held per author ("" = all)
+        self._note_count: Counter[str] = Counter()  # notes held per author
+        self._news: dict[str, dict[Suspect | Dead, bool]] = {}
+        """Suspicions and deaths naming an incarnation above the subject's newest record we
+        hold, waiting for that record (item -> bcast); bounded per subject."""
+        self._pending: dict[str, str] = {}
+        """Pending guests -> the source that listed them, least recently heard from first."""
+        self._pending_by: Counter[str] = Counter()  # pending guests listed per source
         self._quiet_admits: Container[str] | None = None
         """While merging: admissions of these ids are not news (no `admitted` event); every
         id while restoring our own snapshot (see `_merge`)."""
@@ -353,11 +365,20 @@ class Membership:
             return
         self._now = now
         self._left = True
+        r = self._record
+        # The leave is our goodbye record, signed like any record of ours, so nobody else can
+        # make one and everyone who relays it carries the proof with it.
+        goodbye = make_record(self._crypto, self.id, r.incarnation + 1, r.name, r.addresses,
+                              {**r.facts_dict(), LEFT_FACT: 1})
+        self._record = goodbye
+        inc = goodbye.incarnation
         e = self._self_entry()
-        if e.state != BANNED:
-            self._put(replace(e, state=LEFT, since=now))
-        inc = self._record.incarnation
-        self._broadcast(("m", self.id), Dead(self.id, inc, self.id))
+        if e.state == BANNED:
+            self._put(replace(e, record=goodbye, incarnation=inc))
+        else:
+            self._put(replace(e, state=LEFT, incarnation=inc, record=goodbye, since=now))
+        self._event("incarnation", id=self.id, incarnation=inc)
+        self._broadcast(("m", self.id), Alive(goodbye))
         self._event("member_left", id=self.id, incarnation=inc)
         self._probe = None
         self._next_probe = self._next_push_pull = self._next_reconnect = _INF
@@ -454,13 +475,19 @@ class Membership:
         """Every note held under `topic`, all authors (their meaning is the caller's)."""
         return [n for n in self._notes.values() if n.topic == topic]
 
-    def hello(self, now: float, src_id: str, record: Record, how: str) -> None:
-        """A guest presented its self-signed record: list it as pending (unless banned/admitted)."""
+    def hello(self, now: float, src_id: str, record: Record, how: str, source: str = "") -> bool:
+        """A guest presented its self-signed record: list it as pending (unless banned/admitted).
+
+        `source` is where the hello came from (the connection's peer host): each source lists
+        at most `max_pending_per_source` guests. True when the guest is listed (or admitted).
+        """
         self._now = now
         if record.id != src_id:
             self.counters["drop_hello_id_mismatch"] += 1
-            return
-        self._apply_pending(Pending(record, how), since_now=True)
+            return False
+        self._apply_pending(Pending(record, how), source=f"addr:{source}", since_now=True)
+        e = self._table.get(src_id)
+        return e is not None and (e.state == PENDING or e.admit is not None) and e.state != BANNED
 
     def members(self) -> list[MemberView]:
         return [self._view(e) for e in self._table if e.state != LIMBO]
@@ -570,12 +597,12 @@ class Membership:
         if p.target_id != self.id:
             self.counters["drop_ping_wrong_target"] += 1
             return
-        self._apply_items(p.piggyback)
+        self._apply_items(p.piggyback, src)
         proof = self._crypto.sign(ack_body(p.seq, p.nonce, self.id))
         self._send(src, Ack(p.seq, self.id, proof, self._piggyback(self._cfg.piggyback_bytes)))
 
     def _on_ack(self, src: str, a: Ack) -> None:
-        self._apply_items(a.piggyback)
+        self._apply_items(a.piggyback, src)
         matched = False
         p = self._probe
         if p is not None and a.seq == p.seq and a.target_id == p.target:
@@ -619,7 +646,7 @@ class Membership:
             self.counters["drop_nack_unexpected"] += 1
 
     def _on_gossip(self, src: str, g: Gossip) -> None:
-        self._apply_items(g.items)
+        self._apply_items(g.items, src)
 
     def _on_push_pull(self, src: str, pp: PushPull) -> None:
         self._merge(pp.members, pp.cluster, src, bcast=True)
@@ -635,11 +662,12 @@ class Membership:
 
     # ------------------------------------------------------------------ merge rules
 
-    def _apply_items(self, items: Iterable[Item]) -> None:
+    def _apply_items(self, items: Iterable[Item], src: str) -> None:
         for item in items:
-            self._apply(item)
+            self._apply(item, src=src)
 
-    def _apply(self, item: Item, bcast: bool = True) -> None:
+    def _apply(self, item: Item, bcast: bool = True, src: str = "") -> None:
+        """Apply one item; `src` is the member that told us (it answers for Pending items)."""
         t = type(item)
         if t is Alive:
             self._apply_alive(item.record, bcast)  # type: ignore[union-attr]
@@ -654,11 +682,17 @@ class Membership:
         elif t is Rename:
             self._apply_rename(item, bcast)  # type: ignore[arg-type]
         elif t is Pending:
-            self._apply_pending(item, bcast)  # type: ignore[arg-type]
+            self._apply_pending(item, bcast, f"member:{src}")  # type: ignore[arg-type]
         elif t is Note:
             self._apply_note(item, bcast)  # type: ignore[arg-type]
 
     def _apply_alive(self, rec: Record, bcast: bool = True) -> None:
+        """Apply a record, then any liveness news that was waiting for it."""
+        self._apply_record(rec, bcast)
+        if rec.id in self._news:
+            self._release_news(rec.id)
+
+    def _apply_record(self, rec: Record, bcast: bool) -> None:
         rid = rec.id
         if rid == self.id:
             self._self_alive(rec)
@@ -683,7 +717,8 @@ class Membership:
         cur = e.record
         newer_record = cur is None or rec.incarnation > cur.incarnation
         if st in MEMBER:
-            applies = rec.incarnation > e.incarnation
+            new_state = LEFT if rec.is_goodbye else ALIVE
+            applies = supersedes(rec.incarnation, new_state, e.incarnation, st)
             if not applies and not newer_record:
                 return
             if not self._verify_record(rec):
@@ -694,13 +729,15 @@ class Membership:
             self._put(
                 replace(
                     e,
-                    state=ALIVE,
+                    state=new_state,
                     incarnation=rec.incarnation,
                     record=rec,
-                    since=e.since if st == ALIVE else self._now,
+                    since=e.since if st == new_state else self._now,
                 )
             )
-            if st != ALIVE:
+            if new_state == LEFT:
+                self._event("member_left", id=rid, incarnation=rec.incarnation, by=rid)
+            elif st != ALIVE:
                 self._event("member_alive", id=rid, incarnation=rec.incarnation, previous=st)
             if cur is not None and _record_changed(cur, rec):
                 self._event(
@@ -721,7 +758,8 @@ class Membership:
         self._become_member(e, rec, bcast)
 
     def _become_member(self, e: Entry, rec: Record, bcast: bool) -> None:
-        self._put(replace(e, state=ALIVE, incarnation=rec.incarnation, record=rec, since=self._now))
+        state = LEFT if rec.is_goodbye else ALIVE
+        self._put(replace(e, state=state, incarnation=rec.incarnation, record=rec, since=self._now))
         self._event(
             "member_join",
             id=e.id,
@@ -739,17 +777,20 @@ class Membership:
             self.counters["alive_self_stale"] += 1
             return
         if self._verify_record(rec):
+            # A record we signed in a life we forgot (restarted without our snapshot): go
+            # above it. Only we can sign one, so no peer can choose this number.
             self._refute(rec.incarnation)
 
     def _apply_suspect(self, s: Suspect, bcast: bool = True) -> None:
         sid = s.id
         if sid == self.id:
-            if not self._left and s.incarnation >= self._record.incarnation:
-                self._refute(s.incarnation)
+            self._accused(s.incarnation)
             return
         e = self._table.get(sid)
         if e is None or e.state not in MEMBER:
             self.counters["drop_suspect_non_member"] += 1
+            return
+        if self._unannounced(e, s, bcast):
             return
         if not supersedes(s.incarnation, SUSPECT, e.incarnation, e.state):
             if e.state == SUSPECT and s.incarnation == e.incarnation:
@@ -781,27 +822,72 @@ class Membership:
 
     def _apply_dead(self, d: Dead, bcast: bool = True) -> None:
         did = d.id
+        if d.from_id == did:
+            # An unsigned leave (older nodes sent these): anyone could have made it up. A real
+            # leave is the member's goodbye record; without one it is found dead by probing.
+            self.counters["drop_leave_unsigned"] += 1
+            return
         if did == self.id:
-            if not self._left and d.incarnation >= self._record.incarnation:
-                self._refute(d.incarnation)
+            self._accused(d.incarnation)
             return
         e = self._table.get(did)
         if e is None or e.state not in MEMBER:
             self.counters["drop_dead_non_member"] += 1
             return
-        new_state = LEFT if d.from_id == did else DEAD
-        if not supersedes(d.incarnation, new_state, e.incarnation, e.state):
+        if self._unannounced(e, d, bcast):
             return
-        self._put(replace(e, state=new_state, incarnation=d.incarnation, since=self._now))
-        kind = "member_left" if new_state == LEFT else "member_dead"
-        self._event(kind, id=did, incarnation=d.incarnation, by=d.from_id)
+        if not supersedes(d.incarnation, DEAD, e.incarnation, e.state):
+            return
+        self._put(replace(e, state=DEAD, incarnation=d.incarnation, since=self._now))
+        self._event("member_dead", id=did, incarnation=d.incarnation, by=d.from_id)
         if bcast:
             self._broadcast(("m", did), d)
 
-    def _refute(self, heard: int) -> None:
-        """Someone thinks we are suspect/dead (or speaks for an older us): outbid them."""
+    def _accused(self, incarnation: int) -> None:
+        """We are said to be suspect or dead at `incarnation`: refute it if it is our current
+        life. A higher one was never announced by us, so it is a lie (or news of a life we
+        forgot, which our own old record will teach us): dropped, never outbid, so no peer can
+        push our incarnation towards the codec's limit."""
+        own = self._record.incarnation
+        if incarnation > own:
+            self.counters["drop_incarnation_unannounced"] += 1
+        elif incarnation == own and not self._left:
+            self._refute(own)
+
+    def _unannounced(self, e: Entry, news: Suspect | Dead, bcast: bool) -> bool:
+        """True when `news` names an incarnation above `e`'s newest record: it waits for that
+        record (a member only ever names incarnations its subject announced), bounded per
+        subject; the highest incarnations are dropped first, as the likeliest to be lies."""
+        if e.record is not None and news.incarnation <= e.record.incarnation:
+            return False
+        waiting = self._news.setdefault(e.id, {})
+        if news not in waiting:
+            waiting[news] = bcast
+            self.counters["news_deferred"] += 1
+            if len(waiting) > _MAX_NEWS_PER_MEMBER:
+                del waiting[max(waiting, key=lambda n: n.incarnation)]
+                self.counters["drop_incarnation_unannounced"] += 1
+        return True
+
+    def _release_news(self, id_: str) -> None:
+        """Apply the waiting news that the subject's newest record now covers."""
+        e = self._table.get(id_)
+        waiting = self._news.pop(id_)
+        if e is None or e.state not in MEMBER or e.record is None:
+            return
+        known = e.record.incarnation
+        later = {n: b for n, b in waiting.items() if n.incarnation > known}
+        if later:
+            self._news[id_] = later
+        for news, bcast in sorted(waiting.items(), key=lambda nb: nb[0].incarnation):
+            if news.incarnation <= known:
+                self._apply(news, bcast)
+
+    def _refute(self, signed: int) -> None:
+        """Our life at `signed` (an incarnation we signed ourselves) is said to be suspect or
+        dead, or is older than one we forgot: outbid it by one."""
         r = self._record
-        inc = max(heard, r.incarnation) + 1
+        inc = max(signed, r.incarnation) + 1
         self._awareness.apply_delta(1)
         self._event("refuted", id=self.id, incarnation=inc)
         self._set_own_record(make_record(self._crypto, self.id, inc, r.name, r.addresses, r.facts))
@@ -894,6 +980,7 @@ class Membership:
             self._put(Entry(b.id, BANNED, 0, None, self._now, ban=b))
         else:
             self._put(replace(e, state=BANNED, ban=b, since=self._now))
+        self._news.pop(b.id, None)
         self._event("banned", id=b.id, by=b.by)
         if bcast:
             self._broadcast(("b", b.id), b)
@@ -915,7 +1002,11 @@ class Membership:
         if bcast:
             self._broadcast(("r", r.id), r)
 
-    def _apply_pending(self, p: Pending, bcast: bool = True, since_now: bool = False) -> None:
+    def _apply_pending(
+        self, p: Pending, bcast: bool = True, source: str = "", since_now: bool = False
+    ) -> None:
+        """List a guest on the word of `source` (an address for a hello, else the member that
+        relayed it), within that source's budget, evicting the longest-unheard guest if full."""
         rec = p.record
         pid = rec.id
         if pid == self.id:
@@ -932,13 +1023,16 @@ class Membership:
                 if since_now:  # the guest said hello again: keep it listed
                     self._put(replace(e, since=self._now))
                     self._push_reap(pid, self._cfg.pending_expire_after)
+                    if pid in self._pending:  # now the guest heard from most recently
+                        self._pending[pid] = self._pending.pop(pid)
                 return
         if not self._verify_record(rec):
             return
         if e is None or e.state == LIMBO:
-            if self._table.count(PENDING) >= self._cfg.max_pending:
-                self.counters["drop_pending_full"] += 1
+            if not self._pending_room(source):
                 return
+            self._pending[pid] = source
+            self._pending_by[source] += 1
             self._put(Entry(pid, PENDING, rec.incarnation, rec, self._now, how=p.how))
             self._event("pending", id=pid, name=rec.name, how=p.how, addresses=list(rec.addresses))
         else:
@@ -947,6 +1041,29 @@ class Membership:
         if bcast:
             self._broadcast(("p", pid), p)
 
+    def _pending_room(self, source: str) -> bool:
+        """Make room for one more guest listed by `source`; False (counted) when it has none."""
+        cfg = self._cfg
+        cap = cfg.max_pending_per_source if source.startswith("addr:") \
+            else cfg.max_pending_per_member
+        if self._pending_by[source] >= cap:
+            self.counters["drop_pending_source_full"] += 1
+            return False
+        if len(self._pending) >= cfg.max_pending:
+            oldest = next(iter(self._pending))
+            self._table.delete(oldest)
+            self._unlist_pending(oldest)
+            self.counters["pending_evicted"] += 1
+            self._event("member_reaped", id=oldest, state=PENDING)
+        return True
+
+    def _unlist_pending(self, id_: str) -> None:
+        source = self._pending.pop(id_, None)
+        if source is not None:
+            self._pending_by[source] -= 1
+            if not self._pending_by[source]:
+                del self._pending_by[source]
+
     def _apply_note(self, n: Note, bcast: bool = True) -> None:
         old = self._notes.get(n.slot)
         if old is not None and (n.ts, n.sig) <= (old.ts, old.sig):
@@ -954,23 +1071,49 @@ class Membership:
         if not self._authority(n.by, n):
             self._defer(n.by, n)
             return
-        if old is None and len(self._notes) >= self._cfg.max_notes:
-            self.counters["drop_note_full"] += 1
+        if not self._note_room(n, old) or not self._verify(n.by, n.body(), n.sig):
             return
-        grow = len(n.value) - (len(old.value) if old is not None else 0)
-        if grow > 0 and (
-                self._note_bytes[n.by] + grow > self._cfg.max_note_bytes_per_author
-                or self._note_bytes[""] + grow > self._cfg.max_note_bytes):
-            self.counters["drop_note_full"] += 1
-            return
-        if not self._verify(n.by, n.body(), n.sig):
-            return
+        if old is not None:
+            self._unhold_note(old)
         self._notes[n.slot] = n
-        self._note_bytes[n.by] += grow
-        self._note_bytes[""] += grow
+        self._note_count[n.by] += 1
+        self._note_bytes[n.by] += item_size(n)
+        self._note_bytes[""] += item_size(n)
         self._event("note", topic=n.topic, key=n.key, by=n.by)
         if bcast:
             self._broadcast(("n", *n.slot), n)
+
+    def _note_room(self, n: Note, old: Note | None) -> bool:
+        """Does `n` (replacing `old`) fit its author's budget (count and encoded bytes, so
+        empty notes count too)? If the whole table is full, the author holding the most bytes
+        gives up its oldest notes, unless that is `n`'s author: no author crowds out another."""
+        cfg = self._cfg
+        by = n.by
+        grow = item_size(n) - (item_size(old) if old is not None else 0)
+        if (old is None and self._note_count[by] >= cfg.max_notes_per_author) or \
+                self._note_bytes[by] + grow > cfg.max_note_bytes_per_author:
+            self.counters["drop_note_author_full"] += 1
+            return False
+        while (old is None and len(self._notes) >= cfg.max_notes) or \
+                self._note_bytes[""] + grow > cfg.max_note_bytes:
+            top = max((a for a in self._note_count if a != by), key=self._note_bytes.__getitem__,
+                      default=None)
+            if top is None or self._note_bytes[top] <= self._note_bytes[by] + max(grow, 0):
+                self.counters["drop_note_full"] += 1
+                return False
+            oldest = min((x for x in self._notes.values() if x.by == top), key=lambda x: x.ts)
+            self._unhold_note(oldest)
+            del self._notes[oldest.slot]
+            self.counters["note_evicted"] += 1
+        return True
+
+    def _unhold_note(self, n: Note) -> None:
+        size = item_size(n)
+        self._note_bytes[n.by] -= size
+        self._note_bytes[""] -= size
+        self._note_count[n.by] -= 1
+        if not self._note_count[n.by]:
+            del self._note_count[n.by], self._note_bytes[n.by]
 
     def _defer(self, key: str, stmt: Statement) -> None:
         """Keep a statement whose author (or subject) we do not know yet; bounded."""
@@ -1025,29 +1168,28 @@ class Membership:
         finally:
             self._quiet_admits = None
         for s in others:
-            self._apply(s, bcast)
+            self._apply(s, bcast, src)
         for ms in members:
             rec = ms.record
             st = ms.state
             e = self._table.get(rec.id)
-            if st in GONE and rec.id != self.id and e is not None and e.state == LIMBO:
-                # First news of a member that is already gone: record it quietly.
+            if (st in GONE and rec.id != self.id and e is not None and e.state == LIMBO
+                    and (rec.is_goodbye or ms.incarnation <= rec.incarnation)):
+                # First news of a member that is already gone: record it quietly. Left only on
+                # its own goodbye record; a death only at an incarnation its record announced.
                 if e.admit is not None and self._verify_record(rec):
-                    self._put(
-                        replace(
-                            e, state=st, incarnation=ms.incarnation, record=rec, since=self._now
-                        )
-                    )
+                    gone = LEFT if rec.is_goodbye else DEAD
+                    inc = rec.incarnation if rec.is_goodbye else ms.incarnation
+                    self._put(replace(e, state=gone, incarnation=inc, record=rec, since=self._now))
                 continue
             self._apply_alive(rec, bcast)
-            if st == ALIVE:
+            if st == ALIVE or rec.is_goodbye:  # a goodbye record is the leave itself
                 continue
             if literal and st == SUSPECT:
                 continue
-            if literal or st == LEFT:
-                from_id = rec.id if st == LEFT else self.id
-                self._apply_dead(Dead(rec.id, ms.incarnation, from_id), bcast)
-            else:
+            if literal:
+                self._apply_dead(Dead(rec.id, ms.incarnation, self.id), bcast)
+            else:  # dead, or "left" without the member's goodbye: only suspected here
                 self._apply_suspect(Suspect(rec.id, ms.incarnation, src), bcast)
 
     def _apply_admits(self, admits: list[Admit], bcast: bool) -> None:
@@ -1291,6 +1433,8 @@ class Membership:
             ):
                 self._table.delete(id_)
                 self._dead.pop(id_, None)
+                self._news.pop(id_, None)
+                self._unlist_pending(id_)
                 self._event("member_reaped", id=id_, state=e.state)
 
     def _push_reap(self, id_: str, after: float) -> None:
@@ -1310,6 +1454,8 @@ class Membership:
         if old_st != st:
             if old_st == SUSPECT:
                 self._suspicions.pop(e.id, None)
+            elif old_st == PENDING:
+                self._unlist_pending(e.id)
             if st in GONE:
                 self._push_reap(e.id, self._cfg.dead_reap_after)
             elif st == PENDING:

@@ -41,6 +41,8 @@ MAX_NOTE_VALUE = 4096  # a signed release manifest is ~400 bytes; notes are smal
 _ID_RE = re.compile(r"[a-z2-7]{52}")
 
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
+LEFT_FACT = "left"
+"""A record whose facts hold ("left", 1) is its node's goodbye: the signed form of a leave."""
 
 
 class MessageError(ValueError):
@@ -85,6 +87,11 @@ class Record:
 
     def facts_dict(self) -> dict[str, str | int]:
         return dict(self.facts)
+
+    @property
+    def is_goodbye(self) -> bool:
+        """The node signed its leave at this incarnation (only it can: the record is its own)."""
+        return (LEFT_FACT, 1) in self.facts
 
 
 def make_record(
@@ -133,15 +140,12 @@ class Suspect:
 
 @dataclass(frozen=True, slots=True)
 class Dead:
-    """`from_id == id` means a graceful leave (state `left`)."""
+    """`from_id` declares `id` dead. A leave is not a Dead but a goodbye record (signed by the
+    leaver); old nodes announced it as `from_id == id`, which nobody can check, so it is dropped."""
 
     id: str
     incarnation: int
     from_id: str
-
-    @property
-    def is_leave(self) -> bool:
-        return self.from_id == self.id
 
 
 @dataclass(frozen=True, slots=True)
