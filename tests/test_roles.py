@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from swarmnode import config as node_config
+from swarmnode.actions import Actions
 from swarmnode.identity import Identity, load_or_create
 from swarmnode.membership import MemberView, Note
 from swarmnode.push.release import (
@@ -146,3 +148,37 @@ def test_proving_never_creates_a_key_in_a_home_named_by_the_asker(tmp_path: Path
     assert not (tmp_path / "etc-cron.d").exists()
     with pytest.raises(ValueError):
         prove(tmp_path, "00")
+
+
+class _Rights:
+    def __init__(self, operators: set[str]) -> None:
+        self.operators = operators
+
+    def holders(self, right: str) -> frozenset[str]:
+        return frozenset(self.operators) if right == OPERATE else frozenset()
+
+
+def _target(operators: set[str], config: str = "") -> Actions:
+    node = SimpleNamespace(id="t" * 52, name="target", kind="vm", rights=_Rights(operators),
+                           node_config=node_config.parse(config),
+                           is_admitted_member=lambda peer: True, member_name=lambda peer: peer)
+    return Actions(node)  # type: ignore[arg-type]
+
+
+def test_the_receiving_node_checks_the_operate_right_and_its_own_config() -> None:
+    """Regression (issue 13): any admitted member's act_req used to run; the requester's own
+    check is no boundary (a hostile member skips it), so the target decides."""
+    op, member = Identity.generate().id, Identity.generate().id
+    body = {"target": "t" * 52, "verb": "exec", "argv": ["true"], "force": False}
+    assert _target({op})._refusal(op, body) is None
+    assert "is not an operator" in _target({op})._refusal(member, body)
+    for verb in ("restart", "reboot"):
+        assert "is not an operator" in _target({op})._refusal(member, {**body, "verb": verb})
+    assert "accept_actions" in _target({op}, "accept_actions = false")._refusal(op, body)
+    other = Identity.generate().id
+    narrowed = _target({op, other}, f'accept_actions_from = ["{other}"]')
+    assert "accept_actions_from" in narrowed._refusal(op, body)
+    assert narrowed._refusal(other, body) is None
+    # listing a non-operator never widens the right
+    widened = _target({op}, f'accept_actions_from = ["{member}"]')
+    assert "is not an operator" in widened._refusal(member, body)
