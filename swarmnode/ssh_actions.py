@@ -160,7 +160,7 @@ async def run_over_ssh(node: Node, view: MemberView, verb: str, argv: list[str],
         base = [checked_path(facts.get("ctl"), "ctl", CTL_NAME), "--home",
                 checked_path(facts.get("home"), "home")]
     except Refused as exc:
-        raise Refused(f"{failed}\n  ssh-exec: {exc}") from None
+        raise Refused(f"{exc}, so SSH is not tried\n{failed}") from None
     cfg = node.node_config
     port = int(facts.get("ssh_port", cfg.ssh.port))
     hops = node.router.jump_hops(view)
