@@ -298,9 +298,6 @@ class Actions:
         """What this node can refuse before anything is sent."""
         if view.id == self.node.id:
             raise ActionRefused("that is this node: run the command here")
-        if self.node.id not in self.node.rights.holders(OPERATE):
-            raise ActionRefused("refused: this node is not an operator (an operator can allow "
-                                "it with `swarmnode grant operate NODE`)")
         if view.state in ("pending", "banned") or view.admitted_by is None:
             raise ActionRefused(f"refused: {view.name} is {view.state}, not an admitted member")
         if view.state == "left":
@@ -308,6 +305,9 @@ class Actions:
         kind = view.record.facts_dict().get("kind") if view.record else None
         if verb == "reboot" and kind == "bare" and not force:
             raise ActionRefused(f"refused: {view.name} is bare metal; use --force to reboot it")
+        if self.node.id not in self.node.rights.holders(OPERATE):
+            raise ActionRefused("refused: this node is not an operator (an operator can allow "
+                                "it with `swarmnode grant operate NODE`)")
 
     async def _send_request(self, view: MemberView, route: Route, rid: bytes, verb: str,
                             argv: list[str], force: bool, pending: _Pending) -> bool:
