@@ -552,15 +552,23 @@ def versions(as_json: JsonOpt = False) -> None:
         out.print(f"newest {app_name}: {r['digest'][:12]}", highlight=False)
 
 
+RightArg = Annotated[str, typer.Argument(help="push (releases) or operate (exec, restart, "
+                                               "reboot)")]
+
+
 @app.command()
-def grant(
-    right: Annotated[str, typer.Argument(help="the right to give: push")],
-    node: Annotated[str, typer.Argument(help="name or id (prefix) of the member")],
-) -> None:
-    """Allow a member to push releases (only a node that may push can grant it)."""
-    if right != "push":
-        fail(f"unknown right {right!r}; the one right is 'push'")
-    out.print(ask("grant", node=node), highlight=False)
+def grant(right: RightArg, node: NodeArg) -> None:
+    """Give a member a right: push releases, or operate (ask nodes to exec, restart, reboot).
+    Only a holder of the right can grant it."""
+    out.print(ask("grant", right=right, node=node), highlight=False)
+
+
+@app.command()
+def revoke(right: RightArg, node: NodeArg) -> None:
+    """Take a right back. Only a holder closer to the founder than NODE can revoke it (the
+    founder can revoke anyone; nobody can revoke the founder); rights NODE alone granted
+    end with it."""
+    out.print(ask("revoke", right=right, node=node), highlight=False)
 
 
 @app.command()
@@ -714,6 +722,17 @@ def dashboard(
 def cancel(build_id: Annotated[str, typer.Argument(metavar="BUILD")]) -> None:
     """Cancel a build: its unfinished jobs are stopped and never rescheduled."""
     out.print(ask("cancel", timeout=60.0, build=build_id), highlight=False)
+
+
+@app.command("prove-identity", hidden=True)
+def prove_identity(challenge: Annotated[str, typer.Argument(help="hex challenge")]) -> None:
+    """Sign an SSH identity challenge with this node's key (asked over SSH before an action)."""
+    from swarmnode.ssh_actions import prove
+
+    try:
+        out.print(prove(state.home, challenge), highlight=False, soft_wrap=True)
+    except (IdentityError, ValueError) as exc:
+        fail(str(exc), code=3)
 
 
 @app.command("local-action", hidden=True)

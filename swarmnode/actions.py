@@ -3,8 +3,10 @@
 The incident this prevents: a reboot meant for a node behind NAT went to the gateway whose
 address the orchestrator had recorded. Here an action names the target's id; the requester
 reaches it only over a route where that id proved itself (CURVE, see routes.py), and the
-target refuses anything addressed to another id, from a non-member, or (reboot of bare metal)
-without `--force`. Every check fails closed: on any doubt nothing runs.
+target refuses anything addressed to another id, from anyone but an operator (the signed
+`operate` right, push/release.py `levels`; its config may narrow that to some operators or
+to none), or (reboot of bare metal) without `--force`. Every check fails closed: on any
+doubt nothing runs, and a refusal is counted (drops `action_refused`) and evented.
 
 Wire exchange (bodies are msgpack maps, inside the signed envelope):
   act_req  {rid, target, verb, argv, force}   requester -> target
@@ -33,6 +35,7 @@ import msgpack
 
 from net.transport import Inbound
 from swarmnode.control import ControlError
+from swarmnode.push.release import OPERATE
 from swarmnode.routes import Route, RouteError
 from swarmnode.ssh_actions import local_refusal, run_over_ssh
 
@@ -149,6 +152,7 @@ class Actions:
         refusal = self._refusal(sender, body)
         who = self.node.member_name(sender)
         if refusal is not None:
+            self.node.drops.drop("action_refused")
             inbound.reply(END, pack(rid=rid, code=None, error=refusal))
             self.node.event("action_refused", {"id": sender, "by": who, "verb": str(verb),
                                                "reason": refusal})
@@ -159,12 +163,21 @@ class Actions:
         run.task = asyncio.ensure_future(self._run(rid, run, verb, argv))
 
     def _refusal(self, sender: str, body: dict[str, Any]) -> str | None:
-        """Why this node will not run the request, or None. Every check fails closed."""
+        """Why this node will not run the request, or None. Every check fails closed: an
+        admitted member holding the signed operate right, and (if this node's config names
+        any) one of the operators it names."""
         node = self.node
         if not node.is_admitted_member(sender):
             return "refused: the requester is not an admitted member of this cluster"
         refusal = local_refusal(node.id, node.name, node.kind, node.node_config,
                                 body.get("target"), body.get("verb"), body.get("force"))
+        if refusal is None and sender not in node.rights.holders(OPERATE):
+            return (f"refused: {node.member_name(sender)} is not an operator (an operator "
+                    "can allow it with `swarmnode grant operate NODE`)")
+        allowed = node.node_config.accept_actions_from
+        if refusal is None and allowed and sender not in allowed:
+            return (f"refused: {node.name} accepts actions only from the operators its "
+                    "config names (accept_actions_from)")
         if refusal is None and body.get("verb") == "exec" and not _valid_argv(body.get("argv")):
             return "refused: exec needs a command (a list of strings)"
         return refusal
@@ -292,6 +305,9 @@ class Actions:
         kind = view.record.facts_dict().get("kind") if view.record else None
         if verb == "reboot" and kind == "bare" and not force:
             raise ActionRefused(f"refused: {view.name} is bare metal; use --force to reboot it")
+        if self.node.id not in self.node.rights.holders(OPERATE):
+            raise ActionRefused("refused: this node is not an operator (an operator can allow "
+                                "it with `swarmnode grant operate NODE`)")
 
     async def _send_request(self, view: MemberView, route: Route, rid: bytes, verb: str,
                             argv: list[str], force: bool, pending: _Pending) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from net.addresses import split_hostport
 from net.sshkeys import parse_hop
 from swarmnode.facts import KINDS
+from swarmnode.identity import is_node_id
 
 CONFIG_FILE = "config.toml"
 
@@ -67,7 +68,13 @@ class NodeConfig:
     binhost_dir: str | None = None  # where the binhost keeps them (default <home>/binhost)
     reboot_command: str = DEFAULT_REBOOT
     restart_command: str = DEFAULT_RESTART
-    accept_actions: bool = True  # run exec/restart/reboot asked by admitted members
+    # run exec/restart/reboot asked by operators (holders of the signed `operate` right; the
+    # founder, and whom it granted): on by default so the founder can fix a hung node, and
+    # the right, not this switch, is the boundary. false refuses every action.
+    accept_actions: bool = True
+    # narrows further: only these operator ids (empty: every operator). An id listed here
+    # that does not hold the operate right is still refused: this never widens the right.
+    accept_actions_from: tuple[str, ...] = ()
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT_S
     # this machine's draw idle and at full load (a wall meter's figures): the power estimate
     # where RAPL counters cannot be read (swarmnode/power.py has defaults per core)
@@ -116,8 +123,8 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
 
 
 _TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
-        "accept_actions", "exec_timeout", "watts_idle", "watts_max", "price_per_kwh",
-        "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
+        "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
+        "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -146,6 +153,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
         accept_actions=_bool(raw, "accept_actions", True),
+        accept_actions_from=_ids(raw.get("accept_actions_from", []), "accept_actions_from"),
         exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
         **_watts(raw),
         http_open_paths=open_paths,
@@ -254,6 +262,15 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where}: must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _ids(value: Any, where: str) -> tuple[str, ...]:
+    """A list of node ids (names can be changed by a rename, ids cannot)."""
+    ids = _strings(value, where)
+    for i, node_id in enumerate(ids):
+        if not is_node_id(node_id):
+            raise ConfigError(f"{where}[{i}]: not a node id: {node_id[:60]!r}")
+    return ids
 
 
 def _node_map(raw: Any, where: str, check, limit: int = 16) -> dict[str, tuple[str, ...]]:

@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import random
-import shlex
 import signal
 import socket
 import sys
@@ -57,16 +56,17 @@ from swarmnode.membership import (
     encode,
     make_record,
 )
-from swarmnode.membership.messages import MAX_FACT_VALUE
 from swarmnode.metrics import Metrics
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
-from swarmnode.push.release import SELF_APP
+from swarmnode.push.release import PUSH, SELF_APP
 from swarmnode.push.releases import LAUNCHER_ENV, exec_argv
 from swarmnode.push_service import PushService, release_facts
+from swarmnode.rights import Rights
 from swarmnode.routes import PING as ROUTE_PING
 from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
+from swarmnode.ssh_actions import ctl_facts
 from swarmnode.store import Store
 from swarmnode.views import cores_online_total, member_view, resolve_node
 from swarmnode.worker import Worker
@@ -91,7 +91,8 @@ POWER_NOTE_S = 30.0
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
                             "cancel", "set_voters", "pause", "resume"})
-PUSH_COMMANDS = frozenset({"push", "push_status", "versions", "grant"})
+PUSH_COMMANDS = frozenset({"push", "push_status", "versions"})
+RIGHTS_COMMANDS = frozenset({"grant", "revoke"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 #: Allocations between young-generation GC passes (Python's default: 700).
@@ -146,6 +147,7 @@ class Node:
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
         self.heard_member = False  # a member's gossip has reached us since we started
+        self.rights = Rights(self)
         self.push = PushService(self)
         self.core = self._make_core()
         self.admission = Admission(self)
@@ -255,16 +257,13 @@ class Node:
     def _ssh_facts(self) -> dict[str, str | int]:
         """What others need to reach this host over SSH safely: its host key fingerprints
         (signed into the record, so an SSH peer is verified against them, never trusted on
-        first use), its sshd port, and the command that runs swarmnode here."""
+        first use), its sshd port, and the swarmnode executable and home here."""
         keys = host_key_fingerprints(Path(p) for p in self.node_config.ssh.host_keys)
         if not keys:
             return {}
         facts: dict[str, str | int] = {"ssh_keys": " ".join(keys[:4])}
         facts["ssh_port"] = self.node_config.ssh.port
-        ctl = shlex.join([sys.executable, "-m", "cli.main", "--home", str(self.home)])
-        if len(ctl) <= MAX_FACT_VALUE:
-            facts["ctl"] = ctl
-        return facts
+        return facts | ctl_facts(self.home)
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -637,6 +636,10 @@ class Node:
             return await self._build_command(cmd, args)
         if cmd in PUSH_COMMANDS:
             return await self._push_command(cmd, args)
+        if cmd in RIGHTS_COMMANDS:
+            target = resolve_node(self.core.members(), str(args.get("node", "")))
+            act = self.rights.grant if cmd == "grant" else self.rights.revoke
+            return act(str(args.get("right", PUSH)), target)
         raise control.ControlError(f"unknown command {cmd!r}")
 
     async def _build_command(self, cmd: str, args: dict[str, Any]) -> Any:
@@ -694,12 +697,6 @@ class Node:
             return await self.push.wait_view(str(args.get("push", "")), wait)
         if not self.admitted:
             raise control.ControlError("this node is not an admitted member")
-        if cmd == "grant":
-            target = resolve_node(self.core.members(), str(args.get("node", "")))
-            if target.admitted_by is None or target.state in ("pending", "banned"):
-                raise control.ControlError(f"{target.name} is {target.state}: admit it first")
-            self.push.grant(target.id)
-            return f"{target.name} ({target.id[:12]}) may push"
         path = args.get("path")
         canary = args.get("canary")
         return await self.push.push(str(path) if path else None,

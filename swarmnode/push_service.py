@@ -45,12 +45,11 @@ from swarmnode.push import bundle as bundles
 from swarmnode.push.bundle import SELF_APP
 from swarmnode.push.release import (
     GRANT_TOPIC,
+    PUSH,
     RELEASE_TOPIC,
     Release,
     ReleaseError,
-    grant_key,
     newest,
-    pushers,
     verify_stage,
 )
 from swarmnode.push.releases import Releases
@@ -138,15 +137,7 @@ class PushService:
     # -- who may push ---------------------------------------------------------------------
 
     def pushers(self) -> frozenset[str]:
-        core = self.node.core
-        return pushers(core.members(), core.notes(GRANT_TOPIC), self.node.is_founder)
-
-    def grant(self, target: str) -> None:
-        if self.node.id not in self.pushers():
-            raise control.ControlError("this node may not push, so it cannot grant it either")
-        self.node.core.note(self.node.clock(), GRANT_TOPIC, grant_key(target), b"")
-        self.node.flush()
-        self.node.save_snapshot()
+        return self.node.rights.holders(PUSH)
 
     # -- inbound --------------------------------------------------------------------------
 

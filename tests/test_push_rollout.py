@@ -12,12 +12,13 @@ from swarmnode.membership import MemberView, Note
 from swarmnode.membership.messages import note_body
 from swarmnode.push.bundle import PushSpec
 from swarmnode.push.release import (
+    PUSH,
     Release,
     ReleaseError,
     check,
-    grant_key,
+    holders,
     newest,
-    pushers,
+    right_key,
     verify_stage,
 )
 from swarmnode.push.rollout import STAGE_SLACK_S, Publish, Rollout, Stage
@@ -126,18 +127,19 @@ def note(by: str, topic: str, key: str, value: bytes = b"", ts: int = 1) -> Note
 def test_push_rights_come_from_founders_and_grants_and_bans_remove_them() -> None:
     members = [view("f", "founder", "f"), view("a"), view("b"), view("c"),
                view("x", state="banned")]
-    grants = [note("b", "grant", grant_key("c")),  # b may not push: its grant counts only later
-              note("f", "grant", grant_key("a")),
-              note("a", "grant", grant_key("b")),
-              note("f", "grant", grant_key("x")),
+    # b may not push: its grant counts only later
+    grants = [note("b", "grant", right_key(PUSH, "c")),
+              note("f", "grant", right_key(PUSH, "a")),
+              note("a", "grant", right_key(PUSH, "b")),
+              note("f", "grant", right_key(PUSH, "x")),
               note("c", "grant", "other:thing")]
     founder = {"f"}.__contains__  # the id the cluster id names
-    assert pushers(members, grants, founder) == {"f", "a", "b", "c"}
-    assert pushers(members, grants[:1], founder) == {"f"}
+    assert holders(PUSH, members, grants, founder) == {"f", "a", "b", "c"}
+    assert holders(PUSH, members, grants[:1], founder) == {"f"}
     # "x" signing itself a founder's admission counts for nothing; a reaped founder's grants do
     members.append(view("y", "founder", "y"))
-    assert pushers(members, grants, founder) == {"f", "a", "b", "c"}
-    assert pushers(members[1:], grants, founder) == {"f", "a", "b", "c"}
+    assert holders(PUSH, members, grants, founder) == {"f", "a", "b", "c"}
+    assert holders(PUSH, members[1:], grants, founder) == {"f", "a", "b", "c"}
 
 
 def test_newest_release_per_app_from_allowed_authors_only() -> None:

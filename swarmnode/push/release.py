@@ -6,8 +6,10 @@ The same signed note goes directly to the canaries first; it is published to eve
 once they are healthy. Membership keeps one note per author, so an author without the push
 right can never displace a valid release: whose notes count is decided here.
 
-Push rights are notes too (topic "grant", key "push:<id>"): the cluster's founders may push,
-and so may anyone a pusher granted the right to. A banned member loses it.
+Rights are notes too. Two rights exist: `push` (announce releases) and `operate` (ask a node
+to `exec`, `restart` or `reboot`). A grant is a note (topic "grant", key "<right>:<id>"), a
+revoke one (topic "revoke", same key); see `levels` for who holds a right and who may revoke
+whom. A banned member loses every right.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from swarmnode.push.bundle import SELF_APP, PushSpec
 
 RELEASE_TOPIC = "release"
 GRANT_TOPIC = "grant"
+REVOKE_TOPIC = "revoke"
+PUSH = "push"
+OPERATE = "operate"
+RIGHTS = (PUSH, OPERATE)
 SELF_HEALTH_TIMEOUT = 20.0
 """A self-updated node must have restarted and rejoined within this: Python starts in well
 under a second and a rejoin takes one push-pull, so 20 s means it is broken, not slow."""
@@ -76,30 +82,57 @@ class Release:
             raise ReleaseError(f"release: {exc}") from None
 
 
-def pushers(members: Iterable[MemberView], grants: Iterable[Note],
-            is_founder: Callable[[str], bool]) -> frozenset[str]:
-    """Ids allowed to push: the cluster's founder (the id its cluster id names: never a member
-    that merely signs itself one), then whoever a pusher granted the right, to a fixed point
-    (a grant counts once its author's right is known; it keeps counting after its author is
-    gone, so retiring the founder does not end pushing). Bans remove the right."""
+def levels(right: str, members: Iterable[MemberView], notes: Iterable[Note],
+           is_founder: Callable[[str], bool]) -> dict[str, int]:
+    """Who holds `right`, each with its distance from the founder (0 = the founder).
+
+    The founder (the id its cluster id names: never a member that merely signs itself one)
+    holds every right. Level by level, a member granted the right by a holder of the level
+    before holds it one level further, unless a holder *closer to the founder* (a lower level)
+    revoked it: so nobody can revoke the founder, its own granter or its peers, and the founder
+    can revoke anyone. Revoking a holder also ends the rights that came only through it. Each
+    author's newest statement about a member counts (grant or revoke; a tie counts as the
+    revoke), so granting again withdraws one's own revoke. A grant keeps counting after its
+    author is gone (retiring the founder does not end pushing). Bans remove the right."""
     members = list(members)
-    grants = [g for g in grants if g.key.startswith("push:")]
     banned = {m.id for m in members if m.state == "banned"}
-    known = {m.id for m in members} | {g.by for g in grants}
-    allowed = {i for i in known if is_founder(i)}
-    edges = [(g.by, g.key.removeprefix("push:")) for g in grants]
-    grew = True
-    while grew:
-        grew = False
-        for by, to in edges:
-            if by in allowed and to not in allowed and to not in banned:
-                allowed.add(to)
-                grew = True
-    return frozenset(allowed - banned)
+    prefix = f"{right}:"
+    newest: dict[tuple[str, str], Note] = {}  # (author, subject) -> its newest statement
+    for n in notes:
+        if n.topic not in (GRANT_TOPIC, REVOKE_TOPIC) or not n.key.startswith(prefix):
+            continue
+        slot = (n.by, n.key.removeprefix(prefix))
+        old = newest.get(slot)
+        if old is None or (n.ts, n.topic == REVOKE_TOPIC) > (old.ts, old.topic == REVOKE_TOPIC):
+            newest[slot] = n
+    grants = [slot for slot, n in newest.items() if n.topic == GRANT_TOPIC]
+    revoked_by: dict[str, set[str]] = {}
+    for (by, to), n in newest.items():
+        if n.topic == REVOKE_TOPIC:
+            revoked_by.setdefault(to, set()).add(by)
+    known = {m.id for m in members} | {by for by, _ in newest}
+    level = {i: 0 for i in known if is_founder(i) and i not in banned}
+    depth = 0
+    while True:
+        frontier = {i for i, d in level.items() if d == depth}
+        depth += 1
+        reached = {to for by, to in grants
+                   if by in frontier and to not in level and to not in banned
+                   and not revoked_by.get(to, set()) & level.keys()}
+        if not reached:
+            return level
+        level.update(dict.fromkeys(reached, depth))
 
 
-def grant_key(node_id: str) -> str:
-    return f"push:{node_id}"
+def holders(right: str, members: Iterable[MemberView], notes: Iterable[Note],
+            is_founder: Callable[[str], bool]) -> frozenset[str]:
+    """Ids holding `right` (see `levels`)."""
+    return frozenset(levels(right, members, notes, is_founder))
+
+
+def right_key(right: str, node_id: str) -> str:
+    """The note key of a grant or revoke of `right` to `node_id`."""
+    return f"{right}:{node_id}"
 
 
 def check(note: Note, allowed: frozenset[str]) -> Release:
