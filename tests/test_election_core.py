@@ -31,10 +31,12 @@ from swarmnode.election import (
     Output,
     Persist,
     Persisted,
+    PersistEntries,
     PreVote,
     PreVoteReply,
     ProofRequest,
     RequestVote,
+    Restore,
     Send,
     SnapshotReply,
     VoteProof,
@@ -43,6 +45,7 @@ from swarmnode.election import (
     decode,
     encode,
     pack,
+    proof_valid,
     step_voters,
     unpack,
     vote_payload,
@@ -600,3 +603,102 @@ def test_step_voters_moves_one_member_at_a_time() -> None:
         target,
     ]
     assert all(len(x ^ y) == 1 for x, y in itertools.pairwise(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Proof of leadership: a member that is not a voter (the attacker with one member's key)
+
+
+MAX = (1 << 63) - 1
+
+
+def test_a_member_cannot_make_itself_leader_at_a_higher_or_the_maximum_term() -> None:
+    """x is an admitted member (an observer) signing whatever it likes with its own key."""
+    el = make(observers=frozenset({"x"}))
+    for term in (1, MAX):
+        el.handle(LATER, "x", proof(term, "x", frozenset("x")))  # its own vote alone
+        el.handle(LATER, "x", proof(term, "x", ABC | {"x"}, frozenset("x")))  # one of four
+        el.handle(LATER, "x", hb(term, "x", 1))
+        el.handle(LATER, "x", AppendEntries(term, "x", 2, 0, 0, 1, ((term, b"pause"),)))
+        el.handle(LATER, "x", InstallSnapshot(term, "x", 3, 5, term, 0, b"forged", True))
+    out = el.drain()
+    assert el.term == 0 and el.leader is None and el.log.last_index == 0
+    assert el.proven_leader(1) is None and el.proven_leader(MAX) is None
+    assert not [o for o in out if isinstance(o, Persist | PersistEntries | Apply | Restore)]
+    assert el.counters["bad_leader_proof"] == 4 and el.counters["unproven_leader"] == 6
+    # the real leader's proof still counts, and its heartbeat moves the term
+    lead(el, LATER, 2, "b")
+    el.handle(LATER, "b", hb(2, "b", 1))
+    assert el.term == 2 and el.leader == "b" and el.drain()[-1] == Send("b", ack(2, 1))
+
+
+def test_votes_for_another_candidate_or_another_term_prove_nothing() -> None:
+    """x saw b's proof (it is an observer): the signatures name b and b's term, not x."""
+    el = make(observers=frozenset({"x"}))
+    real = proof(3, "b")
+    el.handle(LATER, "x", LeaderProof(3, "x", real.voters, real.votes))
+    el.handle(LATER, "x", LeaderProof(4, "x", (*real.voters, "x"), real.votes))
+    el.handle(LATER, "b", LeaderProof(4, "b", real.voters, real.votes))  # b's term-3 votes
+    assert el.proven_leader(3) is None and el.proven_leader(4) is None
+    assert el.counters["bad_leader_proof"] == 3
+    el.handle(LATER, "x", real)  # relayed by someone else: the leader must send its own
+    assert el.counters["drop_spoofed_leader"] == 1 and el.term == 0
+
+
+def test_a_voters_unproven_word_moves_the_term_by_a_bounded_step() -> None:
+    el = make()
+    el.handle(LATER, "b", RequestVote(MAX, "b", 0, 0))
+    now = fire_timer(el)
+    el.handle(now, "c", PreVoteReply(1, False, MAX))
+    assert el.term == 0 and el.counters["drop_term_jump"] == 2
+    el.handle(now, "c", PreVoteReply(1, False, 1000))
+    assert el.term == 1000  # a laggard still catches up with real terms
+
+
+def test_the_checked_leader_of_a_term_survives_a_restart() -> None:
+    """The voter set can grow after the election (founder alone, then three): a follower that
+    restarts with the grown set could not check that proof again, so it keeps what it checked."""
+    el = make("c", voters=frozenset("a"))
+    el.handle(LATER, "a", proof(1, "a", frozenset("a")))
+    stored = persists(el.drain())[-1]
+    assert stored == Persist(1, None, "a")
+    again = make("c", voters=ABC, persisted=Persisted(stored.term, stored.voted_for,
+                                                       stored.leader))
+    again.handle(LATER, "a", hb(1, "a", 7))
+    assert again.leader == "a" and again.drain()[-1] == Send("a", ack(1, 7))
+    assert again.proven_leader(1) == "a"
+
+
+def test_a_proof_request_is_answered_at_most_once_per_heartbeat_interval() -> None:
+    el = make(observers=frozenset({"o"}))
+    now = elect(el)
+    el.handle(now, "o", ProofRequest(el.term))
+    el.handle(now, "o", ProofRequest(el.term))
+    assert el.drain() == []  # the proof went out with the election, a moment ago
+    later = now + CFG.heartbeat_interval * 1.5
+    for _ in range(50):
+        el.handle(later, "o", ProofRequest(el.term))
+    assert [s.msg for s in sends(el.drain())] == [proof(el.term, "a", signers=frozenset("ab"))]
+    assert el.counters["proof_request_limited"] == 51
+
+
+@pytest.mark.parametrize(("claimed", "signers", "mine", "root", "ok"), [
+    ("abc", "ab", "abc", None, True),  # the same voter set, a majority
+    ("abc", "a", "abc", None, False),  # no majority
+    ("abcd", "abc", "abc", None, True),  # one change apart (a voter was added)
+    ("ab", "ab", "abc", None, True),  # one removed
+    ("ax", "a", "abc", None, False),  # x added and c gone: two changes, one signer
+    ("x", "x", "", "a", False),  # a node without voters trusts the founder alone
+    ("a", "a", "", "a", True),
+    ("ade", "de", "abc", None, False),  # three changes, no known signer
+    ("ade", "ad", "abc", None, True),  # several changes behind, but a known voter signed
+    ("cde", "de", "", "a", True),  # just joined: two signers needed, and there are
+    ("abc", "bc", "abc", None, True),  # the leader's own vote is not needed
+    ("bcd", "bcd", "bcd", None, True),
+])
+def test_the_proof_rule(claimed: str, signers: str, mine: str, root: str | None,
+                        ok: bool) -> None:
+    leader = "x" if "x" in claimed else "a" if "a" in claimed else claimed[0]
+    votes = tuple((v, vote(5, v, leader).sig) for v in signers)
+    assert proof_valid(5, leader, frozenset(claimed), votes, frozenset(mine), root,
+                       KEYS.for_node("z")) is ok
