@@ -563,8 +563,10 @@ class Node:
         return view is not None and view.admitted_by is not None and view.state != "banned"
 
     def observe(self, peer: str, observed: str | None) -> None:
-        """Record the source address as `observed` only; flag NAT when it is not reported."""
-        if not observed:
+        """Record the source address as `observed` only; flag NAT when it is not reported.
+        Only for ids in the member table (members and listed guests): a flood of fresh keys
+        must not grow it."""
+        if not observed or self.core.member(peer) is None:
             return
         seen = self.observed_entry(peer)
         if seen.address == observed:

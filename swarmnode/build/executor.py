@@ -150,8 +150,9 @@ class Output:
 
 @dataclass(frozen=True)
 class JobResult:
-    """How a run ended. `duration` is the command's wall time (0 if it never started);
-    `job_dir` and `log_path` are None when they were never made or have been removed."""
+    """How a run ended. `duration` is the command's wall time from its spawn (0 if it never
+    started); `job_dir` and `log_path` are None when they were never made or have been
+    removed."""
 
     build_id: str
     job: str
@@ -1032,6 +1033,9 @@ class RunningJob:
         # Our own pipe rather than asyncio's: its wait() also waits for its pipes to close, so
         # a straggler holding the output open would hide that the job itself has ended.
         read_fd, write_fd = os.pipe()
+        # Before the spawn: the child runs from the fork on, and a loaded machine may not give
+        # this loop the CPU back for a while (a `sleep 0.3` was measured at 0.299 s).
+        began = time.monotonic()
         try:
             proc = await self._start(job_dir, write_fd)
         except BaseException:
@@ -1039,7 +1043,6 @@ class RunningJob:
             raise
         finally:
             os.close(write_fd)
-        began = time.monotonic()
         pump = asyncio.ensure_future(self._pump(read_fd))
         try:
             ended = asyncio.ensure_future(proc.wait())
