@@ -91,8 +91,9 @@ def _early_appends(outputs: list[Any]) -> list[Send]:
 
 
 class _Signatures:
-    """Votes are signed with the node's identity key; a vote counts only from a member that is
-    not banned (a banned voter's key may have been stolen: that is why it was banned)."""
+    """Votes are signed with the node's identity key; a vote counts only from an admitted
+    member that is not banned: a pending guest's key costs nothing to make, and a banned
+    voter's key may have been stolen (that is why it was banned)."""
 
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -102,8 +103,8 @@ class _Signatures:
 
     def verify(self, signer: str, data: bytes, sig: bytes) -> bool:
         view = self._node.core.member(signer)
-        return view is not None and view.state != "banned" and \
-            self._node.identity.verify(signer, data, sig)
+        return view is not None and view.admitted_by is not None and \
+            view.state != "banned" and self._node.identity.verify(signer, data, sig)
 
 
 class NotLeader(RuntimeError):
@@ -120,20 +121,27 @@ class Leadership:
         self.log_store = LogStore(node.home / LEDGER_DB)
         stored = self.log_store.load()
         self.ledger = JobLedger.restore(stored.snapshot.data) if stored.snapshot else JobLedger()
-        self.core = Election(node.id, (), Config(), random.Random(os.urandom(8)), node.clock(),
-                             stored.persisted, observers=(), log=stored.entries,
-                             snapshot=stored.snapshot, signatures=_Signatures(node))
-        self._wake = asyncio.Event()
-        self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
-        self.on_applied: list[Callable[[LedgerEvent], None]] = []
-        self._changing = False  # a voter change is on its way through the log
         # The configuration in force is the latest `Voters` entry in the log, as in Raft: a
         # restarted node knows it before it learns what is committed (falling back to "the
         # founder alone" then made a restarted founder elect itself beside the new leader).
         self._config: tuple[int, frozenset[str]] | None = _latest_config(self.ledger, stored)
+        # Voters and the founder from the start: a proof of leadership that arrives before the
+        # first refresh is checked against them, never against nothing.
+        self.core = Election(node.id, self.committed_voters(), Config(),
+                             random.Random(os.urandom(8)), node.clock(), stored.persisted,
+                             observers=(), log=stored.entries, snapshot=stored.snapshot,
+                             signatures=_Signatures(node), root=self._founder())
+        self._wake = asyncio.Event()
+        self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
+        self.on_applied: list[Callable[[LedgerEvent], None]] = []
+        self._changing = False  # a voter change is on its way through the log
         self._change_task: asyncio.Future[None] | None = None
 
     # -- voters ---------------------------------------------------------------------------
+
+    def _founder(self) -> str | None:
+        """The cluster's founder, if this node has heard of it (the cluster id names it)."""
+        return next((m.id for m in self.node.core.members() if self.node.is_founder(m.id)), None)
 
     def committed_voters(self) -> frozenset[str]:
         """The voter configuration in force: the latest `Voters` entry in the log; before any
@@ -177,7 +185,7 @@ class Leadership:
                      if m.admitted_by is not None and m.state in ("alive", "suspect")
                      and m.id not in voters}
         if self.core.root is None:  # whose lone leadership a node without voters believes
-            self.core.root = next((m.id for m in members if self.node.is_founder(m.id)), None)
+            self.core.root = self._founder()
         self.core.set_voters(now, voters, observers)
         self.flush()
         if self.node.admitted and not self._changing and self.core.can_schedule(now):

@@ -625,7 +625,9 @@ def test_a_member_cannot_make_itself_leader_at_a_higher_or_the_maximum_term() ->
     assert el.term == 0 and el.leader is None and el.log.last_index == 0
     assert el.proven_leader(1) is None and el.proven_leader(MAX) is None
     assert not [o for o in out if isinstance(o, Persist | PersistEntries | Apply | Restore)]
-    assert el.counters["bad_leader_proof"] == 4 and el.counters["unproven_leader"] == 6
+    assert el.counters["unproven_leader"] == 6
+    # one checked, the rest refused unchecked: an unasked proof per member per heartbeat
+    assert el.counters["bad_leader_proof"] == 1 and el.counters["leader_proof_limited"] == 3
     # the real leader's proof still counts, and its heartbeat moves the term
     lead(el, LATER, 2, "b")
     el.handle(LATER, "b", hb(2, "b", 1))
@@ -637,7 +639,7 @@ def test_votes_for_another_candidate_or_another_term_prove_nothing() -> None:
     el = make(observers=frozenset({"x"}))
     real = proof(3, "b")
     el.handle(LATER, "x", LeaderProof(3, "x", real.voters, real.votes))
-    el.handle(LATER, "x", LeaderProof(4, "x", (*real.voters, "x"), real.votes))
+    el.handle(LATER + 1, "x", LeaderProof(4, "x", (*real.voters, "x"), real.votes))
     el.handle(LATER, "b", LeaderProof(4, "b", real.voters, real.votes))  # b's term-3 votes
     assert el.proven_leader(3) is None and el.proven_leader(4) is None
     assert el.counters["bad_leader_proof"] == 3
@@ -702,3 +704,39 @@ def test_the_proof_rule(claimed: str, signers: str, mine: str, root: str | None,
     votes = tuple((v, vote(5, v, leader).sig) for v in signers)
     assert proof_valid(5, leader, frozenset(claimed), votes, frozenset(mine), root,
                        KEYS.for_node("z")) is ok
+
+
+def test_a_proof_costs_at_most_a_majority_of_checks_and_unasked_ones_are_rate_limited() -> None:
+    checked: list[str] = []
+
+    class Counting:
+        def sign(self, data: bytes) -> bytes:
+            return KEYS.key("a").sign(data).signature
+
+        def verify(self, signer: str, data: bytes, sig: bytes) -> bool:
+            checked.append(signer)
+            return KEYS.for_node("a").verify(signer, data, sig)
+
+    el = Election("a", ABC, CFG, random.Random(1), 0.0, observers=frozenset({"x"}),
+                  signatures=Counting())
+    junk = bytes(64)
+    el.handle(LATER, "x", LeaderProof(1, "x", ("b", "c", "x"), (("x", junk),) * 9))
+    assert checked == []  # one voter nine times: no majority possible, nothing checked
+    el.handle(LATER + 1, "x", LeaderProof(1, "x", ("b", "c", "x"),
+                                          (("x", junk),) * 8 + (("b", junk),)))
+    assert checked == ["x"]  # x's fails; b's alone could no longer make a majority
+    el.handle(LATER + 1, "x", LeaderProof(2, "x", ("b", "c", "x"), (("x", junk),)))
+    assert checked == ["x"] and el.counters["leader_proof_limited"] == 1
+    el.handle(LATER + 1, "b", proof(1, "b"))  # the real one counts (another sender)
+    assert el.proven_leader(1) == "b"
+
+
+def test_a_member_cannot_push_the_real_leaders_held_message_out() -> None:
+    """The real leader's heartbeat overtook its proof; x's message arriving meanwhile is not
+    held in its place, so the heartbeat is handled as soon as the proof lands."""
+    el = make(observers=frozenset({"x"}))
+    el.handle(LATER, "b", hb(1, "b", 5))
+    el.handle(LATER, "x", hb(1, "x", 6))
+    el.drain()
+    lead(el, LATER, 1, "b")
+    assert el.drain()[-1] == Send("b", ack(1, 5))

@@ -269,6 +269,8 @@ class Election:
         self._granted: set[str] = set()
         self._votes: dict[str, bytes] = {}  # signed votes for us in our term (as candidate)
         self._proof: LeaderProof | None = None  # ours, while leading
+        self._elected_by: frozenset[str] = frozenset()  # the voter set we were elected by
+        self._proof_checked: dict[str, float] = {}  # sender -> when we last checked its proof
         self._proven: dict[int, str] = {}  # term -> the leader whose proof we checked
         if persisted is not None and persisted.leader is not None:
             self._proven[persisted.term] = persisted.leader
@@ -568,8 +570,11 @@ class Election:
     # ------------------------------------------------------------------ proof of leadership
 
     def _make_proof(self) -> LeaderProof:
-        votes = tuple(sorted((v, s) for v, s in self._votes.items() if v in self._voters))
-        return LeaderProof(self._term, self.id, tuple(sorted(self._voters)), votes)
+        """The votes of the set we were elected by (a later change of the voter set does not
+        relabel the proof: votes counted against another set might not add up there)."""
+        voters = self._elected_by
+        votes = tuple(sorted((v, s) for v, s in self._votes.items() if v in voters))
+        return LeaderProof(self._term, self.id, tuple(sorted(voters)), votes)
 
     def _send_proof(self, peer: str) -> None:
         if self._proof is not None:
@@ -595,6 +600,14 @@ class Election:
         if m.term in self._proven:  # two proven leaders of one term: a voter voted twice
             self.counters["conflicting_leader_proof"] += 1
             return
+        asked = self._proof_asked is not None and self._proof_asked[:2] == (src, m.term)
+        if not asked and self._now - self._proof_checked.get(src, -_INF) < \
+                self._cfg.heartbeat_interval:
+            # Unasked, a leader sends one per election: more is a member making us verify
+            # signatures for it (a proof costs up to a majority's checks).
+            self.counters["leader_proof_limited"] += 1
+            return
+        self._proof_checked[src] = self._now
         if not proof_valid(m.term, src, frozenset(m.voters), m.votes, self._voters, self.root,
                            self.signatures):
             self.counters["bad_leader_proof"] += 1
@@ -610,7 +623,10 @@ class Election:
             self._accept_leader(src, m.term, 0)
 
     def _hold(self, src: str, m: AppendEntries | InstallSnapshot) -> None:
-        if m.term >= self._term and self._proven.get(m.term) != src:
+        """Only a voter's (or anyone's while we know no voters): a member that cannot lead must
+        not be able to push the real leader's message out."""
+        if m.term >= self._term and self._proven.get(m.term) != src and (
+                src in self._voters or not self._voters):
             self._held = (src, m)
 
     def _request_proof(self, leader: str, term: int) -> None:
@@ -937,6 +953,7 @@ class Election:
         self._acked_quorum = None
         self._quorum_base = now
         self._incoming = None
+        self._elected_by = self._voters
         self._proof = self._make_proof()
         self._proven[self._term] = self.id
         self._dirty = True

@@ -17,9 +17,12 @@ majority of `C`, the leader is in `C`, and either
   several changes behind, back after a long absence), or at least two signed and the verifier
   has no configuration yet (a node that just joined).
 
-With one member's key the attacker has one signature at most, on a vote for nobody but a
-voter: it can satisfy none of the three. Its limit is written down in docs/security.md (two
-stolen member keys can mislead a node that has just joined, until it learns the voters).
+Signatures count only from admitted members (the shell's `Signatures.verify` says so: a
+pending guest's key costs nothing to make, and only operators admit). With one member's key the
+attacker has one signature at most, on a vote for nobody but a voter: it can satisfy none of
+the three. Its limit is written down in docs/security.md (two stolen member keys can mislead a
+node that has just joined, until it learns the voters). A proof is checked at most once per
+heartbeat interval per sender unless asked for, and costs at most a majority's checks.
 A node without a configuration of its own counts the cluster's founder (known to every member
 from the cluster id) as `V` for the first rule, so the founder leading alone is accepted.
 
@@ -60,10 +63,23 @@ class Signatures(Protocol):
 
 
 def proof_signers(term: int, leader: str, voters: frozenset[str],
-                  votes: Iterable[tuple[str, bytes]], sigs: Signatures) -> frozenset[str]:
-    """The members of `voters` whose vote for `leader` in `term` is among `votes` and verifies."""
+                  votes: Iterable[tuple[str, bytes]], sigs: Signatures,
+                  need: int = 0) -> frozenset[str]:
+    """The members of `voters` whose vote for `leader` in `term` is among `votes` and verifies
+    (each voter checked once, whatever the list repeats); empty as soon as fewer than `need`
+    could still verify, so a hostile list costs at most a majority's checks."""
     data = vote_payload(term, leader)
-    return frozenset(v for v, sig in votes if v in voters and sigs.verify(v, data, sig))
+    first: dict[str, bytes] = {}
+    for voter, sig in votes:
+        if voter in voters:
+            first.setdefault(voter, sig)
+    signers: set[str] = set()
+    for left, (voter, sig) in enumerate(first.items()):
+        if len(signers) + len(first) - left < need:
+            return frozenset()
+        if sigs.verify(voter, data, sig):
+            signers.add(voter)
+    return frozenset(signers) if len(signers) >= need else frozenset()
 
 
 def proof_valid(term: int, leader: str, claimed: frozenset[str],
@@ -74,8 +90,8 @@ def proof_valid(term: int, leader: str, claimed: frozenset[str],
     docstring for the rule and why it is enough."""
     if leader not in claimed or not 1 <= len(claimed) <= MAX_PROOF_VOTERS:
         return False
-    signers = proof_signers(term, leader, claimed, votes, sigs)
-    if len(signers) < len(claimed) // 2 + 1:
+    signers = proof_signers(term, leader, claimed, votes, sigs, len(claimed) // 2 + 1)
+    if not signers:
         return False
     reference = mine or (frozenset({root}) if root else frozenset())
     if reference and len(claimed ^ reference) <= 1:
