@@ -25,10 +25,23 @@ recorded (not raised) so a test can also show that a broken variant is caught:
   sequence is a prefix of one history, and so is every snapshot (checked by digest);
 - leader completeness: a newly elected leader's log holds every entry applied anywhere so far;
 - durability: after every step the core's log ends where its disk ends (nothing the core relies
-  on is missing from the disk).
+  on is missing from the disk);
+- proven leadership: every leader a node holds a checked proof for (`proven_terms`) really led
+  that term (`unelected_proven_leader`), all nodes agree on it (`two_proven_leaders`), the
+  leader a node follows led its term (`follows_unelected`), and no node's term passes the
+  highest term an honest node campaigned in (`term_inflated`: no forged counter moved it);
+- nothing committed that a leader did not propose: the first application of every index must
+  be the entry the leader of its term appended to its own log (`unproposed_commit`).
+
+`byzantine=k` adds admitted members "x0".. (observers in every honest view, with real keys)
+run by `Byzantine` actors (election/byzantine.py) instead of a core: at random times they
+send every honest node forged leader proofs, leader messages, voter-only messages and replies
+at the current, next and maximum term and proof-request floods, built from what they hear as
+observers (real votes to replay included); they reach every node whatever the partition.
 
 `random_run` is one randomized fault schedule with a stream of proposals, followed by a stable
-period with a liveness check (a leader followed by all, every node caught up);
+period with a liveness check (a leader followed by all, every node caught up; with Byzantine
+members lying throughout);
 `python -m swarmnode.election.sim --runs 2000` runs many and prints a summary.
 """
 
