@@ -18,12 +18,12 @@ ledger duties, played by the simulator the way the shell will play them:
   cancels a build or blocks a job;
 - workers obey an assignment or cancellation only from the proven leader of its term (the
   node whose `LeaderProof` their core checked, as the node's worker does), fence them by term
-  (`Fence`), run jobs for a random time,
-  keep their reports in a durable outbox and deliver them to the leader they know until their
-  own ledger shows them resolved -- so a worker cut off from the leader finishes and reports
-  when it can. The leader gathers the reports it receives for its next `Batch` (a `started` is
-  dropped when its job's result is in the same batch, as the node shell does), without judging
-  them: the ledger must reject the stale ones inside a batch;
+  (`Fence`), run jobs for a random time, keep their reports in a durable outbox and deliver
+  them to the leader they know until their own ledger shows them resolved -- so a worker cut
+  off from the leader finishes and reports when it can. The leader gathers the reports it
+  receives for its next `Batch` (a `started` is dropped when its job's result is in the same
+  batch, as the node shell does), without judging them: the ledger must reject the stale ones
+  inside a batch;
 - now and then a node sends a deliberately stale report (an older attempt, another node, a
   requeued attempt), remembered as known stale: into the leader's next batch, or as an entry
   of its own (the single-report entries a log written before batching can hold).
