@@ -287,3 +287,85 @@ def test_same_seed_same_run() -> None:
         b.messages,
         b.recovered_after,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A Byzantine member (issue 13): an admitted member that forges leadership and counters
+
+
+class TrustsLeaderClaims(Election):
+    """Broken on purpose: follows whoever says it leads, without a proof (as before issue 13)."""
+
+    def _accept_leader(self, src: str, term: int, seq: int) -> bool:
+        if term >= self.term and self.proven_leader(term) is None:
+            self._proven[term] = src
+        return super()._accept_leader(src, term, seq)
+
+
+class AnySignature:
+    """Broken on purpose: a signature check that passes everything."""
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(64)
+
+    def verify(self, signer: str, data: bytes, sig: bytes) -> bool:
+        return True
+
+
+def no_signature_check(*args: object, **kw: object) -> Election:
+    return Election(*args, **{**kw, "signatures": AnySignature()})  # type: ignore[arg-type]
+
+
+def test_a_byzantine_member_neither_leads_nor_moves_terms_and_the_cluster_commits() -> None:
+    """Two liars among three voters and an observer, lying 10 times a second each to every
+    node for 5 s: forged proofs (self-signed, padded with replayed real votes or garbage),
+    leader messages and voter-only messages at the current, next and maximum term, proof
+    request floods. Every lie reaches its target and is refused; one leader, low terms,
+    proposals commit."""
+    sim = ElectionSim(3, 1, seed=3, byzantine=2)
+    leader = settle(sim)
+    for i in range(20):
+        sim.run_for(0.25)
+        sim.propose(sim.current_leaders()[0], f"e{i}".encode())
+    sim.run_for(1.0)
+    assert safe(sim)
+    refused: dict[str, int] = {}
+    for id_ in sim.up_ids():
+        for k, v in sim.election(id_).counters.items():
+            refused[k] = refused.get(k, 0) + v
+    for what in ("bad_leader_proof", "unproven_leader", "drop_not_voter", "drop_spoofed_leader",
+                 "proof_request_limited"):
+        assert refused.get(what, 0) > 10, what
+    assert sim.attackers["x0"].proof is not None  # it had real votes to replay
+    assert sim.stable_leader() == leader and sim.max_term() <= 2
+    assert sim.proven == {t: next(iter(ls)) for t, ls in sim.leaders.items()}
+    assert [e for _t, e, _d in sim.committed].count(b"e19") == 1
+
+
+@pytest.mark.parametrize("byzantine", [1, 2])
+def test_random_faults_with_byzantine_members_keep_every_invariant(byzantine: int) -> None:
+    """Random clusters and faults as above with Byzantine members lying throughout, recovery
+    included: never a leader without a proof, never two proven leaders in a term, nothing
+    committed that a real leader did not append, no term beyond the honest campaigns, and the
+    cluster still elects and catches up."""
+    results = _runs(range(byzantine * 100, byzantine * 100 + 12), byzantine=byzantine)
+    assert not [(r.seed, r.violations[:3]) for r in results if r.violations]
+    assert not [r.seed for r in results if r.recovered_after is None]
+    assert sum(r.committed for r in results) > 100
+
+
+def test_the_checker_catches_a_core_that_trusts_leader_claims() -> None:
+    """The same attack on cores that follow an unproven leader: the liar leads, terms jump to
+    the maximum, its entries are committed."""
+    results = _runs(range(8), factory=TrustsLeaderClaims, byzantine=1)
+    kinds = {v.kind for r in results for v in r.violations}
+    assert {"unelected_proven_leader", "follows_unelected", "term_inflated",
+            "unproposed_commit"} <= kinds
+
+
+def test_the_checker_catches_a_proof_check_without_signatures() -> None:
+    """Proofs checked for a majority of names but not their signatures: the liar's proof
+    padded with garbage signatures makes it leader."""
+    results = _runs(range(8), factory=no_signature_check, byzantine=1)
+    kinds = {v.kind for r in results for v in r.violations}
+    assert {"unelected_proven_leader", "follows_unelected"} <= kinds

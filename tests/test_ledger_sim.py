@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 
 from swarmnode.election import LEADER, Config, Election
+from swarmnode.election.messages import MAX_U63
+from swarmnode.election.sim import SimNode
 from swarmnode.ledger import (
     ACTIVE,
     DONE,
@@ -277,3 +279,57 @@ def test_a_late_result_after_a_requeue_is_rejected_as_stale() -> None:
     assert job is not None and (job.node, job.attempt) == (done_by, 2)  # not overwritten
     assert led.tally["rejected_stale"] == 1 and not sim.app_disks[worker].outbox
     assert ok(sim)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Byzantine member (issue 13): forged assignments, cancellations and reports
+
+
+class TrustsLeaderClaims(Election):
+    """Broken on purpose: follows whoever says it leads, without a proof (as before issue 13)."""
+
+    def _accept_leader(self, src: str, term: int, seq: int) -> bool:
+        if term >= self.term and self.proven_leader(term) is None:
+            self._proven[term] = src
+        return super()._accept_leader(src, term, seq)
+
+
+class WorkersTrustTerms(LedgerSim):
+    """Broken on purpose: workers obey any order whose term passes the fence, whoever sends
+    it (the worker before issue 13)."""
+
+    def _from_leader(self, node: SimNode, src: str, term: int) -> bool:
+        return True
+
+
+def test_random_faults_with_a_byzantine_member_run_only_what_real_leaders_assigned() -> None:
+    """A liar forging assignments and cancellations at the current, next and maximum term,
+    stale reports about itself, and the election forgeries: every worker obeys only orders a
+    real leader sent, every forged report is rejected as stale, and the cluster settles."""
+    results = _runs(range(300, 312), byzantine=1)
+    assert not [(r.seed, r.violations[:3]) for r in results if r.violations]
+    assert not [r.seed for r in results if r.settled_after is None]
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update(r.stats)
+    # (some are lost or reach a crashed node; none is obeyed: no violation above)
+    assert total["forged_orders"] > 300 and total["unproven_order"] > total["forged_orders"] // 2
+    assert total["stale_rejected"] > 50 and total["results"] > 50
+
+
+def test_the_checker_catches_workers_that_trust_an_orders_term() -> None:
+    """Workers without the proven-leader check run the liar's assignments, and its maximum
+    term in their fence refuses the real leader for good: nothing finishes."""
+    sim = WorkersTrustTerms(3, seed=4, byzantine=1, **QUIET)
+    assert sim.run_until_pred(lambda s: s.caught_up() is not None, BOUND)
+    for i in range(5):
+        sim.submit(one_job(f"b{i}", "a", "b"))
+    assert not sim.run_until_pred(lambda s: s.settled(), 10.0, step=0.05)
+    assert any(v.kind == "unordered_obeyed" for v in sim.violations)
+    assert max(d.fence_term for d in sim.app_disks.values()) == MAX_U63
+
+
+def test_the_checker_catches_a_core_that_trusts_leader_claims() -> None:
+    results = _runs(range(8), factory=TrustsLeaderClaims, byzantine=1)
+    kinds = {v.kind for r in results for v in r.violations}
+    assert {"unordered_obeyed", "unproposed_commit"} <= kinds

@@ -60,8 +60,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .config import Config
@@ -331,6 +332,12 @@ class Election:
         """The leader of `term` whose proof this node checked (itself when it won), or None:
         only its word in that term counts (assignments and cancellations included)."""
         return self._proven.get(term)
+
+    @property
+    def proven_terms(self) -> Mapping[int, str]:
+        """Every term whose proven leader this node remembers (read only: for the simulators'
+        checks)."""
+        return MappingProxyType(self._proven)
 
     @property
     def quorum(self) -> int:

@@ -25,10 +25,23 @@ recorded (not raised) so a test can also show that a broken variant is caught:
   sequence is a prefix of one history, and so is every snapshot (checked by digest);
 - leader completeness: a newly elected leader's log holds every entry applied anywhere so far;
 - durability: after every step the core's log ends where its disk ends (nothing the core relies
-  on is missing from the disk).
+  on is missing from the disk);
+- proven leadership: every leader a node holds a checked proof for (`proven_terms`) really led
+  that term (`unelected_proven_leader`), all nodes agree on it (`two_proven_leaders`), the
+  leader a node follows led its term (`follows_unelected`), and no node's term passes the
+  highest term an honest node campaigned in (`term_inflated`: no forged counter moved it);
+- nothing committed that a leader did not propose: the first application of every index must
+  be the entry the leader of its term appended to its own log (`unproposed_commit`).
+
+`byzantine=k` adds admitted members "x0".. (observers in every honest view, with real keys)
+run by `Byzantine` actors (election/byzantine.py) instead of a core: at random times they
+send every honest node forged leader proofs, leader messages, voter-only messages and replies
+at the current, next and maximum term and proof-request floods, built from what they hear as
+observers (real votes to replay included); they reach every node whatever the partition.
 
 `random_run` is one randomized fault schedule with a stream of proposals, followed by a stable
-period with a liveness check (a leader followed by all, every node caught up);
+period with a liveness check (a leader followed by all, every node caught up; with Byzantine
+members lying throughout);
 `python -m swarmnode.election.sim --runs 2000` runs many and prints a summary.
 """
 
@@ -47,8 +60,10 @@ from typing import Any
 
 from swarmnode.simclock import EventClock
 
+from .byzantine import Byzantine
 from .config import Config
 from .core import (
+    CANDIDATE,
     LEADER,
     Apply,
     Election,
@@ -63,6 +78,7 @@ from .core import (
 from .log import LogEntry, Snapshot
 from .messages import (
     MESSAGE_CLASSES,
+    MessageError,
     pack,
     unpack,
 )
@@ -159,6 +175,8 @@ class ElectionSim(EventClock):
         record_events: bool = False,
         factory: Callable[..., Election] = Election,
         snapshot_every: int | None = None,
+        byzantine: int = 0,
+        attack_rate: float = 10.0,
     ) -> None:
         self.config = config or Config()
         self.factory = factory
@@ -176,6 +194,15 @@ class ElectionSim(EventClock):
         """Every node's real Ed25519 key (votes and leader proofs are checked as in a node)."""
         self.voter_ids = frozenset(f"v{i}" for i in range(voters))
         self.observer_ids = frozenset(f"o{i}" for i in range(observers))
+        self.byzantine_ids = frozenset(f"x{i}" for i in range(byzantine))
+        """Admitted members run by `Byzantine` actors: observers in every honest view."""
+        attack_rng = random.Random(seed ^ 0xB1A5)  # apart from self.rng: same honest schedule
+        self.attackers = {
+            id_: Byzantine(id_, self.keys.for_node(id_), random.Random(attack_rng.getrandbits(64)))
+            for id_ in sorted(self.byzantine_ids)
+        }
+        self.attack_rate = attack_rate
+        """Volleys per second per attacker, each to every honest node."""
         self.nodes: dict[str, SimNode] = {}
         self.leaders: dict[int, set[str]] = {}
         """term -> every node that ever led in it (the election safety record)."""
@@ -185,6 +212,13 @@ class ElectionSim(EventClock):
         """(proposer, index) -> (term, entry) of every proposal a leader took."""
         self.written: dict[tuple[int, int], tuple[bytes, int | None]] = {}
         """(index, term) -> (entry, previous entry's term) of every entry ever written."""
+        self.authored: dict[tuple[int, int], bytes] = {}
+        """(index, term) -> entry, as the leader of that term appended it to its own log."""
+        self.proven: dict[int, str] = {}
+        """term -> the leader some node first held a checked proof for."""
+        self.election_term = 0
+        """The highest term any honest node campaigned (or led) in: no term may exceed it."""
+        self._reported: set[tuple[str, str]] = set()
         self.violations: list[Violation] = []
         self.events: list[tuple[float, str, Event]] = []
         self.event_counts: Counter[str] = Counter()
@@ -195,6 +229,8 @@ class ElectionSim(EventClock):
             node = SimNode(id_, random.Random(self.rng.getrandbits(64)))
             self.nodes[id_] = node
             self._start(node)
+        for attacker in self.attackers.values():
+            self._schedule_volley(attacker)
 
     # ------------------------------------------------------------------ perturbations
 
@@ -246,7 +282,7 @@ class ElectionSim(EventClock):
         for id_ in targets:
             node = self.nodes[id_]
             if node.up and node.election is not None:
-                node.election.set_voters(self.now, self.voter_ids, self.observer_ids)
+                node.election.set_voters(self.now, self.voter_ids, self.seen_observers)
                 self._flush(node)
 
     # ------------------------------------------------------------------ client side
@@ -278,6 +314,32 @@ class ElectionSim(EventClock):
         the same lossy, partitioned network."""
         self._transmit(src, dst, msg)
 
+    @property
+    def seen_observers(self) -> frozenset[str]:
+        """The observers in every honest node's view: the Byzantine members are admitted."""
+        return self.observer_ids | self.byzantine_ids
+
+    # ------------------------------------------------------------------ the Byzantine members
+
+    def _schedule_volley(self, attacker: Byzantine) -> None:
+        self.at(self.now + attacker.rng.expovariate(self.attack_rate),
+                lambda: self._volley(attacker))
+
+    def _volley(self, attacker: Byzantine) -> None:
+        """One round of lies from `attacker` to every honest node (a fifth of the time the
+        subclass's own, `_forge_app`), then the next round at a random time."""
+        for victim in sorted(self.nodes):
+            app = self._forge_app(attacker, victim) if attacker.rng.random() < 0.2 else []
+            for msg in app or attacker.forgeries(victim):
+                self._transmit(attacker.id, victim, msg)
+        self.stats["volleys"] += 1
+        self._schedule_volley(attacker)
+
+    def _forge_app(self, attacker: Byzantine, victim: str) -> list[Any]:
+        """Lies in the subclass's own messages (LedgerSim: assignments, cancellations,
+        reports); none here."""
+        return []
+
     # ------------------------------------------------------------------ running
 
     def run_until_pred(
@@ -296,7 +358,7 @@ class ElectionSim(EventClock):
             node.rng,
             self.now,
             disk.hard,
-            observers=self.observer_ids,
+            observers=self.seen_observers,
             log=list(disk.entries),
             snapshot=disk.snapshot,
             signatures=self.keys.for_node(node.id),
@@ -313,14 +375,22 @@ class ElectionSim(EventClock):
         if not to:
             msg[1]()
             return
+        if kind == _DELIVER and type(msg) is tuple:
+            try:
+                msg = unpack(*msg)
+            except MessageError:  # as the shell does: dropped and counted
+                self.stats["undecodable"] += 1
+                return
+        attacker = self.attackers.get(to)
+        if attacker is not None:
+            attacker.receive(src, msg)
+            return
         node = self.nodes[to]
         el = node.election
         if not node.up or el is None:
             self.stats["dropped_down"] += 1
             return
         if kind == _DELIVER:
-            if type(msg) is tuple:
-                msg = unpack(*msg)
             self.stats["delivered"] += 1
             if type(msg) in _ELECTION_TYPES:
                 el.handle(t, src, msg)
@@ -385,7 +455,10 @@ class ElectionSim(EventClock):
         return el.drain()
 
     def linked(self, a: str, b: str) -> bool:
-        """Whether the network carries messages between a and b (their processes may be down)."""
+        """Whether the network carries messages between a and b (their processes may be down).
+        A Byzantine member reaches everyone, whatever the partition: the strongest attacker."""
+        if self.byzantine_ids and (a in self.byzantine_ids or b in self.byzantine_ids):
+            return True
         if self._group and self._group.get(a, -1) != self._group.get(b, -1):
             return False
         return not (self._cut and frozenset((a, b)) in self._cut)
@@ -413,7 +486,9 @@ class ElectionSim(EventClock):
     # ------------------------------------------------------------------ the disk
 
     def _write_entries(self, node: SimNode, o: PersistEntries) -> None:
-        disk = node.disk
+        disk, el = node.disk, node.election
+        assert el is not None
+        leads = el.role == LEADER
         self.stats["entry_writes"] += 1
         if not disk.snapshot_index < o.start <= disk.last_index + 1:
             self._violate(
@@ -427,6 +502,8 @@ class ElectionSim(EventClock):
                 return
             prev_term = disk.term_at(e.index - 1)
             key = (e.index, e.term)
+            if leads and e.term == el.term:
+                self.authored.setdefault(key, e.data)
             seen = self.written.setdefault(key, (e.data, prev_term))
             if seen != (e.data, prev_term):
                 self._violate("log_matching", f"{node.id}: entry {key} differs from another's")
@@ -457,6 +534,8 @@ class ElectionSim(EventClock):
                 self._violate("state_machine_safety", f"{node.id}: entry {o.index} differs")
         elif o.index == len(history):
             history.append((o.term, o.entry, digest))
+            if self.authored.get((o.index, o.term)) != o.entry:
+                self._violate("unproposed_commit", f"{node.id}: entry {o.index} term {o.term}")
         else:
             self._violate("apply_gap", f"{node.id}: entry {o.index} beyond every history")
         node.applied, node.digest = o.index, digest
@@ -533,6 +612,9 @@ class ElectionSim(EventClock):
                         self._violate("two_leases", f"{node.id} and {other.id}")
         else:
             node.lease_until = -_INF
+        if el.role in (CANDIDATE, LEADER) and el.term > self.election_term:
+            self.election_term = el.term
+        self._check_proven(node, el)
         log, disk = el.log, node.disk
         snap = disk.snapshot
         last = disk.entries[-1] if disk.entries else snap
@@ -541,6 +623,24 @@ class ElectionSim(EventClock):
             snap.index if snap else 0
         ):
             self._violate("not_durable", f"{node.id}: log and disk differ")
+
+    def _check_proven(self, node: SimNode, el: Election) -> None:
+        """Leadership is proven, not claimed: every leader this node holds a proof for really
+        led that term (so never a Byzantine member), one per term across all nodes; the
+        leader it follows is one; its term never passes the highest an honest node campaigned
+        in (no forged counter moved it)."""
+        leaders = self.leaders
+        for term, leader in el.proven_terms.items():
+            if leader not in leaders.get(term, ()):
+                self._violate_once("unelected_proven_leader", f"{node.id}: {leader} in {term}")
+            if self.proven.setdefault(term, leader) != leader:
+                self._violate_once("two_proven_leaders",
+                                   f"term {term}: {self.proven[term]} and {leader}")
+        lead = el.leader
+        if lead is not None and lead not in leaders.get(el.term, ()):
+            self._violate_once("follows_unelected", f"{node.id}: {lead} in {el.term}")
+        if el.term > self.election_term:
+            self._violate_once("term_inflated", f"{node.id}: term {el.term}")
 
     def _check_leader_complete(self, node: SimNode) -> None:
         el = node.election
@@ -554,6 +654,12 @@ class ElectionSim(EventClock):
 
     def _violate(self, kind: str, detail: str) -> None:
         self.violations.append(Violation(self.now, kind, detail))
+
+    def _violate_once(self, kind: str, detail: str) -> None:
+        """A violation that would otherwise repeat at every step of the node holding it."""
+        if (kind, detail) not in self._reported:
+            self._reported.add((kind, detail))
+            self._violate(kind, detail)
 
     # ------------------------------------------------------------------ queries
 
@@ -639,13 +745,14 @@ def random_run(
     factory: Callable[..., Election] = Election,
     keep_disk: bool = True,
     proposals: float = 20.0,
+    byzantine: int = 0,
 ) -> RunResult:
     """One random cluster (1..max_voters voters, 0..2 observers) under a random fault schedule
     (crashes, restarts, partitions, loss, duplication, slow links) for `fault_time` virtual
     seconds, with `proposals` per second at whichever nodes lead, and random compaction; then
     healed with no loss until a leader is agreed and everyone caught up (or the liveness bound
     passes). `keep_disk=False` restarts nodes without their disk: a broken shell, to show that
-    the checker notices."""
+    the checker notices. `byzantine` Byzantine members lie throughout, recovery included."""
     cfg = config or Config()
     rng = random.Random(seed)
     n_voters = rng.randint(1, max_voters)
@@ -661,6 +768,7 @@ def random_run(
         codec=seed % 8 == 0,
         factory=factory,
         snapshot_every=rng.choice((None, 3, 10, 40)),
+        byzantine=byzantine,
     )
     res = RunResult(seed, n_voters, n_obs)
 

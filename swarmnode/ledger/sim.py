@@ -16,12 +16,14 @@ ledger duties, played by the simulator the way the shell will play them:
   its worker (again while it is not running), requeues jobs of nodes it cannot reach for a
   while (the failure detector's verdict, taken from the network here), and now and then
   cancels a build or blocks a job;
-- workers fence assignments and cancellations by term (`Fence`), run jobs for a random time,
-  keep their reports in a durable outbox and deliver them to the leader they know until their
-  own ledger shows them resolved -- so a worker cut off from the leader finishes and reports
-  when it can. The leader gathers the reports it receives for its next `Batch` (a `started` is
-  dropped when its job's result is in the same batch, as the node shell does), without judging
-  them: the ledger must reject the stale ones inside a batch;
+- workers obey an assignment or cancellation only from the proven leader of its term (the
+  node whose `LeaderProof` their core checked, as the node's worker does), fence them by term
+  (`Fence`), run jobs for a random time, keep their reports in a durable outbox and deliver
+  them to the leader they know until their own ledger shows them resolved -- so a worker cut
+  off from the leader finishes and reports when it can. The leader gathers the reports it
+  receives for its next `Batch` (a `started` is dropped when its job's result is in the same
+  batch, as the node shell does), without judging them: the ledger must reject the stale ones
+  inside a batch;
 - now and then a node sends a deliberately stale report (an older attempt, another node, a
   requeued attempt), remembered as known stale: into the leader's next batch, or as an entry
   of its own (the single-report entries a log written before batching can hold).
@@ -35,6 +37,11 @@ Checks on top of the election simulator's, after every step:
 - no accepted build and no finished result is lost: a leader that can schedule has every build
   accepted so far and every done result in its ledger (checked once per leadership), and at the
   end every node has.
+
+- with `byzantine` members (election/byzantine.py, added by the election simulator), which
+  also forge `AssignJob`s and `CancelBuild`s at the current, next and maximum term and reports
+  about themselves (the shell attributes a report to its sender; these are known stale): every
+  order a worker obeys was sent by a real leader (`ordered`), else `unordered_obeyed`.
 
 `random_run` adds a random fault schedule, then heals and requires that every client was
 answered, every accepted build finished and all nodes agree, within a bound.
@@ -52,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmnode.election.byzantine import Byzantine
 from swarmnode.election.config import Config
 from swarmnode.election.core import LEADER, Apply, Election
 from swarmnode.election.sim import ElectionSim, SimNode, Violation, random_links, run_faults
@@ -213,8 +221,11 @@ class LedgerSim(ElectionSim):
         self.current: dict[str, tuple[str, int]] = {}
         """The independent tracker: job key -> its current (node, attempt)."""
         self.assigns: dict[tuple[str, int], str] = {}
-        self.orders: list[tuple[str, AssignJob | CancelBuild]] = []
-        """Recent assignments and cancellations sent (to replay as a deposed leader's)."""
+        self.orders: list[tuple[str, str, AssignJob | CancelBuild]] = []
+        """Recent assignments and cancellations sent, (leader, worker, order): to replay as
+        a deposed leader's."""
+        self.ordered: set[tuple[str, str, AssignJob | CancelBuild]] = set()
+        """Every (leader, worker, order) a real leader sent: all a worker may obey."""
         self._req = 0
         self._decoded: dict[bytes, Command | bytes] = {}
         super().__init__(voters, observers, config, seed, **kw)
@@ -256,7 +267,12 @@ class LedgerSim(ElectionSim):
         return node.app.ledger.snapshot()
 
     def _sm_load(self, node: SimNode, data: bytes) -> None:
-        node.app.ledger = self.ledger_factory.restore(data)
+        try:
+            node.app.ledger = self.ledger_factory.restore(data)
+        except LedgerError as exc:  # a forged snapshot a broken core installed: keep going
+            self._violate("bad_snapshot", f"{node.id}: {exc}")
+            node.app.ledger = self.ledger_factory()
+            node.app.ledger.applied = node.applied
 
     def _command(self, entry: bytes) -> Command | bytes:
         """The entry decoded once for all nodes (the bytes themselves if not a command)."""
@@ -301,9 +317,9 @@ class LedgerSim(ElectionSim):
             if r is not None:
                 r.told = True
         elif kind is AssignJob:
-            self._on_assignment(node, msg)
+            self._on_assignment(node, src, msg)
         elif kind is CancelBuild:
-            self._on_cancel(node, msg)
+            self._on_cancel(node, src, msg)
         elif kind is ReportJob:
             self._on_report(node, msg.report)
 
@@ -468,25 +484,66 @@ class LedgerSim(ElectionSim):
         self._order(node, job.node, AssignJob(key, attempt, el.term))
 
     def _order(self, node: SimNode, to: str, msg: AssignJob | CancelBuild) -> None:
-        self.orders.append((to, msg))
+        """A leader's order to a worker (recorded: the orders a worker may obey)."""
+        order = (node.id, to, msg)
+        self.ordered.add(order)
+        self.orders.append(order)
         del self.orders[:-64]
         self.send_app(node.id, to, msg)
 
     def _replay_order(self, node: SimNode) -> None:
         """Deliver an old assignment or cancellation again, as a deposed leader (or the network)
         would: only the worker's fence stands between it and a wasted or wrong run."""
-        to, msg = self.app_rng.choice(self.orders)
+        src, to, msg = self.app_rng.choice(self.orders)
         self.stats["orders_replayed"] += 1
-        self.send_app(node.id, to, msg)
+        self.send_app(src, to, msg)
+
+    def _forge_app(self, attacker: Byzantine, victim: str) -> list[Any]:
+        """A Byzantine member's orders at its lying terms (naming real jobs when there are
+        any: an observer holds the log) and reports about itself, the only worker the shell
+        lets a report speak for; those are stale (it is never assigned) and known so."""
+        rng = attacker.rng
+        jobs = sorted(self.current.items())
+        key, (_node, attempt) = rng.choice(jobs) if jobs else ("forged/job", (attacker.id, 1))
+        out: list[Any] = []
+        for t in attacker.terms():
+            out.append(AssignJob(key, attempt + rng.choice((0, 1, 1000)), t))
+            out.append(CancelBuild(key.partition("/")[0], t))
+        if jobs:
+            for report in (Started(key, attacker.id, attempt),
+                           Done(key, attacker.id, attempt, _artifacts(key, attempt))):
+                self.known_stale.add(report)
+                out.append(ReportJob(report))
+        self.stats["forged_orders"] += 2 * len(attacker.terms())
+        return out
 
     # ------------------------------------------------------------------ workers
 
-    def _on_assignment(self, node: SimNode, msg: AssignJob) -> None:
+    def _admit(self, node: SimNode, src: str, msg: AssignJob | CancelBuild) -> bool:
+        """As the node shell's worker: only the proven leader of the order's term is obeyed,
+        and only if that term is not older than the fence's (persisted when it grows)."""
         app: NodeApp = node.app
+        if not self._from_leader(node, src, msg.term):
+            self.stats["unproven_order"] += 1
+            return False
         if not app.fence.admit(msg.term):
             self.stats["fenced"] += 1
-            return
+            return False
         self.app_disks[node.id].fence_term = app.fence.term
+        if (src, node.id, msg) not in self.ordered:
+            self._violate("unordered_obeyed", f"{node.id} obeys {src}: {msg}")
+        return True
+
+    def _from_leader(self, node: SimNode, src: str, term: int) -> bool:
+        """Is `src` the leader of `term` whose proof `node` checked?"""
+        el = node.election
+        assert el is not None
+        return el.proven_leader(term) == src
+
+    def _on_assignment(self, node: SimNode, src: str, msg: AssignJob) -> None:
+        app: NodeApp = node.app
+        if not self._admit(node, src, msg):
+            return
         key, attempt = msg.job_key, msg.attempt
         if app.running.get(key) == attempt or (key, attempt) in app.finished:
             return
@@ -515,10 +572,9 @@ class LedgerSim(ElectionSim):
         elif el.leader is not None:
             self.send_app(node.id, el.leader, ReportJob(report))  # type: ignore[arg-type]
 
-    def _on_cancel(self, node: SimNode, msg: CancelBuild) -> None:
+    def _on_cancel(self, node: SimNode, src: str, msg: CancelBuild) -> None:
         app: NodeApp = node.app
-        if not app.fence.admit(msg.term):
-            self.stats["fenced"] += 1
+        if not self._admit(node, src, msg):
             return
         for key in [k for k in app.running if k.startswith(msg.build_id + "/")]:
             del app.running[key]
@@ -725,9 +781,11 @@ def random_run(
     ledger_factory: type[JobLedger] = JobLedger,
     keep_disk: bool = True,
     builds: float = 2.0,
+    byzantine: int = 0,
 ) -> LedgerRunResult:
     """One random cluster under a random fault schedule, with `builds` submissions per second
-    during the faults; then healed until settled (or the bound passes)."""
+    during the faults; then healed until settled (or the bound passes). `byzantine` Byzantine
+    members lie throughout, settling included."""
     cfg = config or Config()
     rng = random.Random(seed)
     n_voters = rng.randint(1, max_voters)
@@ -742,6 +800,7 @@ def random_run(
         factory=factory,
         ledger_factory=ledger_factory,
         snapshot_every=rng.choice((None, 5, 20)),
+        byzantine=byzantine,
     )
     res = LedgerRunResult(seed, n_voters, n_obs)
     n_builds = 0
