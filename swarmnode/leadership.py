@@ -328,4 +328,6 @@ class Leadership:
     def status(self) -> dict[str, Any]:
         st = self.core.status(self.node.clock())
         return {"leader": st["leader"], "term": st["term"], "role": st["role"],
-                "voters": st["voters"]}
+                "voters": st["voters"],
+                # what the election core refused and why (drop_not_voter, unproven_leader...)
+                "election_counters": dict(sorted(self.core.counters.items()))}

@@ -8,7 +8,7 @@ import pytest
 
 from net.wire import seal
 from swarmnode import actions, admission
-from swarmnode.election.messages import RequestVote, VoteReply, unpack
+from swarmnode.election.messages import RequestVote
 from swarmnode.identity import Identity
 from swarmnode.membership.messages import Ack, Ping, decode
 from swarmnode.worker import unpack_map
@@ -60,10 +60,15 @@ async def test_a_members_key_is_answered_and_its_bad_messages_are_counted(
         end = unpack_map((await a.recv(10, actions.END)).body)
         assert end["code"] is None and "addressed to" in end["error"]
 
+        # n2 is no voter (two members have one): its election messages are dropped, counted
+        votes = swarm.query(n1, "status")["election_counters"].get("drop_not_voter", 0)
         assert await a.send_message(RequestVote(term=1, candidate=a.id, last_index=0,
-                                                last_term=0))  # a stale term: refused
-        vote = unpack("election.vote_reply", (await a.recv(10, "election.vote_reply")).body)
-        assert isinstance(vote, VoteReply) and not vote.granted and vote.term >= 1
+                                                last_term=0))
+        swarm.wait_for(lambda: swarm.query(n1, "status")["election_counters"].get(
+            "drop_not_voter", 0) == votes + 1, 10, "a non-voter's RequestVote counted")
+        assert await a.send(*a.ping(seq=9))  # answered after any reply to the vote would be
+        assert decode("ack", (await a.recv(10, "ack")).body).seq == 9
+        assert not [e for e in a.inbox if e.type == "election.vote_reply"]
         before = _drops(swarm, n1, "wrong_sender")
         await a.send_frame(seal(Identity.generate(), "ping", b"", 1, 1))  # not the CURVE key
         swarm.wait_for(lambda: _drops(swarm, n1, "wrong_sender") == before + 1, 10,
