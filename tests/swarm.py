@@ -97,6 +97,8 @@ class Node:
     log: Path
     id: str = ""
     host: str | None = None  # lab host it runs in; None: this machine
+    #: Its installed swarmnode: the tree (`swarmnode`, `net`, `cli`) its CLI and `join` run.
+    code: Path = REPO
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     exits: list[int] = field(default_factory=list)
@@ -120,6 +122,8 @@ class Swarm:
         self.root = root
         self.lab = lab
         self.nodes: dict[str, Node] = {}
+        #: The installed swarmnode of nodes added from now on (an older release's, to upgrade).
+        self.code = REPO
         #: Checked on every member list fetched: each returns an error text or None. A
         #: violation fails the test at once ("never listed under the gateway's address").
         self.invariants: list[Callable[[Node, list[dict[str, Any]]], str | None]] = []
@@ -134,7 +138,7 @@ class Swarm:
             raise ValueError(f"node {name!r} exists")
         home = self.root / name
         node = Node(name=name, home=home, listen=listen, log=self.root / f"{name}.log",
-                    host=host)
+                    host=host, code=self.code)
         self.nodes[name] = node
         node.id = self.cli(node, "id").stdout.strip().splitlines()[-1]
         return node
@@ -168,11 +172,12 @@ class Swarm:
 
     def start(self, node: Node | str, token: str | None = None, seeds: Sequence[str] = (),
               *, mdns: bool = False, tailscale: bool = False, extra: Sequence[str] = (),
-              wait: bool = True, cwd: Path = REPO, fast: bool = True) -> Node:
+              wait: bool = True, cwd: Path | None = None, fast: bool = True) -> Node:
         """Run `swarmnode join` for `node` (in its lab host, if any); by default wait until
         its control socket answers, failing fast with the log if it exits first. `cwd` is
-        where `python -m cli.main` finds the code it runs; `fast=False` runs the shipped
-        default timers instead of the tests' tenfold faster ones."""
+        where `python -m cli.main` finds the code it runs (default: the node's installed
+        code, `node.code`); `fast=False` runs the shipped default timers instead of the
+        tests' tenfold faster ones."""
         node = self._node(node)
         if node.running:
             raise SwarmError(f"{node} is already running")
@@ -188,7 +193,7 @@ class Swarm:
             with node.log.open("ab") as log:
                 node.proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=cwd, env=_env(), start_new_session=True,
+                    cwd=cwd or node.code, env=_env(), start_new_session=True,
                 )
         if wait:
             self.wait_ready(node)
@@ -270,10 +275,11 @@ class Swarm:
     def cli(self, node: Node | str | Path, *args: str, timeout: float = 30.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the real CLI against a node's home (from this process's namespace: the control
-        socket is a file, so that reaches lab nodes too)."""
-        home = node if isinstance(node, Path) else self._node(node).home
+        socket is a file, so that reaches lab nodes too), installed there: `node.code`."""
+        home, code = (node, REPO) if isinstance(node, Path) else \
+            (self._node(node).home, self._node(node).code)
         argv = [*CLI, "--home", str(home), *args]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=code,
                              env=_env(), check=False)
         if check and res.returncode != 0:
             raise SwarmError(f"`{' '.join(argv[3:])}` failed ({res.returncode}):\n"
