@@ -76,7 +76,39 @@ def test_news_waits_for_the_record_it_names() -> None:
     c.handle(net.now, a.id, Gossip((Dead(b.id, 1, a.id),)))
     assert c.state_of(b.id) == "alive"  # c has no record of b at 1: the death waits
     c.handle(net.now, a.id, Gossip((Alive(b.record),)))
-    assert c.state_of(b.id) == "dead" and c.member(b.id).incarnation == 1
+    # ... and then counts, as a's accusation of b's life at 1 (only c's own timeout kills)
+    assert c.state_of(b.id) == "suspect" and c.member(b.id).incarnation == 1
+
+
+def test_a_forged_death_is_only_a_suspicion_that_its_subject_refutes() -> None:
+    """Issue 13 review: a member's `dead` about another took effect at once everywhere (the
+    leader then dropped that voter from the voter set). Now it is a suspicion, confirmed once
+    by the verdict, and the subject refutes it before anyone's own timeout runs out."""
+    net, (a, b, c, d) = cluster(4)
+    lie = Gossip((Dead(b.id, 0, a.id), Dead(b.id, 0, fake_id(random.Random(9)))))
+    c.handle(net.now, a.id, lie)
+    assert c.state_of(b.id) == "suspect"  # the old core: "dead"
+    assert c._suspicions[b.id].confirmations == 1  # the verdict confirms; k is 1 of 4 members
+    net.pump()  # c gossips the accusation on; b hears it and refutes
+    net.run(10 * CFG.probe_interval)
+    assert b.incarnation == 1
+    assert all(m.state_of(b.id) == "alive" for m in (a, c, d))
+    assert not [e for _, e in net.events if e.kind == "member_dead"]
+
+
+def test_only_our_own_suspicion_timeout_declares_a_member_dead() -> None:
+    net, (a, b, c) = cluster(3)
+    net.drop = lambda s, t, m: b.id in (s, t)  # b is really gone
+    c.handle(net.now, a.id, Gossip((Dead(b.id, 0, a.id),)))
+    sus = c._suspicions[b.id]
+    assert c.state_of(b.id) == "suspect" and sus.deadline() == sus.start + sus.min_timeout
+    net.run(sus.min_timeout * 0.9)
+    assert c.state_of(b.id) == "suspect"
+    net.run(sus.min_timeout * 0.2)
+    assert c.state_of(b.id) == "dead"
+    deaths = [(n, e.data["by"]) for n, e in net.events
+              if e.kind == "member_dead" and e.data["id"] == b.id]
+    assert (c.id, c.id) in deaths and all(n == by for n, by in deaths)  # each its own verdict
 
 
 def test_a_leave_is_the_leavers_signed_goodbye_and_travels_with_its_proof() -> None:

@@ -782,66 +782,76 @@ class Membership:
             self._refute(rec.incarnation)
 
     def _apply_suspect(self, s: Suspect, bcast: bool = True) -> None:
-        sid = s.id
+        self._accusation(s, bcast)
+
+    def _accusation(self, news: Suspect | Dead, bcast: bool) -> None:
+        """A member is said to be suspect or dead (by anyone: these items are unsigned). Either
+        way it is only suspected here: a death stated by another member starts (or confirms) our
+        own suspicion and counts as one independent confirmation of it, so only our own
+        suspicion timeout declares a member dead (`_declare_dead`), and the accused always has
+        the time to hear the accusation and refute it."""
+        sid = news.id
         if sid == self.id:
-            self._accused(s.incarnation)
+            self._accused(news.incarnation)
             return
         e = self._table.get(sid)
         if e is None or e.state not in MEMBER:
-            self.counters["drop_suspect_non_member"] += 1
+            self.counters["drop_dead_non_member" if type(news) is Dead
+                          else "drop_suspect_non_member"] += 1
             return
-        if self._unannounced(e, s, bcast):
+        if self._unannounced(e, news, bcast):
             return
-        if not supersedes(s.incarnation, SUSPECT, e.incarnation, e.state):
-            if e.state == SUSPECT and s.incarnation == e.incarnation:
+        if not supersedes(news.incarnation, SUSPECT, e.incarnation, e.state):
+            if e.state == SUSPECT and news.incarnation == e.incarnation:
                 sus = self._suspicions.get(sid)
-                if sus is not None and sus.confirm(s.from_id):
+                if sus is not None and sus.confirm(_accuser(news)):
                     heapq.heappush(self._susp_heap, (sus.deadline(), sid))
                     if bcast:
-                        self._broadcast(("m", sid), s)
+                        self._broadcast(("m", sid), news)
             return
         was = e.state
         since = e.since if was == SUSPECT else self._now
-        self._put(replace(e, state=SUSPECT, incarnation=s.incarnation, since=since))
-        self._start_suspicion(sid, s.from_id)
+        self._put(replace(e, state=SUSPECT, incarnation=news.incarnation, since=since))
+        sus = self._start_suspicion(sid, (SUSPECT, news.from_id))
+        if type(news) is Dead and sus.confirm(_accuser(news)):
+            heapq.heappush(self._susp_heap, (sus.deadline(), sid))
         if was != SUSPECT:
-            self._event("member_suspect", id=sid, incarnation=s.incarnation, by=s.from_id)
+            self._event("member_suspect", id=sid, incarnation=news.incarnation, by=news.from_id)
         if bcast:
-            self._broadcast(("m", sid), s)
+            self._broadcast(("m", sid), news)
 
-    def _start_suspicion(self, sid: str, from_id: str) -> None:
+    def _start_suspicion(self, sid: str, accuser: Hashable) -> Suspicion:
         cfg = self._cfg
         n = self._live()
         k = expected_confirmations(cfg.suspicion_mult, n)
         lo, hi = suspicion_timeouts(
             cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, cfg.probe_interval
         )
-        sus = Suspicion(self._now, from_id, k, lo, hi)
+        sus = Suspicion(self._now, accuser, k, lo, hi)
         self._suspicions[sid] = sus
         heapq.heappush(self._susp_heap, (sus.deadline(), sid))
+        return sus
 
     def _apply_dead(self, d: Dead, bcast: bool = True) -> None:
-        did = d.id
-        if d.from_id == did:
+        if d.from_id == d.id:
             # An unsigned leave (older nodes sent these): anyone could have made it up. A real
             # leave is the member's goodbye record; without one it is found dead by probing.
             self.counters["drop_leave_unsigned"] += 1
             return
-        if did == self.id:
-            self._accused(d.incarnation)
+        self._accusation(d, bcast)
+
+    def _declare_dead(self, id_: str, incarnation: int, bcast: bool = True) -> None:
+        """Our own verdict: `id_`'s life at `incarnation` (one it announced) is over, because
+        our suspicion of it ran out or our own snapshot says so. The only way to dead here."""
+        e = self._table.get(id_)
+        if (e is None or e.state not in MEMBER or e.record is None
+                or incarnation > e.record.incarnation
+                or not supersedes(incarnation, DEAD, e.incarnation, e.state)):
             return
-        e = self._table.get(did)
-        if e is None or e.state not in MEMBER:
-            self.counters["drop_dead_non_member"] += 1
-            return
-        if self._unannounced(e, d, bcast):
-            return
-        if not supersedes(d.incarnation, DEAD, e.incarnation, e.state):
-            return
-        self._put(replace(e, state=DEAD, incarnation=d.incarnation, since=self._now))
-        self._event("member_dead", id=did, incarnation=d.incarnation, by=d.from_id)
+        self._put(replace(e, state=DEAD, incarnation=incarnation, since=self._now))
+        self._event("member_dead", id=id_, incarnation=incarnation, by=self.id)
         if bcast:
-            self._broadcast(("m", did), d)
+            self._broadcast(("m", id_), Dead(id_, incarnation, self.id))
 
     def _accused(self, incarnation: int) -> None:
         """We are said to be suspect or dead at `incarnation`: refute it if it is our current
@@ -1188,7 +1198,7 @@ class Membership:
             if literal and st == SUSPECT:
                 continue
             if literal:
-                self._apply_dead(Dead(rec.id, ms.incarnation, self.id), bcast)
+                self._declare_dead(rec.id, ms.incarnation, bcast)
             else:  # dead, or "left" without the member's goodbye: only suspected here
                 self._apply_suspect(Suspect(rec.id, ms.incarnation, src), bcast)
 
@@ -1410,7 +1420,7 @@ class Membership:
             del self._suspicions[sid]
             e = self._table.get(sid)
             if e is not None and e.state == SUSPECT:
-                self._apply_dead(Dead(sid, e.incarnation, self.id))
+                self._declare_dead(sid, e.incarnation)
 
     def _expire_push_pulls(self, now: float) -> None:
         for to, (deadline, join) in list(self._pp_out.items()):
@@ -1537,6 +1547,12 @@ class Membership:
             name=e.name,
             admitted_at=float(a.ts) if a is not None else None,
         )
+
+
+def _accuser(news: Suspect | Dead) -> tuple[str, str]:
+    """Who a suspicion's confirmation comes from. An accuser's death verdict counts apart from
+    its first suspicion: the verdict says its suspicion outlived the time to refute."""
+    return (DEAD if type(news) is Dead else SUSPECT, news.from_id)
 
 
 def _coprime_stride(n: int, rng: random.Random) -> int:
