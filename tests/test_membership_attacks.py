@@ -11,8 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgpack
+import pytest
 
 from swarmnode.admission import HELLO, Admission
+from swarmnode.control import ControlError
 from swarmnode.membership import (
     Alive,
     Config,
@@ -27,7 +29,9 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_U63, note_body
-from swarmnode.sim import NullCrypto, fake_id
+from swarmnode.push.release import GRANT_TOPIC, OPERATE, RIGHTS
+from swarmnode.rights import Rights
+from swarmnode.sim import NullCrypto, Simulation, fake_id
 from tests.test_membership_core import CFG, cluster
 
 HUGE = MAX_U63
@@ -150,23 +154,48 @@ def test_empty_note_flood_cannot_crowd_out_the_founders_grant() -> None:
     net.pump()
     net.run(0.5)
     assert [n.by for n in b.notes("grant")] == [f.id]  # the old core had dropped it
-    assert len(b.notes("junk")) == CFG.max_notes_per_author
-    assert b.counters["drop_note_author_full"] == 4200 - CFG.max_notes_per_author
+    cap = CFG.note_caps(3)[0]  # 128, and 2 for each of the 3 members
+    assert len(b.notes("junk")) == cap
+    assert b.counters["drop_note_author_full"] == 4200 - cap
 
 
-def test_a_full_note_table_makes_room_from_its_largest_author() -> None:
-    cfg = Config.fast(max_notes=8, max_notes_per_author=5)
-    net, (f, a, b) = cluster(3, cfg)
-    for author in (a, b):
-        for note in _notes(net.idents[author.id], 5):
-            f.handle(net.now, author.id, Gossip((note,)))
-    # b's fourth note took a's oldest (a held more); its fifth would take from an equal
-    held = [n.by for n in f.notes("junk")]
-    assert held.count(a.id) == held.count(b.id) == 4
-    assert f.counters["note_evicted"] == 1 and f.counters["drop_note_full"] == 1
-    f.note(net.now, "grant", a.id, b"push")  # the founder holds nothing: it fits
-    assert len(f.notes("grant")) == 1 and f.counters["note_evicted"] == 2
-    assert len(f.notes("junk")) == 7
+def _rights_node(core: Membership) -> Any:
+    return SimpleNamespace(core=core, id=core.id, admitted=True, clock=lambda: 5.0,
+                           is_founder=lambda i: i == core.id, flush=lambda: None,
+                           save_snapshot=lambda: None)
+
+
+def test_a_founder_granting_both_rights_to_every_member_can_still_revoke() -> None:
+    """Issue 13 review: with 128 notes per author, a founder that granted push and operate to
+    64 members was at its cap, and its `revoke operate X` was dropped everywhere while the CLI
+    said it was done. The caps grow with the swarm, and a revoke takes its grant's place."""
+    sim = Simulation(200, CFG, seed=5)
+    founder, *others = sim.live_ids()
+    core = sim.member(founder)
+    rights = Rights(_rights_node(core))
+    for o in others:
+        for right in RIGHTS:
+            rights.grant(right, core.member(o))  # the old core dropped past the 128th
+    assert len(core.notes(GRANT_TOPIC)) == 2 * len(others)
+    key = f"{OPERATE}:{others[7]}"
+    grant = next(n for n in core.notes(GRANT_TOPIC) if n.key == key)
+    assert "may no longer operate" in rights.revoke(OPERATE, core.member(others[7]))
+    assert rights.holders(OPERATE) == frozenset({founder, *others}) - {others[7]}
+    assert len(core.notes(GRANT_TOPIC)) == 2 * len(others) - 1  # the revoke took its slot
+    assert core.counters["drop_note_author_full"] == 0
+    # the grant it replaced no longer counts, so it is not held again when it comes back
+    core.add_note(6.0, grant)
+    assert core.counters["drop_note_outranked"] == 1
+    assert rights.holders(OPERATE) == frozenset({founder, *others}) - {others[7]}
+
+
+def test_a_rights_note_the_node_cannot_keep_is_an_error_not_a_success() -> None:
+    net, (f, a, _) = cluster(3, Config.fast(max_notes_per_author=0))  # 2 notes per member
+    for i in range(6):
+        f.note(net.now, "power", f"k{i}", b"")
+    with pytest.raises(ControlError, match="note budget is full"):
+        Rights(_rights_node(f)).grant(OPERATE, f.member(a.id))  # the old one said "may operate"
+    assert f.notes(GRANT_TOPIC) == [] and f.counters["drop_note_author_full"] == 1
 
 
 # --------------------------------------------------------------------------- pending flood

@@ -1078,13 +1078,19 @@ class Membership:
         old = self._notes.get(n.slot)
         if old is not None and (n.ts, n.sig) <= (old.ts, old.sig):
             return  # not newer (the signature breaks a tie the same way everywhere)
+        rival = self._rival(n)
+        if rival is not None and self._note_rank(rival) > self._note_rank(n):
+            self.counters["drop_note_outranked"] += 1  # its author's rival note is newer
+            return
         if not self._authority(n.by, n):
             self._defer(n.by, n)
             return
-        if not self._note_room(n, old) or not self._verify(n.by, n.body(), n.sig):
+        replaced = [x for x in (old, rival) if x is not None]
+        if not self._note_room(n, replaced) or not self._verify(n.by, n.body(), n.sig):
             return
-        if old is not None:
-            self._unhold_note(old)
+        for x in replaced:
+            self._unhold_note(x)
+            del self._notes[x.slot]
         self._notes[n.slot] = n
         self._note_count[n.by] += 1
         self._note_bytes[n.by] += item_size(n)
@@ -1093,19 +1099,31 @@ class Membership:
         if bcast:
             self._broadcast(("n", *n.slot), n)
 
-    def _note_room(self, n: Note, old: Note | None) -> bool:
-        """Does `n` (replacing `old`) fit its author's budget (count and encoded bytes, so
-        empty notes count too)? If the whole table is full, the author holding the most bytes
-        gives up its oldest notes, unless that is `n`'s author: no author crowds out another."""
-        cfg = self._cfg
+    def _rival(self, n: Note) -> Note | None:
+        """`n`'s author's note stating the opposite about `n.key` (`Config.note_rivals`)."""
+        for weak, strong in self._cfg.note_rivals:
+            if n.topic in (weak, strong):
+                return self._notes.get((strong if n.topic == weak else weak, n.key, n.by))
+        return None
+
+    def _note_rank(self, n: Note) -> tuple[int, bool]:
+        return n.ts, any(n.topic == strong for _, strong in self._cfg.note_rivals)
+
+    def _note_room(self, n: Note, replaced: list[Note]) -> bool:
+        """Does `n` (replacing `replaced`, its author's own) fit its author's budget (count and
+        encoded bytes, so empty notes count too; both grow with the swarm)? If the whole table
+        is full, the author holding the most bytes gives up its oldest notes, unless that is
+        `n`'s author: no author crowds out another."""
         by = n.by
-        grow = item_size(n) - (item_size(old) if old is not None else 0)
-        if (old is None and self._note_count[by] >= cfg.max_notes_per_author) or \
-                self._note_bytes[by] + grow > cfg.max_note_bytes_per_author:
+        members = sum(self._table.count(st) for st in MEMBER)
+        per_count, per_bytes, max_count, max_bytes = self._cfg.note_caps(members)
+        grow = item_size(n) - sum(item_size(x) for x in replaced)
+        if (not replaced and self._note_count[by] >= per_count) or \
+                self._note_bytes[by] + grow > per_bytes:
             self.counters["drop_note_author_full"] += 1
             return False
-        while (old is None and len(self._notes) >= cfg.max_notes) or \
-                self._note_bytes[""] + grow > cfg.max_note_bytes:
+        while (not replaced and len(self._notes) >= max_count) or \
+                self._note_bytes[""] + grow > max_bytes:
             top = max((a for a in self._note_count if a != by), key=self._note_bytes.__getitem__,
                       default=None)
             if top is None or self._note_bytes[top] <= self._note_bytes[by] + max(grow, 0):
