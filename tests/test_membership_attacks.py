@@ -219,8 +219,32 @@ def test_hello_flood_from_one_address_leaves_room_for_a_newcomer() -> None:
     assert sum(listed) == CFG.max_pending_per_source
     assert m.counters["drop_pending_source_full"] == 1500 - CFG.max_pending_per_source
     newcomer = _guest(rng)
-    assert m.hello(2.0, newcomer.id, newcomer, "hello", "192.0.2.7") is True
+    assert m.hello(2.0, newcomer.id, newcomer, "hello", "198.51.100.7") is True
     assert m.state_of(newcomer.id) == "pending"
+
+
+def test_a_flood_from_one_network_cannot_evict_a_newcomer() -> None:
+    """Issue 13 review: the budget was per address, and one IPv6 /64 is 2^64 addresses: a flood
+    evicted a real newcomer at once. Sources now share a budget per /64 (IPv4: per /24)."""
+    m, rng = _founder(), random.Random(6)
+    newcomer = _guest(rng)
+    assert m.hello(1.0, newcomer.id, newcomer, "hello", "2001:db8:1::7") is True
+    for net_, fmt in (("v6", "2001:db8:66:0:{:x}::1"), ("v4", "192.0.2.{}"),
+                      ("mapped", "::ffff:198.51.100.{}")):
+        for i in range(1500 if net_ == "v6" else 250):
+            r = _guest(rng)
+            m.hello(2.0, r.id, r, "hello", fmt.format(i))
+    assert m.state_of(newcomer.id) == "pending"  # the old core: evicted
+    assert m.counters["pending_evicted"] == 0
+    assert sum(v.state == "pending" for v in m.members()) == 1 + 3 * CFG.max_pending_per_source
+
+
+def test_loopback_sources_are_budgeted_per_address() -> None:
+    m, rng = _founder(Config.fast(max_pending_per_source=1)), random.Random(7)
+    listed = [m.hello(1.0, r.id, r, "hello", host) for r, host in
+              ((_guest(rng), h) for h in ("127.0.0.2", "127.0.0.3", "::1", "::1", "10.1.1.1",
+                                          "10.1.1.2"))]
+    assert listed == [True, True, True, False, True, False]
 
 
 def test_hello_flood_from_many_addresses_evicts_the_oldest_guest() -> None:
@@ -229,7 +253,7 @@ def test_hello_flood_from_many_addresses_evicts_the_oldest_guest() -> None:
     m.hello(0.5, silent.id, silent, "hello", "198.51.100.1")
     for i in range(1500):
         r = _guest(rng)
-        m.hello(1.0, r.id, r, "hello", f"203.0.113.{i % 250}:{i}")
+        m.hello(1.0, r.id, r, "hello", f"10.{i % 250}.{i // 250}.1")  # 1500 networks
         if i % 500 == 0:  # a real guest knocks again every probe interval
             m.hello(1.0, knocking.id, knocking, "hello", "198.51.100.3")
     pending = [v for v in m.members() if v.state == "pending"]

@@ -92,8 +92,16 @@ class Config:
     """Cap on pending (unadmitted) records kept, so unknown hosts cannot fill memory. When it
     is full the guest listed (or heard from) longest ago is forgotten for the newest."""
     max_pending_per_source: int = 64
-    """Guests listed from one address (the source host of their hello): a lab of containers
-    behind one NAT fits, while one flooding machine holds at most this many slots."""
+    """Guests listed from one source network (`pending_source_prefix_v4`/`_v6` of the hello's
+    source address): a LAN's real newcomers are few, and a lab of containers behind one NAT
+    fits, while one flooding network holds at most this many slots."""
+    pending_source_prefix_v4: int = 24
+    """IPv4 sources share a budget per /24: one machine rarely holds more than a few addresses
+    of a /24, and a site's hosts are seldom in more than a few /24s."""
+    pending_source_prefix_v6: int = 64
+    """IPv6 sources share a budget per /64: one host (one SLAAC subnet) has 2^64 addresses of its
+    own, so a per-address budget would be none. Loopback (127.0.0.0/8, ::1) stays per address:
+    nobody outside can send from it, and tests run several hosts on it."""
     max_pending_per_member: int = 256
     """Guests listed on one member's word (its gossip and push-pulls relay what it heard): a
     quarter of the table, so a flooding member cannot crowd out what the others report."""

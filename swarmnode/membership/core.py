@@ -21,6 +21,7 @@ Trust model, in short:
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import math
 import random
 from collections import Counter, deque
@@ -485,7 +486,8 @@ class Membership:
         if record.id != src_id:
             self.counters["drop_hello_id_mismatch"] += 1
             return False
-        self._apply_pending(Pending(record, how), source=f"addr:{source}", since_now=True)
+        self._apply_pending(Pending(record, how), source=f"addr:{self._source_network(source)}",
+                            since_now=True)
         e = self._table.get(src_id)
         return e is not None and (e.state == PENDING or e.admit is not None) and e.state != BANNED
 
@@ -1050,6 +1052,21 @@ class Membership:
             self._push_reap(pid, self._cfg.pending_expire_after)
         if bcast:
             self._broadcast(("p", pid), p)
+
+    def _source_network(self, host: str) -> str:
+        """The network whose guests share a pending budget (`pending_source_prefix_v4`/`_v6`):
+        a host that is not an IP address (or is loopback) is its own."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return host
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if ip.is_loopback:
+            return str(ip)
+        cfg = self._cfg
+        prefix = cfg.pending_source_prefix_v4 if ip.version == 4 else cfg.pending_source_prefix_v6
+        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
     def _pending_room(self, source: str) -> bool:
         """Make room for one more guest listed by `source`; False (counted) when it has none."""
