@@ -70,5 +70,9 @@ class Rights:
         mine = [n.ts for n in node.core.notes(other) if n.key == key and n.by == node.id]
         note = node.core.sign_note(node.clock(), topic, key, b"", after=max(mine, default=-1))
         node.core.add_note(node.clock(), note)
+        if note not in node.core.notes(topic):
+            raise control.ControlError(
+                f"this node could not keep its {topic} of {right} for {target.name}: its note "
+                "budget is full (see the drop_note_* counters); nothing was sent")
         node.flush()
         node.save_snapshot()

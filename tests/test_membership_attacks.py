@@ -11,8 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgpack
+import pytest
 
 from swarmnode.admission import HELLO, Admission
+from swarmnode.control import ControlError
 from swarmnode.membership import (
     Alive,
     Config,
@@ -27,7 +29,9 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.membership.messages import MAX_U63, note_body
-from swarmnode.sim import NullCrypto, fake_id
+from swarmnode.push.release import GRANT_TOPIC, OPERATE, RIGHTS
+from swarmnode.rights import Rights
+from swarmnode.sim import NullCrypto, Simulation, fake_id
 from tests.test_membership_core import CFG, cluster
 
 HUGE = MAX_U63
@@ -76,7 +80,39 @@ def test_news_waits_for_the_record_it_names() -> None:
     c.handle(net.now, a.id, Gossip((Dead(b.id, 1, a.id),)))
     assert c.state_of(b.id) == "alive"  # c has no record of b at 1: the death waits
     c.handle(net.now, a.id, Gossip((Alive(b.record),)))
-    assert c.state_of(b.id) == "dead" and c.member(b.id).incarnation == 1
+    # ... and then counts, as a's accusation of b's life at 1 (only c's own timeout kills)
+    assert c.state_of(b.id) == "suspect" and c.member(b.id).incarnation == 1
+
+
+def test_a_forged_death_is_only_a_suspicion_that_its_subject_refutes() -> None:
+    """Issue 13 review: a member's `dead` about another took effect at once everywhere (the
+    leader then dropped that voter from the voter set). Now it is a suspicion, confirmed once
+    by the verdict, and the subject refutes it before anyone's own timeout runs out."""
+    net, (a, b, c, d) = cluster(4)
+    lie = Gossip((Dead(b.id, 0, a.id), Dead(b.id, 0, fake_id(random.Random(9)))))
+    c.handle(net.now, a.id, lie)
+    assert c.state_of(b.id) == "suspect"  # the old core: "dead"
+    assert c._suspicions[b.id].confirmations == 1  # the verdict confirms; k is 1 of 4 members
+    net.pump()  # c gossips the accusation on; b hears it and refutes
+    net.run(10 * CFG.probe_interval)
+    assert b.incarnation == 1
+    assert all(m.state_of(b.id) == "alive" for m in (a, c, d))
+    assert not [e for _, e in net.events if e.kind == "member_dead"]
+
+
+def test_only_our_own_suspicion_timeout_declares_a_member_dead() -> None:
+    net, (a, b, c) = cluster(3)
+    net.drop = lambda s, t, m: b.id in (s, t)  # b is really gone
+    c.handle(net.now, a.id, Gossip((Dead(b.id, 0, a.id),)))
+    sus = c._suspicions[b.id]
+    assert c.state_of(b.id) == "suspect" and sus.deadline() == sus.start + sus.min_timeout
+    net.run(sus.min_timeout * 0.9)
+    assert c.state_of(b.id) == "suspect"
+    net.run(sus.min_timeout * 0.2)
+    assert c.state_of(b.id) == "dead"
+    deaths = [(n, e.data["by"]) for n, e in net.events
+              if e.kind == "member_dead" and e.data["id"] == b.id]
+    assert (c.id, c.id) in deaths and all(n == by for n, by in deaths)  # each its own verdict
 
 
 def test_a_leave_is_the_leavers_signed_goodbye_and_travels_with_its_proof() -> None:
@@ -118,23 +154,48 @@ def test_empty_note_flood_cannot_crowd_out_the_founders_grant() -> None:
     net.pump()
     net.run(0.5)
     assert [n.by for n in b.notes("grant")] == [f.id]  # the old core had dropped it
-    assert len(b.notes("junk")) == CFG.max_notes_per_author
-    assert b.counters["drop_note_author_full"] == 4200 - CFG.max_notes_per_author
+    cap = CFG.note_caps(3)[0]  # 128, and 2 for each of the 3 members
+    assert len(b.notes("junk")) == cap
+    assert b.counters["drop_note_author_full"] == 4200 - cap
 
 
-def test_a_full_note_table_makes_room_from_its_largest_author() -> None:
-    cfg = Config.fast(max_notes=8, max_notes_per_author=5)
-    net, (f, a, b) = cluster(3, cfg)
-    for author in (a, b):
-        for note in _notes(net.idents[author.id], 5):
-            f.handle(net.now, author.id, Gossip((note,)))
-    # b's fourth note took a's oldest (a held more); its fifth would take from an equal
-    held = [n.by for n in f.notes("junk")]
-    assert held.count(a.id) == held.count(b.id) == 4
-    assert f.counters["note_evicted"] == 1 and f.counters["drop_note_full"] == 1
-    f.note(net.now, "grant", a.id, b"push")  # the founder holds nothing: it fits
-    assert len(f.notes("grant")) == 1 and f.counters["note_evicted"] == 2
-    assert len(f.notes("junk")) == 7
+def _rights_node(core: Membership) -> Any:
+    return SimpleNamespace(core=core, id=core.id, admitted=True, clock=lambda: 5.0,
+                           is_founder=lambda i: i == core.id, flush=lambda: None,
+                           save_snapshot=lambda: None)
+
+
+def test_a_founder_granting_both_rights_to_every_member_can_still_revoke() -> None:
+    """Issue 13 review: with 128 notes per author, a founder that granted push and operate to
+    64 members was at its cap, and its `revoke operate X` was dropped everywhere while the CLI
+    said it was done. The caps grow with the swarm, and a revoke takes its grant's place."""
+    sim = Simulation(200, CFG, seed=5)
+    founder, *others = sim.live_ids()
+    core = sim.member(founder)
+    rights = Rights(_rights_node(core))
+    for o in others:
+        for right in RIGHTS:
+            rights.grant(right, core.member(o))  # the old core dropped past the 128th
+    assert len(core.notes(GRANT_TOPIC)) == 2 * len(others)
+    key = f"{OPERATE}:{others[7]}"
+    grant = next(n for n in core.notes(GRANT_TOPIC) if n.key == key)
+    assert "may no longer operate" in rights.revoke(OPERATE, core.member(others[7]))
+    assert rights.holders(OPERATE) == frozenset({founder, *others}) - {others[7]}
+    assert len(core.notes(GRANT_TOPIC)) == 2 * len(others) - 1  # the revoke took its slot
+    assert core.counters["drop_note_author_full"] == 0
+    # the grant it replaced no longer counts, so it is not held again when it comes back
+    core.add_note(6.0, grant)
+    assert core.counters["drop_note_outranked"] == 1
+    assert rights.holders(OPERATE) == frozenset({founder, *others}) - {others[7]}
+
+
+def test_a_rights_note_the_node_cannot_keep_is_an_error_not_a_success() -> None:
+    net, (f, a, _) = cluster(3, Config.fast(max_notes_per_author=0))  # 2 notes per member
+    for i in range(6):
+        f.note(net.now, "power", f"k{i}", b"")
+    with pytest.raises(ControlError, match="note budget is full"):
+        Rights(_rights_node(f)).grant(OPERATE, f.member(a.id))  # the old one said "may operate"
+    assert f.notes(GRANT_TOPIC) == [] and f.counters["drop_note_author_full"] == 1
 
 
 # --------------------------------------------------------------------------- pending flood
@@ -158,8 +219,32 @@ def test_hello_flood_from_one_address_leaves_room_for_a_newcomer() -> None:
     assert sum(listed) == CFG.max_pending_per_source
     assert m.counters["drop_pending_source_full"] == 1500 - CFG.max_pending_per_source
     newcomer = _guest(rng)
-    assert m.hello(2.0, newcomer.id, newcomer, "hello", "192.0.2.7") is True
+    assert m.hello(2.0, newcomer.id, newcomer, "hello", "198.51.100.7") is True
     assert m.state_of(newcomer.id) == "pending"
+
+
+def test_a_flood_from_one_network_cannot_evict_a_newcomer() -> None:
+    """Issue 13 review: the budget was per address, and one IPv6 /64 is 2^64 addresses: a flood
+    evicted a real newcomer at once. Sources now share a budget per /64 (IPv4: per /24)."""
+    m, rng = _founder(), random.Random(6)
+    newcomer = _guest(rng)
+    assert m.hello(1.0, newcomer.id, newcomer, "hello", "2001:db8:1::7") is True
+    for net_, fmt in (("v6", "2001:db8:66:0:{:x}::1"), ("v4", "192.0.2.{}"),
+                      ("mapped", "::ffff:198.51.100.{}")):
+        for i in range(1500 if net_ == "v6" else 250):
+            r = _guest(rng)
+            m.hello(2.0, r.id, r, "hello", fmt.format(i))
+    assert m.state_of(newcomer.id) == "pending"  # the old core: evicted
+    assert m.counters["pending_evicted"] == 0
+    assert sum(v.state == "pending" for v in m.members()) == 1 + 3 * CFG.max_pending_per_source
+
+
+def test_loopback_sources_are_budgeted_per_address() -> None:
+    m, rng = _founder(Config.fast(max_pending_per_source=1)), random.Random(7)
+    listed = [m.hello(1.0, r.id, r, "hello", host) for r, host in
+              ((_guest(rng), h) for h in ("127.0.0.2", "127.0.0.3", "::1", "::1", "10.1.1.1",
+                                          "10.1.1.2"))]
+    assert listed == [True, True, True, False, True, False]
 
 
 def test_hello_flood_from_many_addresses_evicts_the_oldest_guest() -> None:
@@ -168,7 +253,7 @@ def test_hello_flood_from_many_addresses_evicts_the_oldest_guest() -> None:
     m.hello(0.5, silent.id, silent, "hello", "198.51.100.1")
     for i in range(1500):
         r = _guest(rng)
-        m.hello(1.0, r.id, r, "hello", f"203.0.113.{i % 250}:{i}")
+        m.hello(1.0, r.id, r, "hello", f"10.{i % 250}.{i // 250}.1")  # 1500 networks
         if i % 500 == 0:  # a real guest knocks again every probe interval
             m.hello(1.0, knocking.id, knocking, "hello", "198.51.100.3")
     pending = [v for v in m.members() if v.state == "pending"]

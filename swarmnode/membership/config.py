@@ -92,8 +92,16 @@ class Config:
     """Cap on pending (unadmitted) records kept, so unknown hosts cannot fill memory. When it
     is full the guest listed (or heard from) longest ago is forgotten for the newest."""
     max_pending_per_source: int = 64
-    """Guests listed from one address (the source host of their hello): a lab of containers
-    behind one NAT fits, while one flooding machine holds at most this many slots."""
+    """Guests listed from one source network (`pending_source_prefix_v4`/`_v6` of the hello's
+    source address): a LAN's real newcomers are few, and a lab of containers behind one NAT
+    fits, while one flooding network holds at most this many slots."""
+    pending_source_prefix_v4: int = 24
+    """IPv4 sources share a budget per /24: one machine rarely holds more than a few addresses
+    of a /24, and a site's hosts are seldom in more than a few /24s."""
+    pending_source_prefix_v6: int = 64
+    """IPv6 sources share a budget per /64: one host (one SLAAC subnet) has 2^64 addresses of its
+    own, so a per-address budget would be none. Loopback (127.0.0.0/8, ::1) stays per address:
+    nobody outside can send from it, and tests run several hosts on it."""
     max_pending_per_member: int = 256
     """Guests listed on one member's word (its gossip and push-pulls relay what it heard): a
     quarter of the table, so a flooding member cannot crowd out what the others report."""
@@ -103,18 +111,41 @@ class Config:
     """Cap on statements kept while waiting for their author's admission to arrive."""
     max_notes: int = 4096
     """Cap on notes (push grants, releases, power) kept: one per (topic, key, author), a few
-    per member in practice, so this bounds memory without ever binding a real swarm."""
+    per member in practice, so this bounds memory without ever binding a real swarm. It grows
+    with the swarm like the per-author caps (`notes_per_member`)."""
     max_notes_per_author: int = 128
-    """Cap on the notes one member may have held: a founder grants each member a right or two,
-    a node states its power and a few releases; 128 is ample for a swarm of dozens."""
+    """Cap on the notes one member may have held, before `notes_per_member`: a node states its
+    power and a few releases; 128 is ample for that."""
     max_note_bytes_per_author: int = 32 * 1024
     """Cap on the encoded size (topic, key, value, signature: empty notes count too) of one
-    member's notes: every push-pull carries all notes, so one member must not grow it past a
-    frame (a release note is ~500 bytes encoded)."""
+    member's notes, before `note_bytes_per_member`: every push-pull carries all notes, so one
+    member must not grow it past a frame (a release note is ~700 bytes encoded)."""
     max_note_bytes: int = 256 * 1024
-    """Cap on all notes held, a quarter of a frame (1 MiB), leaving room for members. When it
-    is reached the author holding the most bytes loses its oldest note to an author holding
-    fewer, so no author (nor a few) can crowd out another's grants."""
+    """Cap on all notes held, before `note_bytes_per_member`: a quarter of a frame (1 MiB),
+    leaving room for members. When it is reached the author holding the most bytes loses its
+    oldest note to an author holding fewer, so no author (nor a few) can crowd out another's
+    grants."""
+    notes_per_member: int = 2
+    """Every admitted member (alive or gone) raises each author's note cap, and the table's, by
+    this: a rights holder states one note per right (push, operate) about each member it grants,
+    and a revoke takes its own grant's place (`note_rivals`), so a fixed cap would silently drop
+    a founder's rights notes (its revokes included) once the swarm outgrew it. Admissions are
+    operator statements, so no member can raise the caps by inventing members."""
+    note_bytes_per_member: int = 512
+    """The byte counterpart of `notes_per_member`: two rights notes (~225 bytes encoded each)
+    about one member."""
+    note_rivals: tuple[tuple[str, str], ...] = (("grant", "revoke"),)
+    """(weaker, stronger) topics that state opposite things about the same key: an author's
+    newer note under one replaces its note under the other, which no longer counts (a tie goes
+    to the stronger; push.release.levels reads them so). A revoke thus needs no room of its own
+    beside its author's grant, and an older rival is dropped unheld."""
+
+    def note_caps(self, members: int) -> tuple[int, int, int, int]:
+        """(per-author count, per-author bytes, total count, total bytes) with `members`
+        admitted members."""
+        n, b = self.notes_per_member * members, self.note_bytes_per_member * members
+        return (self.max_notes_per_author + n, self.max_note_bytes_per_author + b,
+                self.max_notes + n, self.max_note_bytes + b)
 
     @classmethod
     def fast(cls, **overrides: object) -> Config:

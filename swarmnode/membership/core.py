@@ -21,6 +21,7 @@ Trust model, in short:
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import math
 import random
 from collections import Counter, deque
@@ -485,7 +486,8 @@ class Membership:
         if record.id != src_id:
             self.counters["drop_hello_id_mismatch"] += 1
             return False
-        self._apply_pending(Pending(record, how), source=f"addr:{source}", since_now=True)
+        self._apply_pending(Pending(record, how), source=f"addr:{self._source_network(source)}",
+                            since_now=True)
         e = self._table.get(src_id)
         return e is not None and (e.state == PENDING or e.admit is not None) and e.state != BANNED
 
@@ -782,66 +784,76 @@ class Membership:
             self._refute(rec.incarnation)
 
     def _apply_suspect(self, s: Suspect, bcast: bool = True) -> None:
-        sid = s.id
+        self._accusation(s, bcast)
+
+    def _accusation(self, news: Suspect | Dead, bcast: bool) -> None:
+        """A member is said to be suspect or dead (by anyone: these items are unsigned). Either
+        way it is only suspected here: a death stated by another member starts (or confirms) our
+        own suspicion and counts as one independent confirmation of it, so only our own
+        suspicion timeout declares a member dead (`_declare_dead`), and the accused always has
+        the time to hear the accusation and refute it."""
+        sid = news.id
         if sid == self.id:
-            self._accused(s.incarnation)
+            self._accused(news.incarnation)
             return
         e = self._table.get(sid)
         if e is None or e.state not in MEMBER:
-            self.counters["drop_suspect_non_member"] += 1
+            self.counters["drop_dead_non_member" if type(news) is Dead
+                          else "drop_suspect_non_member"] += 1
             return
-        if self._unannounced(e, s, bcast):
+        if self._unannounced(e, news, bcast):
             return
-        if not supersedes(s.incarnation, SUSPECT, e.incarnation, e.state):
-            if e.state == SUSPECT and s.incarnation == e.incarnation:
+        if not supersedes(news.incarnation, SUSPECT, e.incarnation, e.state):
+            if e.state == SUSPECT and news.incarnation == e.incarnation:
                 sus = self._suspicions.get(sid)
-                if sus is not None and sus.confirm(s.from_id):
+                if sus is not None and sus.confirm(_accuser(news)):
                     heapq.heappush(self._susp_heap, (sus.deadline(), sid))
                     if bcast:
-                        self._broadcast(("m", sid), s)
+                        self._broadcast(("m", sid), news)
             return
         was = e.state
         since = e.since if was == SUSPECT else self._now
-        self._put(replace(e, state=SUSPECT, incarnation=s.incarnation, since=since))
-        self._start_suspicion(sid, s.from_id)
+        self._put(replace(e, state=SUSPECT, incarnation=news.incarnation, since=since))
+        sus = self._start_suspicion(sid, (SUSPECT, news.from_id))
+        if type(news) is Dead and sus.confirm(_accuser(news)):
+            heapq.heappush(self._susp_heap, (sus.deadline(), sid))
         if was != SUSPECT:
-            self._event("member_suspect", id=sid, incarnation=s.incarnation, by=s.from_id)
+            self._event("member_suspect", id=sid, incarnation=news.incarnation, by=news.from_id)
         if bcast:
-            self._broadcast(("m", sid), s)
+            self._broadcast(("m", sid), news)
 
-    def _start_suspicion(self, sid: str, from_id: str) -> None:
+    def _start_suspicion(self, sid: str, accuser: Hashable) -> Suspicion:
         cfg = self._cfg
         n = self._live()
         k = expected_confirmations(cfg.suspicion_mult, n)
         lo, hi = suspicion_timeouts(
             cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, cfg.probe_interval
         )
-        sus = Suspicion(self._now, from_id, k, lo, hi)
+        sus = Suspicion(self._now, accuser, k, lo, hi)
         self._suspicions[sid] = sus
         heapq.heappush(self._susp_heap, (sus.deadline(), sid))
+        return sus
 
     def _apply_dead(self, d: Dead, bcast: bool = True) -> None:
-        did = d.id
-        if d.from_id == did:
+        if d.from_id == d.id:
             # An unsigned leave (older nodes sent these): anyone could have made it up. A real
             # leave is the member's goodbye record; without one it is found dead by probing.
             self.counters["drop_leave_unsigned"] += 1
             return
-        if did == self.id:
-            self._accused(d.incarnation)
+        self._accusation(d, bcast)
+
+    def _declare_dead(self, id_: str, incarnation: int, bcast: bool = True) -> None:
+        """Our own verdict: `id_`'s life at `incarnation` (one it announced) is over, because
+        our suspicion of it ran out or our own snapshot says so. The only way to dead here."""
+        e = self._table.get(id_)
+        if (e is None or e.state not in MEMBER or e.record is None
+                or incarnation > e.record.incarnation
+                or not supersedes(incarnation, DEAD, e.incarnation, e.state)):
             return
-        e = self._table.get(did)
-        if e is None or e.state not in MEMBER:
-            self.counters["drop_dead_non_member"] += 1
-            return
-        if self._unannounced(e, d, bcast):
-            return
-        if not supersedes(d.incarnation, DEAD, e.incarnation, e.state):
-            return
-        self._put(replace(e, state=DEAD, incarnation=d.incarnation, since=self._now))
-        self._event("member_dead", id=did, incarnation=d.incarnation, by=d.from_id)
+        self._put(replace(e, state=DEAD, incarnation=incarnation, since=self._now))
+        self._event("member_dead", id=id_, incarnation=incarnation, by=self.id)
         if bcast:
-            self._broadcast(("m", did), d)
+            self._broadcast(("m", id_), Dead(id_, incarnation, self.id))
 
     def _accused(self, incarnation: int) -> None:
         """We are said to be suspect or dead at `incarnation`: refute it if it is our current
@@ -1041,6 +1053,21 @@ class Membership:
         if bcast:
             self._broadcast(("p", pid), p)
 
+    def _source_network(self, host: str) -> str:
+        """The network whose guests share a pending budget (`pending_source_prefix_v4`/`_v6`):
+        a host that is not an IP address (or is loopback) is its own."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return host
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if ip.is_loopback:
+            return str(ip)
+        cfg = self._cfg
+        prefix = cfg.pending_source_prefix_v4 if ip.version == 4 else cfg.pending_source_prefix_v6
+        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
     def _pending_room(self, source: str) -> bool:
         """Make room for one more guest listed by `source`; False (counted) when it has none."""
         cfg = self._cfg
@@ -1068,13 +1095,19 @@ class Membership:
         old = self._notes.get(n.slot)
         if old is not None and (n.ts, n.sig) <= (old.ts, old.sig):
             return  # not newer (the signature breaks a tie the same way everywhere)
+        rival = self._rival(n)
+        if rival is not None and self._note_rank(rival) > self._note_rank(n):
+            self.counters["drop_note_outranked"] += 1  # its author's rival note is newer
+            return
         if not self._authority(n.by, n):
             self._defer(n.by, n)
             return
-        if not self._note_room(n, old) or not self._verify(n.by, n.body(), n.sig):
+        replaced = [x for x in (old, rival) if x is not None]
+        if not self._note_room(n, replaced) or not self._verify(n.by, n.body(), n.sig):
             return
-        if old is not None:
-            self._unhold_note(old)
+        for x in replaced:
+            self._unhold_note(x)
+            del self._notes[x.slot]
         self._notes[n.slot] = n
         self._note_count[n.by] += 1
         self._note_bytes[n.by] += item_size(n)
@@ -1083,19 +1116,31 @@ class Membership:
         if bcast:
             self._broadcast(("n", *n.slot), n)
 
-    def _note_room(self, n: Note, old: Note | None) -> bool:
-        """Does `n` (replacing `old`) fit its author's budget (count and encoded bytes, so
-        empty notes count too)? If the whole table is full, the author holding the most bytes
-        gives up its oldest notes, unless that is `n`'s author: no author crowds out another."""
-        cfg = self._cfg
+    def _rival(self, n: Note) -> Note | None:
+        """`n`'s author's note stating the opposite about `n.key` (`Config.note_rivals`)."""
+        for weak, strong in self._cfg.note_rivals:
+            if n.topic in (weak, strong):
+                return self._notes.get((strong if n.topic == weak else weak, n.key, n.by))
+        return None
+
+    def _note_rank(self, n: Note) -> tuple[int, bool]:
+        return n.ts, any(n.topic == strong for _, strong in self._cfg.note_rivals)
+
+    def _note_room(self, n: Note, replaced: list[Note]) -> bool:
+        """Does `n` (replacing `replaced`, its author's own) fit its author's budget (count and
+        encoded bytes, so empty notes count too; both grow with the swarm)? If the whole table
+        is full, the author holding the most bytes gives up its oldest notes, unless that is
+        `n`'s author: no author crowds out another."""
         by = n.by
-        grow = item_size(n) - (item_size(old) if old is not None else 0)
-        if (old is None and self._note_count[by] >= cfg.max_notes_per_author) or \
-                self._note_bytes[by] + grow > cfg.max_note_bytes_per_author:
+        members = sum(self._table.count(st) for st in MEMBER)
+        per_count, per_bytes, max_count, max_bytes = self._cfg.note_caps(members)
+        grow = item_size(n) - sum(item_size(x) for x in replaced)
+        if (not replaced and self._note_count[by] >= per_count) or \
+                self._note_bytes[by] + grow > per_bytes:
             self.counters["drop_note_author_full"] += 1
             return False
-        while (old is None and len(self._notes) >= cfg.max_notes) or \
-                self._note_bytes[""] + grow > cfg.max_note_bytes:
+        while (not replaced and len(self._notes) >= max_count) or \
+                self._note_bytes[""] + grow > max_bytes:
             top = max((a for a in self._note_count if a != by), key=self._note_bytes.__getitem__,
                       default=None)
             if top is None or self._note_bytes[top] <= self._note_bytes[by] + max(grow, 0):
@@ -1188,7 +1233,7 @@ class Membership:
             if literal and st == SUSPECT:
                 continue
             if literal:
-                self._apply_dead(Dead(rec.id, ms.incarnation, self.id), bcast)
+                self._declare_dead(rec.id, ms.incarnation, bcast)
             else:  # dead, or "left" without the member's goodbye: only suspected here
                 self._apply_suspect(Suspect(rec.id, ms.incarnation, src), bcast)
 
@@ -1410,7 +1455,7 @@ class Membership:
             del self._suspicions[sid]
             e = self._table.get(sid)
             if e is not None and e.state == SUSPECT:
-                self._apply_dead(Dead(sid, e.incarnation, self.id))
+                self._declare_dead(sid, e.incarnation)
 
     def _expire_push_pulls(self, now: float) -> None:
         for to, (deadline, join) in list(self._pp_out.items()):
@@ -1537,6 +1582,12 @@ class Membership:
             name=e.name,
             admitted_at=float(a.ts) if a is not None else None,
         )
+
+
+def _accuser(news: Suspect | Dead) -> tuple[str, str]:
+    """Who a suspicion's confirmation comes from. An accuser's death verdict counts apart from
+    its first suspicion: the verdict says its suspicion outlived the time to refute."""
+    return (DEAD if type(news) is Dead else SUSPECT, news.from_id)
 
 
 def _coprime_stride(n: int, rng: random.Random) -> int:

@@ -10,6 +10,7 @@ in memberlist, so the first confirmations matter most.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 
 def suspicion_timeouts(
@@ -44,19 +45,21 @@ class Suspicion:
 
     __slots__ = ("_seen", "confirmations", "k", "max_timeout", "min_timeout", "start")
 
-    def __init__(self, start: float, from_id: str, k: int, min_timeout: float, max_timeout: float):
+    def __init__(
+        self, start: float, accuser: Hashable, k: int, min_timeout: float, max_timeout: float
+    ):
         self.start = start
         self.k = k
         self.min_timeout = min_timeout
         self.max_timeout = max_timeout if k >= 1 else min_timeout
         self.confirmations = 0
-        self._seen = {from_id}
+        self._seen: set[Hashable] = {accuser}
 
-    def confirm(self, from_id: str) -> bool:
+    def confirm(self, accuser: Hashable) -> bool:
         """Count an independent confirmation; False for a repeat or once k were seen."""
-        if self.confirmations >= self.k or from_id in self._seen:
+        if self.confirmations >= self.k or accuser in self._seen:
             return False
-        self._seen.add(from_id)
+        self._seen.add(accuser)
         self.confirmations += 1
         return True
 
