@@ -21,6 +21,9 @@ come from one clock. Phases:
 5. failover: a build of sleep jobs is running; `kill -9` the leader; time until a job starts
    under the new leader.
 
+Before the first phase the founder grants the build and operate rights to the other nodes
+(`grant_all`, once, not measured): they submit and cancel the builds.
+
     .venv/bin/python bench/lab_builds.py [--repeats 20] [--empty 500] [--dispatches 5]
         [--failovers 5] [--only latency,dispatch,makespan,backlog,failover] [--worktree]
 
@@ -61,6 +64,29 @@ def asker(b: Bench):
         if st["leader"] and st["leader"] != n.id:
             return n
     raise RuntimeError("no follower that knows a leader")
+
+
+def grant_all(b: Bench, founder_host: str = "n1", timeout: float = 60.0) -> None:
+    """Before any measurement: the founder lets every other node submit builds and cancel them
+    (the build and operate rights, issue 13), and every node holds each grant (whichever
+    leads judges a request by them). A release from before these rights has none to grant
+    and needs none: its "unknown right" is skipped, so the same script benchmarks both."""
+    founder = b.nodes[founder_host]
+    others = [n for n in b.running() if n is not founder]
+    for right in ("build", "operate"):
+        for n in others:
+            res = b.cli(founder, "grant", right, n.id)
+            if res.returncode != 0:
+                if "unknown right" in res.stderr + res.stdout:
+                    continue
+                raise RuntimeError(f"grant {right} {n.id[:12]}: {res.stderr.strip()}")
+            key, deadline = f"{right}:{n.id}", time.monotonic() + timeout
+            while not all(any(e.get("kind") == "note" and e.get("key") == key
+                              for e in control.call(m.home, "events", timeout=5, limit=10_000))
+                          for m in b.running()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the grant of {key} did not reach every node")
+                time.sleep(b.poll)
 
 
 def submit(b: Bench, plan: Path) -> tuple[str, float]:
@@ -275,6 +301,7 @@ def main() -> int:
         if not b.all_alive(60):
             raise RuntimeError("5 nodes did not converge")
         time.sleep(8)  # voters step in one a second after a 3 s settle (not a measurement)
+        grant_all(b)
         for name, phase in (("latency", lambda: phase_latency(b, root, args.repeats)),
                             ("dispatch", lambda: phase_dispatch(b, root, args.empty,
                                                                 args.dispatches)),

@@ -250,7 +250,8 @@ def voters(
     as_json: JsonOpt = False,
 ) -> None:
     """The members that vote in leader elections (automatic: the longest-admitted alive, at
-    most 5). --set/--auto change them cluster-wide (committed through the leader)."""
+    most 5). --set/--auto change them cluster-wide (committed through the leader; operators
+    only)."""
     if set_ or auto:
         ask("set_voters", timeout=60.0, nodes=[] if auto else set_)
     info = ask("status")
@@ -290,13 +291,14 @@ def ban(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")
 
 @app.command()
 def pause(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
-    """Give a node no new work (its running jobs finish), whichever node leads, until resumed."""
+    """Give a node no new work (its running jobs finish), whichever node leads, until resumed
+    (operators only)."""
     _node_command("pause", node, timeout=60.0)
 
 
 @app.command()
 def resume(node: Annotated[str, typer.Argument(help="name, id or unique id prefix")]) -> None:
-    """Undo `pause`: the node gets work again."""
+    """Undo `pause`: the node gets work again (operators only)."""
     _node_command("resume", node, timeout=60.0)
 
 
@@ -401,7 +403,8 @@ def build(
                                                      "if any job fails")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a build from this node; the elected leader schedules it across the swarm."""
+    """Submit a build from this node; the elected leader schedules it across the swarm. This
+    node needs the build right (`swarmnode grant build NODE`, from a holder of it)."""
     build_id = ask("build", timeout=60.0, plan=str(plan.expanduser().absolute()))
     if not wait and out_dir is None:
         if as_json:
@@ -552,13 +555,16 @@ def versions(as_json: JsonOpt = False) -> None:
         out.print(f"newest {app_name}: {r['digest'][:12]}", highlight=False)
 
 
-RightArg = Annotated[str, typer.Argument(help="push (releases) or operate (exec, restart, "
-                                               "reboot)")]
+RightArg = Annotated[str, typer.Argument(help="push (releases), operate (exec, restart, "
+                                               "reboot, pause, voters, cancel any build) or "
+                                               "build (submit builds)")]
 
 
 @app.command()
 def grant(right: RightArg, node: NodeArg) -> None:
-    """Give a member a right: push releases, or operate (ask nodes to exec, restart, reboot).
+    """Give a member a right: push releases; operate (ask nodes to exec, restart, reboot;
+    pause and resume nodes, set the voters, cancel anyone's build); or build (submit builds:
+    their jobs run on the workers). No right implies another; the founder holds all three.
     Only a holder of the right can grant it."""
     out.print(ask("grant", right=right, node=node), highlight=False)
 
@@ -720,7 +726,8 @@ def dashboard(
 
 @app.command()
 def cancel(build_id: Annotated[str, typer.Argument(metavar="BUILD")]) -> None:
-    """Cancel a build: its unfinished jobs are stopped and never rescheduled."""
+    """Cancel a build: its unfinished jobs are stopped and never rescheduled (its submitter or
+    an operator only)."""
     out.print(ask("cancel", timeout=60.0, build=build_id), highlight=False)
 
 

@@ -2,7 +2,8 @@
 
 It shows the founding node making a cluster, three nodes joining with a token, an uninvited
 "ghost" node that stays pending (no work, no data) until admitted, a node killed with SIGKILL
-detected as dead by everyone, a C build submitted from one node and run across the others
+detected as dead by everyone, a C build submitted from one node (once the founder granted it
+the build right) and run across the others
 by the elected leader (artifacts verified and collected), the program pushed to every node
 (canary first, health-checked), and graceful leaves. Each node has
 its own home under ./demo-home, so you can poke at the running swarm with
@@ -60,6 +61,14 @@ def wait_until(what: str, pred, timeout: float = 30.0) -> None:
 
 def states(home: Path) -> dict[str, str]:
     return {n["name"]: n["state"] for n in nodes(home)}
+
+
+def holds(home: Path, right: str, name: str) -> bool:
+    """Whether the node in `home` has heard the grant of `right` to member `name`."""
+    ids = [n["id"] for n in nodes(home) if n["name"] == name]
+    events = json.loads(swarmnode(home, "events", "--json", "--limit", "10000"))
+    return bool(ids) and any(e["kind"] == "note" and e.get("topic") == "grant"
+                             and e.get("key") == f"{right}:{ids[0]}" for e in events)
 
 
 def show(home: Path) -> None:
@@ -133,7 +142,11 @@ def main() -> None:
             states(homes[n]).get("delta") == "dead" for n in ["alpha", "bravo", "charlie"]),
             timeout=30)
         show(homes["bravo"])
-        print("6. bravo submits a C build; the elected leader spreads its jobs over the swarm")
+        print("6. alpha (the founder) lets bravo submit builds; bravo submits a C build, the "
+              "elected leader spreads its jobs over the swarm")
+        print(swarmnode(homes["alpha"], "grant", "build", "bravo"))
+        wait_until("every live node holds bravo's build right", lambda: all(
+            holds(homes[n], "build", "bravo") for n in ["alpha", "bravo", "charlie", "ghost"]))
         plan = write_project(HOMES / "project")
         out = HOMES / "out"
         print(swarmnode(homes["bravo"], "build", str(plan), "--wait", "--out", str(out)))

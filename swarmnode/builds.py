@@ -120,8 +120,8 @@ TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY})
 #: A running job missing from its worker's held list is requeued only when it was reported
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
-#: Entries a non-leader may ask the leader to propose; everything else only the leader decides.
-FORWARDABLE = frozenset({"submit_build", "cancel", "set_voters", "pause"})
+#: Characters of a refusal's reason in a propose reply (a sentence naming a member and a build).
+MAX_REFUSAL = 400
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
 #: unstarted assignments, members that joined).
 TICK_S = 0.25
@@ -244,7 +244,7 @@ class Builds:
             raise ControlError(f"the plan is too large: the graph of its {len(plan.jobs)} jobs "
                                f"does not fit one ledger entry ({MAX_ENTRY} bytes); split it "
                                "into several builds") from None
-        await self.propose_anywhere(entry, what=f"build {build_id}", submit=cmd)
+        await self.propose_anywhere(entry, what=f"build {build_id}")
         await self._until(lambda: self.ledger.build(build_id) is not None,
                           f"build {build_id} was committed but has not reached this node")
         self.node.event("build_submitted", {"build": build_id, "jobs": len(plan.jobs)})
@@ -256,29 +256,60 @@ class Builds:
         if not await until(self._changed, cond, timeout):
             raise ControlError(what)
 
-    async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0,
-                               submit: SubmitBuild | None = None) -> None:
-        """Get `entry` committed: proposed here when leading (a build, `submit`, in the next
-        batch with its first assignments), else forwarded to the leader; retried across
-        leader changes until `timeout`."""
+    async def propose_anywhere(self, entry: bytes, what: str, timeout: float = 30.0) -> None:
+        """Get `entry` committed: proposed here when leading (`_decide`), else forwarded to the
+        leader; retried across leader changes until `timeout`. ControlError when the leader
+        refuses it (this node lacks the right: retrying would not help)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if submit is not None and self.leading:
-                    if await self._submit_here(submit):
-                        return
-                elif await self.node.leadership.propose(entry):
-                    return
+                ok, refused = await self._decide(self.node.id, entry)
             except NotLeader as exc:
-                if exc.leader is not None and await self._forward(exc.leader, entry):
-                    return
+                ok, refused = (False, None) if exc.leader is None else await self._forward(
+                    exc.leader, entry)
+            if refused is not None:
+                raise ControlError(f"refused: {refused}")
+            if ok:
+                return
             await asyncio.sleep(0.2)
         raise ControlError(f"{what}: no leader committed it within {timeout:g} s (is a "
                            "majority of the voters up? `swarmnode voters`)")
 
-    async def _forward(self, leader: str, entry: bytes) -> bool:
+    async def _forward(self, leader: str, entry: bytes) -> tuple[bool, str | None]:
+        """Ask `leader` to propose `entry` for this node: (committed, the leader's refusal).
+        A leader from before refusals answers only `ok`."""
         reply = await self._request(leader, PROPOSE, {"entry": entry}, 6.0)
-        return reply is not None and reply.get("ok") is True
+        if reply is None:
+            return False, None
+        reason = reply.get("reason")
+        if reply.get("ok") is True or not isinstance(reason, str):
+            return reply.get("ok") is True, None
+        return False, "".join(c for c in reason[:MAX_REFUSAL] if c.isprintable())
+
+    async def _decide(self, sender: str, entry: bytes) -> tuple[bool, str | None]:
+        """As leader (only the leader decides): propose `entry` for `sender` if its rights
+        allow it (`rights.refusal`; this node's own requests too, so the rule does not depend
+        on who leads): (committed, why refused). A build goes into this turn's batch, with its
+        first jobs. NotLeader when this node does not lead, or leads without its ledger
+        complete yet (`leading`: a cancel is judged by the build's submitter), so the caller
+        asks again."""
+        leadership = self.node.leadership
+        if not self.leading:
+            raise NotLeader(None if leadership.leader == self.node.id else leadership.leader)
+        try:
+            cmd = decode(entry)
+        except LedgerError as exc:
+            refused: str | None = f"not a ledger entry ({exc})"
+        else:
+            refused = self.node.rights.refusal(sender, cmd)
+        if refused is not None:
+            self.node.drops.drop("propose_refused")
+            self.node.event("propose_refused", {"id": sender, "op": _op(entry),
+                                                "reason": refused})
+            return False, refused
+        if isinstance(cmd, SubmitBuild):
+            return await self._submit_here(cmd), None
+        return await leadership.propose(entry), None
 
     async def _request(self, peer: str, msg_type: str, body: dict[str, Any],
                        timeout: float) -> dict[str, Any] | None:
@@ -328,18 +359,20 @@ class Builds:
                     self.node.drops.drop("malformed_build")
 
     async def _on_propose(self, inbound: Inbound, body: dict[str, Any]) -> None:
+        """A member asks this node, as leader, to propose an entry for it: decided by the
+        envelope's (authenticated) sender's rights. The reply's `reason` says why it was
+        refused (a node from before reads only `ok`)."""
         entry = body.get("entry")
-        ok = False
-        op = _op(entry) if isinstance(entry, bytes) else None
-        if op == "submit_build" and self.leading:  # into this turn's batch, with its jobs
-            with contextlib.suppress(LedgerError):
-                cmd = decode(entry)  # type: ignore[arg-type]
-                if isinstance(cmd, SubmitBuild):
-                    ok = await self._submit_here(cmd)
-        elif op in FORWARDABLE:
+        ok, refused = False, None
+        if isinstance(entry, bytes):
             with contextlib.suppress(NotLeader):
-                ok = await self.node.leadership.propose(entry)  # type: ignore[arg-type]
-        inbound.reply(PROPOSE_REPLY, msgpack.packb({"rid": body.get("rid"), "ok": ok}))
+                ok, refused = await self._decide(inbound.envelope.sender, entry)
+        else:
+            self.node.drops.drop("malformed_build")
+        reply: dict[str, Any] = {"rid": body.get("rid"), "ok": ok}
+        if refused is not None:
+            reply["reason"] = refused[:MAX_REFUSAL]
+        inbound.reply(PROPOSE_REPLY, msgpack.packb(reply))
 
     async def _submit_here(self, cmd: SubmitBuild, timeout: float = 5.0) -> bool:
         """As leader: the build goes into this turn's batch (its first jobs assigned in the

@@ -1,4 +1,5 @@
-"""Who may do what: the `push` and `operate` rights, read from signed grant and revoke notes.
+"""Who may do what: the `push`, `operate` and `build` rights, read from signed grant and
+revoke notes, and what each lets a member ask the leader to propose (`refusal`).
 
 The rules (who holds a right, who may revoke whom) are `push.release.levels`; this is the
 node's side: the current holders, and the grant and revoke statements this node signs.
@@ -6,14 +7,58 @@ node's side: the current holders, and the grant and revoke statements this node 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from swarmnode import control
-from swarmnode.push.release import GRANT_TOPIC, REVOKE_TOPIC, RIGHTS, levels, right_key
+from swarmnode.ledger import Cancel, SetVoters, SubmitBuild
+from swarmnode.ledger.jobs import Build, Pause
+from swarmnode.push.release import (
+    BUILD,
+    GRANT_TOPIC,
+    OPERATE,
+    REVOKE_TOPIC,
+    RIGHTS,
+    levels,
+    right_key,
+)
 
 if TYPE_CHECKING:
     from swarmnode.membership import MemberView
     from swarmnode.node import Node
+
+
+def refusal(sender: str, cmd: object, holders: Callable[[str], frozenset[str]],
+            build: Callable[[str], Build | None], name: Callable[[str], str]) -> str | None:
+    """Why the leader will not propose ledger command `cmd` for member `sender` (None: it
+    may). A build is submitted by its own submitter holding `build` (its jobs run commands on
+    the workers); a build is cancelled by its submitter or an operator; pausing, resuming and
+    setting the voters need `operate`; any other command only the leader itself proposes."""
+    who = name(sender)
+    if isinstance(cmd, SubmitBuild):
+        if cmd.submitter != sender:
+            return (f"{who} sent a build naming {name(cmd.submitter)} as its submitter: a "
+                    "member submits builds as itself only")
+        if sender not in holders(BUILD):
+            return (f"{who} does not hold the build right (a holder of it can allow it with "
+                    f"`swarmnode grant build {who}`)")
+        return None
+    if isinstance(cmd, Cancel):
+        known = build(cmd.build_id)
+        if known is None:
+            return f"no build {cmd.build_id!r}"
+        if sender == known.submitter or sender in holders(OPERATE):
+            return None
+        return (f"{who} may not cancel {cmd.build_id}: only its submitter "
+                f"({name(known.submitter)}) or an operator may (an operator can allow it "
+                f"with `swarmnode grant operate {who}`)")
+    if isinstance(cmd, Pause | SetVoters):
+        if sender in holders(OPERATE):
+            return None
+        what = "pause or resume a node" if isinstance(cmd, Pause) else "set the voters"
+        return (f"{who} is not an operator: only an operator may {what} (an operator can "
+                f"allow it with `swarmnode grant operate {who}`)")
+    return f"only the leader itself proposes {type(cmd).__name__} entries"
 
 
 class Rights:
@@ -27,6 +72,12 @@ class Rights:
 
     def holders(self, right: str) -> frozenset[str]:
         return frozenset(self.levels(right))
+
+    def refusal(self, sender: str, cmd: object) -> str | None:
+        """Why `sender` may not have `cmd` proposed, judged by this node's view (`refusal`)."""
+        node = self.node
+        return refusal(sender, cmd, self.holders, node.leadership.ledger.build,
+                       node.member_name)
 
     def grant(self, right: str, target: MemberView) -> str:
         """Sign and spread a grant of `right` to `target` (only a holder may)."""

@@ -324,6 +324,24 @@ class Swarm:
         items = self.query(node, "events", limit=10_000)
         return [e for e in items if kind is None or e.get("kind") == kind]
 
+    def state_right(self, by: Node | str, verb: str, right: str, who: Node | str,
+                    seen_by: Iterable[Node | str] | None = None, timeout: float = 20.0) -> None:
+        """`swarmnode grant|revoke RIGHT WHO` on `by`, then wait until `seen_by` (by default
+        every running node: whichever leads judges a request by what it holds) hold it."""
+        target = self._node(who)
+        self.cli(by, verb, right, target.name)
+        key, topic = f"{right}:{target.id}", "grant" if verb == "grant" else "revoke"
+        for n in [self._node(n) for n in seen_by] if seen_by is not None else [
+                n for n in self.nodes.values() if n.running]:
+            self.wait_for(lambda n=n: any(e["key"] == key and e["topic"] == topic
+                                          for e in self.events(n, "note")),
+                          timeout, f"{n.name} holds the {topic} of {key}")
+
+    def grant(self, by: Node | str, right: str, *who: Node | str) -> None:
+        """`by` grants `right` to each of `who`, every running node holding each grant."""
+        for n in who:
+            self.state_right(by, "grant", right, n)
+
     def _check(self, observer: Node, members: list[dict[str, Any]]) -> None:
         self._last_seen[observer.name] = members
         for inv in self.invariants:

@@ -67,21 +67,9 @@ def test_exec_streams_output_and_returns_the_remote_exit_code(swarm: Swarm) -> N
     assert all(e["route"].startswith("reported 127.0.0.") for e in asked), asked
 
 
-def state_right(swarm: Swarm, by: Node, verb: str, right: str, who: Node,
-                seen_by: list[Node]) -> None:
-    """`swarmnode grant|revoke RIGHT WHO` on `by`, then wait until `seen_by` hold the note."""
-    swarm.cli(by, verb, right, who.name)
-    key = f"{right}:{who.id}"
-    topic = "grant" if verb == "grant" else "revoke"
-    for n in seen_by:
-        swarm.wait_for(lambda n=n: any(e["key"] == key and e["topic"] == topic
-                                       for e in swarm.events(n, "note")),
-                       JOIN_S, f"{n.name} holds the {topic} of {key}")
-
-
 def test_reboot_and_restart_run_on_the_target_only(swarm: Swarm) -> None:
     (n1, n2, n3), _ = three(swarm, kinds=("vm", "vm", "bare"))
-    state_right(swarm, n1, "grant", "operate", n3, [n2])
+    swarm.state_right(n1, "grant", "operate", n3, [n2])
     swarm.cli(n1, "reboot", "n2")
     swarm.cli(n3, "restart", "n2")
     assert (n2.home / "rebooted").read_text() == "reboot\n"
@@ -152,7 +140,7 @@ def test_only_operators_act_and_a_revoke_ends_it(swarm: Swarm) -> None:
     res = swarm.cli(n2, "grant", "operate", "n2", check=False)
     assert res.returncode == 1 and "may not operate" in res.stderr, res
 
-    state_right(swarm, n1, "grant", "operate", n2, [n3])
+    swarm.state_right(n1, "grant", "operate", n2, [n3])
     swarm.cli(n2, "exec", "n3", "--", "touch", "owned")
     assert (n3.home / "owned").exists()
     [run] = [e for e in swarm.events(n3, "action_run") if e["verb"] == "exec"]
@@ -161,9 +149,9 @@ def test_only_operators_act_and_a_revoke_ends_it(swarm: Swarm) -> None:
     assert res.returncode == 1 and "the founder" in res.stderr, res
 
     (n3.home / "owned").unlink()
-    state_right(swarm, n1, "revoke", "operate", n2, [n3])
+    swarm.state_right(n1, "revoke", "operate", n2, [n3])
     res = swarm.cli(n2, "exec", "n3", "--", "touch", "owned", check=False)
     assert res.returncode == 1 and "not an operator" in res.stderr, res
     assert not (n3.home / "owned").exists()
-    state_right(swarm, n1, "grant", "operate", n2, [n3])
+    swarm.state_right(n1, "grant", "operate", n2, [n3])
     swarm.cli(n2, "exec", "n3", "--", "true")  # operator again: a grant withdraws the revoke

@@ -12,10 +12,15 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from swarmnode.builds import PROPOSE, PROPOSE_REPLY
+from swarmnode.ledger import JobSpec, Requeue, SubmitBuild, encode
+from swarmnode.worker import unpack_map
+from tests.attacker import Attacker
 from tests.swarm import (
     Node,
     Swarm,
@@ -30,7 +35,9 @@ N_LIBS = 28  # + main + link = 30 jobs
 
 
 
-def three(swarm: Swarm) -> list[Node]:
+def three(swarm: Swarm, rights: Sequence[str] = ("build",)) -> list[Node]:
+    """n1 (the founder), n2 and n3, all voters, a leader elected; n2 and n3 granted `rights`
+    by the founder (it holds every right), as a user would."""
     first, token = swarm.init("n1", loopback_addr(1))
     swarm.start(first)
     nodes = [first] + [swarm.start(swarm.add(f"n{i}", loopback_addr(i)), token) for i in (2, 3)]
@@ -40,6 +47,8 @@ def three(swarm: Swarm) -> list[Node]:
                    JOIN_S, "all three vote (any one may then die)")
     swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
                    and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
+    for right in rights:
+        swarm.grant(first, right, *nodes[1:])
     return nodes
 
 
@@ -327,6 +336,7 @@ def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
     swarm.wait_converged(nodes, JOIN_S)
     swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
                    and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
+    swarm.grant(first, "build", *nodes[1:])
     leader_id = swarm.query(nodes[0], "status")["leader"]
     leader = next(n for n in nodes if n.id == leader_id)
     victim = next(n for n in nodes if n.id != leader_id)
@@ -356,10 +366,10 @@ def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
 
 def test_a_paused_node_gets_no_work_until_resumed_and_jobs_state_seconds_and_joules(
         swarm: Swarm, tmp_path: Path) -> None:
-    """`pause` is committed (any node may ask; whoever leads honours it), a paused node's
+    """`pause` is committed (any operator may ask; whoever leads honours it), a paused node's
     name gets no job; `resume` gives it work again. Every finished job states how long it
     ran and its energy share, and the build its kWh."""
-    nodes = three(swarm)
+    nodes = three(swarm, ("build", "operate"))
     names = {n.id: n.name for n in nodes}
     assert "paused: n2" in swarm.cli(nodes[0], "pause", "n2").stdout
     assert "paused: n3" in swarm.cli(nodes[1], "pause", "n3").stdout
@@ -383,3 +393,113 @@ def test_a_paused_node_gets_no_work_until_resumed_and_jobs_state_seconds_and_jou
     assert "n2" in ran_on and "n3" not in ran_on, ran_on
     bad = swarm.cli(nodes[0], "pause", "nobody", check=False)
     assert bad.returncode != 0 and "no node named" in bad.stderr
+
+
+def said(res: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's error output as one line (it wraps long messages at the terminal width)."""
+    return " ".join(res.stderr.split())
+
+
+def _leader(swarm: Swarm, nodes: list[Node]) -> Node:
+    leader_id = swarm.query(nodes[0], "status")["leader"]
+    return next(n for n in nodes if n.id == leader_id)
+
+
+def test_a_member_without_the_build_right_cannot_submit_and_with_it_can(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Regression (issue 13): any member's build was proposed by the leader, and its jobs ran
+    as root on every worker. The leader refuses it, says why, and nothing runs."""
+    nodes = three(swarm, rights=())
+    n2 = nodes[1]
+    marker = tmp_path / "ran"
+    plan = tmp_path / "touch.toml"
+    plan.write_text(f'[jobs.touch]\ncmd = "touch {marker}"\n')
+    leader = _leader(swarm, nodes)
+    refused_before = swarm.query(leader, "status")["drops"].get("propose_refused", 0)
+    res = swarm.cli(n2, "build", str(plan), check=False, timeout=60)
+    assert res.returncode == 1, res
+    assert said(res) == ("error: refused: n2 does not hold the build right (a holder of it "
+                         "can allow it with `swarmnode grant build n2`)"), res.stderr
+    assert swarm.query(leader, "status")["drops"]["propose_refused"] == refused_before + 1
+    assert [(e["id"], e["op"]) for e in swarm.events(leader, "propose_refused")] == [
+        (n2.id, "submit_build")]
+    assert all(swarm.query(n, "jobs") == [] for n in nodes)  # nothing committed, nothing ran
+    assert not marker.exists()
+    swarm.grant(nodes[0], "build", n2)
+    status = json.loads(swarm.cli(n2, "build", str(plan), "--wait", "--json",
+                                  timeout=60).stdout)
+    assert status["ok"] and marker.exists(), status
+
+
+def test_only_the_submitter_or_an_operator_cancels_a_build(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Regression (issue 13): any member could cancel anyone's build."""
+    nodes = three(swarm)  # n2 and n3 may build, neither operates
+    n1, n2, n3 = nodes
+    plan = tmp_path / "slow.toml"
+    plan.write_text('[jobs.wait]\ncmd = "sleep 60"\n')
+    first = swarm.cli(n2, "build", str(plan)).stdout.strip()
+    second = swarm.cli(n2, "build", str(plan)).stdout.strip()
+    swarm.wait_for(lambda: swarm.query(n3, "build_status", build=first), JOIN_S,
+                   "n3 knows the build")
+    res = swarm.cli(n3, "cancel", first, check=False, timeout=60)
+    assert res.returncode == 1, res
+    assert (f"refused: n3 may not cancel {first}: only its submitter (n2) or an operator"
+            in said(res)), res.stderr
+    assert not swarm.query(n1, "build_status", build=first)["finished"]
+    assert swarm.cli(n2, "cancel", first).stdout.strip() == f"cancelled {first}"  # its own
+    swarm.grant(n1, "operate", n3)
+    assert swarm.cli(n3, "cancel", second).stdout.strip() == f"cancelled {second}"
+    for build in (first, second):
+        swarm.wait_for(lambda b=build: swarm.query(n1, "build_status", build=b)["finished"],
+                       JOIN_S, f"{build} ends cancelled")
+
+
+def test_a_non_operator_can_neither_pause_nor_set_the_voters(swarm: Swarm) -> None:
+    """Regression (issue 13): any member could pause every node (no work for anyone) or pin
+    the voters to itself."""
+    nodes = three(swarm)  # n2 may build, but does not operate
+    n1, n2, _n3 = nodes
+    for args, what in ((("pause", "n3"), "pause or resume a node"),
+                       (("resume", "n3"), "pause or resume a node"),
+                       (("voters", "--set", "n2"), "set the voters")):
+        res = swarm.cli(n2, *args, check=False, timeout=60)
+        assert res.returncode == 1, res
+        assert (f"refused: n2 is not an operator: only an operator may {what} "
+                "(an operator can allow it with `swarmnode grant operate n2`)") in said(res)
+    status = swarm.query(n1, "status")
+    assert not status.get("voters_pinned") and len(status["voters"]) == 3, status
+    assert not any(e["kind"] == "node_paused_by_operator"
+                   for n in nodes for e in swarm.query(n, "events", limit=500))
+    swarm.grant(n1, "operate", n2)
+    assert "paused: n3" in swarm.cli(n2, "pause", "n3", timeout=60).stdout
+
+
+async def test_a_forwarded_build_naming_another_member_as_its_submitter_is_refused(
+        swarm: Swarm) -> None:
+    """Regression (issue 13): the leader proposed any forwarded entry as it came, so a member
+    could submit a build in another's name (its specs fetched from, and its cancel right
+    given to, the victim), or ask for entries only the leader makes. The leader judges the
+    entry against the authenticated sender."""
+    nodes = three(swarm)
+    leader = _leader(swarm, nodes)
+    member = next(n for n in nodes[1:] if n is not leader)  # holds the build right
+    swarm.kill9(member)  # its key is the attacker's (see tests/attacker.py)
+    job = (("j", JobSpec()),)
+    async with Attacker(member.home, leader.listen, leader.id) as a:
+        async def propose(cmd: object) -> dict:
+            assert await a.send(PROPOSE, {"entry": encode(cmd), "rid": b"r" * 8})
+            return unpack_map((await a.recv(10, PROPOSE_REPLY)).body)
+
+        forged = await propose(SubmitBuild("forged", "forged", nodes[0].id, job))
+        assert forged["ok"] is False, forged
+        assert forged["reason"] == (f"{member.name} sent a build naming n1 as its submitter: "
+                                    "a member submits builds as itself only")
+        assert swarm.query(leader, "jobs") == []
+        requeue = await propose(Requeue("forged/j", "because"))
+        assert requeue["ok"] is False
+        assert requeue["reason"] == "only the leader itself proposes Requeue entries"
+        own = await propose(SubmitBuild("own", "own", member.id, job))
+        assert own == {"rid": b"r" * 8, "ok": True}  # the same entry in its own name counts
+    assert [(e["id"], e["op"]) for e in swarm.events(leader, "propose_refused")] == [
+        (member.id, "submit_build"), (member.id, "requeue")]

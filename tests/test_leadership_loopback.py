@@ -92,6 +92,7 @@ def test_an_operator_sets_the_voters_cluster_wide_and_back_to_automatic(swarm: S
         return all(set(swarm.query(n, "status")["voters"]) == want for n in nodes)
 
     swarm.wait_for(lambda: voters_everywhere(ids), ELECT_S, "three automatic voters")
+    swarm.grant(nodes[0], "operate", nodes[1])  # the founder makes n2 an operator
     chosen = {nodes[0].id, nodes[2].id}
     res = swarm.cli_json(nodes[1], "voters", "--set", "n1", "--set", "n3")
     assert set(res["pinned"]) == chosen

@@ -1,10 +1,12 @@
-"""Roles: the operate right beside the push right (grants, revokes, who outranks whom), and
-the pieces that keep an SSH action on the member itself (ctl/home checks, identity proof)."""
+"""Roles: the operate and build rights beside the push right (grants, revokes, who outranks
+whom), what each lets a member have the leader propose, and the pieces that keep an SSH action
+on the member itself (ctl/home checks, identity proof)."""
 
 from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Collection
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,8 +15,11 @@ import pytest
 from swarmnode import config as node_config
 from swarmnode.actions import Actions
 from swarmnode.identity import Identity, load_or_create
+from swarmnode.ledger import Cancel, Requeue, SetVoters, SubmitBuild
+from swarmnode.ledger.jobs import Build, Pause
 from swarmnode.membership import MemberView, Note
 from swarmnode.push.release import (
+    BUILD,
     GRANT_TOPIC,
     OPERATE,
     PUSH,
@@ -23,6 +28,7 @@ from swarmnode.push.release import (
     levels,
     right_key,
 )
+from swarmnode.rights import refusal
 from swarmnode.ssh_actions import (
     CHALLENGE_BYTES,
     Refused,
@@ -88,6 +94,64 @@ def test_an_authors_newest_word_counts_and_a_tie_is_a_revoke() -> None:
     # a ban ends the right, whatever was granted
     banned = [view("f"), view("a", state="banned")]
     assert holders(OPERATE, banned, [regrant], FOUNDER) == {"f"}
+
+
+def test_no_right_implies_another_and_the_founder_holds_all_three() -> None:
+    for right in (PUSH, OPERATE, BUILD):
+        others = [say("f", GRANT_TOPIC, "a", right=r) for r in (PUSH, OPERATE, BUILD)
+                  if r != right]
+        assert holders(right, MEMBERS, others, FOUNDER) == {"f"}
+    grants = [say("f", GRANT_TOPIC, "a", right=BUILD), say("a", GRANT_TOPIC, "b", right=BUILD)]
+    assert levels(BUILD, MEMBERS, grants, FOUNDER) == {"f": 0, "a": 1, "b": 2}
+    revoked = [*grants, say("f", REVOKE_TOPIC, "a", ts=2, right=BUILD)]
+    assert holders(BUILD, MEMBERS, revoked, FOUNDER) == {"f"}
+
+
+def _refusal(sender: str, cmd: object, operators: Collection[str] = frozenset({"f"}),
+             builders: Collection[str] = frozenset({"f", "b"})) -> str | None:
+    """`refusal` with these holders and one build, "b1", submitted by "b"."""
+    rights = {OPERATE: frozenset(operators), BUILD: frozenset(builders)}
+    builds = {"b1": Build("b1", "b1", "b", ("j",), 3)}
+    return refusal(sender, cmd, rights.__getitem__, builds.get, lambda i: f"<{i}>")
+
+
+def test_a_build_is_submitted_by_a_holder_of_the_build_right_in_its_own_name() -> None:
+    """Regression (issue 13): the leader proposed any member's build (its jobs run as root
+    on the workers), in anyone's name."""
+    assert _refusal("b", SubmitBuild("b2", "x", "b", ())) is None
+    assert _refusal("f", SubmitBuild("b2", "x", "f", ())) is None
+    # an operator that does not hold `build` does not build (no right implies another)
+    assert _refusal("o", SubmitBuild("b2", "x", "o", ()), operators={"f", "o"}) == (
+        "<o> does not hold the build right (a holder of it can allow it with "
+        "`swarmnode grant build <o>`)")
+    assert _refusal("b", SubmitBuild("b2", "x", "f", ())) == (
+        "<b> sent a build naming <f> as its submitter: a member submits builds as itself only")
+
+
+def test_a_build_is_cancelled_by_its_submitter_or_an_operator() -> None:
+    cancel = Cancel("b1", 3)
+    assert _refusal("b", cancel) is None
+    assert _refusal("f", cancel) is None
+    assert _refusal("b", cancel, builders=set()) is None  # its own, the right since revoked
+    assert _refusal("m", cancel) == (
+        "<m> may not cancel b1: only its submitter (<b>) or an operator may (an operator can "
+        "allow it with `swarmnode grant operate <m>`)")
+    assert _refusal("m", Cancel("nope", 3)) == "no build 'nope'"
+
+
+@pytest.mark.parametrize("cmd", [Pause("x", True), Pause("x", False), SetVoters(("m",)),
+                                 SetVoters(())])
+def test_pausing_resuming_and_setting_voters_need_the_operate_right(cmd: object) -> None:
+    assert _refusal("f", cmd) is None
+    assert _refusal("o", cmd, operators={"f", "o"}) is None
+    refused = _refusal("b", cmd)
+    assert refused is not None and refused.startswith("<b> is not an operator: only an ")
+    assert refused.endswith("(an operator can allow it with `swarmnode grant operate <b>`)")
+
+
+def test_entries_only_the_leader_makes_are_never_proposed_for_a_member() -> None:
+    assert _refusal("f", Requeue("b1/j", "x")) == (
+        "only the leader itself proposes Requeue entries")
 
 
 def test_accept_actions_from_takes_ids_only() -> None:

@@ -6,8 +6,10 @@ The same signed note goes directly to the canaries first; it is published to eve
 once they are healthy. Membership keeps one note per author, so an author without the push
 right can never displace a valid release: whose notes count is decided here.
 
-Rights are notes too. Two rights exist: `push` (announce releases) and `operate` (ask a node
-to `exec`, `restart` or `reboot`). A grant is a note (topic "grant", key "<right>:<id>"), a
+Rights are notes too. Three rights exist, each on its own (none implies another): `push`
+(announce releases), `operate` (ask a node to `exec`, `restart` or `reboot`; pause and resume
+nodes, set the voters, cancel anyone's build) and `build` (submit builds: their jobs run on the
+workers). A grant is a note (topic "grant", key "<right>:<id>"), a
 revoke one (topic "revoke", same key); see `levels` for who holds a right and who may revoke
 whom. A banned member loses every right.
 """
@@ -29,7 +31,8 @@ GRANT_TOPIC = "grant"
 REVOKE_TOPIC = "revoke"
 PUSH = "push"
 OPERATE = "operate"
-RIGHTS = (PUSH, OPERATE)
+BUILD = "build"
+RIGHTS = (PUSH, OPERATE, BUILD)
 SELF_HEALTH_TIMEOUT = 20.0
 """A self-updated node must have restarted and rejoined within this: Python starts in well
 under a second and a rejoin takes one push-pull, so 20 s means it is broken, not slow."""
