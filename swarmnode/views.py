@@ -64,16 +64,17 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
 
 
 def vouched_host_keys(host: str, members: Iterable[dict[str, Any]]) -> frozenset[str]:
-    """SSH host key fingerprints that admitted members named `host` or reporting it signed
-    into their records (`nodes` entries). Pending and banned nodes are ignored: anyone can
-    claim an address; only members vouch."""
-    keys: set[str] = set()
-    for m in members:
-        if not m.get("admitted_by") or m.get("state") in ("pending", "banned"):
-            continue
-        if host == m.get("name") or host in {host_of(a) for a in m.get("addresses") or ()}:
-            keys.update(m.get("ssh_keys") or ())
-    return frozenset(keys)
+    """SSH host key fingerprints the one admitted member named `host` (else the one reporting
+    it as an address) signed into its record (`nodes` entries). Only that member vouches for
+    its own machine: a member that claims another's name or address alongside it makes the
+    host ambiguous and vouches for nothing (known_hosts decides), rather than adding its own
+    key beside the real one. Pending and banned nodes never vouch."""
+    admitted = [m for m in members
+                if m.get("admitted_by") and m.get("state") not in ("pending", "banned")]
+    named = [m for m in admitted if host == m.get("name")]
+    at = named or [m for m in admitted
+                   if host in {host_of(a) for a in m.get("addresses") or ()}]
+    return frozenset(at[0].get("ssh_keys") or ()) if len(at) == 1 else frozenset()
 
 
 def resolve_node(members: Iterable[MemberView], text: str) -> MemberView:
