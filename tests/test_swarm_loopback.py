@@ -194,7 +194,10 @@ def test_rename_propagates_to_every_node(swarm: Swarm) -> None:
 
     swarm.cli(a, "rename", "n3", "builder-x")
     swarm.wait_for(lambda: named("builder-x"), JOIN_S, "n3 named builder-x everywhere")
-    swarm.cli(b, "rename", c.id[:12], "builder-y")  # by id prefix, from another member
+    # b, not an operator, may not rename another member; n3 renames itself (by id prefix)
+    res = swarm.cli(b, "rename", c.id[:12], "builder-z", check=False)
+    assert res.returncode != 0 and "not an operator" in res.stdout + res.stderr, res
+    swarm.cli(c, "rename", c.id[:12], "builder-y")
     swarm.wait_for(lambda: named("builder-y"), JOIN_S, "n3 named builder-y everywhere")
     swarm.hold(lambda: named("builder-y"), HOLD_S / 3, "the last rename wins")
     listed = {m["id"]: m["name"] for m in swarm.cli_json(a, "nodes")}
