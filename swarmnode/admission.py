@@ -1,9 +1,11 @@
 """The admission handshake: the only exchange a non-member can have with the cluster.
 
-A node with a join token sends `join` (token + its self-signed record) to a member; the member
-verifies the token statelessly (signed by an admitted member, this cluster, not expired) and
-admits it. A node without one sends `hello` and is listed as `pending` until a person runs
-`swarmnode admit`; it gets nothing but its status back — no members, no work, no code.
+A node with a join token sends `join` (token + its self-signed record) to a member; an operator
+verifies the token statelessly (signed by an operator, this cluster, not expired) and admits
+it. A member that is not an operator refuses, naming the token's issuer, and the newcomer's
+knocks on its other contacts (the issuer's addresses are in the token) go on. A node without
+one sends `hello` and is listed as `pending` until an operator runs `swarmnode admit`;
+it gets nothing but its status back — no members, no work, no code.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from swarmnode.membership.messages import (
     record_from_plain,
     record_to_plain,
 )
+from swarmnode.push.release import OPERATE
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -63,10 +66,7 @@ class Admission:
 
     def new_token(self, ttl: int) -> str:
         node = self.node
-        if not node.admitted:
-            from swarmnode.control import ControlError
-
-            raise ControlError("this node is not an admitted member; only members issue tokens")
+        node.rights.operator("issue join tokens")
         made = tokens.issue(node.identity, node.cluster_id, node.cluster_name, node.addresses,
                             ttl, int(time.time()))
         return made.encode()
@@ -205,6 +205,14 @@ class Admission:
         except tokens.TokenError as exc:
             node.drops.drop("bad_token")
             return {"status": "refused", "error": f"join token refused: {exc}"}
+        ops = node.rights.holders(OPERATE)
+        if node.id not in ops:  # members would not count our admission: send it on
+            return {"status": "refused", "error": "this member is not an operator and cannot "
+                    f"admit: ask an operator, e.g. the token's issuer {tok.issuer}"}
+        if tok.issuer not in ops:
+            node.drops.drop("bad_token")
+            return {"status": "refused", "error": f"join token refused: it was issued by "
+                    f"{tok.issuer}, which is not an operator"}
         node.core.admit(now, sender, how=f"token of {tok.issuer[:8]}, {how}"[:MAX_HOW])
         node.core.hello(now, sender, record, how=how, source=_source_host(inbound.observed))
         node.observe(sender, inbound.observed)

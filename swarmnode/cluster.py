@@ -77,6 +77,10 @@ def offline_token(home: Path, ttl: int) -> str:
             raise ClusterError(f"{home} is not in a cluster: run `swarmnode init` first")
         if not store.get("admitted"):
             raise ClusterError("this node is not an admitted member; only members issue tokens")
+        if not tokens.is_founder(store.get("cluster_id"), load_or_create(home).id):
+            # Whether another member holds the operate right is known only to a running node.
+            raise ClusterError("only operators issue join tokens, and a stopped node cannot "
+                               "check that it is one: start it (`swarmnode join`) and ask again")
         return _issue(store, load_or_create(home), ttl)
     finally:
         store.close()

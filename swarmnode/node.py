@@ -50,7 +50,9 @@ from swarmnode.membership import (
     Config,
     Event,
     Membership,
+    MemberView,
     MessageError,
+    Note,
     Send,
     decode,
     encode,
@@ -59,7 +61,7 @@ from swarmnode.membership import (
 from swarmnode.metrics import Metrics
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
-from swarmnode.push.release import PUSH, SELF_APP
+from swarmnode.push.release import PUSH, SELF_APP, operators
 from swarmnode.push.releases import LAUNCHER_ENV, exec_argv
 from swarmnode.push_service import PushService, release_facts
 from swarmnode.rights import Rights
@@ -244,11 +246,16 @@ class Node:
         if snapshot:
             try:
                 return Membership.restore(snapshot, record, self.identity, self.config, rng, now,
-                                          is_founder=self.is_founder)
+                                          is_founder=self.is_founder, operators=self._operators)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable membership snapshot: %s", exc)
         return Membership(record, self.identity, self.config, rng, now, founder=founder,
-                          is_founder=self.is_founder)
+                          is_founder=self.is_founder, operators=self._operators)
+
+    def _operators(self, members: list[MemberView], notes: list[Note],
+                   before: int | None) -> dict[str, int]:
+        """The core's `Operators`: the operate right of this cluster's founder's tree."""
+        return operators(members, notes, self.is_founder, before)
 
     def is_founder(self, node_id: str) -> bool:
         """Whether `node_id` founded this node's cluster: the cluster id names its founder."""
@@ -608,13 +615,17 @@ class Node:
                 raise control.ControlError("this node is not an admitted member")
             target = resolve_node(self.core.members(), str(args.get("node", "")))
             if cmd == "admit":
+                self.rights.operator("admit")
                 via = "dashboard" if args.get("via") == "dashboard" else "CLI"
                 self.core.admit(now, target.id, how=f"by {self.name[:40]} via {via}")
             elif cmd == "ban":
                 if target.id == self.id:
                     raise control.ControlError("a node cannot ban itself")
+                self.rights.may_ban(target)
                 self.core.ban(now, target.id)
             else:
+                if target.id != self.id:
+                    self.rights.operator("rename another member")
                 self.core.rename(now, target.id, str(args.get("name", "")))
             self.flush()
             self.save_snapshot()

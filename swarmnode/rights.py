@@ -91,16 +91,39 @@ class Rights:
         """Sign and spread a revoke of `right` from `target`. It counts only when this node
         is closer to the founder than `target` (`levels`): refused here otherwise, so the
         caller is told rather than left with a statement that changes nothing."""
-        mine = self._mine(right)
+        theirs = self._outrank(right, self._mine(right), target, f"revoke its {right} right")
+        self._state(REVOKE_TOPIC, GRANT_TOPIC, right, target)
+        return f"{target.name} ({target.id[:12]}) may no longer {right}" + (
+            "" if theirs is not None else " (it did not hold the right)")
+
+    def operator(self, doing: str) -> int:
+        """This node's operate level, or a ControlError saying why it cannot do `doing`:
+        admissions, bans, renames of others and join tokens count only from operators, so a
+        non-operator is told now rather than left with statements every member ignores."""
+        if not self.node.admitted:
+            raise control.ControlError("this node is not an admitted member")
+        mine = self.levels(OPERATE).get(self.node.id)
+        if mine is None:
+            raise control.ControlError(
+                f"this node is not an operator, so it cannot {doing}: members count only an "
+                "operator's (an operator can allow it with `swarmnode grant operate "
+                f"{self.node.name}`)")
+        return mine
+
+    def may_ban(self, target: MemberView) -> None:
+        """Refuse (ControlError) a ban the members would not count (see `levels`)."""
+        self._outrank(OPERATE, self.operator("ban"), target, "ban it")
+
+    def _outrank(self, right: str, mine: int, target: MemberView, doing: str) -> int | None:
+        """`target`'s level for `right`, refused unless this node (at `mine`) is closer to the
+        founder: nobody acts against the founder, its own granter or its peers."""
         theirs = self.levels(right).get(target.id)
         if theirs is not None and theirs <= mine:
             whom = "the founder" if theirs == 0 else "a holder as close to the founder as you"
             raise control.ControlError(
-                f"{target.name} is {whom}: only a holder closer to the founder can revoke "
-                f"its {right} right")
-        self._state(REVOKE_TOPIC, GRANT_TOPIC, right, target)
-        return f"{target.name} ({target.id[:12]}) may no longer {right}" + (
-            "" if theirs is not None else " (it did not hold the right)")
+                f"{target.name} is {whom}: only a holder of {right} closer to the founder can "
+                f"{doing}")
+        return theirs
 
     def _mine(self, right: str) -> int:
         if right not in RIGHTS:

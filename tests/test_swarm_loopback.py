@@ -16,6 +16,7 @@ import time
 import pytest
 
 from net import whois
+from swarmnode import control
 from tests.swarm import (
     Swarm,
     host_of,
@@ -96,7 +97,22 @@ def test_guest_waits_for_admission_and_a_ban_sticks_across_restarts(swarm: Swarm
     seen_by_guest = {m["id"]: m["state"] for m in swarm.members(guest) if not m["self"]}
     assert not any(s == "alive" for s in seen_by_guest.values()), seen_by_guest
 
-    # admitted by name, from the member it never talked to
+    # b is an ordinary member: it may not ban, admit or issue tokens (issue 13: any member's
+    # ban of the founder used to count everywhere, enforced at the handshake)
+    res = swarm.cli(b, "ban", "n1", check=False)
+    assert res.returncode != 0 and "not an operator" in res.stdout + res.stderr, res
+    for call in (lambda: control.call(b.home, "admit", node="guest"),
+                 lambda: swarm.query(b, "token", ttl=600)):
+        with pytest.raises(control.ControlError, match="not an operator"):
+            call()
+    swarm.hold(lambda: swarm.states([a, b], a) == {"n1": "alive", "n2": "alive"}
+               and swarm.states([a, b], guest) == {"n1": "pending", "n2": "pending"},
+               HOLD_S, "nothing changed anywhere after n2's refused ban and admission")
+
+    # once the founder grants it operate, b admits by name the guest it never talked to
+    swarm.cli(a, "grant", "operate", "n2")
+    swarm.wait_for(lambda: swarm.query(b, "token", ttl=600).startswith("swn1."), JOIN_S,
+                   "n2 learns its operate right and issues a token")
     swarm.cli(b, "admit", "guest")
     swarm.wait_converged([a, b, guest], JOIN_S)
     for obs in (a, b, guest):
@@ -178,7 +194,10 @@ def test_rename_propagates_to_every_node(swarm: Swarm) -> None:
 
     swarm.cli(a, "rename", "n3", "builder-x")
     swarm.wait_for(lambda: named("builder-x"), JOIN_S, "n3 named builder-x everywhere")
-    swarm.cli(b, "rename", c.id[:12], "builder-y")  # by id prefix, from another member
+    # b, not an operator, may not rename another member; n3 renames itself (by id prefix)
+    res = swarm.cli(b, "rename", c.id[:12], "builder-z", check=False)
+    assert res.returncode != 0 and "not an operator" in res.stdout + res.stderr, res
+    swarm.cli(c, "rename", c.id[:12], "builder-y")
     swarm.wait_for(lambda: named("builder-y"), JOIN_S, "n3 named builder-y everywhere")
     swarm.hold(lambda: named("builder-y"), HOLD_S / 3, "the last rename wins")
     listed = {m["id"]: m["name"] for m in swarm.cli_json(a, "nodes")}

@@ -108,7 +108,11 @@ class Config:
     max_orphans: int = 1024
     """Cap on records heard of before their admission statement arrived."""
     max_deferred: int = 4096
-    """Cap on statements kept while waiting for their author's admission to arrive."""
+    """Cap on statements kept while waiting for their author's admission (or right) to arrive."""
+    max_deferred_per_author: int = 64
+    """Of those, the cap per author (or per unknown subject): an honest operator's burst of
+    admissions fits, while one member flooding statements it may not make cannot crowd out
+    those of an author whose grant is merely still on the way."""
     max_notes: int = 4096
     """Cap on notes (push grants, releases, power) kept: one per (topic, key, author), a few
     per member in practice, so this bounds memory without ever binding a real swarm. It grows

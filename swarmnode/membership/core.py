@@ -11,9 +11,12 @@ Trust model, in short:
 - Probes name their target and acks carry the target's signature over the prober's nonce, so a
   reply relayed by a helper still proves the target itself answered.
 - Cluster statements (Admit, Ban, Rename) are signed by their author and count only if the author
-  is an admitted member in our view (or ourselves). The roots of admission are founders: a
-  self-signed Admit with how="founder". Accepting it from a member grants nothing that member
-  could not do directly (it can admit anyone), and guests cannot gossip at all.
+  is an admitted member in our view (or ourselves) and may make them: with an injected
+  `Operators` (the node's: the operate right, push/release.py), an Admit needs an operator, a
+  Ban an operator closer to the founder than its subject, a Rename the subject itself or an
+  operator. A statement whose author is not (yet) known to have that right waits in a bounded
+  buffer and is tried again when rights change. The root of admission is the founder: a
+  self-signed Admit with how="founder". Guests cannot gossip at all.
 - Messages from ids that are not admitted members are dropped (counted), except the reply to a
   push-pull we sent (a joining node knows nobody yet). Pending guests get nothing.
 """
@@ -25,7 +28,7 @@ import ipaddress
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Container, Hashable, Iterable
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -142,6 +145,15 @@ class MemberView:
     admitted_at: float | None = None  # the earliest admission statement's time (signed)
 
 
+Operators = Callable[[list[MemberView], list[Note], "int | None"], Mapping[str, int]]
+"""Who may admit, ban and rename others, each with its distance from the founder (0), given the
+members and the notes held, counting only revokes signed before the given timestamp (None:
+every revoke). Pure: the node passes push/release.py `operators`."""
+_EVER = 0
+"""`Operators` cut-off before every timestamp (they are >= 0): every holder that was ever
+granted the right and not banned, revokes ignored; nobody outside it can ever count."""
+
+
 class _Probe:
     __slots__ = (
         "end",
@@ -198,11 +210,19 @@ class Membership:
         founder: bool = False,
         base: SharedMembers | None = None,
         is_founder: Callable[[str], bool] | None = None,
+        operators: Operators | None = None,
     ) -> None:
         self.id = record.id
         self._is_founder = is_founder
         """Which ids may sign themselves a founder's admission (the node: the one its cluster
         id names); None accepts any (the simulator, whose ids are not keys)."""
+        self._operators = operators
+        """Who may admit, ban and rename (see `Operators`); None lets every admitted member
+        (the simulator, which models failure detection and gossip, not rights)."""
+        self._ranks: dict[int | None, Mapping[str, int]] = {}
+        """`_operators` results by cut-off (None and _EVER only), until rights change."""
+        self._rights_moved = False  # rights changed: retry statements waiting for them
+        self._trust_held = False  # restoring our own snapshot: it held only what counted
         self.counters: Counter[str] = Counter()
         self._record = record
         self._crypto = crypto
@@ -285,6 +305,7 @@ class Membership:
         ):
             return
         fn(self, src_id, msg)
+        self._settle()
         e = self._table.get(src_id)
         if e is not None and e.state == LIMBO and e.record is None and e.admit is not None:
             # An admitted member talks to us but its record has not reached us (its Alive was
@@ -449,6 +470,7 @@ class Membership:
         """State `value` under (topic, key) as this node, and spread it (newest per author wins)."""
         n = self.sign_note(now, topic, key, value)
         self._apply_note(n)
+        self._settle()
         return n
 
     def sign_note(self, now: float, topic: str, key: str, value: bytes, after: int = -1) -> Note:
@@ -471,6 +493,7 @@ class Membership:
         """Hold and spread a signed note (checked like one that arrived by gossip)."""
         self._now = now
         self._apply_note(note)
+        self._settle()
 
     def notes(self, topic: str) -> list[Note]:
         """Every note held under `topic`, all authors (their meaning is the caller's)."""
@@ -553,6 +576,7 @@ class Membership:
         now: float,
         *,
         is_founder: Callable[[str], bool] | None = None,
+        operators: Operators | None = None,
     ) -> Membership:
         """A restarted node: resume from `snapshot` above its old incarnation and rejoin.
 
@@ -563,10 +587,17 @@ class Membership:
             raise ValueError("snapshot is not a membership snapshot of this node")
         inc = max(record.incarnation, int(snapshot["incarnation"])) + 1
         rec = make_record(crypto, record.id, inc, record.name, record.addresses, record.facts)
-        m = cls(rec, crypto, config, rng, now, is_founder=is_founder)
+        m = cls(rec, crypto, config, rng, now, is_founder=is_founder, operators=operators)
         stmts = [item_from_plain(s, STATEMENT_KINDS) for s in snapshot["statements"]]
         states = [member_state_from_plain(s) for s in snapshot["members"]]
-        m._merge(states, stmts, m.id, bcast=False, literal=True)  # type: ignore[arg-type]
+        # What the snapshot holds counted when it arrived (an admission stays valid after its
+        # author loses the right, like a certificate): re-read without asking again.
+        m._trust_held = True
+        try:
+            m._merge(states, stmts, m.id, bcast=False, literal=True)  # type: ignore[arg-type]
+        finally:
+            m._trust_held = False
+        m._settle()
         m._out.clear()  # reloading what we knew is not news: no member_join etc. for it
         m._event("incarnation", id=m.id, incarnation=inc)
         live = [s.record.id for s in states if s.state in LIVE]
@@ -918,12 +949,71 @@ class Membership:
     # -- cluster statements
 
     def _authority(self, by: str, stmt: Statement) -> bool:
-        if by == self.id:
+        """May `by` make `stmt`? False means "not yet": the caller defers it under `by`."""
+        if type(stmt) is Admit and self._genuine_founder(stmt):  # type: ignore[arg-type]
             return True
-        e = self._table.get(by)
-        if e is not None and e.admit is not None:
+        if by != self.id:
+            e = self._table.get(by)
+            if e is None or e.admit is None:
+                return False
+        if type(stmt) is Note or self._operators is None or self._trust_held:
             return True
-        return type(stmt) is Admit and self._genuine_founder(stmt)  # type: ignore[arg-type]
+        if type(stmt) is Rename and stmt.id == by:  # type: ignore[union-attr]
+            return True  # a member names itself
+        return self._operator_may(by, stmt)
+
+    def _operator_may(self, by: str, stmt: Statement) -> bool:
+        """Does `by` hold the operate right for `stmt`? It must have held it when it signed
+        (revokes signed later do not undo an admission or a ban, like a certificate's), and a
+        Ban must come from closer to the founder than its subject holds the right: nobody bans
+        the founder, and an operator cannot ban its granter. A pure function of the notes and
+        bans held, so every member that holds the same ones counts the same statements."""
+        ranks = self._rank(None)
+        mine = ranks.get(by)
+        if mine is None:
+            if by not in self._rank(_EVER):
+                return False
+            assert self._operators is not None
+            mine = self._operators(self._views(), list(self._notes.values()),
+                                   stmt.ts).get(by)  # type: ignore[union-attr]
+            if mine is None:
+                return False
+        if type(stmt) is Ban:
+            theirs = ranks.get(stmt.id)  # type: ignore[union-attr]
+            if theirs is not None and theirs <= mine:
+                self.counters["ban_outranked"] += 1
+                return False
+        return True
+
+    def _rank(self, before: int | None) -> Mapping[str, int]:
+        """Operator levels now (None) or ever (_EVER), computed once per change of rights."""
+        got = self._ranks.get(before)
+        if got is None:
+            assert self._operators is not None
+            got = self._ranks[before] = self._operators(
+                self._views(), list(self._notes.values()), before)
+        return got
+
+    def _views(self) -> list[MemberView]:
+        return [self._view(e) for e in self._table]
+
+    def _rights_changed(self) -> None:
+        """A grant, a revoke or a ban arrived: forget computed levels, retry waiting statements
+        (at the end of the message, so a full state counts its grants first; see `_settle`)."""
+        if self._operators is not None:
+            self._ranks.clear()
+            self._rights_moved = True
+
+    def _settle(self) -> None:
+        """Retry statements waiting for their author's right, until rights stop changing. Only
+        authors that ever held the right are retried: the rest would wait again."""
+        while self._rights_moved:
+            self._rights_moved = False
+            if not self._deferred:
+                return
+            ever = self._rank(_EVER)
+            for by in [k for k in self._deferred if k in ever]:
+                self._retry_deferred(by)
 
     def _genuine_founder(self, a: Admit) -> bool:
         return a.id == a.by and a.how == FOUNDER and (
@@ -956,6 +1046,8 @@ class Membership:
             e = Entry(a.id, LIMBO, 0, None, self._now)
         e = replace(e, admit=a)
         self._put(e)
+        if a.how == FOUNDER:
+            self._rights_changed()
         if e.state != BANNED:
             quiet = self._quiet_admits
             if quiet is None or a.id not in quiet:
@@ -993,6 +1085,7 @@ class Membership:
         else:
             self._put(replace(e, state=BANNED, ban=b, since=self._now))
         self._news.pop(b.id, None)
+        self._rights_changed()
         self._event("banned", id=b.id, by=b.by)
         if bcast:
             self._broadcast(("b", b.id), b)
@@ -1109,6 +1202,7 @@ class Membership:
             self._unhold_note(x)
             del self._notes[x.slot]
         self._notes[n.slot] = n
+        self._rights_changed()
         self._note_count[n.by] += 1
         self._note_bytes[n.by] += item_size(n)
         self._note_bytes[""] += item_size(n)
@@ -1149,6 +1243,7 @@ class Membership:
             oldest = min((x for x in self._notes.values() if x.by == top), key=lambda x: x.ts)
             self._unhold_note(oldest)
             del self._notes[oldest.slot]
+            self._rights_changed()
             self.counters["note_evicted"] += 1
         return True
 
@@ -1161,11 +1256,13 @@ class Membership:
             del self._note_count[n.by], self._note_bytes[n.by]
 
     def _defer(self, key: str, stmt: Statement) -> None:
-        """Keep a statement whose author (or subject) we do not know yet; bounded."""
+        """Keep a statement whose author (or subject) we do not know yet, or whose author we do
+        not know to hold the right to make it; bounded in all and per key."""
         waiting = self._deferred.get(key)
         if waiting is not None and stmt in waiting:
             return
-        if self._n_deferred >= self._cfg.max_deferred:
+        if self._n_deferred >= self._cfg.max_deferred or (
+                waiting is not None and len(waiting) >= self._cfg.max_deferred_per_author):
             self.counters["drop_statement_non_member"] += 1
             return
         self._deferred.setdefault(key, []).append(stmt)
@@ -1242,7 +1339,8 @@ class Membership:
         waiting: dict[str, list[Admit]] = {}
         ready: deque[Admit] = deque()
         for a in admits:
-            if self._authority(a.by, a):
+            e = self._table.get(a.id)
+            if (e is not None and e.admit is not None) or self._authority(a.by, a):
                 ready.append(a)
             else:
                 waiting.setdefault(a.by, []).append(a)

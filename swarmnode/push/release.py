@@ -133,6 +133,16 @@ def holders(right: str, members: Iterable[MemberView], notes: Iterable[Note],
     return frozenset(levels(right, members, notes, is_founder))
 
 
+def operators(members: Iterable[MemberView], notes: Iterable[Note],
+              is_founder: Callable[[str], bool], before: int | None = None) -> dict[str, int]:
+    """Who may admit, ban and rename (the `operate` levels), counting only revokes signed
+    before `before` (None: every revoke): the holders when a statement signed at `before` was
+    made (membership/core.py `Operators`)."""
+    if before is not None:
+        notes = [n for n in notes if n.topic != REVOKE_TOPIC or n.ts < before]
+    return levels(OPERATE, members, notes, is_founder)
+
+
 def right_key(right: str, node_id: str) -> str:
     """The note key of a grant or revoke of `right` to `node_id`."""
     return f"{right}:{node_id}"
