@@ -379,7 +379,8 @@ def test_notes_spread_newest_per_author_and_survive_restart() -> None:
 
 
 def test_notes_are_bounded_per_author_and_in_size() -> None:
-    net, (a, b, c) = cluster(3, Config.fast(max_note_bytes_per_author=10_000))
+    net, (a, b, c) = cluster(3, Config.fast(max_note_bytes_per_author=10_000,
+                                            note_bytes_per_member=0))
     for i in range(4):
         b.note(net.now, "junk", f"k{i}", b"x" * 4000)  # the third and fourth do not fit
     assert len(b.notes("junk")) == 2 and b.counters["drop_note_author_full"] == 2

@@ -129,20 +129,16 @@ class Config:
     leaving room for members. When it is reached the author holding the most bytes loses its
     oldest note to an author holding fewer, so no author (nor a few) can crowd out another's
     grants."""
-    notes_per_member: int = 2
+    notes_per_member: int = 6
     """Every admitted member (alive or gone) raises each author's note cap, and the table's, by
-    this: a rights holder states one note per right (push, operate) about each member it grants,
-    and a revoke takes its own grant's place (`note_rivals`), so a fixed cap would silently drop
-    a founder's rights notes (its revokes included) once the swarm outgrew it. Admissions are
-    operator statements, so no member can raise the caps by inventing members."""
-    note_bytes_per_member: int = 512
-    """The byte counterpart of `notes_per_member`: two rights notes (~225 bytes encoded each)
+    this: a rights holder states a grant, and perhaps later a revoke, per right (push, operate,
+    build) about each member, so a fixed cap would silently drop a founder's rights notes (its
+    revokes included) once the swarm outgrew it. Both stay held: which one counts is read at
+    the time of each statement (an admission by an operator before its revoke stays valid).
+    Admissions are operator statements, so no member can raise the caps by inventing members."""
+    note_bytes_per_member: int = 1536
+    """The byte counterpart of `notes_per_member`: six rights notes (~225 bytes encoded each)
     about one member."""
-    note_rivals: tuple[tuple[str, str], ...] = (("grant", "revoke"),)
-    """(weaker, stronger) topics that state opposite things about the same key: an author's
-    newer note under one replaces its note under the other, which no longer counts (a tie goes
-    to the stronger; push.release.levels reads them so). A revoke thus needs no room of its own
-    beside its author's grant, and an older rival is dropped unheld."""
 
     def note_caps(self, members: int) -> tuple[int, int, int, int]:
         """(per-author count, per-author bytes, total count, total bytes) with `members`

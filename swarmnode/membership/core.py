@@ -1188,19 +1188,14 @@ class Membership:
         old = self._notes.get(n.slot)
         if old is not None and (n.ts, n.sig) <= (old.ts, old.sig):
             return  # not newer (the signature breaks a tie the same way everywhere)
-        rival = self._rival(n)
-        if rival is not None and self._note_rank(rival) > self._note_rank(n):
-            self.counters["drop_note_outranked"] += 1  # its author's rival note is newer
-            return
         if not self._authority(n.by, n):
             self._defer(n.by, n)
             return
-        replaced = [x for x in (old, rival) if x is not None]
+        replaced = [old] if old is not None else []
         if not self._note_room(n, replaced) or not self._verify(n.by, n.body(), n.sig):
             return
-        for x in replaced:
-            self._unhold_note(x)
-            del self._notes[x.slot]
+        if old is not None:
+            self._unhold_note(old)
         self._notes[n.slot] = n
         self._rights_changed()
         self._note_count[n.by] += 1
@@ -1210,21 +1205,11 @@ class Membership:
         if bcast:
             self._broadcast(("n", *n.slot), n)
 
-    def _rival(self, n: Note) -> Note | None:
-        """`n`'s author's note stating the opposite about `n.key` (`Config.note_rivals`)."""
-        for weak, strong in self._cfg.note_rivals:
-            if n.topic in (weak, strong):
-                return self._notes.get((strong if n.topic == weak else weak, n.key, n.by))
-        return None
-
-    def _note_rank(self, n: Note) -> tuple[int, bool]:
-        return n.ts, any(n.topic == strong for _, strong in self._cfg.note_rivals)
-
     def _note_room(self, n: Note, replaced: list[Note]) -> bool:
-        """Does `n` (replacing `replaced`, its author's own) fit its author's budget (count and
-        encoded bytes, so empty notes count too; both grow with the swarm)? If the whole table
-        is full, the author holding the most bytes gives up its oldest notes, unless that is
-        `n`'s author: no author crowds out another."""
+        """Does `n` (replacing `replaced`, its author's older note in the same slot) fit its
+        author's budget (count and encoded bytes, so empty notes count too; both grow with the
+        swarm)? If the whole table is full, the author holding the most bytes gives up its
+        oldest notes, unless that is `n`'s author: no author crowds out another."""
         by = n.by
         members = sum(self._table.count(st) for st in MEMBER)
         per_count, per_bytes, max_count, max_bytes = self._cfg.note_caps(members)
