@@ -43,6 +43,7 @@ def test_a_partition_isolating_the_leader_gives_one_leader_and_no_lost_or_duplic
     nodes = [first] + [swarm.start(swarm.add(h, f"{topo.addr(h)}:{PORT}", host=h), token)
                        for h in ("lan2", "lan3")]
     swarm.wait_converged(nodes, JOIN_S)
+    swarm.grant(first, "build", *nodes[1:])  # whichever side keeps the majority submits
     ids = {n.id for n in nodes}
     for n in nodes:
         swarm.wait_for(lambda n=n: set(status(swarm, n)["voters"]) == ids, JOIN_S,
