@@ -161,9 +161,10 @@ class Leadership:
         never leaves both halves without a majority."""
         members = self.node.core.members()
         pinned = self.ledger.pinned_voters
-        if pinned:  # the operator chose: only banned or departed members drop out
-            gone = {m.id for m in members if m.state in ("banned", "left")}
-            return frozenset(pinned) - gone
+        if pinned:  # the operator chose: only banned or departed members drop out (and ids
+            # that name no admitted member: a voter that can never answer would wedge it)
+            return frozenset(m.id for m in members if m.id in pinned and m.admitted_by
+                             is not None and m.state not in ("banned", "left"))
         live = [(m.id, m.admitted_at) for m in members if m.admitted_by is not None
                 and m.admitted_at is not None and m.state in ("alive", "suspect")]
         live_ids = {i for i, _ in live}
