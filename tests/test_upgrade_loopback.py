@@ -114,7 +114,10 @@ def test_a_cluster_on_the_old_release_is_pushed_the_new_one_and_keeps_working(
                             "one leader, proven on every node (new release)")
     assert leader in {n.id for n in nodes}
     swarm.wait_converged(nodes, JOIN_S)
-    build(swarm, n3, tmp_path / "after", "after")  # with the CLI installed there: the old one
+    # Only holders of `build` submit now (docs/operations.md, upgrading): the founder grants it
+    # with its new CLI, and n3 builds with the CLI installed there, the old one.
+    swarm.grant(n1, "build", n3)
+    build(swarm, n3, tmp_path / "after", "after")
     res = swarm.cli(n1, "exec", "n3", *hello)
     assert res.stdout == "hello from n3\n", res
     # Only operators act on nodes now: n2 could before, and can again once the founder says so.

@@ -22,15 +22,26 @@ pytestmark = [pytest.mark.timeout(60),
 A_C = b'#include <stdio.h>\nint main(void) { puts("hello from the swarm"); return 0; }\n'
 
 
+async def proven_leader(running, worker):
+    """The leader `worker` checked the proof of, and its term: only its assignments count."""
+    from tests.test_node import until
+
+    core = worker.leadership.core
+    await until(lambda: core.proven_leader(core.term) is not None, timeout=30)
+    term = core.term
+    return next(n for n, _ in running if n.id == core.proven_leader(term)), term
+
+
 async def test_assignment_runs_reports_and_stale_terms_are_refused(tmp_path):
     from tests.test_node import until
 
     running = await three_nodes(tmp_path)
-    (a, _), (b, _), _ = running
+    (_, _), (b, _), _ = running
     try:
+        a, term = await proven_leader(running, b)
         src = a.artifacts.store.put_bytes(A_C)
         assignment = jobs.Assignment(
-            build="b1", job="hello", attempt=1, term=5, cmd=("gcc", "-O2", "-o", "hello",
+            build="b1", job="hello", attempt=1, term=term, cmd=("gcc", "-O2", "-o", "hello",
                                                               "src/hello.c"),
             env={}, outputs=("hello",), cores=1, timeout=60.0, inputs=(("src/hello.c", src),),
             deps={}, sources=(a.id,))
@@ -47,12 +58,13 @@ async def test_assignment_runs_reports_and_stale_terms_are_refused(tmp_path):
         out.chmod(0o755)
         assert subprocess.run([str(out)], capture_output=True, text=True).stdout == \
             "hello from the swarm\n"
-        assert b.worker.fence.term == 5 and b.store.get(jobs.FENCE_KEY) == 5
+        assert b.worker.fence.term == term and b.store.get(jobs.FENCE_KEY) == term
 
-        # a deposed leader (term 4) can neither start nor cancel anything
-        stale = jobs.Assignment(**{**assignment.__dict__, "attempt": 2, "term": 4})
+        # a leader of an earlier term can neither start nor cancel anything
+        stale = jobs.Assignment(**{**assignment.__dict__, "attempt": 2, "term": term - 1})
         a.send_raw(b.id, jobs.ASSIGN, jobs.pack(stale.plain()))
-        a.send_raw(b.id, jobs.CANCEL, jobs.pack({"build": "b1", "job": None, "term": 4}))
+        a.send_raw(b.id, jobs.CANCEL, jobs.pack({"build": "b1", "job": None,
+                                                 "term": term - 1}))
         await until(lambda: len([e for e in b.store.events(limit=1000)
                                  if e["kind"] == "job_refused"]) == 2)
         assert not b.worker.running
@@ -111,10 +123,11 @@ async def test_a_newer_attempt_keeps_its_slot_when_the_older_one_ends(tmp_path):
     from tests.test_node import until
 
     running = await three_nodes(tmp_path)
-    (a, _), (b, _), _ = running
+    (_, _), (b, _), _ = running
     try:
+        a, term = await proven_leader(running, b)
         first = jobs.Assignment(
-            build="b1", job="slow", attempt=1, term=5, cmd=("sleep", "30"), env={},
+            build="b1", job="slow", attempt=1, term=term, cmd=("sleep", "30"), env={},
             outputs=(), cores=1, timeout=60.0, inputs=(), deps={}, sources=(a.id,))
         a.send_raw(b.id, jobs.ASSIGN, jobs.pack(first.plain()))
         await until(lambda: (r := b.worker.running.get(("b1", "slow"))) and r[1] is not None)
