@@ -264,3 +264,23 @@ def test_bad_input_gets_clear_errors_and_never_crashes_a_node(swarm: Swarm) -> N
     swarm.wait_for(lambda: (e := swarm.entry(b, b)) is not None and e["name"] == "still-here",
                    JOIN_S, "the rename from the node that got garbage reaches n2")
     swarm.wait_converged([a, b], JOIN_S)
+
+
+def test_a_join_reaching_a_member_that_is_no_operator_is_refused_and_gets_in_through_one(
+        swarm: Swarm) -> None:
+    """Only operators admit (issue 13): a newcomer whose join reaches an ordinary member is
+    told so, naming the token's issuer, and keeps knocking; once the issuer (the founder) is
+    back, it gets in through it."""
+    first, token = swarm.init("n1", loopback_addr(1))
+    swarm.start(first)
+    b = swarm.start(swarm.add("n2", loopback_addr(2)), token)
+    swarm.wait_converged([first, b], JOIN_S)
+    swarm.kill9(first)  # the only operator is away
+    c = swarm.start(swarm.add("n3", loopback_addr(3)), token, seeds=[b.listen])
+    refused = swarm.wait_for(
+        lambda: [e for e in swarm.events(c, "join_refused") if e.get("by") == b.id], JOIN_S,
+        "n2 refuses n3's join")
+    assert "not an operator" in refused[0]["error"] and first.id in refused[0]["error"], refused
+    assert swarm.state(b, c) in (None, "pending"), swarm.entry(b, c)
+    swarm.start(first)
+    swarm.wait_converged([first, b, c], JOIN_S)
