@@ -194,7 +194,7 @@ class Worker:
         self.node = node
         cores = int(node.core.record.facts_dict().get("cores", os.cpu_count() or 1))
         self.slots = Slots(cores)
-        self.executor = Executor(node.home / "jobs", slots=self.slots)
+        self.executor = Executor(node.home / "jobs", slots=self.slots, node=node.id)
         self.fence = Fence(term=int(node.store.get(FENCE_KEY, 0)))
         self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
         # attempts finished here: a leader re-sending an assignment it has not yet seen

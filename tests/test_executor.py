@@ -513,8 +513,10 @@ async def test_environment_priority_session_and_stdin(
     monkeypatch.setenv("NODE_SECRET", "hunter2")
     job = spec("envjob", cmd="env; echo nice=$(nice); echo stdin=$(readlink /proc/self/fd/0); "
                              "echo ids=$$ $(cut -d' ' -f5,6 /proc/$$/stat)",
-               cores=3, env={"FOO": "bar", "SWARMNODE_CORES": "99", "MAKEFLAGS": "-j99"})
-    result = await executor(tmp_path).run(job, keep=True)
+               cores=3, attempt=2,
+               env={"FOO": "bar", "SWARMNODE_CORES": "99", "MAKEFLAGS": "-j99",
+                    "SWARMNODE_JOB": "another"})
+    result = await executor(tmp_path, node="n1-id").run(job, keep=True)
     assert result.ok and result.job_dir is not None
     assert result.log_path is not None
     lines = result.log_path.read_text().splitlines()
@@ -522,6 +524,7 @@ async def test_environment_priority_session_and_stdin(
     assert env["FOO"] == "bar"
     assert (env["SWARMNODE_CORES"], env["MAKEFLAGS"]) == ("3", "-j3")
     assert (env["SWARMNODE_JOB"], env["SWARMNODE_BUILD"]) == ("envjob", "b1")
+    assert (env["SWARMNODE_ATTEMPT"], env["SWARMNODE_NODE"]) == ("2", "n1-id")
     assert env["HOME"] == str(result.job_dir) and env["LANG"] == "C.UTF-8"
     assert env["TMPDIR"] == str(result.job_dir / ".swarmnode" / "tmp")
     assert "NODE_SECRET" not in env

@@ -29,8 +29,9 @@ Choices made here, and why:
   or while it is removed. Cancellation and timeouts (counted from the command's start) send
   SIGTERM to the group, then SIGKILL after a grace period. A process that leaves the group
   (setsid) escapes this; if it keeps the output open, reading stops after the grace period.
-* The environment's SWARMNODE_CORES and MAKEFLAGS=-jN come last, so a job's env cannot raise
-  the cores it was given; anything else in the job's env (PATH, HOME, ...) wins over the base.
+* The environment's SWARMNODE_BUILD, _JOB, _ATTEMPT, _NODE, _CORES and MAKEFLAGS=-jN come
+  last, so a job's env can neither raise the cores it was given nor pass for another job;
+  anything else in the job's env (PATH, HOME, ...) wins over the base.
 * Output patterns are globs relative to the job directory (`*`, `?`, `[...]` within a name,
   `**` for any number of directories; a trailing `**` means everything below). Only regular
   files are collected; a symlink is never followed while walking, and a matched symlink is
@@ -445,9 +446,11 @@ def _stage(job_dir: Path, files: Mapping[str, tuple[Path, str]]) -> dict[str, _M
     return marks
 
 
-def job_env(spec: JobSpec, job_dir: Path, path: str = DEFAULT_PATH) -> dict[str, str]:
-    """A small fixed base, then the job's env, then what the executor decides (the cores
-    given, which the job cannot raise: MAKEFLAGS=-jN keeps make within them)."""
+def job_env(spec: JobSpec, job_dir: Path, path: str = DEFAULT_PATH,
+            node: str = "") -> dict[str, str]:
+    """A small fixed base, then the job's env, then what the executor decides: which build,
+    job and attempt this is and on which node (a job's log or outputs can say so), and the
+    cores given, which the job cannot raise (MAKEFLAGS=-jN keeps make within them)."""
     env = {
         "PATH": path,
         "HOME": str(job_dir),
@@ -458,9 +461,12 @@ def job_env(spec: JobSpec, job_dir: Path, path: str = DEFAULT_PATH) -> dict[str,
     env.update(
         SWARMNODE_JOB=spec.job,
         SWARMNODE_BUILD=spec.build_id,
+        SWARMNODE_ATTEMPT=str(spec.attempt),
         SWARMNODE_CORES=str(spec.cores),
         MAKEFLAGS=f"-j{spec.cores}",
     )
+    if node:
+        env["SWARMNODE_NODE"] = node
     return env
 
 
@@ -1012,7 +1018,8 @@ class RunningJob:
         executor = self._executor
         argv = self._argv()
         spawn = functools.partial(
-            subprocess.Popen, argv, cwd=job_dir, env=job_env(self.spec, job_dir, executor.path),
+            subprocess.Popen, argv, cwd=job_dir, env=job_env(self.spec, job_dir, executor.path,
+                                                              executor.node),
             stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, start_new_session=True)
         started = asyncio.get_running_loop().run_in_executor(executor._spawner(), spawn)
         try:
@@ -1157,6 +1164,7 @@ class Executor:
         grace: float = GRACE_S,
         log_limit: int = LOG_LIMIT,
         path: str = DEFAULT_PATH,
+        node: str = "",
     ) -> None:
         if log_limit < 4096:
             raise ValueError(f"log_limit must be at least 4096 bytes, got {log_limit}")
@@ -1168,6 +1176,7 @@ class Executor:
         self.grace = grace
         self.log_limit = log_limit
         self.path = path
+        self.node = node  # the id of the node running the jobs (SWARMNODE_NODE), if any
         self._active: dict[tuple[str, str, int], RunningJob] = {}
         self._resolved: Path | None = None
 
