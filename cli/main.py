@@ -397,15 +397,29 @@ def reboot(
 
 @app.command()
 def build(
-    plan: Annotated[Path, typer.Argument(help="the plan (TOML: [jobs.NAME] tables)")],
+    plan: Annotated[str, typer.Argument(
+        metavar="PLAN | wait BUILD",
+        help="the plan (TOML: [jobs.NAME] tables); or `wait BUILD`: follow a build already "
+             "submitted, from any node")],
+    build_id: Annotated[str | None, typer.Argument(metavar="", help="", show_default=False)]
+    = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="write DIR/JOB/PATH")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow progress; non-zero exit "
                                                      "if any job fails")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a build from this node; the elected leader schedules it across the swarm. This
-    node needs the build right (`swarmnode grant build NODE`, from a holder of it)."""
-    build_id = ask("build", timeout=60.0, plan=str(plan.expanduser().absolute()))
+    node needs the build right (`swarmnode grant build NODE`, from a holder of it).
+    `build wait BUILD [--out DIR]` re-attaches from any node (its submitter may be gone: the
+    ledger is on every node): progress, the end, and the artifacts."""
+    if plan == "wait":
+        if not build_id:
+            fail("name the build: swarmnode build wait BUILD")
+        wait = True
+    elif build_id is not None:
+        fail(f"one plan at a time (or `wait BUILD`), not {plan!r} and {build_id!r}")
+    else:
+        build_id = ask("build", timeout=60.0, plan=str(Path(plan).expanduser().absolute()))
     if not wait and out_dir is None:
         if as_json:
             emit_json({"build": build_id})

@@ -503,3 +503,23 @@ async def test_a_forwarded_build_naming_another_member_as_its_submitter_is_refus
         assert own == {"rid": b"r" * 8, "ok": True}  # the same entry in its own name counts
     assert [(e["id"], e["op"]) for e in swarm.events(leader, "propose_refused")] == [
         (member.id, "submit_build"), (member.id, "requeue")]
+
+
+def test_build_wait_reattaches_from_any_node_and_fetches_the_artifacts(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """`swarmnode build wait BUILD`: the submitter's `--wait` is not the only way to see a
+    build end (issue 15: re-attaching was impossible)."""
+    nodes = three(swarm, rights=("build",))
+    plan = tmp_path / "four.toml"
+    plan.write_text("".join(f'[jobs.w{i}]\ncmd = "sleep 0.2; echo w{i} > w.txt"\n'
+                            f'outputs = ["w.txt"]\n\n' for i in range(4)))
+    build_id = swarm.cli(nodes[1], "build", str(plan)).stdout.strip()
+    out = tmp_path / "out"
+    res = swarm.cli(nodes[2], "build", "wait", build_id, "--out", str(out), "--json",
+                    timeout=90)
+    status = json.loads(res.stdout)
+    assert status["ok"] and status["build"] == build_id and status["progress"]["done"] == 4
+    assert {p.parent.name: p.read_text() for p in out.glob("*/w.txt")} == {
+        f"w{i}": f"w{i}\n" for i in range(4)}
+    bad = swarm.cli(nodes[0], "build", "wait", "no-such-build", check=False)
+    assert bad.returncode != 0 and "no build" in bad.stderr, bad
