@@ -398,11 +398,11 @@ def reboot(
 @app.command()
 def build(
     plan: Annotated[str, typer.Argument(
-        metavar="PLAN | wait BUILD",
-        help="the plan (TOML: [jobs.NAME] tables); or `wait BUILD`: follow a build already "
+        metavar="PLAN|wait",
+        help="the plan (TOML: \\[jobs.NAME] tables); or `wait`, to follow BUILD, already "
              "submitted, from any node")],
-    build_id: Annotated[str | None, typer.Argument(metavar="", help="", show_default=False)]
-    = None,
+    build_id: Annotated[str | None, typer.Argument(
+        metavar="BUILD", help="with `wait`: the build id", show_default=False)] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="write DIR/JOB/PATH")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow progress; non-zero exit "
                                                      "if any job fails")] = False,
