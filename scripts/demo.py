@@ -131,8 +131,9 @@ def main() -> None:
         wait_until("ghost is pending everywhere", lambda: all(
             states(homes[n]).get("ghost") == "pending" for n in NAMES))
         print(swarmnode(homes["charlie"], "status"))
-        print("4. someone recognises it and admits it (from any member)")
-        print(swarmnode(homes["charlie"], "admit", "ghost"))
+        print("4. an operator recognises it and admits it (alpha, the founder, holds every "
+              "right; an ordinary member may not)")
+        print(swarmnode(homes["alpha"], "admit", "ghost"))
         wait_until("ghost is alive everywhere", lambda: all(
             states(homes[n]).get("ghost") == "alive" for n in NAMES))
         print("5. delta is killed with SIGKILL: the others detect it")
