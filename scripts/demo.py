@@ -103,9 +103,11 @@ def write_project(root: Path, parts: int = 6) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave the swarm running")
+    parser.add_argument("--home", type=Path, default=HOMES,
+                        help=f"where the nodes' homes go (default {HOMES}; emptied first)")
     args = parser.parse_args()
-    shutil.rmtree(HOMES, ignore_errors=True)
-    homes = {name: HOMES / name for name in [*NAMES, "ghost"]}
+    shutil.rmtree(args.home, ignore_errors=True)
+    homes = {name: args.home / name for name in [*NAMES, "ghost"]}
     for h in homes.values():
         h.mkdir(parents=True)
     addr = {name: f"127.0.0.{i + 1}:{PORT}" for i, name in enumerate([*NAMES, "ghost"])}
@@ -148,8 +150,8 @@ def main() -> None:
         print(swarmnode(homes["alpha"], "grant", "build", "bravo"))
         wait_until("every live node holds bravo's build right", lambda: all(
             holds(homes[n], "build", "bravo") for n in ["alpha", "bravo", "charlie", "ghost"]))
-        plan = write_project(HOMES / "project")
-        out = HOMES / "out"
+        plan = write_project(args.home / "project")
+        out = args.home / "out"
         print(swarmnode(homes["bravo"], "build", str(plan), "--wait", "--out", str(out)))
         print(swarmnode(homes["bravo"], "jobs"))
         prog = out / "link" / "hello-swarm"
@@ -157,7 +159,7 @@ def main() -> None:
         result = subprocess.run([str(prog)], capture_output=True, text=True, check=True)
         print(f"  the artifact {prog} runs: {result.stdout.strip()}")
         print("7. alpha pushes the program to every node: a canary first, then the rest")
-        app = HOMES / "hello-app"
+        app = args.home / "hello-app"
         (app / "bin").mkdir(parents=True)
         shutil.copy2(prog, app / "bin" / "hello-swarm")
         (app / "swarmnode-push.toml").write_text(
@@ -176,7 +178,8 @@ def main() -> None:
               f"{status['cluster_watts']} W in the swarm ({status['power_source']})")
         print("  " + swarmnode(homes["alpha"], "dashboard").strip())
         if args.keep:
-            print("swarm left running (open the URL above); stop it with: pkill -f 'demo-home'")
+            print("swarm left running (open the URL above); stop it with: "
+                  f"pkill -f '{args.home}'")
             procs.clear()
     finally:
         for proc in procs.values():
