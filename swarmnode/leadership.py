@@ -102,9 +102,8 @@ class _Signatures:
         return self._node.identity.sign(data)
 
     def verify(self, signer: str, data: bytes, sig: bytes) -> bool:
-        view = self._node.core.member(signer)
-        return view is not None and view.admitted_by is not None and \
-            view.state != "banned" and self._node.identity.verify(signer, data, sig)
+        return self._node.is_admitted_member(signer) and \
+            self._node.identity.verify(signer, data, sig)
 
 
 class NotLeader(RuntimeError):
