@@ -66,6 +66,9 @@ class NodeConfig:
     cores: int | None = None  # cores offered to builds (default: those this process may use)
     roles: tuple[str, ...] = ()  # "binhost": collect every binary package built by the swarm
     binhost_dir: str | None = None  # where the binhost keeps them (default <home>/binhost)
+    # the Portage this node builds with: its `emerge` (default: the one on the node's PATH
+    # at start, so a plain Gentoo host needs nothing; name a Gentoo Prefix's here)
+    emerge: str | None = None
     reboot_command: str = DEFAULT_REBOOT
     restart_command: str = DEFAULT_RESTART
     # run exec/restart/reboot asked by operators (holders of the signed `operate` right; the
@@ -122,7 +125,7 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-_TOP = {"kind", "cores", "roles", "binhost_dir", "reboot_command", "restart_command",
+_TOP = {"kind", "cores", "roles", "binhost_dir", "emerge", "reboot_command", "restart_command",
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
         "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
@@ -150,6 +153,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         cores=cores,
         roles=roles,
         binhost_dir=_opt_str(raw, "binhost_dir", ""),
+        emerge=_opt_str(raw, "emerge", ""),
         reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
         accept_actions=_bool(raw, "accept_actions", True),
