@@ -595,56 +595,102 @@ def revoke(right: RightArg, node: NodeArg) -> None:
 def emerge(
     atoms: Annotated[list[str], typer.Argument(metavar="ATOM...", help="packages, or @world")],
     pretend_output: Annotated[Path | None, typer.Option(
-        "--pretend-output", help="use this saved `emerge --pretend --tree` output")] = None,
+        "--pretend-output", help="use this saved `emerge --pretend --tree` output instead of "
+        "this node's Portage (jobs ordered by its indentation alone)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan, submit nothing")]
     = False,
-    wait: Annotated[bool, typer.Option("--wait", help="follow progress")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="follow each package to the end")]
+    = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build Gentoo packages across the swarm: one job per package `emerge --pretend --tree`
-    lists (`emerge --buildpkgonly --oneshot =CAT/PKG-VER`), in the dependency order it shows."""
-    import subprocess
+    """Build Gentoo packages across the swarm into the binhost: one job per package this
+    node's Portage would merge, ordered by Portage's own dependency graph, run on members with
+    this node's build environment; packages the binhost already has are reused."""
+    if pretend_output is not None:
+        view = _emerge_recorded(pretend_output, dry_run, as_json)
+    else:
+        view = ask("emerge", timeout=900.0, atoms=atoms, dry_run=dry_run)
+    if view is None:
+        return
+    if dry_run:
+        _show_emerge_plan(view, as_json)
+        return
+    if wait and view["build"]:
+        view |= _follow_emerge(view["build"], quiet=as_json)
+    view.setdefault("ok", True)
+    if as_json:
+        emit_json(view)
+    elif not wait:
+        out.print(view["build"] or "nothing to build", highlight=False)
+    if wait and not as_json:
+        built = view.get("built", 0)
+        err.print(f"{built} built, {view['reused']} reused from the binhost"
+                  + (f", in {view['seconds']:.1f} s" if view.get("seconds") else "")
+                  + ("" if view["ok"] else " [red]- failed[/red]"), highlight=False)
+    if not view["ok"]:
+        raise typer.Exit(1)
 
+
+def _emerge_recorded(path: Path, dry_run: bool, as_json: bool) -> dict[str, Any] | None:
     from swarmnode.build.emerge import EmergeError, plan_from_pretend
 
-    if pretend_output is not None:
-        text = pretend_output.read_text(encoding="utf-8", errors="replace")
-    else:
-        try:
-            done = subprocess.run(["emerge", "--pretend", "--tree", "--color=n", *atoms],
-                                  capture_output=True, text=True, check=False)
-        except FileNotFoundError:
-            fail("`emerge` is not installed here (not a Gentoo host); run this on one, or "
-                 "pass --pretend-output FILE")
-        if done.returncode != 0:
-            fail(f"emerge --pretend failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        text = done.stdout
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         plan = plan_from_pretend(text, name="emerge")
     except (EmergeError, ValueError) as exc:
         fail(str(exc))
     if dry_run:
-        shown = {name: {"cmd": list(j.cmd) if not isinstance(j.cmd, str) else j.cmd,
-                        "deps": list(j.deps), "outputs": list(j.outputs)}
-                 for name, j in plan.jobs.items()}
-        if as_json:
-            emit_json(shown)
-        else:
-            for name, j in shown.items():
-                deps = ", ".join(j["deps"]) or "-"
-                out.print(f"{name}  <- {deps}", highlight=False)
+        return {"jobs": {name: {"cmd": list(j.cmd) if not isinstance(j.cmd, str) else j.cmd,
+                                "deps": list(j.deps), "outputs": list(j.outputs)}
+                         for name, j in plan.jobs.items()}, "reused": []}
+    return {**ask("emerge", timeout=60.0, text=text), "reused": 0, "built": len(plan.jobs)}
+
+
+def _show_emerge_plan(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(view)
         return
-    build_id = ask("emerge", timeout=60.0, text=text)
-    if wait:
-        status = _follow(build_id, quiet=as_json)
-        if as_json:
-            emit_json(status)
-        if not status["ok"]:
-            raise typer.Exit(1)
-    elif as_json:
-        emit_json({"build": build_id})
-    else:
-        out.print(build_id, highlight=False)
+    for name, j in view["jobs"].items():
+        out.print(f"{name}  <- {', '.join(j['deps']) or '-'}", highlight=False)
+    for cpv in view["reused"]:
+        out.print(f"{cpv}  (reused from the binhost)", highlight=False)
+
+
+def _follow_emerge(build_id: str, quiet: bool) -> dict[str, Any]:
+    """Follow an emerge build package by package: each start, end and failure (with the tail
+    of Portage's output), and how long it took."""
+    started, shown, known = time.monotonic(), {}, None
+    while True:
+        status = ask("build_status", timeout=15.0, build=build_id, wait=5.0, known=known)
+        known = status["progress"]
+        for j in ask("jobs", build=build_id):
+            state = j["state"]
+            if quiet or shown.get(j["job"]) == state or state in ("queued", "assigned"):
+                continue
+            shown[j["job"]] = state
+            cpv = j["job"].replace("_", "/", 1)
+            where = f" on {j['node_name']}" if j["node_name"] else ""
+            took = f" in {j['seconds']:.1f} s" if j.get("seconds") else ""
+            style = {"done": "green", "running": "cyan"}.get(state, "red")
+            err.print(f"[{style}]{state:>9}[/] {cpv}{where}{took}"
+                      + (f": {j['reason']}" if j["reason"] and state != "done" else ""),
+                      highlight=False)
+            if state in ("failed", "blocked") and j["node"]:
+                _print_tail(f"{build_id}/{j['job']}")
+        if status["finished"]:
+            return {"ok": status["ok"], "progress": status["progress"],
+                    "seconds": round(time.monotonic() - started, 3)}
+
+
+def _print_tail(job: str, lines: int = 30) -> None:
+    """The end of a job's output (Portage prints why a build failed last)."""
+    try:
+        info = control.call(state.home, "logs", timeout=10.0, job=job)
+    except (control.ControlError, TimeoutError):
+        return
+    text = info["output"] if info["output"] is not None else info["log_tail"]
+    for line in (text or "").splitlines()[-lines:]:
+        err.print(f"          | {line}", highlight=False, markup=False)
 
 
 @app.command()

@@ -89,6 +89,7 @@ from swarmnode.ledger.jobs import (
     checked,
     in_range,
 )
+from swarmnode.portage.graph import TAG_PREFIX, worker_tags
 from swarmnode.tasks import TaskSet, until
 from swarmnode.views import cores_fact
 from swarmnode.worker import (
@@ -206,13 +207,15 @@ class Builds:
 
     # -- submitting -----------------------------------------------------------------------
 
-    def package(self, plan: Plan, build_id: str) -> SubmitBuild:
+    def package(self, plan: Plan, build_id: str,
+                stored: Mapping[str, str] | None = None) -> SubmitBuild:
         """Store the plan's inputs and job specs here; the entry names them by digest. Each
-        distinct input file and spec is stored and pinned once (jobs often share them)."""
+        distinct input file and spec is stored and pinned once (jobs often share them).
+        `stored` names inputs already in the store (path -> digest)."""
         store = self.node.artifacts.store
         base = plan.base_dir or Path.cwd()
         jobs: list[tuple[str, JobSpec]] = []
-        files: dict[str, str] = {}  # input path -> digest
+        files: dict[str, str] = dict(stored or {})  # input path -> digest
         specs: dict[bytes, str] = {}  # spec bytes -> digest
         for name in topological_order(plan):
             job = plan.jobs[name]
@@ -235,9 +238,9 @@ class Builds:
     async def submit(self, plan_path: Path) -> str:
         return await self.submit_plan(load_plan(plan_path))
 
-    async def submit_plan(self, plan: Plan) -> str:
+    async def submit_plan(self, plan: Plan, stored: Mapping[str, str] | None = None) -> str:
         build_id = f"{plan.name[:40]}-{time.strftime('%H%M%S')}-{os.urandom(3).hex()}"
-        cmd = await asyncio.to_thread(self.package, plan, build_id)  # (fsyncs: not in the loop)
+        cmd = await asyncio.to_thread(self.package, plan, build_id, stored)  # (fsyncs)
         try:
             entry = encode(cmd)
         except EntryError:
@@ -566,7 +569,7 @@ class Builds:
             facts = m.record.facts_dict()
             cores = cores_fact(facts) or 1  # (a fact that is not a positive number: one)
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
-                              str(facts.get("kind", "")), frozenset(), cores=cores,
+                              str(facts.get("kind", "")), worker_tags(facts), cores=cores,
                               paused=(self._paused.get(m.id, 0.0) > now
                                       or m.id in self.ledger.paused),
                               releases=tuple(releases.get(m.id, ()))))
@@ -1053,6 +1056,8 @@ def _op(entry: bytes) -> str | None:
 
 def _unsatisfiable(r: Requires) -> str:
     wants = [f"{k}={v}" for k, v in (("arch", r.arch), ("kind", r.kind)) if v]
-    wants += [f"tag {t}" for t in sorted(r.tags)] + [f"{r.cores} cores"]
+    wants += [f"Portage environment {t.removeprefix(TAG_PREFIX)} (`swarmnode nodes` shows "
+              "which members differ, and in what)" if t.startswith(TAG_PREFIX) else f"tag {t}"
+              for t in sorted(r.tags)] + [f"{r.cores} cores"]
     return "no member can run it (" + ", ".join(wants) + ")"
 

@@ -59,6 +59,8 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.metrics import Metrics
+from swarmnode.portage import host as portage_host
+from swarmnode.portage.service import EmergeService
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
 from swarmnode.push.release import PUSH, SELF_APP, operators
@@ -145,6 +147,10 @@ class Node:
             self.node_config = node_config.load(self.home)
         except node_config.ConfigError as exc:
             raise StartError(str(exc)) from exc
+        try:
+            self.portage = portage_host.find(self.node_config.emerge)
+        except portage_host.PortageError as exc:
+            raise StartError(str(exc)) from exc
         self.config = Config.fast() if opts.fast else Config()
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
@@ -162,6 +168,7 @@ class Node:
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.metrics = Metrics(self)
         self.builds = Builds(self)
+        self.emerge = EmergeService(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -350,6 +357,7 @@ class Node:
                 await task
         await self.discovery.close()
         await self.builds.close()
+        await self.emerge.close()
         await self.push.close()
         await self.worker.close()
         await self.artifacts.close()
@@ -664,11 +672,13 @@ class Node:
             except (PlanError, OSError) as exc:
                 raise control.ControlError(str(exc)) from exc
         if cmd == "emerge":
-            try:
+            if "atoms" in args:
+                return await self.emerge.submit(args["atoms"], bool(args.get("dry_run")))
+            try:  # a saved `emerge --pretend --tree` (jobs ordered by its indentation)
                 plan = plan_from_pretend(str(args.get("text", "")), name="emerge")
             except (EmergeError, PlanError) as exc:
                 raise control.ControlError(str(exc)) from exc
-            return await self.builds.submit_plan(plan)
+            return {"build": await self.builds.submit_plan(plan)}
         if cmd == "set_voters":
             names = [str(n) for n in args.get("nodes", [])]
             chosen = [resolve_node(self.core.members(), n) for n in names]

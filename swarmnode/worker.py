@@ -54,7 +54,14 @@ import msgpack
 from net.transport import Inbound
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.artifacts import is_digest
-from swarmnode.build.executor import Executor, JobResult, JobSpec, RunningJob, Slots
+from swarmnode.build.executor import (
+    DEFAULT_PATH,
+    Executor,
+    JobResult,
+    JobSpec,
+    RunningJob,
+    Slots,
+)
 from swarmnode.build.plan import PlanError, check_name
 from swarmnode.ledger import Fence
 from swarmnode.tasks import TaskSet
@@ -194,7 +201,9 @@ class Worker:
         self.node = node
         cores = int(node.core.record.facts_dict().get("cores", os.cpu_count() or 1))
         self.slots = Slots(cores)
-        self.executor = Executor(node.home / "jobs", slots=self.slots, node=node.id)
+        # (Portage's directory first: a Gentoo Prefix's emerge and its helpers are found)
+        self.executor = Executor(node.home / "jobs", slots=self.slots, node=node.id,
+                                 path=node.portage.path if node.portage else DEFAULT_PATH)
         self.fence = Fence(term=int(node.store.get(FENCE_KEY, 0)))
         self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
         # attempts finished here: a leader re-sending an assignment it has not yet seen
