@@ -1,0 +1,156 @@
+"""Real Gentoo in the namespace lab: `swarmnode emerge` on fresh Portage prefixes, a binhost
+that a client installs from, and the faults a swarm of build machines meets.
+
+    lan1 10.42.0.50  founder, binhost (served on :8080), worker
+    lan2 .51, lan3 .52  workers
+    odd  .53         a worker whose make.conf has other CFLAGS: it must get no emerge job
+    mirror .54       the distfile mirror (an HTTP server whose log counts the downloads)
+    client .55       a Portage prefix without swarmnode: installs from the binhost
+
+Every host's Portage is a fresh prefix (tests/lab/portage.py) with none of the packages; the
+repository is the lab's seven packages (a chain of depth 3, a diamond, a sub-slot dependency,
+a USE flag, a C program from a distfile).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Lab, lan_addr, unavailable_reason
+from tests.lab import portage as portage_lab
+from tests.swarm import (
+    Node,
+    Swarm,
+    lab_swarm_fixture,  # noqa: F401 (the `lab_swarm` fixture)
+)
+
+_REASON = unavailable_reason() or portage_lab.unavailable_reason()
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.timeout(420),
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+]
+
+PORT = 7946
+MIRROR_PORT = 8000
+BINHOST_PORT = 8080
+JOIN_S = 30.0
+WORKERS = ("lan1", "lan2", "lan3")
+HOSTS = (*WORKERS, "odd", "mirror", "client")
+TOP = "app-lab/tool"
+
+
+class EmergeLab:
+    def __init__(self, lab: Lab, swarm: Swarm, root: Path) -> None:
+        self.lab, self.swarm, self.root = lab, swarm, root
+        sw = lab.switch("sw")
+        self.addr = {}
+        for i, host in enumerate(HOSTS, start=1):
+            self.addr[host] = lan_addr(i)
+            lab.connect(lab.host(host), sw, self.addr[host] + "/24")
+        portage_lab.ensure_portage_user()
+        self.repo = portage_lab.write_repo(root / "repo")
+        mirror = portage_lab.write_mirror(root / "mirror")
+        self.mirror = lab.spawn("mirror", [sys.executable, "-m", "http.server", "--bind",
+                                           self.addr["mirror"], "--directory", str(mirror),
+                                           str(MIRROR_PORT)])
+        url = f"http://{self.addr['mirror']}:{MIRROR_PORT}"
+        hosts = [h for h in HOSTS if h != "mirror"]
+        made = portage_lab.make_prefixes([root / "prefix" / h for h in hosts], self.repo,
+                                         mirror=url)
+        self.prefix = dict(zip(hosts, made, strict=True))
+        with self.prefix["odd"].make_conf.open("a") as f:
+            f.write('CFLAGS="-O3 -pipe"\n')
+        self.nodes: dict[str, Node] = {}
+
+    def config(self, node: Node, extra: str = "") -> None:
+        (node.home / "config.toml").write_text(
+            f'emerge = "{self.prefix[node.name].emerge}"\ncores = 2\n{extra}')
+
+    def start(self) -> None:
+        first, token = self.swarm.init("lan1", f"{self.addr['lan1']}:{PORT}", host="lan1")
+        self.config(first, f'roles = ["binhost"]\n'
+                           f'binhost_listen = "{self.addr["lan1"]}:{BINHOST_PORT}"\n')
+        self.swarm.start(first)
+        self.nodes["lan1"] = first
+        for host in ("lan2", "lan3", "odd"):
+            node = self.swarm.add(host, f"{self.addr[host]}:{PORT}", host=host)
+            self.config(node)
+            self.nodes[host] = self.swarm.start(node, token)
+        self.swarm.wait_converged(self.nodes.values(), JOIN_S)
+
+    def emerge(self, node: str = "lan1", *atoms: str) -> dict:
+        res = self.swarm.cli(self.nodes[node], "emerge", *(atoms or (TOP,)), "--wait",
+                             "--json", timeout=300)
+        return json.loads(res.stdout)
+
+    def downloads(self, name: str) -> int:
+        return self.lab.read_log(self.mirror).count(f"GET /distfiles/{name} ")
+
+
+@pytest.fixture(scope="module")
+def elab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from tests.lab import Lab as LabClass
+    from tests.swarm import managed_swarm
+
+    root = tmp_path_factory.mktemp("emerge")
+    with LabClass(prefix="em") as lab, managed_swarm(request, lab) as swarm:
+        e = EmergeLab(lab, swarm, root)
+        e.start()
+        yield e
+
+
+def _client_install(e: EmergeLab, url: str) -> subprocess.CompletedProcess[str]:
+    client = e.prefix["client"]
+    return e.lab.run("client", [str(client.emerge), "--getbinpkgonly", "--color=n", TOP],
+                     env={**client.env(), "PORTAGE_BINHOST": url}, timeout=180)
+
+
+def test_emerge_builds_the_graph_on_fresh_workers_and_a_client_installs_it(elab) -> None:
+    e = elab
+    view = e.emerge()
+    assert view["ok"], view
+    assert view["built"] == 7 and view["reused"] == 0
+    jobs = e.swarm.query(e.nodes["lan1"], "jobs", build=view["build"])
+    assert {j["state"] for j in jobs} == {"done"}
+    ran_on = {j["node_name"] for j in jobs}
+    assert len(ran_on) >= 2 and ran_on <= set(WORKERS), ran_on  # spread, and never on `odd`
+
+    url = e.swarm.query(e.nodes["lan1"], "status")["binhost_url"]
+    assert url == f"http://{e.addr['lan1']}:{BINHOST_PORT}"
+    done = _client_install(e, url)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tool = e.lab.run("client", [str(e.prefix["client"].root / "usr/bin/lab-tool"), "ok"],
+                     env=e.prefix["client"].env())
+    assert "hello from the swarmnode lab (ok)" in tool.stdout, tool
+    assert "b extra" in tool.stdout  # built against libb with USE=extra, through libmid
+    assert e.downloads(portage_lab.DISTFILE) == 1
+
+
+def test_the_second_identical_emerge_builds_nothing(elab) -> None:
+    e = elab
+    started = time.monotonic()
+    view = e.emerge()
+    took = time.monotonic() - started
+    assert view["ok"] and view["build"] is None
+    assert view["built"] == 0 and view["reused"] == 7
+    assert took < 20, took  # seconds, not a rebuild (the benchmark measures it properly)
+    assert e.downloads(portage_lab.DISTFILE) == 1  # the mirror served the archive once
+
+
+def test_a_worker_with_other_cflags_gets_no_emerge_job_and_nodes_says_why(elab) -> None:
+    e = elab
+    members = e.swarm.query(e.nodes["lan1"], "nodes")
+    odd = next(m for m in members if m["name"] == "odd")
+    lan2 = next(m for m in members if m["name"] == "lan2")
+    assert "CFLAGS" in odd["portage_match"], odd["portage_match"]
+    assert lan2["portage_match"] == "same"
+    # an emerge asked on `odd` runs on `odd` alone (nobody else shares its environment)
+    jobs = [j for j in e.swarm.query(e.nodes["lan1"], "jobs") if j["node_name"] == "odd"]
+    assert jobs == []
