@@ -173,7 +173,7 @@ def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
     assert res.returncode == 1 and "blocker" in res.stderr, res.stderr
     # a recorded emerge --tree becomes a plan with the dependency order emerge showed
     plan = swarm.cli_json(first, "emerge", "x", "--dry-run", "--pretend-output",
-                          str(fixtures / "emerge-pretend-tree.txt"))
+                          str(fixtures / "emerge-pretend-tree.txt"))["jobs"]
     image = plan["x11-libs_xcb-util-image-0.4.0"]
     assert image["deps"] == ["x11-libs_xcb-util-0.4.0"]
     assert image["cmd"][-1] == "=x11-libs/xcb-util-image-0.4.0" and "--buildpkgonly" in image["cmd"]
