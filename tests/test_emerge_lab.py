@@ -154,3 +154,58 @@ def test_a_worker_with_other_cflags_gets_no_emerge_job_and_nodes_says_why(elab) 
     # an emerge asked on `odd` runs on `odd` alone (nobody else shares its environment)
     jobs = [j for j in e.swarm.query(e.nodes["lan1"], "jobs") if j["node_name"] == "odd"]
     assert jobs == []
+
+
+SLOW = """# Copyright 2026 swarmnode lab
+# Distributed under the terms of the GNU General Public License v2
+EAPI=8
+DESCRIPTION="Lab package that builds until the test opens a gate"
+HOMEPAGE="https://example.invalid/lab"
+LICENSE="GPL-2"
+KEYWORDS="amd64"
+SLOT="0"
+S=${{WORKDIR}}
+DEPEND="app-lab/libbase"
+
+src_compile() {{
+	touch "{started}/$$" || die
+	while [ ! -e "{gate}" ]; do sleep 0.05; done
+	cat "${{ESYSROOT}}"/usr/share/libbase/base.txt > slow.txt || die
+}}
+src_install() {{ insinto /usr/share/slow; doins slow.txt; }}
+"""
+
+
+def test_a_worker_killed_mid_emerge_has_its_package_rebuilt_elsewhere(elab) -> None:
+    e = elab
+    started, gate = e.root / "slow-started", e.root / "slow-gate"
+    started.mkdir()
+    ebuild = e.repo / "app-lab/slow/slow-1.0.ebuild"
+    ebuild.parent.mkdir(parents=True)
+    ebuild.write_text(SLOW.format(started=started, gate=gate))
+    lan1 = e.nodes["lan1"]
+    e.swarm.cli(lan1, "pause", "lan1")  # the victim is a plain worker: lan2 or lan3
+    try:
+        view = json.loads(e.swarm.cli(lan1, "emerge", "app-lab/slow", "--json",
+                                      timeout=120).stdout)
+        assert view["built"] == 1 and view["reused"] == 1  # libbase came from the binhost
+        build = view["build"]
+
+        def running_on() -> str | None:
+            jobs = e.swarm.query(lan1, "jobs", build=build)
+            return (jobs[0]["node_name"] if jobs and jobs[0]["state"] == "running"
+                    and any(started.iterdir()) else None)
+
+        victim = e.swarm.wait_for(running_on, 120, "the slow package builds on a worker")
+        assert victim in ("lan2", "lan3")
+        e.swarm.kill9(e.nodes[victim])
+        e.lab.crash(victim)  # its emerge too: the machine is gone
+        gate.touch()
+        status = e.swarm.wait_for(
+            lambda: (s := e.swarm.query(lan1, "build_status", build=build))["finished"] and s,
+            180, "the package is built again elsewhere")
+        assert status["ok"], status
+        job = e.swarm.query(lan1, "jobs", build=build)[0]
+        assert job["node_name"] not in (victim, "lan1", "odd") and job["attempt"] >= 2, job
+    finally:
+        e.swarm.cli(lan1, "resume", "lan1")

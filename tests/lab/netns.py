@@ -433,6 +433,13 @@ class Lab:
                 proc.kill()
         return proc.wait(timeout=timeout)
 
+    def crash(self, host: HostRef) -> None:
+        """A host losing power: SIGKILL every process in its namespace (a node and the jobs
+        it started in their own process groups alike)."""
+        errors = _kill_netns_pids(self.netns(host))
+        if errors:
+            raise LabError("; ".join(errors))
+
     def log_path(self, proc: subprocess.Popen[bytes]) -> Path:
         """Where a spawned process's output goes."""
         return self._logs[proc.pid]
