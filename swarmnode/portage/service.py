@@ -23,7 +23,14 @@ from swarmnode.artifact_service import ArtifactError
 from swarmnode.build.emerge import EmergeError, Package, parse_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.control import ControlError
-from swarmnode.portage.graph import Graph, Reused, emerge_plan, read_graph
+from swarmnode.portage.graph import (
+    TAG_PREFIX,
+    Graph,
+    Reused,
+    emerge_plan,
+    read_graph,
+    worker_tags,
+)
 from swarmnode.portage.host import PortageError, PortageHost
 from swarmnode.tasks import until
 
@@ -96,6 +103,7 @@ class EmergeService:
         if fingerprint is None:
             raise ControlError("this node's build environment is not known yet (emerge --info "
                                "failed or is still running): see the node's log")
+        self._check_matching_worker(fingerprint.hash)
         packages = await self.pretend(check_atoms(atoms))
         merged = [p for p in packages if not p.nomerge and not p.binary]
         if not merged:
@@ -122,6 +130,16 @@ class EmergeService:
         build_id = await self.node.builds.submit_plan(plan, stored)
         self._spawn(self._remember_times(build_id))
         return Submitted(build_id, len(packages), len(plan.jobs), len(reused)).plain()
+
+    def _check_matching_worker(self, fingerprint: str) -> None:
+        """Fail now, not with every job blocked, when no member can build for this node."""
+        tag = TAG_PREFIX + fingerprint
+        for m in self.node.core.members():
+            if (m.admitted_by is not None and m.state == "alive" and m.record is not None
+                    and tag in worker_tags(m.record.facts_dict())):
+                return
+        raise ControlError(f"no alive member has this node's build environment ({fingerprint})"
+                           ": `swarmnode nodes` shows how each differs")
 
     async def _reused(self, graph: Graph, abi: str) -> dict[str, Reused]:
         """The packages a binhost has for this environment, fetched here so that jobs get
