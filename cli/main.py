@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.bootstrap import bootstrap
@@ -22,6 +23,7 @@ from swarmnode import cluster, control
 from swarmnode import home as homes
 from swarmnode import token as tokens
 from swarmnode.identity import IdentityError, is_node_id, load_or_create
+from swarmnode.portage.fingerprint import describe
 
 app = typer.Typer(
     add_completion=False,
@@ -182,7 +184,8 @@ def nodes(as_json: JsonOpt = False) -> None:
         emit_json(members)
         return
     table = Table(title=f"{len(members)} nodes")
-    for col in ("id", "name", "state", "addresses", "observed", "kind", "arch", "cores", "ver"):
+    for col in ("id", "name", "state", "addresses", "observed", "kind", "arch", "cores", "ver",
+                "portage"):
         table.add_column(col)
     for m in members:
         style = {"pending": "yellow", "dead": "red", "suspect": "magenta", "banned": "red"}
@@ -197,8 +200,31 @@ def nodes(as_json: JsonOpt = False) -> None:
             str(m["arch"] or "-"),
             str(m["cores"] or "-"),
             str(m["version"] or "-") + (f" @{m['release'][:8]}" if m.get("release") else ""),
+            describe(m.get("portage_differs")),
         )
     out.print(table)
+
+
+@app.command("portage-env")
+def portage_env(
+    node: Annotated[str | None, typer.Argument(
+        help="another member (name, id or unique id prefix); default: this node")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The Portage build environment behind a node's fingerprint, readable: this node's, or
+    NODE's (asked over the swarm) with the keys that differ from this node's."""
+    info = ask("portage_env", **({"node": node} if node else {}))
+    if as_json:
+        emit_json(info)
+        return
+    if info["values"] is None:
+        fail(f"{info['name']} states no Portage fingerprint (no Portage, or not probed yet)")
+    for key, value in sorted(info["values"].items()):
+        out.print(f"[bold]{key:>16}[/bold]  {escape(value)}", highlight=False)
+    if node:
+        differs = info["differs"]
+        out.print("\ncompared with this node: " + (describe(differs) if differs is not None
+                  else "nothing to compare (this node states no fingerprint)"), highlight=False)
 
 
 @app.command()

@@ -60,6 +60,8 @@ from swarmnode.membership import (
 )
 from swarmnode.metrics import Metrics
 from swarmnode.portage import host as portage_host
+from swarmnode.portage.env import PortageEnv
+from swarmnode.portage.fingerprint import Fingerprint
 from swarmnode.portage.service import EmergeService
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
@@ -147,11 +149,12 @@ class Node:
             self.node_config = node_config.load(self.home)
         except node_config.ConfigError as exc:
             raise StartError(str(exc)) from exc
-        try:
+        self.config = Config.fast() if opts.fast else Config()
+        try:  # this node's Portage (None: not a Gentoo host); portage_env probes it
             self.portage = portage_host.find(self.node_config.emerge)
         except portage_host.PortageError as exc:
             raise StartError(str(exc)) from exc
-        self.config = Config.fast() if opts.fast else Config()
+        self.portage_env = PortageEnv(self)
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
         self.heard_member = False  # a member's gossip has reached us since we started
@@ -229,6 +232,11 @@ class Node:
     @property
     def admitted(self) -> bool:
         return bool(self.store.get("admitted"))
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """This node's Portage build environment (None: no Portage, or not probed yet)."""
+        return self.portage_env.fingerprint
 
     def _make_core(self) -> Membership:
         now = self.clock()
@@ -308,7 +316,8 @@ class Node:
                  asyncio.ensure_future(self.leadership.run()),
                  asyncio.ensure_future(self.worker.run()),
                  asyncio.ensure_future(self.builds.run()),
-                 asyncio.ensure_future(self.push.run())]
+                 asyncio.ensure_future(self.push.run()),
+                 asyncio.ensure_future(self.portage_env.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -541,7 +550,8 @@ class Node:
             return
         # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
         # and actions judge outsiders themselves, to list them as pending or to answer them).
-        for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership):
+        for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership,
+                        self.portage_env):
             if service.handles(env.type):
                 if self.is_admitted_member(env.sender):
                     service.on_message(inbound)
@@ -653,6 +663,8 @@ class Node:
             address = args.get("address")
             return self.actions.request(target, cmd, argv, bool(args.get("force")),
                                         str(address) if address else None)
+        if cmd == "portage_env":
+            return await self.portage_env.command(args)
         if cmd in BUILD_COMMANDS:
             return await self._build_command(cmd, args)
         if cmd in PUSH_COMMANDS:

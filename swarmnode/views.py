@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from net.addresses import host_of
 from swarmnode.control import ControlError
+from swarmnode.portage.fingerprint import compare_facts
 
 if TYPE_CHECKING:
     from swarmnode.membership import MemberView
@@ -37,7 +38,9 @@ def cores_online_total(members: Iterable[MemberView]) -> tuple[int, int]:
 
 def member_view(node: Node, m: MemberView) -> dict[str, Any]:
     """One `swarmnode nodes --json` entry. `addresses` are as the member reports them
-    (signed); `observed` is only where this node saw its traffic come from."""
+    (signed); `observed` is only where this node saw its traffic come from.
+    `portage_differs`: the Portage keys that differ from this node's ([] the same, None when
+    either states no fingerprint)."""
     facts = m.record.facts_dict() if m.record else {}
     seen = node.observed.get(m.id)
     return {
@@ -56,6 +59,7 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "release": str(facts.get("rel.swarmnode", "")).partition("@")[0] or None,
         "ssh_keys": str(facts.get("ssh_keys", "")).split(),
         "roles": [r for r in str(facts.get("roles", "")).split(",") if r],
+        "portage_differs": compare_facts(node.core.record.facts_dict(), facts),
         "admitted_by": m.admitted_by,
         "leader": m.id == node.leadership.leader,
         "voter": m.id in node.leadership.core.voters,
