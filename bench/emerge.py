@@ -84,7 +84,7 @@ def through_swarm(prefix: lab.Prefix, work: Path) -> tuple[float, float]:
             f'emerge = "{prefix.emerge}"\ncores = 1\nroles = ["binhost"]\n'
             f'binhost_listen = "127.0.0.1:{free_port()}"\n')
         swarm.start(node)
-        swarm.wait_for(lambda: swarm.query(node, "status").get("portage_ready"), 60,
+        swarm.wait_for(lambda: swarm.query(node, "status")["portage"], 60,
                        "the node knows its Portage")
         times = []
         for expect in (7, 0):

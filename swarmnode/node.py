@@ -771,6 +771,8 @@ class Node:
             "release": self.push.releases.current(SELF_APP),
             "pid": os.getpid(),
             "ready": self.ready,
+            # this node's build environment once probed (None: no Portage, or not yet)
+            "portage": self.fingerprint.hash if self.fingerprint else None,
             "uptime_s": round(time.time() - self.started, 1),
             "members_saved": self.members_saved,
             "drops": self.drop_counts(),

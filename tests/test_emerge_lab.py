@@ -84,6 +84,10 @@ class EmergeLab:
             self.config(node)
             self.nodes[host] = self.swarm.start(node, token)
         self.swarm.wait_converged(self.nodes.values(), JOIN_S)
+        self.swarm.wait_for(  # every node's build environment probed and known at lan1
+            lambda: all(m["portage_differs"] is not None
+                        for m in self.swarm.query(first, "nodes")), JOIN_S,
+            "every node states its Portage environment")
 
     def emerge(self, node: str = "lan1", *atoms: str) -> dict:
         res = self.swarm.cli(self.nodes[node], "emerge", *(atoms or (TOP,)), "--wait",
