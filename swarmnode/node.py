@@ -35,6 +35,7 @@ from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
 from swarmnode.artifact_service import ArtifactService
+from swarmnode.binhost_service import BinhostService
 from swarmnode.build.emerge import EmergeError, plan_from_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
@@ -59,6 +60,7 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.metrics import Metrics
+from swarmnode.portage.host import PortageError, find
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
 from swarmnode.push.release import PUSH, SELF_APP, operators
@@ -145,6 +147,11 @@ class Node:
             self.node_config = node_config.load(self.home)
         except node_config.ConfigError as exc:
             raise StartError(str(exc)) from exc
+        try:
+            self.portage = find(self.node_config.emerge)
+        except PortageError as exc:
+            raise StartError(str(exc)) from exc
+        self.binhost = BinhostService(self)  # (its URL is a fact of the record made next)
         self.config = Config.fast() if opts.fast else Config()
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
@@ -234,6 +241,7 @@ class Node:
         facts["ledger"] = LEDGER_FORMAT
         facts.update(self._ssh_facts())
         facts.update(release_facts(self.push.releases))
+        facts.update(self.binhost.facts())
         self.kind = str(facts["kind"])
         record = make_record(
             self.identity, self.id, incarnation, self.name, self.addresses,
@@ -289,6 +297,7 @@ class Node:
             self.store.close()
             raise StartError(f"cannot listen on {self.listen}: {exc}") from exc
         await self._serve_http()
+        await self.binhost.start()
         self.event("node_started", {"id": self.id, "name": self.name,
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
@@ -350,6 +359,7 @@ class Node:
                 await task
         await self.discovery.close()
         await self.builds.close()
+        await self.binhost.close()
         await self.push.close()
         await self.worker.close()
         await self.artifacts.close()
@@ -533,7 +543,8 @@ class Node:
             return
         # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
         # and actions judge outsiders themselves, to list them as pending or to answer them).
-        for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership):
+        for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership,
+                        self.binhost):
             if service.handles(env.type):
                 if self.is_admitted_member(env.sender):
                     service.on_message(inbound)
@@ -760,6 +771,7 @@ class Node:
             "energy_kwh": round(self.power.joules / 3.6e6, 6),
             **self._cluster_power(),
             "dashboard": self.http.url(),
+            **self.binhost.status(),
         }
 
 
