@@ -241,7 +241,7 @@ class BinhostHttp:
         if request.method not in ("GET", "HEAD"):
             raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
         path = await asyncio.to_thread(served_file, self.root,
-                                       request.message.path.partition("?")[0])
+                                       request.raw_path.partition("?")[0])
         if path is None:
             raise web.HTTPNotFound()
         try:
