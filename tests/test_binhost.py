@@ -11,7 +11,12 @@ import pytest
 
 from net.transport import Inbound
 from net.wire import PROTOCOL_VERSION, DropCounter, Envelope
-from swarmnode.binhost_service import BINHOST_QUERY, BINHOST_REPLY, BinhostService
+from swarmnode.binhost_service import (
+    BINHOST_QUERY,
+    BINHOST_REPLY,
+    BinhostService,
+    query_binhost,
+)
 from swarmnode.config import ConfigError, NodeConfig, parse
 from swarmnode.portage.binhost import (
     MAX_QUERY_KEYS,
@@ -167,3 +172,31 @@ async def test_without_portage_a_package_is_kept_and_the_lack_of_an_index_said(
                                                            D1)}
     assert (await service.binhost.prune()).removed == ()
     service.binhost.catalog.close()
+
+
+class _Requests:
+    """A node's `builds._request` toward a binhost whose catalog is `known`."""
+
+    def __init__(self, known: dict[str, list[str]], answer: bool = True) -> None:
+        self.known, self.answer, self.asked = known, answer, []
+
+    async def _request(self, peer: str, msg_type: str, body: dict, timeout: float):
+        self.asked.append((peer, msg_type, len(body["keys"])))
+        if not self.answer:
+            return None
+        return {"binhost": True, "found": {k: self.known[k] for k in body["keys"]
+                                           if k in self.known} | {"never-asked": ["a/b", D1]}}
+
+
+async def test_query_binhost_splits_long_lists_and_keeps_valid_answers() -> None:
+    keys = [f"k{i}" for i in range(MAX_QUERY_KEYS + 5)] + ["", "x" * 300]
+    requests = _Requests({"k1": ["a/b/b-1-1.gpkg.tar", D1], "k2001": ["c/d/d-2-1.gpkg.tar", D2],
+                          "k3": ["../escape", D3]})
+    node = SimpleNamespace(builds=requests, member_name=lambda peer: peer)
+    got = await query_binhost(node, "binhost-id", keys, timeout=5)  # type: ignore[arg-type]
+    assert got == {"k1": ("a/b/b-1-1.gpkg.tar", D1), "k2001": ("c/d/d-2-1.gpkg.tar", D2)}
+    assert requests.asked == [("binhost-id", BINHOST_QUERY, MAX_QUERY_KEYS),
+                              ("binhost-id", BINHOST_QUERY, 5)]
+    silent = SimpleNamespace(builds=_Requests({}, answer=False), member_name=lambda p: p)
+    with pytest.raises(BinhostError, match="did not answer"):
+        await query_binhost(silent, "binhost-id", ["k1"], timeout=0.1)  # type: ignore[arg-type]
