@@ -46,6 +46,7 @@ import msgpack
 
 from net.transport import Inbound
 from swarmnode.artifact_service import ArtifactError
+from swarmnode.binhost_service import BINHOST_REPLY
 from swarmnode.build.plan import Plan, Requires, load_plan, topological_order
 from swarmnode.build.schedule import Ready, Slot, assign, bottom_levels, satisfiable
 from swarmnode.control import ControlError
@@ -117,7 +118,7 @@ _Item = tuple[Any, str | None, Any]
 log = logging.getLogger(__name__)
 
 PROPOSE, PROPOSE_REPLY = "ledger.propose", "ledger.propose_reply"
-TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY})
+TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY, BINHOST_REPLY})
 #: A running job missing from its worker's held list is requeued only when it was reported
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
@@ -134,8 +135,6 @@ PROGRESS_S = 0.25
 BREAKER_FAILURES = 3
 PAUSE_S = 300.0
 SPEC_VERSION = 1
-#: What a binhost collects: Portage's binary package formats (xpak-era and GPKG).
-BINARY_PACKAGES = (".tbz2", ".xpak", ".gpkg.tar")
 #: A forwarded proposal: the entry and its request id.
 MAX_PROPOSAL = MAX_ENTRY + 1024
 #: Bytes of commands gathered into one `batch` entry (the log takes entries up to 896 KiB).
@@ -341,7 +340,7 @@ class Builds:
             return
         if env.type == PROPOSE:
             self._spawn(self._on_propose(inbound, body))
-        elif env.type in (PROPOSE_REPLY, LOG_REPLY):
+        elif env.type in (PROPOSE_REPLY, LOG_REPLY, BINHOST_REPLY):
             rid = body.get("rid")
             fut = self._replies.get(rid) if isinstance(rid, bytes) else None
             if fut is not None and not fut.done():
@@ -716,8 +715,8 @@ class Builds:
             build = self.ledger.build(job.build_id) if job else None
             if job and build and build.submitter == self.node.id:
                 self._spawn(self._keep_artifacts(job))
-            if job and "binhost" in self.node.node_config.roles:
-                self._spawn(self._collect_packages(job))
+            if job:
+                self.node.binhost.on_job_done(job)
         if ev.kind == "submitted" and self.leading:  # (a forwarded build's are on their way)
             build_id = str(ev.data.get("build_id"))
             self._spawn(self._fetch_specs(self.ledger.jobs(build_id)))
@@ -862,31 +861,12 @@ class Builds:
                 self.node.event("artifact_missing", {"job": job.key, "digest": digest,
                                                      "error": str(exc)[:200]})
 
-    @property
-    def binhost_dir(self) -> Path:
-        configured = self.node.node_config.binhost_dir
-        return Path(configured) if configured else self.node.home / "binhost"
-
-    async def _collect_packages(self, job: Job) -> None:
-        """The binhost role: every binary package a job produced goes to `binhost_dir` at its
-        path below the job's PKGDIR (`binpkgs/` for emerge jobs): CAT/PF.tbz2 or
-        CAT/PN/PF-N.gpkg.tar, the layouts Portage reads. Regenerate the `Packages` index with
-        `PKGDIR=<binhost_dir> emaint binhost --fix` on a Gentoo host to serve it as
-        PORTAGE_BINHOST."""
-        for path, digest in job.artifacts:
-            if not path.endswith(BINARY_PACKAGES):
-                continue
-            try:
-                await self.node.artifacts.fetch(digest, [job.node] if job.node else [])
-            except ArtifactError as exc:
-                self.node.event("artifact_missing", {"job": job.key, "digest": digest,
-                                                     "error": str(exc)[:200]})
-                continue
-            rel = path.removeprefix("binpkgs/")
-            dest = self.binhost_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
-            self.node.artifacts.store.pin(digest, "binhost")
+    async def job_env(self, job: Job) -> dict[str, str]:
+        """The env of a job's spec (fetched from its submitter if not cached here); empty
+        when the spec cannot be had."""
+        await self._fetch_specs([job])
+        env = self._specs.get(job.spec.spec_hash, {}).get("env")
+        return dict(env) if isinstance(env, dict) else {}
 
     # -- queries and commands -------------------------------------------------------------
 

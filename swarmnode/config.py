@@ -39,6 +39,11 @@ HTTP_READ_PATHS = ("/", "/metrics", "/api/status", "/api/state", "/api/stream", 
 
 #: Roles a node can take on besides building: a binhost keeps every binary package.
 ROLES = ("binhost",)
+#: Builds a binhost keeps per package (CAT/PN:SLOT): the newest for today, the one before for
+#: a machine not yet updated, one more for a second USE variant; more is disk for rare rollbacks.
+DEFAULT_BINHOST_KEEP = 3
+MAX_BINHOST_KEEP = 1000
+_GPG_KEY = re.compile(r"[0-9A-Fa-f]{8,40}")
 
 #: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
 MAX_HOPS = 8
@@ -66,6 +71,13 @@ class NodeConfig:
     cores: int | None = None  # cores offered to builds (default: those this process may use)
     roles: tuple[str, ...] = ()  # "binhost": collect every binary package built by the swarm
     binhost_dir: str | None = None  # where the binhost keeps them (default <home>/binhost)
+    # HOST:PORT of the binhost's read-only HTTP listener for Portage clients (none: not served)
+    binhost_listen: str | None = None
+    binhost_keep: int = DEFAULT_BINHOST_KEEP
+    # the swarm's GPG key (a GnuPG home holding its secret key, and the key's id or
+    # fingerprint): the binhost signs every gpkg with it before indexing; both or neither
+    binhost_gpg_home: str | None = None
+    binhost_gpg_key: str | None = None
     # the Portage this node builds with: its `emerge` (default: the one on the node's PATH
     # at start, so a plain Gentoo host needs nothing; name a Gentoo Prefix's here)
     emerge: str | None = None
@@ -125,7 +137,8 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-_TOP = {"kind", "cores", "roles", "binhost_dir", "emerge", "reboot_command", "restart_command",
+_TOP = {"kind", "cores", "roles", "binhost_dir", "binhost_listen", "binhost_keep",
+        "binhost_gpg_home", "binhost_gpg_key", "emerge", "reboot_command", "restart_command",
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
         "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
@@ -153,6 +166,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         cores=cores,
         roles=roles,
         binhost_dir=_opt_str(raw, "binhost_dir", ""),
+        **_binhost(raw),
         emerge=_opt_str(raw, "emerge", ""),
         reboot_command=_command(raw, "reboot_command", DEFAULT_REBOOT),
         restart_command=_command(raw, "restart_command", DEFAULT_RESTART),
@@ -166,6 +180,28 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
         ssh=_ssh(raw.get("ssh", {})),
     )
+
+
+def _binhost(raw: dict[str, Any]) -> dict[str, Any]:
+    """binhost_listen (HOST:PORT, a port given), binhost_keep, binhost_gpg_home and
+    binhost_gpg_key (both or neither; the key as a hex id or fingerprint)."""
+    listen = _opt_str(raw, "binhost_listen", "")
+    if listen is not None:
+        try:
+            split_hostport(listen)  # no default: the port must be given
+        except ValueError as exc:
+            raise ConfigError(f"binhost_listen: {exc} (give HOST:PORT)") from None
+    keep = raw.get("binhost_keep", DEFAULT_BINHOST_KEEP)
+    if type(keep) is not int or not 1 <= keep <= MAX_BINHOST_KEEP:
+        raise ConfigError(f"binhost_keep: must be an integer from 1 to {MAX_BINHOST_KEEP}, "
+                          f"got {keep!r}")
+    home, key = _opt_str(raw, "binhost_gpg_home", ""), _opt_str(raw, "binhost_gpg_key", "")
+    if (home is None) != (key is None):
+        raise ConfigError("binhost_gpg_home and binhost_gpg_key: set both or neither")
+    if key is not None and not _GPG_KEY.fullmatch(key):
+        raise ConfigError(f"binhost_gpg_key: a key id or fingerprint in hex, got {key!r}")
+    return {"binhost_listen": listen, "binhost_keep": keep, "binhost_gpg_home": home,
+            "binhost_gpg_key": key}
 
 
 def _ssh(raw: Any) -> SshSettings:

@@ -35,6 +35,7 @@ from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
 from swarmnode.artifact_service import ArtifactService
+from swarmnode.binhost_service import BinhostService
 from swarmnode.build.emerge import EmergeError, plan_from_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
@@ -155,6 +156,7 @@ class Node:
         except portage_host.PortageError as exc:
             raise StartError(str(exc)) from exc
         self.portage_env = PortageEnv(self)
+        self.binhost = BinhostService(self)  # (its URL is a fact of the record made next)
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
         self.heard_member = False  # a member's gossip has reached us since we started
@@ -249,6 +251,7 @@ class Node:
         facts["ledger"] = LEDGER_FORMAT
         facts.update(self._ssh_facts())
         facts.update(release_facts(self.push.releases))
+        facts.update(self.binhost.facts())
         self.kind = str(facts["kind"])
         record = make_record(
             self.identity, self.id, incarnation, self.name, self.addresses,
@@ -304,6 +307,7 @@ class Node:
             self.store.close()
             raise StartError(f"cannot listen on {self.listen}: {exc}") from exc
         await self._serve_http()
+        await self.binhost.start()
         self.event("node_started", {"id": self.id, "name": self.name,
                                     "addresses": list(self.addresses), "version": __version__})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
@@ -367,6 +371,7 @@ class Node:
         await self.discovery.close()
         await self.builds.close()
         await self.emerge.close()
+        await self.binhost.close()
         await self.push.close()
         await self.worker.close()
         await self.artifacts.close()
@@ -551,7 +556,7 @@ class Node:
         # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
         # and actions judge outsiders themselves, to list them as pending or to answer them).
         for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership,
-                        self.portage_env):
+                        self.portage_env, self.binhost):
             if service.handles(env.type):
                 if self.is_admitted_member(env.sender):
                     service.on_message(inbound)
@@ -784,6 +789,7 @@ class Node:
             "energy_kwh": round(self.power.joules / 3.6e6, 6),
             **self._cluster_power(),
             "dashboard": self.http.url(),
+            **self.binhost.status(),
         }
 
 

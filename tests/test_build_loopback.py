@@ -21,6 +21,7 @@ from swarmnode.builds import PROPOSE, PROPOSE_REPLY
 from swarmnode.ledger import JobSpec, Requeue, SubmitBuild, encode
 from swarmnode.worker import unpack_map
 from tests.attacker import Attacker
+from tests.ports import free_port
 from tests.swarm import (
     Node,
     Swarm,
@@ -269,7 +270,9 @@ def test_the_binhost_collects_binary_packages_in_portage_layout(
     host = swarm.add("bin", loopback_addr(2))
     binhost = tmp_path / "binhost"
     host.home.mkdir(parents=True, exist_ok=True)
-    (host.home / "config.toml").write_text(f'roles = ["binhost"]\nbinhost_dir = "{binhost}"\n')
+    listen = f"{loopback_addr(2).split(':')[0]}:{free_port(loopback_addr(2).split(':')[0])}"
+    (host.home / "config.toml").write_text(f'roles = ["binhost"]\nbinhost_dir = "{binhost}"\n'
+                                           f'binhost_listen = "{listen}"\n')
     swarm.start(first)
     swarm.start(host, token)
     swarm.wait_converged([first, host], JOIN_S)
@@ -290,6 +293,15 @@ def test_the_binhost_collects_binary_packages_in_portage_layout(
         "bar-2.1-1.gpkg.tar", "foo-1.0.tbz2"]  # packages only, not the log
     members = {m["name"]: m for m in swarm.cli_json(first, "nodes")}
     assert (members["bin"]["roles"], members["n1"]["roles"]) == (["binhost"], [])
+    assert swarm.query(host, "status")["binhost_url"] == f"http://{listen}"
+    assert "binhost_url" not in swarm.query(first, "status")
+    # no Portage on PATH here: the packages are kept, and the missing index is said
+    def failed() -> list[dict]:
+        return [e for e in swarm.query(host, "events", limit=200)
+                if e["kind"] == "binhost_ingest_failed"]
+
+    swarm.wait_for(lambda: len(failed()) == 2, JOIN_S, "both ingests reported")
+    assert all("no Packages index" in e["error"] for e in failed())
 
 
 def test_kill_9_of_a_worker_mid_job_reassigns_its_job_after_death_is_confirmed(

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from swarmnode.artifact_service import ArtifactError
+from swarmnode.binhost_service import query_binhost
 from swarmnode.build.emerge import EmergeError, Package, parse_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.control import ControlError
+from swarmnode.portage.binhost import BinhostError
 from swarmnode.portage.graph import (
     TAG_PREFIX,
     Graph,
@@ -32,6 +34,7 @@ from swarmnode.portage.graph import (
     worker_tags,
 )
 from swarmnode.portage.host import PortageError, PortageHost
+from swarmnode.push.release import BUILD
 from swarmnode.tasks import until
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ MAX_ATOMS = 1000
 #: this holds several versions of each; the oldest are forgotten first.
 MAX_TIMES = 20_000
 TIMES_KEY = "emerge_seconds"
+#: How long a binhost may take to answer which packages it has (a lookup in its SQLite).
+QUERY_S = 10.0
 #: How long a build's times are waited for: a @world can run for days.
 WATCH_S = 14 * 86400.0
 
@@ -141,16 +146,26 @@ class EmergeService:
         raise ControlError(f"no alive member has this node's build environment ({fingerprint})"
                            ": `swarmnode nodes` shows how each differs")
 
+    def binhosts(self) -> list[str]:
+        """The members whose binhost catalog is believed: alive admitted members stating a
+        `binhost` fact and holding the `build` right. A binhost's answer decides what workers
+        install, which is what a build's jobs can do anyway; a member without that right (a
+        forgotten container) claiming to be a binhost is not asked."""
+        builders = self.node.rights.holders(BUILD)
+        return sorted(m.id for m in self.node.core.members()
+                      if m.admitted_by is not None and m.state == "alive" and m.id in builders
+                      and m.record is not None and m.record.facts_dict().get("binhost"))
+
     async def _reused(self, graph: Graph, abi: str) -> dict[str, Reused]:
         """The packages a binhost has for this environment, fetched here so that jobs get
         them from this node (and from the binhost) by digest."""
         keys = {info.key(abi): cpv for cpv, info in graph.packages.items()}
         found: dict[str, Reused] = {}
-        for binhost in self.node.binhost_members():
+        for binhost in self.binhosts():
             try:
-                have = await self.node.binhost.query(binhost, list(keys))
-            except (ControlError, OSError, TimeoutError) as exc:
-                log.warning("binhost %s did not answer: %s", binhost[:12], exc)
+                have = await query_binhost(self.node, binhost, list(keys), QUERY_S)
+            except BinhostError as exc:
+                log.warning("binhost %s: %s", self.node.member_name(binhost), exc)
                 continue
             for key, (path, digest) in have.items():
                 if key in keys and keys[key] not in found:
