@@ -214,6 +214,8 @@ def emerge_plan(
             env={"SWARMNODE_PACKAGE_KEY": info.key(abi)},
         )
     plan = Plan(name=name, jobs=jobs)
+    if not jobs:  # every package reused: nothing to build (and no plan to check)
+        return plan, stored
     try:
         return validate_plan(plan), stored
     except PlanError as exc:
