@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
-import io
-import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +25,12 @@ from tests.lab.portage import (
     Prefix,
     ensure_portage_user,
     make_prefixes,
+    reindex_entry,
+    signing_key,
+    tamper,
+    trust,
     unavailable_reason,
+    verifying_env,
     write_repo,
 )
 
@@ -223,57 +226,10 @@ async def test_retention_removes_the_oldest_build_and_reindexes(lab: Lab) -> Non
     catalog.close()
 
 
-def _gpg(home: Path, *argv: str, stdin: bytes | None = None) -> bytes:
-    done = subprocess.run(["gpg", "--homedir", str(home), "--batch", *argv], input=stdin,
-                          capture_output=True, timeout=60, check=True)
-    return done.stdout
-
-
-def _tamper(package: Path) -> None:
-    """Change one digest in the package's signed Manifest (the size stays the same)."""
-    tampered = package.with_suffix(".tampered")
-    with tarfile.open(package) as old, tarfile.open(tampered, "w", format=old.format) as new:
-        for member in old.getmembers():
-            data = old.extractfile(member).read()  # type: ignore[union-attr]
-            if member.name.endswith("/Manifest"):
-                at = data.index(b"SHA512 ") + len(b"SHA512 ")
-                data = data[:at] + (b"0" if data[at:at + 1] != b"0" else b"1") + data[at + 1:]
-            new.addfile(member, io.BytesIO(data))
-    os.replace(tampered, package)
-
-
-def _reindex_entry(root: Path, path: str) -> None:
-    """Make the index agree with the file again (as one who can write the binhost could), and
-    bump its TIMESTAMP so the client reads it."""
-    data = (root / path).read_bytes()
-    text = (root / "Packages").read_text()
-    header, _, body = text.partition("\n\n")
-    stamp = next(int(x.split(": ")[1]) for x in header.splitlines() if x.startswith("TIMESTAMP"))
-    header = header.replace(f"TIMESTAMP: {stamp}", f"TIMESTAMP: {stamp + 10}")
-    blocks = body.split("\n\n")
-    for i, block in enumerate(blocks):
-        if f"PATH: {path}" in block:
-            lines = [f"MD5: {hashlib.md5(data).hexdigest()}" if ln.startswith("MD5:") else
-                     f"SHA1: {hashlib.sha1(data).hexdigest()}" if ln.startswith("SHA1:") else ln
-                     for ln in block.splitlines()]
-            blocks[i] = "\n".join(lines)
-    (root / "Packages").write_text(header + "\n\n" + "\n\n".join(blocks))
-    (root / "Packages.gz").unlink(missing_ok=True)
-
-
 async def test_signed_packages_install_and_a_tampered_one_is_refused(lab: Lab) -> None:
-    home = lab.root / "swarm-gnupg"
-    home.mkdir(mode=0o700)
-    _gpg(home, "--passphrase", "", "--quick-gen-key", "swarm binhost <binhost@lab.invalid>",
-         "ed25519", "sign", "never")
-    fingerprint = next(line.split(":")[9] for line in _gpg(
-        home, "--list-keys", "--with-colons").decode().splitlines() if line.startswith("fpr"))
-    # the client's keyring: the swarm's public key, trusted (what getuto sets up on Gentoo)
-    keyring = lab.root / "client-gnupg"
-    keyring.mkdir(mode=0o700)
-    _gpg(keyring, "--import", stdin=_gpg(home, "--export", "--armor", fingerprint))
-    _gpg(keyring, "--import-ownertrust", stdin=f"{fingerprint}:6:\n".encode())
-    _gpg(keyring, "--check-trustdb")  # Portage verifies with --no-auto-check-trustdb
+    home, keyring = lab.root / "swarm-gnupg", lab.root / "client-gnupg"
+    fingerprint = signing_key(home)
+    trust(keyring, home, fingerprint)  # the client's keyring (what getuto sets up on Gentoo)
     root = lab.root / "signed"
     catalog = Catalog(lab.root / "signed.db")
     binhost = Binhost(root, lab.binhost_host, catalog, keep=3,
@@ -283,17 +239,14 @@ async def test_signed_packages_install_and_a_tampered_one_is_refused(lab: Lab) -
         assert any(n.endswith("image.tar.zst.sig") for n in package.getnames())
     http = BinhostHttp(root)
     _host, port = await http.start("127.0.0.1:0")
-    client_env = {"PORTAGE_BINHOST": f"http://127.0.0.1:{port}",
-                  "BINPKG_GPG_VERIFY_GPG_HOME": str(keyring),
-                  # verify as this user: gpg as `nobody` cannot read a root-owned test keyring
-                  "GPG_VERIFY_USER_DROP": "", "GPG_VERIFY_GROUP_DROP": ""}
+    client_env = {"PORTAGE_BINHOST": f"http://127.0.0.1:{port}", **verifying_env(keyring)}
     try:
         done = await asyncio.to_thread(_run, lab.signed_client, "emerge", "--getbinpkgonly",
                                        "--oneshot", "=app-lab/libbase-1.0", **client_env)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "app-lab/libbase-1.0" in lab.signed_client.installed()
-        _tamper(root / got.path)
-        _reindex_entry(root, got.path)
+        tamper(root / got.path)
+        reindex_entry(root, got.path)
         fresh = lab.root / "fresh-pkgdir"  # (the client would use its downloaded copy)
         fresh.mkdir()
         done = await asyncio.to_thread(_run, lab.signed_client, "emerge", "--getbinpkgonly",

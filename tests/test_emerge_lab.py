@@ -67,6 +67,10 @@ class EmergeLab:
         self.prefix = dict(zip(hosts, made, strict=True))
         with self.prefix["odd"].make_conf.open("a") as f:
             f.write('CFLAGS="-O3 -pipe"\n')
+        # the swarm's signing key on the binhost; the client trusts it and demands signatures
+        self.gnupg, self.keyring = root / "swarm-gnupg", root / "client-gnupg"
+        self.key = portage_lab.signing_key(self.gnupg)
+        portage_lab.trust(self.keyring, self.gnupg, self.key)
         self.nodes: dict[str, Node] = {}
 
     def config(self, node: Node, extra: str = "") -> None:
@@ -76,7 +80,8 @@ class EmergeLab:
     def start(self) -> None:
         first, token = self.swarm.init("lan1", f"{self.addr['lan1']}:{PORT}", host="lan1")
         self.config(first, f'roles = ["binhost"]\n'
-                           f'binhost_listen = "{self.addr["lan1"]}:{BINHOST_PORT}"\n')
+                           f'binhost_listen = "{self.addr["lan1"]}:{BINHOST_PORT}"\n'
+                           f'binhost_gpg_home = "{self.gnupg}"\nbinhost_gpg_key = "{self.key}"\n')
         self.swarm.start(first)
         self.nodes["lan1"] = first
         for host in ("lan2", "lan3", "odd"):
@@ -110,10 +115,14 @@ def elab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         yield e
 
 
-def _client_install(e: EmergeLab, url: str) -> subprocess.CompletedProcess[str]:
+def _client_install(e: EmergeLab, url: str, *atoms: str,
+                    **env: str) -> subprocess.CompletedProcess[str]:
+    """The client installs from the binhost, demanding packages signed by the swarm's key."""
     client = e.prefix["client"]
-    return e.lab.run("client", [str(client.emerge), "--getbinpkgonly", "--color=n", TOP],
-                     env={**client.env(), "PORTAGE_BINHOST": url}, timeout=180)
+    return e.lab.run("client", [str(client.emerge), "--getbinpkgonly", "--color=n",
+                                *(atoms or (TOP,))],
+                     env={**client.env(), "PORTAGE_BINHOST": url,
+                          **portage_lab.verifying_env(e.keyring), **env}, timeout=180)
 
 
 def test_emerge_builds_the_graph_on_fresh_workers_and_a_client_installs_it(elab) -> None:
@@ -135,6 +144,17 @@ def test_emerge_builds_the_graph_on_fresh_workers_and_a_client_installs_it(elab)
     assert "hello from the swarmnode lab (ok)" in tool.stdout, tool
     assert "b extra" in tool.stdout  # built against libb with USE=extra, through libmid
     assert e.downloads(portage_lab.DISTFILE) == 1
+
+    # someone who can write the binhost changes a package and fixes up the index: refused
+    binhost = e.nodes["lan1"].home / "binhost"
+    path = next(p for p in binhost.rglob("labdocs-*.gpkg.tar")).relative_to(binhost)
+    portage_lab.tamper(binhost / path)
+    portage_lab.reindex_entry(binhost, str(path))
+    fresh = e.root / "client-fresh-pkgdir"
+    fresh.mkdir()
+    done = _client_install(e, url, "--oneshot", "=app-lab/labdocs-2.1-r1", PKGDIR=str(fresh))
+    assert done.returncode != 0 and "verification failed" in done.stdout + done.stderr, (
+        done.stdout[-2000:] + done.stderr[-2000:])
 
 
 def test_the_second_identical_emerge_builds_nothing(elab) -> None:

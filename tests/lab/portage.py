@@ -351,3 +351,69 @@ def make_prefixes(roots: Iterable[Path], repo: Path, **kwargs: str) -> list[Pref
     if errors:
         raise errors[0]
     return [made[root] for root in roots]
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed binary packages: the swarm's key, a client's keyring, and an attacker's edits
+
+
+def _gpg(home: Path, *argv: str, stdin: bytes | None = None) -> bytes:
+    done = subprocess.run(["gpg", "--homedir", str(home), "--batch", *argv], input=stdin,
+                          capture_output=True, timeout=60, check=True)
+    return done.stdout
+
+
+def signing_key(home: Path) -> str:
+    """A new GnuPG home with a passphrase-less signing key (the swarm's); its fingerprint."""
+    home.mkdir(mode=0o700)
+    _gpg(home, "--passphrase", "", "--quick-gen-key", "swarm binhost <binhost@lab.invalid>",
+         "ed25519", "sign", "never")
+    return next(line.split(":")[9] for line in _gpg(
+        home, "--list-keys", "--with-colons").decode().splitlines() if line.startswith("fpr"))
+
+
+def trust(keyring: Path, home: Path, fingerprint: str) -> None:
+    """A client's keyring holding the swarm's public key, trusted (getuto's job on Gentoo)."""
+    keyring.mkdir(mode=0o700)
+    _gpg(keyring, "--import", stdin=_gpg(home, "--export", "--armor", fingerprint))
+    _gpg(keyring, "--import-ownertrust", stdin=f"{fingerprint}:6:\n".encode())
+    _gpg(keyring, "--check-trustdb")  # Portage verifies with --no-auto-check-trustdb
+
+
+def verifying_env(keyring: Path) -> dict[str, str]:
+    """A client's environment that requires and checks signatures with `keyring` (as this
+    user: gpg as `nobody` cannot read a root-owned test keyring)."""
+    return {"FEATURES": "binpkg-request-signature", "BINPKG_GPG_VERIFY_GPG_HOME": str(keyring),
+            "GPG_VERIFY_USER_DROP": "", "GPG_VERIFY_GROUP_DROP": ""}
+
+
+def tamper(package: Path) -> None:
+    """Change one digest in the package's signed Manifest (the size stays the same)."""
+    tampered = package.with_suffix(".tampered")
+    with tarfile.open(package) as old, tarfile.open(tampered, "w", format=old.format) as new:
+        for member in old.getmembers():
+            data = old.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name.endswith("/Manifest"):
+                at = data.index(b"SHA512 ") + len(b"SHA512 ")
+                data = data[:at] + (b"0" if data[at:at + 1] != b"0" else b"1") + data[at + 1:]
+            new.addfile(member, io.BytesIO(data))
+    os.replace(tampered, package)
+
+
+def reindex_entry(root: Path, path: str) -> None:
+    """Make the index agree with the file again (as one who can write the binhost could), and
+    bump its TIMESTAMP so that clients read it."""
+    data = (root / path).read_bytes()
+    text = (root / "Packages").read_text()
+    header, _, body = text.partition("\n\n")
+    stamp = next(int(x.split(": ")[1]) for x in header.splitlines() if x.startswith("TIMESTAMP"))
+    header = header.replace(f"TIMESTAMP: {stamp}", f"TIMESTAMP: {stamp + 10}")
+    blocks = body.split("\n\n")
+    for i, block in enumerate(blocks):
+        if f"PATH: {path}" in block:
+            lines = [f"MD5: {hashlib.md5(data).hexdigest()}" if ln.startswith("MD5:") else
+                     f"SHA1: {hashlib.sha1(data).hexdigest()}" if ln.startswith("SHA1:") else ln
+                     for ln in block.splitlines()]
+            blocks[i] = "\n".join(lines)
+    (root / "Packages").write_text(header + "\n\n" + "\n\n".join(blocks))
+    (root / "Packages.gz").unlink(missing_ok=True)
