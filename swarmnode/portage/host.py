@@ -13,8 +13,11 @@ Python that can import this Portage; the node's own Python usually cannot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,9 @@ from swarmnode.build.executor import DEFAULT_PATH
 #: How long a helper command may take: `emerge --pretend` of a large @world takes a minute or
 #: more on a slow machine; anything beyond this is hung.
 COMMAND_TIMEOUT_S = 600.0
+
+
+_PYTHON = re.compile(r"python[0-9.]*")  # (not python-exec2, Gentoo's wrapper)
 
 
 class PortageError(RuntimeError):
@@ -57,9 +63,9 @@ class PortageHost:
         except OSError as exc:
             raise PortageError(f"cannot read {self.emerge}: {exc.strerror or exc}") from None
         words = first[2:].split() if first.startswith("#!") else []
-        if words and Path(words[0]).name.startswith("python") and Path(words[0]).is_absolute():
+        if words and _PYTHON.fullmatch(Path(words[0]).name) and Path(words[0]).is_absolute():
             return words[0]
-        if len(words) > 1 and Path(words[0]).name == "env" and words[1].startswith("python"):
+        if len(words) > 1 and Path(words[0]).name == "env" and _PYTHON.fullmatch(words[1]):
             return shutil.which(words[1], path=self.path) or words[1]
         return shutil.which("python3", path=self.path) or "python3"
 
@@ -82,9 +88,12 @@ class PortageHost:
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise PortageError(f"{Path(argv[0]).name} did not finish in {timeout:.0f} s") from None
+        finally:  # (timed out, or the caller was cancelled: the command must not outlive it)
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await asyncio.shield(proc.wait())
         return proc.returncode or 0, out, err
 
 
