@@ -649,10 +649,12 @@ def emerge(
     elif not wait:
         out.print(view["build"] or "nothing to build", highlight=False)
     if wait and not as_json:
-        built = view.get("built", 0)
-        err.print(f"{built} built, {view['reused']} reused from the binhost"
-                  + (f", in {view['seconds']:.1f} s" if view.get("seconds") else "")
-                  + ("" if view["ok"] else " [red]- failed[/red]"), highlight=False)
+        p = view.get("progress") or {"done": 0, "total": 0}
+        failed = p["total"] - p["done"]
+        err.print(f"{p['done']} built, " + (f"[red]{failed} not built[/red], " if failed else "")
+                  + f"{view['reused']} reused from the binhost"
+                  + (f", in {view['seconds']:.1f} s" if view.get("seconds") else ""),
+                  highlight=False)
     if not view["ok"]:
         raise typer.Exit(1)
 

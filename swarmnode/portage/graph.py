@@ -47,6 +47,7 @@ JOB_SCRIPT = (
     f'export PKGDIR="$PWD/{PKGDIR}" DISTDIR="$PWD/{DISTDIR}"\n'
     # the staged packages have no index yet: read each package's own metadata
     'export FEATURES="-pkgdir-index-trusted"\n'
+    'export NOCOLOR=true\n'  # (the phases' own messages: --color=n covers emerge's)
     'mkdir -p "$PKGDIR" "$DISTDIR"\n'
     'emerge --usepkg --onlydeps --onlydeps-with-rdeps=n --oneshot --color=n "$1"\n'
     'exec emerge --buildpkgonly --oneshot --color=n "$1"\n'

@@ -127,9 +127,12 @@ class EmergeService:
         except PlanError as exc:
             raise ControlError(str(exc)) from None
         if dry_run:
+            times = self._times()
             return {"jobs": {name: {"cmd": list(job.cmd), "deps": list(job.deps),
-                                    "inputs": list(job.inputs), "outputs": list(job.outputs)}
-                             for name, job in plan.jobs.items()}, "reused": sorted(reused)}
+                                    "inputs": list(job.inputs), "outputs": list(job.outputs),
+                                    "estimate": job.estimate}
+                             for name, job in plan.jobs.items()}, "reused": sorted(reused),
+                    "remembered": {cpv: times.get(cpv) for cpv in graph.packages}}
         if not plan.jobs:
             return Submitted(None, len(packages), 0, len(reused)).plain()
         build_id = await self.node.builds.submit_plan(plan, stored)
