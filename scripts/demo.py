@@ -5,8 +5,10 @@ It shows the founding node making a cluster, three nodes joining with a token, a
 detected as dead by everyone, a C build submitted from one node (once the founder granted it
 the build right) and run across the others
 by the elected leader (artifacts verified and collected), the program pushed to every node
-(canary first, health-checked), and graceful leaves. Each node has
-its own home under ./demo-home, so you can poke at the running swarm with
+(canary first, health-checked), a real Gentoo emerge (each node a fresh Portage prefix: the
+lab's seven packages built across the swarm into alpha's signed binhost, a fresh machine
+installing from it, and the same emerge again reusing everything), and graceful leaves. Each
+node has its own home under ./demo-home, so you can poke at the running swarm with
 `swarmnode --home demo-home/NAME ...` (pass --keep to leave it running).
 """
 
@@ -25,7 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HOMES = ROOT / "demo-home"
 PORT = 17946
+MIRROR_PORT, BINHOST_PORT = 17990, 17991
 NAMES = ["alpha", "bravo", "charlie", "delta"]
+BUILDERS = ["alpha", "bravo", "charlie", "ghost"]  # (delta is killed before the emerge)
+
+sys.path.insert(0, str(ROOT))
+from tests.lab import portage as gentoo  # noqa: E402 (the lab's ebuilds and prefixes)
 
 
 def swarmnode(home: Path, *args: str, check: bool = True) -> str:
@@ -100,6 +107,66 @@ def write_project(root: Path, parts: int = 6) -> Path:
     return plan
 
 
+def gentoo_setup(root: Path, homes: dict[str, Path]) -> dict | None:
+    """A Portage prefix for each builder and for a fresh client, a distfile mirror, and the
+    nodes' config: alpha is also the binhost, signing with the swarm's key."""
+    reason = gentoo.unavailable_reason()
+    if reason:
+        print(f"(the Gentoo step is skipped: {reason})")
+        return None
+    print("0. a fresh Portage prefix for each node and for a client machine (real Portage)")
+    gentoo.ensure_portage_user()
+    repo = gentoo.write_repo(root / "gentoo/repo")
+    mirror = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+         str(gentoo.write_mirror(root / "gentoo/mirror")), str(MIRROR_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    hosts = [*BUILDERS, "client"]
+    made = gentoo.make_prefixes([root / "gentoo" / h for h in hosts], repo,
+                                mirror=f"http://127.0.0.1:{MIRROR_PORT}")
+    prefixes = dict(zip(hosts, made, strict=True))
+    gnupg, keyring = root / "gentoo/swarm-gnupg", root / "gentoo/client-gnupg"
+    key = gentoo.signing_key(gnupg)
+    gentoo.trust(keyring, gnupg, key)
+    for name in BUILDERS:
+        extra = (f'roles = ["binhost"]\nbinhost_listen = "127.0.0.1:{BINHOST_PORT}"\n'
+                 f'binhost_gpg_home = "{gnupg}"\nbinhost_gpg_key = "{key}"\n'
+                 if name == "alpha" else "")
+        (homes[name] / "config.toml").write_text(
+            f'emerge = "{prefixes[name].emerge}"\n{extra}')
+    return {"mirror": mirror, "client": prefixes["client"], "keyring": keyring}
+
+
+def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
+    print("8. bravo emerges app-lab/tool: Portage's graph of 7 packages (a C program from a "
+          "distfile among them), built once across the swarm into alpha's signed binhost")
+    wait_until("every builder's Portage environment is known to bravo", lambda: all(
+        m.get("portage_differs") == [] for m in nodes(homes["bravo"])
+        if m["name"] in BUILDERS), timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
+         gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    print(res.stderr.strip())
+    if res.returncode != 0:
+        raise SystemExit("the emerge failed")
+    url = json.loads(swarmnode(homes["alpha"], "status", "--json"))["binhost_url"]
+    client = portage["client"]
+    print(f"  a fresh machine installs it from the binhost (PORTAGE_BINHOST={url}), "
+          "checking the swarm's signature on every package")
+    subprocess.run([str(client.emerge), "--getbinpkgonly", "--quiet", gentoo.TOP],
+                   env={**client.env(), "PORTAGE_BINHOST": url,
+                        **gentoo.verifying_env(portage["keyring"])},
+                   capture_output=True, text=True, check=True, timeout=300)
+    tool = subprocess.run([str(client.root / "usr/bin/lab-tool"), "demo"], capture_output=True,
+                          text=True, env=client.env(), check=True)
+    print("  " + "\n  ".join(tool.stdout.strip().splitlines()))
+    print("  the same emerge again: everything is in the binhost already")
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
+         gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    print(res.stderr.strip() or res.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave the swarm running")
@@ -113,6 +180,9 @@ def main() -> None:
     addr = {name: f"127.0.0.{i + 1}:{PORT}" for i, name in enumerate([*NAMES, "ghost"])}
     procs: dict[str, subprocess.Popen] = {}
     common = ["--no-mdns", "--no-tailscale", "--fast"]
+    portage = gentoo_setup(args.home, homes)
+    if portage is not None:
+        procs["mirror"] = portage.pop("mirror")
     try:
         print("1. alpha makes the cluster `demo` and prints a join token")
         token = swarmnode(homes["alpha"], "init", "--name", "demo", "--listen", addr["alpha"])
@@ -169,9 +239,11 @@ def main() -> None:
              "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=60)
         print(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.stdout)
         print(swarmnode(homes["alpha"], "versions"))
-        print("8. recent events on alpha")
+        if portage is not None:
+            gentoo_step(homes, portage)
+        print("9. recent events on alpha")
         print(swarmnode(homes["alpha"], "events", "--limit", "15"))
-        print("9. watching: the swarm's draw, and alpha's dashboard (`swarmnode monitor` shows")
+        print("10. watching: the swarm's draw, and alpha's dashboard (`swarmnode monitor` shows")
         print("   the same in a terminal)")
         status = json.loads(swarmnode(homes["alpha"], "status", "--json"))
         print(f"  {status['cores_online']} of {status['cores_total']} cores online, "
