@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.binhost_service import query_binhost
-from swarmnode.build.emerge import EmergeError, Package, parse_pretend
+from swarmnode.build.emerge import EmergeError, Package, job_name, parse_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.control import ControlError
 from swarmnode.portage.binhost import BinhostError
@@ -59,7 +59,7 @@ WATCH_S = 14 * 86400.0
 @dataclass(frozen=True)
 class Submitted:
     build: str | None  # None: nothing to build, every package was reused
-    packages: int  # what emerge would merge, binaries it would take included
+    packages: int  # the packages emerge would merge (binaries it would take included)
     built: int
     reused: int
 
@@ -110,16 +110,18 @@ class EmergeService:
                                "failed or is still running): see the node's log")
         self._check_matching_worker(fingerprint.hash)
         packages = await self.pretend(check_atoms(atoms))
+        listed = len({p.cpv for p in packages if not p.nomerge})
         merged = [p for p in packages if not p.nomerge and not p.binary]
         if not merged:
-            return Submitted(None, len(packages), 0, 0).plain()
+            return Submitted(None, listed, 0, 0).plain()
         try:
             graph = await read_graph(self.host, list(dict.fromkeys(p.cpv for p in merged)))
         except PortageError as exc:
             raise ControlError(str(exc)) from None
-        reused = await self._reused(graph, fingerprint.abi)
+        reused = await self._reused(graph, fingerprint.abi, fetch=not dry_run)
         built = [cpv for cpv in graph.packages if cpv not in reused]
-        distfiles = await self._distfiles(graph, built)
+        distfiles = ({name: "" for cpv in built for name in graph.packages[cpv].distfiles}
+                     if dry_run else await self._distfiles(graph, built))
         try:
             plan, stored = emerge_plan(packages, graph, fingerprint=fingerprint.hash,
                                        abi=fingerprint.abi, reused=reused, distfiles=distfiles,
@@ -134,10 +136,10 @@ class EmergeService:
                              for name, job in plan.jobs.items()}, "reused": sorted(reused),
                     "remembered": {cpv: times.get(cpv) for cpv in graph.packages}}
         if not plan.jobs:
-            return Submitted(None, len(packages), 0, len(reused)).plain()
+            return Submitted(None, listed, 0, len(reused)).plain()
         build_id = await self.node.builds.submit_plan(plan, stored)
-        self._spawn(self._remember_times(build_id))
-        return Submitted(build_id, len(packages), len(plan.jobs), len(reused)).plain()
+        self._spawn(self._remember_times(build_id, {job_name(p): p for p in merged}))
+        return Submitted(build_id, listed, len(plan.jobs), len(reused)).plain()
 
     def _check_matching_worker(self, fingerprint: str) -> None:
         """Fail now, not with every job blocked, when no member can build for this node."""
@@ -159,9 +161,9 @@ class EmergeService:
                       if m.admitted_by is not None and m.state == "alive" and m.id in builders
                       and m.record is not None and m.record.facts_dict().get("binhost"))
 
-    async def _reused(self, graph: Graph, abi: str) -> dict[str, Reused]:
-        """The packages a binhost has for this environment, fetched here so that jobs get
-        them from this node (and from the binhost) by digest."""
+    async def _reused(self, graph: Graph, abi: str, fetch: bool = True) -> dict[str, Reused]:
+        """The packages a binhost has for this environment, fetched here (unless `fetch` is
+        off: a dry run) so that jobs get them from this node (and the binhost) by digest."""
         keys = {info.key(abi): cpv for cpv, info in graph.packages.items()}
         found: dict[str, Reused] = {}
         for binhost in self.binhosts():
@@ -173,7 +175,8 @@ class EmergeService:
             for key, (path, digest) in have.items():
                 if key in keys and keys[key] not in found:
                     with contextlib.suppress(ArtifactError):
-                        await self.node.artifacts.fetch(digest, [binhost])
+                        if fetch:
+                            await self.node.artifacts.fetch(digest, [binhost])
                         found[keys[key]] = Reused(path, digest)
         return found
 
@@ -203,15 +206,15 @@ class EmergeService:
         times = self.node.store.get(TIMES_KEY, {})
         return times if isinstance(times, dict) else {}
 
-    async def _remember_times(self, build_id: str) -> None:
+    async def _remember_times(self, build_id: str, packages: dict[str, Package]) -> None:
         builds = self.node.builds
         if not await until(builds._changed, lambda: builds.ledger.finished(build_id), WATCH_S):
             return
         times = self._times()
         for job in builds.ledger.jobs(build_id):
-            if job.state == "done" and job.seconds > 0:
-                cpv = job.name.replace("_", "/", 1)
-                for key in (cpv, _atom(cpv)):
+            package = packages.get(job.name)
+            if package is not None and job.state == "done" and job.seconds > 0:
+                for key in (package.cpv, package.atom):  # (the name: for the next version)
                     times.pop(key, None)
                     times[key] = round(job.seconds, 1)
         while len(times) > MAX_TIMES:
@@ -227,9 +230,3 @@ class EmergeService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _atom(cpv: str) -> str:
-    """"cat/pkg-1.0-r1" -> "cat/pkg" (the name keeps its estimate across versions)."""
-    match = re.fullmatch(r"(.+?)-\d[^-]*(?:-r\d+)?", cpv)
-    return match[1] if match else cpv
