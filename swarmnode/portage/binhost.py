@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from net.addresses import split_hostport
+from swarmnode.build.executor import NICENESS
 from swarmnode.db import open_db, transaction
 from swarmnode.portage.host import PortageError, PortageHost
 
@@ -316,9 +317,9 @@ class Binhost:
                                                           else {}))
         env.pop("FEATURES", None)  # the binhost host's make.conf decides, not our caller's env
         try:
-            status, out, err = await self.portage.run(
-                [self.portage.python(), str(TOOL), command],
-                stdin=json.dumps(request).encode(), env=env)
+            status, out, err = await self.portage.run(  # (niced as jobs are: it is
+                ["nice", "-n", str(NICENESS), self.portage.python(), str(TOOL), command],
+                stdin=json.dumps(request).encode(), env=env)  # background work beside them)
         except PortageError as exc:
             raise BinhostError(f"{command}: {exc}") from None
         try:
