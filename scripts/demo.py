@@ -146,7 +146,7 @@ def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
          gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    print(res.stderr.strip())
+    print(res.stderr.rstrip())
     if res.returncode != 0:
         raise SystemExit("the emerge failed")
     url = json.loads(swarmnode(homes["alpha"], "status", "--json"))["binhost_url"]
@@ -164,7 +164,7 @@ def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
          gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    print(res.stderr.strip() or res.stdout.strip())
+    print(res.stderr.rstrip() or res.stdout.rstrip())
 
 
 def main() -> None:
