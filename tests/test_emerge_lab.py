@@ -187,19 +187,10 @@ def test_a_worker_with_other_cflags_gets_no_emerge_job_and_nodes_says_why(elab) 
     assert jobs == []
 
 
-BROKEN = """# Copyright 2026 swarmnode lab
-# Distributed under the terms of the GNU General Public License v2
-EAPI=8
-DESCRIPTION="Lab package whose build fails"
-HOMEPAGE="https://example.invalid/lab"
-LICENSE="GPL-2"
-KEYWORDS="amd64"
-SLOT="0"
-S=${WORKDIR}
-DEPEND="app-lab/liba"
+BROKEN = portage_lab.ebuild("Lab package whose build fails", """DEPEND="app-lab/liba"
 
 src_compile() { die "lab: this package does not build on purpose"; }
-"""
+""")
 
 
 def test_a_failing_package_is_reported_with_the_end_of_portages_output(elab) -> None:
@@ -215,15 +206,9 @@ def test_a_failing_package_is_reported_with_the_end_of_portages_output(elab) -> 
     assert "\x1b[" not in res.stderr  # Portage's colours are off
 
 
-SLOW = """# Copyright 2026 swarmnode lab
-# Distributed under the terms of the GNU General Public License v2
-EAPI=8
-DESCRIPTION="Lab package that builds until the test opens a gate"
-HOMEPAGE="https://example.invalid/lab"
-LICENSE="GPL-2"
-KEYWORDS="amd64"
-SLOT="0"
-S=${{WORKDIR}}
+def slow_ebuild(started: Path, gate: Path) -> str:
+    """A package that builds until the test opens `gate` (after marking in `started`)."""
+    return portage_lab.ebuild("Lab package that builds until the test opens a gate", f"""\
 DEPEND="app-lab/libbase"
 
 src_compile() {{
@@ -232,7 +217,7 @@ src_compile() {{
 	cat "${{ESYSROOT}}"/usr/share/libbase/base.txt > slow.txt || die
 }}
 src_install() {{ insinto /usr/share/slow; doins slow.txt; }}
-"""
+""")
 
 
 def test_a_worker_killed_mid_emerge_has_its_package_rebuilt_elsewhere(elab) -> None:
@@ -241,7 +226,7 @@ def test_a_worker_killed_mid_emerge_has_its_package_rebuilt_elsewhere(elab) -> N
     started.mkdir()
     ebuild = e.repo / "app-lab/slow/slow-1.0.ebuild"
     ebuild.parent.mkdir(parents=True)
-    ebuild.write_text(SLOW.format(started=started, gate=gate))
+    ebuild.write_text(slow_ebuild(started, gate))
     lan1 = e.nodes["lan1"]
     e.swarm.cli(lan1, "pause", "lan1")  # the victim is a plain worker: lan2 or lan3
     try:

@@ -148,8 +148,8 @@ def _reaches(deps: Mapping[str, set[str]], start: str, goal: str) -> bool:
 def job_deps(graph: Mapping[str, PackageInfo], built: Iterable[str]) -> dict[str, list[str]]:
     """For each package built, the built packages that must be done first: its build-time
     dependencies always, and the rest of its install closure unless that would close a cycle
-    (runtime cycles are common in Portage's tree; Portage then finds the package in the
-    worker's PKGDIR-less fallback, or builds it)."""
+    (runtime cycles are common in Portage's tree; a package left out that way has no binary
+    staged for the job, whose first step then builds it from source)."""
     built = list(built)
     wanted = set(built)
     deps = {cpv: {d for d in graph[cpv].build if d in wanted and d != cpv} for cpv in built}

@@ -144,6 +144,11 @@ src_install() { dobin lab-tool; insinto /usr/share/tool; doins built-with.txt; }
 """,
 }
 
+def ebuild(description: str, body: str) -> str:
+    """An EAPI 8 ebuild of the lab repository (the header every lab package shares)."""
+    return _HEADER + f'DESCRIPTION="{description}"\nSLOT="0"\nS=${{WORKDIR}}\n' + body
+
+
 PACKAGES = tuple(sorted(path.split("/", 2)[0] + "/" + path.split("/")[1] for path in EBUILDS))
 TOP = "app-lab/tool"
 
