@@ -45,3 +45,19 @@ def test_atoms_and_sets_emerge_takes_are_accepted_and_the_count_is_bounded() -> 
         check_atoms(["app-lab/tool"] * 1001)
     with pytest.raises(ControlError, match="1 to 1000"):
         check_atoms("app-lab/tool")  # type: ignore[arg-type]
+
+
+def test_an_emerge_nobody_alive_can_build_is_refused_at_once_naming_the_way_out() -> None:
+    def member(mid: str, fingerprint: str, state: str = "alive") -> SimpleNamespace:
+        facts = {"portage": fingerprint}
+        return SimpleNamespace(id=mid, state=state, admitted_by="founder",
+                               record=SimpleNamespace(facts_dict=lambda: facts))
+
+    members = [member("o3", "b" * 16), member("gone", "a" * 16, state="dead")]
+    service = EmergeService(SimpleNamespace(  # type: ignore[arg-type]
+        core=SimpleNamespace(members=lambda: members)))
+    with pytest.raises(ControlError, match="no alive member has this node's build environ.*"
+                                           "swarmnode nodes"):
+        service._check_matching_worker("a" * 16)
+    members.append(member("twin", "a" * 16))
+    service._check_matching_worker("a" * 16)  # (no error)
