@@ -56,8 +56,8 @@ def test_an_emerge_nobody_alive_can_build_is_refused_at_once_naming_the_way_out(
     members = [member("o3", "b" * 16), member("gone", "a" * 16, state="dead")]
     service = EmergeService(SimpleNamespace(  # type: ignore[arg-type]
         core=SimpleNamespace(members=lambda: members)))
-    with pytest.raises(ControlError, match="no alive member has this node's build environ.*"
-                                           "swarmnode nodes"):
+    with pytest.raises(ControlError, match=r"no alive member has this node's build environ.*"
+                                           r"swarmnode nodes"):
         service._check_matching_worker("a" * 16)
     members.append(member("twin", "a" * 16))
     service._check_matching_worker("a" * 16)  # (no error)
