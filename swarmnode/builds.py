@@ -700,7 +700,10 @@ class Builds:
         key = ev.data.get("job_key")
         if ev.kind == "assigned" and self.leading and key:
             job = self.ledger.job(key)
-            if job is not None:
+            # only this leader's own assignments: an older term's, met while a new leader
+            # applies its log, was sent by its leader and may be done a few entries later
+            # (the sweep re-sends one still not started; a worker that lost it says so)
+            if job is not None and job.term == self.node.leadership.core.term:
                 self._send_soon(job)
         if ev.kind in ("done", "failed", "requeued", "blocked") and key:
             self._sent.pop(key, None)
@@ -766,8 +769,7 @@ class Builds:
         plains: list[tuple[str, dict[str, Any]]] = []
         later: list[Job] = []
         for job in jobs.values():
-            build = self.ledger.build(job.build_id)
-            if build is None or job.node is None:
+            if not self._still_assigned(job):
                 continue
             spec = self._specs.get(job.spec.spec_hash)
             if spec is None:
@@ -778,12 +780,21 @@ class Builds:
         if later:
             self._spawn(self._send_fetched(later))
 
+    def _still_assigned(self, job: Job) -> bool:
+        """Whether the applied ledger still holds `job`'s attempt as assigned to its node: a
+        job done, failed, requeued or cancelled since it was queued for sending is not sent
+        (a finished job is never started again)."""
+        now = self.ledger.job(job.key)
+        return (now is not None and now.state == ASSIGNED and now.node is not None
+                and now.node == job.node and now.attempt == job.attempt
+                and self.ledger.build(job.build_id) is not None)
+
     async def _send_fetched(self, jobs: list[Job]) -> None:
         await self._fetch_specs(jobs)
         plains = []
         for job in jobs:
             spec = self._specs.get(job.spec.spec_hash)
-            if spec is not None and job.node is not None:
+            if spec is not None and self._still_assigned(job):
                 plains.append((job.node, self._assignment(job, spec)))
         self._send_plains(plains)
 

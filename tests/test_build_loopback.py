@@ -535,3 +535,33 @@ def test_build_wait_reattaches_from_any_node_and_fetches_the_artifacts(
         f"w{i}": f"w{i}\n" for i in range(4)}
     bad = swarm.cli(nodes[0], "build", "wait", "no-such-build", check=False)
     assert bad.returncode != 0 and "no build" in bad.stderr, bad
+
+
+def test_a_restarted_swarm_never_starts_a_finished_job_again(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Every node crashes after a build and comes back on its home: the new leader applies the
+    whole log again, `assigned` entries included, while it already leads. It must send only
+    what the applied ledger still calls for; before, it sent every job of the log again and
+    the restarted workers (which forget what they finished) ran them all a second time."""
+    nodes = three(swarm)
+    runs = tmp_path / "runs"
+    plan = tmp_path / "plan.toml"
+    plan.write_text("".join(f'[jobs.j{i}]\ncmd = "echo j{i} >> {runs}; echo j{i} > r.txt"\n'
+                            f'outputs = ["r.txt"]\n\n' for i in range(12)))
+    first = swarm.cli(nodes[0], "build", str(plan)).stdout.strip()
+    swarm.wait_for(lambda: swarm.query(nodes[0], "build_status", build=first)["finished"],
+                   JOIN_S, "the first build finishes")
+    assert sorted(runs.read_text().split()) == sorted(f"j{i}" for i in range(12))
+    for n in nodes:
+        swarm.kill9(n)
+    for n in nodes:
+        swarm.start(n)
+    swarm.wait_converged(nodes, JOIN_S)
+    # a second build goes through the new leader: whatever it sent on taking over went first
+    plan.write_text(f'[jobs.after]\ncmd = "echo after >> {runs}; echo a > r.txt"\n'
+                    'outputs = ["r.txt"]\n')
+    second = swarm.wait_for(lambda: swarm.cli(nodes[0], "build", str(plan), check=False)
+                            .stdout.strip(), JOIN_S, "a build is accepted after the restart")
+    swarm.wait_for(lambda: swarm.query(nodes[0], "build_status", build=second)["finished"],
+                   JOIN_S, "the second build finishes")
+    assert sorted(runs.read_text().split()) == sorted([*(f"j{i}" for i in range(12)), "after"])
