@@ -207,8 +207,9 @@ class Worker:
         self.fence = Fence(term=int(node.store.get(FENCE_KEY, 0)))
         self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
         # attempts finished here: a leader re-sending an assignment it has not yet seen
-        # reported must not make it run twice
-        self.finished: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        # reported must not make it run twice (those whose report waits on disk finished
+        # before a restart: they count too)
+        self.finished = finished_in(node.store.outbox())
         # finished here, newest last: their output, for `logs` (kept in memory only)
         self.outputs: OrderedDict[tuple[str, str, int], RunningJob] = OrderedDict()
         self._sent_at: dict[str, float] = {}  # outbox key -> when the report was last sent
@@ -496,6 +497,13 @@ def batch(body: dict[str, Any], key: str) -> list[Any]:
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValueError(f"{key}: a list of maps")
     return items
+
+
+def finished_in(outbox: list[Any]) -> OrderedDict[tuple[str, str, int], None]:
+    """The attempts whose results wait in the outbox for the leader's acknowledgement."""
+    return OrderedDict(((r["build"], r["job"], r["attempt"]), None) for r in outbox
+                       if isinstance(r, dict) and r.get("status") not in (None, "started")
+                       and {"build", "job", "attempt"} <= r.keys())
 
 
 def _report_key(r: Mapping[str, Any]) -> str:

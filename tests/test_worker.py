@@ -116,6 +116,15 @@ def test_held_includes_reports_finished_this_turn():
     assert held == {("b", "run", 2), ("b", "just", 3), ("b", "old", 1)}
 
 
+def test_a_restarted_worker_knows_the_attempts_whose_reports_wait_on_disk():
+    """Killed after a job ended but before the leader acknowledged it, a worker must not run
+    that attempt again when the leader re-sends it: its report on disk says it finished."""
+    outbox = [{"build": "b", "job": "done", "attempt": 2, "status": "ok"},
+              {"build": "b", "job": "bad", "attempt": 1, "status": "failed"},
+              {"build": "b", "job": "odd"}, "junk"]
+    assert list(jobs.finished_in(outbox)) == [("b", "done", 2), ("b", "bad", 1)]
+
+
 async def test_a_newer_attempt_keeps_its_slot_when_the_older_one_ends(tmp_path):
     """Attempt 2 of a job arriving while attempt 1 runs cancels attempt 1; attempt 1's end
     must not take attempt 2 out of the running table (it would then be started again on
