@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from net.transport import Inbound
 from swarmnode.election import (
-    DEFAULT_MAX_VOTERS,
     MESSAGE_TYPES,
     AppendEntries,
     Config,
@@ -38,9 +37,9 @@ from swarmnode.election import (
     PersistEntries,
     PersistSnapshot,
     Send,
-    choose_voters,
     pack,
     step_voters,
+    target_voters,
     unpack,
 )
 from swarmnode.election.core import Apply, Restore
@@ -134,6 +133,7 @@ class Leadership:
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
         self._changing = False  # a voter change is on its way through the log
+        self._down: dict[str, float] = {}  # member -> when it was last seen going out of reach
         self._change_task: asyncio.Future[None] | None = None
 
     # -- voters ---------------------------------------------------------------------------
@@ -154,25 +154,26 @@ class Leadership:
 
     def target_voters(self) -> frozenset[str]:
         """Who should vote, as the leader sees it: the operator's set when one is committed
-        (`swarmnode voters --set`); else the live voters stay (dropping one just to make the
-        count odd would only cost an election), joined by the longest-admitted live members
-        up to an odd number (at most five): two members have one voter, so an even split
-        never leaves both halves without a majority."""
+        (`swarmnode voters --set`); else `voters.target_voters`: an odd number (at most
+        five; two members have one voter, so an even split never leaves both halves without
+        a majority), a voter replaced only after STABILIZE_S out of reach."""
         members = self.node.core.members()
         pinned = self.ledger.pinned_voters
         if pinned:  # the operator chose: only banned or departed members drop out (and ids
             # that name no admitted member: a voter that can never answer would wedge it)
             return frozenset(m.id for m in members if m.id in pinned and m.admitted_by
                              is not None and m.state not in ("banned", "left"))
-        live = [(m.id, m.admitted_at) for m in members if m.admitted_by is not None
-                and m.admitted_at is not None and m.state in ("alive", "suspect")]
-        live_ids = {i for i, _ in live}
-        keep = [v for v in self.committed_voters() if v in live_ids]
-        count = min(DEFAULT_MAX_VOTERS, len(live))
-        want = max(1, count - (count + 1) % 2)
-        ranked = sorted(choose_voters(live, len(live)) - set(keep),  # type: ignore[arg-type]
-                        key=lambda i: (dict(live)[i], i))
-        return frozenset(keep + ranked[: max(0, want - len(keep))])
+        now = self.node.clock()
+        eligible = [(m.id, m.admitted_at, m.state in ("alive", "suspect")) for m in members
+                    if m.admitted_by is not None and m.admitted_at is not None
+                    and m.state not in ("banned", "left")]
+        for node_id, _at, alive in eligible:  # since when each has been out of reach
+            if alive:
+                self._down.pop(node_id, None)
+            else:
+                self._down.setdefault(node_id, now)
+        down_for = {node_id: now - since for node_id, since in self._down.items()}
+        return target_voters(self.committed_voters(), eligible, down_for)
 
     def refresh_voters(self) -> None:
         """Use the committed configuration; every other live admitted member observes. The

@@ -41,12 +41,12 @@ from swarmnode.election import (
     SnapshotReply,
     VoteProof,
     VoteReply,
-    choose_voters,
     decode,
     encode,
     pack,
     proof_valid,
     step_voters,
+    target_voters,
     unpack,
     vote_payload,
 )
@@ -580,14 +580,27 @@ def test_persisted_round_trip_and_validation() -> None:
 # Voter selection
 
 
-def test_choose_voters_takes_the_longest_admitted_ties_by_id() -> None:
-    members = [("f", 6.0), ("b", 2.0), ("e", 5.0), ("a", 2.0), ("d", 4.0), ("c", 3.0), ("g", 1.0)]
-    assert choose_voters(members) == {"g", "a", "b", "c", "d"}
-    assert choose_voters(members, max_voters=2) == {"g", "a"}
-    assert choose_voters([("x", 5.0), ("y", 1.0), ("x", 0.5)], max_voters=1) == {"x"}
-    assert choose_voters([]) == frozenset()
-    with pytest.raises(ValueError):
-        choose_voters(members, max_voters=0)
+def test_voters_are_odd_and_a_voter_is_replaced_only_after_the_stabilisation_time() -> None:
+    five = [(m, float(i), True) for i, m in enumerate("abcde")]
+    assert target_voters(frozenset(), five, {}) == set("abcde")
+    assert target_voters(frozenset(), five[:4], {}) == set("abc")  # four: three vote
+    assert target_voters(frozenset(), five[:2], {}) == {"a"}
+    assert target_voters(frozenset(), [], {}) == frozenset()
+    # two voters out of reach (a partition, a reboot): they stay, so that any connected
+    # majority of the five still holds a majority of the voters
+    down = [(m, at, m not in "de") for m, at, _ in five]
+    assert target_voters(frozenset("abcde"), down, {"d": 29.0, "e": 29.0}) == set("abcde")
+    # out of reach for longer, and nobody alive to take their place: still they stay
+    assert target_voters(frozenset("abcde"), down, {"d": 31.0, "e": 31.0}) == set("abcde")
+    # a sixth member, alive: it takes the place of the one out of reach longest... by rank
+    six = [*down, ("f", 9.0, True)]
+    assert target_voters(frozenset("abcde"), six, {"d": 31.0, "e": 5.0}) == set("abcef")
+    # a banned or departed voter is not among the members given: replaced at once
+    assert target_voters(frozenset("abcde"), [m for m in six if m[0] != "a"],
+                         {"d": 1.0, "e": 1.0}) == set("bcdef")
+    # ties by admission time are broken by id, the same on every node
+    tied = [(m, 0.0, True) for m in "zyxwvu"]
+    assert target_voters(frozenset(), tied, {}) == set("uvwxy")
 
 
 def test_step_voters_moves_one_member_at_a_time() -> None:

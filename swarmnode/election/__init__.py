@@ -42,7 +42,7 @@ from .messages import (
     unpack,
 )
 from .proof import KeyRing, Signatures, proof_valid, vote_payload
-from .voters import DEFAULT_MAX_VOTERS, choose_voters, step_voters
+from .voters import DEFAULT_MAX_VOTERS, step_voters, target_voters
 
 __all__ = [
     "CANDIDATE",
@@ -85,7 +85,6 @@ __all__ = [
     "SnapshotReply",
     "VoteProof",
     "VoteReply",
-    "choose_voters",
     "decode",
     "decode_entry",
     "encode",
@@ -93,6 +92,7 @@ __all__ = [
     "pack",
     "proof_valid",
     "step_voters",
+    "target_voters",
     "unpack",
     "vote_payload",
 ]

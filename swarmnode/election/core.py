@@ -39,7 +39,7 @@ Replication (no committed entry is ever lost or changed):
   through it. A follower needing compacted entries gets the snapshot in `InstallSnapshot`
   chunks and a `Restore` output.
 
-Voters are a small set given from outside (`voters.choose_voters` over the membership view);
+Voters are a small set given from outside (`voters.target_voters` over the membership view);
 non-voters ("observers") receive the log too (so any node can answer ledger queries), never
 campaign or vote, and do not count for commit. Quorum is a majority of the voter set: one voter
 elects itself and commits alone; two voters need each other, so with one of two dead there is
@@ -445,7 +445,7 @@ class Election:
         self, now: float, voters: Iterable[str], observers: Iterable[str] | None = None
     ) -> None:
         """Adopt a new voter set (and observer set, if given) decided outside, e.g. by
-        `choose_voters` over the membership view. Repeating the current sets changes nothing,
+        `target_voters` over the membership view. Repeating the current sets changes nothing,
         so the shell may call this on every membership change."""
         self._now = now
         old = self._voters

@@ -19,21 +19,45 @@ from collections.abc import Sequence
 DEFAULT_MAX_VOTERS = 5
 """Five voters survive two failures; more would slow elections without helping a small swarm."""
 
+STABILIZE_S = 30.0
+"""How long a voter may be unreachable before a live member takes its place (Consul's autopilot
+waits the same way before it trusts a change). Shorter, and every partition or reboot would
+churn the voter set, shrinking it towards the side that happens to hold the leader, so that
+the next fault leaves a connected majority of members with no majority of voters. Longer only
+delays replacing a machine that is really gone, which a majority of voters survives anyway."""
 
-def choose_voters(
-    members: Sequence[tuple[str, float]], max_voters: int = DEFAULT_MAX_VOTERS
-) -> frozenset[str]:
-    """The `max_voters` longest-admitted of `members` ((id, admitted_at) of admitted alive
-    members); ties by id so every node breaks them the same way. A repeated id counts once,
-    with its earliest admission."""
-    if max_voters < 1:
-        raise ValueError("max_voters must be at least 1")
-    earliest: dict[str, float] = {}
-    for node_id, admitted_at in members:
-        if node_id not in earliest or admitted_at < earliest[node_id]:
-            earliest[node_id] = admitted_at
-    ranked = sorted(earliest.items(), key=lambda item: (item[1], item[0]))
-    return frozenset(node_id for node_id, _ in ranked[:max_voters])
+
+def odd_size(members: int, max_voters: int = DEFAULT_MAX_VOTERS) -> int:
+    """How many vote among `members` eligible members: the largest odd number up to
+    `max_voters` (an even count tolerates no more failures than the odd one below it)."""
+    size = min(max_voters, members)
+    return max(1, size - (1 - size % 2))
+
+
+def target_voters(current: frozenset[str], members: Sequence[tuple[str, float, bool]],
+                  down_for: dict[str, float], max_voters: int = DEFAULT_MAX_VOTERS,
+                  stabilize: float = STABILIZE_S) -> frozenset[str]:
+    """Who should vote: `odd_size` of `members` ((id, admitted_at, alive) of the admitted
+    members that are neither banned nor gone). Current voters stay while alive or down for
+    less than `stabilize` (`down_for`: seconds since each was last seen alive); the
+    longest-admitted alive members fill the rest; and rather than shrink, voters down for
+    longer stay too, for nobody alive can take their place (and removing one cannot help a
+    quorum that still holds)."""
+    known = {node_id: (admitted_at, alive) for node_id, admitted_at, alive in members}
+    size = odd_size(len(known), max_voters)
+
+    def rank(node_id: str) -> tuple[float, str]:
+        return known[node_id][0], node_id
+
+    def steady(node_id: str) -> bool:
+        return known[node_id][1] or down_for.get(node_id, 0.0) < stabilize
+
+    voters = [v for v in current if v in known]
+    chosen = sorted((v for v in voters if steady(v)), key=rank)[:size]
+    chosen += sorted((i for i, (_at, alive) in known.items() if alive and i not in current),
+                     key=rank)[:size - len(chosen)]
+    chosen += sorted((v for v in voters if v not in chosen), key=rank)[:size - len(chosen)]
+    return frozenset(chosen)
 
 
 def step_voters(current: frozenset[str], target: frozenset[str]) -> frozenset[str]:
