@@ -590,8 +590,12 @@ def test_voters_are_odd_and_a_voter_is_replaced_only_after_the_stabilisation_tim
     # majority of the five still holds a majority of the voters
     down = [(m, at, m not in "de") for m, at, _ in five]
     assert target_voters(frozenset("abcde"), down, {"d": 29.0, "e": 29.0}) == set("abcde")
-    # out of reach for longer, and nobody alive to take their place: still they stay
-    assert target_voters(frozenset("abcde"), down, {"d": 31.0, "e": 31.0}) == set("abcde")
+    # out of reach for longer: three voters remain without them (two failures later, a
+    # third is still survived); one of three never leaves for want of a replacement
+    assert target_voters(frozenset("abcde"), down, {"d": 31.0, "e": 31.0}) == set("abc")
+    assert target_voters(frozenset("abcde"), down, {"d": 31.0, "e": 5.0}) == set("abcde")
+    three = [("a", 0.0, True), ("b", 1.0, True), ("c", 2.0, False)]
+    assert target_voters(frozenset("abc"), three, {"c": 99.0}) == set("abc")
     # a sixth member, alive: it takes the place of the one out of reach longest... by rank
     six = [*down, ("f", 9.0, True)]
     assert target_voters(frozenset("abcde"), six, {"d": 31.0, "e": 5.0}) == set("abcef")

@@ -40,9 +40,9 @@ def target_voters(current: frozenset[str], members: Sequence[tuple[str, float, b
     """Who should vote: `odd_size` of `members` ((id, admitted_at, alive) of the admitted
     members that are neither banned nor gone). Current voters stay while alive or down for
     less than `stabilize` (`down_for`: seconds since each was last seen alive); the
-    longest-admitted alive members fill the rest; and rather than shrink, voters down for
-    longer stay too, for nobody alive can take their place (and removing one cannot help a
-    quorum that still holds)."""
+    longest-admitted alive members fill the rest. A voter down for longer leaves only for a
+    live member, or when at least three voters (an odd number) remain without it: so sequential
+    failures still shrink five voters to three, and three never to fewer."""
     known = {node_id: (admitted_at, alive) for node_id, admitted_at, alive in members}
     size = odd_size(len(known), max_voters)
 
@@ -56,7 +56,14 @@ def target_voters(current: frozenset[str], members: Sequence[tuple[str, float, b
     chosen = sorted((v for v in voters if steady(v)), key=rank)[:size]
     chosen += sorted((i for i, (_at, alive) in known.items() if alive and i not in current),
                      key=rank)[:size - len(chosen)]
-    chosen += sorted((v for v in voters if v not in chosen), key=rank)[:size - len(chosen)]
+    stale = sorted((v for v in voters if v not in chosen), key=rank)
+    while len(chosen) < min(size, 3) and stale:
+        chosen.append(stale.pop(0))
+    if len(chosen) % 2 == 0 and chosen:  # (an even set tolerates no more than the odd below)
+        if stale:
+            chosen.append(stale.pop(0))
+        else:
+            chosen.pop()
     return frozenset(chosen)
 
 
