@@ -561,7 +561,11 @@ def _await_self_update(view: dict[str, Any], timeout: float = 60.0) -> dict[str,
         except (control.ControlError, TimeoutError, OSError):
             time.sleep(0.05)
             continue
-        if status.get("release") == view["digest"]:
+        # the new process, not the old one answering while it shuts down (it already shows
+        # the switched release link): started after the push began, and ready
+        booted = time.time() - float(status.get("uptime_s", float("inf")))
+        if status.get("release") == view["digest"] and booted >= started - 0.2 \
+                and status.get("ready"):
             view["nodes"][me]["state"] = "healthy"
             view["done"], view["phase"] = True, "done"
             view["elapsed"] = time.time() - started
