@@ -141,15 +141,17 @@ class EmergeService:
         self._spawn(self._remember_times(build_id, {job_name(p): p for p in merged}))
         return Submitted(build_id, listed, len(plan.jobs), len(reused)).plain()
 
+    def _alive_facts(self) -> dict[str, dict[str, str | int]]:
+        """The facts of every alive admitted member, by id."""
+        return {m.id: m.record.facts_dict() for m in self.node.core.members()
+                if m.admitted_by is not None and m.state == "alive" and m.record is not None}
+
     def _check_matching_worker(self, fingerprint: str) -> None:
         """Fail now, not with every job blocked, when no member can build for this node."""
         tag = TAG_PREFIX + fingerprint
-        for m in self.node.core.members():
-            if (m.admitted_by is not None and m.state == "alive" and m.record is not None
-                    and tag in worker_tags(m.record.facts_dict())):
-                return
-        raise ControlError(f"no alive member has this node's build environment ({fingerprint})"
-                           ": `swarmnode nodes` shows how each differs")
+        if not any(tag in worker_tags(facts) for facts in self._alive_facts().values()):
+            raise ControlError(f"no alive member has this node's build environment "
+                               f"({fingerprint}): `swarmnode nodes` shows how each differs")
 
     def binhosts(self) -> list[str]:
         """The members whose binhost catalog is believed: alive admitted members stating a
@@ -157,9 +159,8 @@ class EmergeService:
         install, which is what a build's jobs can do anyway; a member without that right (a
         forgotten container) claiming to be a binhost is not asked."""
         builders = self.node.rights.holders(BUILD)
-        return sorted(m.id for m in self.node.core.members()
-                      if m.admitted_by is not None and m.state == "alive" and m.id in builders
-                      and m.record is not None and m.record.facts_dict().get("binhost"))
+        return sorted(i for i, facts in self._alive_facts().items()
+                      if i in builders and facts.get("binhost"))
 
     async def _reused(self, graph: Graph, abi: str, fetch: bool = True) -> dict[str, Reused]:
         """The packages a binhost has for this environment, fetched here (unless `fetch` is
