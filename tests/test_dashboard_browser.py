@@ -124,7 +124,7 @@ def test_viewing_and_acting_need_the_token_even_on_localhost(swarm: Swarm) -> No
                           if d.startswith("script-src"))
         assert script_src.startswith("script-src 'sha256-") and "unsafe" not in script_src
     request = urllib.request.Request(base + "api/action", method="POST",
-                                     data=json.dumps({"action": "ban", "target": "x"}).encode(),
+                                     data=json.dumps({"action": "ban", "target": "-"}).encode(),
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
