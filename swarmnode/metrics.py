@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swarmnode import looplag
 from swarmnode.ledger import STATES
 from swarmnode.views import cores_online_total
 
@@ -107,7 +108,8 @@ class NodeCollector(Collector):
 
 
 class Metrics:
-    """A node's registry: the collector, the job-duration histogram and the jobs' energy."""
+    """A node's registry: the collector, the job-duration histogram, the jobs' energy and the
+    event loop's lag."""
 
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry()
@@ -119,6 +121,9 @@ class Metrics:
         self.job_joules = Counter("swarmnode_job_energy_joules",
                                   "Energy shares of the jobs this node ran, by outcome",
                                   ["status"], registry=self.registry)
+        self.loop_lag = Histogram("swarmnode_loop_lag_seconds",
+                                  "How late the event loop woke a timer (a step held it)",
+                                  buckets=looplag.BUCKETS, registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

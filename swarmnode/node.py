@@ -47,6 +47,7 @@ from swarmnode.http_api import HttpApi, HttpError
 from swarmnode.identity import Identity, curve_public_key, load_or_create
 from swarmnode.leadership import Leadership
 from swarmnode.ledger.jobs import LEDGER_FORMAT
+from swarmnode.looplag import LoopLag
 from swarmnode.membership import (
     Config,
     Event,
@@ -172,6 +173,7 @@ class Node:
         self.worker = Worker(self)
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.metrics = Metrics(self)
+        self.loop_lag = LoopLag(self.metrics.loop_lag.observe)
         self.builds = Builds(self)
         self.emerge = EmergeService(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
@@ -321,7 +323,8 @@ class Node:
                  asyncio.ensure_future(self.worker.run()),
                  asyncio.ensure_future(self.builds.run()),
                  asyncio.ensure_future(self.push.run()),
-                 asyncio.ensure_future(self.portage_env.run())]
+                 asyncio.ensure_future(self.portage_env.run()),
+                 asyncio.ensure_future(self.loop_lag.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -779,6 +782,7 @@ class Node:
             # this node's build environment once probed (None: no Portage, or not yet)
             "portage": self.fingerprint.hash if self.fingerprint else None,
             "uptime_s": round(time.time() - self.started, 1),
+            "loop_lag_worst_ms": round(self.loop_lag.worst * 1000, 1),
             "members_saved": self.members_saved,
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,

@@ -72,6 +72,8 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     assert got[("swarmnode_messages_sent_total", (("type", "ping"),))] > 0
     assert got[("swarmnode_wire_bytes_total", (("direction", "out"),))] > 0
     assert got[("swarmnode_members_paused", ())] == 0
+    assert got[("swarmnode_loop_lag_seconds_count", ())] > 0  # the monitor runs
+    assert swarm.query(first, "status")["loop_lag_worst_ms"] >= 0
     runs, joules = 0.0, 0.0
     for n in nodes:
         per = samples(get(swarm.query(n, "status")["dashboard"] + "metrics",
