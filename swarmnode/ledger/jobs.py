@@ -741,7 +741,8 @@ class JobLedger:
         if job is None:
             return [event]
         self._put(replace(job, state=RUNNING))
-        return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node})]
+        return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node,
+                                         "attempt": c.attempt})]
 
     def _done(self, index: int, c: Done) -> list[LedgerEvent]:
         job, event = self._report(c.job_key, c.node, c.attempt, DONE)
