@@ -899,6 +899,10 @@ class JobLedger:
             return []
         return [self._jobs[job_key(build_id, n)] for n in build.jobs]
 
+    def size(self) -> dict[str, int]:
+        """The builds and jobs held (what the ledger's memory and snapshots grow with)."""
+        return {"builds": len(self._builds), "jobs": len(self._jobs)}
+
     def _sorted(self, keys: Iterable[str]) -> list[Job]:
         """The jobs `keys`, oldest build first, each build's in plan order."""
         return [self._jobs[k] for k in sorted(keys, key=self._rank.__getitem__)]
