@@ -728,10 +728,18 @@ def _print_tail(job: str, lines: int = 30) -> None:
 @app.command()
 def jobs(
     build: Annotated[str | None, typer.Option("--build", help="only this build's jobs")] = None,
+    history: Annotated[bool, typer.Option(
+        "--history", help="every attempt (node, term, start, end, result) from this node's "
+                          "history, builds the ledger has forgotten included")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every job of every build in the ledger: state, node, attempt, how long it ran."""
-    items = ask("jobs", **({"build": build} if build else {}))
+    """Every job of every build in the ledger: state, node, attempt, how long it ran (a build
+    the ledger has forgotten: its end, from the history)."""
+    args = {"build": build} if build else {}
+    if history:
+        _history(ask("jobs", history=True, **args), as_json)
+        return
+    items = ask("jobs", **args)
     if as_json:
         emit_json(items)
         return
@@ -742,6 +750,27 @@ def jobs(
         table.add_row(j["build"], j["job"], j["state"], j["node_name"] or "-",
                       str(j["attempt"]), f"{j['seconds']:.1f}" if j.get("seconds") else "-",
                       (j["reason"] or "")[:60])
+    out.print(table)
+
+
+def _history(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """`jobs --history`: one line per attempt (times as the answering node applied them)."""
+    if as_json:
+        emit_json(rows)
+        return
+    def when(ts: float | None) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+    table = Table(title=f"{len(rows)} attempts")
+    for col in ("build", "job", "attempt", "node", "term", "start", "end", "result", "seconds",
+                "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["build"], r["job"], str(r["attempt"]), r["node_name"] or "-",
+                      str(r["term"]) if r["term"] is not None else "-",
+                      when(r["started"] or r["assigned"]), when(r["ended"]),
+                      r["result"] or "-", f"{r['seconds']:.1f}" if r["seconds"] else "-",
+                      (r["reason"] or "")[:60])
     out.print(table)
 
 

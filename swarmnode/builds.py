@@ -28,6 +28,10 @@ glue around it:
   report.
 * A job whose node is confirmed dead by membership (never while it is alive) is requeued.
 * The submitting node fetches every finished job's artifacts, so it keeps a copy.
+* Finished builds leave the ledger (a `forget` entry the leader proposes) once they finished
+  `build_retention` seconds ago, or when more than `build_keep_max` are held; every node
+  records each attempt in its on-disk history (swarmnode/history.py) as it applies the
+  entries, and answers for a forgotten build from there.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import heapq
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,14 +56,19 @@ from swarmnode.build.plan import Plan, Requires, load_plan, topological_order
 from swarmnode.build.schedule import Ready, Slot, assign, bottom_levels, satisfiable
 from swarmnode.control import ControlError
 from swarmnode.election import MAX_ENTRY, EntryError
+from swarmnode.history import DB_FILE as HISTORY_DB
+from swarmnode.history import History, job_ends
 from swarmnode.leadership import NotLeader
 from swarmnode.ledger import (
     ACTIVE,
     ASSIGNED,
+    BLOCKED,
+    CANCELLED,
     DONE,
     FAILED,
     QUEUED,
     RUNNING,
+    STATES,
     Assign,
     Block,
     Cancel,
@@ -79,12 +89,13 @@ from swarmnode.ledger import (
     to_plain,
 )
 from swarmnode.ledger.jobs import (
-    LEDGER_FORMAT,
     MAX_BATCH,
+    MAX_FORGET,
     MAX_JOULES,
     MAX_REASON,
     MAX_SECONDS,
     Batch,
+    Forget,
     Pause,
     Report,
     checked,
@@ -146,6 +157,10 @@ SPEC_FETCHES = 16
 #: A scheduling pass considers the highest-priority ready jobs only, this many plus this many
 #: per free core (the others could not start now anyway).
 PASS_JOBS, PASS_JOBS_PER_CORE = 64, 4
+#: How often the leader looks for finished builds to forget (a scan of the builds).
+COMPACT_S = 5.0
+#: Ledger formats that readers need: costs and pauses (3), `forget` entries (4).
+FORMAT_COSTS, FORMAT_FORGET = 3, 4
 
 
 class Builds:
@@ -178,6 +193,12 @@ class Builds:
         self._order: dict[str, tuple[float, int, str]] = {}  # job key -> its place in a pass
         self._format3_until = -1.0  # `_format3`'s answer holds until then
         self._format3_now = False
+        config = node.node_config
+        self.history = History(node.home / HISTORY_DB, config.history_attempts,
+                               config.history_builds)
+        self._finished_at: dict[str, float] = {}  # leader: build id -> when it saw it finished
+        self._forgetting = False  # a `forget` entry on its way
+        self._forgot = False  # builds were forgotten: the spec cache is pruned next turn
 
     @property
     def ledger(self) -> JobLedger:
@@ -191,15 +212,15 @@ class Builds:
         now = time.monotonic()
         if now >= self._format3_until:
             self._format3_until = now + 1.0
-            self._format3_now = not self._before_format3()
+            self._format3_now = not self._before(FORMAT_COSTS)
         return self._format3_now
 
-    def _before_format3(self) -> list[str]:
-        """The admitted members that do not state ledger format 3 (or have no record yet)."""
+    def _before(self, fmt: int) -> list[str]:
+        """The admitted members that do not state ledger format `fmt` (or have no record)."""
         return [m.name for m in self.node.core.members()
                 if m.admitted_by is not None and m.state not in ("banned", "left")
                 and (m.record is None or type(f := m.record.facts_dict().get("ledger")) is not int
-                     or f < LEDGER_FORMAT)]
+                     or f < fmt)]
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in TYPES
@@ -465,12 +486,13 @@ class Builds:
     async def run(self) -> None:
         """A step whenever something happened (an entry applied, a build submitted, a report
         received), and every TICK_S anyway (members come and go)."""
-        swept = 0.0
+        swept = compacted = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
                     await self._wake.wait()
             self._wake.clear()
+            self._housekeeping()
             if not self.leading:
                 self._sent.clear()
                 self._since.clear()
@@ -484,10 +506,50 @@ class Builds:
                 if time.monotonic() - swept >= TICK_S:  # the full sweeps scan every job
                     swept = time.monotonic()
                     self._sweep()
+                if time.monotonic() - compacted >= COMPACT_S:
+                    compacted = time.monotonic()
+                    self._compact()
                 if not self._batches or self._submits:
                     self._step()
             except Exception:  # a bug here must not stop scheduling for good
                 log.exception("scheduler step failed")
+
+    def _housekeeping(self) -> None:
+        """Every node, each turn: the history's waiting rows when due, and the spec cache
+        cut to the builds still in the ledger after some were forgotten."""
+        if self.history.due():
+            try:
+                self.history.flush()
+            except sqlite3.Error as exc:  # a record only: the node goes on without it
+                log.warning("cannot write the build history: %s", exc)
+        if self._forgot:
+            self._forgot = False
+            used = {j.spec.spec_hash for b in self.ledger.builds()
+                    for j in self.ledger.jobs(b.build_id)}
+            self._specs = {h: spec for h, spec in self._specs.items() if h in used}
+
+    def _compact(self) -> None:
+        """As leader: propose forgetting the finished builds that finished `build_retention`
+        seconds ago (as this leader saw it: a new leader starts their clocks again) and the
+        oldest beyond `build_keep_max`; one entry at a time, MAX_FORGET builds in it. Not while
+        a member cannot read the entry (it would keep the builds the others forgot)."""
+        if self._forgetting:
+            return
+        now, config = time.monotonic(), self.node.node_config
+        finished = [b.build_id for b in self.ledger.builds() if self.ledger.finished(b.build_id)]
+        self._finished_at = {b: self._finished_at.get(b, now) for b in finished}
+        surplus = set(finished[:max(0, len(finished) - config.build_keep_max)])
+        forget = [b for b in finished
+                  if b in surplus or now - self._finished_at[b] >= config.build_retention]
+        if forget and not self._before(FORMAT_FORGET):
+            self._forgetting = True
+            self._spawn(self._forget(Forget(tuple(forget[:MAX_FORGET]))))
+
+    async def _forget(self, cmd: Forget) -> None:
+        try:
+            await self._propose(cmd, [])
+        finally:
+            self._forgetting = False
 
     def _step(self) -> None:
         """This turn's builds, reports and the assignments of a scheduling pass (which counts
@@ -697,6 +759,7 @@ class Builds:
     def _on_applied(self, ev: LedgerEvent) -> None:
         self._wake.set()
         self._changed.set()
+        self._record(ev)
         key = ev.data.get("job_key")
         if ev.kind == "assigned" and self.leading and key:
             job = self.ledger.job(key)
@@ -730,9 +793,77 @@ class Builds:
                 self._stop_build(str(ev.data.get("build_id")))
         if ev.kind in ("paused", "resumed"):
             self.node.event(f"node_{ev.kind}_by_operator", {"id": str(ev.data.get("node"))})
-        if ev.kind in ("requeued", "blocked", "cancelled", "failed", "rejected_stale"):
+        if ev.kind == "forgotten":
+            build_id = str(ev.data.get("build_id"))
+            self._levels.pop(build_id, None)
+            self._finished_at.pop(build_id, None)
+            self._forgot = True
+        if ev.kind in ("done", "requeued", "blocked", "cancelled", "failed", "rejected_stale"):
+            # (not fsynced: one a job, at hundreds a second; the history holds them too)
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
-                                               if isinstance(v, str | int | float)})
+                                               if isinstance(v, str | int | float)},
+                            synced=False)
+
+    def _record(self, ev: LedgerEvent) -> None:
+        """Write what `ev` did to the history: the attempt it assigned, started or ended,
+        the build it submitted or finished (times: this node's clock as it applies)."""
+        data, now, history = ev.data, time.time(), self.history
+        key = data.get("job_key")
+        build_id, _, name = (str(key) if key else str(data.get("build_id"))).partition("/")
+        attempt = data.get("attempt", 0)
+        if ev.kind == "submitted":
+            build = self.ledger.build(build_id)
+            if build is not None:
+                history.build(build_id, name=build.name, submitter=build.submitter,
+                              started=now, jobs=len(build.jobs))
+        elif ev.kind in ("assigned", "started"):
+            history.attempt(build_id, name, attempt, node=data.get("node"),
+                            term=data.get("term"), **{ev.kind: now})
+        elif ev.kind in ("done", "failed", "requeued", "blocked"):
+            job = self.ledger.job(str(key))
+            history.attempt(build_id, name, attempt, node=data.get("node"), ended=now,
+                            result=ev.kind, seconds=data.get("seconds"),
+                            reason=data.get("reason"),
+                            artifacts=dict(job.artifacts) if ev.kind == "done" and job else None)
+        elif ev.kind == "cancelled":
+            for job in self.ledger.jobs(build_id):
+                if job.state == CANCELLED:  # (its held attempt, if any, and the job's end)
+                    for n in {job.attempt, 0}:
+                        history.attempt(build_id, job.name, n, ended=now, result="cancelled",
+                                        reason="cancelled")
+        elif ev.kind == "restored":
+            self._record_ledger(now)
+            return
+        else:
+            return
+        if self.ledger.finished(build_id):
+            self._record_end(build_id, now)
+
+    def _record_end(self, build_id: str, now: float) -> None:
+        progress = self.ledger.progress(build_id)
+        self.history.build(build_id, ended=now, done=progress["done"],
+                           blocked=progress["blocked"], cancelled=progress["cancelled"],
+                           joules=self.ledger.energy(build_id))
+
+    def _record_ledger(self, now: float) -> None:
+        """After a snapshot replaced the ledger (this node missed the entries in it): every
+        build and each job's last attempt as the snapshot has them, where the history has
+        nothing yet."""
+        for build in self.ledger.builds():
+            self.history.build(build.build_id, name=build.name, submitter=build.submitter,
+                               jobs=len(build.jobs))
+            for job in self.ledger.jobs(build.build_id):
+                ended = job.state in (DONE, FAILED)
+                if job.attempt:
+                    self.history.attempt(build.build_id, job.name, job.attempt, node=job.node,
+                                         term=job.term, ended=now if ended else None,
+                                         result=job.state if ended else None,
+                                         seconds=job.seconds if ended else None)
+                if job.state in (BLOCKED, CANCELLED):
+                    self.history.attempt(build.build_id, job.name, 0, ended=now,
+                                         result=job.state, reason=job.reason)
+            if self.ledger.finished(build.build_id):
+                self._record_end(build.build_id, now)
 
     def _stop_build(self, build_id: str) -> None:
         """Tell every member to stop the build's jobs (the ledger no longer says where they
@@ -882,6 +1013,15 @@ class Builds:
     # -- queries and commands -------------------------------------------------------------
 
     def jobs_view(self, build_id: str | None = None) -> list[dict[str, Any]]:
+        """Each job of the ledger's builds (or of `build_id`: from the history when the
+        ledger has forgotten it) with its state, node and last attempt."""
+        if build_id is not None and self.ledger.build(build_id) is None:
+            return [{"build": build_id, "job": job, "state": row["result"] or "lost",
+                     "node": row["node"], "node_name": self._name(row["node"]),
+                     "attempt": row["attempt"], "term": row["term"], "reason": row["reason"],
+                     "seconds": row["seconds"] or 0.0, "joules": 0.0,
+                     "artifacts": row["artifacts"]}
+                    for job, row in sorted(self._forgotten(build_id).items())]
         builds = [b for b in self.ledger.builds() if build_id in (None, b.build_id)]
         out = []
         for b in builds:
@@ -893,6 +1033,23 @@ class Builds:
                             "artifacts": dict(j.artifacts)})
         return out
 
+    def history_view(self, build_id: str | None = None) -> list[dict[str, Any]]:
+        """Every attempt in this node's history (of `build_id`, or the newest of all builds):
+        node, term, its times (this node's clock as it applied them), result, seconds."""
+        return [{**row, "node_name": self._name(row["node"])}
+                for row in self.history.attempts(build_id)]
+
+    def _name(self, node: str | None) -> str | None:
+        return self.node.member_name(node) if node else None
+
+    def _forgotten(self, build_id: str) -> dict[str, dict[str, Any]]:
+        """The end of each job of a build the ledger no longer holds, from the history
+        (ControlError when the history does not know it either)."""
+        ends = job_ends(self.history.attempts(build_id))
+        if not ends and self.history.build_row(build_id) is None:
+            raise ControlError(f"no build {build_id!r}")
+        return ends
+
     async def wait_view(self, build_id: str, wait: float,
                         known: dict[str, int] | None) -> dict[str, Any]:
         """`build_view` as soon as the build finishes; else, when `known` (the progress the
@@ -900,7 +1057,7 @@ class Builds:
         PROGRESS_S (a busy build changes every few ms); else after `wait` seconds. A long
         poll: `build --wait` shows the end at once without asking twice a second."""
         if self.ledger.build(build_id) is None:
-            raise ControlError(f"no build {build_id!r}")
+            return self.build_view(build_id)  # (forgotten: its end, from the history)
         wait = min(max(wait, 0.0), 30.0)
         deadline = time.monotonic() + wait
         first = wait if known is None else min(wait, PROGRESS_S)
@@ -916,7 +1073,7 @@ class Builds:
     def build_view(self, build_id: str) -> dict[str, Any]:
         build = self.ledger.build(build_id)
         if build is None:
-            raise ControlError(f"no build {build_id!r}")
+            return self._ended_view(build_id)
         progress = self.ledger.progress(build_id)
         running: dict[str, int] = {}
         for j in self.ledger.active_in(build_id):
@@ -928,15 +1085,34 @@ class Builds:
                 "ok": progress["done"] == progress["total"],
                 "kwh": self.ledger.energy(build_id) / 3.6e6}
 
+    def _ended_view(self, build_id: str) -> dict[str, Any]:
+        """`build_view` of a build the ledger has forgotten: its end, from the history."""
+        row = self.history.build_row(build_id)
+        if row is None or row["ended"] is None:
+            raise ControlError(f"no build {build_id!r}")
+        progress = dict.fromkeys(STATES, 0)
+        for state in (DONE, BLOCKED, CANCELLED):
+            progress[state] = row[state] or 0
+        progress["total"] = row["jobs"] or 0
+        return {"build": build_id, "name": row["name"], "progress": progress, "running": {},
+                "finished": True, "ok": progress["done"] == progress["total"],
+                "kwh": (row["joules"] or 0.0) / 3.6e6, "forgotten": True}
+
     async def fetch_outputs(self, build_id: str, out: Path) -> list[str]:
-        """Each job's artifacts as OUT/JOB/PATH (fetched from its worker if not here)."""
+        """Each job's artifacts as OUT/JOB/PATH (fetched from its worker if not here); for a
+        build the ledger has forgotten, as the history recorded them."""
+        if self.ledger.build(build_id) is not None:
+            done = [(j.name, j.node, j.artifacts) for j in self.ledger.jobs(build_id)
+                    if j.state == DONE]
+        else:
+            done = [(job, row["node"], tuple(row["artifacts"].items()))
+                    for job, row in sorted(self._forgotten(build_id).items())
+                    if row["result"] == DONE]
         written = []
-        for j in self.ledger.jobs(build_id):
-            if j.state != DONE:
-                continue
-            for path, digest in j.artifacts:
-                await self.node.artifacts.fetch(digest, [j.node] if j.node else [])
-                dest = out / j.name / path
+        for name, node, artifacts in done:
+            for path, digest in artifacts:
+                await self.node.artifacts.fetch(digest, [node] if node else [])
+                dest = out / name / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
                 written.append(str(dest))
@@ -984,7 +1160,7 @@ class Builds:
     async def pause(self, node: str, paused: bool) -> None:
         """Commit an operator's pause (or resume) of `node`: whoever leads gives it no new
         work while paused; its running jobs finish (and jobs only it could run wait)."""
-        if behind := self._before_format3():
+        if behind := self._before(FORMAT_COSTS):
             raise ControlError(
                 f"{', '.join(sorted(behind)[:5])} cannot read a pause: a swarmnode from before "
                 "ledger format 3 (push the new version to every node), or no record yet "
@@ -1008,6 +1184,10 @@ class Builds:
 
     async def close(self) -> None:
         await self._tasks.close()
+        try:
+            self.history.close()
+        except sqlite3.Error as exc:
+            log.warning("cannot write the build history: %s", exc)
 
 
 def _report_command(key: str, worker: str, attempt: int, status: Any,

@@ -45,6 +45,23 @@ DEFAULT_BINHOST_KEEP = 3
 MAX_BINHOST_KEEP = 1000
 _GPG_KEY = re.compile(r"[0-9A-Fa-f]{8,40}")
 
+#: Finished builds and their history (the leader's values count for the ledger: only it
+#: proposes `forget` entries). A finished build stays in the ledger (every node's memory and
+#: snapshot) BUILD_RETENTION_S: long enough for a re-attaching `build wait`, `jobs`, the
+#: submitter's artifact copies (fetched as each job is done, in seconds) and the emerge
+#: service's record of build times (read at the end); after it, `build wait`, `jobs --build`
+#: and `jobs --history` answer from the history. The soak's load (a 20-job build every 5 s,
+#: ~1.5 KB a job) then holds ~3.6 MB of finished builds, flat.
+DEFAULT_BUILD_RETENTION_S = 600.0
+#: At most this many finished builds are held, the oldest forgotten first even within the
+#: retention: memory stays bounded under a burst of small builds (500 x 20 jobs ~ 15 MB).
+DEFAULT_BUILD_KEEP_MAX = 500
+#: Attempt rows in history.db (~200 bytes each: ~40 MB): the soak's 4 jobs a second for
+#: 14 hours, a 1,000-package world build 200 times. The oldest go first.
+DEFAULT_HISTORY_ATTEMPTS = 200_000
+#: Build rows in history.db (a dashboard's months of builds; ~150 bytes each).
+DEFAULT_HISTORY_BUILDS = 20_000
+
 #: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
 MAX_HOPS = 8
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
@@ -91,6 +108,11 @@ class NodeConfig:
     # that does not hold the operate right is still refused: this never widens the right.
     accept_actions_from: tuple[str, ...] = ()
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT_S
+    # finished builds: seconds kept in the ledger, most held, history rows kept (see above)
+    build_retention: float = DEFAULT_BUILD_RETENTION_S
+    build_keep_max: int = DEFAULT_BUILD_KEEP_MAX
+    history_attempts: int = DEFAULT_HISTORY_ATTEMPTS
+    history_builds: int = DEFAULT_HISTORY_BUILDS
     # this machine's draw idle and at full load (a wall meter's figures): the power estimate
     # where RAPL counters cannot be read (swarmnode/power.py has defaults per core)
     watts_idle: float | None = None
@@ -140,7 +162,8 @@ def parse(text: str, where: str = CONFIG_FILE) -> NodeConfig:
 _TOP = {"kind", "cores", "roles", "binhost_dir", "binhost_listen", "binhost_keep",
         "binhost_gpg_home", "binhost_gpg_key", "emerge", "reboot_command", "restart_command",
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
-        "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts"}
+        "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts",
+        "build_retention", "build_keep_max", "history_attempts", "history_builds"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -173,6 +196,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         accept_actions=_bool(raw, "accept_actions", True),
         accept_actions_from=_ids(raw.get("accept_actions_from", []), "accept_actions_from"),
         exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
+        **_history(raw),
         **_watts(raw),
         http_open_paths=open_paths,
         http_hosts=_host_names(raw.get("http_hosts", [])),
@@ -202,6 +226,21 @@ def _binhost(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"binhost_gpg_key: a key id or fingerprint in hex, got {key!r}")
     return {"binhost_listen": listen, "binhost_keep": keep, "binhost_gpg_home": home,
             "binhost_gpg_key": key}
+
+
+def _history(raw: dict[str, Any]) -> dict[str, Any]:
+    """build_retention (seconds), build_keep_max, history_attempts, history_builds."""
+    got: dict[str, Any] = {"build_retention": _positive(raw, "build_retention",
+                                                         DEFAULT_BUILD_RETENTION_S)}
+    for key, default, least in (("build_keep_max", DEFAULT_BUILD_KEEP_MAX, 0),
+                                ("history_attempts", DEFAULT_HISTORY_ATTEMPTS, 100),
+                                ("history_builds", DEFAULT_HISTORY_BUILDS, 10)):
+        value = raw.get(key, default)
+        if type(value) is not int or not least <= value <= 10**9:
+            raise ConfigError(f"{key}: must be an integer from {least} to 1000000000, "
+                              f"got {value!r}")
+        got[key] = value
+    return got
 
 
 def _ssh(raw: Any) -> SshSettings:

@@ -330,5 +330,7 @@ class Leadership:
         st = self.core.status(self.node.clock())
         return {"leader": st["leader"], "term": st["term"], "role": st["role"],
                 "voters": st["voters"],
+                # what the ledger holds in memory (finished builds leave it: `forget`)
+                "ledger": {"applied": self.ledger.applied, **self.ledger.size()},
                 # what the election core refused and why (drop_not_voter, unproven_leader...)
                 "election_counters": dict(sorted(self.core.counters.items()))}

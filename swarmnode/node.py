@@ -536,10 +536,12 @@ class Node:
         self._dirty = True
         self.event(ev.kind, data)
 
-    def event(self, kind: str, data: dict[str, Any]) -> None:
+    def event(self, kind: str, data: dict[str, Any], synced: bool = True) -> None:
+        """Record an event (`synced=False`: without an fsync, for those that come by the
+        hundred a second, e.g. one per finished job)."""
         data = {k: v for k, v in data.items() if k != "kind"}
         ts = time.time()
-        seq = self.store.add_event(kind, data, ts)
+        seq = self.store.add_event(kind, data, ts, synced)
         self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
         self.http.notify()
         who = data.get("id", "")
@@ -714,6 +716,9 @@ class Node:
             await self.builds.pause(target.id, cmd == "pause")
             return f"{cmd}d: {target.name} ({target.id[:12]})"
         if cmd == "jobs":
+            if args.get("history") is True:
+                build = args.get("build")
+                return self.builds.history_view(str(build) if build else None)
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":
             wait, known = args.get("wait"), args.get("known")

@@ -80,8 +80,10 @@ class Store:
         rows = self._db.execute("SELECT value FROM outbox ORDER BY key").fetchall()
         return [msgpack.unpackb(r[0], raw=False) for r in rows]
 
-    def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None) -> int:
-        with self._tx() as db:
+    def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None,
+                  synced: bool = True) -> int:
+        """Append an event (`synced=False`: not fsynced, see `db.transaction`)."""
+        with self._tx(synced) as db:
             cur = db.execute(
                 "INSERT INTO events(ts, kind, data) VALUES(?, ?, ?)",
                 (time.time() if ts is None else ts, kind, json.dumps(data, default=str)),

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from swarmnode.builds import Builds
+from swarmnode.config import NodeConfig
 from swarmnode.control import ControlError
 from swarmnode.ledger import (
     DONE,
@@ -50,6 +52,8 @@ def member(mid: str, ledger_format: object) -> SimpleNamespace:
 class FakeNode:
     """What `Builds` uses of a node to take reports as the leader."""
 
+    home: Path  # (where its history file goes: each test's tmp_path, `_home`)
+
     def __init__(self) -> None:
         self.members = [member("w1", LEDGER_FORMAT), member("w2", LEDGER_FORMAT)]
         self.core = SimpleNamespace(members=lambda: self.members)
@@ -61,11 +65,12 @@ class FakeNode:
         self.drops.drop = lambda reason: self.drops.update([reason])  # type: ignore[attr-defined]
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.sent: list[tuple[str, str, bytes]] = []
+        self.node_config = NodeConfig()
 
     def clock(self) -> float:
         return 0.0
 
-    def event(self, kind: str, data: dict[str, Any]) -> None:
+    def event(self, kind: str, data: dict[str, Any], synced: bool = True) -> None:
         self.events.append((kind, data))
 
     def send_raw(self, peer: str, msg_type: str, body: bytes) -> None:
@@ -73,6 +78,11 @@ class FakeNode:
 
     def apply(self, *cmds: Any) -> list[str]:
         return [ev.kind for c in cmds for ev in self.ledger.apply(self.ledger.applied + 1, c)]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeNode, "home", tmp_path, raising=False)
 
 
 def leader() -> tuple[Builds, FakeNode]:

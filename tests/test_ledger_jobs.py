@@ -45,9 +45,11 @@ from swarmnode.ledger import (
 from swarmnode.ledger.jobs import (
     MAX_ARTIFACTS,
     MAX_BATCH,
+    MAX_FORGET,
     MAX_PATH,
     SNAPSHOT_VERSION,
     Batch,
+    Forget,
     Pause,
     SetVoters,
     Voters,
@@ -114,6 +116,7 @@ ALL = [
     Block("b1/only", "operator"),
     Cancel("b1", 4),
     Requeue("b1/only", "node died"),
+    Forget(("b1", "b2")),
     Batch((build("b3"), Assign("b3/only", "node-a", 3, 1), Started("b1/only", "node-a", 1),
            Done("b1/only", "node-a", 1, (("o", H),)), Failed("b1/x", "node-b", 2, "exit 2"))),
 ]
@@ -189,6 +192,12 @@ BAD = [
     {"op": "batch", "items": [to_plain(Started("b1/j", "n", 1)), "started"]},
     {"op": "batch", "items": [_plain(Assign("b1/j", "n", 1, 1), attempt=0)]},
     {"op": "batch", "items": to_plain(Started("b1/j", "n", 1))},
+    {"op": "forget", "build_ids": []},
+    {"op": "forget", "build_ids": ["b1", "b1"]},
+    {"op": "forget", "build_ids": [f"b{i}" for i in range(MAX_FORGET + 1)]},
+    {"op": "forget", "build_ids": ["../b1"]},
+    {"op": "forget", "build_ids": "b1"},
+    {"op": "batch", "items": [to_plain(Forget(("b1",)))]},  # its own entry only
 ]
 
 
@@ -727,3 +736,105 @@ def test_a_version_2_snapshot_is_still_read() -> None:
         JobLedger.restore(msgpack.packb({**plain, "v": 3}))
     with pytest.raises(LedgerError, match="version"):
         JobLedger.restore(msgpack.packb({**plain, "v": 1}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forgetting finished builds
+
+
+def _finished_build(led: Ledger, build_id: str) -> None:
+    """Submit `build_id` (a <- b) and finish it: a fails on n1, is done on n2, b is done."""
+    led(build(build_id, a=(), b=("a",)))
+    led(Assign(f"{build_id}/a", "n1", 1, 1))
+    led(Failed(f"{build_id}/a", "n1", 1, "exit 1"))
+    led(Assign(f"{build_id}/a", "n2", 1, 2))
+    led(Done(f"{build_id}/a", "n2", 1 + 1, arts("a"), 1.0, 2.0))
+    led(Assign(f"{build_id}/b", "n1", 1, 1))
+    led(Done(f"{build_id}/b", "n1", 1, arts("b"), 1.0, 3.0))
+
+
+def test_a_forgotten_build_leaves_the_ledger_its_indexes_and_its_snapshot() -> None:
+    led = Ledger()
+    fresh = JobLedger()  # the same ledger that never held b1
+    _finished_build(led, "b1")
+    led(build("b2", a=(), b=("a",)))
+    fresh.applied = led.led.applied - 1
+    fresh.apply(fresh.applied + 1, encode(build("b2", a=(), b=("a",))))
+    assert led(Forget(("b1",))) == ["forgotten"]
+    assert led.led.build("b1") is None and led.led.jobs("b1") == [] and led.led.job("b1/a") is None
+    assert not led.led.finished("b1") and led.led.energy("b1") == 0
+    assert led.led.progress("b1")["total"] == 0 and led.led.dependents("b1/a") == ()
+    inner = led.led
+    for index in (inner._rank, inner._waiting, inner._dependents, inner._jobs):
+        assert not any(k.startswith("b1/") for k in index)
+    assert "b1" not in inner._counts and "b1" not in inner._mj
+    # what remains equals a ledger that never had b1 (but for the index and the tally)
+    assert [j.key for j in led.led.ready()] == [j.key for j in fresh.ready()] == ["b2/a"]
+    mine, theirs = led.led.to_plain(), fresh.to_plain()
+    assert mine["builds"] == theirs["builds"]
+    restored = JobLedger.restore(led.led.snapshot())
+    assert restored.snapshot() == led.led.snapshot() and restored.build("b1") is None
+
+
+def test_forget_is_rejected_for_unfinished_and_unknown_builds_and_judged_per_build() -> None:
+    led = Ledger()
+    _finished_build(led, "b1")
+    led(build("b2", a=()))
+    led(Assign("b2/a", "n1", 1, 1))
+    before = led.led.snapshot()
+    assert led(Forget(("b2",))) == ["rejected"]  # one job still running
+    assert led(Forget(("nope",))) == ["rejected"]
+    assert led.led.tally["rejected"] == 2
+    assert led.led.build("b2") is not None and led.led.to_plain()["builds"] == \
+        JobLedger.restore(before).to_plain()["builds"]
+    assert led(Forget(("b2", "b1", "nope"))) == ["rejected", "forgotten", "rejected"]
+    assert led(Forget(("b1",))) == ["rejected"]  # once
+    led(Block("b2/a", "operator"))
+    assert led(Forget(("b2",))) == ["forgotten"] and led.led.builds() == []
+
+
+def test_a_cancelled_build_can_be_forgotten_and_a_forgotten_id_is_a_new_build() -> None:
+    led = Ledger()
+    led(build("b1", a=(), b=("a",)))
+    led(Cancel("b1", 1))
+    assert led(Forget(("b1",))) == ["forgotten"]
+    assert led(build("b1", a=(), b=("a",))) == ["submitted"]
+    assert led.state("b1/a") == QUEUED
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_replicas_forgetting_alike_hold_equal_snapshots(seed: int) -> None:
+    """Random commands with forgets among them, applied by two replicas, one restored from a
+    snapshot on the way: equal snapshots, and a forget removes exactly the finished builds."""
+    rng = random.Random(seed)
+    cmds = _random_commands(rng, 200)
+    for i in range(len(cmds) // 20):
+        ids = tuple(rng.sample([f"b{i}" for i in range(3)], rng.randint(1, 3)))
+        cmds.insert(rng.randint(3, len(cmds)), Forget(ids))
+    a, b = JobLedger(), JobLedger()
+    cut = rng.randint(0, len(cmds))
+    for i, c in enumerate(cmds, 1):
+        if i == cut:
+            b = JobLedger.restore(b.snapshot())
+        if isinstance(c, Forget):
+            finished = {x for x in c.build_ids if a.finished(x)}
+        events = a.apply(i, encode(c))
+        assert b.apply(i, encode(c)) == events
+        if isinstance(c, Forget):
+            assert {e.data["build_id"] for e in events if e.kind == "forgotten"} == finished
+            assert all(a.build(x) is None for x in finished)
+    assert a.snapshot() == b.snapshot() and a.tally == b.tally
+
+
+def test_the_ledger_size_is_bounded_by_the_builds_it_holds() -> None:
+    """The RSS argument: after forgetting, the snapshot (the ledger's size) is what it was
+    before the builds came."""
+    led = Ledger()
+    led(build("b0", a=()))
+    empty = len(led.led.snapshot())
+    for i in range(1, 51):
+        _finished_build(led, f"b{i}")
+    assert len(led.led.snapshot()) > 20 * empty
+    for first in range(1, 51, 10):
+        led(Forget(tuple(f"b{i}" for i in range(first, first + 10))))
+    assert len(led.led.snapshot()) <= empty + 64  # (the tally's counts grow, not the builds)

@@ -61,10 +61,13 @@ MAX_LOG_TAIL = 16 * 1024
 MAX_U63 = (1 << 63) - 1
 MAX_BATCH = 4096
 """Commands in one `Batch` entry (the entry's byte limit usually binds first)."""
-LEDGER_FORMAT = 3
+LEDGER_FORMAT = 4
 """The entries this code reads, stated in a node's facts (`ledger`): 3 adds reports'
-`seconds` and `joules` and `pause` entries. A leader writes the new fields only when every
-member states 3 or more (a node from before would find a whole batch invalid)."""
+`seconds` and `joules` and `pause` entries, 4 `forget` entries. A leader writes the new fields
+and entries only when every member states that format or more (a node from before would find
+a whole batch invalid, or keep builds the others forgot)."""
+MAX_FORGET = 256
+"""Builds in one `forget` entry (a few KiB; the leader forgets more in the next one)."""
 SNAPSHOT_VERSION = 3
 """3: jobs' seconds and joules, paused nodes. Version 2 snapshots are still read."""
 MAX_SECONDS = 1e9
@@ -176,6 +179,15 @@ class Pause:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    """The leader's compaction: these finished builds (every job done, blocked or cancelled)
+    leave the ledger, its indexes and its snapshots on every replica; the nodes' on-disk
+    history keeps their record. A build not finished, or unknown, is rejected (and stays)."""
+
+    build_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Voters:
     """The voter configuration in force from this entry on. Only the leader proposes it, one
     member added or removed at a time, the next only after this one is applied: every voter
@@ -202,7 +214,7 @@ class Batch:
 
 
 Command = (SubmitBuild | Assign | Started | Done | Failed | Batch | Block | Cancel | Requeue
-           | SetVoters | Voters | Pause)
+           | SetVoters | Voters | Pause | Forget)
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -217,6 +229,7 @@ _OPS: dict[type, str] = {
     SetVoters: "set_voters",
     Voters: "voters",
     Pause: "pause",
+    Forget: "forget",
 }
 _CLASSES = {op: cls for cls, op in _OPS.items()}
 
@@ -404,6 +417,11 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
         return Block(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
     if op == "cancel":
         return Cancel(_name(m["build_id"], f"{w}.build_id", MAX_ID), _u63(m["term"], w))
+    if op == "forget":
+        ids = m["build_ids"]
+        if type(ids) is not list or not 1 <= len(ids) <= MAX_FORGET or len(set(ids)) != len(ids):
+            raise _fail(f"{w}.build_ids", f"expected a list of 1..{MAX_FORGET} distinct builds")
+        return Forget(tuple(_name(b, f"{w}.build_ids", MAX_ID) for b in ids))
     if op in ("set_voters", "voters"):
         voters = m["voters"]
         if type(voters) is not list or len(voters) > MAX_VOTERS:
@@ -447,6 +465,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "set_voters": ("voters",),
     "voters": ("voters",),
     "pause": ("node", "paused"),
+    "forget": ("build_ids",),
 }
 _OPTIONAL: dict[str, tuple[str, ...]] = {"done": ("seconds", "joules"),
                                          "failed": ("seconds", "joules")}
@@ -486,7 +505,7 @@ def to_plain(cmd: Command) -> dict[str, Any]:
             value = {n: spec_to_plain(s) for n, s in value}
         elif name == "artifacts":
             value = dict(value)
-        elif name == "voters":
+        elif name in ("voters", "build_ids"):
             value = list(value)
         plain[name] = value
     for name in _OPTIONAL.get(op, ()):
@@ -571,7 +590,7 @@ class Build:
 @dataclass(frozen=True, slots=True)
 class LedgerEvent:
     """What an applied entry did. kind: submitted, duplicate, assigned, started, done, failed,
-    blocked, cancelled, requeued, paused, resumed, voters_set, voters_changed,
+    blocked, cancelled, requeued, paused, resumed, voters_set, voters_changed, forgotten,
     rejected_stale, rejected (an inapplicable entry, `reason`
     says why), invalid (not a valid entry); and `restored` (the shell's: a snapshot replaced
     the whole ledger)."""
@@ -722,7 +741,8 @@ class JobLedger:
         if job is None:
             return [event]
         self._put(replace(job, state=RUNNING))
-        return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node})]
+        return [LedgerEvent("started", {"job_key": c.job_key, "node": c.node,
+                                         "attempt": c.attempt})]
 
     def _done(self, index: int, c: Done) -> list[LedgerEvent]:
         job, event = self._report(c.job_key, c.node, c.attempt, DONE)
@@ -732,7 +752,8 @@ class JobLedger:
             return [event]
         self._put(replace(job, state=DONE, artifacts=c.artifacts, reason=None,
                           seconds=c.seconds, joules=job.joules + c.joules))
-        return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node})]
+        return [LedgerEvent("done", {"job_key": c.job_key, "node": c.node, "attempt": c.attempt,
+                                     "seconds": c.seconds})]
 
     def _failed(self, index: int, c: Failed) -> list[LedgerEvent]:
         job, event = self._report(c.job_key, c.node, c.attempt, FAILED)
@@ -742,7 +763,9 @@ class JobLedger:
         job = replace(job, state=FAILED, reason=c.reason, log_tail=c.log_tail, failed_on=failed_on,
                       seconds=c.seconds, joules=job.joules + c.joules)
         self._put(job)
-        events = [LedgerEvent("failed", {"job_key": c.job_key, "node": c.node})]
+        events = [LedgerEvent("failed", {"job_key": c.job_key, "node": c.node,
+                                         "attempt": c.attempt, "seconds": c.seconds,
+                                         "reason": c.reason})]
         if len(failed_on) >= BLOCK_AFTER_NODES:
             why = f"failed on {', '.join(failed_on)}: {c.reason}"
             events += self._block_job(c.job_key, why[:MAX_REASON], keep_node=True)
@@ -772,6 +795,31 @@ class JobLedger:
                 n += 1
         return [LedgerEvent("cancelled", {"build_id": c.build_id, "term": c.term, "jobs": n})]
 
+    def _forget(self, index: int, c: Forget) -> list[LedgerEvent]:
+        events = []
+        for build_id in c.build_ids:
+            build = self._builds.get(build_id)
+            if build is None:
+                events.append(_rejected(build_id, "unknown_build"))
+            elif not self.finished(build_id):
+                events.append(_rejected(build_id, "not_finished"))
+            else:
+                self._drop_build(build)
+                events.append(LedgerEvent("forgotten", {"build_id": build_id,
+                                                        "jobs": len(build.jobs)}))
+        return events
+
+    def _drop_build(self, build: Build) -> None:
+        """Remove a finished build, its jobs and every index entry of theirs (none of them is
+        ready or active: every job is final)."""
+        del self._builds[build.build_id]
+        del self._counts[build.build_id]
+        self._mj.pop(build.build_id, None)
+        for name in build.jobs:
+            key = job_key(build.build_id, name)
+            for index in (self._jobs, self._rank, self._waiting, self._dependents):
+                index.pop(key, None)
+
     def _voters(self, index: int, c: Voters) -> list[LedgerEvent]:
         self.voters = c.voters
         return [LedgerEvent("voters_changed", {"voters": list(c.voters)})]
@@ -793,7 +841,8 @@ class JobLedger:
         if job.state not in ACTIVE:
             return [_rejected(c.job_key, f"not_active_{job.state}")]
         self._put(replace(job, state=QUEUED, node=None, reason=c.reason))
-        return [LedgerEvent("requeued", {"job_key": c.job_key, "reason": c.reason})]
+        return [LedgerEvent("requeued", {"job_key": c.job_key, "reason": c.reason,
+                                         "node": job.node, "attempt": job.attempt})]
 
     def _report(
         self, key: str, node: str, attempt: int, outcome: str
@@ -825,7 +874,9 @@ class JobLedger:
                 continue
             node = job.node if keep_node and k == key else None
             self._put(replace(job, state=BLOCKED, reason=why, node=node))
-            events.append(LedgerEvent("blocked", {"job_key": k, "reason": why}))
+            # (`attempt`: the attempt the block voided, if the job was held by a node)
+            voided = {"attempt": job.attempt} if job.state in ACTIVE else {}
+            events.append(LedgerEvent("blocked", {"job_key": k, "reason": why, **voided}))
             todo += [(d, f"dependency {job.name} blocked") for d in self._dependents.get(k, ())]
         return events
 
@@ -847,6 +898,10 @@ class JobLedger:
         if build is None:
             return []
         return [self._jobs[job_key(build_id, n)] for n in build.jobs]
+
+    def size(self) -> dict[str, int]:
+        """The builds and jobs held (what the ledger's memory and snapshots grow with)."""
+        return {"builds": len(self._builds), "jobs": len(self._jobs)}
 
     def _sorted(self, keys: Iterable[str]) -> list[Job]:
         """The jobs `keys`, oldest build first, each build's in plan order."""
@@ -1033,6 +1088,7 @@ _APPLY: dict[type, Any] = {
     Cancel: JobLedger._cancel,
     Requeue: JobLedger._requeue,
     Pause: JobLedger._pause,
+    Forget: JobLedger._forget,
 }
 
 

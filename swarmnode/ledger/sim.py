@@ -15,7 +15,9 @@ ledger duties, played by the simulator the way the shell will play them:
   `Batch` entry per loop with the submissions and reports it holds, sends each assignment to
   its worker (again while it is not running), requeues jobs of nodes it cannot reach for a
   while (the failure detector's verdict, taken from the network here), and now and then
-  cancels a build or blocks a job;
+  cancels a build or blocks a job, or forgets the finished builds whose clients were told
+  FORGET_AFTER ago (`Forget`; the node shell waits `build_retention`, far longer than a
+  client retries);
 - workers obey an assignment or cancellation only from the proven leader of its term (the
   node whose `LeaderProof` their core checked, as the node's worker does), fence them by term
   (`Fence`), run jobs for a random time, keep their reports in a durable outbox and deliver
@@ -34,6 +36,8 @@ Checks on top of the election simulator's, after every step:
 - no stale completion is applied: an independent tracker of each job's current (node, attempt),
   fed only by assignments and voiding events, must agree with every accepted report, and every
   known-stale report must come out `rejected_stale`;
+- a forgotten build had no job held by a node (`forgot_unfinished`), and nodes at the same
+  index hold identical ledgers, forgotten builds gone from each;
 - no accepted build and no finished result is lost: a leader that can schedule has every build
   accepted so far and every done result in its ledger (checked once per leadership), and at the
   end every node has.
@@ -68,6 +72,7 @@ from .jobs import (
     ACTIVE,
     DONE,
     FAILED,
+    MAX_FORGET,
     QUEUED,
     Assign,
     Batch,
@@ -78,6 +83,7 @@ from .jobs import (
     Done,
     Failed,
     Fence,
+    Forget,
     JobLedger,
     JobSpec,
     LedgerError,
@@ -94,6 +100,12 @@ LOOP = 0.1
 """Each node's shell loop period (scheduling, outbox delivery)."""
 RETRY = 0.3
 """Clients and outboxes resend an unanswered request after this long."""
+FORGET_RATE = 2.0
+"""Forget entries a second a random run's leader proposes (when it has finished builds)."""
+FORGET_AFTER = 1.0
+"""A finished build is forgotten only when its clients were told this long ago: no retry of
+theirs is still on its way (it would submit the build again, as a new one); messages take at
+most 0.15 s here, retries come every RETRY."""
 RESEND_ASSIGN = 0.5
 """The leader resends an assignment that has not started (or a running one, in case the
 worker restarted) this often."""
@@ -181,6 +193,7 @@ class Request:
     build_id: str
     entry: bytes
     told: bool = False
+    told_at: float = _INF
 
 
 class LedgerSim(ElectionSim):
@@ -199,6 +212,7 @@ class LedgerSim(ElectionSim):
         stale_rate: float = 1.0,
         cancel_rate: float = 0.05,
         block_rate: float = 0.05,
+        forget_rate: float = 0.0,
         requeue_after: tuple[float, float] = (0.5, 2.0),
         **kw: Any,
     ) -> None:
@@ -208,6 +222,9 @@ class LedgerSim(ElectionSim):
         self.stale_rate = stale_rate
         self.cancel_rate = cancel_rate
         self.block_rate = block_rate
+        self.forget_rate = forget_rate
+        self.forgotten: dict[str, int] = {}
+        """build id -> the log index that forgot it (where first applied)."""
         self.requeue_after = requeue_after
         self.app_disks: dict[str, AppDisk] = {}
         self.requests: dict[int, Request] = {}
@@ -314,8 +331,8 @@ class LedgerSim(ElectionSim):
             self._offer(node, msg.entry, msg.origin, msg.req)
         elif kind is Accepted:
             r = self.requests.get(msg.req)
-            if r is not None:
-                r.told = True
+            if r is not None and not r.told:
+                r.told, r.told_at = True, self.now
         elif kind is AssignJob:
             self._on_assignment(node, src, msg)
         elif kind is CancelBuild:
@@ -455,6 +472,20 @@ class LedgerSim(ElectionSim):
                     if index is not None:
                         app.inflight[job.key] = index
         self._maybe_cancel_or_block(node, led, term)
+        self._maybe_forget(node, led)
+
+    def _maybe_forget(self, node: SimNode, led: JobLedger) -> None:
+        app = node.app
+        if "forget" in app.inflight or self.app_rng.random() >= self.forget_rate * LOOP:
+            return
+        recent = {r.build_id for r in self.requests.values()
+                  if self.now - r.told_at < FORGET_AFTER}
+        ids = [b.build_id for b in led.builds()
+               if led.finished(b.build_id) and b.build_id not in recent]
+        if ids:
+            index = self._propose(node, encode(Forget(tuple(ids[:MAX_FORGET]))))
+            if index is not None:
+                app.inflight["forget"] = index
 
     def _maybe_cancel_or_block(self, node: SimNode, led: JobLedger, term: int) -> None:
         rng, app = self.app_rng, node.app
@@ -600,7 +631,8 @@ class LedgerSim(ElectionSim):
         app: NodeApp = node.app
         outbox = self.app_disks[node.id].outbox
         for req, (_entry, cmd) in list(outbox.items()):
-            if _resolved(app.ledger, cmd):
+            if _resolved(app.ledger, cmd) or cmd.job_key.partition("/")[0] in self.forgotten:
+                # (a forgotten build's jobs were all final: its reports are moot)
                 del outbox[req]
                 app.last_try.pop(req, None)
             elif self.now - app.last_try.get(req, -_INF) >= RETRY:
@@ -666,7 +698,9 @@ class LedgerSim(ElectionSim):
             elif cmd in self.known_stale:
                 self.stats["stale_rejected"] += 1
                 self.stats["stale_rejected_in_batch"] += batched
-                if "rejected_stale" not in kinds:
+                gone = self.forgotten.get(cmd.job_key.partition("/")[0], index) < index
+                if "rejected_stale" not in kinds and not (gone and kinds == {"rejected"}):
+                    # (a forgotten build's job is unknown: plainly `rejected`)
                     self._violate("stale_not_rejected", f"entry {index}: {cmd} -> {kinds}")
         elif isinstance(cmd, Requeue) and "requeued" in kinds:
             self.current.pop(cmd.job_key, None)
@@ -676,14 +710,24 @@ class LedgerSim(ElectionSim):
         for e in events:
             if e.kind == "blocked":
                 self.current.pop(e.data["job_key"], None)
+            elif e.kind == "forgotten":
+                build_id = e.data["build_id"]
+                self.forgotten.setdefault(build_id, index)
+                self.stats["forgotten"] += 1
+                if any(k.startswith(build_id + "/") for k in self.current):
+                    self._violate("forgot_unfinished", f"entry {index}: {build_id}")
 
     def _check_complete(self, node: SimNode, when: str = "leader") -> None:
         """Every accepted build and every done result is in this node's ledger."""
         led: JobLedger = node.app.ledger
         for build_id, index in self.accepted.items():
+            if build_id in self.forgotten:
+                continue  # (`check_final`: the replicas agree on what they forgot)
             if index <= led.applied and led.build(build_id) is None:
                 self._violate("accepted_build_lost", f"{when} {node.id}: {build_id} ({index})")
         for key, arts in self.results.items():
+            if key.partition("/")[0] in self.forgotten:
+                continue
             j = led.job(key)
             if j is not None and (j.state != "done" or j.artifacts != arts):
                 self._violate("result_lost", f"{when} {node.id}: {key} is {j.state}")
@@ -714,7 +758,7 @@ class LedgerSim(ElectionSim):
         if lead is None or not self.all_told():
             return False
         led: JobLedger = self.nodes[lead].app.ledger
-        if not all(led.finished(b) for b in self.accepted):
+        if not all(led.finished(b) or b in self.forgotten for b in self.accepted):
             return False
         return not any(self.app_disks[i].outbox for i in (ids or self.up_ids()))
 
@@ -801,6 +845,7 @@ def random_run(
         ledger_factory=ledger_factory,
         snapshot_every=rng.choice((None, 5, 20)),
         byzantine=byzantine,
+        forget_rate=FORGET_RATE,
     )
     res = LedgerRunResult(seed, n_voters, n_obs)
     n_builds = 0
@@ -859,6 +904,7 @@ def main(argv: list[str] | None = None) -> None:
         "crashes",
         "restores",
         "compactions",
+        "forgotten",
     )
     print(f"{args.runs} runs, {bad} bad, {wall:.1f} s wall")
     print(", ".join(f"{k} {totals[k]}" for k in keys))

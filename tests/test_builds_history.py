@@ -1,0 +1,60 @@
+"""The leader's compaction of finished builds: which builds it proposes to forget, and when
+it holds back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from swarmnode.builds import Builds
+from swarmnode.config import NodeConfig
+from swarmnode.ledger import Assign, Done, encode
+from swarmnode.ledger.jobs import Forget
+from tests.test_builds_reports import (  # noqa: F401 (`_home`: each test's history file)
+    FakeNode,
+    _home,
+    member,
+    submit,
+)
+from tests.test_ledger_jobs import arts
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_the_leader_forgets_builds_past_the_retention_or_beyond_the_cap() -> None:
+    node = FakeNode()
+    node.node_config = NodeConfig(build_retention=60.0, build_keep_max=2)
+    for b in ("b1", "b2", "b3", "b4"):
+        node.apply(encode(submit(b, "a")))
+    for b in ("b1", "b2", "b3"):
+        node.apply(encode(Assign(f"{b}/a", "w1", 1, 1)), encode(Done(f"{b}/a", "w1", 1, arts(b))))
+    builds = Builds(node)  # type: ignore[arg-type]
+    proposed: list[Any] = []
+
+    async def propose(cmd: Any, _keys: list[str]) -> bool:
+        proposed.append(cmd)
+        node.apply(encode(cmd))
+        return True
+
+    builds._propose = propose  # type: ignore[method-assign]
+    builds._compact()  # three finished, at most two held: the oldest goes
+    await settle()
+    assert proposed == [Forget(("b1",))] and node.ledger.build("b1") is None
+    builds._compact()
+    await settle()
+    assert len(proposed) == 1  # b2 and b3 finished just now (as this leader saw it)
+    builds._finished_at["b2"] -= 61.0
+    builds._compact()
+    await settle()
+    assert proposed[1:] == [Forget(("b2",))]
+    assert [b.build_id for b in node.ledger.builds()] == ["b3", "b4"]  # b4 never: unfinished
+
+    builds._finished_at["b3"] -= 61.0
+    node.members[1] = member("w2", 3)  # reads no `forget`: it would keep b3
+    builds._compact()
+    await settle()
+    assert len(proposed) == 2 and node.ledger.build("b3") is not None
+    await builds.close()
