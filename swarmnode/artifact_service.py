@@ -273,8 +273,13 @@ class ArtifactService:
 
     async def collect(self) -> GcReport:
         """One GC pass (see the module notes), the store's work in a thread; an event
-        `artifacts_gc` when it removed anything."""
-        ledger, settings = self.node.leadership.ledger, self.node.node_config.disk
+        `artifacts_gc` when it removed anything. None while no leader is known or this node
+        has not applied all it knows committed: the ledger decides what is kept, and one
+        behind (just restarted) may not name every unfinished build."""
+        leadership = self.node.leadership
+        ledger, settings = leadership.ledger, self.node.node_config.disk
+        if leadership.leader is None or ledger.applied < leadership.core.commit_index:
+            return GcReport(0, 0, 0, 0)  # the ledger may not name every unfinished build yet
         now = time.time()
         for build in ledger.builds():
             if ledger.finished(build.build_id):
