@@ -237,6 +237,11 @@ def status(as_json: JsonOpt = False) -> None:
     for key in ("id", "name", "cluster", "nodes_alive", "cores_online", "pending", "leader",
                 "term"):
         out.print(f"[bold]{key:>13}[/bold]  {info[key]}", highlight=False)
+    if info.get("disk"):  # the fullest of its file systems (jobs, artifacts)
+        worst = min(info["disk"], key=lambda d: d["free"] - d["threshold"])
+        state = "LOW: takes no jobs" if info["disk_low"] else "ok"
+        out.print(f"[bold]{'disk':>13}[/bold]  {state}, {worst['free'] / 2**30:.1f} GiB free "
+                  f"of {worst['total'] / 2**30:.1f} ({worst['path']})", highlight=False)
 
 
 @app.command()

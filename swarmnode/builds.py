@@ -12,7 +12,8 @@ glue around it:
 * Scheduling (the leader, while its lease holds): critical-path-first list scheduling
   (swarmnode/build/schedule.py) of the ready jobs onto the members' free cores, honouring
   `requires`, avoiding nodes a job failed on, nodes paused by the circuit breaker and nodes
-  an operator paused (`pause` entries in the ledger); each
+  an operator paused (`pause` entries in the ledger) and nodes stating a nearly full disk
+  (the `disk_low` fact, swarmnode/disk.py); each
   decision is an assignment (node, term, attempt). After it commits the leader sends each
   worker its jobs (one message per worker), and re-sends them until the worker says it
   started.
@@ -55,6 +56,7 @@ from swarmnode.binhost_service import BINHOST_REPLY
 from swarmnode.build.plan import Plan, Requires, load_plan, topological_order
 from swarmnode.build.schedule import Ready, Slot, assign, bottom_levels, satisfiable
 from swarmnode.control import ControlError
+from swarmnode.disk import FACT as DISK_LOW
 from swarmnode.election import MAX_ENTRY, EntryError
 from swarmnode.history import DB_FILE as HISTORY_DB
 from swarmnode.history import History, job_ends
@@ -632,7 +634,8 @@ class Builds:
             slots.append(Slot(m.id, max(0, cores - busy.get(m.id, 0)), str(facts.get("arch", "")),
                               str(facts.get("kind", "")), worker_tags(facts), cores=cores,
                               paused=(self._paused.get(m.id, 0.0) > now
-                                      or m.id in self.ledger.paused),
+                                      or m.id in self.ledger.paused
+                                      or bool(facts.get(DISK_LOW))),
                               releases=tuple(releases.get(m.id, ()))))
         return slots
 

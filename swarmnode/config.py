@@ -61,6 +61,31 @@ DEFAULT_BUILD_KEEP_MAX = 500
 DEFAULT_HISTORY_ATTEMPTS = 200_000
 #: Build rows in history.db (a dashboard's months of builds; ~150 bytes each).
 DEFAULT_HISTORY_BUILDS = 20_000
+#: Disk (`[disk]`, swarmnode/disk.py). A node stops taking jobs while the file system of its
+#: jobs or artifacts has less free than min_free bytes or min_free_percent of its size (the
+#: larger): a big package's build directory alone takes gigabytes, so below 2 GiB a job started
+#: here would likely die of ENOSPC half-way; 5% is ext4's root reserve, the usual "full".
+DEFAULT_DISK_MIN_FREE = 2 << 30
+DEFAULT_DISK_MIN_FREE_PERCENT = 5.0
+#: statvfs is cheap and a build fills a disk in minutes, not seconds.
+DEFAULT_DISK_CHECK_EVERY = 10.0
+#: A GC pass stats every object: every 5 minutes keeps up with a busy swarm (a worker's store
+#: grew ~14 MiB/h in the soak) at no cost worth measuring.
+DEFAULT_GC_EVERY = 300.0
+#: Failed jobs' directories kept for inspection (`logs`, a look at what it left): the newest
+#: 50, at most 3 days (a weekend) and 10 GiB together (a failed compile can leave gigabytes).
+DEFAULT_JOBS_KEEP = 50
+DEFAULT_JOBS_KEEP_DAYS = 3.0
+DEFAULT_JOBS_MAX_BYTES = 10 << 30
+#: Artifacts of finished builds kept: the last 20 builds' and those finished in the last hour
+#: (a re-attached `build wait --out`, a rebuild reusing them), while the store stays under
+#: 20 GiB (a Gentoo world's binary packages); what unfinished builds need is always kept.
+DEFAULT_ARTIFACTS_KEEP_BUILDS = 20
+DEFAULT_ARTIFACTS_KEEP_HOURS = 1.0
+DEFAULT_ARTIFACTS_MAX_BYTES = 20 << 30
+#: An object younger than this is never collected: it may be mid-transfer or stored and not
+#: yet pinned (the store's own default).
+DEFAULT_ARTIFACTS_MIN_AGE = 600.0
 
 #: Upper bounds that make a typo fail loudly rather than allocate or wait for ever.
 MAX_HOPS = 8
@@ -80,6 +105,52 @@ class SshSettings:
     known_hosts: tuple[str, ...] = ()  # for plain SSH hops; default ~/.ssh/known_hosts
     config: str = "~/.ssh/config"  # read for ProxyJump when `jumps` names no chain
     host_keys: tuple[str, ...] = DEFAULT_HOST_KEYS  # this host's public keys, published
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    min_free: int = DEFAULT_DISK_MIN_FREE  # bytes free below which the node takes no jobs
+    min_free_percent: float = DEFAULT_DISK_MIN_FREE_PERCENT  # or this % of the size: the larger
+    check_every: float = DEFAULT_DISK_CHECK_EVERY  # seconds between looks at the free space
+    gc_every: float = DEFAULT_GC_EVERY  # seconds between artifact GC and job-directory sweeps
+    jobs_keep: int = DEFAULT_JOBS_KEEP  # kept (failed) job directories, newest first
+    jobs_keep_days: float = DEFAULT_JOBS_KEEP_DAYS
+    jobs_max_bytes: int = DEFAULT_JOBS_MAX_BYTES
+    artifacts_keep_builds: int = DEFAULT_ARTIFACTS_KEEP_BUILDS  # the last N finished builds'
+    artifacts_keep_hours: float = DEFAULT_ARTIFACTS_KEEP_HOURS  # and those finished since
+    artifacts_max_bytes: int = DEFAULT_ARTIFACTS_MAX_BYTES
+    artifacts_min_age: float = DEFAULT_ARTIFACTS_MIN_AGE  # seconds
+
+
+_DISK_INTS = ("min_free", "jobs_keep", "jobs_max_bytes", "artifacts_keep_builds",
+              "artifacts_max_bytes")
+_DISK_FLOATS = ("min_free_percent", "jobs_keep_days", "artifacts_keep_hours",
+                "artifacts_min_age")
+_DISK_PERIODS = ("check_every", "gc_every")
+
+
+def _disk(raw: Any) -> DiskSettings:
+    """The `[disk]` table: counts and bytes as non-negative integers, days, hours, seconds and
+    the percent as non-negative numbers (the percent at most 100), periods positive."""
+    if not isinstance(raw, dict):
+        raise ConfigError("disk: must be a table")
+    _known(raw, {*_DISK_INTS, *_DISK_FLOATS, *_DISK_PERIODS}, "disk.")
+    got: dict[str, Any] = {}
+    for key in _DISK_INTS:
+        value = raw.get(key, getattr(DiskSettings, key))
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"disk.{key}: must be a non-negative integer, got {value!r}")
+        got[key] = value
+    for key in _DISK_FLOATS + _DISK_PERIODS:
+        value = raw.get(key, getattr(DiskSettings, key))
+        top = 100 if key == "min_free_percent" else float("inf")
+        least = "positive" if key in _DISK_PERIODS else "non-negative"
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= top
+                or (key in _DISK_PERIODS and value == 0)):
+            raise ConfigError(f"disk.{key}: must be a {least} number"
+                              + (" up to 100" if top == 100 else "") + f", got {value!r}")
+        got[key] = float(value)
+    return DiskSettings(**got)
 
 
 @dataclass(frozen=True)
@@ -128,6 +199,7 @@ class NodeConfig:
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> addresses
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
     ssh: SshSettings = field(default_factory=SshSettings)
+    disk: DiskSettings = field(default_factory=DiskSettings)  # retention, a nearly full disk
 
     def override_for(self, node_id: str, name: str) -> tuple[str, ...]:
         return self.overrides.get(node_id) or self.overrides.get(name) or ()
@@ -163,7 +235,7 @@ _TOP = {"kind", "cores", "roles", "binhost_dir", "binhost_listen", "binhost_keep
         "binhost_gpg_home", "binhost_gpg_key", "emerge", "reboot_command", "restart_command",
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
         "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts",
-        "build_retention", "build_keep_max", "history_attempts", "history_builds"}
+        "build_retention", "build_keep_max", "history_attempts", "history_builds", "disk"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -203,6 +275,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         overrides=_node_map(raw.get("overrides", {}), "overrides", _address),
         jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
         ssh=_ssh(raw.get("ssh", {})),
+        disk=_disk(raw.get("disk", {})),
     )
 
 

@@ -105,6 +105,7 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("swarmnode_energy_joules",
                                   "Energy this machine drew since the node started",
                                   value=node.power.joules)
+        yield from node.disk.metrics()
 
 
 class Metrics:

@@ -40,6 +40,7 @@ from swarmnode.build.emerge import EmergeError, plan_from_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.builds import Builds
 from swarmnode.discovery import Discovery
+from swarmnode.disk import DiskService
 from swarmnode.eventlog import FILE as EVENTS_FILE
 from swarmnode.eventlog import JsonLines
 from swarmnode.facts import detect_facts
@@ -171,6 +172,7 @@ class Node:
         self.leadership = Leadership(self)
         self.artifacts = ArtifactService(self)
         self.worker = Worker(self)
+        self.disk = DiskService(self)
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.metrics = Metrics(self)
         self.loop_lag = LoopLag(self.metrics.loop_lag.observe)
@@ -321,6 +323,7 @@ class Node:
                  asyncio.ensure_future(self.router.maintain()),
                  asyncio.ensure_future(self.leadership.run()),
                  asyncio.ensure_future(self.worker.run()),
+                 asyncio.ensure_future(self.disk.run()),
                  asyncio.ensure_future(self.builds.run()),
                  asyncio.ensure_future(self.push.run()),
                  asyncio.ensure_future(self.portage_env.run()),
@@ -799,6 +802,7 @@ class Node:
             **self._cluster_power(),
             "dashboard": self.http.url(),
             **self.binhost.status(),
+            **self.disk.status(),
         }
 
 

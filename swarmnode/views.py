@@ -59,6 +59,7 @@ def member_view(node: Node, m: MemberView) -> dict[str, Any]:
         "release": str(facts.get("rel.swarmnode", "")).partition("@")[0] or None,
         "ssh_keys": str(facts.get("ssh_keys", "")).split(),
         "roles": [r for r in str(facts.get("roles", "")).split(",") if r],
+        "disk_low": bool(facts.get("disk_low")),  # it says its disk is nearly full: no jobs
         "portage_differs": compare_facts(node.core.record.facts_dict(), facts),
         "admitted_by": m.admitted_by,
         "leader": m.id == node.leadership.leader,

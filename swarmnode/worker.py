@@ -40,6 +40,7 @@ in one transaction (one fsync), as the reports are sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -59,8 +60,11 @@ from swarmnode.build.executor import (
     Executor,
     JobResult,
     JobSpec,
+    Retention,
     RunningJob,
     Slots,
+    SweepResult,
+    sweep_job_dirs,
 )
 from swarmnode.build.plan import PlanError, check_name
 from swarmnode.ledger import Fence
@@ -346,9 +350,24 @@ class Worker:
         self._report(a, result, joules)
 
     async def _execute(self, a: Assignment) -> tuple[JobResult | str, float]:
-        """The job run here: its result (or why it could not run) and its energy share."""
-        store = self.node.artifacts.store
+        """The job run here: its result (or why it could not run) and its energy share. Its
+        inputs are pinned while it runs (the artifact GC keeps them)."""
         needed = [d for _p, d in a.inputs] + [d for f in a.deps.values() for _p, d in f]
+        if not needed:
+            return await self._fetched(a, ())
+        artifacts = self.node.artifacts
+        try:
+            owner = artifacts.pin_run((a.build, a.job, a.attempt), needed)
+        except OSError as exc:
+            return f"could not pin its inputs: {exc.strerror or exc}", 0.0
+        try:
+            return await self._fetched(a, needed)
+        finally:
+            with contextlib.suppress(OSError):
+                artifacts.store.release(owner)
+
+    async def _fetched(self, a: Assignment, needed: list[str]) -> tuple[JobResult | str, float]:
+        store = self.node.artifacts.store
         try:
             for digest in dict.fromkeys(needed):
                 await self.node.artifacts.fetch(digest, a.sources)
@@ -458,10 +477,26 @@ class Worker:
     def _send_held(self, leader: str) -> None:
         self.node.send_raw(leader, HELD, pack({"held": self.held()}))
 
+    async def sweep(self, everything: bool = False) -> SweepResult:
+        """Apply the `[disk]` retention to the kept job directories and remove those a crash
+        left (executor.sweep_job_dirs, in a thread); `everything`: all no run holds."""
+        d = self.node.node_config.disk
+        result = await asyncio.to_thread(
+            sweep_job_dirs, self.executor.resolved_root(), self.executor.busy,
+            Retention(d.jobs_keep, d.jobs_keep_days * 86400, d.jobs_max_bytes), time.time(),
+            everything)
+        if result.removed:
+            self.node.event("job_dirs_swept", {"removed": result.removed, "freed": result.freed,
+                                               "leftovers": result.leftovers})
+        return result
+
     async def run(self) -> None:
         """Re-send unacknowledged reports: all of them at once to a new leader (the old one may
         have died with them), else those unacknowledged for RESEND_S; tell the leader what this
-        node holds (at once to a new leader, then every HELD_S)."""
+        node holds (at once to a new leader, then every HELD_S). First, what a crash left:
+        job directories and input pins of runs that died with the node."""
+        self.node.artifacts.release_runs()
+        await self.sweep()
         leader, resent, told = None, time.monotonic(), time.monotonic()
         while True:
             await asyncio.sleep(LEADER_POLL_S)

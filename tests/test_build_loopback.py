@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,12 +36,19 @@ N_LIBS = 28  # + main + link = 30 jobs
 
 
 
-def three(swarm: Swarm, rights: Sequence[str] = ("build",)) -> list[Node]:
+def three(swarm: Swarm, rights: Sequence[str] = ("build",),
+          prepare: Callable[[Node], object] = lambda _node: None) -> list[Node]:
     """n1 (the founder), n2 and n3, all voters, a leader elected; n2 and n3 granted `rights`
-    by the founder (it holds every right), as a user would."""
+    by the founder (it holds every right), as a user would. `prepare` sees each node's home
+    before it starts (a config file, a mount)."""
     first, token = swarm.init("n1", loopback_addr(1))
+    prepare(first)
     swarm.start(first)
-    nodes = [first] + [swarm.start(swarm.add(f"n{i}", loopback_addr(i)), token) for i in (2, 3)]
+    nodes = [first]
+    for i in (2, 3):
+        node = swarm.add(f"n{i}", loopback_addr(i))
+        prepare(node)
+        nodes.append(swarm.start(node, token))
     swarm.wait_converged(nodes, JOIN_S)
     ids = {n.id for n in nodes}
     swarm.wait_for(lambda: all(set(swarm.query(n, "status")["voters"]) == ids for n in nodes),

@@ -212,7 +212,7 @@ async def test_huge_output_is_bounded_and_keeps_head_and_tail(tmp_path: Path) ->
     assert log[marker.end():] == expected[-kept:]
     assert head + dropped + kept == len(expected)
     assert kept >= (LOG_LIMIT - head) // 3  # a real tail, not a scrap
-    assert sorted(p.name for p in result.log_path.parent.iterdir()) == ["log", "tmp"]
+    assert sorted(p.name for p in result.log_path.parent.iterdir()) == ["kept", "log", "tmp"]
 
 
 async def test_small_log_limit_still_exact(tmp_path: Path) -> None:

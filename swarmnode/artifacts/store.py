@@ -139,6 +139,7 @@ class GcResult:
     removed: tuple[Digest, ...]
     freed: int
     stale_tmp: int
+    total: int = 0  # bytes of the objects left
 
 
 class ArtifactStore:
@@ -391,8 +392,12 @@ class ArtifactStore:
         min_age: float = DEFAULT_GC_MIN_AGE,
         tmp_age: float = STALE_TMP_AGE,
         now: float | None = None,
+        max_bytes: int | None = None,
+        limit: int | None = None,
     ) -> GcResult:
-        """Delete objects that are neither pinned, in `keep`, nor younger than `min_age` s.
+        """Delete objects that are neither pinned, in `keep`, nor younger than `min_age` s,
+        oldest first: with `max_bytes`, only until the objects total at most that many bytes;
+        at most `limit` of them (a bounded pass).
 
         Also removes temp files untouched for `tmp_age` s (left by crashes) and empty pin
         directories. Holds the store lock exclusively, so no pin or put interleaves.
@@ -400,21 +405,25 @@ class ArtifactStore:
         keep_set = {check_digest(d) for d in keep}
         now = time.time() if now is None else now
         removed: list[Digest] = []
-        freed = 0
-        stale = 0
+        freed = total = stale = 0
         with self._locked(fcntl.LOCK_EX):
             keep_set |= self.pinned()
+            candidates: list[tuple[float, Digest, int]] = []
             for d in list(self.digests()):
-                if d in keep_set:
-                    continue
-                p = self._object_path(d)
                 with contextlib.suppress(FileNotFoundError):
-                    st = p.stat()
-                    if st.st_mtime > now - min_age:
-                        continue
-                    p.unlink()
+                    st = self._object_path(d).stat()
+                    total += st.st_size
+                    if d not in keep_set and st.st_mtime <= now - min_age:
+                        candidates.append((st.st_mtime, d, st.st_size))
+            for _mtime, d, size in sorted(candidates):
+                if ((limit is not None and len(removed) >= limit)
+                        or (max_bytes is not None and total <= max_bytes)):
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    self._object_path(d).unlink()
                     removed.append(d)
-                    freed += st.st_size
+                    freed += size
+                    total -= size
             for f in self._tmp.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     if f.stat().st_mtime <= now - tmp_age:
@@ -424,7 +433,15 @@ class ArtifactStore:
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only succeeds when empty
         self._count("gc_removed", len(removed))
-        return GcResult(tuple(removed), freed, stale)
+        return GcResult(tuple(removed), freed, stale, total)
+
+    def owners(self) -> dict[str, float]:
+        """Every pin owner, with when it last pinned something (its directory's mtime)."""
+        out: dict[str, float] = {}
+        for d in self._pins.iterdir():
+            with contextlib.suppress(OSError):
+                out[d.name] = d.stat().st_mtime
+        return out
 
     # ------------------------------------------------------------------ internals
 

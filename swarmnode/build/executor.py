@@ -40,8 +40,13 @@ Choices made here, and why:
   whose declared outputs together match nothing it produced fails: a build that silently yields
   nothing is worse than one that stops. (Each pattern alone may match nothing: emerge jobs list
   the alternative package formats and produce one.)
-* The job directory of anything but a successful job is kept, for `swarmnode logs`; a
-  successful one is removed once its outputs were handed to `store`, unless `keep` is set.
+* The job directory of anything but a successful job is kept, for `swarmnode logs`, and marked
+  so (`.swarmnode/kept`); a successful one is removed once its outputs were handed to `store`,
+  unless `keep` is set, and so are its job's and build's directories once empty (a busy node
+  would otherwise collect thousands of empty ones). `sweep_job_dirs` applies the retention to
+  the kept ones and removes what a run that died with the node left (unmarked, not running).
+* A write of the executor's own that fails with ENOSPC (staging, the log, storing an output)
+  fails the job with the reason "no space left on device"; the node carries on.
 * Nothing a job does makes the executor raise: every problem is a JobResult with a reason.
 """
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -87,6 +93,10 @@ LOG_LIMIT = 16 * 1024 * 1024
 TAIL_BYTES = 4096
 META = ".swarmnode"
 LOG_NAME = "log"
+#: In META of a directory kept after its job ended (a failed job's, or `keep`): the job-dir
+#: sweep applies the retention to these and removes unmarked ones no run holds (a crash's).
+KEPT = "kept"
+NO_SPACE = "no space left on device"
 
 _CHUNK = 64 * 1024
 _MARKER_ROOM = 256
@@ -384,15 +394,40 @@ def _remove_bare(job_dir: Path) -> bool:
     strings: this runs once per job.)"""
     top = os.fspath(job_dir)
     meta = f"{top}/{META}"
-    if os.listdir(top) != [META] or sorted(os.listdir(meta)) != [LOG_NAME, "tmp"]:
+    if os.listdir(top) != [META] or sorted(os.listdir(meta)) != [KEPT, LOG_NAME, "tmp"]:
         return False
     if os.listdir(f"{meta}/tmp"):
         return False
     os.unlink(f"{meta}/{LOG_NAME}")
+    os.unlink(f"{meta}/{KEPT}")
     os.rmdir(f"{meta}/tmp")
     os.rmdir(meta)
     os.rmdir(top)
     return True
+
+
+def _prune_parents(job_dir: Path) -> None:
+    """Remove the job's directory, then the build's, if empty (another attempt or job still
+    there: left alone)."""
+    for level in (job_dir.parent, job_dir.parent.parent):
+        try:
+            os.rmdir(level)
+        except OSError:
+            return
+
+
+def _make_level(level: Path) -> None:
+    try:
+        os.mkdir(level)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(level).st_mode):
+            raise JobError(f"{level} is not a directory (a symlink?): refusing to run "
+                           "a job through it") from None
+
+
+#: Tries at making a job directory whose empty parents a sweep or another job's clean-up may
+#: remove between the mkdirs (each try starts from the root again).
+_MKDIR_TRIES = 3
 
 
 def _fresh_dir(root: Path, spec: JobSpec, stale: bool = True) -> Path:
@@ -400,16 +435,17 @@ def _fresh_dir(root: Path, spec: JobSpec, stale: bool = True) -> Path:
     must be directories, not symlinks (a job could plant one to have a later job's directory
     made elsewhere): checked with one lstat each instead of resolving the whole path."""
     job_dir = root / spec.build_id / spec.job / str(spec.attempt)
-    for level in (job_dir.parent.parent, job_dir.parent):
+    for tries_left in reversed(range(_MKDIR_TRIES)):
         try:
-            os.mkdir(level)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(level).st_mode):
-                raise JobError(f"{level} is not a directory (a symlink?): refusing to run "
-                               "a job through it") from None
-    if stale:  # a run of this attempt that died with the node
-        _remove_tree(job_dir)
-    os.mkdir(job_dir)
+            for level in (job_dir.parent.parent, job_dir.parent):
+                _make_level(level)
+            if stale:  # a run of this attempt that died with the node
+                _remove_tree(job_dir)
+            os.mkdir(job_dir)
+            break
+        except FileNotFoundError:  # an empty parent was removed meanwhile: again
+            if not tries_left:
+                raise
     meta = f"{job_dir}/{META}"
     os.mkdir(meta)
     os.mkdir(f"{meta}/tmp")
@@ -440,9 +476,8 @@ def _stage(job_dir: Path, files: Mapping[str, tuple[Path, str]]) -> dict[str, _M
             _link_or_copy(source, target, st)
             marks[rel] = _Mark.of(target.lstat())
         except OSError as exc:
-            raise JobError(
-                f"cannot stage '{rel}' from {origin} ({source}): {exc.strerror or exc}"
-            ) from None
+            why = NO_SPACE if _no_space(exc) else exc.strerror or exc
+            raise JobError(f"cannot stage '{rel}' from {origin} ({source}): {why}") from None
     return marks
 
 
@@ -610,6 +645,11 @@ def collect_outputs(
 # The log
 
 
+def _no_space(exc: BaseException) -> bool:
+    """Whether `exc` is a full file system (ENOSPC, or EDQUOT: the user's quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _create(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
 
@@ -633,6 +673,7 @@ class _Log:
         self.total = 0
         self.tail = b""
         self.error: str | None = None
+        self.no_space = False  # the error was ENOSPC
         self._fd: int | None = _create(path)
         self._spills = (path.with_name(f"{path.name}.0"), path.with_name(f"{path.name}.1"))
         self._spill_fd: int | None = None
@@ -721,7 +762,8 @@ class _Log:
             self._spill_fd = None
 
     def _fail(self, exc: OSError) -> None:
-        self.error = f"writing the log failed: {exc.strerror or exc}"
+        self.no_space = _no_space(exc)
+        self.error = f"writing the log failed: {NO_SPACE if self.no_space else exc.strerror or exc}"
         self._close_spill()
         if self._fd is not None:
             os.close(self._fd)
@@ -925,13 +967,19 @@ class RunningJob:
             if self._log is not None:
                 self._log.close()
             self._more.set()
+            if self.job_dir is not None:  # (before it stops counting as running: see KEPT)
+                with contextlib.suppress(OSError):
+                    os.close(_create(self.job_dir / META / KEPT))
             if self._executor._active.get(self.key) is self:
                 del self._executor._active[self.key]
+        if status == "ok" and self._log is not None and self._log.no_space:
+            status, outputs = "error", ()  # its log was cut short: not a clean success
         job_dir = self.job_dir
         if job_dir is not None and status == "ok" and not self._keep:
             with contextlib.suppress(OSError):  # if it stays, the result still names it
                 if not _remove_bare(job_dir):  # left more than the executor's own files
                     await asyncio.to_thread(_remove_tree, job_dir)
+                _prune_parents(job_dir)
             job_dir = job_dir if job_dir.exists() else None
         return self._result(status, reason, outputs, job_dir)
 
@@ -953,7 +1001,8 @@ class RunningJob:
                 self.job_dir = _fresh_dir(root, spec, stale=False)
             self._log = _Log(self.job_dir / META / LOG_NAME, executor.log_limit)
         except OSError as exc:
-            raise JobError(f"cannot make the job directory: {exc}") from None
+            why = NO_SPACE if _no_space(exc) else exc
+            raise JobError(f"cannot make the job directory: {why}") from None
         marks = await asyncio.to_thread(_stage, self.job_dir, files) if files else {}
         if not await self._acquire():
             return "cancelled", "cancelled before it started", ()
@@ -977,7 +1026,8 @@ class RunningJob:
                 try:
                     await self._store(self.job_dir / output.path, output)
                 except Exception as exc:
-                    return "error", f"storing output '{output.path}' failed: {exc!r}", outputs
+                    why = NO_SPACE if _no_space(exc) else repr(exc)
+                    return "error", f"storing output '{output.path}' failed: {why}", outputs
         return "ok", "", outputs
 
     async def _acquire(self) -> bool:
@@ -1235,6 +1285,103 @@ class Executor:
         if job_dir is None or not job_dir.resolve().is_relative_to(self.resolved_root()):
             return
         await asyncio.to_thread(_remove_tree, job_dir)
+        _prune_parents(job_dir)
+
+    def busy(self, key: tuple[str, str, int]) -> bool:
+        """Whether the attempt `key` (build, job, attempt) runs here now (its directory is in
+        use). Safe to call from a thread (one dict lookup)."""
+        return key in self._active
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention of job directories
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many kept job directories a node keeps, how long and how many bytes of them."""
+
+    keep: int
+    age: float  # seconds
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    removed: int  # attempt directories removed
+    freed: int  # bytes they used on disk
+    leftovers: int  # of them, unmarked ones no run held (their run died with the node)
+    empty: int  # empty job and build directories removed
+
+    def __bool__(self) -> bool:
+        return bool(self.removed or self.empty)
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes on disk under `path` (allocated blocks; symlinks not followed)."""
+    total = 0
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """The directories in `path` (never through a symlink)."""
+    try:
+        return [Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def sweep_job_dirs(root: Path, busy: Callable[[tuple[str, str, int]], bool],
+                   retention: Retention, now: float, everything: bool = False) -> SweepResult:
+    """Apply `retention` to the kept attempt directories under `root` (BUILD/JOB/ATTEMPT):
+    the newest `keep` younger than `age` stay while together under `max_bytes`; remove
+    unmarked ones (a run that died with the node), and empty job and build directories.
+    `everything`: every directory no run holds goes (the disk is nearly full). Runs in a
+    thread: a directory's run is asked (`busy`) just before it is removed."""
+    kept: list[tuple[float, Path, int]] = []  # (when kept, directory, bytes)
+    removed = freed = leftovers = empty = 0
+
+    def remove(path: Path, size: int) -> None:
+        nonlocal removed, freed
+        _remove_tree(path)
+        removed, freed = removed + 1, freed + size
+
+    for build in _subdirs(root):
+        for job in _subdirs(build):
+            for attempt in _subdirs(job):
+                if not attempt.name.isdigit():
+                    continue
+                if busy((build.name, job.name, int(attempt.name))):
+                    continue
+                try:  # (after asking: a run marks its directory before it stops being busy)
+                    when: float | None = os.stat(attempt / META / KEPT).st_mtime
+                except OSError:
+                    when = None
+                if when is None:
+                    leftovers += 1
+                    remove(attempt, _disk_bytes(attempt))
+                else:
+                    kept.append((when, attempt, _disk_bytes(attempt)))
+    total = 0
+    for i, (when, path, size) in enumerate(sorted(kept, reverse=True)):
+        if (everything or i >= retention.keep or now - when > retention.age
+                or total + size > retention.max_bytes):
+            remove(path, size)
+        else:
+            total += size
+    for build in _subdirs(root):
+        for job in _subdirs(build):
+            with contextlib.suppress(OSError):
+                os.rmdir(job)
+                empty += 1
+        with contextlib.suppress(OSError):
+            os.rmdir(build)
+            empty += 1
+    return SweepResult(removed, freed, leftovers, empty)
 
 
 __all__ = [
@@ -1243,10 +1390,13 @@ __all__ = [
     "JobResult",
     "JobSpec",
     "Output",
+    "Retention",
     "RunningJob",
     "Slots",
     "Status",
+    "SweepResult",
     "collect_outputs",
     "job_env",
     "match_output",
+    "sweep_job_dirs",
 ]
