@@ -375,9 +375,12 @@ def _staging(
 
 
 def _remove_tree(path: Path) -> None:
-    """rmtree that also empties read-only directories (Go's module cache makes them)."""
+    """rmtree that also empties read-only directories (Go's module cache makes them), and
+    leaves alone what another remover took first (the executor and a sweep in its thread)."""
 
     def retry(func: Callable[[str], object], failed: str, _exc: object) -> None:
+        if func not in (os.rmdir, os.unlink):  # (a lookup that failed: os.open, os.lstat,
+            return  # os.scandir of something gone; retrying those takes other arguments)
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(failed), 0o700)
             func(failed)
