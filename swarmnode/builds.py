@@ -1102,19 +1102,24 @@ class Builds:
                 "kwh": (row["joules"] or 0.0) / 3.6e6, "forgotten": True}
 
     async def fetch_outputs(self, build_id: str, out: Path) -> list[str]:
-        """Each job's artifacts as OUT/JOB/PATH (fetched from its worker if not here); for a
-        build the ledger has forgotten, as the history recorded them."""
-        if self.ledger.build(build_id) is not None:
+        """Each job's artifacts as OUT/JOB/PATH (fetched from its worker, else from the
+        submitter, which keeps a copy, if not here); for a build the ledger has forgotten, as
+        the history recorded them."""
+        build = self.ledger.build(build_id)
+        if build is not None:
+            submitter: str | None = build.submitter
             done = [(j.name, j.node, j.artifacts) for j in self.ledger.jobs(build_id)
                     if j.state == DONE]
         else:
             done = [(job, row["node"], tuple(row["artifacts"].items()))
                     for job, row in sorted(self._forgotten(build_id).items())
                     if row["result"] == DONE]
+            submitter = (self.history.build_row(build_id) or {}).get("submitter")
         written = []
         for name, node, artifacts in done:
+            sources = list(dict.fromkeys(n for n in (node, submitter) if n))
             for path, digest in artifacts:
-                await self.node.artifacts.fetch(digest, [node] if node else [])
+                await self.node.artifacts.fetch(digest, sources)
                 dest = out / name / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
