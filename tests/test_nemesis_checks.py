@@ -117,3 +117,10 @@ def test_leaderless_time_counts_only_while_a_majority_is_healthy() -> None:
     three_down = [Fault("partition", ("lan2", "lan3"), False, 1.0, 5.0),
                   Fault("stop", ("lan4",), False, 1.0, 5.0)]
     assert leaderless(pollers, three_down, 0.0, 10.0) == []
+
+
+def test_a_start_counts_from_when_its_process_was_forked(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    log.write_text("9.0 B j 1 id1 start 250\n9.5 B j 1 id1 end\n")
+    [run] = read_runs(log, "B", booted=1000.0)["j"]
+    assert (run.t, run.end) == (1002.5, 9.5)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import signal
 import threading
@@ -80,13 +81,16 @@ class Dag:
         return out
 
     def plan(self, seconds: float, runs_log: Path) -> str:
-        """The plan's TOML: each job logs its start, sleeps `seconds`, computes, logs its end."""
+        """The plan's TOML: each job logs its start (with when its process was forked, in
+        clock ticks since boot: a host frozen right after the fork runs the first line only
+        once thawed), sleeps `seconds`, computes, logs its end."""
         mark = (f'echo "$(date +%s.%N) $SWARMNODE_BUILD $SWARMNODE_JOB $SWARMNODE_ATTEMPT '
                 f'$SWARMNODE_NODE {{}}" >> {runs_log}')
+        forked = "start $(cut -d' ' -f22 /proc/$$/stat)"
         parts = ['name = "nemesis"\n']
         for name, deps in self.deps.items():
             cat = " ".join(f"{d}.out" for d in deps)
-            cmd = (f"{mark.format('start')}; sleep {seconds}; "
+            cmd = (f"{mark.format(forked)}; sleep {seconds}; "
                    f"{{ echo {name}; {'cat ' + cat + '; ' if cat else ''}}} | sha256sum "
                    f"> {name}.out && {mark.format('end')}")
             parts.append(f"[jobs.{name}]\ncmd = '''{cmd}'''\noutputs = [\"{name}.out\"]\n"
@@ -299,7 +303,7 @@ class Nemesis:
 # ---------------------------------------------------------------------- the outcome
 @dataclass(frozen=True)
 class Run:
-    t: float
+    t: float  # when its process was forked
     job: str
     attempt: int
     node: str  # node id
@@ -323,19 +327,28 @@ class Outcome:
         return asdict(self)
 
 
-def read_runs(path: Path, build: str) -> dict[str, list[Run]]:
-    """Each job's runs in start order, an `end` line closing the run of its attempt on its
+def boot_time() -> float:
+    """The wall-clock time of boot, as process start times in /proc count from it."""
+    return time.time() - float(Path("/proc/uptime").read_text().split()[0])
+
+
+def read_runs(path: Path, build: str, booted: float | None = None) -> dict[str, list[Run]]:
+    """Each job's runs in fork order, an `end` line closing the run of its attempt on its
     node (a re-run of one attempt on one node pairs with the start before it)."""
+    booted = boot_time() if booted is None else booted
+    tick = os.sysconf("SC_CLK_TCK")
     runs: dict[str, list[Run]] = {}
     text = path.read_text() if path.exists() else ""
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) != 6 or parts[1] != build:
+        if len(parts) not in (6, 7) or parts[1] != build:
             continue
-        t, _, job, attempt, node, what = parts
+        t, _, job, attempt, node, what = parts[:6]
         mine = runs.setdefault(job, [])
         if what == "start":
-            mine.append(Run(float(t), job, int(attempt), node))
+            forked = booted + int(parts[6]) / tick if len(parts) == 7 else float(t)
+            mine.append(Run(forked, job, int(attempt), node))
+            mine.sort(key=lambda r: r.t)
             continue
         for i in range(len(mine) - 1, -1, -1):
             r = mine[i]
