@@ -161,7 +161,7 @@ def form(swarm: Swarm, lab: Lab) -> Cluster:
         swarm.wait_for(lambda n=n: set(swarm.query(n, "status")["voters"]) == ids, JOIN_S,
                        f"{n.name} counts five voters")
     swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
-                   and swarm.query(n, "status")["leader"], JOIN_S, "one leader")
+                   and swarm.query(first, "status")["leader"], JOIN_S, "one leader")
     return Cluster(swarm, lab, nodes, {n.name: (None if n is first else token) for n in nodes})
 
 
