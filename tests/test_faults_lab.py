@@ -37,7 +37,7 @@ LEADERLESS_BOUND_S = 6.0
 def test_a_seeded_nemesis_keeps_safety_and_availability(
         lab: Lab, lab_swarm: Swarm, seed: int) -> None:
     cluster = form(lab_swarm, lab)
-    out = run_trial(cluster, Trial(seed, jobs=30, width=5, job_s=2.5, fault_s=25.0),
+    out = run_trial(cluster, Trial(seed, jobs=24, width=4, job_s=2.0, fault_s=20.0),
                     lab_swarm.root / "trial")  # kept with the homes on a failure
     print(json.dumps({k: v for k, v in out.plain().items() if k != "leaderless"}, indent=1))
     print(f"seed {seed}: build {out.build_s} s, {len(out.faults)} faults, {out.starts} job "

@@ -145,21 +145,29 @@ def addr(node: Node) -> str:
 
 
 def form(swarm: Swarm, lab: Lab) -> Cluster:
-    """Five admitted nodes with the build right, all five voting, one leader."""
+    """Five admitted nodes with the build right, all five voting, one leader. (Started and
+    granted all at once: a few seconds of a short test's budget.)"""
     topo = incident_topology(lab, lan_hosts=HOSTS, tarn=False, far=False)
     first, token = swarm.init("lan1", f"{topo.addr('lan1')}:{PORT}", host="lan1")
     swarm.start(first, fast=False)
-    nodes = [first]
-    for i in range(2, HOSTS + 1):
-        h = f"lan{i}"
-        nodes.append(swarm.start(swarm.add(h, f"{topo.addr(h)}:{PORT}", host=h), token,
-                                 fast=False))
-    swarm.wait_converged(nodes, JOIN_S)
-    swarm.grant(first, "build", *nodes[1:])
-    ids = {n.id for n in nodes}
+    nodes = [first] + [swarm.start(swarm.add(h, f"{topo.addr(h)}:{PORT}", host=h), token,
+                                   fast=False, wait=False)
+                       for h in (f"lan{i}" for i in range(2, HOSTS + 1))]
     for n in nodes:
-        swarm.wait_for(lambda n=n: set(swarm.query(n, "status")["voters"]) == ids, JOIN_S,
-                       f"{n.name} counts five voters")
+        swarm.wait_ready(n)
+    swarm.wait_converged(nodes, JOIN_S)
+    for n in nodes[1:]:
+        swarm.cli(first, "grant", "build", n.name)
+    keys = {f"build:{n.id}" for n in nodes[1:]}
+    ids = {n.id for n in nodes}
+
+    def settled(n: Node) -> bool:
+        held = {e["key"] for e in swarm.events(n, "note") if e.get("topic") == "grant"}
+        return keys <= held and set(swarm.query(n, "status")["voters"]) == ids
+
+    for n in nodes:
+        swarm.wait_for(lambda n=n: settled(n), JOIN_S,
+                       f"{n.name} holds every build grant and counts five voters")
     swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
                    and swarm.query(first, "status")["leader"], JOIN_S, "one leader")
     return Cluster(swarm, lab, nodes, {n.name: (None if n is first else token) for n in nodes})
