@@ -28,9 +28,10 @@ pytestmark = [
 ]
 
 SEEDS = (1, 2)
-#: Issue 15's target is 2 s; a loaded CI machine delays polling and elections, so the test
-#: holds a bound that only a real gap (a leaderless majority, as before issue 15) exceeds.
-LEADERLESS_BOUND_S = 6.0
+#: Issue 15's target is 2 s (bench/fault.py reports it); a loaded CI machine delays polls and
+#: elections, so the test holds twice that: seen at most 0.95 s in 30 seeded runs under a busy
+#: loop, while a leaderless connected majority (as before issue 15) lasted 13-18 s.
+LEADERLESS_BOUND_S = 4.0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
