@@ -67,7 +67,7 @@ from swarmnode.build.executor import (
     sweep_job_dirs,
 )
 from swarmnode.build.plan import PlanError, check_name
-from swarmnode.ledger import Fence
+from swarmnode.ledger import ACTIVE, Fence
 from swarmnode.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -375,6 +375,8 @@ class Worker:
             return f"could not fetch an input: {exc}", 0.0
         if self.running.get((a.build, a.job), (None,))[0] is not a:
             return "superseded by a newer attempt while fetching its inputs", 0.0
+        if self._void(a):
+            return "the ledger here has moved past this attempt", 0.0
         spec = JobSpec(build_id=a.build, job=a.job, cmd=a.cmd, outputs=a.outputs, env=a.env,
                        cores=min(a.cores, self.slots.total), attempt=a.attempt,
                        timeout=a.timeout)
@@ -399,6 +401,16 @@ class Worker:
             finally:
                 joules = meter.share.end(now, run)
         return result, joules
+
+    def _void(self, a: Assignment) -> bool:
+        """This node's replica of the ledger already requeued, reassigned or finished the
+        attempt: an assignment that sat out a freeze (or its input fetch did) must not start
+        a job done elsewhere meanwhile. (Not applied here yet: the leader sent it after
+        committing it, so it stands.)"""
+        job = self.node.leadership.ledger.job(f"{a.build}/{a.job}")
+        if job is None or job.attempt < a.attempt:
+            return False
+        return (job.node, job.attempt) != (self.node.id, a.attempt) or job.state not in ACTIVE
 
     def _still_running(self, a: Assignment, handle: Any) -> None:
         if not handle.done and self.running.get((a.build, a.job), (None, None))[1] is handle:

@@ -151,3 +151,31 @@ async def test_a_newer_attempt_keeps_its_slot_when_the_older_one_ends(tmp_path):
         assert reports[2]["joules"] >= 0 and b.power.share._busy == 0  # every core given back
     finally:
         await stop(running)
+
+
+def test_an_assignment_the_ledger_here_has_moved_past_is_not_started():
+    """Frozen (or cut off) after its leader sent an assignment, a worker that wakes finds its
+    replica requeued, reassigned or finished that attempt meanwhile: it must not start it (the
+    fault test saw such jobs run again after another node had done them)."""
+    from types import SimpleNamespace
+
+    from swarmnode.ledger import jobs as ledger
+
+    spec = ledger.JobSpec()
+    held: dict[str, ledger.Job] = {}
+    w = object.__new__(jobs.Worker)
+    w.node = SimpleNamespace(id="me", leadership=SimpleNamespace(
+        ledger=SimpleNamespace(job=held.get)))
+    a = jobs.Assignment(build="b", job="j", attempt=2, term=1, cmd="true", env={}, outputs=(),
+                        cores=1, timeout=None, inputs=(), deps={}, sources=())
+
+    def void(state: str, node: str | None, attempt: int) -> bool:
+        held["b/j"] = ledger.Job("b", "j", spec, state=state, node=node, attempt=attempt)
+        return w._void(a)
+
+    assert not w._void(a)  # not applied here yet
+    assert not void("assigned", "other", 1)  # the replica is behind
+    assert not void("assigned", "me", 2) and not void("running", "me", 2)
+    assert void("queued", None, 2)  # requeued
+    assert void("assigned", "other", 3) and void("done", "other", 3)
+    assert void("done", "other", 2) and void("cancelled", None, 2)

@@ -440,6 +440,11 @@ class Lab:
         if errors:
             raise LabError("; ".join(errors))
 
+    def send_signal(self, host: HostRef, sig: signal.Signals) -> None:
+        """Send `sig` to every process in a host's namespace: SIGSTOP/SIGCONT pause and resume
+        the whole host (a node and its jobs alike), as a frozen VM would."""
+        _kill_all(_netns_pids(self.netns(host)), sig)
+
     def log_path(self, proc: subprocess.Popen[bytes]) -> Path:
         """Where a spawned process's output goes."""
         return self._logs[proc.pid]
@@ -537,7 +542,7 @@ def _kill_netns_pids(ns: str) -> list[str]:
         time.sleep(_POLL_S)
 
 
-def _kill_all(pids: Iterable[int]) -> None:
+def _kill_all(pids: Iterable[int], sig: signal.Signals = signal.SIGKILL) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
