@@ -4,10 +4,10 @@ Needs root. The five-host swarm of the fault test (tests/lab/nemesis.py: `lan1..
 timers) gets a 20-job DAG (layers of 5, each job 0.5 s; the fault test's plan) submitted every
 `--every` seconds from the nodes in turn, for `--minutes`. Every node is sampled at the start,
 every `--sample-every` seconds and at the end: RSS, open fds and threads of its process
-(/proc/PID), the size of ledger.db (with its -wal), the size and file count of artifacts/ and
-jobs/, and the empty directories left in each. Reported per node: start, end, the slope per
-hour (least squares over the samples), and RSS at the end beside RSS after 10 minutes (issue
-15's target: within +-5 MiB); and the builds submitted, finished and failed.
+(/proc/PID), the sizes of ledger.db, history.db and state.db (with their -wal), the size and
+file count of artifacts/ and jobs/, and the empty directories left in each. Reported per node:
+start, end, the slope per hour (least squares over the samples), and RSS at the end beside RSS
+after 10 minutes (issue 15's target: within +-5 MiB); and the builds submitted, finished and failed.
 
     .venv/bin/python bench/soak.py [--minutes 60] [--worktree]
     .venv/bin/python bench/soak.py --minutes 3 --sample-every 30     # a quick check
@@ -42,7 +42,8 @@ from tests.swarm import Node, Swarm, short_root  # noqa: E402
 MIB = 1024 * 1024
 RSS_AFTER_S = 600.0  # the issue's reference point: RSS after the first 10 minutes
 RSS_TARGET_MIB = 5.0
-FIGURES = ("rss_mib", "fds", "threads", "ledger_db_kib", "artifacts_mib", "artifacts_files",
+FIGURES = ("rss_mib", "fds", "threads", "ledger_db_kib", "history_db_kib", "state_db_kib",
+           "artifacts_mib", "artifacts_files",
            "artifacts_empty_dirs", "jobs_mib", "jobs_files", "jobs_empty_dirs")
 
 
@@ -69,11 +70,15 @@ def proc_figures(pid: int) -> dict[str, float]:
 
 def sample(node: Node, t0: float) -> dict[str, float]:
     pid = control.call(node.home, "status", timeout=5)["pid"]
-    db = sum(p.stat().st_size for p in node.home.glob("ledger.db*") if p.is_file())
+    def db(name: str) -> float:  # (with its -wal and -shm)
+        return round(sum(p.stat().st_size for p in node.home.glob(f"{name}*")
+                         if p.is_file()) / 1024, 1)
+
     art = tree(node.home / "artifacts")
     jobs = tree(node.home / "jobs")
     return {"t_s": round(time.time() - t0, 1), **proc_figures(pid),
-            "ledger_db_kib": round(db / 1024, 1),
+            "ledger_db_kib": db("ledger.db"), "history_db_kib": db("history.db"),
+            "state_db_kib": db("state.db"),
             "artifacts_mib": round(art[0] / MIB, 3), "artifacts_files": art[1],
             "artifacts_empty_dirs": art[2],
             "jobs_mib": round(jobs[0] / MIB, 3), "jobs_files": jobs[1],
