@@ -19,36 +19,19 @@ import pytest
 from tests.swarm import (
     Node,
     Swarm,
-    loopback_addr,
     swarm_fixture,  # noqa: F401 (the `swarm` fixture)
 )
+from tests.test_build_loopback import three
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
-JOIN_S = 20.0
 RETENTION_S = 2
 CONFIG = f"build_retention = {RETENTION_S}\n"
 
 
 def retaining(swarm: Swarm) -> list[Node]:
-    """n1 (the founder), n2 and n3, all voters and with the short retention, a leader elected,
-    n2 granted the build right."""
-    first, token = swarm.init("n1", loopback_addr(1))
-    (first.home / "config.toml").write_text(CONFIG)
-    swarm.start(first)
-    nodes = [first]
-    for i in (2, 3):
-        node = swarm.add(f"n{i}", loopback_addr(i))
-        (node.home / "config.toml").write_text(CONFIG)
-        nodes.append(swarm.start(node, token))
-    swarm.wait_converged(nodes, JOIN_S)
-    ids = {n.id for n in nodes}
-    swarm.wait_for(lambda: all(set(swarm.query(n, "status")["voters"]) == ids for n in nodes),
-                   JOIN_S, "all three vote")
-    swarm.wait_for(lambda: len({swarm.query(n, "status")["leader"] for n in nodes}) == 1
-                   and swarm.query(nodes[0], "status")["leader"], JOIN_S, "a leader")
-    swarm.grant(first, "build", nodes[1])
-    return nodes
+    """Three voters with the short retention, a leader elected, n2 and n3 granted `build`."""
+    return three(swarm, prepare=lambda node: (node.home / "config.toml").write_text(CONFIG))
 
 
 PLAN = """name = "kept"
