@@ -57,6 +57,7 @@ from swarmnode.artifact_service import ArtifactError
 from swarmnode.artifacts import is_digest
 from swarmnode.build.executor import (
     DEFAULT_PATH,
+    EndedOutput,
     Executor,
     JobResult,
     JobSpec,
@@ -95,7 +96,8 @@ MAX_BODY = 1024 * 1024
 MAX_FILES = 10_000
 MAX_TAIL = 4096
 MAX_FINISHED = 10_000
-#: Finished jobs whose output (the last TAIL_BYTES) this node keeps for `logs`: a few MB.
+#: Finished jobs whose output (its last TAIL_BYTES, as an EndedOutput) this node keeps for
+#: `logs`: at most ~4 MB.
 MAX_OUTPUTS = 1000
 #: Longest a `job.log` request waits for new output of a running job (a long poll).
 LOG_WAIT_S = 2.0
@@ -215,7 +217,7 @@ class Worker:
         # before a restart: they count too)
         self.finished = finished_in(node.store.outbox())
         # finished here, newest last: their output, for `logs` (kept in memory only)
-        self.outputs: OrderedDict[tuple[str, str, int], RunningJob] = OrderedDict()
+        self.outputs: OrderedDict[tuple[str, str, int], EndedOutput] = OrderedDict()
         self._sent_at: dict[str, float] = {}  # outbox key -> when the report was last sent
         # this turn's work, done once at its end: reports to write to the outbox, outbox keys
         # acknowledged, reports to send to the leader
@@ -317,7 +319,7 @@ class Worker:
         inbound.reply(LOG_REPLY, pack({"rid": body.get("rid"), "state": state,
                                        "total": total, "data": data}))
 
-    def job_output(self, build: Any, job: Any, attempt: Any) -> RunningJob | None:
+    def job_output(self, build: Any, job: Any, attempt: Any) -> RunningJob | EndedOutput | None:
         """The attempt of a job running or recently finished here, whose `output` can be
         read."""
         if not isinstance(build, str) or not isinstance(job, str) or type(attempt) is not int:
@@ -344,7 +346,7 @@ class Worker:
             if mine is a:  # (not a newer attempt of the job, which took the slot)
                 del self.running[key]
             if mine is a and handle is not None:
-                self.outputs[(a.build, a.job, a.attempt)] = handle
+                self.outputs[(a.build, a.job, a.attempt)] = handle.ended()
                 while len(self.outputs) > MAX_OUTPUTS:
                     self.outputs.popitem(last=False)
         self._report(a, result, joules)

@@ -238,6 +238,9 @@ async def test_output_is_read_live_and_after_the_end(tmp_path: Path) -> None:
     assert result.ok and ex.running("b1", "j") is None
     assert job.output(0) == (14, b"one\ntwo\nthree\n")  # after the end: still there
     assert await job.output_after(14, timeout=10) == (14, b"")  # ended: no wait
+    ended = job.ended()  # what the worker keeps of it for `logs`
+    assert ended.done and all(ended.output(n) == job.output(n) for n in (0, 4, 13, 14, 99))
+    assert await ended.output_after(8, timeout=10) == (14, b"three\n")
 
 
 async def test_a_reader_that_fell_behind_gets_the_recent_tail(tmp_path: Path) -> None:
@@ -247,6 +250,7 @@ async def test_a_reader_that_fell_behind_gets_the_recent_tail(tmp_path: Path) ->
     total, data = job.output(10)
     assert total == len("".join(f"{n}\n" for n in range(1, 5001)))
     assert len(data) == TAIL_BYTES and data.endswith(b"4999\n5000\n")  # offsets show the gap
+    assert job.ended().output(10) == (total, data)
 
 
 # --- stopping -----------------------------------------------------------------------------

@@ -887,6 +887,27 @@ def _kill_started(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     threading.Thread(target=popen.wait, daemon=True).start()
 
 
+def _after(total: int, tail: bytes, since: int) -> tuple[int, bytes]:
+    """(total, the bytes of `tail`, the last of `total` written, after offset `since`)."""
+    start = total - len(tail)
+    return total, tail[max(0, since - start):] if since < total else b""
+
+
+@dataclass(frozen=True, slots=True)
+class EndedOutput:
+    """A finished job's output as `RunningJob.output` gave it: its length and last bytes."""
+
+    total: int
+    tail: bytes
+    done = True
+
+    def output(self, since: int = 0) -> tuple[int, bytes]:
+        return _after(self.total, self.tail, since)
+
+    async def output_after(self, since: int, timeout: float) -> tuple[int, bytes]:
+        return self.output(since)  # (nothing more will come)
+
+
 class RunningJob:
     """A job started by `Executor.start`: wait for it, follow its output, or cancel it."""
 
@@ -941,10 +962,13 @@ class RunningJob:
         the recent output is kept (the last TAIL_BYTES), so a reader that fell further behind
         gets all of it and sees the gap from the offsets."""
         log = self._log
-        if log is None:
-            return 0, b""
-        start = log.total - len(log.tail)
-        return log.total, log.tail[max(0, since - start):] if since < log.total else b""
+        return (0, b"") if log is None else _after(log.total, log.tail, since)
+
+    def ended(self) -> EndedOutput:
+        """What `logs` still needs of this job once it has finished (a finished RunningJob
+        holds its task, events, inputs and paths besides: ten times as much)."""
+        total, tail = self.output()
+        return EndedOutput(total, tail)
 
     async def output_after(self, since: int, timeout: float) -> tuple[int, bytes]:
         """`output(since)` as soon as there is output after `since` or the job has ended, or
@@ -1389,6 +1413,7 @@ def sweep_job_dirs(root: Path, busy: Callable[[tuple[str, str, int]], bool],
 
 __all__ = [
     "DEFAULT_PATH",
+    "EndedOutput",
     "Executor",
     "JobResult",
     "JobSpec",
