@@ -140,6 +140,9 @@ TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, CONFIRM, LOG_REPLY, BIN
 #: A running job missing from its worker's held list is requeued only when it was reported
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
+#: Stale attempts a worker's held list can make the leader stop at once (they are rare: one
+#: per job it ran while cut off; the next list names any others).
+MAX_STALE_STOPS = 100
 #: Characters of a refusal's reason in a propose reply (a sentence naming a member and a build).
 MAX_REFUSAL = 400
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
@@ -730,6 +733,7 @@ class Builds:
             return
         holds = {tuple(h) for h in held[:100_000] if isinstance(h, list) and len(h) == 3
                  and all(isinstance(x, str | int) for x in h)}
+        self._stop_stale(worker, holds)
         now = time.monotonic()
         for job in self.ledger.active():
             key = job.key
@@ -742,6 +746,22 @@ class Builds:
                 continue
             why = f"{self.node.member_name(worker)} no longer runs it (it restarted)"
             self._spawn(self._propose(Requeue(key, why), [key]))
+
+    def _stop_stale(self, worker: str, holds: set[tuple[Any, ...]]) -> None:
+        """Stop the attempts `worker` holds that the ledger has moved past (requeued while it
+        was cut off or frozen, say): an attempt it still runs stops within HELD_S (one that
+        already ended is not running: the cancellation changes nothing). At most
+        MAX_STALE_STOPS a list (a peer's list is not trusted to be small)."""
+        stopped = 0
+        for build, name, attempt in holds:
+            if not (isinstance(build, str) and isinstance(name, str) and type(attempt) is int):
+                continue
+            job = self.ledger.job(job_key(build, name))
+            if job is not None and (job.node, job.attempt) != (worker, attempt):
+                self._stop_attempt(worker, job, attempt)
+                stopped += 1
+                if stopped >= MAX_STALE_STOPS:
+                    return
 
     def _sweep(self) -> None:
         """Requeue the jobs of members membership declares gone (never merely suspected), and

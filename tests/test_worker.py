@@ -338,9 +338,9 @@ def test_the_leader_calls_an_attempt_current_only_from_a_complete_ledger_with_no
     assert b.attempt_state("w", None, "j", 2) == jobs.UNKNOWN
 
 
-def test_a_stale_started_report_makes_the_leader_stop_that_attempt():
-    """Defense in depth: a worker that started an attempt the ledger has moved past is told
-    to stop that attempt (and only that one: a newer attempt it may run stays)."""
+def test_a_stale_started_report_or_held_attempt_makes_the_leader_stop_that_attempt():
+    """Defense in depth: a worker that started (or holds) an attempt the ledger has moved past
+    is told to stop that attempt (and only that one: a newer attempt it may run stays)."""
     from types import SimpleNamespace
 
     import msgpack
@@ -362,3 +362,10 @@ def test_a_stale_started_report_makes_the_leader_stop_that_attempt():
     sent.clear()
     b._on_report("w", {"build": "b", "job": "gone", "attempt": 2, "status": "started"})
     assert not sent  # not in the ledger: nothing to judge by
+
+    # an attempt it holds (runs on after a freeze, its `started` long sent) likewise
+    held["b/k"] = ledger.Job("b", "k", ledger.JobSpec(), state="running", node="w", attempt=1)
+    b._stop_stale("w", {("b", "j", 2), ("b", "j", 3), ("b", "k", 1), ("b", "gone", 1),
+                        ("b", 5, 1)})
+    assert sorted((to, t, m["job"], m["attempt"]) for to, t, m in sent) == [
+        ("w", jobs.CANCEL, "j", 2), ("w", jobs.CANCEL, "j", 3)]  # (j's attempt 3 is x's)
