@@ -918,7 +918,11 @@ class Builds:
 
     def _stop_attempt(self, worker: str, job: Job, attempt: int) -> None:
         """Tell `worker` to stop `attempt` of `job` (that attempt only: a newer one it may run
-        stays)."""
+        stays). Not when the job's current attempt is the worker's own: a worker runs one
+        attempt of a job, and the newer one's assignment stops the older there (a worker from
+        before `attempt` in `job.cancel` would stop the newer one instead)."""
+        if job.node == worker:
+            return
         term = self.node.leadership.core.term
         if worker == self.node.id:
             self.node.worker.cancel_build(job.build_id, job.name, attempt)
