@@ -109,12 +109,17 @@ from swarmnode.views import cores_fact
 from swarmnode.worker import (
     ASSIGN,
     CANCEL,
+    CONFIRM,
+    CONFIRM_REPLY,
+    CURRENT,
     HELD,
     LOG,
     LOG_REPLY,
     LOG_WAIT_S,
+    MOVED,
     REPORT,
     REPORT_ACK,
+    UNKNOWN,
     Assignment,
     batch,
     pack,
@@ -131,10 +136,13 @@ _Item = tuple[Any, str | None, Any]
 log = logging.getLogger(__name__)
 
 PROPOSE, PROPOSE_REPLY = "ledger.propose", "ledger.propose_reply"
-TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, LOG_REPLY, BINHOST_REPLY})
+TYPES = frozenset({PROPOSE, PROPOSE_REPLY, REPORT, HELD, CONFIRM, LOG_REPLY, BINHOST_REPLY})
 #: A running job missing from its worker's held list is requeued only when it was reported
 #: started at least this long ago (a held list crossing the started report is not evidence).
 HELD_GRACE_S = 3.0
+#: Stale attempts a worker's held list can make the leader stop at once (they are rare: one
+#: per job it ran while cut off; the next list names any others).
+MAX_STALE_STOPS = 100
 #: Characters of a refusal's reason in a propose reply (a sentence naming a member and a build).
 MAX_REFUSAL = 400
 #: The leader schedules on every ledger change, and at least this often (dead nodes' jobs,
@@ -370,6 +378,11 @@ class Builds:
                 fut.set_result(body)
         elif env.type == HELD:
             self._on_held(env.sender, body.get("held"))
+        elif env.type == CONFIRM:
+            state = self.attempt_state(env.sender, body.get("build"), body.get("job"),
+                                       body.get("attempt"))
+            inbound.reply(CONFIRM_REPLY, pack({"rid": body.get("rid"), "state": state,
+                                               "term": self.node.leadership.core.term}))
         else:
             try:
                 reports = batch(body, "reports")
@@ -425,6 +438,13 @@ class Builds:
         if job is None or type(attempt) is not int:
             return
         current = job.state in ACTIVE and (job.node, job.attempt) == (worker, attempt)
+        if status == "started" and not current:
+            # it runs an attempt the ledger has moved past (it should have asked first:
+            # `Worker._in_touch`): stop that attempt, or a whole job's CPU is wasted
+            self.node.event("report_stale", {"id": worker, "job": key, "attempt": attempt,
+                                             "status": status})
+            self._stop_attempt(worker, job, attempt)
+            return
         if status == "started":
             if current and job.state == ASSIGNED:
                 self._sent.pop(key, None)
@@ -713,6 +733,7 @@ class Builds:
             return
         holds = {tuple(h) for h in held[:100_000] if isinstance(h, list) and len(h) == 3
                  and all(isinstance(x, str | int) for x in h)}
+        self._stop_stale(worker, holds)
         now = time.monotonic()
         for job in self.ledger.active():
             key = job.key
@@ -725,6 +746,22 @@ class Builds:
                 continue
             why = f"{self.node.member_name(worker)} no longer runs it (it restarted)"
             self._spawn(self._propose(Requeue(key, why), [key]))
+
+    def _stop_stale(self, worker: str, holds: set[tuple[Any, ...]]) -> None:
+        """Stop the attempts `worker` holds that the ledger has moved past (requeued while it
+        was cut off or frozen, say): an attempt it still runs stops within HELD_S (one that
+        already ended is not running: the cancellation changes nothing). At most
+        MAX_STALE_STOPS a list (a peer's list is not trusted to be small)."""
+        stopped = 0
+        for build, name, attempt in holds:
+            if not (isinstance(build, str) and isinstance(name, str) and type(attempt) is int):
+                continue
+            job = self.ledger.job(job_key(build, name))
+            if job is not None and (job.node, job.attempt) != (worker, attempt):
+                self._stop_attempt(worker, job, attempt)
+                stopped += 1
+                if stopped >= MAX_STALE_STOPS:
+                    return
 
     def _sweep(self) -> None:
         """Requeue the jobs of members membership declares gone (never merely suspected), and
@@ -878,6 +915,40 @@ class Builds:
                     self.node.worker.cancel_build(build_id)
                 else:
                     self.node.send_raw(m.id, CANCEL, body)
+
+    def _stop_attempt(self, worker: str, job: Job, attempt: int) -> None:
+        """Tell `worker` to stop `attempt` of `job` (that attempt only: a newer one it may run
+        stays). Not when the job's current attempt is the worker's own: a worker runs one
+        attempt of a job, and the newer one's assignment stops the older there (a worker from
+        before `attempt` in `job.cancel` would stop the newer one instead)."""
+        if job.node == worker:
+            return
+        term = self.node.leadership.core.term
+        if worker == self.node.id:
+            self.node.worker.cancel_build(job.build_id, job.name, attempt)
+        else:
+            self.node.send_raw(worker, CANCEL, pack({"build": job.build_id, "job": job.name,
+                                                     "attempt": attempt, "term": term}))
+
+    def attempt_state(self, worker: str, build: Any, job: Any, attempt: Any) -> str:
+        """As leader, whether `attempt` of `build`/`job` is `worker`'s current assignment
+        (a worker asks before starting one it may have been out of touch for): CURRENT when
+        the ledger holds it assigned or running there, no entry about the job is on its way
+        and membership counts the worker alive (a requeue needs it declared dead first, and
+        suspicion precedes that by seconds); MOVED when the ledger holds another attempt, or
+        the job finished; UNKNOWN when this node cannot tell now (not leading with a lease
+        and a complete ledger, an entry on its way, the worker suspected)."""
+        if not self.leading or not isinstance(build, str) or not isinstance(job, str):
+            return UNKNOWN
+        key = job_key(build, job)
+        held = self.ledger.job(key)
+        if held is None or held.state not in ACTIVE or (held.node, held.attempt) != (worker,
+                                                                                  attempt):
+            return MOVED
+        view = self.node.core.member(worker)
+        if key in self._proposing or view is None or view.state != "alive":
+            return UNKNOWN
+        return CURRENT
 
     def _send_soon(self, job: Job) -> None:
         """Send `job` to its worker at the end of this turn, with the turn's other ones."""

@@ -567,6 +567,8 @@ class Node:
                         self.portage_env, self.binhost):
             if service.handles(env.type):
                 if self.is_admitted_member(env.sender):
+                    # (a silence shows there: the worker's start rule; bounded by the members)
+                    self.worker.heard(env.sender, (env.epoch, env.seq), time.monotonic())
                     service.on_message(inbound)
                 else:
                     self.drops.drop("not_member")  # no work, code, artifact or vote for a ghost

@@ -23,11 +23,17 @@ still understood as a list of one):
   job.assign  {assignments: [{build, job, attempt, term, cmd, env, outputs, cores, timeout,
                inputs: [[path, digest]], deps: {job: [[path, digest]]}, sources: [id]}],
                acks: [...]}  (acks as in job.report_ack: those of the same turn ride along)
-  job.cancel  {build, job (or null: the whole build), term}
+  job.cancel  {build, job (or null: the whole build), term, attempt (optional: only that
+              attempt of the job, e.g. one whose `started` the leader found stale)}
   job.report  {reports: [{build, job, attempt, node, status, outputs: [[path, digest, size]],
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
   job.report_ack {acks: [{build, job, attempt}]}
   job.held    {held: [[build, job, attempt]]}  every HELD_S and to each new leader
+  job.confirm {rid, build, job, attempt}  to the leader, before starting an assignment the
+              worker may have been out of touch for (see `Worker._in_touch`)
+  job.confirm_reply {rid, state: current|moved|unknown, term}  the leader's answer
+              (Builds.attempt_state); counts only from the proven leader of `term` >= the
+              assignment's
   job.log     {rid, build, job, attempt, since, wait}  any member asks
   job.log_reply {rid, state: running|finished|unknown, total, data}  the output after
               offset `since` (the last 4 KiB at most); with `wait`, held up to LOG_WAIT_S
@@ -68,6 +74,7 @@ from swarmnode.build.executor import (
     sweep_job_dirs,
 )
 from swarmnode.build.plan import PlanError, check_name
+from swarmnode.election.config import Config as ElectionConfig
 from swarmnode.ledger import ACTIVE, Fence
 from swarmnode.tasks import TaskSet
 
@@ -79,7 +86,11 @@ log = logging.getLogger(__name__)
 ASSIGN, CANCEL, REPORT, REPORT_ACK = "job.assign", "job.cancel", "job.report", "job.report_ack"
 HELD = "job.held"
 LOG, LOG_REPLY = "job.log", "job.log_reply"
-TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK, HELD, LOG, LOG_REPLY})
+CONFIRM, CONFIRM_REPLY = "job.confirm", "job.confirm_reply"
+TYPES = frozenset({ASSIGN, CANCEL, REPORT, REPORT_ACK, HELD, LOG, LOG_REPLY, CONFIRM,
+                   CONFIRM_REPLY})
+#: The leader's answers to `job.confirm` (Builds.attempt_state).
+CURRENT, MOVED, UNKNOWN = "current", "moved", "unknown"
 FENCE_KEY = "fence_term"
 #: How often unacknowledged reports are sent again (to the current leader).
 RESEND_S = 1.0
@@ -101,6 +112,16 @@ MAX_FINISHED = 10_000
 MAX_OUTPUTS = 1000
 #: Longest a `job.log` request waits for new output of a running job (a long poll).
 LOG_WAIT_S = 2.0
+#: Out of touch: silence from a sender, or an assignment's age here, longer than the election
+#: timeout (a follower that heard no leader this long may already be electing another). The
+#: leader requeues a job only once membership declares its worker dead, seconds of silence
+#: later (SWIM's suspicion timeout), so an assignment acted on within this of its arrival,
+#: over a connection with no such silence before it, cannot have been done elsewhere.
+OUT_OF_TOUCH_S = ElectionConfig().election_timeout_min
+#: The leader's answer to `job.confirm` counts only if the job starts within this of asking
+#: (a LAN or tailnet round trip is 1-50 ms; a stall in between would make the answer old).
+#: No answer by then: not started; the leader re-sends the assignment (builds.RESEND_S).
+CONFIRM_S = OUT_OF_TOUCH_S
 
 
 class AssignmentError(ValueError):
@@ -202,6 +223,25 @@ def _files(v: Any, what: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+@dataclass
+class Contact:
+    """What this node heard from one member: when last, since when without a silence longer
+    than OUT_OF_TOUCH_S, the newest (epoch, seq) of its envelopes, and whether the message
+    being handled came after a newer one (overtaken: it may have been held up on the way)."""
+
+    last: float
+    resumed: float
+    newest: tuple[int, int]
+    late: bool = False
+
+    def heard(self, now: float, stamp: tuple[int, int]) -> None:
+        if now - self.last > OUT_OF_TOUCH_S:
+            self.resumed = now
+        self.last = now
+        self.late = stamp < self.newest
+        self.newest = max(self.newest, stamp)
+
+
 class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -226,9 +266,24 @@ class Worker:
         self._outgoing: list[dict[str, Any]] = []
         self._flush_soon = False
         self._tasks = TaskSet()
+        self._contact: dict[str, Contact] = {}  # member -> what this node heard from it
+        # attempts received in touch with their leader -> when (`_in_touch`)
+        self._fresh: dict[tuple[str, str, int], float] = {}
+        # `job.confirm`s awaiting the leader's answer: rid -> (asked whom, term at least, fut)
+        self._confirms: dict[bytes, tuple[str, int, asyncio.Future[str]]] = {}
 
     def handles(self, msg_type: str) -> bool:
-        return msg_type in (ASSIGN, CANCEL, REPORT_ACK, LOG)
+        return msg_type in (ASSIGN, CANCEL, REPORT_ACK, LOG, CONFIRM_REPLY)
+
+    def heard(self, sender: str, stamp: tuple[int, int], now: float) -> None:
+        """An admitted member's message (any service's, the leader's heartbeats included)
+        arrived: called by the node before it is handled. A node that was frozen hears
+        nothing meanwhile, so a freeze shows here too, as a silence."""
+        contact = self._contact.get(sender)
+        if contact is None:
+            self._contact[sender] = Contact(now, now, stamp)
+        else:
+            contact.heard(now, stamp)
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -241,6 +296,9 @@ class Worker:
                 return
             if env.type == LOG:
                 self._spawn(self._on_log(inbound, body))
+                return
+            if env.type == CONFIRM_REPLY:
+                self._on_confirm_reply(env.sender, body)
                 return
             items = batch(body, "assignments") if env.type == ASSIGN else []
             acks = batch(body, "acks") if env.type == REPORT_ACK or "acks" in body else []
@@ -291,16 +349,31 @@ class Worker:
         if current is not None and current[1] is not None:
             current[1].cancel()  # (one still fetching its inputs sees it was superseded)
         self.running[key] = (a, None)
+        now = time.monotonic()
+        if self._arrived_in_touch(sender, now):
+            self._fresh[(a.build, a.job, a.attempt)] = now
         self._spawn(self._run(a))
+
+    def _arrived_in_touch(self, sender: str, now: float) -> bool:
+        """Whether the message being handled came from another member whose messages have
+        arrived with no silence longer than OUT_OF_TOUCH_S for at least that long, and not
+        after a newer one of its own (`heard` has recorded it)."""
+        contact = self._contact.get(sender)
+        return (sender != self.node.id and contact is not None and not contact.late
+                and now - contact.resumed >= OUT_OF_TOUCH_S)
 
     def _on_cancel(self, sender: str, body: dict[str, Any]) -> None:
         if not self._admit_term(sender, body.get("term"), f"cancel {body.get('build')}"):
             return
-        self.cancel_build(body.get("build"), body.get("job"))
+        attempt = body.get("attempt")
+        self.cancel_build(body.get("build"), body.get("job"),
+                          attempt if type(attempt) is int else None)
 
-    def cancel_build(self, build: Any, job: Any = None) -> None:
-        for (b, j), (_a, handle) in list(self.running.items()):
-            if b == build and job in (None, j) and handle is not None:
+    def cancel_build(self, build: Any, job: Any = None, attempt: int | None = None) -> None:
+        """Stop the build's running jobs (only `job`; only its `attempt`, when given)."""
+        for (b, j), (a, handle) in list(self.running.items()):
+            if (b == build and job in (None, j) and attempt in (None, a.attempt)
+                    and handle is not None):
                 handle.cancel()
 
     async def _on_log(self, inbound: Inbound, body: dict[str, Any]) -> None:
@@ -340,8 +413,9 @@ class Worker:
     async def _run(self, a: Assignment) -> None:
         key = (a.build, a.job)
         try:
-            result, joules = await self._execute(a)
+            outcome = await self._execute(a)
         finally:
+            self._fresh.pop((a.build, a.job, a.attempt), None)
             mine, handle = self.running.get(key, (None, None))
             if mine is a:  # (not a newer attempt of the job, which took the slot)
                 del self.running[key]
@@ -349,11 +423,14 @@ class Worker:
                 self.outputs[(a.build, a.job, a.attempt)] = handle.ended()
                 while len(self.outputs) > MAX_OUTPUTS:
                     self.outputs.popitem(last=False)
-        self._report(a, result, joules)
+        if outcome is not None:
+            self._report(a, *outcome)
 
-    async def _execute(self, a: Assignment) -> tuple[JobResult | str, float]:
-        """The job run here: its result (or why it could not run) and its energy share. Its
-        inputs are pinned while it runs (the artifact GC keeps them)."""
+    async def _execute(self, a: Assignment) -> tuple[JobResult | str, float] | None:
+        """The job run here: its result (or why it could not run) and its energy share; None
+        when it was not started for want of the leader's confirmation (nothing to report: the
+        leader sends it again). Its inputs are pinned while it runs (the artifact GC keeps
+        them)."""
         needed = [d for _p, d in a.inputs] + [d for f in a.deps.values() for _p, d in f]
         if not needed:
             return await self._fetched(a, ())
@@ -368,13 +445,25 @@ class Worker:
             with contextlib.suppress(OSError):
                 artifacts.store.release(owner)
 
-    async def _fetched(self, a: Assignment, needed: list[str]) -> tuple[JobResult | str, float]:
+    async def _fetched(self, a: Assignment,
+                       needed: list[str]) -> tuple[JobResult | str, float] | None:
         store = self.node.artifacts.store
         try:
             for digest in dict.fromkeys(needed):
                 await self.node.artifacts.fetch(digest, a.sources)
         except ArtifactError as exc:
             return f"could not fetch an input: {exc}", 0.0
+        if not self._in_touch(a):
+            asked = time.monotonic()
+            verdict = await self._confirm(a)
+            if verdict == MOVED:
+                return "the leader has moved past this attempt", 0.0
+            if verdict != CURRENT or time.monotonic() - asked > CONFIRM_S:
+                self.node.drops.drop("job_unconfirmed")
+                self.node.event("job_unconfirmed", {"build": a.build, "job": a.job,
+                                                    "attempt": a.attempt, "answer": verdict},
+                                synced=False)
+                return None
         if self.running.get((a.build, a.job), (None,))[0] is not a:
             return "superseded by a newer attempt while fetching its inputs", 0.0
         if self._void(a):
@@ -413,6 +502,54 @@ class Worker:
         if job is None or job.attempt < a.attempt:
             return False
         return (job.node, job.attempt) != (self.node.id, a.attempt) or job.state not in ACTIVE
+
+    def _in_touch(self, a: Assignment) -> bool:
+        """Whether `a` may start without asking the leader: it came from another member over
+        a connection that had carried messages with no silence longer than OUT_OF_TOUCH_S for
+        at least that long, not overtaken by a newer message from its sender, and arrived at
+        most OUT_OF_TOUCH_S ago (time.monotonic runs on while the process is stopped: a
+        freeze since counts); and the replica here has applied what it knows is committed.
+        Otherwise the leader may have requeued it meanwhile (a frozen worker is declared
+        dead), and the replica here need not show it yet. (The leader's own assignments to
+        itself are confirmed in process: no round trip.)"""
+        received = self._fresh.get((a.build, a.job, a.attempt))
+        core = self.node.leadership.core
+        return (received is not None and time.monotonic() - received <= OUT_OF_TOUCH_S
+                and core.applied_index >= core.commit_index)
+
+    async def _confirm(self, a: Assignment) -> str:
+        """Ask the leader whether `a` is still this node's current attempt of its job
+        (CURRENT, MOVED or UNKNOWN); UNKNOWN when no leader answers within CONFIRM_S. Only
+        the proven leader of the assignment's term or a later one is believed."""
+        leader = self.node.leadership.leader
+        if leader == self.node.id:
+            return self.node.builds.attempt_state(self.node.id, a.build, a.job, a.attempt)
+        if leader is None:
+            return UNKNOWN
+        rid = os.urandom(8)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._confirms[rid] = (leader, a.term, fut)
+        try:
+            self.node.send_raw(leader, CONFIRM, pack({"rid": rid, "build": a.build,
+                                                      "job": a.job, "attempt": a.attempt}))
+            async with asyncio.timeout(CONFIRM_S):
+                return await fut
+        except TimeoutError:
+            return UNKNOWN
+        finally:
+            self._confirms.pop(rid, None)
+
+    def _on_confirm_reply(self, sender: str, body: dict[str, Any]) -> None:
+        rid, state, term = body.get("rid"), body.get("state"), body.get("term")
+        waiting = self._confirms.get(rid) if isinstance(rid, bytes) else None
+        if waiting is None or waiting[2].done():
+            return
+        asked, at_least, fut = waiting
+        if (sender != asked or type(term) is not int or term < at_least
+                or self.node.leadership.core.proven_leader(term) != sender):
+            self.node.drops.drop("confirm_not_from_leader")
+            return
+        fut.set_result(state if state in (CURRENT, MOVED) else UNKNOWN)
 
     def _still_running(self, a: Assignment, handle: Any) -> None:
         if not handle.done and self.running.get((a.build, a.job), (None, None))[1] is handle:
