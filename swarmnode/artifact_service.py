@@ -278,7 +278,7 @@ class ArtifactService:
         behind (just restarted) may not name every unfinished build."""
         leadership = self.node.leadership
         ledger, settings = leadership.ledger, self.node.node_config.disk
-        if leadership.leader is None or ledger.applied < leadership.core.commit_index:
+        if not leadership.caught_up:
             return GcReport(0, 0, 0, 0)  # the ledger may not name every unfinished build yet
         now = time.time()
         for build in ledger.builds():

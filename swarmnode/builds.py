@@ -167,6 +167,9 @@ SPEC_FETCHES = 16
 #: A scheduling pass considers the highest-priority ready jobs only, this many plus this many
 #: per free core (the others could not start now anyway).
 PASS_JOBS, PASS_JOBS_PER_CORE = 64, 4
+#: How often `build wait` on a node catching up (just restarted) looks again whether its
+#: ledger holds the build now: a leader becoming known applies no entry to wake it.
+CATCH_UP_POLL_S = 0.1
 #: How often the leader looks for finished builds to forget (a scan of the builds).
 COMPACT_S = 5.0
 #: Ledger formats that readers need: costs and pauses (3), `forget` entries (4).
@@ -1118,11 +1121,22 @@ class Builds:
 
     def _forgotten(self, build_id: str) -> dict[str, dict[str, Any]]:
         """The end of each job of a build the ledger no longer holds, from the history
-        (ControlError when the history does not know it either)."""
-        ends = job_ends(self.history.attempts(build_id))
-        if not ends and self.history.build_row(build_id) is None:
+        (ControlError when it is not a build that ended: see `_history_row`)."""
+        self._history_row(build_id)
+        return job_ends(self.history.attempts(build_id))
+
+    def _history_row(self, build_id: str) -> dict[str, Any]:
+        """The history's row of a build the ledger here does not hold, if the build ended
+        (the ledger forgot it). ControlError otherwise, and while this replica catches up: a
+        restarted node's ledger may not hold a build yet that runs on, whose last results
+        its history had not written when it stopped."""
+        if not self.node.leadership.caught_up:
+            raise ControlError(f"build {build_id!r} is not in this node's ledger yet: it is "
+                               "catching up with the leader (ask again, or another node)")
+        row = self.history.build_row(build_id)
+        if row is None or row["ended"] is None:
             raise ControlError(f"no build {build_id!r}")
-        return ends
+        return row
 
     async def wait_view(self, build_id: str, wait: float,
                         known: dict[str, int] | None) -> dict[str, Any]:
@@ -1130,10 +1144,15 @@ class Builds:
         caller last saw) is given, once the progress differs from it, but not before
         PROGRESS_S (a busy build changes every few ms); else after `wait` seconds. A long
         poll: `build --wait` shows the end at once without asking twice a second."""
-        if self.ledger.build(build_id) is None:
-            return self.build_view(build_id)  # (forgotten: its end, from the history)
         wait = min(max(wait, 0.0), 30.0)
         deadline = time.monotonic() + wait
+        def here() -> bool:
+            return self.ledger.build(build_id) is not None or self.node.leadership.caught_up
+
+        while not here() and time.monotonic() < deadline:  # (a node catching up applies
+            await until(self._changed, here, CATCH_UP_POLL_S)  # entries: each wakes this)
+        if self.ledger.build(build_id) is None:
+            return self.build_view(build_id)  # (forgotten: its end, from the history)
         first = wait if known is None else min(wait, PROGRESS_S)
         def finished() -> bool:
             return self.ledger.finished(build_id)
@@ -1161,9 +1180,7 @@ class Builds:
 
     def _ended_view(self, build_id: str) -> dict[str, Any]:
         """`build_view` of a build the ledger has forgotten: its end, from the history."""
-        row = self.history.build_row(build_id)
-        if row is None or row["ended"] is None:
-            raise ControlError(f"no build {build_id!r}")
+        row = self._history_row(build_id)
         progress = dict.fromkeys(STATES, 0)
         for state in (DONE, BLOCKED, CANCELLED):
             progress[state] = row[state] or 0

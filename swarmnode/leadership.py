@@ -326,6 +326,13 @@ class Leadership:
     def leader(self) -> str | None:
         return self.core.leader
 
+    @property
+    def caught_up(self) -> bool:
+        """A leader is known and this replica has applied all it knows committed: the ledger
+        here names every unfinished build (not so while a restarted node replays or catches
+        up, when a build missing here may still be running)."""
+        return self.core.leader is not None and self.ledger.applied >= self.core.commit_index
+
     def status(self) -> dict[str, Any]:
         st = self.core.status(self.node.clock())
         return {"leader": st["leader"], "term": st["term"], "role": st["role"],

@@ -206,9 +206,10 @@ class Poller(threading.Thread):
         home = self.node.home
         st = control.call(home, "status", timeout=ASK_S)
         jobs = None
-        if self.build is not None:
-            jobs = {j["job"]: (j["state"], j["attempt"], j["node"])
-                    for j in control.call(home, "jobs", timeout=ASK_S, build=self.build)}
+        if self.build is not None:  # (a node catching up after a restart says it is)
+            with contextlib.suppress(control.ControlError):
+                jobs = {j["job"]: (j["state"], j["attempt"], j["node"])
+                        for j in control.call(home, "jobs", timeout=ASK_S, build=self.build)}
         return Sample(time.time(), st["role"], st["leader"], st["term"], tuple(st["voters"]),
                       jobs)
 
