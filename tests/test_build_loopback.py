@@ -250,14 +250,18 @@ def test_build_status_answers_the_end_of_a_build_as_it_happens(
     swarm.start(first)
     swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
     plan = tmp_path / "slow.toml"
-    marks = tmp_path / "ended"
-    plan.write_text(f'[jobs.a]\ncmd = "sleep 0.3"\n[jobs.b]\ncmd = "sleep 1; date +%s.%N > {marks}"'
+    marks, go_a, go_b = tmp_path / "ended", tmp_path / "go_a", tmp_path / "go_b"
+    wait_for = 'while [ ! -e {} ]; do sleep 0.01; done'  # (each job ends when the test says)
+    plan.write_text(f"[jobs.a]\ncmd = '{wait_for.format(go_a)}'\n"
+                    f"[jobs.b]\ncmd = '{wait_for.format(go_b)}; sleep 0.5; date +%s.%N > {marks}'"
                     '\ndeps = ["a"]\n')
     build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
     seen = swarm.query(first, "build_status", build=build_id)["progress"]
+    go_a.touch()
     changed = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0,
                           known=seen)
     assert changed["progress"] != seen and not changed["finished"]
+    go_b.touch()
     end = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0)
     answered = time.time()
     assert end["finished"] and end["ok"]
