@@ -191,6 +191,8 @@ class Leadership:
         self.flush()
         if self.node.admitted and not self._changing and self.core.can_schedule(now):
             stepped = step_voters(voters, self.target_voters())
+            if not all(self.core.holds_commit(m) for m in stepped - voters - {self.node.id}):
+                return  # (asked again at the next refresh: the newcomer is catching up)
             if stepped and (stepped != voters or not self.ledger.voters):
                 self._changing = True
                 self._change_task = asyncio.ensure_future(self._change(stepped))

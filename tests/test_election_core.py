@@ -341,13 +341,40 @@ def test_non_voters_never_campaign_but_follow_and_report_the_leader() -> None:
     out = el.drain()
     assert not [s for s in sends(out) if isinstance(s.msg, PreVote | RequestVote)]
     assert el.term == 0 and el.role == FOLLOWER and el.counters["pre_votes_started"] == 0
-    el.handle(now, "a", RequestVote(1, "a", 0, 0))
-    assert sends(el.drain())[-1] == Send("a", VoteReply(1, False))
+    el.handle(now, "a", RequestVote(1, "a", 0, 0))  # it may vote (a voter that does not
+    assert sends(el.drain())[-1] == Send("a", VoteReply(1, True))  # know it yet: see below)
+    el.handle(now, "o2", RequestVote(2, "o2", 0, 0))  # but never for a non-voter
+    assert not sends(el.drain()) and el.counters["drop_not_voter"] == 1
     lead(el, now, 1, "b")
     el.handle(now, "b", hb(1, "b", 4))
     assert el.leader == "b" and el.drain()[-1] == Send("b", ack(1, 4))
     el.tick(el.next_deadline())  # the leader goes silent
     assert el.leader is None and events(el.drain(), "leader_changed")[0].data["leader"] is None
+
+
+def test_a_member_holds_the_commit_only_once_its_log_is_known_to_reach_it() -> None:
+    """The leader's catch-up rule for adding a voter (leadership.refresh_voters)."""
+    el = make(voters=frozenset({"a"}), observers=frozenset({"o"}))
+    el.tick(CFG.election_timeout_min)  # a lone voter leads and commits its no-op (index 1)
+    append = next(s.msg for s in sends(el.drain()) if isinstance(s.msg, AppendEntries))
+    assert el.commit_index == 1 and not el.holds_commit("o") and not el.holds_commit("x")
+    el.handle(CFG.election_timeout_min, "o", AppendReply(1, append.seq, True, 1))
+    assert el.holds_commit("o")
+
+
+def test_a_new_voter_that_has_not_learnt_it_votes_still_votes_for_the_leader_that_added_it(
+) -> None:
+    """The founder alone commits {founder, c}, then loses its quorum (c, just joined, was slow
+    to answer) before c has the entry: c must still vote for it, or nobody could ever lead
+    (c does not campaign, believing it observes; the founder needs c's vote)."""
+    el = make("c", voters=frozenset(), observers=frozenset())  # knows no configuration yet
+    el.root = "a"  # (the founder, whose lone leadership it believes until told more)
+    now = CFG.election_timeout_min  # (past the start-up stickiness)
+    el.handle(now, "a", PreVote(2, "a", 3, 1))
+    el.handle(now, "a", RequestVote(2, "a", 3, 1))
+    msgs = [s.msg for s in sends(el.drain())]
+    assert msgs[0] == PreVoteReply(2, True, 0) and msgs[-1] == VoteReply(2, True)
+    assert [type(m).__name__ for m in msgs[1:-1]] == ["VoteProof"]  # (its signed vote)
 
 
 def test_a_lone_voter_elects_itself_once_start_up_stickiness_ends() -> None:

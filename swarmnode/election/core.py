@@ -356,6 +356,13 @@ class Election:
     def commit_index(self) -> int:
         return self._commit
 
+    def holds_commit(self, peer: str) -> bool:
+        """As leader: `peer`'s log is known to hold every committed entry (Raft's catch-up
+        rule: a member becomes a voter only then, so the quorum it joins does not wait on
+        its catching up)."""
+        pr = self._progress.get(peer)
+        return self._role == LEADER and pr is not None and pr.match >= self._commit
+
     @property
     def applied_index(self) -> int:
         return self._applied
@@ -368,7 +375,7 @@ class Election:
             self.counters["drop_unknown_message"] += 1
         elif sender == self.id:
             self.counters["drop_from_self"] += 1
-        elif isinstance(msg, _VOTER_ONLY) and sender not in self._voters:
+        elif isinstance(msg, _VOTER_ONLY) and sender not in self._electors():
             self.counters["drop_not_voter"] += 1
         else:
             fn(self, sender, msg)
@@ -1052,7 +1059,18 @@ class Election:
         return self._role == LEADER or now < self._heard_leader_at + self._cfg.election_timeout_min
 
     def _may_vote_for(self, candidate: str) -> bool:
-        return self.id in self._voters and candidate in self._voters and not self._sticky(self._now)
+        """A candidate that votes as far as we know, while no live leader is known. Whether
+        we vote ourselves does not matter (as in etcd's raft): a new voter learns that it
+        votes only once the entry adding it is committed and has reached it, and the
+        leader that added it may need its vote before that (it lost its quorum while the
+        new voter caught up: with a deaf new voter, nobody could win). A candidate counts
+        only its own voters' votes."""
+        return candidate in self._electors() and not self._sticky(self._now)
+
+    def _electors(self) -> frozenset[str]:
+        """The voters as this node knows them; before it knows any (a new member that has
+        not applied the first configuration), the founder, as the leader proofs assume."""
+        return self._voters or (frozenset({self.root}) if self.root else frozenset())
 
     def _log_ok(self, last_index: int, last_term: int) -> bool:
         """The vote restriction: the candidate's log is at least as up to date as ours."""
