@@ -716,6 +716,27 @@ def test_snapshots_keep_version_2s_form_until_something_needs_3() -> None:
     assert led.led.to_plain()["v"] == 3
 
 
+def test_the_snapshot_packed_a_build_at_a_time_is_the_plain_forms_msgpack() -> None:
+    """`snapshot` streams (no whole plain form in memory at once) yet gives the very bytes
+    of packing `to_plain`, in both forms, empty or not, so replicas still compare equal."""
+    led = Ledger()
+
+    def same() -> None:
+        data = led.led.snapshot()
+        assert data == msgpack.packb(led.led.to_plain(), use_bin_type=True)
+        assert JobLedger.restore(data).to_plain() == led.led.to_plain()
+
+    same()
+    led(build("b1", a=(), b=("a",)))
+    led(build("b2"))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Done("b1/a", "n1", 1, arts("a")))
+    same()  # version 2's form
+    led(Pause("n2", True))
+    led(Done("b1/a", "n1", 1, arts("a"), 0.5, 2.0))
+    same()  # version 3's
+
+
 def test_a_version_2_snapshot_is_still_read() -> None:
     """Snapshots from before costs and pauses: no `paused`, jobs without seconds/joules."""
     led = Ledger()

@@ -24,6 +24,7 @@ stale report cannot change anything. Workers fence on terms themselves (`Fence`)
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections import Counter
@@ -958,6 +959,11 @@ class JobLedger:
         """The whole state, plain and in a fixed order (equal ledgers give equal bytes). In
         version 2's form while nothing needs version 3 (no pause, no job's seconds or joules):
         a node from before format 3 can still restore it (a self-update rolled back)."""
+        head, v3 = self._head()
+        return {**head, "builds": [self._build_to_plain(b, v3) for b in self.builds()]}
+
+    def _head(self) -> tuple[dict[str, Any], bool]:
+        """`to_plain` but its builds (last), and whether it takes version 3's form."""
         v3 = bool(self.paused) or any(j.seconds or j.joules for j in self._jobs.values())
         return {
             "v": SNAPSHOT_VERSION if v3 else 2,
@@ -966,22 +972,35 @@ class JobLedger:
             "voters": list(self.pinned_voters),
             "config": list(self.voters),
             **({"paused": sorted(self.paused)} if v3 else {}),
-            "builds": [
-                {
-                    "build_id": b.build_id,
-                    "name": b.name,
-                    "submitter": b.submitter,
-                    "index": b.index,
-                    "cancelled_term": b.cancelled_term,
-                    "jobs": [_job_to_plain(j, v3) for j in self.jobs(b.build_id)],
-                }
-                for b in self.builds()
-            ],
+        }, v3
+
+    def _build_to_plain(self, b: Build, v3: bool) -> dict[str, Any]:
+        return {
+            "build_id": b.build_id,
+            "name": b.name,
+            "submitter": b.submitter,
+            "index": b.index,
+            "cancelled_term": b.cancelled_term,
+            "jobs": [_job_to_plain(j, v3) for j in self.jobs(b.build_id)],
         }
 
     def snapshot(self) -> bytes:
-        """The state as bytes for `Election.compact` (msgpack, deterministic)."""
-        return msgpack.packb(self.to_plain(), use_bin_type=True)
+        """The state as bytes for `Election.compact`: msgpack of `to_plain`, deterministic,
+        packed a build at a time (the whole plain form at once would cost a few times the
+        snapshot's size in short-lived objects at every compaction, and fragment the heap)."""
+        head, v3 = self._head()
+        packer = msgpack.Packer(use_bin_type=True)
+        out = io.BytesIO()
+        out.write(packer.pack_map_header(len(head) + 1))
+        for key, value in head.items():
+            out.write(packer.pack(key))
+            out.write(packer.pack(value))
+        builds = self.builds()
+        out.write(packer.pack("builds"))
+        out.write(packer.pack_array_header(len(builds)))
+        for b in builds:
+            out.write(packer.pack(self._build_to_plain(b, v3)))
+        return out.getvalue()
 
     @classmethod
     def restore(cls, data: bytes) -> JobLedger:
