@@ -1131,8 +1131,10 @@ class Builds:
         restarted node's ledger may not hold a build yet that runs on, whose last results
         its history had not written when it stopped."""
         if not self.node.leadership.caught_up:
-            raise ControlError(f"build {build_id!r} is not in this node's ledger yet: it is "
-                               "catching up with the leader (ask again, or another node)")
+            why = ("it is catching up with the leader" if self.node.leadership.leader else
+                   "it knows no leader (cut off, or an election is on)")
+            raise ControlError(f"build {build_id!r} is not in this node's ledger (yet?): {why}; "
+                               "ask again, or another node")
         row = self.history.build_row(build_id)
         if row is None or row["ended"] is None:
             raise ControlError(f"no build {build_id!r}")
