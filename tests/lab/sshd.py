@@ -143,6 +143,10 @@ def start_sshd(
         "PermitRootLogin": "prohibit-password",
         "AllowTcpForwarding": "yes",
         "LogLevel": "VERBOSE",  # logs each publickey attempt: tests check who got a login
+        # a fresh host's session: not the test machine's dotfiles (bash sources ~/.bashrc for
+        # sshd's commands; one that runs `pyenv init`, whose rehash lock a session killed at
+        # teardown leaves behind, held every later command for 60 s)
+        "SetEnv": f"HOME={workdir}",
     }
     argv = [SSHD, "-D", "-e", "-f", "/dev/null"]
     for key, value in options.items():
