@@ -158,6 +158,7 @@ def main() -> int:
     plan = root / "plan.toml"
     plan.write_text(make_dag(20, 5).plan(0.5, root / "runs.log"))
     samples: dict[str, list[dict[str, float]]] = {}
+    missed: list[str] = []
     with Lab("sns", log_dir=root / "lab") as lab:
         swarm = Swarm(root, lab=lab)
         try:
@@ -168,7 +169,10 @@ def main() -> int:
             end = time.monotonic() + args.minutes * 60
             while True:
                 for n in c.nodes:
-                    samples.setdefault(n.name, []).append(sample(n, t0))
+                    try:  # (a node slow to answer loses this sample, not the whole soak)
+                        samples.setdefault(n.name, []).append(sample(n, t0))
+                    except (control.ControlError, OSError) as exc:
+                        missed.append(f"{n.name} at {time.time() - t0:.0f} s: {exc}")
                 print(f"  {samples['lan1'][-1]['t_s']:7.1f} s: {len(sub.builds)} builds; "
                       + ", ".join(f"{name} {s[-1]['rss_mib']} MiB"
                                   for name, s in samples.items()), flush=True)
@@ -190,7 +194,7 @@ def main() -> int:
     nodes = {name: summary(points) for name, points in samples.items()}
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": snapshot.commit(),
            "minutes": args.minutes, "every_s": args.every, "jobs_per_build": 20,
-           "builds": builds, "submit_errors": sub.errors[:20],
+           "builds": builds, "submit_errors": sub.errors[:20], "missed_samples": missed[:20],
            "rss_target_mib": RSS_TARGET_MIB, "nodes": nodes, "samples": samples}
     print(f"{args.minutes:g} min, a 20-job build every {args.every:g} s: {builds}")
     print(f"{'node':6} " + " ".join(f"{k:>22}" for k in FIGURES[:6]))
