@@ -85,6 +85,16 @@ def sample(node: Node, t0: float) -> dict[str, float]:
             "jobs_empty_dirs": jobs[2]}
 
 
+def take_samples(nodes: list[Node], t0: float, samples: dict[str, list[dict[str, float]]],
+                 missed: list[str]) -> None:
+    """A sample of every node; a node slow to answer loses this sample, not the whole soak."""
+    for n in nodes:
+        try:
+            samples.setdefault(n.name, []).append(sample(n, t0))
+        except (control.ControlError, OSError) as exc:
+            missed.append(f"{n.name} at {time.time() - t0:.0f} s: {exc}")
+
+
 def slope_per_hour(points: list[dict[str, float]], key: str) -> float | None:
     """Least-squares slope of `key` over time, per hour."""
     if len(points) < 2:
@@ -168,11 +178,7 @@ def main() -> int:
             sub.start()
             end = time.monotonic() + args.minutes * 60
             while True:
-                for n in c.nodes:
-                    try:  # (a node slow to answer loses this sample, not the whole soak)
-                        samples.setdefault(n.name, []).append(sample(n, t0))
-                    except (control.ControlError, OSError) as exc:
-                        missed.append(f"{n.name} at {time.time() - t0:.0f} s: {exc}")
+                take_samples(c.nodes, t0, samples, missed)
                 print(f"  {samples['lan1'][-1]['t_s']:7.1f} s: {len(sub.builds)} builds; "
                       + ", ".join(f"{name} {s[-1]['rss_mib']} MiB"
                                   for name, s in samples.items()), flush=True)
@@ -183,8 +189,7 @@ def main() -> int:
             sub.halt.set()
             sub.join()
             builds = outcome(c, sub.builds, 120.0)
-            for n in c.nodes:  # the end, once the last builds are through
-                samples[n.name].append(sample(n, t0))
+            take_samples(c.nodes, t0, samples, missed)  # the end, once the builds are through
         finally:
             swarm.close()
     if args.keep:
