@@ -652,6 +652,8 @@ def emerge(
         return
     if wait and view["build"]:
         view |= _follow_emerge(view["build"], quiet=as_json)
+        if view["ok"] and pretend_output is None:
+            view |= _wait_published(view["build"], quiet=as_json)
     view.setdefault("ok", True)
     if as_json:
         emit_json(view)
@@ -717,6 +719,22 @@ def _follow_emerge(build_id: str, quiet: bool) -> dict[str, Any]:
         if status["finished"]:
             return {"ok": status["ok"], "progress": status["progress"],
                     "seconds": round(time.monotonic() - started, 3)}
+
+
+def _wait_published(build_id: str, quiet: bool) -> dict[str, Any]:
+    """Wait until every binhost serves the build's packages (each takes them in a moment
+    after their jobs are done): clients install right after `emerge --wait` returns."""
+    missing = ask("emerge_published", timeout=75.0, build=build_id, wait=0.0)
+    if any(missing.values()):
+        if not quiet:
+            err.print("waiting for the binhost to take in the last packages", highlight=False)
+        missing = ask("emerge_published", timeout=75.0, build=build_id, wait=60.0)
+    unpublished = {name: m for name, m in missing.items() if m}
+    for name, m in unpublished.items():
+        err.print(f"[red]binhost {name} does not serve[/red] "
+                  + (", ".join(m) if isinstance(m, list) else m), highlight=False)
+    return {"binhosts": sorted(missing), "ok": not unpublished,
+            **({"unpublished": unpublished} if unpublished else {})}
 
 
 def _print_tail(job: str, lines: int = 30) -> None:

@@ -99,8 +99,8 @@ POWER_S = 5.0
 POWER_NOTE_S = 30.0
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
-BUILD_COMMANDS = frozenset({"build", "emerge", "jobs", "build_status", "fetch_outputs", "logs",
-                            "cancel", "set_voters", "pause", "resume"})
+BUILD_COMMANDS = frozenset({"build", "emerge", "emerge_published", "jobs", "build_status",
+                            "fetch_outputs", "logs", "cancel", "set_voters", "pause", "resume"})
 PUSH_COMMANDS = frozenset({"push", "push_status", "versions"})
 RIGHTS_COMMANDS = frozenset({"grant", "revoke"})
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
@@ -713,6 +713,9 @@ class Node:
             except (EmergeError, PlanError) as exc:
                 raise control.ControlError(str(exc)) from exc
             return {"build": await self.builds.submit_plan(plan)}
+        if cmd == "emerge_published":
+            return await self.emerge.published(str(args.get("build", "")),
+                                               _number(args.get("wait")) or 0.0)
         if cmd == "set_voters":
             names = [str(n) for n in args.get("nodes", [])]
             chosen = [resolve_node(self.core.members(), n) for n in names]
@@ -733,11 +736,10 @@ class Node:
                 return self.builds.history_view(str(build) if build else None)
             return self.builds.jobs_view(args.get("build"))
         if cmd == "build_status":
-            wait, known = args.get("wait"), args.get("known")
-            if isinstance(wait, int | float) and not isinstance(wait, bool):
+            wait, known = _number(args.get("wait")), args.get("known")
+            if wait is not None:
                 return await self.builds.wait_view(
-                    str(args.get("build", "")), float(wait),
-                    known if isinstance(known, dict) else None)
+                    str(args.get("build", "")), wait, known if isinstance(known, dict) else None)
             return self.builds.build_view(str(args.get("build", "")))
         if cmd == "fetch_outputs":
             return await self.builds.fetch_outputs(str(args.get("build", "")),
@@ -813,6 +815,11 @@ class Node:
             **self.binhost.status(),
             **self.disk.status(),
         }
+
+
+def _number(value: Any) -> float | None:
+    """A control argument that must be a number (JSON's true is not 1 s), else None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _raw_curve(node_id: str) -> bytes:

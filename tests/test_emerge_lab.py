@@ -131,6 +131,7 @@ def test_emerge_builds_the_graph_on_fresh_workers_and_a_client_installs_it(elab)
     view = e.emerge()
     assert view["ok"], view
     assert view["built"] == 7 and view["reused"] == 0
+    assert view["binhosts"] == ["lan1"]  # it returned once lan1 served all 7: install now
     jobs = e.swarm.query(e.nodes["lan1"], "jobs", build=view["build"])
     assert {j["state"] for j in jobs} == {"done"}
     ran_on = {j["node_name"] for j in jobs}

@@ -3,6 +3,7 @@ what may be handed to emerge as an atom."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -61,3 +62,59 @@ def test_an_emerge_nobody_alive_can_build_is_refused_at_once_naming_the_way_out(
         service._check_matching_worker("a" * 16)
     members.append(member("twin", "a" * 16))
     service._check_matching_worker("a" * 16)  # (no error)
+
+
+def _published_service(monkeypatch: pytest.MonkeyPatch, serves: dict[str, list[set[str]]]):
+    """An EmergeService whose build `b` has two packaged jobs done (tool, liba), one failed
+    and one done with no package; binhost X's catalog answers are `serves[X]` in turn (the
+    last repeats), or BinhostError when it has none."""
+    from swarmnode.ledger.jobs import Job, JobSpec
+    from swarmnode.portage import service as service_module
+    from swarmnode.portage.binhost import BinhostError
+
+    pkg = (("binpkgs/app-lab/x-1.gpkg.tar", "d" * 64),)
+    jobs = [Job("b", "app-lab_tool-1.0", JobSpec(), state="done", artifacts=pkg),
+            Job("b", "app-lab_liba-1", JobSpec(), state="done", artifacts=pkg),
+            Job("b", "app-lab_broke-1", JobSpec(), state="failed", artifacts=pkg),
+            Job("b", "app-lab_meta-1", JobSpec(), state="done")]
+
+    async def job_env(job: Job) -> dict[str, str]:
+        return {"SWARMNODE_PACKAGE_KEY": f"key-{job.name}"}
+
+    asked: dict[str, int] = {}
+
+    async def query(node: object, binhost: str, keys: list[str], timeout: float):
+        assert sorted(keys) == ["key-app-lab_liba-1", "key-app-lab_tool-1.0"]
+        n = asked[binhost] = asked.get(binhost, 0) + 1
+        if not serves[binhost]:
+            raise BinhostError(f"{binhost} did not answer")
+        have = serves[binhost][min(n, len(serves[binhost])) - 1]
+        return {k: ("p", "d") for k in keys if k.removeprefix("key-app-lab_") in have}
+
+    monkeypatch.setattr(service_module, "query_binhost", query)
+    service = EmergeService(SimpleNamespace(  # type: ignore[arg-type]
+        builds=SimpleNamespace(ledger=SimpleNamespace(jobs=lambda b: jobs if b == "b" else []),
+                               job_env=job_env),
+        member_name=lambda peer: peer.upper()))
+    monkeypatch.setattr(service, "binhosts", lambda: sorted(serves))
+    return service, asked
+
+
+def test_published_waits_until_the_binhost_serves_every_package_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    service, asked = _published_service(monkeypatch, {"bh": [{"tool-1.0"},
+                                                             {"tool-1.0", "liba-1"}]})
+    # asked at once: liba is not in yet (a binhost takes a package after its job is done)
+    assert asyncio.run(service.published("b")) == {"BH": ["app-lab/liba-1"]}
+    # waiting: asked again until it is (the failed job and the one with no package are not
+    # waited for)
+    assert asyncio.run(service.published("b", wait=30.0)) == {"BH": []} and asked["bh"] == 2
+    assert asyncio.run(service.published("unknown", wait=30.0)) == {"BH": []}
+
+
+def test_published_names_a_binhost_that_does_not_answer_once_the_wait_is_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    service, asked = _published_service(monkeypatch, {"bh": [{"tool-1.0", "liba-1"}],
+                                                      "gone": []})
+    got = asyncio.run(service.published("b", wait=0.3))
+    assert got == {"BH": [], "GONE": "gone did not answer"} and asked["gone"] >= 2

@@ -24,7 +24,7 @@ from swarmnode.binhost_service import query_binhost
 from swarmnode.build.emerge import EmergeError, Package, job_name, parse_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.control import ControlError
-from swarmnode.portage.binhost import BinhostError
+from swarmnode.portage.binhost import BINARY_PACKAGES, BinhostError, package_key
 from swarmnode.portage.graph import (
     TAG_PREFIX,
     Graph,
@@ -52,6 +52,11 @@ MAX_TIMES = 20_000
 TIMES_KEY = "emerge_seconds"
 #: How long a binhost may take to answer which packages it has (a lookup in its SQLite).
 QUERY_S = 10.0
+#: Longest `published` waits for the binhosts to serve a finished build's packages: a
+#: binhost fetches and indexes each package after its job is done, seconds per package.
+PUBLISH_WAIT_MAX_S = 60.0
+#: How often `published` asks the binhosts again while it waits (one small SQLite lookup).
+PUBLISH_POLL_S = 0.25
 #: How long a build's times are waited for: a @world can run for days.
 WATCH_S = 14 * 86400.0
 
@@ -140,6 +145,34 @@ class EmergeService:
         build_id = await self.node.builds.submit_plan(plan, stored)
         self._spawn(self._remember_times(build_id, {job_name(p): p for p in merged}))
         return Submitted(build_id, listed, len(plan.jobs), len(reused)).plain()
+
+    async def published(self, build_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """What of a build's packages the binhosts do not serve yet: {binhost name: [cpv]}
+        (or {binhost name: error}), waiting up to `wait` s for none to be missing. A binhost
+        takes a package in a moment after its job is done, so `emerge --wait` waits for this
+        before it says the build is through: clients install right after."""
+        keys: dict[str, str] = {}  # package key -> cpv
+        for job in self.node.builds.ledger.jobs(build_id):
+            packaged = any(p.endswith(BINARY_PACKAGES) for p, _d in job.artifacts)
+            if job.state == "done" and packaged and (
+                    key := package_key(await self.node.builds.job_env(job))):
+                keys[key] = job.name.replace("_", "/", 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(wait, 0.0), PUBLISH_WAIT_MAX_S)
+        while True:
+            missing: dict[str, Any] = {}
+            for binhost in self.binhosts():
+                name = self.node.member_name(binhost)
+                try:
+                    have = await query_binhost(self.node, binhost, list(keys), QUERY_S) \
+                        if keys else {}
+                except BinhostError as exc:
+                    missing[name] = str(exc)
+                    continue
+                missing[name] = sorted(cpv for key, cpv in keys.items() if key not in have)
+            if not any(missing.values()) or loop.time() >= deadline:
+                return missing
+            await asyncio.sleep(PUBLISH_POLL_S)
 
     def _alive_facts(self) -> dict[str, dict[str, str | int]]:
         """The facts of every alive admitted member, by id."""
