@@ -26,8 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOMES = ROOT / "demo-home"
-PORT = 17946
-MIRROR_PORT, BINHOST_PORT = 17990, 17991
+PORT = 17946  # the nodes' (on 127.0.0.1-5); the dashboard is on the next one
+MIRROR_OFFSET, BINHOST_OFFSET = 44, 45  # the distfile mirror's and the binhost's ports
 NAMES = ["alpha", "bravo", "charlie", "delta"]
 BUILDERS = ["alpha", "bravo", "charlie", "ghost"]  # (delta is killed before the emerge)
 
@@ -107,7 +107,7 @@ def write_project(root: Path, parts: int = 6) -> Path:
     return plan
 
 
-def gentoo_setup(root: Path, homes: dict[str, Path]) -> dict | None:
+def gentoo_setup(root: Path, homes: dict[str, Path], port: int) -> dict | None:
     """A Portage prefix for each builder and for a fresh client, a distfile mirror, and the
     nodes' config: alpha is also the binhost, signing with the swarm's key."""
     reason = gentoo.unavailable_reason()
@@ -115,21 +115,22 @@ def gentoo_setup(root: Path, homes: dict[str, Path]) -> dict | None:
         print(f"(the Gentoo step is skipped: {reason})")
         return None
     print("0. a fresh Portage prefix for each node and for a client machine (real Portage)")
+    mirror_port, binhost_port = port + MIRROR_OFFSET, port + BINHOST_OFFSET
     gentoo.ensure_portage_user()
     repo = gentoo.write_repo(root / "gentoo/repo")
     mirror = subprocess.Popen(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
-         str(gentoo.write_mirror(root / "gentoo/mirror")), str(MIRROR_PORT)],
+         str(gentoo.write_mirror(root / "gentoo/mirror")), str(mirror_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     hosts = [*BUILDERS, "client"]
     made = gentoo.make_prefixes([root / "gentoo" / h for h in hosts], repo,
-                                mirror=f"http://127.0.0.1:{MIRROR_PORT}")
+                                mirror=f"http://127.0.0.1:{mirror_port}")
     prefixes = dict(zip(hosts, made, strict=True))
     gnupg, keyring = root / "gentoo/swarm-gnupg", root / "gentoo/client-gnupg"
     key = gentoo.signing_key(gnupg)
     gentoo.trust(keyring, gnupg, key)
     for name in BUILDERS:
-        extra = (f'roles = ["binhost"]\nbinhost_listen = "127.0.0.1:{BINHOST_PORT}"\n'
+        extra = (f'roles = ["binhost"]\nbinhost_listen = "127.0.0.1:{binhost_port}"\n'
                  f'binhost_gpg_home = "{gnupg}"\nbinhost_gpg_key = "{key}"\n'
                  if name == "alpha" else "")
         (homes[name] / "config.toml").write_text(
@@ -172,15 +173,18 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="leave the swarm running")
     parser.add_argument("--home", type=Path, default=HOMES,
                         help=f"where the nodes' homes go (default {HOMES}; emptied first)")
+    parser.add_argument("--port", type=int, default=PORT,
+                        help=f"the nodes' port (default {PORT}); the dashboard takes the next "
+                             f"one, the mirror and binhost +{MIRROR_OFFSET} and +{BINHOST_OFFSET}")
     args = parser.parse_args()
     shutil.rmtree(args.home, ignore_errors=True)
     homes = {name: args.home / name for name in [*NAMES, "ghost"]}
     for h in homes.values():
         h.mkdir(parents=True)
-    addr = {name: f"127.0.0.{i + 1}:{PORT}" for i, name in enumerate([*NAMES, "ghost"])}
+    addr = {name: f"127.0.0.{i + 1}:{args.port}" for i, name in enumerate([*NAMES, "ghost"])}
     procs: dict[str, subprocess.Popen] = {}
     common = ["--no-mdns", "--no-tailscale", "--fast"]
-    portage = gentoo_setup(args.home, homes)
+    portage = gentoo_setup(args.home, homes, args.port)
     if portage is not None:
         procs["mirror"] = portage.pop("mirror")
     try:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,27 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow,
               pytest.mark.skipif(shutil.which("gcc") is None, reason="the demo builds C")]
 
 
+def _free_ports() -> int:
+    """A port base the demo can have (its own ports, not the default ones: a demo the user
+    left running, or another test run on this machine, may hold those)."""
+    for _ in range(100):
+        base = random.randrange(20_000, 40_000)
+        wanted = [(f"127.0.0.{i}", base) for i in range(1, 6)] + [
+            ("127.0.0.1", base + off) for off in (1, 44, 45)]
+        try:
+            for addr in wanted:
+                with socket.socket() as s:
+                    s.bind(addr)
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free ports for the demo")
+
+
 def test_the_demo_runs_to_the_end(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--home",
-                          str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=280, check=False)
+                          str(tmp_path / "demo"), "--port", str(_free_ports())], cwd=ROOT,
+                         capture_output=True, text=True, timeout=280, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     for step in ("ghost is pending everywhere", "ghost is alive everywhere", "hello from the swarm",
