@@ -253,8 +253,11 @@ def test_a_release_left_unchecked_by_a_stop_is_checked_at_start(swarm: Swarm,
         rel.mark("web", digests[0], "healthy")
         rel.switch("web", digests[1])  # ... and the node stopped here
     swarm.start(n1)
-    swarm.wait_for(lambda: app_files(n1).get("data.txt") == "version 1\n", PUSH_S,
-                   "the unchecked release rolled back")
+    # (the event is the rollback's last step: the files, the record and the restart before it)
+    ev = swarm.wait_for(lambda: swarm.events(n1, "push_rolled_back"), PUSH_S,
+                        "the unchecked release rolled back")
+    assert [e["digest"] for e in ev] == [digests[1]]
+    assert app_files(n1).get("data.txt") == "version 1\n"
     with Releases(n1.home) as rel:
         assert rel.failed("web", digests[1]) == "health command exited 4"
     assert (n1.home / "web-restarts").read_text().split() == digests[::-1]
