@@ -107,7 +107,8 @@ def write_project(root: Path, parts: int = 6) -> Path:
     return plan
 
 
-def gentoo_setup(root: Path, homes: dict[str, Path], port: int) -> dict | None:
+def gentoo_setup(root: Path, homes: dict[str, Path], port: int,
+                 procs: dict[str, subprocess.Popen]) -> dict | None:
     """A Portage prefix for each builder and for a fresh client, a distfile mirror, and the
     nodes' config: alpha is also the binhost, signing with the swarm's key."""
     reason = gentoo.unavailable_reason()
@@ -118,7 +119,7 @@ def gentoo_setup(root: Path, homes: dict[str, Path], port: int) -> dict | None:
     mirror_port, binhost_port = port + MIRROR_OFFSET, port + BINHOST_OFFSET
     gentoo.ensure_portage_user()
     repo = gentoo.write_repo(root / "gentoo/repo")
-    mirror = subprocess.Popen(
+    procs["mirror"] = subprocess.Popen(  # (in `procs` at once: stopped however the demo ends)
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
          str(gentoo.write_mirror(root / "gentoo/mirror")), str(mirror_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -135,7 +136,7 @@ def gentoo_setup(root: Path, homes: dict[str, Path], port: int) -> dict | None:
                  if name == "alpha" else "")
         (homes[name] / "config.toml").write_text(
             f'emerge = "{prefixes[name].emerge}"\n{extra}')
-    return {"mirror": mirror, "client": prefixes["client"], "keyring": keyring}
+    return {"client": prefixes["client"], "keyring": keyring}
 
 
 def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
@@ -177,6 +178,8 @@ def main() -> None:
                         help=f"the nodes' port (default {PORT}); the dashboard takes the next "
                              f"one, the mirror and binhost +{MIRROR_OFFSET} and +{BINHOST_OFFSET}")
     args = parser.parse_args()
+    # SIGTERM (a timeout, a kill) unwinds like ^C: the swarm and mirror are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(args.home, ignore_errors=True)
     homes = {name: args.home / name for name in [*NAMES, "ghost"]}
     for h in homes.values():
@@ -184,10 +187,8 @@ def main() -> None:
     addr = {name: f"127.0.0.{i + 1}:{args.port}" for i, name in enumerate([*NAMES, "ghost"])}
     procs: dict[str, subprocess.Popen] = {}
     common = ["--no-mdns", "--no-tailscale", "--fast"]
-    portage = gentoo_setup(args.home, homes, args.port)
-    if portage is not None:
-        procs["mirror"] = portage.pop("mirror")
     try:
+        portage = gentoo_setup(args.home, homes, args.port, procs)
         print("1. alpha makes the cluster `demo` and prints a join token")
         token = swarmnode(homes["alpha"], "init", "--name", "demo", "--listen", addr["alpha"])
         token = token.strip()

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow,
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow,
               pytest.mark.skipif(shutil.which("gcc") is None, reason="the demo builds C")]
 
 
@@ -36,11 +36,15 @@ def _free_ports() -> int:
 
 
 def test_the_demo_runs_to_the_end(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--home",
-                          str(tmp_path / "demo"), "--port", str(_free_ports())], cwd=ROOT,
-                         capture_output=True, text=True, timeout=280, check=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = res.stdout
+    demo = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--home",
+                             str(tmp_path / "demo"), "--port", str(_free_ports())], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, errs = demo.communicate(timeout=840)  # (a hang guard: 60 s idle, 250 s under load)
+    except subprocess.TimeoutExpired:
+        demo.terminate()  # (the demo stops its swarm on SIGTERM; a kill would leave it running)
+        out, errs = demo.communicate(timeout=50)
+    assert demo.returncode == 0, out[-3000:] + errs[-3000:]
     for step in ("ghost is pending everywhere", "ghost is alive everywhere", "hello from the swarm",
                  "demo done."):
         assert step in out, (step, out[-3000:])
