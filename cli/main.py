@@ -698,6 +698,8 @@ def _show_emerge_plan(view: dict[str, Any], as_json: bool) -> None:
 def _follow_emerge(build_id: str, quiet: bool) -> dict[str, Any]:
     """Follow an emerge build package by package: each start, end and failure (with the tail
     of Portage's output), and how long it took."""
+    from swarmnode.build.emerge import cpv_of
+
     started, shown, known = time.monotonic(), {}, None
     while True:
         status = ask("build_status", timeout=15.0, build=build_id, wait=5.0, known=known)
@@ -707,7 +709,7 @@ def _follow_emerge(build_id: str, quiet: bool) -> dict[str, Any]:
             if quiet or shown.get(j["job"]) == state or state in ("queued", "assigned"):
                 continue
             shown[j["job"]] = state
-            cpv = j["job"].replace("_", "/", 1)
+            cpv = cpv_of(j["job"])
             where = f" on {j['node_name']}" if j["node_name"] else ""
             took = f" in {j['seconds']:.1f} s" if j.get("seconds") else ""
             style = {"done": "green", "running": "cyan"}.get(state, "red")

@@ -216,6 +216,12 @@ def job_name(package: Package) -> str:
     return package.cpv.replace("/", "_")
 
 
+def cpv_of(job: str) -> str:
+    """The package a job name stands for, `job_name` read back: its first "_" was the "/"
+    ("dev-libs_openssl-3.0.13" -> "dev-libs/openssl-3.0.13")."""
+    return job.replace("_", "/", 1)
+
+
 def binpkg_outputs(package: Package, pkgdir: str = "binpkgs") -> tuple[str, ...]:
     """Globs, relative to the job directory, for the binary package emerge writes to PKGDIR."""
     category, name = package.atom.split("/")

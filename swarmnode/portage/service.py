@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.binhost_service import query_binhost
-from swarmnode.build.emerge import EmergeError, Package, job_name, parse_pretend
+from swarmnode.build.emerge import EmergeError, Package, cpv_of, job_name, parse_pretend
 from swarmnode.build.plan import PlanError
 from swarmnode.control import ControlError
 from swarmnode.portage.binhost import BINARY_PACKAGES, BinhostError, package_key
@@ -156,7 +156,7 @@ class EmergeService:
             packaged = any(p.endswith(BINARY_PACKAGES) for p, _d in job.artifacts)
             if job.state == "done" and packaged and (
                     key := package_key(await self.node.builds.job_env(job))):
-                keys[key] = job.name.replace("_", "/", 1)
+                keys[key] = cpv_of(job.name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait, 0.0), PUBLISH_WAIT_MAX_S)
         while True:
