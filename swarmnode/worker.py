@@ -106,10 +106,19 @@ STARTED_AFTER_S = 0.05
 MAX_BODY = 1024 * 1024
 MAX_FILES = 10_000
 MAX_TAIL = 4096
+#: Attempts finished here whose report is not yet acknowledged, at most (each is also a report
+#: in the outbox).
 MAX_FINISHED = 10_000
-#: Finished jobs whose output (its last TAIL_BYTES, as an EndedOutput) this node keeps for
-#: `logs`: at most ~4 MB.
-MAX_OUTPUTS = 1000
+#: How long an attempt is still remembered as finished here after the leader acknowledged its
+#: report (the acknowledgement follows the commit of its result). No leader sends it again
+#: after that commit; an assignment sent before it arrives within a round trip, or is older
+#: than OUT_OF_TOUCH_S and asks the leader first; and this node's replica voids it once it has
+#: applied the result. A minute is a wide margin, and keeps the set at a minute's jobs.
+FINISHED_KEEP_S = 60.0
+#: Finished jobs whose output (its last TAIL_BYTES and length, as an EndedOutput) this node
+#: keeps for `logs` (~4 KB each): for a `logs --follow` that reads on as its job ends. The
+#: ledger keeps every finished job's last MAX_TAIL bytes (`logs` shows those without this).
+MAX_OUTPUTS = 100
 #: Longest a `job.log` request waits for new output of a running job (a long poll).
 LOG_WAIT_S = 2.0
 #: Out of touch: silence from a sender, or an assignment's age here, longer than the election
@@ -254,8 +263,10 @@ class Worker:
         self.running: dict[tuple[str, str], tuple[Assignment, Any]] = {}
         # attempts finished here: a leader re-sending an assignment it has not yet seen
         # reported must not make it run twice (those whose report waits on disk finished
-        # before a restart: they count too)
+        # before a restart: they count too); and those acknowledged, when, oldest first
+        # (forgotten after FINISHED_KEEP_S)
         self.finished = finished_in(node.store.outbox())
+        self.acked: OrderedDict[tuple[str, str, int], float] = OrderedDict()
         # finished here, newest last: their output, for `logs` (kept in memory only)
         self.outputs: OrderedDict[tuple[str, str, int], EndedOutput] = OrderedDict()
         self._sent_at: dict[str, float] = {}  # outbox key -> when the report was last sent
@@ -346,6 +357,8 @@ class Worker:
         if (a.build, a.job, a.attempt) in self.finished:
             self._send_reports()  # the leader has not heard the result either
             return
+        if (a.build, a.job, a.attempt) in self.acked:
+            return  # sent before its result was committed
         if current is not None and current[1] is not None:
             current[1].cancel()  # (one still fetching its inputs sees it was superseded)
         self.running[key] = (a, None)
@@ -407,6 +420,19 @@ class Worker:
         if self._sent_at.pop(key, None) is not None:
             self._acked.append(key)
             self._soon()
+            attempt = (body.get("build"), body.get("job"), body.get("attempt"))
+            if all(isinstance(x, str) for x in attempt[:2]) and type(attempt[2]) is int \
+                    and attempt in self.finished:
+                del self.finished[attempt]
+                self.acked[attempt] = time.monotonic()
+        self._forget_acked(time.monotonic())
+
+    def _forget_acked(self, now: float) -> None:
+        """Forget acknowledged attempts after FINISHED_KEEP_S (and beyond MAX_FINISHED)."""
+        acked = self.acked
+        while acked and (len(acked) > MAX_FINISHED
+                         or now - next(iter(acked.values())) > FINISHED_KEEP_S):
+            acked.popitem(last=False)
 
     # -- running --------------------------------------------------------------------------
 

@@ -82,6 +82,15 @@ async def test_assignment_runs_reports_and_stale_terms_are_refused(tmp_path):
         a.send_raw(b.id, jobs.REPORT_ACK, msgpack.packb({"build": "b1", "job": "hello",
                                                          "attempt": 1}))
         await until(lambda: not b.worker.pending_reports())
+
+        # the assignment again (sent before its result was committed) does not run it again:
+        # the stale one after it is refused, so both have been handled (in order)
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(assignment.plain()))
+        a.send_raw(b.id, jobs.ASSIGN, jobs.pack(stale.plain()))
+        await until(lambda: len([e for e in b.store.events(limit=1000)
+                                 if e["kind"] == "job_refused"]) == 3)
+        assert not b.worker.running and not b.worker.pending_reports()
+        assert list(b.worker.acked) == [("b1", "hello", 1)]
     finally:
         await stop(running)
 
@@ -123,6 +132,29 @@ def test_held_includes_reports_finished_this_turn():
     w._outgoing = [{"build": "b", "job": "run", "attempt": 2, "status": "started"}]
     held = {tuple(h) for h in w.held()}
     assert held == {("b", "run", 2), ("b", "just", 3), ("b", "old", 1)}
+
+
+def test_an_acknowledged_attempt_is_remembered_for_a_while_then_forgotten():
+    """Acknowledged (its result committed), an attempt moves from `finished` to `acked`,
+    which forgets it after FINISHED_KEEP_S: memory stays at a minute's jobs. An
+    acknowledgement of a report never sent, or with odd fields, changes nothing."""
+    from collections import OrderedDict
+
+    w = object.__new__(jobs.Worker)
+    w.finished = jobs.finished_in([{"build": "b", "job": "j", "attempt": 1, "status": "ok"},
+                                   {"build": "b", "job": "k", "attempt": 2, "status": "ok"}])
+    w.acked, w._acked, w._soon = OrderedDict(), [], lambda: None
+    w._sent_at = {"report/b/j/1": 0.0, "report/b/k/2": 0.0, "report/['b']/k/2": 0.0}
+    w._on_ack({"build": "b", "job": "j", "attempt": 1})
+    w._on_ack({"build": "b", "job": "k", "attempt": 3})  # never sent
+    w._on_ack({"build": ["b"], "job": "k", "attempt": 2})  # (matches a sent key's text)
+    assert list(w.finished) == [("b", "k", 2)] and list(w.acked) == [("b", "j", 1)]
+    assert w._acked == ["report/b/j/1", "report/['b']/k/2"]
+    at = w.acked[("b", "j", 1)]
+    w._forget_acked(at + jobs.FINISHED_KEEP_S)
+    assert list(w.acked) == [("b", "j", 1)]
+    w._forget_acked(at + jobs.FINISHED_KEEP_S + 0.1)
+    assert not w.acked
 
 
 def test_a_restarted_worker_knows_the_attempts_whose_reports_wait_on_disk():
