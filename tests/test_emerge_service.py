@@ -67,7 +67,8 @@ def test_an_emerge_nobody_alive_can_build_is_refused_at_once_naming_the_way_out(
 def _published_service(monkeypatch: pytest.MonkeyPatch, serves: dict[str, list[set[str]]]):
     """An EmergeService whose build `b` has two packaged jobs done (tool, liba), one failed
     and one done with no package; binhost X's catalog answers are `serves[X]` in turn (the
-    last repeats), or BinhostError when it has none."""
+    last repeats), or BinhostError when it has none. Also: how often each was asked, and every
+    question's timeout."""
     from swarmnode.ledger.jobs import Job, JobSpec
     from swarmnode.portage import service as service_module
     from swarmnode.portage.binhost import BinhostError
@@ -82,10 +83,12 @@ def _published_service(monkeypatch: pytest.MonkeyPatch, serves: dict[str, list[s
         return {"SWARMNODE_PACKAGE_KEY": f"key-{job.name}"}
 
     asked: dict[str, int] = {}
+    timeouts: list[float] = []
 
     async def query(node: object, binhost: str, keys: list[str], timeout: float):
         assert sorted(keys) == ["key-app-lab_liba-1", "key-app-lab_tool-1.0"]
         n = asked[binhost] = asked.get(binhost, 0) + 1
+        timeouts.append(timeout)
         if not serves[binhost]:
             raise BinhostError(f"{binhost} did not answer")
         have = serves[binhost][min(n, len(serves[binhost])) - 1]
@@ -97,13 +100,13 @@ def _published_service(monkeypatch: pytest.MonkeyPatch, serves: dict[str, list[s
                                job_env=job_env),
         member_name=lambda peer: peer.upper()))
     monkeypatch.setattr(service, "binhosts", lambda: sorted(serves))
-    return service, asked
+    return service, asked, timeouts
 
 
 def test_published_waits_until_the_binhost_serves_every_package_built(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    service, asked = _published_service(monkeypatch, {"bh": [{"tool-1.0"},
-                                                             {"tool-1.0", "liba-1"}]})
+    service, asked, _ = _published_service(monkeypatch, {"bh": [{"tool-1.0"},
+                                                                {"tool-1.0", "liba-1"}]})
     # asked at once: liba is not in yet (a binhost takes a package after its job is done)
     assert asyncio.run(service.published("b")) == {"BH": ["app-lab/liba-1"]}
     # waiting: asked again until it is (the failed job and the one with no package are not
@@ -114,7 +117,11 @@ def test_published_waits_until_the_binhost_serves_every_package_built(
 
 def test_published_names_a_binhost_that_does_not_answer_once_the_wait_is_over(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    service, asked = _published_service(monkeypatch, {"bh": [{"tool-1.0", "liba-1"}],
-                                                      "gone": []})
+    from swarmnode.portage import service as service_module
+
+    service, asked, timeouts = _published_service(
+        monkeypatch, {"bh": [{"tool-1.0", "liba-1"}], "gone": []})
     got = asyncio.run(service.published("b", wait=0.3))
     assert got == {"BH": [], "GONE": "gone did not answer"} and asked["gone"] >= 2
+    # no question outlasts the wait by more than a second (a binhost's own limit is QUERY_S)
+    assert max(timeouts) == 1.0 < service_module.QUERY_S

@@ -159,17 +159,23 @@ class EmergeService:
                 keys[key] = cpv_of(job.name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait, 0.0), PUBLISH_WAIT_MAX_S)
+
+        async def lacking(binhost: str) -> list[str] | str:
+            """What `binhost` does not serve, asked at once (no query outlasts the wait by
+            more than a second: the caller's own timeout is the wait plus a margin)."""
+            if not keys:
+                return []
+            timeout = min(QUERY_S, max(deadline - loop.time(), 1.0))
+            try:
+                have = await query_binhost(self.node, binhost, list(keys), timeout)
+            except BinhostError as exc:
+                return str(exc)
+            return sorted(cpv for key, cpv in keys.items() if key not in have)
+
         while True:
-            missing: dict[str, Any] = {}
-            for binhost in self.binhosts():
-                name = self.node.member_name(binhost)
-                try:
-                    have = await query_binhost(self.node, binhost, list(keys), QUERY_S) \
-                        if keys else {}
-                except BinhostError as exc:
-                    missing[name] = str(exc)
-                    continue
-                missing[name] = sorted(cpv for key, cpv in keys.items() if key not in have)
+            binhosts = self.binhosts()
+            answers = await asyncio.gather(*(lacking(b) for b in binhosts))
+            missing = {self.node.member_name(b): a for b, a in zip(binhosts, answers, strict=True)}
             if not any(missing.values()) or loop.time() >= deadline:
                 return missing
             await asyncio.sleep(PUBLISH_POLL_S)
