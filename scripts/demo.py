@@ -30,6 +30,8 @@ PORT = 17946  # the nodes' (on 127.0.0.1-5); the dashboard is on the next one
 MIRROR_OFFSET, BINHOST_OFFSET = 44, 45  # the distfile mirror's and the binhost's ports
 NAMES = ["alpha", "bravo", "charlie", "delta"]
 BUILDERS = ["alpha", "bravo", "charlie", "ghost"]  # (delta is killed before the emerge)
+#: The swarm's signing key's GnuPG home, and the client's keyring (under the demo's home).
+GNUPG, KEYRING = "gentoo/swarm-gnupg", "gentoo/client-gnupg"
 
 sys.path.insert(0, str(ROOT))
 from tests.lab import portage as gentoo  # noqa: E402 (the lab's ebuilds and prefixes)
@@ -127,7 +129,7 @@ def gentoo_setup(root: Path, homes: dict[str, Path], port: int,
     made = gentoo.make_prefixes([root / "gentoo" / h for h in hosts], repo,
                                 mirror=f"http://127.0.0.1:{mirror_port}")
     prefixes = dict(zip(hosts, made, strict=True))
-    gnupg, keyring = root / "gentoo/swarm-gnupg", root / "gentoo/client-gnupg"
+    gnupg, keyring = root / GNUPG, root / KEYRING
     key = gentoo.signing_key(gnupg)
     gentoo.trust(keyring, gnupg, key)
     for name in BUILDERS:
@@ -267,6 +269,8 @@ def main() -> None:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        if not args.keep:
+            gentoo.stop_agents(args.home / GNUPG, args.home / KEYRING)
     print("demo done.")
 
 

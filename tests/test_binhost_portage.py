@@ -27,6 +27,7 @@ from tests.lab.portage import (
     make_prefixes,
     reindex_entry,
     signing_key,
+    stop_agents,
     tamper,
     trust,
     unavailable_reason,
@@ -259,3 +260,4 @@ async def test_signed_packages_install_and_a_tampered_one_is_refused(lab: Lab) -
     finally:
         await http.stop()
         catalog.close()
+        stop_agents(home, keyring)

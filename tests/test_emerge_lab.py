@@ -112,8 +112,11 @@ def elab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("emerge")
     with LabClass(prefix="em") as lab, managed_swarm(request, lab) as swarm:
         e = EmergeLab(lab, swarm, root)
-        e.start()
-        yield e
+        try:
+            e.start()
+            yield e
+        finally:
+            portage_lab.stop_agents(e.gnupg, e.keyring)
 
 
 def _client_install(e: EmergeLab, url: str, *atoms: str,

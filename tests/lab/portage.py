@@ -385,6 +385,15 @@ def trust(keyring: Path, home: Path, fingerprint: str) -> None:
     _gpg(keyring, "--check-trustdb")  # Portage verifies with --no-auto-check-trustdb
 
 
+def stop_agents(*homes: Path) -> None:
+    """Stop the gpg-agent that gpg started for each GnuPG home (it outlives the test, until it
+    notices its home is gone). A home never made is skipped."""
+    for home in homes:
+        if home.is_dir():
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
+                           capture_output=True, timeout=60, check=False)
+
+
 def verifying_env(keyring: Path) -> dict[str, str]:
     """A client's environment that requires and checks signatures with `keyring` (as this
     user: gpg as `nobody` cannot read a root-owned test keyring)."""
