@@ -256,8 +256,15 @@ def test_pins_and_gc(tmp_path: Path) -> None:
     assert store.has(dp)
     assert store.release("binhost") == 1
     assert store.pinned() == frozenset()
+    assert not (store.root / "pins" / "binhost").exists()  # released: no directory left
+    assert store.release("binhost") == 0
     assert store.gc(min_age=0).removed == (dp,)
-    assert not (store.root / "pins" / "binhost").exists()  # empty pin dirs are collected
+    store.pin(dk, "job:42")
+    store.unpin(dk, "job:42")
+    store.gc(min_age=0)
+    assert not (store.root / "pins" / "job:42").exists()  # empty pin dirs are collected
+    store.pin(dk, "job:42")  # (and made again when pinned again)
+    assert store.pinned("job:42") == {dk}
 
 
 def test_pin_before_the_object_arrives(tmp_path: Path) -> None:

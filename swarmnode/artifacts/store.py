@@ -361,7 +361,8 @@ class ArtifactStore:
             (self._pins / _check_owner(owner) / digest).unlink()
 
     def release(self, owner: str) -> int:
-        """Drop every pin of `owner`; returns how many there were."""
+        """Drop every pin of `owner`, and its directory (a worker releases one per job run:
+        left to gc, they would pile up between passes); returns how many pins there were."""
         d = self._pins / _check_owner(owner)
         n = 0
         with contextlib.suppress(FileNotFoundError):
@@ -369,6 +370,10 @@ class ArtifactStore:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
                     n += 1
+        # exclusive, not between a `pin`'s mkdir and its file; not waiting for a gc pass (which
+        # removes it then); fails if pinned meanwhile
+        with contextlib.suppress(OSError), self._locked(fcntl.LOCK_EX | fcntl.LOCK_NB):
+            d.rmdir()
         return n
 
     def pins(self, digest: Digest) -> frozenset[str]:
