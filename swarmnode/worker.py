@@ -115,10 +115,10 @@ MAX_FINISHED = 10_000
 #: than OUT_OF_TOUCH_S and asks the leader first; and this node's replica voids it once it has
 #: applied the result. A minute is a wide margin, and keeps the set at a minute's jobs.
 FINISHED_KEEP_S = 60.0
-#: Finished jobs whose output (its last TAIL_BYTES and length, as an EndedOutput) this node
-#: keeps for `logs` (~4 KB each): for a `logs --follow` that reads on as its job ends. The
-#: ledger keeps every finished job's last MAX_TAIL bytes (`logs` shows those without this).
-MAX_OUTPUTS = 100
+#: Finished jobs whose output (its last TAIL_BYTES, as an EndedOutput) this node keeps for
+#: `logs`: at most ~4 MB. (The ledger keeps only a failure's tail; a successful job's
+#: directory is removed.)
+MAX_OUTPUTS = 1000
 #: Longest a `job.log` request waits for new output of a running job (a long poll).
 LOG_WAIT_S = 2.0
 #: Out of touch: silence from a sender, or an assignment's age here, longer than the election
