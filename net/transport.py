@@ -42,6 +42,10 @@ ZAP_DOMAIN = b"swarmnode"
 #: Messages queued per peer connection before new ones are dropped. Gossip is loss-tolerant
 #: and stale probes are worthless, so a short queue beats unbounded memory for a dead peer.
 SEND_HWM = 256
+#: Messages taken in per peer connection before ZeroMQ stops reading it (TCP then holds the
+#: sender back). Its default, 1,000 of up to 1 MiB, would let one peer fill a node that is
+#: slow to read with a gigabyte.
+RECV_HWM = 256
 #: How long a closing socket may still flush queued messages.
 LINGER_MS = 200
 #: How often a DEALER retries an unreachable address (ms) and the cap of its backoff.
@@ -199,7 +203,7 @@ class Transport:
         router.maxmsgsize = self.max_size
         router.router_mandatory = True
         router.router_handover = True
-        router.sndhwm = SEND_HWM
+        router.sndhwm, router.rcvhwm = SEND_HWM, RECV_HWM
         router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
@@ -251,7 +255,7 @@ class Transport:
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
         sock.immediate = True
-        sock.sndhwm = SEND_HWM
+        sock.sndhwm, sock.rcvhwm = SEND_HWM, RECV_HWM
         sock.maxmsgsize = self.max_size
         sock.reconnect_ivl = RECONNECT_IVL_MS
         sock.reconnect_ivl_max = RECONNECT_IVL_MAX_MS

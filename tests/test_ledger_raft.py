@@ -3,7 +3,9 @@ sent, log matching, the vote restriction, the commit rule, snapshots."""
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -421,3 +423,98 @@ def test_followers_hear_a_new_commit_index_soon_not_at_the_next_heartbeat() -> N
     assert nodes["b"].commit_index == 2
     assert [x.entry for x in applies(nodes["b"].drain())] == [b"x1"]
     assert a.next_deadline() == LATER + CFG.heartbeat_interval  # nothing more to tell
+
+
+def _silent_c(cfg: Config, compact: bool, seconds: float) -> tuple[
+        dict[str, Election], list[tuple[float, AppendEntries | InstallSnapshot]], float,
+        Callable[[float], None]]:
+    """A leader `a` with b answering at once and c reading nothing for `seconds` after five
+    proposals (c's log stays behind them, and behind the snapshot with `compact`): the
+    nodes, what was sent to c with when, the time at the end, and `run` (delivers a's
+    messages at a time: b's answers at once, c's kept in the list)."""
+    nodes = {i: make(i, cfg=cfg) for i in ("a", "b", "c")}
+    nodes["a"].tick(LATER)
+    pump(nodes, {})
+    a, b = nodes["a"], nodes["b"]
+    to_c: list[tuple[float, AppendEntries | InstallSnapshot]] = []
+
+    def run(now: float) -> None:
+        queue = [("a", o) for o in a.drain()]
+        while queue:
+            src, o = queue.pop(0)
+            if isinstance(o, Send) and o.to == "c":
+                to_c.append((now, o.msg))  # type: ignore[arg-type]
+            elif isinstance(o, Send):
+                node = a if o.to == "a" else b
+                node.handle(now, src, o.msg)
+                queue += [(o.to, x) for x in node.drain()]
+
+    for n in range(5):
+        a.propose(LATER, f"x{n}".encode())
+        run(LATER)
+    if compact:
+        assert a.compact(a.commit_index, b"0123456789")
+    now = LATER
+    while now < LATER + seconds:
+        now = a.next_deadline()
+        a.tick(now)
+        run(now)
+    assert a.role == LEADER
+    return nodes, to_c, now, run
+
+
+def _carries_data(m: AppendEntries | InstallSnapshot) -> bool:
+    return isinstance(m, InstallSnapshot) or bool(m.entries)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["entries", "snapshot"])
+def test_a_silent_follower_gets_data_once_per_wait_and_heartbeats_as_ever(compact: bool) -> None:
+    """A follower that stopped reading (a frozen VM, a hung process: its connection stays open,
+    so whatever is sent to it queues) gets a heartbeat every round, but entries or snapshot
+    chunks only once per wait, which doubles up to retransmit_max: not one per heartbeat."""
+    cfg = Config(max_append_bytes=2, snapshot_chunk_bytes=4)  # one entry, or 4 bytes, a time
+    _nodes, to_c, _now, _run = _silent_c(cfg, compact, 60.0)
+    data = [t for t, m in to_c if _carries_data(m)]
+    beats = [t for t, m in to_c if not _carries_data(m)]
+    assert len(beats) >= 0.9 * 60 / cfg.heartbeat_interval  # c is told the leader lives
+    gaps = [y - x for x, y in itertools.pairwise(data)]
+    assert 8 <= len(data) <= 13, data  # after 0.4, 0.8, 1.6, 3.2, 6.4 s, then every 8 s
+    assert gaps == sorted(gaps) and gaps[-1] <= cfg.retransmit_max + cfg.heartbeat_interval
+    assert gaps[0] >= cfg.election_timeout_min
+
+
+def test_a_silent_follower_that_reads_again_gets_the_next_batch_at_once() -> None:
+    cfg = Config(max_append_bytes=2)
+    nodes, to_c, now, run = _silent_c(cfg, False, 20.0)
+    a, c = nodes["a"], nodes["c"]
+    last = next(m for _t, m in reversed(to_c) if isinstance(m, AppendEntries) and m.entries)
+    led(c, "a", last)
+    sent = len(to_c)
+    for o in c.drain():
+        if isinstance(o, Send) and o.to == "a":
+            a.handle(now, "c", o.msg)
+    run(now)
+    nxt = [m for _t, m in to_c[sent:] if isinstance(m, AppendEntries)]
+    assert nxt and nxt[0].entries and nxt[0].prev_index == last.prev_index + 1
+
+
+def test_a_follower_that_answers_a_later_heartbeat_gets_the_lost_data_at_the_next_one() -> None:
+    """Data lost on the way (a full queue, a reconnect): the follower's reply to a heartbeat
+    sent after it shows that it reads again, so the next heartbeat carries the data, rather
+    than the end of the (by then 8 s) wait."""
+    cfg = Config(max_append_bytes=2)
+    nodes, to_c, now, run = _silent_c(cfg, False, 20.0)
+    a, c = nodes["a"], nodes["c"]
+    probe = next(m for _t, m in reversed(to_c) if isinstance(m, AppendEntries) and not m.entries)
+    led(c, "a", probe)  # only the heartbeat arrives
+    for o in c.drain():
+        if isinstance(o, Send) and o.to == "a":
+            a.handle(now, "c", o.msg)
+    run(now)
+    sent = len(to_c)
+    later = a.next_deadline()
+    assert later - now < 2 * cfg.heartbeat_interval  # (the next round, not the wait)
+    a.tick(later)
+    run(later)
+    nxt = [m for _t, m in to_c[sent:] if isinstance(m, AppendEntries)]
+    assert nxt and nxt[0].entries and nxt[0].prev_index == probe.prev_index

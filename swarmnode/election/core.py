@@ -214,6 +214,17 @@ class Progress:
     """Bytes of snapshot `snap_index` the follower holds."""
     sent_commit: int = 0
     """The commit index in the latest AppendEntries sent to it."""
+    wait_until: float = -math.inf
+    """Until then, data sent to it (`wait_for`) awaits its reply, and heartbeats carry none."""
+    wait_for: int = 0
+    """The reply that ends the wait: a batch's last index, or a snapshot chunk's end offset."""
+    wait_chunk: bool = False
+    """Whether that data is a snapshot chunk (an InstallSnapshot's reply ends the wait)."""
+    wait_seq: int = 0
+    """The heartbeat round it was sent in: a reply to a later one ends the wait too (the
+    follower reads again: the data went, or was lost on the way)."""
+    retry: float = 0.0
+    """The next wait (0: election_timeout_min); it doubles while the follower is silent."""
 
 
 @dataclass(slots=True)
@@ -783,6 +794,9 @@ class Election:
         pr = self._reply_progress(src, m.term, m.seq)
         if pr is None:
             return
+        covered = not pr.wait_chunk and (not m.success or m.index >= pr.wait_for)
+        if covered or m.seq > pr.wait_seq:
+            pr.wait_until = -_INF
         if not m.success:
             # The follower's hint, but never below what it has confirmed: a late reply to an
             # old probe must not undo progress.
@@ -807,6 +821,8 @@ class Election:
         snap = self._snapshot
         if pr is None or snap is None or m.index != snap.index or pr.next > snap.index:
             return
+        if (pr.wait_chunk and m.offset >= pr.wait_for) or m.seq > pr.wait_seq:
+            pr.wait_until = -_INF
         if m.offset > len(snap.data):
             self.counters["bogus_snapshot_reply"] += 1
             return
@@ -827,21 +843,38 @@ class Election:
             if sent is not None and sent > self._acked.get(src, -_INF):
                 self._acked[src] = sent
                 self._acked_quorum = None
-        return self._progress.get(src)
+        pr = self._progress.get(src)
+        if pr is not None:
+            pr.retry = 0.0  # it answers: a wait for data starts from the shortest again
+        return pr
 
-    def _send_append(self, peer: str) -> None:
+    def _send_append(self, peer: str, heartbeat: bool = False) -> None:
+        """Entries from the follower's `next` on (or a snapshot chunk when they are compacted
+        away); a heartbeat while data sent to it awaits its reply carries none."""
         pr = self._progress[peer]
-        if pr.next <= self._log.snapshot_index:
+        waiting = heartbeat and self._now < pr.wait_until
+        if pr.next <= self._log.snapshot_index and not waiting:
             self._send_snapshot(peer, pr)
             return
-        prev = pr.next - 1
+        prev = max(pr.next - 1, self._log.snapshot_index)
         prev_term = self._log.term_at(prev)
         assert prev_term is not None
-        batch = self._log.entries_from(pr.next, self._cfg.max_append_bytes, MAX_APPEND_ENTRIES)
+        batch = () if waiting else self._log.entries_from(
+            pr.next, self._cfg.max_append_bytes, MAX_APPEND_ENTRIES)
         entries = tuple((e.term, e.data) for e in batch)
         msg = AppendEntries(self._term, self.id, self._seq, prev, prev_term, self._commit, entries)
         pr.sent_commit = self._commit
+        if entries:
+            self._await_reply(pr, prev + len(entries), chunk=False)
         self._send(peer, msg)
+
+    def _await_reply(self, pr: Progress, upto: int, chunk: bool) -> None:
+        """Data up to `upto` went to the follower: heartbeats carry none until a reply covers
+        it or the wait ends (Config.retransmit_max says why)."""
+        wait = pr.retry or self._cfg.election_timeout_min
+        pr.wait_until, pr.wait_for, pr.wait_chunk = self._now + wait, upto, chunk
+        pr.wait_seq = self._seq
+        pr.retry = min(wait * 2, self._cfg.retransmit_max)
 
     def _notify_commit(self) -> None:
         """The commit index to each follower that holds every entry but has not heard it (one
@@ -861,6 +894,7 @@ class Election:
         chunk = snap.data[off : off + self._cfg.snapshot_chunk_bytes]
         done = off + len(chunk) >= len(snap.data)
         self.counters["snapshot_chunks_sent"] += 1
+        self._await_reply(pr, off + len(chunk), chunk=True)
         term, seq = self._term, self._seq
         self._send(
             peer, InstallSnapshot(term, self.id, seq, snap.index, snap.term, off, chunk, done)
@@ -1032,8 +1066,9 @@ class Election:
             del self._sent_at[first]
         self._heartbeat_at = now + self._cfg.heartbeat_interval
         for peer in self._peers:
-            # Entries from `next` on: retransmits whatever a lagging follower has not confirmed.
-            self._send_append(peer)
+            # Entries from `next` on: retransmits what a lagging follower has not confirmed,
+            # unless it still awaits the reply to them.
+            self._send_append(peer, heartbeat=True)
 
     def _quorum_acked(self) -> float:
         """Send time of the latest heartbeat round a majority (us included) acknowledged."""
