@@ -1221,29 +1221,43 @@ class Builds:
         its output from offset `since`, asked of the node that runs or ran it (`wait`: a long
         poll for new output of a running job). `output` is None when that node does not have
         it (it restarted, or no longer keeps it); `total` is the output's length so far and
-        `start` the offset `output` begins at (after `since` when bytes were not kept)."""
+        `start` the offset `output` begins at (after `since` when bytes were not kept). A
+        `BUILD/JOB` of a build the ledger forgot: its end from the history."""
         job = self.ledger.job(name) if "/" in name else next(
             (self.ledger.job(job_key(b.build_id, name)) for b in reversed(self.ledger.builds())
              if self.ledger.job(job_key(b.build_id, name))), None)
+        if job is None and "/" in name and self.ledger.build(name.partition("/")[0]) is None:
+            return await self._forgotten_log(name, since)
         if job is None:
             raise ControlError(f"no job {name!r}")
-        view = {"job": job.key, "state": job.state, "node": self.node.member_name(job.node)
-                if job.node else None, "attempt": job.attempt, "reason": job.reason,
+        view = {"job": job.key, "state": job.state, "node": self._name(job.node),
+                "attempt": job.attempt, "reason": job.reason,
                 "failed_on": [self.node.member_name(n) for n in job.failed_on],
-                "log_tail": job.log_tail, "output": None, "total": 0, "start": 0, "live": False}
-        got = await self._job_output(job, since, wait) if job.node and job.attempt else None
-        if got is not None and got.get("state") in ("running", "finished"):
-            data, total = got.get("data"), got.get("total")
-            if isinstance(data, bytes) and type(total) is int:
-                view.update(output=data.decode("utf-8", "replace"), total=total,
-                            start=total - len(data), live=got["state"] == "running")
-        return view
+                "log_tail": job.log_tail}
+        got = await self._job_output(job.node, job.build_id, job.name, job.attempt, since,
+                                     wait) if job.node and job.attempt else None
+        return _with_output(view, got)
 
-    async def _job_output(self, job: Job, since: int, wait: bool) -> dict[str, Any] | None:
+    async def _forgotten_log(self, name: str, since: int) -> dict[str, Any]:
+        """`log_view` of a job of a build the ledger forgot: its end from the history, and its
+        output from its node (which keeps its last MAX_OUTPUTS jobs' output)."""
+        build_id, _, job_name = name.partition("/")
+        self._history_row(build_id)  # (ControlError: no such build, or still catching up)
+        end = job_ends(self.history.attempts(build_id)).get(job_name)
+        if end is None:
+            raise ControlError(f"no job {name!r}")
+        view = {"job": name, "state": end["result"], "node": self._name(end["node"]),
+                "attempt": end["attempt"], "reason": end["reason"], "failed_on": [],
+                "log_tail": ""}
+        got = await self._job_output(end["node"], build_id, job_name, end["attempt"], since,
+                                     False) if end["node"] and end["attempt"] else None
+        return _with_output(view, got)
+
+    async def _job_output(self, node: str, build_id: str, job: str, attempt: int, since: int,
+                          wait: bool) -> dict[str, Any] | None:
         """A `job.log` request to the job's node (this one too)."""
-        assert job.node is not None
-        return await self._request(job.node, LOG, {
-            "build": job.build_id, "job": job.name, "attempt": job.attempt,
+        return await self._request(node, LOG, {
+            "build": build_id, "job": job, "attempt": attempt,
             "since": max(0, since), "wait": wait}, LOG_WAIT_S + 3.0)
 
     async def set_voters(self, voters: list[str]) -> list[str]:
@@ -1286,6 +1300,17 @@ class Builds:
             self.history.close()
         except sqlite3.Error as exc:
             log.warning("cannot write the build history: %s", exc)
+
+
+def _with_output(view: dict[str, Any], got: dict[str, Any] | None) -> dict[str, Any]:
+    """`view` with the output a job's node answered (None when it does not have it)."""
+    view.update(output=None, total=0, start=0, live=False)
+    if got is not None and got.get("state") in ("running", "finished"):
+        data, total = got.get("data"), got.get("total")
+        if isinstance(data, bytes) and type(total) is int:
+            view.update(output=data.decode("utf-8", "replace"), total=total,
+                        start=total - len(data), live=got["state"] == "running")
+    return view
 
 
 def _report_command(key: str, worker: str, attempt: int, status: Any,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmnode import control
 from tests.swarm import (
     Node,
     Swarm,
@@ -98,6 +99,14 @@ def test_a_finished_build_is_forgotten_everywhere_and_kept_in_the_history(
         assert ended["ok"] and ended["finished"] and ended["progress"]["done"] == 4, ended
         jobs = swarm.cli_json(n, "jobs", "--build", build_id)
         assert {(j["job"], j["state"]) for j in jobs} == {(j, "done") for j in JOBS}, jobs
+        # and `logs` of its jobs: the end from the history, the output from the job's node
+        ran = {r["job"]: r for r in rows if r["result"] == "done"}
+        for name in JOBS:
+            log = swarm.query(n, "logs", timeout=15, job=f"{build_id}/{name}")
+            assert (log["state"], log["attempt"]) == ("done", ran[name]["attempt"]), log
+            assert log["node"] == ran[name]["node_name"] and log["output"] == "", log
+        with pytest.raises(control.ControlError, match="no job"):
+            swarm.query(n, "logs", job=f"{build_id}/nosuch")
     all_rows = swarm.cli_json(nodes[0], "jobs", "--history")
     assert {r["build"] for r in all_rows} == {build_id}
 
