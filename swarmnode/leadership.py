@@ -55,7 +55,8 @@ from swarmnode.ledger import (
 )
 
 LEDGER_DB = "ledger.db"
-#: Applied entries between snapshots of the ledger (the log is cut back to the snapshot).
+#: Applied entries between snapshots of the ledger (the log is cut back to the snapshot but
+#: for a tail: `Config.compact_keep_entries`).
 COMPACT_EVERY = 2_000
 
 if TYPE_CHECKING:

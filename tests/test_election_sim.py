@@ -64,7 +64,7 @@ def test_random_faults_never_elect_two_leaders_in_one_term(chunk: int) -> None:
     # the faults bit: every size occurred and many runs needed several elections
     assert {r.voters for r in results} == set(range(1, 8))
     assert sum(len(r.faults) for r in results) > 3 * len(results)
-    assert sum(r.max_term >= 3 for r in results) > len(results) // 6
+    assert sum(r.max_term >= 3 for r in results) > len(results) // 8
     recovered = [r.recovered_after for r in results if r.recovered_after is not None]
     assert statistics.median(recovered) < 1.0
     # and the log: thousands of proposals committed through it all, snapshots taken and sent

@@ -323,20 +323,69 @@ def test_a_whole_cluster_with_observers_applies_the_same_entries() -> None:
 
 
 def test_compact_drops_the_applied_prefix_and_persists_the_snapshot() -> None:
-    el = make(voters=frozenset({"a"}))
+    el = make(voters=frozenset({"a"}), cfg=Config(compact_keep_entries=0))
     el.tick(CFG.election_timeout_min)
     for n in range(4):
         el.propose(LATER, f"x{n}".encode())
     el.drain()
     assert not el.compact(9, b"state")  # not applied
     assert el.compact(3, b"state@3")
-    assert el.drain() == [PersistSnapshot(Snapshot(3, 1, b"state@3"))]
-    assert el.log.snapshot_index == 3 and [e.index for e in el.log] == [4, 5]
+    assert el.drain() == [PersistSnapshot(Snapshot(3, 1, b"state@3"), 4)]
+    assert el.log.base_index == 3 and [e.index for e in el.log] == [4, 5]
     assert not el.compact(2, b"older")
 
 
+@pytest.mark.parametrize(
+    ("keep", "keep_bytes", "base", "next_base"),
+    [(2, 1 << 20, 2, 3), (10, 1 << 20, 0, 0), (10, 5, 2, 3), (10, 4, 3, 4), (10, 2, 4, 4),
+     (0, 1 << 20, 4, 5)],
+    ids=["count", "all-there-is", "bytes", "bytes-between", "bytes-too-few", "none"],
+)
+def test_compact_keeps_a_tail_bounded_by_count_and_bytes(keep: int, keep_bytes: int,
+                                                         base: int, next_base: int) -> None:
+    """The snapshot covers entries through 4; the log keeps up to `keep` of them, holding at
+    most `keep_bytes` of data (entries 2-5 are 2, 2, 3 and 2 bytes: the no-op is entry 1)."""
+    el = make(voters=frozenset({"a"}),
+              cfg=Config(compact_keep_entries=keep, compact_keep_bytes=keep_bytes))
+    el.tick(CFG.election_timeout_min)
+    for data in (b"x0", b"x1", b"x22", b"x3"):
+        el.propose(LATER, data)
+    el.drain()
+    assert el.compact(4, b"state@4")
+    assert el.drain() == [PersistSnapshot(Snapshot(4, 1, b"state@4"), base + 1)]
+    assert el.log.base_index == base and el.log.last_index == 5
+    assert el.status(LATER)["snapshot_index"] == 4 and el.snapshot == Snapshot(4, 1, b"state@4")
+    assert not el.compact(4, b"again") and not el.compact(3, b"older")
+    assert el.compact(5, b"state@5")  # the tail moves on with the next snapshot
+    assert el.log.base_index == next_base
+
+
+def test_a_follower_behind_by_less_than_the_tail_gets_entries_not_the_snapshot() -> None:
+    """etcd's SnapshotCatchUpEntries: a follower a few entries behind when the leader
+    compacts catches up from the kept tail; one behind the tail gets the snapshot."""
+    for keep, expect_snapshot in ((3, False), (1, True)):
+        nodes = {i: make(i, cfg=Config(compact_keep_entries=keep)) for i in ("a", "b", "c")}
+        out: dict[str, list[Output]] = {}
+        nodes["a"].tick(LATER)
+        pump(nodes, out)
+        a = nodes["a"]
+        lagging = {"a": a, "b": nodes["b"]}  # c is away for two entries
+        for n in range(2):
+            a.propose(LATER, f"x{n}".encode())
+            pump(lagging, out)
+        assert a.compact(a.commit_index, b"state@3")
+        pump(lagging, out)
+        out.clear()
+        while nodes["c"].applied_index < 3:
+            a.tick(a.next_deadline())
+            pump(nodes, out)
+        assert (a.counters["snapshot_chunks_sent"] > 0) is expect_snapshot
+        assert bool([o for o in out["c"] if isinstance(o, Restore)]) is expect_snapshot
+        assert [e.data for e in nodes["c"].log][-2:] == [b"x0", b"x1"] or expect_snapshot
+
+
 def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
-    cfg = Config(snapshot_chunk_bytes=4)
+    cfg = Config(snapshot_chunk_bytes=4, compact_keep_entries=0)
     nodes = {i: make(i, cfg=cfg) for i in ("a", "b", "c")}
     out: dict[str, list[Output]] = {}
     nodes["a"].tick(LATER)
@@ -356,18 +405,18 @@ def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
     assert a.counters["snapshot_chunks_sent"] == 3
     restore = [o for o in c_out if isinstance(o, Restore)]
     assert restore == [Restore(Snapshot(6, 1, b"0123456789"))]
-    persisted = c_out.index(PersistSnapshot(Snapshot(6, 1, b"0123456789")))
+    persisted = c_out.index(PersistSnapshot(Snapshot(6, 1, b"0123456789"), 7))
     assert persisted < c_out.index(restore[0])
     # what follows the snapshot is applied after it, from index 7
     assert [x.index for x in applies(c_out[c_out.index(restore[0]) :])] == [7]
-    assert nodes["c"].applied_index == 7 and nodes["c"].log.snapshot_index == 6
+    assert nodes["c"].applied_index == 7 and nodes["c"].log.base_index == 6
 
 
 def test_an_installed_snapshot_keeps_a_matching_suffix_and_drops_a_conflicting_one() -> None:
     keep = make("b", persisted=Persisted(1), log=entries(1, 1, 1, 1))
     led(keep, "a", InstallSnapshot(1, "a", 1, 2, 1, 0, b"s", True))
     out = keep.drain()
-    assert PersistSnapshot(Snapshot(2, 1, b"s")) in out
+    assert PersistSnapshot(Snapshot(2, 1, b"s"), 3) in out
     assert not [o for o in out if isinstance(o, PersistEntries)]
     assert [e.index for e in keep.log] == [3, 4] and keep.commit_index == 2
 
@@ -472,7 +521,8 @@ def test_a_silent_follower_gets_data_once_per_wait_and_heartbeats_as_ever(compac
     """A follower that stopped reading (a frozen VM, a hung process: its connection stays open,
     so whatever is sent to it queues) gets a heartbeat every round, but entries or snapshot
     chunks only once per wait, which doubles up to retransmit_max: not one per heartbeat."""
-    cfg = Config(max_append_bytes=2, snapshot_chunk_bytes=4)  # one entry, or 4 bytes, a time
+    cfg = Config(max_append_bytes=2, snapshot_chunk_bytes=4,  # one entry, or 4 bytes, a time
+                 compact_keep_entries=0)
     _nodes, to_c, _now, _run = _silent_c(cfg, compact, 60.0)
     data = [t for t, m in to_c if _carries_data(m)]
     beats = [t for t, m in to_c if not _carries_data(m)]

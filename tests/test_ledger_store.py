@@ -77,14 +77,33 @@ def test_a_snapshot_compacts_the_prefix(tmp_path: Path) -> None:
     store = LogStore(tmp_path / "ledger.db")
     store.persist([PersistEntries(1, tuple(e(i, 1) for i in range(1, 6)))])
     snap = Snapshot(3, 1, b"state at 3")
-    store.persist([PersistSnapshot(snap)])
+    store.persist([PersistSnapshot(snap, 4)])
     got = reopen(store)
     assert got.snapshot == snap and got.entries == (e(4, 1), e(5, 1)) and got.last_index == 5
     # an installed snapshot that the log contradicts: the core also truncates after it
     store = LogStore(tmp_path / "ledger.db")
-    store.persist([PersistSnapshot(Snapshot(9, 2, b"s9")), PersistEntries(10, ())])
+    store.persist([PersistSnapshot(Snapshot(9, 2, b"s9"), 10), PersistEntries(10, ())])
     got = reopen(store)
     assert got.snapshot == Snapshot(9, 2, b"s9") and got.entries == ()
+
+
+def test_a_snapshot_keeps_its_tail_on_disk_until_the_next_one(tmp_path: Path) -> None:
+    """The entries from `keep_from` through the snapshot stay stored (a leader's tail for
+    followers a little behind) but are not loaded: a restart begins at the snapshot."""
+    store = LogStore(tmp_path / "ledger.db")
+    store.persist([PersistEntries(1, tuple(e(i, 1) for i in range(1, 8)))])
+    store.persist([PersistSnapshot(Snapshot(4, 1, b"s4"), 3)])
+
+    def stored() -> list[int]:
+        return [i for (i,) in store._db.execute("SELECT idx FROM raft_log ORDER BY idx")]
+
+    assert stored() == [3, 4, 5, 6, 7]
+    assert reopen(store).entries == (e(5, 1), e(6, 1), e(7, 1))
+    store = LogStore(tmp_path / "ledger.db")
+    store.persist([PersistSnapshot(Snapshot(6, 1, b"s6"), 6)])
+    assert stored() == [6, 7]
+    store.persist([PersistSnapshot(Snapshot(7, 1, b"s7"), 99)])  # never past the snapshot
+    assert stored() == [] and reopen(store).last_index == 7
 
 
 def test_a_batch_is_all_or_nothing(tmp_path: Path) -> None:
@@ -106,7 +125,7 @@ def test_a_gap_in_the_stored_log_is_reported(tmp_path: Path) -> None:
 
 def test_a_core_restarted_from_the_store_continues_where_it_was(tmp_path: Path) -> None:
     """A lone voter writes everything it outputs; a new core built from what was stored has the
-    same term, vote, log and snapshot point."""
+    same term, vote, log after the snapshot, and snapshot point (not the tail kept before it)."""
     store = LogStore(tmp_path / "ledger.db")
     cfg = Config()
     el = Election("a", {"a"}, cfg, random.Random(1), 0.0, signatures=KeyRing().for_node("a"))
@@ -130,8 +149,8 @@ def test_a_core_restarted_from_the_store_continues_where_it_was(tmp_path: Path) 
         signatures=KeyRing().for_node("a"),
     )
     assert (again.term, again.voted_for) == (el.term, el.voted_for) == (1, "a")
-    assert list(again.log) == list(el.log)
-    assert again.log.snapshot_index == 5 and again.snapshot == Snapshot(5, 1, b"ledger at 5")
+    assert el.log.base_index == 0 and list(again.log) == [x for x in el.log if x.index > 5]
+    assert again.log.base_index == 5 and again.snapshot == Snapshot(5, 1, b"ledger at 5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +191,8 @@ def _batches(seed: int, n: int) -> list[list[object]]:
         last = start + count - 1
         if rng.random() < 0.1 and last > snap:
             snap = rng.randint(snap + 1, last)
-            batch.append(PersistSnapshot(Snapshot(snap, term, rng.randbytes(64))))
+            keep_from = rng.randint(max(1, snap - 20), snap + 1)  # a tail, or none
+            batch.append(PersistSnapshot(Snapshot(snap, term, rng.randbytes(64)), keep_from))
         out.append(batch)
     return out
 

@@ -66,6 +66,15 @@ class Config:
     reading (a frozen VM, a hung process) then has one batch queued for it every 8 s instead of
     one every heartbeat: 1.3 MB/s, which grew a leader by 400 MB during a ten-minute hang (the
     peer's connection stays open, so its queue fills). Its first reply resets the wait."""
+    compact_keep_entries: int = 1000
+    """Entries a compaction keeps before the snapshot's index, as etcd keeps its
+    SnapshotCatchUpEntries: a follower a few entries behind when the leader compacts still gets
+    entries instead of the whole snapshot (a node that installed one grew 6 MiB in the soak).
+    A thousand is about two minutes of a busy swarm's ledger (the soak's 20-job build every 5 s
+    commits about 8 entries a second)."""
+    compact_keep_bytes: int = 4 * 1024 * 1024
+    """...and at most this much of their data, since one entry (a build's graph) may be up to
+    896 KiB: the tail costs at most 4 MiB of memory and of ledger.db."""
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout_min:
@@ -82,6 +91,8 @@ class Config:
             raise ValueError(f"snapshot_chunk_bytes must be in (0, {MAX_CHUNK}]")
         if self.retransmit_max < self.election_timeout_min:
             raise ValueError("retransmit_max must be >= election_timeout_min")
+        if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
+            raise ValueError("compact_keep_entries and compact_keep_bytes must be >= 0")
 
     @property
     def lease_duration(self) -> float:

@@ -36,8 +36,9 @@ Replication (no committed entry is ever lost or changed):
   did) is settled promptly, and `can_schedule` waits until that no-op is applied: only then
   does the leader's ledger reflect every committed decision.
 - Snapshots: the shell hands the state machine's snapshot to `compact`; the log is dropped
-  through it. A follower needing compacted entries gets the snapshot in `InstallSnapshot`
-  chunks and a `Restore` output.
+  through it but for a tail (`Config.compact_keep_entries`), so a follower a little behind
+  still gets entries. One needing entries before the tail gets the snapshot in
+  `InstallSnapshot` chunks and a `Restore` output.
 
 Voters are a small set given from outside (`voters.target_voters` over the membership view);
 non-voters ("observers") receive the log too (so any node can answer ledger queries), never
@@ -163,10 +164,12 @@ class PersistEntries:
 
 @dataclass(frozen=True, slots=True)
 class PersistSnapshot:
-    """Store `snapshot` and delete the stored entries through its index, durably before acting
-    on anything drained after this."""
+    """Store `snapshot` and delete the stored entries before `keep_from` (at most the snapshot's
+    index + 1: the entries from it on stay, a tail the snapshot also covers), durably before
+    acting on anything drained after this."""
 
     snapshot: Snapshot
+    keep_from: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,19 +443,26 @@ class Election:
 
     def compact(self, index: int, data: bytes) -> bool:
         """Take `data`, the state machine's snapshot as of applied entry `index`, and drop the
-        log through it. False (nothing done) unless index is applied and beyond the current
-        snapshot. The shell calls this when the log has grown enough to be worth it."""
-        if not self._log.snapshot_index < index <= self._applied:
+        log through it but for a tail (`Config.compact_keep_entries`). False (nothing done)
+        unless index is applied and beyond the current snapshot. The shell calls this when the
+        log has grown enough to be worth it."""
+        if not self._snapshot_index < index <= self._applied:
             return False
         term = self._log.term_at(index)
         assert term is not None
         self._flush_persist()  # pending entries reach the disk before the snapshot drops them
         snap = Snapshot(index, term, bytes(data))
-        self._log.compact(index, term)
+        cfg = self._cfg
+        base = self._log.tail_start(index, cfg.compact_keep_entries, cfg.compact_keep_bytes)
+        self._log.trim(base)
         self._snapshot = snap
-        self._out.append(PersistSnapshot(snap))
+        self._out.append(PersistSnapshot(snap, base + 1))
         self.counters["compactions"] += 1
         return True
+
+    @property
+    def _snapshot_index(self) -> int:
+        return self._snapshot.index if self._snapshot else 0
 
     def can_schedule(self, now: float) -> bool:
         """A leader with a lease whose applied state includes everything committed before its
@@ -513,7 +523,8 @@ class Election:
             "last_index": self._log.last_index,
             "commit": self._commit,
             "applied": self._applied,
-            "snapshot_index": self._log.snapshot_index,
+            "snapshot_index": self._snapshot_index,
+            "log_base": self._log.base_index,
         }
 
     # ------------------------------------------------------------------ election messages
@@ -672,10 +683,10 @@ class Election:
             self._hold(src, m)
             return
         prev, prev_term, entries = m.prev_index, m.prev_term, m.entries
-        snap = self._log.snapshot_index
-        if prev < snap:
+        base = self._log.base_index
+        if prev < base:
             # Our snapshot already holds the start of the batch (committed, so it matches).
-            skip = min(snap - prev, len(entries))
+            skip = min(base - prev, len(entries))
             if skip == len(entries):
                 self._send(src, AppendReply(self._term, m.seq, True, prev + skip))
                 return
@@ -756,7 +767,7 @@ class Election:
         keeps_suffix = self._log.term_at(snap.index) == snap.term
         self._log.compact(snap.index, snap.term)
         self._snapshot = snap
-        self._out.append(PersistSnapshot(snap))
+        self._out.append(PersistSnapshot(snap, snap.index + 1))
         if not keeps_suffix:
             self._mark_log(snap.index + 1)  # the stored suffix contradicts it: delete it
         self._commit = self._applied = snap.index
@@ -853,10 +864,10 @@ class Election:
         away); a heartbeat while data sent to it awaits its reply carries none."""
         pr = self._progress[peer]
         waiting = heartbeat and self._now < pr.wait_until
-        if pr.next <= self._log.snapshot_index and not waiting:
+        if pr.next <= self._log.base_index and not waiting:
             self._send_snapshot(peer, pr)
             return
-        prev = max(pr.next - 1, self._log.snapshot_index)
+        prev = max(pr.next - 1, self._log.base_index)
         prev_term = self._log.term_at(prev)
         assert prev_term is not None
         batch = () if waiting else self._log.entries_from(

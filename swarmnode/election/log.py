@@ -1,9 +1,11 @@
-"""The replicated log in memory: entries after a snapshot point, and the entry codec.
+"""The replicated log in memory: entries after a base point, and the entry codec.
 
-Index 0 with term 0 is the empty log's "previous entry", so every log starts at a snapshot point
-(index 0 for a log that was never compacted). Entries are opaque bytes to the consensus core;
-the empty entry is reserved for the no-op a leader appends when elected (see `Election`), so
-a state machine must treat `b""` as "nothing to do".
+Index 0 with term 0 is the empty log's "previous entry", so every log starts at a base point
+(index 0 for a log that was never compacted). The base is at or before the snapshot's index: a
+compaction keeps a tail of entries its snapshot already covers, for followers a little behind.
+Entries are opaque bytes to the consensus core; the empty entry is reserved for the no-op a
+leader appends when elected (see `Election`), so a state machine must treat `b""` as "nothing
+to do".
 """
 
 from __future__ import annotations
@@ -64,30 +66,30 @@ def decode_entry(data: bytes) -> Any:
 
 
 class Log:
-    """Entries (snapshot_index, last_index], contiguous; the terms of the snapshot point and of
-    every entry are known, the entries before the snapshot point are gone."""
+    """Entries (base_index, last_index], contiguous; the terms of the base point and of every
+    entry are known, the entries before the base point are gone (a snapshot holds them)."""
 
-    __slots__ = ("_entries", "_size", "snapshot_index", "snapshot_term")
+    __slots__ = ("_entries", "_size", "base_index", "base_term")
 
     def __init__(
-        self, snapshot_index: int = 0, snapshot_term: int = 0, entries: Iterable[LogEntry] = ()
+        self, base_index: int = 0, base_term: int = 0, entries: Iterable[LogEntry] = ()
     ) -> None:
-        self.snapshot_index = snapshot_index
-        self.snapshot_term = snapshot_term
+        self.base_index = base_index
+        self.base_term = base_term
         self._entries: list[LogEntry] = []
         self._size = 0
         for e in entries:
-            if e.index <= snapshot_index:
-                continue  # stored entries the snapshot already covers (a crash mid-compaction)
+            if e.index <= base_index:
+                continue  # stored entries the snapshot covers (its tail, or a crash mid-compaction)
             self.append(e)
 
     @property
     def last_index(self) -> int:
-        return self._entries[-1].index if self._entries else self.snapshot_index
+        return self._entries[-1].index if self._entries else self.base_index
 
     @property
     def last_term(self) -> int:
-        return self._entries[-1].term if self._entries else self.snapshot_term
+        return self._entries[-1].term if self._entries else self.base_term
 
     @property
     def size(self) -> int:
@@ -101,17 +103,17 @@ class Log:
         return iter(self._entries)
 
     def term_at(self, index: int) -> int | None:
-        """The term of entry `index`, or None when it is past the end or compacted away."""
-        if index == self.snapshot_index:
-            return self.snapshot_term
-        if self.snapshot_index < index <= self.last_index:
-            return self._entries[index - self.snapshot_index - 1].term
+        """The term of entry `index`, or None when it is past the end or before the base."""
+        if index == self.base_index:
+            return self.base_term
+        if self.base_index < index <= self.last_index:
+            return self._entries[index - self.base_index - 1].term
         return None
 
     def entry(self, index: int) -> LogEntry:
-        if not self.snapshot_index < index <= self.last_index:
+        if not self.base_index < index <= self.last_index:
             raise IndexError(f"entry {index} is not in the log")
-        return self._entries[index - self.snapshot_index - 1]
+        return self._entries[index - self.base_index - 1]
 
     def entries_from(
         self, index: int, max_bytes: float = math.inf, max_count: float = math.inf
@@ -120,7 +122,7 @@ class Log:
         least one if there is any."""
         out: list[LogEntry] = []
         size = 0
-        start = max(index, self.snapshot_index + 1) - self.snapshot_index - 1
+        start = max(index, self.base_index + 1) - self.base_index - 1
         for i in range(start, len(self._entries)):
             e = self._entries[i]
             size += len(e.data)
@@ -131,9 +133,9 @@ class Log:
 
     def first_index_of_term(self, index: int) -> int:
         """The first index of the run of entries sharing entry `index`'s term (not before the
-        snapshot point): a follower's hint that lets the leader skip a whole stale term."""
+        base point): a follower's hint that lets the leader skip a whole stale term."""
         term = self.term_at(index)
-        while index - 1 > self.snapshot_index and self.term_at(index - 1) == term:
+        while index - 1 > self.base_index and self.term_at(index - 1) == term:
             index -= 1
         return index
 
@@ -145,21 +147,44 @@ class Log:
 
     def truncate_from(self, index: int) -> None:
         """Drop entries `index` and later (a conflict with the leader's log)."""
-        if index <= self.snapshot_index:
-            raise ValueError("cannot truncate into the snapshot")
-        cut = index - self.snapshot_index - 1
+        if index <= self.base_index:
+            raise ValueError("cannot truncate before the base")
+        cut = index - self.base_index - 1
         self._size -= sum(len(e.data) for e in self._entries[cut:])
         del self._entries[cut:]
 
     def compact(self, index: int, term: int) -> None:
-        """Make (index, term) the snapshot point. Entries after it stay if the log holds
-        `index` with `term`; otherwise the whole log is replaced (an installed snapshot that
+        """Make (index, term) the base point, for an installed snapshot. Entries after it stay if
+        the log holds `index` with `term`; otherwise the whole log is replaced (a snapshot that
         our log contradicts or does not reach)."""
-        if index <= self.snapshot_index:
+        if index <= self.base_index:
             return
         agrees = self.term_at(index) == term
-        keep = self._entries[index - self.snapshot_index :] if agrees else []
-        self._entries = keep
-        self._size = sum(len(e.data) for e in keep)
-        self.snapshot_index = index
-        self.snapshot_term = term
+        self._drop_through(index if agrees else self.last_index)
+        self.base_index = index
+        self.base_term = term
+
+    def trim(self, index: int) -> None:
+        """Drop the entries through `index`, which the log holds: it becomes the base point."""
+        term = self.term_at(index)
+        if term is None:
+            raise IndexError(f"entry {index} is not in the log")
+        self._drop_through(index)
+        self.base_index = index
+        self.base_term = term
+
+    def tail_start(self, index: int, max_count: int, max_bytes: int) -> int:
+        """The base that keeps, of the entries through `index`, the last `max_count` at most and
+        no more than `max_bytes` of their data: the tail kept after a compaction at `index`."""
+        base, size = index, 0
+        while base > self.base_index and index - base < max_count:
+            size += len(self.entry(base).data)
+            if size > max_bytes:
+                break
+            base -= 1
+        return base
+
+    def _drop_through(self, index: int) -> None:
+        cut = index - self.base_index
+        self._size -= sum(len(e.data) for e in self._entries[:cut])
+        del self._entries[:cut]

@@ -66,7 +66,14 @@ from typing import Any
 from swarmnode.election.byzantine import Byzantine
 from swarmnode.election.config import Config
 from swarmnode.election.core import LEADER, Apply, Election
-from swarmnode.election.sim import ElectionSim, SimNode, Violation, random_links, run_faults
+from swarmnode.election.sim import (
+    ElectionSim,
+    SimNode,
+    Violation,
+    random_links,
+    run_faults,
+    with_random_tail,
+)
 
 from .jobs import (
     ACTIVE,
@@ -830,7 +837,7 @@ def random_run(
     """One random cluster under a random fault schedule, with `builds` submissions per second
     during the faults; then healed until settled (or the bound passes). `byzantine` Byzantine
     members lie throughout, settling included."""
-    cfg = config or Config()
+    cfg = with_random_tail(config or Config(), seed)
     rng = random.Random(seed)
     n_voters = rng.randint(1, max_voters)
     n_obs = rng.choice((0, 0, 1, 2))

@@ -91,7 +91,7 @@ class LogStore:
                 elif isinstance(o, PersistEntries):
                     self._put_entries(db, o.start, o.entries)
                 else:
-                    self._put_snapshot(db, o.snapshot)
+                    self._put_snapshot(db, o.snapshot, o.keep_from)
         return len(writes)
 
     @staticmethod
@@ -114,15 +114,16 @@ class LogStore:
         db.executemany("INSERT INTO raft_log(idx, term, data) VALUES(?, ?, ?)", rows)
 
     @staticmethod
-    def _put_snapshot(db: sqlite3.Connection, snap: Snapshot) -> None:
-        """The snapshot replaces the log through its index (the prefix is compacted)."""
+    def _put_snapshot(db: sqlite3.Connection, snap: Snapshot, keep_from: int) -> None:
+        """The snapshot replaces the log before `keep_from`; the entries from it through the
+        snapshot's index stay (the tail kept for followers a little behind), unread by `load`."""
         db.execute(
             "INSERT INTO raft_snapshot(id, idx, term, data) VALUES(1, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, term = excluded.term, "
             "data = excluded.data",
             (snap.index, snap.term, snap.data),
         )
-        db.execute("DELETE FROM raft_log WHERE idx <= ?", (snap.index,))
+        db.execute("DELETE FROM raft_log WHERE idx < ?", (min(keep_from, snap.index + 1),))
 
     # ------------------------------------------------------------------ reading
 
