@@ -232,9 +232,9 @@ def test_logs_show_a_jobs_output_live_and_after_from_any_node(
     assert more["start"] == live["total"] and more["output"].startswith("line ")
     followed = swarm.cli(other, "logs", "talk", "--follow", timeout=30)
     assert "line 1\nline 2\nline 3\nline 4\n" in followed.stdout, followed.stdout
-    swarm.wait_for(lambda: swarm.query(nodes[2], "build_status", build=build_id)["finished"],
-                   10, "the build to finish")
     for n in nodes:  # after the end, from every node (the worker answers)
+        swarm.wait_for(lambda n=n: swarm.query(n, "build_status", build=build_id)["finished"],
+                       10, f"{n.name}'s replica to have the end")  # (each applies it in turn)
         done = swarm.query(n, "logs", job=f"{build_id}/talk")
         assert done["state"] == "done" and not done["live"]
         assert done["output"] == "line 1\nline 2\nline 3\nline 4\n"
