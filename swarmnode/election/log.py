@@ -159,8 +159,10 @@ class Log:
         our log contradicts or does not reach)."""
         if index <= self.base_index:
             return
-        agrees = self.term_at(index) == term
-        self._drop_through(index if agrees else self.last_index)
+        if self.term_at(index) == term:
+            self.trim(index)
+            return
+        self._drop_through(self.last_index)
         self.base_index = index
         self.base_term = term
 
