@@ -51,12 +51,11 @@ def commit(src: Path | None = None) -> str:
     return out + ("+worktree-changes" if dirty else "")
 
 
-def reexec_on_head(argv: list[str]) -> None:
-    """Unless already on a snapshot (or --worktree was given), re-run this script on HEAD."""
-    if ENV in os.environ or "--worktree" in argv:
-        return
+def unpack(rev: str) -> Path:
+    """A clean snapshot of commit `rev` (any name git knows: HEAD, HEAD~1, a hash), unpacked
+    once in BASE/src-<short hash>, with its hash in COMMIT."""
     rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
+        ["git", "rev-parse", "--short", f"{rev}^{{commit}}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -70,10 +69,25 @@ def reexec_on_head(argv: list[str]) -> None:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         (dest / "COMMIT").write_text(rev + "\n")
+    return dest
+
+
+def env_for(dest: Path) -> dict[str, str]:
+    """This process's environment for a child that measures the snapshot in `dest`: the
+    snapshot first on PYTHONPATH (before the editable install), and marked as one."""
     env = dict(os.environ)
     env[ENV] = str(dest)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(dest), env.get("PYTHONPATH")) if p)
-    print(f"benchmarking commit {rev} (snapshot in {dest})", flush=True)
+    return env
+
+
+def reexec_on_head(argv: list[str]) -> None:
+    """Unless already on a snapshot (or --worktree was given), re-run this script on HEAD."""
+    if ENV in os.environ or "--worktree" in argv:
+        return
+    dest = unpack("HEAD")
+    env = env_for(dest)
+    print(f"benchmarking commit {commit(dest)} (snapshot in {dest})", flush=True)
     script = str(Path(sys.argv[0]).resolve())
     os.execve(sys.executable, [sys.executable, script, *argv], env)
 
