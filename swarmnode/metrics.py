@@ -66,6 +66,12 @@ class NodeCollector(Collector):
         for kind, n in sorted(node.transport.sent.items()):
             sent.add_metric([kind], n)
         yield sent
+        received = CounterMetricFamily("swarmnode_messages_received",
+                                       "Messages received of a known type, by type",
+                                       labels=["type"])
+        for kind, n in sorted(node.received.items()):
+            received.add_metric([kind], n)
+        yield received
         wire = CounterMetricFamily("swarmnode_wire_bytes", "Bytes of messages, by direction",
                                    labels=["direction"])
         wire.add_metric(["in"], node.transport.bytes_in)

@@ -169,6 +169,7 @@ class Node:
         self.observed: dict[str, Observed] = {}
         self.reexec_argv: list[str] | None = None  # set by a self-update: exec this on exit
         self.heard_member = False  # a member's gossip has reached us since we started
+        self.received: dict[str, int] = {}  # messages of a known type received, by type
         self.rights = Rights(self)
         self.push = PushService(self)
         self.core = self._make_core()
@@ -564,10 +565,18 @@ class Node:
     # -- inbound --------------------------------------------------------------------------
 
     def on_message(self, inbound: Inbound) -> None:
+        """Hand a message to its service; count it by type when it is of a known type (so the
+        table is bounded by the protocol's types, whatever a peer sends)."""
+        if self._dispatch(inbound):
+            kind = inbound.envelope.type
+            self.received[kind] = self.received.get(kind, 0) + 1
+
+    def _dispatch(self, inbound: Inbound) -> bool:
+        """Whether a service takes messages of this type."""
         env = inbound.envelope
         if self.admission.handles(env.type):
             self.admission.on_message(inbound)
-            return
+            return True
         # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
         # and actions judge outsiders themselves, to list them as pending or to answer them).
         for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership,
@@ -579,24 +588,25 @@ class Node:
                     service.on_message(inbound)
                 else:
                     self.drops.drop("not_member")  # no work, code, artifact or vote for a ghost
-                return
+                return True
         if env.type in (ROUTE_PING, ROUTE_PONG):
             self.router.on_message(inbound)
-            return
+            return True
         if self.actions.handles(env.type):
             self.observe(env.sender, inbound.observed)
             self.actions.on_message(inbound)
-            return
+            return True
         try:
             msg = decode(env.type, env.body)
         except MessageError:
             self.drops.drop("malformed_body")
-            return
+            return False
         self.observe(env.sender, inbound.observed)
         self.core.handle(self.clock(), env.sender, msg)
         self.flush()
         if not self.heard_member and self.is_admitted_member(env.sender):
             self.heard_member = True  # rejoined: a restarted node's health check waits for it
+        return True
 
     def observed_entry(self, peer: str) -> Observed:
         return self.observed.setdefault(peer, Observed())
@@ -807,6 +817,7 @@ class Node:
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
             "sent": dict(sorted(self.transport.sent.items())),  # messages by type
+            "received": dict(sorted(self.received.items())),
             "watts": self.power.last.watts if self.power.last else None,
             "power_source": self.power.last.source if self.power.last else None,
             "energy_kwh": round(self.power.joules / 3.6e6, 6),

@@ -70,6 +70,7 @@ def test_metrics_reflect_the_swarm_and_a_build(swarm: Swarm, tmp_path: Path) -> 
     assert got[("swarmnode_jobs", (("state", "done"),))] == 1
     assert got[("swarmnode_jobs", (("state", "blocked"),))] == 1  # failed on both nodes
     assert got[("swarmnode_messages_sent_total", (("type", "ping"),))] > 0
+    assert got[("swarmnode_messages_received_total", (("type", "ack"),))] > 0
     assert got[("swarmnode_wire_bytes_total", (("direction", "out"),))] > 0
     assert got[("swarmnode_members_paused", ())] == 0
     assert got[("swarmnode_loop_lag_seconds_count", ())] > 0  # the monitor runs

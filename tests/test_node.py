@@ -125,3 +125,23 @@ async def test_a_node_refuses_actions_not_addressed_to_it_or_unsafe(tmp_path):
                 unpack(junk)
     finally:
         await stop(node, task)
+
+
+async def test_messages_are_counted_by_type_only_when_of_a_known_type(tmp_path):
+    """`received` (status, metrics) counts what a service took: a peer inventing types, or
+    sending a body no decoder takes, grows neither the table nor the metric's labels."""
+    from types import SimpleNamespace
+
+    from net.transport import Inbound
+
+    node, task = await running_node(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        before = dict(node.received)
+        for kind in ("no.such.type", "ping"):
+            env = SimpleNamespace(type=kind, sender="x" * 52, body=b"\xc1", epoch=1, seq=1)
+            node.on_message(Inbound(env, None, lambda *_: None))  # type: ignore[arg-type]
+        assert node.received == before
+        assert node.drop_counts().get("malformed_body") == 2
+        assert (await node.handle_command("status", {}))["received"] == before
+    finally:
+        await stop(node, task)
