@@ -28,7 +28,8 @@ still understood as a list of one):
   job.report  {reports: [{build, job, attempt, node, status, outputs: [[path, digest, size]],
                reason, log_tail, duration}]}  (status "started": only build, job, attempt)
   job.report_ack {acks: [{build, job, attempt}]}
-  job.held    {held: [[build, job, attempt]]}  every HELD_S and to each new leader
+  job.held    {held: [[build, job, attempt]]}  to each new leader, then every HELD_S while
+              this node holds attempts or the ledger has jobs on it
   job.confirm {rid, build, job, attempt}  to the leader, before starting an assignment the
               worker may have been out of touch for (see `Worker._in_touch`)
   job.confirm_reply {rid, state: current|moved|unknown, term}  the leader's answer
@@ -651,6 +652,13 @@ class Worker:
         out += [[r.get("build"), r.get("job"), r.get("attempt")] for r in reports]
         return out
 
+    def _owes_held(self) -> bool:
+        """Whether the leader needs this node's held list: it holds attempts, or the ledger
+        here has jobs on it (one it does not hold is requeued only once the leader hears so).
+        At idle neither, and nothing is sent (40 nodes sent 8 lists a second for nothing)."""
+        me = self.node.id
+        return bool(self.held()) or any(j.node == me for j in self.node.leadership.ledger.active())
+
     def _send_held(self, leader: str) -> None:
         self.node.send_raw(leader, HELD, pack({"held": self.held()}))
 
@@ -686,7 +694,8 @@ class Worker:
                     told = now
             elif leader is not None and now - told >= HELD_S:
                 told = now
-                self._send_held(leader)
+                if self._owes_held():
+                    self._send_held(leader)
             elif now - resent >= RESEND_S / 2:
                 resent = now
                 self._send_reports(older_than=RESEND_S)

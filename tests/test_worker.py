@@ -134,6 +134,29 @@ def test_held_includes_reports_finished_this_turn():
     assert held == {("b", "run", 2), ("b", "just", 3), ("b", "old", 1)}
 
 
+def test_the_held_list_is_sent_only_when_the_leader_needs_it():
+    """Every HELD_S only while the node holds attempts or the ledger has jobs on it: an idle
+    node sends none (the leader requeues a job the ledger has here and the node does not
+    hold: for that it must hear the empty list)."""
+    from types import SimpleNamespace
+
+    w = object.__new__(jobs.Worker)
+    outbox: list[dict] = []
+    active: list[SimpleNamespace] = []
+    w.node = SimpleNamespace(id="me", store=SimpleNamespace(outbox=lambda: list(outbox)),
+                             leadership=SimpleNamespace(ledger=SimpleNamespace(
+                                 active=lambda: list(active))))
+    w.running, w._unsaved, w._outgoing = {}, [], []
+    assert not w._owes_held()  # idle
+    active.append(SimpleNamespace(node="other"))
+    assert not w._owes_held()  # jobs elsewhere
+    active.append(SimpleNamespace(node="me"))
+    assert w._owes_held()  # a job the ledger has here (held or lost by a restart)
+    active.clear()
+    outbox.append({"build": "b", "job": "j", "attempt": 1, "status": "ok"})
+    assert w._owes_held()  # a report not yet acknowledged
+
+
 def test_an_acknowledged_attempt_is_remembered_for_a_while_then_forgotten():
     """Acknowledged (its result committed), an attempt moves from `finished` to `acked`,
     which forgets it after FINISHED_KEEP_S: memory stays at a minute's jobs. An
