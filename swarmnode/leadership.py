@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from net.transport import Inbound
 from swarmnode.election import (
+    LEADER,
     MESSAGE_TYPES,
     AppendEntries,
     Config,
@@ -58,6 +59,13 @@ LEDGER_DB = "ledger.db"
 #: Applied entries between snapshots of the ledger (the log is cut back to the snapshot but
 #: for a tail: `Config.compact_keep_entries`).
 COMPACT_EVERY = 2_000
+
+#: An observer that held a job within this long is heartbeated like a voter (the core's
+#: `pushed`), not only kept alive: a worker starts an assignment without asking the leader
+#: only when the leader's messages have been reaching it steadily (worker.OUT_OF_TOUCH_S), so
+#: an observer between two builds a few seconds apart stays in touch. An idle one costs the
+#: leader a keepalive every Config.observer_keepalive instead of ten messages a second.
+ENGAGED_LINGER_S = 10.0
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -136,6 +144,7 @@ class Leadership:
         self._changing = False  # a voter change is on its way through the log
         self._down: dict[str, float] = {}  # member -> when it was last seen going out of reach
         self._change_task: asyncio.Future[None] | None = None
+        self._engaged: dict[str, float] = {}  # member -> until when it is heartbeated (leader)
 
     # -- voters ---------------------------------------------------------------------------
 
@@ -254,7 +263,24 @@ class Leadership:
                     callback(LedgerEvent("restored", {"index": out.snapshot.index}))
             elif isinstance(out, Event):
                 self._event(out)
+        if any(isinstance(out, Apply | Restore) for out in outputs):
+            self._push_engaged()
         self._wake.set()
+
+    def _push_engaged(self) -> None:
+        """As leader, heartbeat the observers holding a job (or that held one within
+        ENGAGED_LINGER_S) like voters; the core keepalives the rest."""
+        if self.core.role != LEADER:
+            if self._engaged:
+                self._engaged.clear()
+            return
+        now = self.node.clock()
+        for node in self.ledger.busy_nodes():
+            self._engaged[node] = now + ENGAGED_LINGER_S
+        for node in [n for n, until in self._engaged.items() if until <= now]:
+            del self._engaged[node]
+        if self._engaged.keys() & self.core.observers != self.core.pushed:
+            self.core.set_voters(now, self.core.voters, None, self._engaged.keys())
 
     _flush_soon = False
 
@@ -313,6 +339,7 @@ class Leadership:
                 refreshed = self.node.clock()
                 self.refresh_voters()
             self.core.tick(self.node.clock())
+            self._push_engaged()
             self.flush()
             delay = min(max(self.core.next_deadline() - self.node.clock(), 0.0), MAX_SLEEP_S)
             self._wake.clear()

@@ -273,7 +273,7 @@ def test_a_stable_leader_survives_ten_percent_loss() -> None:
     elected = sim.event_counts["leader_elected"]
     sim.loss = 0.1
     sim.run_for(60.0)
-    assert sim.stats["lost"] > 500
+    assert sim.stats["lost"] > 400  # a tenth of 60 s of heartbeats and replies to 4 voters
     assert sim.event_counts["leader_elected"] == elected
     assert sim.event_counts["stepped_down"] == 0
     assert sim.max_term() == term and sim.current_leaders() == [leader] and safe(sim)

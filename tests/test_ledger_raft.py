@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -300,7 +301,33 @@ def test_observers_receive_the_log_but_do_not_count_for_commit() -> None:
     assert el.commit_index == 1
 
 
+def run(nodes: dict[str, Election], out: dict[str, list[Output]], until: float,
+        sent: Counter[tuple[str, str]] | None = None) -> None:
+    """Tick every node at its deadlines until `until`, delivering at once (no loss, no delay);
+    `sent` counts AppendEntries by (to, "data" or "empty")."""
+    while True:
+        now = min(el.next_deadline() for el in nodes.values())
+        if now > until:
+            return
+        for el in nodes.values():
+            if el.next_deadline() <= now:
+                el.tick(now)
+        queue = [(id_, o) for id_, el in nodes.items() for o in el.drain()]
+        while queue:
+            src, o = queue.pop(0)
+            if isinstance(o, Send):
+                if sent is not None and isinstance(o.msg, AppendEntries):
+                    sent[(o.to, "data" if o.msg.entries else "empty")] += 1
+                if o.to in nodes:
+                    nodes[o.to].handle(now, src, o.msg)
+                    queue += [(o.to, x) for x in nodes[o.to].drain()]
+            else:
+                out.setdefault(src, []).append(o)
+
+
 def test_a_whole_cluster_with_observers_applies_the_same_entries() -> None:
+    """An idle observer gets what it lacks batched, within observer_batch_interval and a
+    heartbeat of the proposals, and applies the same entries as everyone."""
     ids = ["a", "b", "c", "o"]
     nodes = {i: make(i, observers=frozenset({"o"})) for i in ids}
     out: dict[str, list[Output]] = {}
@@ -311,11 +338,74 @@ def test_a_whole_cluster_with_observers_applies_the_same_entries() -> None:
     for n in range(5):
         assert a.propose(LATER, f"job{n}".encode()) is not None
         pump(nodes, out)
-    a.tick(a.next_deadline())  # the heartbeat that carries the final commit index
-    pump(nodes, out)
+    run(nodes, out, LATER + CFG.observer_batch_interval + CFG.heartbeat_interval)
     seqs = {i: [(x.index, x.entry) for x in applies(out[i])] for i in ids}
     assert seqs["a"] == [(1, b"")] + [(2 + n, f"job{n}".encode()) for n in range(5)]
     assert all(s == seqs["a"] for s in seqs.values())
+
+
+def test_an_idle_observer_hears_a_keepalive_and_batches_a_busy_one_every_heartbeat() -> None:
+    """Issue 16: at idle the leader heartbeats voters and observers running jobs (`pushed`)
+    every heartbeat_interval, an idle observer every observer_keepalive; what commits reaches
+    the idle one batched, every observer_batch_interval at most."""
+    ids = ["a", "b", "c", "o", "p"]
+    nodes = {i: make(i, observers=frozenset({"o", "p"})) for i in ids}
+    out: dict[str, list[Output]] = {}
+    nodes["a"].tick(LATER)
+    pump(nodes, out)
+    a = nodes["a"]
+    a.set_voters(LATER, ABC, pushed={"p", "b"})  # b votes: it is streamed anyway
+    assert a.pushed == {"p"}
+    sent: Counter[tuple[str, str]] = Counter()
+    run(nodes, out, LATER + 10.0, sent)
+    beats = 10.0 / CFG.heartbeat_interval
+    assert beats * 0.9 < sent[("b", "empty")] <= beats + 1
+    assert beats * 0.9 < sent[("p", "empty")] <= beats + 1
+    assert sent[("o", "empty")] <= 10.0 / CFG.observer_keepalive + 1
+    assert nodes["o"].leader == "a"  # the keepalive keeps its leader
+    # a burst of proposals, one per heartbeat for 2 s: the idle observer gets them in batches
+    sent.clear()
+    start = LATER + 10.0
+    for n in range(20):
+        a.propose(start + n * CFG.heartbeat_interval, f"job{n}".encode())
+        run(nodes, out, start + (n + 1) * CFG.heartbeat_interval, sent)
+    run(nodes, out, start + 3.0, sent)
+    assert nodes["o"].applied_index == nodes["p"].applied_index == a.commit_index == 21
+    to_o = sent[("o", "data")] + sent[("o", "empty")]
+    assert to_o <= 3.0 / CFG.observer_batch_interval + 1
+    assert sent[("p", "data")] >= 20  # every entry as it came, like a voter
+
+
+def test_an_observer_catching_up_gets_the_next_batch_at_its_reply() -> None:
+    """Batched is not slow for a newcomer: a full batch (one that stopped short of the leader's
+    last entry) is followed by the next as soon as the observer answers."""
+    cfg = Config(max_append_bytes=2)  # one entry a batch
+    nodes = {i: make(i, cfg=cfg, observers=frozenset({"o"})) for i in ("a", "b", "c")}
+    out: dict[str, list[Output]] = {}
+    nodes["a"].tick(LATER)
+    pump(nodes, out)
+    a = nodes["a"]
+    for n in range(30):
+        a.propose(LATER, f"j{n}".encode())
+        pump(nodes, out)
+    nodes["o"] = make("o", cfg=cfg, observers=frozenset({"o"}))
+    sent: Counter[tuple[str, str]] = Counter()
+    run(nodes, out, LATER + 1.0, sent)  # a batch per observer_batch_interval would take 7.75 s
+    assert nodes["o"].log.last_index == a.log.last_index == 31
+    assert sent[("o", "data")] >= 30  # one entry each (the first went before o was there)
+
+
+def test_an_observer_forgets_a_silent_leader_late_and_a_promoted_one_campaigns_soon() -> None:
+    o = make("o", observers=frozenset({"o"}))
+    led(o, "a", AppendEntries(1, "a", 1, 0, 0, 0, ()))
+    assert o.leader == "a"
+    o.tick(LATER + 2 * CFG.observer_keepalive)
+    assert o.leader == "a"  # keepalives come every observer_keepalive
+    o.tick(LATER + 2 * CFG.observer_keepalive + CFG.election_timeout_max)
+    assert o.leader is None
+    now = LATER + 30.0
+    o.set_voters(now, {"a", "b", "o"})
+    assert o.next_deadline() <= now + CFG.election_timeout_max
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from .messages import MAX_CHUNK
 @dataclass(frozen=True, slots=True)
 class Config:
     heartbeat_interval: float = 0.1
-    """The leader heartbeats every voter and observer this often. Four heartbeats fit into the
-    minimum election timeout, so a follower starts an election only after four consecutive
-    losses (at 10% loss about 1 in 10,000 per window), and 100 ms of a few hundred bytes per
-    member is nothing for a 3-10 node swarm."""
+    """The leader heartbeats every voter (and every observer running a job) this often. Four
+    heartbeats fit into the minimum election timeout, so a follower starts an election only
+    after four consecutive losses (at 10% loss about 1 in 10,000 per window), and 100 ms of a
+    few hundred bytes per peer is nothing for at most five voters and the busy workers."""
     election_timeout_min: float = 0.4
     """Silence from the leader after which a voter may campaign, and the leader stickiness
     window: a voter that heard a leader less than this long ago refuses pre-votes and votes, so
@@ -66,6 +66,19 @@ class Config:
     reading (a frozen VM, a hung process) then has one batch queued for it every 8 s instead of
     one every heartbeat: 1.3 MB/s, which grew a leader by 400 MB during a ten-minute hang (the
     peer's connection stays open, so its queue fills). Its first reply resets the wait."""
+    observer_keepalive: float = 5.0
+    """An observer that runs no job hears from the leader this often while nothing commits,
+    instead of every heartbeat: at 40 members the stream to 35 idle observers was most of the
+    leader's idle work, and only voters need it (for the lease, the quorum check and
+    elections). The keepalive refreshes the observer's leader and the leader's view of its log
+    (a member is promoted to voter only once it is seen to hold the commit). An observer
+    forgets a leader it has not heard from for twice this plus election_timeout_max; a new
+    leader tells every member at once."""
+    observer_batch_interval: float = 0.25
+    """What an idle observer lacks (entries, a new commit index) goes to it at most this often,
+    batched: a finished build shows on every node within a quarter second and a hop, and a
+    busy leader sends each observer 4 messages a second, not 10 (more when the observer is
+    catching up: a full batch is followed by the next at its reply)."""
     compact_keep_entries: int = 1000
     """Entries a compaction keeps before the snapshot's index, as etcd keeps its
     SnapshotCatchUpEntries: a follower a few entries behind when the leader compacts still gets
@@ -91,6 +104,8 @@ class Config:
             raise ValueError(f"snapshot_chunk_bytes must be in (0, {MAX_CHUNK}]")
         if self.retransmit_max < self.election_timeout_min:
             raise ValueError("retransmit_max must be >= election_timeout_min")
+        if not 0 < self.observer_batch_interval <= self.observer_keepalive:
+            raise ValueError("observer_batch_interval must be in (0, observer_keepalive]")
         if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
             raise ValueError("compact_keep_entries and compact_keep_bytes must be >= 0")
 

@@ -228,6 +228,13 @@ class Progress:
     follower reads again: the data went, or was lost on the way)."""
     retry: float = 0.0
     """The next wait (0: election_timeout_min); it doubles while the follower is silent."""
+    pull_at: float = -math.inf
+    """An idle observer's next keepalive (Config.observer_keepalive)."""
+    batch_at: float = -math.inf
+    """The earliest an idle observer gets what it lacks (Config.observer_batch_interval)."""
+    full: bool = False
+    """The latest batch sent to it stopped short of our last entry: it is catching up, so its
+    reply gets the next batch at once, idle observer or not."""
 
 
 @dataclass(slots=True)
@@ -312,6 +319,7 @@ class Election:
         self._quorum_base = -_INF
         self._progress: dict[str, Progress] = {}
         self._term_start = 0
+        self._pushed: frozenset[str] = frozenset()
         self._set_peers(frozenset(voters), frozenset(observers))
         self._arm_election_timer(now)
 
@@ -341,6 +349,11 @@ class Election:
     @property
     def observers(self) -> frozenset[str]:
         return self._observers
+
+    @property
+    def pushed(self) -> frozenset[str]:
+        """Observers heartbeated like voters (those running jobs); the others are idle."""
+        return self._pushed
 
     def proven_leader(self, term: int) -> str | None:
         """The leader of `term` whose proof this node checked (itself when it won), or None:
@@ -435,7 +448,8 @@ class Election:
             raise ValueError(f"an entry has 1..{MAX_ENTRY} bytes (empty is the leader's no-op)")
         index = self._append_own(data)
         for peer, pr in self._progress.items():
-            if pr.next == index:  # up to date: send now; others get it after their catch-up
+            # up to date: send now; others get it after their catch-up (idle observers batched)
+            if pr.next == index and self._streamed(peer):
                 self._send_append(peer)
         self._leader_commit()
         self._flush_persist()
@@ -470,17 +484,25 @@ class Election:
         return self.leader_lease_valid(now) and self._applied >= self._term_start
 
     def set_voters(
-        self, now: float, voters: Iterable[str], observers: Iterable[str] | None = None
+        self,
+        now: float,
+        voters: Iterable[str],
+        observers: Iterable[str] | None = None,
+        pushed: Iterable[str] | None = None,
     ) -> None:
-        """Adopt a new voter set (and observer set, if given) decided outside, e.g. by
-        `target_voters` over the membership view. Repeating the current sets changes nothing,
-        so the shell may call this on every membership change."""
+        """Adopt a new voter set (and observer set, and the observers to heartbeat like voters,
+        if given) decided outside, e.g. by `target_voters` over the membership view. Repeating
+        the current sets changes nothing, so the shell may call this on every change."""
         self._now = now
         old = self._voters
         voters = frozenset(voters)
-        self._set_peers(voters, self._observers if observers is None else frozenset(observers))
+        self._set_peers(voters, self._observers if observers is None else frozenset(observers),
+                        self._pushed if pushed is None else frozenset(pushed))
         if voters == old:
             return
+        if self.id in voters - old and self._role == FOLLOWER:
+            # an observer's patience with silence was long: a voter's is short
+            self._election_at = min(self._election_at, now + self._timeout())
         if self.id not in voters:
             if self._role == LEADER:
                 self._become_follower(self._term, "not_a_voter")
@@ -824,7 +846,7 @@ class Election:
             pr.next = max(pr.next, m.index + 1)
             if src in self._voters:
                 self._leader_commit()
-            if pr.next <= self._log.last_index:
+            if pr.next <= self._log.last_index and (pr.full or self._streamed(src)):
                 self._send_append(src)  # catching up: the next batch right away
 
     def _on_snapshot_reply(self, src: str, m: SnapshotReply) -> None:
@@ -875,6 +897,7 @@ class Election:
         entries = tuple((e.term, e.data) for e in batch)
         msg = AppendEntries(self._term, self.id, self._seq, prev, prev_term, self._commit, entries)
         pr.sent_commit = self._commit
+        pr.full = bool(batch) and batch[-1].index < self._log.last_index
         if entries:
             self._await_reply(pr, prev + len(entries), chunk=False)
         self._send(peer, msg)
@@ -893,7 +916,7 @@ class Election:
         self._notify_at = _INF
         last = self._log.last_index
         for peer, pr in self._progress.items():
-            if pr.sent_commit < self._commit and pr.match >= last:
+            if pr.sent_commit < self._commit and pr.match >= last and self._streamed(peer):
                 self._send_append(peer)
 
     def _send_snapshot(self, peer: str, pr: Progress) -> None:
@@ -1077,9 +1100,26 @@ class Election:
             del self._sent_at[first]
         self._heartbeat_at = now + self._cfg.heartbeat_interval
         for peer in self._peers:
-            # Entries from `next` on: retransmits what a lagging follower has not confirmed,
-            # unless it still awaits the reply to them.
-            self._send_append(peer, heartbeat=True)
+            if self._streamed(peer):
+                # Entries from `next` on: retransmits what a lagging follower has not
+                # confirmed, unless it still awaits the reply to them.
+                self._send_append(peer, heartbeat=True)
+            else:
+                self._keep_observer(peer, now)
+
+    def _keep_observer(self, peer: str, now: float) -> None:
+        """An idle observer's share of a heartbeat round: what it lacks, batched, or else a
+        keepalive now and then (Config.observer_keepalive says why)."""
+        pr = self._progress[peer]
+        lacks = pr.sent_commit < self._commit or pr.next <= self._log.last_index
+        if now < pr.pull_at and not (lacks and now >= max(pr.batch_at, pr.wait_until)):
+            return
+        pr.pull_at = now + self._cfg.observer_keepalive
+        pr.batch_at = now + self._cfg.observer_batch_interval
+        self._send_append(peer, heartbeat=True)
+
+    def _streamed(self, peer: str) -> bool:
+        return peer in self._voters or peer in self._pushed
 
     def _quorum_acked(self) -> float:
         """Send time of the latest heartbeat round a majority (us included) acknowledged."""
@@ -1125,10 +1165,12 @@ class Election:
     def _peers_voting(self) -> list[str]:
         return [p for p in self._peers if p in self._voters]
 
-    def _set_peers(self, voters: frozenset[str], observers: frozenset[str]) -> None:
+    def _set_peers(self, voters: frozenset[str], observers: frozenset[str],
+                   pushed: frozenset[str] = frozenset()) -> None:
         self._voters = voters
         self._acked_quorum = None
         self._observers = observers - voters
+        self._pushed = pushed & self._observers
         # Sorted: frozenset order depends on string hashing, which differs between processes.
         self._peers = sorted((voters | self._observers) - {self.id})
         if self._role == LEADER:
@@ -1143,7 +1185,11 @@ class Election:
             self._election_at = now + self._timeout()
 
     def _timeout(self) -> float:
-        return self._rng.uniform(self._cfg.election_timeout_min, self._cfg.election_timeout_max)
+        """A voter's wait for the leader before it campaigns; an observer's (which hears an
+        idle leader only every observer_keepalive) before it forgets the leader."""
+        cfg = self._cfg
+        wait = self._rng.uniform(cfg.election_timeout_min, cfg.election_timeout_max)
+        return wait if self.id in self._voters else wait + 2 * cfg.observer_keepalive
 
     def _mark_log(self, index: int) -> None:
         """Entries from `index` on changed and must be persisted before the next output."""

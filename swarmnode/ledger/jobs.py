@@ -922,6 +922,10 @@ class JobLedger:
         """Jobs held by a node now (assigned or running), oldest build first."""
         return self._sorted(self._active)
 
+    def busy_nodes(self) -> set[str]:
+        """The nodes holding a job now (unordered, without sorting the jobs)."""
+        return {n for k in self._active if (n := self._jobs[k].node)}
+
     def active_in(self, build_id: str) -> list[Job]:
         """The build's jobs held by a node now."""
         return [j for j in self.active() if j.build_id == build_id]
