@@ -12,6 +12,12 @@ the sender's key so the node can accept only the admission handshake from non-me
 Replies travel back on the connection the request came in on (`Inbound.reply`), and a member
 that has an inbound connection from a peer can also reach it that way (`send` falls back to
 it), which is what makes a node behind a masquerading NAT reachable.
+
+Connections by need: a DEALER unused for IDLE_CLOSE_S is closed once the peer has shown it
+can dial us (it connected in within DIALS_US_S), so a pair of members talking now and then
+shares one connection, opened by whoever speaks first, and a swarm of 40 does not hold 78
+connections per node. A member that nobody dials (behind NAT) keeps its own DEALERs: they are
+how the others reach it.
 """
 
 from __future__ import annotations
@@ -73,6 +79,18 @@ HOLD_MAX = 64
 FAIL_BACKOFF_S = 1.0
 FAIL_BACKOFF_MAX_S = 60.0
 FAILURES = frozenset({"wrong_identity", "refused", "handshake_failed"})
+#: A DEALER that neither sent nor received for this long is closed (if the peer dials us):
+#: a probe with its indirect round and a refutation completes well inside it, and a SWIM
+#: node probing one member a second then holds about four probe connections, not one to every
+#: member. Reopening costs a CURVE handshake (a round trip and a few hundred microseconds of
+#: CPU), and messages wait for it (HOLD_S).
+IDLE_CLOSE_S = 4.0
+#: How often idle DEALERs are looked for.
+IDLE_CHECK_S = 1.0
+#: A peer that connected to us within this long can dial us again, so our DEALER to it may
+#: close when idle. Ten minutes: a firewall or NAT change shows within that (the member is then
+#: reached by its own connection, as before).
+DIALS_US_S = 600.0
 
 
 #: Connection events kept per peer: what `route` diagnostics show and tests await.
@@ -94,6 +112,7 @@ class _Dealer:
     addresses: tuple[str, ...]
     monitor: zmq.asyncio.Socket
     held: deque[tuple[float, str, bytes]] = field(default_factory=deque)
+    used: float = field(default_factory=time.monotonic)  # last send or receive
     endpoints: dict[str, str] = field(default_factory=dict)  # "tcp://dst" -> connect string
     backoff: dict[str, float] = field(default_factory=dict)  # "tcp://dst" -> next delay
     closed: bool = False
@@ -175,11 +194,15 @@ class Transport:
         self.replay = ReplayGuard()
         self.guest_replay = ReplayGuard(max_senders=1024)
         self.is_member: Callable[[str], bool] = lambda _id: True
+        #: DEALERs closed for idleness, since start.
+        self.closed_idle = 0
         self.ctx = zmq.asyncio.Context()
         self.public, self.secret = identity.curve_keypair()
         self._router: zmq.asyncio.Socket | None = None
         self._zap: zmq.asyncio.Socket | None = None
         self._dealers: dict[str, _Dealer] = {}
+        # the connection events of DEALERs closed for idleness, continued by the next one
+        self._idle_history: dict[str, deque[tuple[float, str, str]]] = {}
         self._inbound_routes: dict[str, bytes] = {}  # peer id -> ROUTER routing id
         self._inbound_seen: dict[str, float] = {}  # peer id -> when it last sent on it
         self._tasks: set[asyncio.Task[None]] = set()
@@ -208,6 +231,7 @@ class Transport:
         self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
         self._spawn(self._recv_loop(router, None))
+        self._spawn(self._close_idle())
 
     @property
     def bound_endpoint(self) -> str:
@@ -266,6 +290,7 @@ class Transport:
             events |= ev
         monitor = sock.get_monitor_socket(events, addr=f"inproc://swarmnode-mon-{uuid.uuid4().hex}")
         dealer = _Dealer(sock, addresses, monitor)
+        dealer.history.extend(self._idle_history.pop(peer_id, ()))
         for addr in addresses:
             try:
                 full = endpoint(addr, self._source_for(addr))
@@ -280,11 +305,51 @@ class Transport:
         self._spawn(self._on_handshakes(dealer))
 
     def disconnect(self, peer_id: str) -> None:
+        self._idle_history.pop(peer_id, None)
         dealer = self._dealers.pop(peer_id, None)
         if dealer is not None:
             dealer.close()
         self._inbound_routes.pop(peer_id, None)
         self._inbound_seen.pop(peer_id, None)
+
+    def has_dealer(self, peer_id: str) -> bool:
+        return peer_id in self._dealers
+
+    def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
+        """Send over the connection `peer_id` opened to us, if it sent on it within
+        IDLE_CLOSE_S (so it is likely still open); False, with nothing counted, when there is
+        none or it is gone (the caller dials instead)."""
+        age = self.inbound_age(peer_id)
+        if age is None or age > IDLE_CLOSE_S or self._router is None:
+            return False
+        route = self._inbound_routes[peer_id]
+        try:
+            frame = self.sealer.seal(msg_type, body)
+        except WireError:
+            return False  # (send counts it)
+        if self._try_send(self._router, [route, frame]):
+            self._count(msg_type, frame)
+            return True
+        self._inbound_routes.pop(peer_id, None)
+        return False
+
+    async def _close_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            self.close_idle(time.monotonic())
+
+    def close_idle(self, now: float) -> None:
+        """Close the DEALERs idle for IDLE_CLOSE_S to peers that dial us (see the module
+        docstring)."""
+        for peer_id, dealer in list(self._dealers.items()):
+            if (now - dealer.used < IDLE_CLOSE_S or dealer.held
+                    or now - self._inbound_seen.get(peer_id, -DIALS_US_S) > DIALS_US_S):
+                continue
+            del self._dealers[peer_id]
+            dealer.close()
+            dealer.history.append((time.time(), "closed_idle", ""))
+            self._idle_history[peer_id] = dealer.history
+            self.closed_idle += 1
 
     def inbound_age(self, peer_id: str) -> float | None:
         """Seconds since `peer_id` last sent on the connection it opened to us, if it has one
@@ -309,6 +374,7 @@ class Transport:
             return False
         dealer = self._dealers.get(peer_id) if via != "inbound" else None
         if dealer is not None and self._try_send(dealer.sock, [frame]):
+            dealer.used = time.monotonic()
             self._count(msg_type, frame)
             return True
         route = self._inbound_routes.get(peer_id) if via != "dealer" else None
@@ -319,6 +385,7 @@ class Transport:
             self._inbound_routes.pop(peer_id, None)
         if dealer is not None:
             self._expire(dealer, time.monotonic())
+            dealer.used = time.monotonic()
             if len(dealer.held) < HOLD_MAX:
                 dealer.held.append((time.monotonic() + HOLD_S, msg_type, frame))
                 return True
@@ -421,9 +488,10 @@ class Transport:
         return None if is_loopback(split_hostport(address, 0)[0]) else self.source
 
     def connection_events(self, peer_id: str) -> list[tuple[float, str, str]]:
-        """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first."""
+        """Recent (time, event, endpoint) of our connection to `peer_id`, oldest first (one
+        closed for idleness included)."""
         dealer = self._dealers.get(peer_id)
-        return list(dealer.history) if dealer is not None else []
+        return list(dealer.history if dealer is not None else self._idle_history.get(peer_id, ()))
 
     async def wait_connection_event(self, peer_id: str, timeout: float) -> str:
         """The next connection event to `peer_id` (for diagnostics and tests)."""
@@ -499,6 +567,9 @@ class Transport:
             reply = self._router_reply(routing)
         else:
             reply = self._dealer_reply(sock)
+            dealer = self._dealers.get(env.sender)
+            if dealer is not None:
+                dealer.used = time.monotonic()
         self.on_message(Inbound(env, observed, reply))
 
     def _check_key(self, env: Envelope, payload: zmq.Frame, peer_id: str | None) -> None:

@@ -504,6 +504,10 @@ class Node:
         if to == self.id:  # the leader is also a worker: deliver to ourselves, next turn
             asyncio.get_running_loop().call_soon(self._loopback, msg_type, body)
             return True
+        # One connection per pair when we can: the one `to` opened to us, if we have none to
+        # it (an answer to a probe goes back the way the probe came); else ours (dialled).
+        if not self.transport.has_dealer(to) and self.transport.send_inbound(to, msg_type, body):
+            return True
         self.route_to(to)
         return self.transport.send(to, msg_type, body)
 

@@ -10,7 +10,15 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from net.transport import FAIL_BACKOFF_S, FAILURES, HOLD_S, Inbound, Transport, endpoint
+from net.transport import (
+    FAIL_BACKOFF_S,
+    FAILURES,
+    HOLD_S,
+    IDLE_CLOSE_S,
+    Inbound,
+    Transport,
+    endpoint,
+)
 from net.wire import seal
 from swarmnode.identity import Identity, curve_public_key
 from tests.ports import free_port
@@ -107,6 +115,38 @@ async def test_peer_without_route_is_reached_over_its_inbound_connection():
         assert got.envelope.body == b"via-router" and got.sender == b.id
     finally:
         await closed(a, b)
+
+
+async def test_an_idle_dealer_closes_only_to_a_peer_that_dials_us():
+    """Connections by need: a's DEALER to b closes after IDLE_CLOSE_S of silence once b has
+    connected to a (b can dial a again when it needs to); its DEALER to c, which never
+    connected to a (as if c were behind NAT and relied on it), stays."""
+    a, b, c = Peer(), Peer(), Peer()
+    await started(a, b, c)
+    try:
+        for peer in (b, c):
+            a.transport.connect(peer.id, (peer.addr,))
+            await send_when_connected(a, peer, "ping", b"1")
+            await peer.next()
+        b.transport.connect(a.id, (a.addr,))
+        assert b.transport.send(a.id, "ping", b"2", via="dealer")  # (not back on a's)
+        await next_event(b.transport, a.id, {"handshake_ok"})
+        assert (await a.next()).envelope.body == b"2"
+        now = time.monotonic()
+        a.transport.close_idle(now + IDLE_CLOSE_S / 2)
+        assert a.transport.has_dealer(b.id) and a.transport.closed_idle == 0  # not idle yet
+        a.transport.close_idle(now + IDLE_CLOSE_S + 1)
+        assert not a.transport.has_dealer(b.id) and a.transport.has_dealer(c.id)
+        assert a.transport.closed_idle == 1
+        events = [e for _t, e, _ep in a.transport.connection_events(b.id)]
+        assert events[-2:] == ["handshake_ok", "closed_idle"]  # (diagnostics keep it)
+        # b's connection to a is how a reaches b now: one connection for the pair
+        assert a.transport.send_inbound(b.id, "ack", b"back")
+        got = await b.next()
+        assert got.envelope.body == b"back" and got.sender == a.id
+        assert not a.transport.send_inbound(c.id, "ack", b"none")  # c never dialled a
+    finally:
+        await closed(a, b, c)
 
 
 async def test_wrong_identity_at_address_gets_nothing():
