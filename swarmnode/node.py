@@ -97,6 +97,18 @@ POWER_S = 5.0
 #: How often a node states its draw to the swarm (a signed note, gossiped): the dashboard's
 #: cluster watts are at most this old, at one small broadcast per node.
 POWER_NOTE_S = 30.0
+#: ...but the whole swarm states at most this many a second (each node waits live members /
+#: this, if longer), as Nomad caps heartbeats cluster-wide: every note is gossiped to every
+#: member, so each node's gossip would otherwise grow with the swarm (1,000 nodes stating
+#: every 30 s make 33 notes a second for everyone to pass on; capped, 40 nodes wait 40 s).
+POWER_NOTES_PER_S = 1.0
+
+
+def power_note_interval(live: int) -> float:
+    """Seconds between this node's power notes in a swarm of `live` members."""
+    return max(POWER_NOTE_S, live / POWER_NOTES_PER_S)
+
+
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "emerge_published", "jobs", "build_status",
@@ -189,6 +201,7 @@ class Node:
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
+        self.core.connected = self.transport.connected
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._dirty = True
@@ -423,14 +436,16 @@ class Node:
 
     async def _power_watch(self) -> None:
         """Sample this machine's draw every POWER_S (RAPL, else the estimate), and state it to
-        the swarm in a note every POWER_NOTE_S (the newest per node is kept and gossiped).
+        the swarm in a note every POWER_NOTE_S or longer (POWER_NOTES_PER_S; the newest per
+        node is kept and gossiped).
         The first reading comes a quarter of a second after the start (the estimate needs
         two looks at /proc/stat, RAPL two at its counters): jobs' energy shares count from it."""
         stated, tries = -POWER_NOTE_S, 0
         while True:
             tries += 1
             reading = self.power.sample(time.monotonic())
-            if reading is not None and self.admitted and time.monotonic() - stated >= POWER_NOTE_S:
+            every = power_note_interval(self.core.live_count())
+            if reading is not None and self.admitted and time.monotonic() - stated >= every:
                 stated = time.monotonic()
                 value = power.note_value(self.power, os.getloadavg()[0])
                 self.core.add_note(self.clock(), self.core.sign_note(

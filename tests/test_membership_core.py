@@ -174,6 +174,26 @@ def test_update_record_reaches_everyone_as_member_update() -> None:
     assert "member_update" in net.kinds(c.id)
 
 
+def test_gossip_goes_to_connected_members_first() -> None:
+    """With a `connected` predicate (the node's transport), gossip rides open connections:
+    of 3 targets a round, the 2 connected members are always among them, the third is random;
+    every round of an update goes to both."""
+    net, ms = cluster(7)
+    a = ms[0]
+    near = {ms[1].id, ms[2].id}
+    a.connected = near.__contains__
+    net.sent.clear()
+    a.update_record(net.now, facts={"cores": 8})
+    net.run(1.0)
+    rounds: dict[str, int] = {}
+    for src, to, msg in net.sent:
+        if src == a.id and isinstance(msg, Gossip):
+            rounds[to] = rounds.get(to, 0) + 1
+    assert rounds and all(rounds[n] == max(rounds.values()) for n in near)
+    others = sum(v for k, v in rounds.items() if k not in near)
+    assert others == rounds[ms[1].id]  # one other a round: still gossip_nodes in all
+
+
 def _start_probe(net: Net, prober: Membership, target: Membership) -> Ping:
     """Run the network until `prober` pings `target`; that ping is captured, not delivered."""
     caught: list[Ping] = []

@@ -145,3 +145,11 @@ async def test_messages_are_counted_by_type_only_when_of_a_known_type(tmp_path):
         assert (await node.handle_command("status", {}))["received"] == before
     finally:
         await stop(node, task)
+
+
+def test_power_notes_slow_down_so_the_swarm_states_at_most_one_a_second():
+    assert node_mod.power_note_interval(5) == node_mod.POWER_NOTE_S
+    assert node_mod.power_note_interval(40) == 40 / node_mod.POWER_NOTES_PER_S
+    for live in (5, 40, 1000):  # notes a second over the swarm
+        assert live / node_mod.power_note_interval(live) <= max(
+            node_mod.POWER_NOTES_PER_S, live / node_mod.POWER_NOTE_S)

@@ -221,6 +221,9 @@ class Membership:
         (the simulator, which models failure detection and gossip, not rights)."""
         self._ranks: dict[int | None, Mapping[str, int]] = {}
         """`_operators` results by cut-off (None and _EVER only), until rights change."""
+        self.connected: Callable[[str], bool] | None = None
+        """Whether this node has a connection open to a member (the shell's transport): gossip
+        goes to those first. None (the simulator) picks gossip targets at random."""
         self._rights_moved = False  # rights changed: retry statements waiting for them
         self._trust_held = False  # restoring our own snapshot: it held only what counted
         self.counters: Counter[str] = Counter()
@@ -1453,13 +1456,24 @@ class Membership:
             return e.id != me and (st in LIVE or (st in GONE and e.since >= horizon))
 
         n = self._live()
-        for to in self._random_members(self._cfg.gossip_nodes, target_ok):
+        for to in self._gossip_targets(target_ok):
             items = self._queue.get(self._cfg.gossip_bytes, n)
             if not items:
                 break
             self._send(to, Gossip(tuple(items)))
         if self._queue:
             self._next_gossip = self._next_grid(now)
+
+    def _gossip_targets(self, ok: Callable[[Entry], bool]) -> list[str]:
+        """gossip_nodes random members, those `connected` first: gossip rides the connections
+        probes and replication keep open instead of opening one to every member (probing
+        rotates through all members, so the connected set keeps changing and the mixing stays
+        random)."""
+        k, connected = self._cfg.gossip_nodes, self.connected
+        if connected is None:
+            return self._random_members(k, ok)
+        near = self._random_members(k, lambda e: ok(e) and connected(e.id))
+        return near + self._random_members(k - len(near), lambda e: ok(e) and e.id not in near)
 
     def _next_grid(self, now: float) -> float:
         """The next gossip slot strictly after `now` (float rounding may land on `now`)."""
