@@ -52,7 +52,11 @@ from swarmnode.election import (
 )
 from swarmnode.election.messages import MAX_CHUNK
 
-CFG = Config()
+CFG = Config(stall_grace=False)
+"""These tests move time in jumps between inputs, which the core would take for stalls of its
+own (Config.stall_grace, tested on its own with `STALLS`)."""
+STALLS = Config()
+"""The shipped config: a voter that is not run for two heartbeat intervals notices."""
 ABC = frozenset({"a", "b", "c"})
 LATER = 10.0
 """A time well past every node's start-up stickiness."""
@@ -168,7 +172,7 @@ def test_every_persist_precedes_every_send_that_follows_it() -> None:
 
 
 def test_candidate_persists_its_own_vote_before_asking() -> None:
-    el = make(cfg=Config(pre_vote=False))
+    el = make(cfg=Config(stall_grace=False, pre_vote=False))
     fire_timer(el)
     out = el.drain()
     assert el.role == CANDIDATE and el.term == 1
@@ -208,7 +212,7 @@ def test_higher_term_reply_makes_the_leader_step_down() -> None:
 
 
 def test_higher_term_heartbeat_turns_a_candidate_into_a_follower() -> None:
-    el = make(cfg=Config(pre_vote=False))
+    el = make(cfg=Config(stall_grace=False, pre_vote=False))
     now = fire_timer(el)
     el.drain()
     el.handle(now, "c", hb(2, "c", 9))
@@ -784,3 +788,112 @@ def test_a_member_cannot_push_the_real_leaders_held_message_out() -> None:
     el.drain()
     lead(el, LATER, 1, "b")
     assert el.drain()[-1] == Send("b", ack(1, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stalls of this node: a grace before acting on a timer that expired meanwhile, and patience
+
+
+def _pulse(el: Election, until: float) -> float:
+    """Run `el` at its deadlines until `until`, as a healthy shell does; returns the time."""
+    now = el.next_deadline()
+    while now <= until:
+        el.tick(now)
+        el.drain()
+        now = el.next_deadline()
+    return until
+
+
+def _following(node: str = "b") -> tuple[Election, float]:
+    el = make(node, cfg=STALLS)
+    lead(el, LATER, 1, "a")
+    el.handle(LATER, "a", hb(1, "a", 1))
+    el.drain()
+    return el, LATER
+
+
+def _leading() -> tuple[Election, float]:
+    """`a` elected by b's vote, run at its deadlines (as a healthy shell does) from the start."""
+    el = make("a", cfg=STALLS)
+    now = 0.0
+    while el.role != PRE_CANDIDATE:
+        now = el.next_deadline()
+        el.tick(now)
+    return el, elect(el, now)
+
+
+def _no_campaign(out: list[Output]) -> bool:
+    return not [s for s in sends(out) if isinstance(s.msg, PreVote | RequestVote)]
+
+
+GRACE = 2 * STALLS.heartbeat_interval
+
+
+def test_a_stalled_follower_reads_the_heartbeats_it_missed_before_campaigning() -> None:
+    """The leader kept sending while this voter was not run for a second (a starved CPU): when
+    it runs again its timer has expired, but the heartbeats are waiting in its socket. It waits
+    two heartbeat intervals for them instead of campaigning, and then follows as before."""
+    el, now = _following()
+    assert el.next_deadline() == now + STALLS.heartbeat_interval  # the pulse that shows stalls
+    now = _pulse(el, now + 0.2)
+    now += 1.0  # the stall
+    el.tick(now)
+    assert _no_campaign(el.drain()) and el.counters["stalls"] == 1
+    assert el.next_deadline() == now + STALLS.heartbeat_interval
+    el.handle(now + 0.01, "a", hb(1, "a", 12))  # queued during the stall
+    _pulse(el, now + GRACE)
+    assert _no_campaign(el.drain()) and el.leader == "a" and el.role == FOLLOWER
+
+
+def test_a_stalled_follower_whose_leader_is_gone_campaigns_a_grace_late_then_patiently() -> None:
+    """With nothing queued it campaigns when the grace ends: stalls delay it, never stop it.
+    Its election timeouts are doubled (patience) until patience_decay quiet seconds pass."""
+    el, now = _following()
+    now = _pulse(el, now + 0.2) + 1.0
+    el.tick(now)
+    assert _no_campaign(el.drain())
+    now = _pulse(el, now + GRACE)
+    assert el.role == PRE_CANDIDATE
+    el.handle(now, "a", hb(1, "a", 30))  # the leader after all: following again
+    el.drain()
+    quiet = now
+    now = _pulse(el, now + 2 * STALLS.election_timeout_min - 0.01)
+    assert el.role == FOLLOWER  # a doubled timeout: not yet, though 0.8 s passed
+    now = _pulse(el, now + 4 * STALLS.election_timeout_max)
+    assert el.role == PRE_CANDIDATE
+    # ten quiet seconds later the timeouts are back to [0.4, 0.8]
+    el.handle(now, "a", hb(1, "a", 40))
+    now = _pulse(el, quiet + STALLS.patience_decay + 0.5)
+    el.handle(now, "a", hb(1, "a", 50))
+    el.drain()
+    _pulse(el, now + STALLS.election_timeout_max + 0.01)
+    assert el.role == PRE_CANDIDATE and el.counters["stalls"] == 1
+
+
+def test_a_second_stall_soon_after_gets_no_grace() -> None:
+    """At most one grace per election_timeout_min: a node starved all the time still acts."""
+    el, now = _following()
+    now = _pulse(el, now + 0.2) + 1.0
+    el.tick(now)  # the first stall: a grace
+    assert el.role == FOLLOWER
+    el.tick(now + 0.35)  # stalled again, within election_timeout_min: no grace
+    assert el.counters["stalls"] == 2 and el.role == PRE_CANDIDATE
+
+
+def test_a_stalled_leader_reads_its_replies_before_giving_up_on_its_quorum() -> None:
+    el, now = _leading()
+    now = _pulse(el, now + 0.3)
+    now += 1.0  # stalled: its check-quorum deadline passed meanwhile
+    el.tick(now)
+    assert el.role == LEADER and el.counters["stalls"] == 1
+    [beat] = {s.msg.seq for s in sends(el.drain()) if isinstance(s.msg, AppendEntries)}
+    el.handle(now + 0.05, "b", AppendReply(el.term, beat, True, el.log.last_index))
+    _pulse(el, now + GRACE)
+    assert el.role == LEADER
+    # with no reply it does step down, a grace later
+    el, now = _leading()
+    now = _pulse(el, now + 0.3) + 1.0
+    el.tick(now)
+    assert el.role == LEADER
+    _pulse(el, now + GRACE)
+    assert el.role == FOLLOWER

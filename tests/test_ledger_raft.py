@@ -7,6 +7,7 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -39,7 +40,8 @@ from swarmnode.election import (
     vote_payload,
 )
 
-CFG = Config()
+CFG = Config(stall_grace=False)
+"""Time moves in jumps here, which the core would take for stalls (see test_election_core)."""
 ABC = frozenset({"a", "b", "c"})
 LATER = 10.0
 
@@ -269,7 +271,8 @@ def test_votes_and_pre_votes_need_a_log_at_least_as_up_to_date(
 
 
 def test_candidates_advertise_their_last_log_position() -> None:
-    el = make(persisted=Persisted(4), log=entries(1, 4, 4), cfg=Config(pre_vote=True))
+    el = make(persisted=Persisted(4), log=entries(1, 4, 4),
+              cfg=Config(stall_grace=False, pre_vote=True))
     el.tick(LATER)
     assert {s.msg for s in sends(el.drain())} == {PreVote(5, "a", 3, 4)}
 
@@ -379,7 +382,7 @@ def test_an_idle_observer_hears_a_keepalive_and_batches_a_busy_one_every_heartbe
 def test_an_observer_catching_up_gets_the_next_batch_at_its_reply() -> None:
     """Batched is not slow for a newcomer: a full batch (one that stopped short of the leader's
     last entry) is followed by the next as soon as the observer answers."""
-    cfg = Config(max_append_bytes=2)  # one entry a batch
+    cfg = Config(stall_grace=False, max_append_bytes=2)  # one entry a batch
     nodes = {i: make(i, cfg=cfg, observers=frozenset({"o"})) for i in ("a", "b", "c")}
     out: dict[str, list[Output]] = {}
     nodes["a"].tick(LATER)
@@ -413,7 +416,7 @@ def test_an_observer_forgets_a_silent_leader_late_and_a_promoted_one_campaigns_s
 
 
 def test_compact_drops_the_applied_prefix_and_persists_the_snapshot() -> None:
-    el = make(voters=frozenset({"a"}), cfg=Config(compact_keep_entries=0))
+    el = make(voters=frozenset({"a"}), cfg=Config(stall_grace=False, compact_keep_entries=0))
     el.tick(CFG.election_timeout_min)
     for n in range(4):
         el.propose(LATER, f"x{n}".encode())
@@ -436,7 +439,7 @@ def test_compact_keeps_a_tail_bounded_by_count_and_bytes(keep: int, keep_bytes: 
     """The snapshot covers entries through 4; the log keeps up to `keep` of them, holding at
     most `keep_bytes` of data (entries 2-5 are 2, 2, 3 and 2 bytes: the no-op is entry 1)."""
     el = make(voters=frozenset({"a"}),
-              cfg=Config(compact_keep_entries=keep, compact_keep_bytes=keep_bytes))
+              cfg=replace(CFG, compact_keep_entries=keep, compact_keep_bytes=keep_bytes))
     el.tick(CFG.election_timeout_min)
     for data in (b"x0", b"x1", b"x22", b"x3"):
         el.propose(LATER, data)
@@ -454,7 +457,8 @@ def test_a_follower_behind_by_less_than_the_tail_gets_entries_not_the_snapshot()
     """etcd's SnapshotCatchUpEntries: a follower a few entries behind when the leader
     compacts catches up from the kept tail; one behind the tail gets the snapshot."""
     for keep, expect_snapshot in ((3, False), (1, True)):
-        nodes = {i: make(i, cfg=Config(compact_keep_entries=keep)) for i in ("a", "b", "c")}
+        cfg = replace(CFG, compact_keep_entries=keep)
+        nodes = {i: make(i, cfg=cfg) for i in ("a", "b", "c")}
         out: dict[str, list[Output]] = {}
         nodes["a"].tick(LATER)
         pump(nodes, out)
@@ -475,7 +479,7 @@ def test_a_follower_behind_by_less_than_the_tail_gets_entries_not_the_snapshot()
 
 
 def test_a_follower_behind_the_snapshot_gets_it_in_chunks() -> None:
-    cfg = Config(snapshot_chunk_bytes=4, compact_keep_entries=0)
+    cfg = Config(stall_grace=False, snapshot_chunk_bytes=4, compact_keep_entries=0)
     nodes = {i: make(i, cfg=cfg) for i in ("a", "b", "c")}
     out: dict[str, list[Output]] = {}
     nodes["a"].tick(LATER)
@@ -611,8 +615,8 @@ def test_a_silent_follower_gets_data_once_per_wait_and_heartbeats_as_ever(compac
     """A follower that stopped reading (a frozen VM, a hung process: its connection stays open,
     so whatever is sent to it queues) gets a heartbeat every round, but entries or snapshot
     chunks only once per wait, which doubles up to retransmit_max: not one per heartbeat."""
-    cfg = Config(max_append_bytes=2, snapshot_chunk_bytes=4,  # one entry, or 4 bytes, a time
-                 compact_keep_entries=0)
+    # one entry, or 4 bytes, a time
+    cfg = replace(CFG, max_append_bytes=2, snapshot_chunk_bytes=4, compact_keep_entries=0)
     _nodes, to_c, _now, _run = _silent_c(cfg, compact, 60.0)
     data = [t for t, m in to_c if _carries_data(m)]
     beats = [t for t, m in to_c if not _carries_data(m)]
@@ -624,7 +628,7 @@ def test_a_silent_follower_gets_data_once_per_wait_and_heartbeats_as_ever(compac
 
 
 def test_a_silent_follower_that_reads_again_gets_the_next_batch_at_once() -> None:
-    cfg = Config(max_append_bytes=2)
+    cfg = Config(stall_grace=False, max_append_bytes=2)
     nodes, to_c, now, run = _silent_c(cfg, False, 20.0)
     a, c = nodes["a"], nodes["c"]
     last = next(m for _t, m in reversed(to_c) if isinstance(m, AppendEntries) and m.entries)
@@ -642,7 +646,7 @@ def test_a_follower_that_answers_a_later_heartbeat_gets_the_lost_data_at_the_nex
     """Data lost on the way (a full queue, a reconnect): the follower's reply to a heartbeat
     sent after it shows that it reads again, so the next heartbeat carries the data, rather
     than the end of the (by then 8 s) wait."""
-    cfg = Config(max_append_bytes=2)
+    cfg = Config(stall_grace=False, max_append_bytes=2)
     nodes, to_c, now, run = _silent_c(cfg, False, 20.0)
     a, c = nodes["a"], nodes["c"]
     probe = next(m for _t, m in reversed(to_c) if isinstance(m, AppendEntries) and not m.entries)

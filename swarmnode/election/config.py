@@ -79,6 +79,22 @@ class Config:
     batched: a finished build shows on every node within a quarter second and a hop, and a
     busy leader sends each observer 4 messages a second, not 10 (more when the observer is
     catching up: a full batch is followed by the next at its reply)."""
+    stall_grace: bool = True
+    """A voter that was not run for over two heartbeat intervals (a CPU-starved machine, a
+    paused VM) does not act at once on a liveness timer that expired meanwhile (campaign,
+    step down on check-quorum): the heartbeats and replies it missed are usually queued in its
+    socket, so it gives them two heartbeat intervals (a heartbeat and its reply at a loaded
+    peer) to be read. At most once per
+    election_timeout_min, so a node starved all the time still acts, an interval late. A
+    stall also makes it more patient (max_patience). Only when this node campaigns or gives up
+    changes: the lease and a vote's stickiness keep election_timeout_min, so safety does not
+    depend on it."""
+    max_patience: int = 2
+    """Each stall doubles a voter's election timeout and a leader's check-quorum timeout, up
+    to 2 ** max_patience times (as Lifeguard's local health stretches memberlist's probes): a
+    node whose own lateness is the likely cause of a silence waits longer before acting on it."""
+    patience_decay: float = 10.0
+    """...and each this many seconds without a stall halve them again."""
     compact_keep_entries: int = 1000
     """Entries a compaction keeps before the snapshot's index, as etcd keeps its
     SnapshotCatchUpEntries: a follower a few entries behind when the leader compacts still gets

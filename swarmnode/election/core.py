@@ -287,6 +287,12 @@ class Election:
         # Sticky from the start: a leader may hold a lease on our last acknowledgement from
         # before a restart, so we vote for nobody (ourselves included) for one minimum timeout.
         self._heard_leader_at = now
+        # stalls: when we last ran, when we last let one pass, how patient they made us
+        self._last_run = now
+        self._grace_at = -_INF
+        self._grace_until = -_INF
+        self._patience = 0  # timeouts x 2 ** patience
+        self._patience_at = -_INF
         self._election_at = _INF
         self._granted: set[str] = set()
         self._votes: dict[str, bytes] = {}  # signed votes for us in our term (as candidate)
@@ -396,7 +402,7 @@ class Election:
 
     def handle(self, now: float, sender: str, msg: Message) -> None:
         """Process one message from `sender` (authenticated by the transport)."""
-        self._now = now
+        self._now = self._last_run = now
         fn = _HANDLERS.get(type(msg))
         if fn is None:
             self.counters["drop_unknown_message"] += 1
@@ -411,22 +417,50 @@ class Election:
     def tick(self, now: float) -> None:
         """Run every timer due by `now`."""
         self._now = now
+        self._check_stall(now)
+        self._last_run = now
         if self._role == LEADER:
-            if now >= self._quorum_deadline():
+            if now >= max(self._quorum_deadline(), self._grace_until):
                 self._become_follower(self._term, "check_quorum")
             elif now >= self._heartbeat_at:
                 self._broadcast_heartbeat(now)
             elif now >= self._notify_at:
                 self._notify_commit()
         elif now >= self._election_at:
-            self._election_timer_fired(now)
+            if now < self._grace_until:
+                self._election_at = self._grace_until
+            else:
+                self._election_timer_fired(now)
         self._flush_persist()
 
     def next_deadline(self) -> float:
-        """When `tick` must next be called (may be early; never late)."""
+        """When `tick` must next be called (may be early; never late). A voter is ticked at
+        least every heartbeat_interval, so that a stall shows (Config.stall_grace)."""
         if self._role == LEADER:
-            return min(self._heartbeat_at, self._notify_at, self._quorum_deadline())
+            return min(self._heartbeat_at, self._notify_at,
+                       max(self._quorum_deadline(), self._grace_until))
+        if self._cfg.stall_grace and self.id in self._voters:
+            return min(self._election_at, self._last_run + self._cfg.heartbeat_interval)
         return self._election_at
+
+    def _check_stall(self, now: float) -> None:
+        """A gap of over two heartbeat intervals since we last ran is a stall of this node
+        (Config.stall_grace): a grace of two intervals for timers that expired meanwhile, at
+        most once per election_timeout_min, and more patience; patience returns one step per
+        patience_decay quiet seconds."""
+        cfg = self._cfg
+        if not cfg.stall_grace or self.id not in self._voters:
+            return
+        if now - self._last_run > 2 * cfg.heartbeat_interval:
+            self.counters["stalls"] += 1
+            self._patience = min(self._patience + 1, cfg.max_patience)
+            self._patience_at = now
+            if now - self._grace_at >= cfg.election_timeout_min:
+                self._grace_at = now
+                self._grace_until = now + 2 * cfg.heartbeat_interval
+        elif self._patience and now - self._patience_at >= cfg.patience_decay:
+            self._patience -= 1
+            self._patience_at = now
 
     def drain(self) -> list[Output]:
         """Outputs produced since the last drain, in order (see `Persist` for why it matters)."""
@@ -1135,7 +1169,8 @@ class Election:
         return self._acked_quorum
 
     def _quorum_deadline(self) -> float:
-        return max(self._quorum_acked(), self._quorum_base) + self._cfg.check_quorum_timeout
+        wait = self._cfg.check_quorum_timeout * 2 ** self._patience
+        return max(self._quorum_acked(), self._quorum_base) + wait
 
     # ------------------------------------------------------------------ helpers
 
@@ -1189,7 +1224,9 @@ class Election:
         idle leader only every observer_keepalive) before it forgets the leader."""
         cfg = self._cfg
         wait = self._rng.uniform(cfg.election_timeout_min, cfg.election_timeout_max)
-        return wait if self.id in self._voters else wait + 2 * cfg.observer_keepalive
+        if self.id in self._voters:
+            return wait * 2 ** self._patience
+        return wait + 2 * cfg.observer_keepalive
 
     def _mark_log(self, index: int) -> None:
         """Entries from `index` on changed and must be persisted before the next output."""
