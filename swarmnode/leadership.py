@@ -197,6 +197,11 @@ class Leadership:
                      and m.id not in voters}
         if self.core.root is None:  # whose lone leadership a node without voters believes
             self.core.root = self._founder()
+        leader = self.core.leader
+        if leader is not None and leader != self.node.id:
+            view = self.node.core.member(leader)
+            if view is None or view.state not in ("alive", "suspect"):
+                self.core.leader_gone(now, leader)  # (an observer keeps it until then)
         self.core.set_voters(now, voters, observers)
         self.flush()
         if self.node.admitted and not self._changing and self.core.can_schedule(now):

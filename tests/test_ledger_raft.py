@@ -4,6 +4,7 @@ sent, log matching, the vote restriction, the commit rule, snapshots."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -398,15 +399,17 @@ def test_an_observer_catching_up_gets_the_next_batch_at_its_reply() -> None:
     assert sent[("o", "data")] >= 30  # one entry each (the first went before o was there)
 
 
-def test_an_observer_forgets_a_silent_leader_late_and_a_promoted_one_campaigns_soon() -> None:
+def test_an_observer_keeps_a_silent_leader_until_it_is_gone_and_a_promoted_one_campaigns() -> None:
     o = make("o", observers=frozenset({"o"}))
     led(o, "a", AppendEntries(1, "a", 1, 0, 0, 0, ()))
+    assert o.leader == "a" and o.next_deadline() == math.inf  # it never campaigns
+    o.tick(LATER + 1000.0)
+    assert o.leader == "a"  # keepalives may be 100 s apart in a swarm of 1,000
+    o.leader_gone(LATER + 1000.0, "b")
     assert o.leader == "a"
-    o.tick(LATER + 2 * CFG.observer_keepalive)
-    assert o.leader == "a"  # keepalives come every observer_keepalive
-    o.tick(LATER + 2 * CFG.observer_keepalive + CFG.election_timeout_max)
+    o.leader_gone(LATER + 1000.0, "a")  # membership: a is dead
     assert o.leader is None
-    now = LATER + 30.0
+    now = LATER + 2000.0
     o.set_voters(now, {"a", "b", "o"})
     assert o.next_deadline() <= now + CFG.election_timeout_max
 

@@ -70,10 +70,14 @@ class Config:
     """An observer that runs no job hears from the leader this often while nothing commits,
     instead of every heartbeat: at 40 members the stream to 35 idle observers was most of the
     leader's idle work, and only voters need it (for the lease, the quorum check and
-    elections). The keepalive refreshes the observer's leader and the leader's view of its log
-    (a member is promoted to voter only once it is seen to hold the commit). An observer
-    forgets a leader it has not heard from for twice this plus election_timeout_max; a new
-    leader tells every member at once."""
+    elections). The keepalive refreshes the observer's log and the leader's view of it (a
+    member is promoted to voter only once it is seen to hold the commit). An observer keeps its
+    leader through any silence: a new leader tells every member at once, and the shell says
+    when membership finds the leader gone (`Election.leader_gone`)."""
+    observer_keepalives_per_s: float = 10.0
+    """...or less often, so that the leader sends at most this many keepalives a second in all
+    (as Nomad caps heartbeats cluster-wide): 35 idle observers get one each 5 s, 995 each
+    100 s, and the leader's idle work stays that of a swarm of 5 plus this."""
     observer_batch_interval: float = 0.25
     """What an idle observer lacks (entries, a new commit index) goes to it at most this often,
     batched: a finished build shows on every node within a quarter second and a hop, and a
@@ -120,6 +124,8 @@ class Config:
             raise ValueError(f"snapshot_chunk_bytes must be in (0, {MAX_CHUNK}]")
         if self.retransmit_max < self.election_timeout_min:
             raise ValueError("retransmit_max must be >= election_timeout_min")
+        if self.observer_keepalives_per_s <= 0:
+            raise ValueError("observer_keepalives_per_s must be positive")
         if not 0 < self.observer_batch_interval <= self.observer_keepalive:
             raise ValueError("observer_batch_interval must be in (0, observer_keepalive]")
         if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:

@@ -554,6 +554,14 @@ class Election:
             self._arm_election_timer(now)  # a lone voter campaigns as soon as it may
         self._flush_persist()
 
+    def leader_gone(self, now: float, member: str) -> None:
+        """Membership found `member` dead or gone: an observer following it forgets it (a
+        voter's own timer does that)."""
+        self._now = now
+        if self._leader == member and self._role == FOLLOWER and self.id not in self._voters:
+            self._set_leader(None)
+        self._flush_persist()
+
     def leader_lease_valid(self, now: float) -> bool:
         """True while this node leads and no other leader can exist: a majority of voters
         acknowledged a heartbeat sent less than `lease_duration` ago, and each of them refuses
@@ -1008,10 +1016,10 @@ class Election:
     # ------------------------------------------------------------------ transitions
 
     def _election_timer_fired(self, now: float) -> None:
-        self._set_leader(None)
         if self.id not in self._voters:
-            self._election_at = now + self._timeout()  # observers only notice the silence
+            self._election_at = _INF  # (armed while it voted) observers never campaign
             return
+        self._set_leader(None)
         if self._sticky(now):
             self._election_at = self._heard_leader_at + self._cfg.election_timeout_min
             return
@@ -1148,8 +1156,10 @@ class Election:
         lacks = pr.sent_commit < self._commit or pr.next <= self._log.last_index
         if now < pr.pull_at and not (lacks and now >= max(pr.batch_at, pr.wait_until)):
             return
-        pr.pull_at = now + self._cfg.observer_keepalive
-        pr.batch_at = now + self._cfg.observer_batch_interval
+        cfg = self._cfg
+        idle = len(self._observers) - len(self._pushed)
+        pr.pull_at = now + max(cfg.observer_keepalive, idle / cfg.observer_keepalives_per_s)
+        pr.batch_at = now + cfg.observer_batch_interval
         self._send_append(peer, heartbeat=True)
 
     def _streamed(self, peer: str) -> bool:
@@ -1220,13 +1230,13 @@ class Election:
             self._election_at = now + self._timeout()
 
     def _timeout(self) -> float:
-        """A voter's wait for the leader before it campaigns; an observer's (which hears an
-        idle leader only every observer_keepalive) before it forgets the leader."""
+        """A voter's wait for the leader before it campaigns; an observer never campaigns, and
+        keeps its leader through silences (Config.observer_keepalive says why)."""
+        if self.id not in self._voters:
+            return _INF
         cfg = self._cfg
-        wait = self._rng.uniform(cfg.election_timeout_min, cfg.election_timeout_max)
-        if self.id in self._voters:
-            return wait * 2 ** self._patience
-        return wait + 2 * cfg.observer_keepalive
+        return self._rng.uniform(cfg.election_timeout_min, cfg.election_timeout_max) * (
+            2 ** self._patience)
 
     def _mark_log(self, index: int) -> None:
         """Entries from `index` on changed and must be persisted before the next output."""
