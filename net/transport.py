@@ -156,6 +156,7 @@ class Inbound:
     envelope: Envelope
     observed: str | None  # the source address the TCP connection came from
     _reply: Callable[[str, bytes], bool] = field(repr=False)
+    _reply_frame: Callable[[str, bytes], bool] | None = field(default=None, repr=False)
 
     @property
     def sender(self) -> str:
@@ -163,6 +164,12 @@ class Inbound:
 
     def reply(self, msg_type: str, body: bytes) -> bool:
         return self._reply(msg_type, body)
+
+    def reply_frame(self, msg_type: str, frame: bytes) -> bool:
+        """Reply with a frame already sealed (by `Transport.sealer`, e.g. in a worker thread,
+        so that sealing big replies keeps off the event loop); False where that is not
+        possible (a message a node sent itself)."""
+        return self._reply_frame is not None and self._reply_frame(msg_type, frame)
 
 
 class Transport:
@@ -570,13 +577,17 @@ class Transport:
                 observed = payload.get("Peer-Address")
             self._inbound_routes[env.sender] = routing
             self._inbound_seen[env.sender] = time.monotonic()
-            reply = self._router_reply(routing)
+            send = self._router_send(routing)
         else:
-            reply = self._dealer_reply(sock)
+            send = self._dealer_send(sock)
             dealer = self._dealers.get(env.sender)
             if dealer is not None:
                 dealer.used = time.monotonic()
-        self.on_message(Inbound(env, observed, reply))
+
+        def reply(msg_type: str, body: bytes) -> bool:
+            return send(msg_type, self.sealer.seal(msg_type, body))
+
+        self.on_message(Inbound(env, observed, reply, send))
 
     def _check_key(self, env: Envelope, payload: zmq.Frame, peer_id: str | None) -> None:
         """The envelope signer must be the identity CURVE authenticated on this connection."""
@@ -591,9 +602,10 @@ class Transport:
         if user != curve_public_key(env.sender).decode("ascii"):
             raise WireError("wrong_sender")
 
-    def _router_reply(self, routing: bytes) -> Callable[[str, bytes], bool]:
-        def reply(msg_type: str, body: bytes) -> bool:
-            frame = self.sealer.seal(msg_type, body)
+    def _router_send(self, routing: bytes) -> Callable[[str, bytes], bool]:
+        """Sends a sealed frame back on the connection a message came in on (ours: a ROUTER
+        route)."""
+        def send(msg_type: str, frame: bytes) -> bool:
             assert self._router is not None
             if self._try_send(self._router, [routing, frame]):
                 self._count(msg_type, frame)
@@ -601,18 +613,18 @@ class Transport:
             self.drops.drop("unreachable")
             return False
 
-        return reply
+        return send
 
-    def _dealer_reply(self, sock: zmq.asyncio.Socket) -> Callable[[str, bytes], bool]:
-        def reply(msg_type: str, body: bytes) -> bool:
-            frame = self.sealer.seal(msg_type, body)
+    def _dealer_send(self, sock: zmq.asyncio.Socket) -> Callable[[str, bytes], bool]:
+        """...or (theirs: our DEALER)."""
+        def send(msg_type: str, frame: bytes) -> bool:
             if self._try_send(sock, [frame]):
                 self._count(msg_type, frame)
                 return True
             self.drops.drop("unreachable")
             return False
 
-        return reply
+        return send
 
     # -- ZAP ------------------------------------------------------------------------------
 

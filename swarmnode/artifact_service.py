@@ -224,10 +224,21 @@ class ArtifactService:
         fetch.wake.set()
 
     async def _serve(self, inbound: Inbound, msg) -> None:
+        """Read, pack and seal the reply in the I/O thread: 39 members fetching a push from
+        one node kept hundreds of 256 KiB replies to pack and sign on its loop, and its SWIM
+        acks waited behind them (every other node suspected the pusher)."""
         loop = asyncio.get_running_loop()
-        reply = await loop.run_in_executor(self._io, self.sender.handle, inbound.sender, msg)
-        if reply is not None:
-            inbound.reply(*pack(reply.msg))
+        sealed = await loop.run_in_executor(self._io, self._answer, inbound.sender, msg)
+        if sealed is not None:
+            inbound.reply_frame(*sealed)
+
+    def _answer(self, sender: str, msg) -> tuple[str, bytes] | None:
+        """(type, sealed frame) of the reply to a request, off the loop."""
+        reply = self.sender.handle(sender, msg)
+        if reply is None:
+            return None
+        msg_type, body = pack(reply.msg)
+        return msg_type, self.node.transport.sealer.seal(msg_type, body)
 
     async def fetch(self, digest: Digest, sources: Sequence[str]) -> None:
         """Make `digest` present in this node's store, pulling it from `sources` (member ids)

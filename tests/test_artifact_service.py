@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -63,9 +64,21 @@ async def test_fetch_from_a_member_and_survive_a_corrupt_source(tmp_path):
     try:
         data = os.urandom(3 * 1024 * 1024 + 17)  # several chunks and a short last one
         digest = a.artifacts.store.put_bytes(data)
+        sealed_in: set[str] = set()
+        seal = a.transport.sealer.seal
+
+        def watched(msg_type: str, body: bytes) -> bytes:
+            if msg_type.startswith("artifact."):
+                sealed_in.add(threading.current_thread().name)
+            return seal(msg_type, body)
+
+        a.transport.sealer.seal = watched  # type: ignore[method-assign]
         await b.artifacts.fetch(digest, [a.id])
         with b.artifacts.store.open(digest) as f:
             assert f.read() == data
+        # the server packed and sealed its replies off its event loop (a push to 39 fetchers
+        # would otherwise delay everything else it does, SWIM acks included)
+        assert sealed_in and threading.main_thread().name not in sealed_in
 
         other = os.urandom(1024 * 1024)
         d2 = a.artifacts.store.put_bytes(other)
