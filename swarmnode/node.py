@@ -444,7 +444,7 @@ class Node:
         while True:
             tries += 1
             reading = self.power.sample(time.monotonic())
-            every = power_note_interval(self.core.live_count())
+            every = power_note_interval(self.core.live_count)
             if reading is not None and self.admitted and time.monotonic() - stated >= every:
                 stated = time.monotonic()
                 value = power.note_value(self.power, os.getloadavg()[0])
