@@ -109,6 +109,12 @@ def power_note_interval(live: int) -> float:
     return max(POWER_NOTE_S, live / POWER_NOTES_PER_S)
 
 
+#: Messages that always go over this node's own connection, dialled if need be: a SWIM probe
+#: tests the path from here to the member (as memberlist's probes go to its address), which
+#: keeps what route diagnostics and the dashboard's map say about who can dial whom true.
+#: Everything else may ride the member's own connection to us (net/transport.py: connections by
+#: need), so each probe round opens at most one connection per member, closed when idle.
+DIALLED = frozenset({"ping"})
 #: Longest a graceful leave waits for its announcement to be gossiped before exiting.
 LEAVE_TIMEOUT_S = 3.0
 BUILD_COMMANDS = frozenset({"build", "emerge", "emerge_published", "jobs", "build_status",
@@ -520,8 +526,9 @@ class Node:
             asyncio.get_running_loop().call_soon(self._loopback, msg_type, body)
             return True
         # One connection per pair when we can: the one `to` opened to us, if we have none to
-        # it (an answer to a probe goes back the way the probe came); else ours (dialled).
-        if not self.transport.has_dealer(to) and self.transport.send_inbound(to, msg_type, body):
+        # it; else ours (dialled). A probe always takes ours (DIALLED).
+        if (msg_type not in DIALLED and not self.transport.has_dealer(to)
+                and self.transport.send_inbound(to, msg_type, body)):
             return True
         self.route_to(to)
         return self.transport.send(to, msg_type, body)
