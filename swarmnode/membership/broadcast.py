@@ -28,6 +28,10 @@ def retransmit_limit(mult: int, n: int) -> int:
     return mult * max(MIN_SCALE, math.ceil(math.log10(n + 1)))
 
 
+def _is_note(subject: Hashable) -> bool:
+    return isinstance(subject, tuple) and bool(subject) and subject[0] == "n"
+
+
 class _Entry:
     __slots__ = ("item", "size", "subject", "transmits")
 
@@ -41,13 +45,14 @@ class _Entry:
 class BroadcastQueue:
     """Items bucketed by transmit count; within a bucket dict order is age (oldest first)."""
 
-    __slots__ = ("_by_subject", "_levels", "max_items", "mult")
+    __slots__ = ("_by_subject", "_levels", "_notes", "max_items", "mult")
 
     def __init__(self, retransmit_mult: int, max_items: int) -> None:
         self.mult = retransmit_mult
         self.max_items = max_items
         self._by_subject: dict[Hashable, _Entry] = {}
         self._levels: dict[int, dict[Hashable, _Entry]] = {}
+        self._notes = 0  # queued items whose subject is a note's, ("n", ...)
 
     def __len__(self) -> int:
         return len(self._by_subject)
@@ -58,18 +63,27 @@ class BroadcastQueue:
     def items(self) -> list[Any]:
         return [e.item for e in self._by_subject.values()]
 
+    def has_news(self) -> bool:
+        """Whether anything but notes (members' periodic statements) is queued: a change of
+        membership, an admission, a ban, a rename."""
+        return len(self._by_subject) > self._notes
+
+    def _add(self, e: _Entry) -> None:
+        self._by_subject[e.subject] = e
+        self._levels.setdefault(e.transmits, {})[e.subject] = e
+        self._notes += _is_note(e.subject)
+
     def put(self, subject: Hashable, item: Any, size: int) -> None:
         """Queue `item`, replacing any queued item about the same subject."""
         self._discard(subject)
-        e = _Entry(subject, item, size)
-        self._by_subject[subject] = e
-        self._levels.setdefault(0, {})[subject] = e
+        self._add(_Entry(subject, item, size))
         if len(self._by_subject) > self.max_items:
             self._prune()
 
     def _discard(self, subject: Hashable) -> None:
         old = self._by_subject.pop(subject, None)
         if old is not None:
+            self._notes -= _is_note(subject)
             level = self._levels[old.transmits]
             del level[subject]
             if not level:
@@ -105,6 +119,5 @@ class BroadcastQueue:
             self._discard(e.subject)
             e.transmits += 1
             if e.transmits < limit:
-                self._by_subject[e.subject] = e
-                self._levels.setdefault(e.transmits, {})[e.subject] = e
+                self._add(e)
         return [e.item for e in taken]

@@ -1465,12 +1465,14 @@ class Membership:
             self._next_gossip = self._next_grid(now)
 
     def _gossip_targets(self, ok: Callable[[Entry], bool]) -> list[str]:
-        """gossip_nodes random members, those `connected` first: gossip rides the connections
-        probes and replication keep open instead of opening one to every member (probing
-        rotates through all members, so the connected set keeps changing and the mixing stays
-        random)."""
+        """gossip_nodes random members; but while only notes are queued (periodic statements,
+        the steady state), those `connected` first: they ride the connections probes and
+        replication keep open instead of opening one to every member. News of members (a
+        join, a death) goes to random ones, as in memberlist: sent to the same few neighbours
+        its retransmissions reached nobody new, and a few nodes of 40 joining learnt of the
+        others only at a push-pull, 20 s late."""
         k, connected = self._cfg.gossip_nodes, self.connected
-        if connected is None:
+        if connected is None or self._queue.has_news():
             return self._random_members(k, ok)
         near = self._random_members(k, lambda e: ok(e) and connected(e.id))
         return near + self._random_members(k - len(near), lambda e: ok(e) and e.id not in near)
