@@ -64,7 +64,7 @@ COMPACT_EVERY = 2_000
 #: `pushed`), not only kept alive: a worker starts an assignment without asking the leader
 #: only when the leader's messages have been reaching it steadily (worker.OUT_OF_TOUCH_S), so
 #: an observer between two builds a few seconds apart stays in touch. An idle one costs the
-#: leader a keepalive every Config.observer_keepalive instead of ten messages a second.
+#: leader a keepalive now and then (Config.observer_keepalive) instead of ten messages a second.
 ENGAGED_LINGER_S = 10.0
 
 if TYPE_CHECKING:

@@ -66,18 +66,20 @@ class Config:
     reading (a frozen VM, a hung process) then has one batch queued for it every 8 s instead of
     one every heartbeat: 1.3 MB/s, which grew a leader by 400 MB during a ten-minute hang (the
     peer's connection stays open, so its queue fills). Its first reply resets the wait."""
-    observer_keepalive: float = 5.0
+    observer_keepalive: float = 30.0
     """An observer that runs no job hears from the leader this often while nothing commits,
     instead of every heartbeat: at 40 members the stream to 35 idle observers was most of the
     leader's idle work, and only voters need it (for the lease, the quorum check and
-    elections). The keepalive refreshes the observer's log and the leader's view of it (a
-    member is promoted to voter only once it is seen to hold the commit). An observer keeps its
-    leader through any silence: a new leader tells every member at once, and the shell says
-    when membership finds the leader gone (`Election.leader_gone`)."""
-    observer_keepalives_per_s: float = 10.0
+    elections). What commits reaches an observer at once (observer_batch_interval); the
+    keepalive is the safety net: it tells an observer that missed a new leader's first message
+    who leads, and retries what was lost. It is rare because each one costs a connection (the
+    leader's to an idle observer closes after 4 s: at 5 s, 35 observers kept 28 open). An
+    observer keeps its leader through any silence: a new leader tells every member at once,
+    and the shell says when membership finds the leader gone (`Election.leader_gone`)."""
+    observer_keepalives_per_s: float = 2.0
     """...or less often, so that the leader sends at most this many keepalives a second in all
-    (as Nomad caps heartbeats cluster-wide): 35 idle observers get one each 5 s, 995 each
-    100 s, and the leader's idle work stays that of a swarm of 5 plus this."""
+    (as Nomad caps heartbeats cluster-wide): 35 idle observers get one each 30 s, 995 each
+    500 s, and the leader's idle work stays that of a swarm of 5 plus this."""
     observer_batch_interval: float = 0.25
     """What an idle observer lacks (entries, a new commit index) goes to it at most this often,
     batched: a finished build shows on every node within a quarter second and a hop, and a
