@@ -665,7 +665,11 @@ class Builds:
     def _schedule(self, new: list[SubmitBuild], done: set[str]) -> list[Assign]:
         """One scheduling pass over the ready jobs, counting the builds in `new` as submitted
         and the jobs in `done` as done (both are in entries before the assignments). Skipped
-        while no member has a free core (a queue of thousands is not scanned for nothing)."""
+        while no member has a free core (a queue of thousands is not scanned for nothing), and
+        while nothing is ready (an idle leader looked at every member's facts ten times a
+        second)."""
+        if not new and not done and not self.ledger.ready_keys():
+            return []
         slots = self._slots()
         if not any(s.free_cores for s in slots if not s.paused):
             return []

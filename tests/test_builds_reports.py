@@ -208,3 +208,21 @@ async def test_an_operators_pause_is_honoured_by_the_scheduling_pass_and_needs_f
     builds._format3_until = -1.0  # (looked at again now, not a second later)
     with pytest.raises(ControlError, match=r"old cannot read a pause.*ledger format 3"):
         await builds.pause("w2", True)
+
+
+async def test_an_idle_leader_makes_no_scheduling_pass():
+    """With nothing ready, nothing new and no results in flight, `_schedule` returns at once:
+    an idle leader of 40 looked at every member's facts on every turn."""
+    builds, node = leader()
+    node.leadership.core.term = 1
+    looked = Counter[str]()
+    node.members = [SimpleNamespace(**vars(m)) for m in node.members]
+    for m in node.members:
+        facts = m.record.facts_dict
+        m.record = SimpleNamespace(facts_dict=lambda f=facts: looked.update(["facts"]) or f())
+    node.apply(Done("b1/a", "w1", 1, ()), Done("b1/b", "w2", 1, ()))
+    assert builds._schedule([], set())  # c is ready: a pass, which looks at the members
+    assert looked["facts"] == 2
+    node.apply(Assign("b1/c", "w1", 1, 1), Done("b1/c", "w1", 1, ()))
+    assert not node.ledger.ready_keys()
+    assert builds._schedule([], set()) == [] and looked["facts"] == 2  # idle: no look
