@@ -322,11 +322,6 @@ class Transport:
     def has_dealer(self, peer_id: str) -> bool:
         return peer_id in self._dealers
 
-    def connected(self, peer_id: str) -> bool:
-        """Whether a message to `peer_id` needs no new connection: we have one to it, or it
-        sent on its own to us within IDLE_CLOSE_S."""
-        age = self.inbound_age(peer_id)
-        return peer_id in self._dealers or (age is not None and age <= IDLE_CLOSE_S)
 
     def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
         """Send over the connection `peer_id` opened to us, if it sent on it within

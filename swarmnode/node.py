@@ -177,7 +177,9 @@ class Node:
             self.node_config = node_config.load(self.home)
         except node_config.ConfigError as exc:
             raise StartError(str(exc)) from exc
-        self.config = Config.fast() if opts.fast else Config()
+        quiet = frozenset({power.POWER_TOPIC})  # telemetry every member states: no gossip rounds
+        self.config = (Config.fast(quiet_topics=quiet) if opts.fast
+                       else Config(quiet_topics=quiet))
         try:  # this node's Portage (None: not a Gentoo host); portage_env probes it
             self.portage = portage_host.find(self.node_config.emerge)
         except portage_host.PortageError as exc:
@@ -207,7 +209,6 @@ class Node:
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
-        self.core.connected = self.transport.connected
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._dirty = True

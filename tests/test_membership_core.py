@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import msgpack
 import nacl.signing
@@ -174,37 +175,24 @@ def test_update_record_reaches_everyone_as_member_update() -> None:
     assert "member_update" in net.kinds(c.id)
 
 
-def _gossip_targets(net: Net, a: Membership) -> dict[str, int]:
-    rounds: dict[str, int] = {}
-    for src, to, msg in net.sent:
-        if src == a.id and isinstance(msg, Gossip):
-            rounds[to] = rounds.get(to, 0) + 1
-    return rounds
-
-
-def test_notes_ride_connected_members_and_news_goes_to_random_ones() -> None:
-    """With a `connected` predicate (the node's transport), a note (a periodic statement, the
-    steady state's only gossip) goes to the connected members first: of 3 targets a round,
-    both connected members every round, one other. News of a member goes to random ones, as
-    in memberlist (retransmitting it to the same neighbours would reach nobody new)."""
-    net, ms = cluster(9)
+def test_quiet_notes_ride_pings_and_start_no_gossip_round() -> None:
+    """A note of a quiet topic (members' periodic statements) is sent only on pings, acks and
+    push-pulls: no `Gossip` carries it, and it still reaches every member. A note of another
+    topic, like news of a member, is gossiped at once."""
+    cfg = replace(CFG, quiet_topics=frozenset({"power"}))
+    net, ms = cluster(5, cfg)
     a = ms[0]
-    near = {ms[1].id, ms[2].id}
-    a.connected = near.__contains__
     net.run(3.0)  # the join news has been sent its count
     net.sent.clear()
-    a.note(net.now, "release", "app", b"v1")
-    net.run(1.0)
-    rounds = _gossip_targets(net, a)
-    assert rounds and all(rounds[n] == max(rounds.values()) for n in near)
-    others = sum(v for k, v in rounds.items() if k not in near)
-    assert 0 < others <= rounds[ms[1].id]  # at most one other a round (the last may be short)
-    net.run(3.0)
+    a.note(net.now, "power", "", b"42")
+    net.run(2 * cfg.probe_interval * len(ms))
+    assert not [m for src, _to, m in net.sent if isinstance(m, Gossip)]
+    assert all([n.value for n in m.notes("power")] == [b"42"] for m in ms)
     net.sent.clear()
-    a.update_record(net.now, facts={"cores": 8})
-    net.run(1.0)
-    rounds = _gossip_targets(net, a)
-    assert len(rounds) > 3 and sum(rounds.values()) > 3 * max(rounds.values())
+    a.note(net.now, "release", "app", b"v1")
+    net.run(0.5)
+    assert [m for src, _to, m in net.sent if src == a.id and isinstance(m, Gossip)]
+    assert all([n.value for n in m.notes("release")] == [b"v1"] for m in ms)
 
 
 def _start_probe(net: Net, prober: Membership, target: Membership) -> Ping:

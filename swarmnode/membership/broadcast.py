@@ -28,31 +28,28 @@ def retransmit_limit(mult: int, n: int) -> int:
     return mult * max(MIN_SCALE, math.ceil(math.log10(n + 1)))
 
 
-def _is_note(subject: Hashable) -> bool:
-    return isinstance(subject, tuple) and bool(subject) and subject[0] == "n"
-
-
 class _Entry:
-    __slots__ = ("item", "size", "subject", "transmits")
+    __slots__ = ("item", "quiet", "size", "subject", "transmits")
 
-    def __init__(self, subject: Hashable, item: Any, size: int) -> None:
+    def __init__(self, subject: Hashable, item: Any, size: int, quiet: bool) -> None:
         self.subject = subject
         self.item = item
         self.size = size
+        self.quiet = quiet
         self.transmits = 0
 
 
 class BroadcastQueue:
     """Items bucketed by transmit count; within a bucket dict order is age (oldest first)."""
 
-    __slots__ = ("_by_subject", "_levels", "_notes", "max_items", "mult")
+    __slots__ = ("_by_subject", "_levels", "_quiet", "max_items", "mult")
 
     def __init__(self, retransmit_mult: int, max_items: int) -> None:
         self.mult = retransmit_mult
         self.max_items = max_items
         self._by_subject: dict[Hashable, _Entry] = {}
         self._levels: dict[int, dict[Hashable, _Entry]] = {}
-        self._notes = 0  # queued items whose subject is a note's, ("n", ...)
+        self._quiet = 0  # queued items put with quiet=True
 
     def __len__(self) -> int:
         return len(self._by_subject)
@@ -64,26 +61,26 @@ class BroadcastQueue:
         return [e.item for e in self._by_subject.values()]
 
     def has_news(self) -> bool:
-        """Whether anything but notes (members' periodic statements) is queued: a change of
-        membership, an admission, a ban, a rename."""
-        return len(self._by_subject) > self._notes
+        """Whether anything but quiet items is queued (see `put`)."""
+        return len(self._by_subject) > self._quiet
 
     def _add(self, e: _Entry) -> None:
         self._by_subject[e.subject] = e
         self._levels.setdefault(e.transmits, {})[e.subject] = e
-        self._notes += _is_note(e.subject)
+        self._quiet += e.quiet
 
-    def put(self, subject: Hashable, item: Any, size: int) -> None:
-        """Queue `item`, replacing any queued item about the same subject."""
+    def put(self, subject: Hashable, item: Any, size: int, quiet: bool = False) -> None:
+        """Queue `item`, replacing any queued item about the same subject. A quiet item is sent
+        like the others but is not news (`has_news`): it calls for no gossip round of its own."""
         self._discard(subject)
-        self._add(_Entry(subject, item, size))
+        self._add(_Entry(subject, item, size, quiet))
         if len(self._by_subject) > self.max_items:
             self._prune()
 
     def _discard(self, subject: Hashable) -> None:
         old = self._by_subject.pop(subject, None)
         if old is not None:
-            self._notes -= _is_note(subject)
+            self._quiet -= old.quiet
             level = self._levels[old.transmits]
             del level[subject]
             if not level:

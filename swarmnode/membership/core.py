@@ -221,9 +221,6 @@ class Membership:
         (the simulator, which models failure detection and gossip, not rights)."""
         self._ranks: dict[int | None, Mapping[str, int]] = {}
         """`_operators` results by cut-off (None and _EVER only), until rights change."""
-        self.connected: Callable[[str], bool] | None = None
-        """Whether this node has a connection open to a member (the shell's transport): gossip
-        goes to those first. None (the simulator) picks gossip targets at random."""
         self._rights_moved = False  # rights changed: retry statements waiting for them
         self._trust_held = False  # restoring our own snapshot: it held only what counted
         self.counters: Counter[str] = Counter()
@@ -1444,9 +1441,11 @@ class Membership:
     # ------------------------------------------------------------------ gossip and push-pull
 
     def _gossip_round(self, now: float) -> None:
+        """Gossip to gossip_nodes random members while anything but quiet notes is queued
+        (Config.quiet_topics: members' periodic statements, which ride pings and acks)."""
         self._next_gossip = _INF
         self._last_gossip = now
-        if not self._queue:
+        if not self._queue.has_news():
             return
         horizon = now - self._cfg.gossip_to_the_dead_time
         me = self.id
@@ -1456,26 +1455,13 @@ class Membership:
             return e.id != me and (st in LIVE or (st in GONE and e.since >= horizon))
 
         n = self._live()
-        for to in self._gossip_targets(target_ok):
+        for to in self._random_members(self._cfg.gossip_nodes, target_ok):
             items = self._queue.get(self._cfg.gossip_bytes, n)
             if not items:
                 break
             self._send(to, Gossip(tuple(items)))
-        if self._queue:
+        if self._queue.has_news():
             self._next_gossip = self._next_grid(now)
-
-    def _gossip_targets(self, ok: Callable[[Entry], bool]) -> list[str]:
-        """gossip_nodes random members; but while only notes are queued (periodic statements,
-        the steady state), those `connected` first: they ride the connections probes and
-        replication keep open instead of opening one to every member. News of members (a
-        join, a death) goes to random ones, as in memberlist: sent to the same few neighbours
-        its retransmissions reached nobody new, and a few nodes of 40 joining learnt of the
-        others only at a push-pull, 20 s late."""
-        k, connected = self._cfg.gossip_nodes, self.connected
-        if connected is None or self._queue.has_news():
-            return self._random_members(k, ok)
-        near = self._random_members(k, lambda e: ok(e) and connected(e.id))
-        return near + self._random_members(k - len(near), lambda e: ok(e) and e.id not in near)
 
     def _next_grid(self, now: float) -> float:
         """The next gossip slot strictly after `now` (float rounding may land on `now`)."""
@@ -1485,7 +1471,10 @@ class Membership:
         return slot if slot > now else slot + iv
 
     def _broadcast(self, subject: Hashable, item: Item) -> None:
-        self._queue.put(subject, item, item_size(item))
+        quiet = type(item) is Note and item.topic in self._cfg.quiet_topics
+        self._queue.put(subject, item, item_size(item), quiet)
+        if quiet:
+            return  # it rides pings and acks (see _gossip_round)
         now = self._now
         # Eager dissemination: forward news at once unless we just ran a round.
         if self._cfg.eager_gossip and now - self._last_gossip >= self._cfg.gossip_interval / 2:
