@@ -1158,7 +1158,10 @@ class Election:
             return
         cfg = self._cfg
         idle = len(self._observers) - len(self._pushed)
-        pr.pull_at = now + max(cfg.observer_keepalive, idle / cfg.observer_keepalives_per_s)
+        # (spread over +-25 %: after an election they all start at once, and would otherwise
+        # all come due together for ever)
+        every = max(cfg.observer_keepalive, idle / cfg.observer_keepalives_per_s)
+        pr.pull_at = now + every * (0.75 + self._rng.random() / 2)
         pr.batch_at = now + cfg.observer_batch_interval
         self._send_append(peer, heartbeat=True)
 
