@@ -121,12 +121,21 @@ class Attacker:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.transport.close()
 
+    async def _connected(self) -> None:
+        """Dial the target again if the transport closed the connection for idleness (it does
+        once the target has dialled us: net/transport.py, connections by need)."""
+        if not self.transport.has_dealer(self.target):
+            self.transport.connect(self.target, (self.endpoint,))
+            await self._handshake(CONNECT_TIMEOUT_S)
+
     async def _handshake(self, timeout: float) -> None:
         last = "timeout"
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     events = [e for _t, e, _ep in self.transport.connection_events(self.target)]
+                    if "closed_idle" in events:  # (a reconnection: only what came after)
+                        events = events[len(events) - events[::-1].index("closed_idle"):]
                     if "handshake_ok" in events:
                         return
                     if events and events[-1] in FAILURES:
@@ -145,6 +154,7 @@ class Attacker:
     async def send(self, msg_type: str, body: bytes | Mapping[str, Any]) -> bool:
         """One envelope of `msg_type` signed by this key; a map body is msgpack-packed."""
         raw = body if isinstance(body, bytes) else worker.pack(body)
+        await self._connected()
         return self.transport.send(self.target, msg_type, raw)
 
     async def send_message(self, msg: membership.Message | election.Message) -> bool:
@@ -157,6 +167,7 @@ class Attacker:
 
     async def send_frame(self, frame: bytes) -> None:
         """`frame` as it is, on the connection to the target (no envelope added)."""
+        await self._connected()
         await self.transport._dealers[self.target].sock.send_multipart([frame])
 
     # -- receiving ------------------------------------------------------------------------
