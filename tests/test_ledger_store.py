@@ -127,7 +127,7 @@ def test_a_core_restarted_from_the_store_continues_where_it_was(tmp_path: Path) 
     """A lone voter writes everything it outputs; a new core built from what was stored has the
     same term, vote, log after the snapshot, and snapshot point (not the tail kept before it)."""
     store = LogStore(tmp_path / "ledger.db")
-    cfg = Config()
+    cfg = Config(stall_grace=False)  # (time jumps here: no stalls of its own)
     el = Election("a", {"a"}, cfg, random.Random(1), 0.0, signatures=KeyRing().for_node("a"))
     el.tick(cfg.election_timeout_min)
     for n in range(10):

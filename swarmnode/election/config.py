@@ -95,6 +95,10 @@ class Config:
     stall also makes it more patient (max_patience). Only when this node campaigns or gives up
     changes: the lease and a vote's stickiness keep election_timeout_min, so safety does not
     depend on it."""
+    stall_min: float = 0.2
+    """...and a gap counts as a stall only from this long, on any config: `fast` timers
+    (heartbeats every 10 ms) would otherwise take every scheduling hiccup of a loaded test
+    machine for a stall, and keep their voters at 4x patience. Not scaled by `fast`."""
     max_patience: int = 2
     """Each stall doubles a voter's election timeout and a leader's check-quorum timeout, up
     to 2 ** max_patience times (as Lifeguard's local health stretches memberlist's probes): a
@@ -144,6 +148,7 @@ class Config:
         scaled = {
             f.name: getattr(base, f.name) / 10
             for f in fields(cls)
-            if isinstance(getattr(base, f.name), float) and f.name != "lease_ratio"
+            if isinstance(getattr(base, f.name), float)
+            and f.name not in ("lease_ratio", "stall_min")
         }
         return replace(base, **{**scaled, **overrides})

@@ -451,7 +451,7 @@ class Election:
         cfg = self._cfg
         if not cfg.stall_grace or self.id not in self._voters:
             return
-        if now - self._last_run > 2 * cfg.heartbeat_interval:
+        if now - self._last_run > max(2 * cfg.heartbeat_interval, cfg.stall_min):
             self.counters["stalls"] += 1
             self._patience = min(self._patience + 1, cfg.max_patience)
             self._patience_at = now
