@@ -665,3 +665,19 @@ def test_a_follower_that_answers_a_later_heartbeat_gets_the_lost_data_at_the_nex
     run(later)
     nxt = [m for _t, m in to_c[sent:] if isinstance(m, AppendEntries)]
     assert nxt and nxt[0].entries and nxt[0].prev_index == probe.prev_index
+
+
+def test_a_new_observer_whose_first_message_is_lost_hears_the_leader_soon() -> None:
+    """A newcomer drops the leader's first message (it does not know the leader as a member
+    yet): the leader tries again with a data send's backoff until it answers, instead of
+    waiting a whole observer_keepalive (30 s), which kept new members from being promoted."""
+    a = make("a", voters=frozenset({"a"}))
+    o = make("o", voters=frozenset({"a"}))
+    nodes = {"a": a}
+    out: dict[str, list[Output]] = {}
+    run(nodes, out, LATER)
+    a.set_voters(LATER, {"a"}, {"o"})
+    run(nodes, out, LATER + 0.5)  # o is not reachable yet: what goes to it is lost
+    nodes["o"] = o
+    run(nodes, out, LATER + 0.5 + 2 * CFG.retransmit_max)
+    assert o.leader == "a" and a.holds_commit("o")

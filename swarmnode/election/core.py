@@ -232,6 +232,10 @@ class Progress:
     """An idle observer's next keepalive (Config.observer_keepalive)."""
     batch_at: float = -math.inf
     """The earliest an idle observer gets what it lacks (Config.observer_batch_interval)."""
+    heard: bool = False
+    """It has answered this leadership: until then an idle observer is sent to as if it lacked
+    something (with the backoff of a data send), so a first message lost (a newcomer that did
+    not know us as a member yet) costs a retry, not a keepalive interval."""
     full: bool = False
     """The latest batch sent to it stopped short of our last entry: it is catching up, so its
     reply gets the next batch at once, idle observer or not."""
@@ -921,6 +925,7 @@ class Election:
         pr = self._progress.get(src)
         if pr is not None:
             pr.retry = 0.0  # it answers: a wait for data starts from the shortest again
+            pr.heard = True
         return pr
 
     def _send_append(self, peer: str, heartbeat: bool = False) -> None:
@@ -1153,7 +1158,8 @@ class Election:
         """An idle observer's share of a heartbeat round: what it lacks, batched, or else a
         keepalive now and then (Config.observer_keepalive says why)."""
         pr = self._progress[peer]
-        lacks = pr.sent_commit < self._commit or pr.next <= self._log.last_index
+        lacks = (pr.sent_commit < self._commit or pr.next <= self._log.last_index
+                 or not pr.heard)
         if now < pr.pull_at and not (lacks and now >= max(pr.batch_at, pr.wait_until)):
             return
         cfg = self._cfg
@@ -1164,6 +1170,8 @@ class Election:
         pr.pull_at = now + every * (0.75 + self._rng.random() / 2)
         pr.batch_at = now + cfg.observer_batch_interval
         self._send_append(peer, heartbeat=True)
+        if not pr.heard and now >= pr.wait_until:  # (no data went: back off as if it had)
+            self._await_reply(pr, pr.next - 1, chunk=False)
 
     def _streamed(self, peer: str) -> bool:
         return peer in self._voters or peer in self._pushed
