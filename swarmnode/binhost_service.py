@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
-from aiohttp import web
 
 from net.addresses import split_hostport
+from net.httpd import Request, Response, Server
 from net.transport import Inbound
+from net.wire import DropCounter
 from swarmnode.artifact_service import ArtifactError
 from swarmnode.portage.binhost import (
     BINARY_PACKAGES,
@@ -56,8 +58,6 @@ FACT = "binhost"
 CATALOG_FILE = "binhost.db"
 #: Bytes read from disk per write to an HTTP client.
 CHUNK = 256 * 1024
-#: Longest a stop waits for downloads in flight.
-SHUTDOWN_S = 1.0
 
 
 class BinhostService:
@@ -72,7 +72,7 @@ class BinhostService:
                        if config.binhost_gpg_home and config.binhost_gpg_key else None)
             self.binhost = Binhost(self.root, node.portage, Catalog(node.home / CATALOG_FILE),
                                    keep=config.binhost_keep, signing=signing)
-        self.http = BinhostHttp(self.root)
+        self.http = BinhostHttp(self.root, node.drops)
         self._tasks = TaskSet()
 
     @property
@@ -206,59 +206,50 @@ async def query_binhost(node: Node, binhost_id: str, keys: list[str],
 class BinhostHttp:
     """GET and HEAD of `served_file`s under the binhost directory; nothing else."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, drops: DropCounter | None = None) -> None:
         self.root = root
         self.bound: tuple[str, int] | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: Server | None = None
+        self._drops = drops
 
     @property
     def serving(self) -> bool:
-        return self._runner is not None
+        return self._server is not None
 
     async def start(self, listen: str) -> tuple[str, int]:
         """Listen on `listen` (HOST:PORT; port 0: any free one); (host, port) bound. Raises
         OSError when it cannot."""
         host, port = split_hostport(listen, 0, any_port=True)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._serve)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.bound = (host, int(runner.addresses[0][1]))
+        server = Server(self._serve, self._drops)
+        self.bound = await server.start(host, port)
+        self._server = server
         return self.bound
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop()
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
+    async def _serve(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-        path = await asyncio.to_thread(served_file, self.root,
-                                       request.raw_path.partition("?")[0])
+            return Response.text("GET or HEAD only", 405, headers={"Allow": "GET, HEAD"})
+        path = await asyncio.to_thread(served_file, self.root, request.raw_path)
         if path is None:
-            raise web.HTTPNotFound()
+            return Response.text("not found", 404)
         try:
             f = await asyncio.to_thread(path.open, "rb")
         except OSError:
-            raise web.HTTPNotFound() from None
-        try:
-            size = os.fstat(f.fileno()).st_size  # the file opened (Portage replaces by rename)
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/plain; charset=utf-8" if path.name == "Packages"
-                else "application/octet-stream", "Cache-Control": "no-cache"})
-            response.content_length = size
-            await response.prepare(request)
-            if request.method == "GET":
-                while data := await asyncio.to_thread(f.read, CHUNK):
-                    await response.write(data)
-            await response.write_eof()
-            return response
-        finally:
-            f.close()
+            return Response.text("not found", 404)
+        size = os.fstat(f.fileno()).st_size  # the file opened (Portage replaces by rename)
+        headers = {"Content-Type": "text/plain; charset=utf-8" if path.name == "Packages"
+                   else "application/octet-stream", "Cache-Control": "no-cache"}
+        return Response(headers=headers, stream=_chunks(f), length=size)
+
+
+async def _chunks(f: BinaryIO) -> AsyncIterator[bytes]:
+    """The file's bytes, read off the loop; the file is closed however the reading ends."""
+    try:
+        while data := await asyncio.to_thread(f.read, CHUNK):
+            yield data
+    finally:
+        f.close()

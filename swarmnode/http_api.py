@@ -26,14 +26,15 @@ import ipaddress
 import json
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from net.addresses import is_loopback, split_hostport
+from net.httpd import Request, Response, Server
 from swarmnode.control import ControlError
 from swarmnode.identity import is_node_id, write_secret
 from swarmnode.netmap import network_of, picture
@@ -49,8 +50,6 @@ COOKIE = "swarmnode_token"
 #: The page's stream looks at the swarm at least this often (and at once on an event).
 STREAM_S = 1.0
 KEEPALIVE_S = 15.0
-#: Longest a stop waits for requests in flight (a stream ends at once when told).
-SHUTDOWN_S = 1.0
 ACTIONS = ("admit", "ban", "pause", "resume", "cancel")
 MAX_BUILDS, MAX_EVENTS, MAX_PUSHES = 10, 100, 5
 #: The newest builds whose jobs the page lists (each at most MAX_JOBS of them).
@@ -60,10 +59,6 @@ JOB_BUILDS, MAX_JOBS = 3, 300
 CSP = ("default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
        "frame-ancestors 'none'")
-
-
-#: The address an app is bound to, which a request's Host must name.
-BOUND_HOST = web.AppKey("bound_host", str)
 
 
 class HttpError(Exception):
@@ -89,9 +84,11 @@ class HttpApi:
         self.node = node
         self.token = load_token(node.home)
         self.bind: tuple[str, int] | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: Server | None = None
         self._streams: set[asyncio.Event] = set()
-        self._closing = False  # set while stopping: streams end
+        self._routes = {"/": self._page, "/metrics": self._metrics, "/api/status": self._status,
+                        "/api/state": self._state, "/api/stream": self._stream,
+                        "/api/logs": self._logs}
 
     @property
     def open_paths(self) -> tuple[str, ...]:
@@ -113,146 +110,133 @@ class HttpApi:
             host, port = split_hostport(bind, 0, any_port=True)
         except ValueError as exc:
             raise HttpError(f"dashboard bind {bind!r}: {exc}") from None
-        app = web.Application(middlewares=[self._guard])
-        app[BOUND_HOST] = host  # (each app its own: a re-bind serves before the old one stops)
-        app.router.add_get("/", self._page)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/api/status", self._status)
-        app.router.add_get("/api/state", self._state)
-        app.router.add_get("/api/stream", self._stream)
-        app.router.add_get("/api/logs", self._logs)
-        app.router.add_post("/api/action", self._action)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        # (each server checks Host against its own address: a re-bind serves before the old
+        # one stops)
+        server = Server(functools.partial(self._guard, host), self.node.drops)
         try:
-            await site.start()
+            _host, bound = await server.start(host, port)
         except OSError as exc:
-            await runner.cleanup()
             raise HttpError(f"cannot serve the dashboard on {host}:{port}: {exc}") from None
         await self.stop()
-        self._runner = runner
-        bound = runner.addresses[0]
-        self.bind = (host, int(bound[1]))
+        self._server = server
+        self.bind = (host, bound)
         return self.url() or ""
 
     async def stop(self) -> None:
-        """Stop serving: open streams end first (an open page must not hold up a node's
-        shutdown: aiohttp would wait for them up to its shutdown timeout)."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            self._closing = True
-            self.notify()
-            try:
-                await runner.cleanup()
-            finally:
-                self._closing = False
+        """Stop serving; open streams end at once (an open page must not hold up a node's
+        shutdown)."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop()
 
-    @web.middleware
-    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+    async def _guard(self, bound: str, request: Request) -> Response:
         """Refuse a foreign Host (421), then a request without the token (401) unless it is a
-        read the operator opened."""
-        if not host_allowed(request.headers.get("Host", ""), request.app[BOUND_HOST],
+        read the operator opened; then the path's handler."""
+        if not host_allowed(request.headers.get("host", ""), bound,
                             self.node.node_config.http_hosts):
             self.node.drops.drop("http_foreign_host")
-            raise web.HTTPMisdirectedRequest(text="this Host is not the dashboard's address "
-                                                  "(add the name to http_hosts in config.toml)")
-        given = (request.query.get("token") or request.cookies.get(COOKIE)
-                 or request.headers.get("Authorization", "").removeprefix("Bearer ").strip())
+            return Response.text("this Host is not the dashboard's address (add the name to "
+                                 "http_hosts in config.toml)", 421)
+        query = request.query
+        given = (query.get("token") or request.cookies.get(COOKIE)
+                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
         good = bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
-        request["token_ok"] = good
-        opened = request.method in ("GET", "HEAD") and request.path in self.open_paths
-        if not good and not opened:
+        read = request.method in ("GET", "HEAD")
+        if not good and not (read and request.path in self.open_paths):
             self.node.drops.drop("http_unauthorised")
-            raise web.HTTPUnauthorized(text="a token is needed: swarmnode dashboard shows the URL")
-        response = await handler(request)
-        if good and request.query.get("token"):
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
+            return Response.text("a token is needed: swarmnode dashboard shows the URL", 401)
+        if request.path == "/api/action":
+            response = (await self._action(request) if request.method == "POST"
+                        else Response.text("POST only", 405, headers={"Allow": "POST"}))
+        elif (handler := self._routes.get(request.path)) is None:
+            response = Response.text("not found", 404)
+        elif not read:
+            response = Response.text("GET or HEAD only", 405, headers={"Allow": "GET, HEAD"})
+        else:
+            response = await handler(request)
+        if good and query.get("token"):
+            response.headers["Set-Cookie"] = (f"{COOKIE}={self.token}; HttpOnly; Path=/; "
+                                              "SameSite=Strict")
         return response
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.node.metrics.exposition(),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST,
-                                     "X-Content-Type-Options": "nosniff"})
+    async def _metrics(self, _request: Request) -> Response:
+        return Response(body=self.node.metrics.exposition(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                 "X-Content-Type-Options": "nosniff"})
 
-    async def _status(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.node.status())
+    async def _status(self, _request: Request) -> Response:
+        return Response.json(json.dumps(self.node.status()))
 
-    async def _page(self, _request: web.Request) -> web.Response:
+    async def _page(self, _request: Request) -> Response:
         text, csp = _page()
-        return web.Response(text=text, content_type="text/html",
-                            headers={"Content-Security-Policy": csp,
-                                     "X-Content-Type-Options": "nosniff"})
+        return Response.text(text, content_type="text/html",
+                             headers={"Content-Security-Policy": csp,
+                                      "X-Content-Type-Options": "nosniff"})
 
-    async def _state(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot(), dumps=_dumps)
+    async def _state(self, _request: Request) -> Response:
+        return Response.json(_dumps(self.snapshot()))
 
     def notify(self) -> None:
         """Something changed (an event): the streams send a snapshot now, not in a second."""
         for changed in self._streams:
             changed.set()
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: the snapshot whenever it differs, looked at on each event and
-        every STREAM_S; a comment line now and then keeps proxies from closing it."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
+    async def _stream(self, _request: Request) -> Response:
+        """Server-sent events (until the client or the server closes)."""
+        return Response(headers={"Content-Type": "text/event-stream",
+                                 "Cache-Control": "no-cache"}, stream=self._events())
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        """The snapshot whenever it differs, looked at on each event and every STREAM_S; a
+        comment line now and then keeps proxies from closing it."""
         changed = asyncio.Event()
         self._streams.add(changed)
         last, quiet = "", 0
         try:
-            while not self._closing:
+            while True:
                 data = _dumps(self.snapshot())
                 if data != last:
-                    await response.write(f"data: {data}\n\n".encode())
+                    yield f"data: {data}\n\n".encode()
                     last, quiet = data, 0
                 elif (quiet := quiet + 1) * STREAM_S >= KEEPALIVE_S:
-                    await response.write(b": keepalive\n\n")
+                    yield b": keepalive\n\n"
                     quiet = 0
                 changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STREAM_S):
                         await changed.wait()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
         finally:
             self._streams.discard(changed)
-        return response
 
-    async def _logs(self, request: web.Request) -> web.Response:
+    async def _logs(self, request: Request) -> Response:
         """A job's record and output (`logs BUILD/JOB`), for a click on it."""
         try:
-            return web.json_response(await self.node.builds.log_view(
-                request.query.get("job", "")[:300]), dumps=_dumps)
+            return Response.json(_dumps(await self.node.builds.log_view(
+                request.query.get("job", "")[:300])))
         except ControlError as exc:
-            return web.json_response({"error": str(exc)}, status=404)
+            return Response.json(json.dumps({"error": str(exc)}), 404)
 
-    async def _action(self, request: web.Request) -> web.Response:
+    async def _action(self, request: Request) -> Response:
         """admit, ban, pause, resume (a node) or cancel (a build), through the same code as
         the CLI; only with the token, as JSON (a cross-site form cannot send that), wherever
         it is bound."""
-        if not request.get("token_ok"):
-            self.node.drops.drop("http_unauthorised")
-            return web.json_response({"error": "actions need the token"}, status=401)
         if request.content_type != "application/json":
-            return web.json_response({"error": "send JSON"}, status=415)
+            return _error("send JSON", 415)
         try:
-            body = await request.json()
+            body = json.loads(request.body)
         except ValueError:
-            return web.json_response({"error": "not JSON"}, status=400)
+            return _error("not JSON", 400)
         action = body.get("action") if isinstance(body, dict) else None
         target = body.get("target") if isinstance(body, dict) else None
         if action not in ACTIONS or not isinstance(target, str) or not target:
-            return web.json_response({"error": f"action: one of {', '.join(ACTIONS)}, with a "
-                                               "target"}, status=400)
+            return _error(f"action: one of {', '.join(ACTIONS)}, with a target", 400)
         args = {"build": target} if action == "cancel" else {"node": target, "via": "dashboard"}
         try:
             result = await self.node.handle_command(action, args)
         except ControlError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return _error(str(exc), 400)
         self.node.event("dashboard_action", {"action": action, "target": target[:80]})
-        return web.json_response({"result": result})
+        return Response.json(json.dumps({"result": result}))
 
     def _path_to(self, peer: str, observed: str | None) -> dict[str, Any]:
         """How this node reaches `peer`: the route actions use (override, SSH jumps...), else
@@ -386,6 +370,10 @@ def _page() -> tuple[str, str]:
     script = text.split("<script>", 1)[1].split("</script>", 1)[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     return text, CSP.format(script=f"'sha256-{digest}'")
+
+
+def _error(text: str, status: int) -> Response:
+    return Response.json(json.dumps({"error": text}), status)
 
 
 def _dumps(value: Any) -> str:
