@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from swarmnode import cluster, control
 from swarmnode import home as homes
 from swarmnode import token as tokens
 from swarmnode.identity import IdentityError, is_node_id, load_or_create
+from swarmnode.options import NodeOptions
 from swarmnode.portage.fingerprint import describe
 
 app = typer.Typer(
@@ -129,9 +130,6 @@ def join(
     fast: Annotated[bool, typer.Option(hidden=True, help="fast timers (tests, demo)")] = False,
 ) -> None:
     """Run this node in the foreground until SIGINT/SIGTERM (then leave gracefully)."""
-    _launch_release()
-    from swarmnode.node import NodeOptions, StartError, run
-
     opts = NodeOptions(
         home=state.home,
         token=join_token,
@@ -143,17 +141,13 @@ def join(
         tailscale=not no_tailscale,
         fast=fast,
     )
-    try:
-        code = run(opts)
-    except (cluster.ClusterError, tokens.TokenError, control.ControlError, StartError,
-            ValueError) as exc:
-        fail(str(exc))
-    raise typer.Exit(code)
+    _launch_node(opts)
 
 
-def _launch_release() -> None:
-    """Run the node from the release `<home>/current` points at (a pushed self-update), the
-    installed code when there is none: exec into it when this process is not it already."""
+def _launch_node(opts: NodeOptions) -> NoReturn:
+    """Exec the node alone (no CLI imports) from the code this process runs when that is the
+    release `<home>/current` points at (a pushed self-update) or there is none; else exec that
+    release's (or the installed code's) CLI, which decides how it runs its node."""
     import os
 
     from swarmnode.push import bundle, releases
@@ -168,11 +162,12 @@ def _launch_release() -> None:
         root = None
     if root is None and not (state.home / releases.CURRENT_LINK).exists():
         root = launcher  # no release (or it was rolled back to the installed code)
-    if root is None or root.resolve() == running:
-        return
-    target = root.resolve()
-    digest = target.name if target != launcher.resolve() else ""
-    argv = releases.exec_argv(target, launcher, digest, sys.argv[1:])
+    target = (root or running).resolve()
+    # (a release's directory is named by its digest: a failure to start there falls back)
+    digest = target.name if target != launcher.resolve() and releases.is_digest(
+        target.name) else ""
+    node = opts.to_json() if target == running else ""
+    argv = releases.exec_argv(target, launcher, digest, sys.argv[1:], node=node)
     os.execv(argv[0], argv)
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -63,6 +63,7 @@ from swarmnode.membership import (
     make_record,
 )
 from swarmnode.metrics import Metrics
+from swarmnode.options import NodeOptions
 from swarmnode.portage import host as portage_host
 from swarmnode.portage.env import PortageEnv
 from swarmnode.portage.fingerprint import Fingerprint
@@ -135,20 +136,6 @@ GC_THRESHOLD = 20_000
 
 class StartError(RuntimeError):
     """The node could not start (its address is taken, another node runs in its home)."""
-
-
-@dataclass
-class NodeOptions:
-    home: Path
-    token: str | None = None
-    name: str | None = None
-    listen: str | None = None
-    advertise: tuple[str, ...] = ()
-    seeds: tuple[str, ...] = ()
-    mdns: bool = True
-    tailscale: bool = True
-    fast: bool = False
-    mdns_interfaces: list[str] | None = None
 
 
 @dataclass
@@ -870,6 +857,18 @@ def _fix_mmap_threshold() -> None:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES (a no-op where there is no glibc)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def main(options: str) -> NoReturn:
+    """Run the node `swarmnode join` parsed `options` (NodeOptions as JSON) for, in this fresh
+    interpreter, and exit with its code."""
+    try:
+        code = run(NodeOptions.from_json(options))
+    except (cluster.ClusterError, tokens.TokenError, control.ControlError, StartError,
+            TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 def run(opts: NodeOptions) -> int:

@@ -141,10 +141,12 @@ def test_bootstrap_installs_and_joins_through_a_jump_host(boot: BootLab) -> None
     assert not (boot.remote_home / "join.env").exists()
     assert (boot.remote_home / "identity.key").stat().st_mode & 0o777 == 0o600
 
-    # The node runs in target's namespace, from the copy (its compiled extensions loaded).
-    command = [f"{boot.prefix}/bin/python", "-I", "-m", "cli.main",
-               "--home", str(boot.remote_home), "join"]
-    pids = [p for p in boot.target_pids() if _cmdline(p)[:7] == command]
+    # The node runs in target's namespace, from the copy (its compiled extensions loaded),
+    # isolated (-I) as the service started its CLI, which exec'd the node alone.
+    python = [f"{boot.prefix}/bin/python", "-I", "-c"]
+    command = ["--home", str(boot.remote_home), "join"]
+    pids = [p for p in boot.target_pids()
+            if _cmdline(p)[:3] == python and _cmdline(p)[8:11] == command]
     assert len(pids) == 1, [(p, _cmdline(p)) for p in boot.target_pids()]
     pid = pids[0]
     maps = Path(f"/proc/{pid}/maps").read_text()

@@ -339,6 +339,36 @@ def test_exec_argv_runs_a_release_and_falls_back(tmp_path: Path,
         assert rel.failed(SELF, bad) == "RuntimeError: boom at import"
 
 
+def test_exec_argv_runs_the_node_alone_and_a_release_that_cannot_falls_back_through_the_cli(
+        tmp_path: Path) -> None:
+    launcher = tmp_path / "launcher"
+    (launcher / "cli").mkdir(parents=True)
+    (launcher / "cli" / "__init__.py").write_text("")
+    (launcher / "cli" / "main.py").write_text(LAUNCHER_MAIN)
+    good, good_blob = build(tmp_path, {
+        "swarmnode/__init__.py": "",
+        "swarmnode/node.py": "import sys\ndef main(options):\n"
+                             "    print('NODE', options, sys.argv, 'cli' in sys.modules)\n",
+    })
+    bad, bad_blob = build(tmp_path, {"swarmnode/__init__.py": "", "cli/__init__.py": ""})
+    with Releases(tmp_path / "home") as rel:
+        good_root = rel.install(good, good_blob)
+        bad_root = rel.install(bad, bad_blob)
+    env = {k: v for k, v in os.environ.items() if k != BOOT_FAILED_ENV}
+    argv = ["join", "--fast"]
+
+    ok = subprocess.run(exec_argv(good_root, launcher, good, argv, node='{"home": "/x"}'),
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"NODE {{\"home\": \"/x\"}} {['swarmnode', *argv]} False"
+
+    broken = subprocess.run(exec_argv(bad_root, launcher, bad, argv, node='{"home": "/x"}'),
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.strip().startswith(f"LAUNCHER {bad}:ImportError")
+    assert broken.stdout.strip().endswith(str(['swarmnode', *argv]))  # its CLI parses again
+
+
 def test_exec_argv_without_a_launcher_to_fall_back_to(tmp_path: Path) -> None:
     digest, blob = build(tmp_path, {"cli/__init__.py": "", "cli/main.py": "raise KeyError(1)\n"})
     with Releases(tmp_path / "home") as rel:

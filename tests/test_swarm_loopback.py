@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,17 @@ def test_four_nodes_join_and_list_each_other_as_they_report_themselves(swarm: Sw
 
     for n in nodes:  # the id a node runs with is the one `swarmnode id` prints for its home
         assert swarm.cli(n, "id").stdout.strip() == n.id
+
+
+def test_a_node_runs_in_its_process_without_the_clis_imports(swarm: Swarm) -> None:
+    """`join` parses with the CLI and execs the node alone (same pid): typer's pydantic
+    (a compiled extension, so it shows in the process's maps) is not loaded."""
+    founder, _token = swarm.init("n1", loopback_addr(1))
+    swarm.start(founder)
+    assert founder.proc is not None
+    maps = Path(f"/proc/{founder.proc.pid}/maps").read_text()
+    assert "_zmq" in maps or "libzmq" in maps  # (it is the node: its extensions are there)
+    assert "pydantic_core" not in maps
 
 
 def test_guest_waits_for_admission_and_a_ban_sticks_across_restarts(swarm: Swarm) -> None:

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import sys
 import time
 import uuid
@@ -53,6 +54,7 @@ __all__ = [
     "check_app",
     "check_digest",
     "exec_argv",
+    "is_digest",
     "launch_root",
 ]
 
@@ -118,6 +120,10 @@ class Trial:
     previous: str | None  # the release to go back to; None: the installed code
     deadline: float  # wall clock: not healthy by then means roll back
     starts: int  # times the launcher started it
+
+
+def is_digest(value: str) -> bool:
+    return _DIGEST_RE.fullmatch(value) is not None
 
 
 def check_digest(digest: object) -> str:
@@ -481,18 +487,23 @@ def _boot_failed(rel: Releases, value: str) -> None:
         rel._rollback_to(SELF_APP, rel.previous(SELF_APP), reason)
 
 
-#: Runs `cli.main.main()` from a release; if that cannot even start, re-execs the launcher
-#: (the installed code) with SWARMNODE_BOOT_FAILED so it rolls the release back.
-#: argv: root, launcher, digest, then the command's own arguments. Stdlib only.
+#: Runs `swarmnode.node.main(node)` (given the node's options) or else `cli.main.main()` from
+#: a release; if that cannot even start, re-execs the launcher (the installed code) with
+#: SWARMNODE_BOOT_FAILED so it rolls the release back, through the CLI.
+#: argv: root, launcher, digest, node, then the command's own arguments. Stdlib only.
 SNIPPET = """\
 import os, sys
-root, launcher, digest = sys.argv[1:4]
-args = sys.argv[4:]
+root, launcher, digest, node = sys.argv[1:5]
+args = sys.argv[5:]
 sys.path[:] = [root] + [p for p in sys.path if p]
 sys.argv = ["swarmnode", *args]
 try:
-    from cli.main import main
-    main()
+    if node:
+        from swarmnode.node import main
+        main(node)
+    else:
+        from cli.main import main
+        main()
 except Exception as e:
     if not digest:
         raise
@@ -500,16 +511,23 @@ except Exception as e:
     traceback.print_exc()
     os.environ["SWARMNODE_BOOT_FAILED"] = f"{digest}:{type(e).__name__}: {e}"[:1000]
     code = sys.orig_argv[sys.orig_argv.index("-c") + 1]
-    os.execv(sys.executable, [sys.executable, "-c", code, launcher, launcher, "", *args])
+    flags = sys.orig_argv[1:sys.orig_argv.index("-c")]
+    os.execv(sys.executable, [sys.executable, *flags, "-c", code, launcher, launcher, "", "",
+                              *args])
 """
 
 
-def exec_argv(root: Path, launcher: Path, digest: str, argv: list[str]) -> list[str]:
-    """The argv to `os.execv` for running the node from release `root`.
+def exec_argv(root: Path, launcher: Path, digest: str, argv: list[str],
+              node: str = "") -> list[str]:
+    """The argv to `os.execv` for running swarmnode from release `root`.
 
     `launcher` is the installed code to fall back to (with `SWARMNODE_BOOT_FAILED` naming
     `digest`) when the release raises anything but SystemExit; an empty `digest` runs the
-    launcher itself (no fallback); `argv` is what typer sees.
+    launcher itself (no fallback); `argv` is what typer sees. `node`, the node's options as
+    JSON (`NodeOptions.to_json`), runs the node without the CLI; `argv` is then the command
+    line a restart or a fallback parses again. The interpreter's flags are kept (`-I`: the
+    service runs isolated from the environment).
     """
-    return [sys.executable, "-c", SNIPPET, str(root), str(launcher),
-            check_digest(digest) if digest else "", *argv]
+    flags = subprocess._args_from_interpreter_flags()
+    return [sys.executable, *flags, "-c", SNIPPET, str(root), str(launcher),
+            check_digest(digest) if digest else "", node, *argv]
