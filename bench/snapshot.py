@@ -11,6 +11,7 @@ the editable install, so the `swarmnode` command and every import use the snapsh
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import subprocess
@@ -69,6 +70,9 @@ def unpack(rev: str) -> Path:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         (dest / "COMMIT").write_text(rev + "\n")
+    # with bytecode, as an install has: each node started would otherwise compile its code
+    # again where bytecode writes are off (0.3 s of CPU per start)
+    compileall.compile_dir(dest, quiet=1)
     return dest
 
 
