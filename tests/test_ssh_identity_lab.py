@@ -45,8 +45,9 @@ HOSTILE = ("import json, os, sys\n"
            "facts = json.loads(os.environ['HOSTILE_FACTS'])\n"
            "node.Node._ssh_facts = lambda self: facts\n"
            "sys.argv[0] = 'swarmnode'\n"
-           "from cli.main import main\n"
-           "main()\n")
+           "from cli import main as cli\n"
+           "cli._launch_node = lambda opts: node.main(opts.to_json())  # (here: no exec)\n"
+           "cli.main()\n")
 
 
 def start_hostile(swarm: Swarm, lab: Lab, mal: Node, token: str, facts: dict[str, object],
