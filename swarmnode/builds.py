@@ -846,10 +846,8 @@ class Builds:
             self._finished_at.pop(build_id, None)
             self._forgot = True
         if ev.kind in ("done", "requeued", "blocked", "cancelled", "failed", "rejected_stale"):
-            # (not fsynced: one a job, at hundreds a second; the history holds them too)
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
-                                               if isinstance(v, str | int | float)},
-                            synced=False)
+                                               if isinstance(v, str | int | float)})
 
     def _record(self, ev: LedgerEvent) -> None:
         """Write what `ev` did to the history: the attempt it assigned, started or ended,

@@ -1,8 +1,8 @@
 """The node's events as JSON lines, for log shippers (Vector, Fluent Bit, Promtail, ...).
 
 `<home>/events.jsonl` gets one object per event, `{"seq", "ts", "kind", ...data}`, the same
-record `swarmnode events --json` shows. Appended as they happen (no fsync: the SQLite event log
-is the durable copy), and rotated to `events.jsonl.1` past MAX_BYTES so it never grows
+record `swarmnode events --json` shows. Appended as they happen (no fsync, as the SQLite event
+log), and rotated to `events.jsonl.1` past MAX_BYTES so it never grows
 without bound; shippers that follow by inode (all the common ones) keep up across a rotation.
 """
 

@@ -561,12 +561,11 @@ class Node:
         self._dirty = True
         self.event(ev.kind, data)
 
-    def event(self, kind: str, data: dict[str, Any], synced: bool = True) -> None:
-        """Record an event (`synced=False`: without an fsync, for those that come by the
-        hundred a second, e.g. one per finished job)."""
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        """Record an event (in the store, not fsynced: see `Store.add_event`)."""
         data = {k: v for k, v in data.items() if k != "kind"}
         ts = time.time()
-        seq = self.store.add_event(kind, data, ts, synced)
+        seq = self.store.add_event(kind, data, ts)
         self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
         self.http.notify()
         who = data.get("id", "")

@@ -4,7 +4,7 @@ SQLite in WAL mode with synchronous=FULL: every write that returns is on disk, s
 incarnation number persisted before a refutation goes out can never go backwards after a
 crash, and a restarted node finds the members it knew. The one exception is the report outbox
 (`outbox_write`), written once per turn of a busy worker: losing its last writes to a power cut
-only means running those jobs again.
+only means running those jobs again; and the event log, which no decision is read from.
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ class Store:
         rows = self._db.execute("SELECT value FROM outbox ORDER BY key").fetchall()
         return [msgpack.unpackb(r[0], raw=False) for r in rows]
 
-    def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None,
-                  synced: bool = True) -> int:
-        """Append an event (`synced=False`: not fsynced, see `db.transaction`)."""
-        with self._tx(synced) as db:
+    def add_event(self, kind: str, data: dict[str, Any], ts: float | None = None) -> int:
+        """Append an event, not fsynced (see `db.transaction`): the log tells what happened,
+        and no decision is read back from it (bans, incarnations and votes have their own
+        rows), so a power cut costs only its last lines, while an fsync per event on the
+        event loop held a busy leader up for tens of milliseconds at a time."""
+        with self._tx(synced=False) as db:
             cur = db.execute(
                 "INSERT INTO events(ts, kind, data) VALUES(?, ?, ?)",
                 (time.time() if ts is None else ts, kind, json.dumps(data, default=str)),

@@ -488,8 +488,7 @@ class Worker:
             if verdict != CURRENT or time.monotonic() - asked > CONFIRM_S:
                 self.node.drops.drop("job_unconfirmed")
                 self.node.event("job_unconfirmed", {"build": a.build, "job": a.job,
-                                                    "attempt": a.attempt, "answer": verdict},
-                                synced=False)
+                                                    "attempt": a.attempt, "answer": verdict})
                 return None
         if self.running.get((a.build, a.job), (None,))[0] is not a:
             return "superseded by a newer attempt while fetching its inputs", 0.0

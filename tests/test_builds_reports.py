@@ -70,7 +70,7 @@ class FakeNode:
     def clock(self) -> float:
         return 0.0
 
-    def event(self, kind: str, data: dict[str, Any], synced: bool = True) -> None:
+    def event(self, kind: str, data: dict[str, Any]) -> None:
         self.events.append((kind, data))
 
     def send_raw(self, peer: str, msg_type: str, body: bytes) -> None:
