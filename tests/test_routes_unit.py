@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from swarmnode.routes import Attempt, Route, Router, _Outcome, _Race
 
@@ -60,3 +66,35 @@ def test_a_remembered_route_expires_when_the_member_reports_other_addresses():
     assert router.cached("peer") is router.routes["peer"]
     record.addresses = ("10.0.0.9:7946",)  # it moved (DHCP, a new interface)
     assert router.cached("peer") is None
+
+
+JUMPS = """\
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from swarmnode.routes import Router
+
+config = Path(sys.argv[1])
+ssh = SimpleNamespace(config=str(config), user="me")
+node = SimpleNamespace(node_config=SimpleNamespace(ssh=ssh, jumps_for=lambda *_: []),
+                       core=SimpleNamespace(members=lambda: []))
+view = SimpleNamespace(id="peer", name="target", record=None)
+hops = Router(node).jump_hops(view)
+print(json.dumps([[h.host for h in hops], "paramiko" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize(("config", "hops", "paramiko"), [
+    (None, [], False),
+    ("Host target\n    User root\n", [], False),
+    ("Host target\n    proxyJUMP j1,j2\n", ["j1", "j2"], True),
+])
+def test_ssh_jumps_are_read_from_the_ssh_config_and_paramiko_loads_only_for_a_proxyjump(
+        tmp_path: Path, config: str | None, hops: list[str], paramiko: bool) -> None:
+    path = tmp_path / "ssh_config"
+    if config is not None:
+        path.write_text(config)
+    done = subprocess.run([sys.executable, "-c", JUMPS, str(path)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [hops, paramiko]
