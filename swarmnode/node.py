@@ -513,9 +513,11 @@ class Node:
         if to == self.id:  # the leader is also a worker: deliver to ourselves, next turn
             asyncio.get_running_loop().call_soon(self._loopback, msg_type, body)
             return True
-        # One connection per pair when we can: the one `to` opened to us, if we have none to
-        # it; else ours (dialled). A probe always takes ours (DIALLED).
-        if (msg_type not in DIALLED and not self.transport.has_dealer(to)
+        # One connection per pair when we can: the one `to` opened to us (while it is in
+        # use), if we have none to it or `to` has the smaller id -- so a pair that both dialled
+        # settles on one, and the other goes idle and closes; else ours (dialled). A probe
+        # always takes ours (DIALLED).
+        if (msg_type not in DIALLED and (to < self.id or not self.transport.has_dealer(to))
                 and self.transport.send_inbound(to, msg_type, body)):
             return True
         self.route_to(to)
