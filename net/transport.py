@@ -213,6 +213,7 @@ class Transport:
         self._idle_history: dict[str, deque[tuple[float, str, str]]] = {}
         self._inbound_routes: dict[str, bytes] = {}  # peer id -> ROUTER routing id
         self._inbound_seen: dict[str, float] = {}  # peer id -> when it last sent on it
+        self._dialable: set[str] = set()  # peers a DEALER of ours completed a handshake with
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: dict[str, int] = {}
         self.bytes_out = 0
@@ -310,7 +311,7 @@ class Transport:
             dealer.endpoints[_destination(full)] = full
         self._dealers[peer_id] = dealer
         self._spawn(self._recv_loop(sock, peer_id))
-        self._spawn(self._on_handshakes(dealer))
+        self._spawn(self._on_handshakes(peer_id, dealer))
 
     def disconnect(self, peer_id: str) -> None:
         self._idle_history.pop(peer_id, None)
@@ -319,9 +320,16 @@ class Transport:
             dealer.close()
         self._inbound_routes.pop(peer_id, None)
         self._inbound_seen.pop(peer_id, None)
+        self._dialable.discard(peer_id)
 
     def has_dealer(self, peer_id: str) -> bool:
         return peer_id in self._dealers
+
+    def dialable(self, peer_id: str) -> bool:
+        """Whether a DEALER of ours has completed a handshake with `peer_id` (since it
+        last left): it can be dialled, so a message that must go over our own connection may
+        wait for the handshake rather than ride the peer's."""
+        return peer_id in self._dialable
 
 
     def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
@@ -341,6 +349,18 @@ class Transport:
             return True
         self._inbound_routes.pop(peer_id, None)
         return False
+
+    def connections(self) -> dict[str, int]:
+        """How many connections this node holds and why: DEALERs it dialled (`kept` of them
+        to peers that have not dialled it within DIALS_US_S, which stay open), peers whose
+        own connection to it was used within IDLE_CLOSE_S, and DEALERs closed for idleness
+        (for status and the scale benchmark)."""
+        now = time.monotonic()
+        kept = sum(now - self._inbound_seen.get(p, -DIALS_US_S) > DIALS_US_S
+                   for p in self._dealers)
+        inbound = sum(now - seen <= IDLE_CLOSE_S for seen in self._inbound_seen.values())
+        return {"dialled": len(self._dealers), "kept": kept, "inbound_in_use": inbound,
+                "closed_idle": self.closed_idle}
 
     async def _close_idle(self) -> None:
         while True:
@@ -406,7 +426,7 @@ class Transport:
             dealer.held.popleft()
             self.drops.drop("unreachable")
 
-    async def _on_handshakes(self, dealer: _Dealer) -> None:
+    async def _on_handshakes(self, peer_id: str, dealer: _Dealer) -> None:
         """Record connection events; each completed handshake releases held messages."""
         while True:
             try:
@@ -422,6 +442,7 @@ class Transport:
                 self._park(dealer, where)
             if name != "handshake_ok":
                 continue
+            self._dialable.add(peer_id)
             dealer.backoff.pop(where, None)
             self._expire(dealer, time.monotonic())
             while dealer.held:

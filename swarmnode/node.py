@@ -521,7 +521,11 @@ class Node:
                 and self.transport.send_inbound(to, msg_type, body)):
             return True
         self.route_to(to)
-        return self.transport.send(to, msg_type, body)
+        # A probe to a member we have dialled before waits for our handshake rather than
+        # ride its connection to us: otherwise it never dials us, and we keep ours open for
+        # it (a member nobody dials is taken to be behind NAT).
+        via = "dealer" if msg_type in DIALLED and self.transport.dialable(to) else None
+        return self.transport.send(to, msg_type, body, via=via)
 
     def _loopback(self, msg_type: str, body: bytes) -> None:
         env = Envelope(WIRE_VERSION, msg_type, self.id, 0, 0, body)
@@ -831,6 +835,7 @@ class Node:
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
+            "connections": self.transport.connections(),
             "sent": dict(sorted(self.transport.sent.items())),  # messages by type
             "received": dict(sorted(self.received.items())),
             "watts": self.power.last.watts if self.power.last else None,

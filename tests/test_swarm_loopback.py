@@ -90,6 +90,21 @@ def test_a_node_runs_in_its_process_without_the_clis_imports(swarm: Swarm) -> No
     assert "pydantic_core" not in maps
 
 
+@pytest.mark.timeout(120)
+def test_no_connection_is_kept_open_for_a_member_that_dials(swarm: Swarm) -> None:
+    """Connections by need: a member that can dial us probes over its own connection, so we
+    keep none open for it (`kept`: DEALERs to members never seen dialling in; they would never
+    close). The shipped timers: connections go idle between probes and are dialled again."""
+    founder, token = swarm.init("n1", loopback_addr(1))
+    nodes = [swarm.start(founder, fast=False)] + [
+        swarm.start(swarm.add(f"n{i}", loopback_addr(i)), token, fast=False) for i in range(2, 6)]
+    swarm.wait_converged(nodes, JOIN_S)
+    swarm.wait_for(lambda: min(swarm.query(n, "status")["connections"]["closed_idle"]
+                               for n in nodes) >= 3, 30, "idle connections closed")
+    swarm.wait_for(lambda: [swarm.query(n, "status")["connections"]["kept"] for n in nodes]
+                   == [0] * len(nodes), DETECT_S, "no connection kept for a member that dials")
+
+
 def test_guest_waits_for_admission_and_a_ban_sticks_across_restarts(swarm: Swarm) -> None:
     (a, b), _ = swarm.loopback(2, JOIN_S)
     guest = swarm.start(swarm.add("guest", loopback_addr(3)), seeds=[a.listen])

@@ -102,6 +102,38 @@ async def test_first_message_to_a_new_peer_waits_for_the_handshake():
         await closed(a, b)
 
 
+async def test_a_send_pinned_to_our_dealer_waits_for_its_handshake_not_the_peers_connection():
+    """b has a connection to a; a's DEALER to b closed when idle. A plain send rides b's
+    connection (so would one while a's DEALER handshakes); one pinned to the dealer (a probe
+    to a member that could be dialled before) waits and goes over a's own, so b sees a dial in
+    (a message on b's ROUTER carries the address it came from)."""
+    a, b = Peer(), Peer()
+    await started(a, b)
+    try:
+        assert not a.transport.dialable(b.id)
+        a.transport.connect(b.id, (b.addr,))
+        await send_when_connected(a, b, "ping", b"1")
+        await b.next()
+        assert a.transport.dialable(b.id)
+        b.transport.connect(a.id, (a.addr,))
+        assert b.transport.send(a.id, "ping", b"2", via="dealer")  # b dials a
+        assert (await a.next()).envelope.body == b"2"
+        a.transport.close_idle(time.monotonic() + IDLE_CLOSE_S + 1)  # a's goes idle
+        assert not a.transport.has_dealer(b.id) and a.transport.dialable(b.id)
+
+        assert a.transport.send(b.id, "ping", b"plain")  # no DEALER: b's connection
+        got = await b.next()
+        assert got.envelope.body == b"plain" and got.observed is None  # (on b's DEALER)
+        a.transport.connect(b.id, (b.addr,))
+        assert a.transport.send(b.id, "ping", b"pinned", via="dealer")  # held for the dial
+        got = await b.next()
+        assert got.envelope.body == b"pinned" and got.observed is not None  # (b's ROUTER)
+        a.transport.disconnect(b.id)
+        assert not a.transport.dialable(b.id)  # (it left: learnt again on the next dial)
+    finally:
+        await closed(a, b)
+
+
 async def test_peer_without_route_is_reached_over_its_inbound_connection():
     """Like a node behind NAT: b never dials a, but can still send to it."""
     a, b = Peer(), Peer()
