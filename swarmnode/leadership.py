@@ -60,11 +60,11 @@ LEDGER_DB = "ledger.db"
 #: for a tail: `Config.compact_keep_entries`).
 COMPACT_EVERY = 2_000
 
-#: An observer that held a job within this long is heartbeated like a voter (the core's
-#: `pushed`), not only kept alive: a worker starts an assignment without asking the leader
-#: only when the leader's messages have been reaching it steadily (worker.OUT_OF_TOUCH_S), so
-#: an observer between two builds a few seconds apart stays in touch. An idle one costs the
-#: leader a keepalive now and then (Config.observer_keepalive) instead of ten messages a second.
+#: An observer that held a job within this long gets entries and commits as they come (the
+#: core's `pushed`), not batched: its assignments, cancels and the build's end reach it at
+#: once, also between two builds a few seconds apart. (No empty heartbeats: its worker asks
+#: the leader before starting an assignment that did not arrive in steady contact,
+#: worker.OUT_OF_TOUCH_S, which costs a round trip per job, not ten messages a second.)
 ENGAGED_LINGER_S = 10.0
 
 if TYPE_CHECKING:

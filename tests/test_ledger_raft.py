@@ -348,10 +348,10 @@ def test_a_whole_cluster_with_observers_applies_the_same_entries() -> None:
     assert all(s == seqs["a"] for s in seqs.values())
 
 
-def test_an_idle_observer_hears_a_keepalive_and_batches_a_busy_one_every_heartbeat() -> None:
-    """Issue 16: at idle the leader heartbeats voters and observers running jobs (`pushed`)
-    every heartbeat_interval, an idle observer every observer_keepalive; what commits reaches
-    the idle one batched, every observer_batch_interval at most."""
+def test_observers_hear_keepalives_and_entries_batched_or_at_once_when_running_jobs() -> None:
+    """Issue 16: at idle the leader heartbeats voters every heartbeat_interval and observers
+    every observer_keepalive, those running jobs (`pushed`) too; what commits reaches an idle
+    observer batched, every observer_batch_interval at most, and a pushed one at once."""
     ids = ["a", "b", "c", "o", "p"]
     nodes = {i: make(i, observers=frozenset({"o", "p"})) for i in ids}
     out: dict[str, list[Output]] = {}
@@ -364,8 +364,8 @@ def test_an_idle_observer_hears_a_keepalive_and_batches_a_busy_one_every_heartbe
     run(nodes, out, LATER + 10.0, sent)
     beats = 10.0 / CFG.heartbeat_interval
     assert beats * 0.9 < sent[("b", "empty")] <= beats + 1
-    assert beats * 0.9 < sent[("p", "empty")] <= beats + 1
-    assert sent[("o", "empty")] <= 10.0 / CFG.observer_keepalive + 1
+    for observer in ("o", "p"):
+        assert 0 < sent[(observer, "empty")] <= 10.0 / CFG.observer_keepalive + 1
     assert nodes["o"].leader == "a"  # the keepalive keeps its leader
     # a burst of proposals, one per heartbeat for 2 s: the idle observer gets them in batches
     sent.clear()

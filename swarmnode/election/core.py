@@ -1147,7 +1147,7 @@ class Election:
             del self._sent_at[first]
         self._heartbeat_at = now + self._cfg.heartbeat_interval
         for peer in self._peers:
-            if self._streamed(peer):
+            if peer in self._voters:
                 # Entries from `next` on: retransmits what a lagging follower has not
                 # confirmed, unless it still awaits the reply to them.
                 self._send_append(peer, heartbeat=True)
@@ -1155,8 +1155,11 @@ class Election:
                 self._keep_observer(peer, now)
 
     def _keep_observer(self, peer: str, now: float) -> None:
-        """An idle observer's share of a heartbeat round: what it lacks, batched, or else a
-        keepalive now and then (Config.observer_keepalive says why)."""
+        """An observer's share of a heartbeat round: what it lacks -- batched for an idle one,
+        at once for one running jobs (`pushed`, which also gets every entry and commit as they
+        come) -- or else a keepalive now and then (Config.observer_keepalive says why). No
+        empty heartbeats: it has no election timer to feed, and at 10 a second to each of 37
+        observers running a build they were most of a busy leader's work."""
         pr = self._progress[peer]
         lacks = (pr.sent_commit < self._commit or pr.next <= self._log.last_index
                  or not pr.heard)
@@ -1168,7 +1171,7 @@ class Election:
         # all come due together for ever)
         every = max(cfg.observer_keepalive, idle / cfg.observer_keepalives_per_s)
         pr.pull_at = now + every * (0.75 + self._rng.random() / 2)
-        pr.batch_at = now + cfg.observer_batch_interval
+        pr.batch_at = now + (0.0 if peer in self._pushed else cfg.observer_batch_interval)
         self._send_append(peer, heartbeat=True)
         if not pr.heard and now >= pr.wait_until:  # (no data went: back off as if it had)
             self._await_reply(pr, pr.next - 1, chunk=False)
