@@ -872,6 +872,64 @@ def test_a_stalled_follower_whose_leader_is_gone_campaigns_a_grace_late_then_pat
     assert el.role == PRE_CANDIDATE and el.counters["stalls"] == 1
 
 
+def test_a_follower_hearing_its_leader_late_gets_patient_and_calm_makes_it_quick_again() -> None:
+    """A voter running on time whose leader's heartbeats come late_gap apart (a busy leader)
+    doubles its election timeout, as for a stall of its own; heartbeats on time do not; ten
+    quiet seconds later its timeouts are back to [min, max]."""
+    el, now = _following()
+    now = _pulse(el, now + 0.05)
+    el.handle(now, "a", hb(1, "a", 2))  # on time
+    assert el.counters["late"] == 0
+    now = _pulse(el, now + STALLS.late_gap + 0.01)  # this node runs on time meanwhile
+    el.handle(now, "a", hb(1, "a", 3))  # late
+    el.drain()
+    assert el.counters["late"] == 1 and el.counters["stalls"] == 0
+    now = _pulse(el, now + 2 * STALLS.election_timeout_min - 0.01)
+    assert el.role == FOLLOWER  # 0.8 s of silence: a doubled timeout has not run out
+    el.handle(now, "a", hb(1, "a", 4))  # (late again)
+    el.drain()
+    quiet = now
+    now = quiet
+    while now < quiet + 3 * STALLS.patience_decay:  # heartbeats on time for 30 s
+        now = _pulse(el, now + 0.1)
+        el.handle(now, "a", hb(1, "a", 5 + int(now * 10)))
+        el.drain()
+    _pulse(el, now + STALLS.election_timeout_max + 0.01)
+    assert el.role == PRE_CANDIDATE and el.counters["late"] == 2
+
+
+def _answered(el: Election, now: float, until: float, late: int | None = None) -> float:
+    """Run leader `el` at its deadlines until `until`, b answering each round at once and c
+    answering round `late` late_gap later (and no other); returns when b last answered."""
+    last = now
+    pending: list[tuple[float, int]] = []
+    while (now := el.next_deadline()) <= until:
+        for at, seq in [p for p in pending if p[0] <= now]:
+            el.handle(at, "c", AppendReply(el.term, seq, True, el.log.last_index))
+            pending.remove((at, seq))
+        el.tick(now)
+        for seq in {s.msg.seq for s in sends(el.drain()) if isinstance(s.msg, AppendEntries)
+                    and s.to == "b"}:
+            el.handle(now, "b", AppendReply(el.term, seq, True, el.log.last_index))
+            last = now
+            if late is None:  # (later sends in the same round carry its seq too)
+                late = seq
+                pending.append((now + STALLS.late_gap + 0.01, seq))
+        el.drain()
+    return last
+
+
+def test_a_leader_whose_voter_answers_late_gets_patient_before_giving_up_on_its_quorum(
+        ) -> None:
+    el, now = _leading()
+    last = _answered(el, now, now + 1.0)
+    assert el.counters["late"] == 1 and el.counters["stalls"] == 0 and el.role == LEADER
+    _pulse(el, last + 2 * STALLS.check_quorum_timeout - 0.05)  # silence: doubled, not yet
+    assert el.role == LEADER
+    _pulse(el, last + 2 * STALLS.check_quorum_timeout + 2 * STALLS.heartbeat_interval)
+    assert el.role != LEADER
+
+
 def test_a_second_stall_soon_after_gets_no_grace() -> None:
     """At most one grace per election_timeout_min: a node starved all the time still acts."""
     el, now = _following()

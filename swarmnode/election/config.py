@@ -107,6 +107,12 @@ class Config:
     node whose own lateness is the likely cause of a silence waits longer before acting on it."""
     patience_decay: float = 10.0
     """...and each this many seconds without a stall halve them again."""
+    late_gap: float = 0.3
+    """A voter running on time that hears its leader this long after the time before (three
+    heartbeat intervals; three quarters of election_timeout_min) takes it as a stall too: a
+    busy leader or a loaded path is late now, and at 40 nodes on two cores the next gap cost
+    an election during a build (memberlist likewise stretches its timeouts on evidence of
+    slowness). Fast configs keep it: it is not scaled with the timers."""
     compact_keep_entries: int = 1000
     """Entries a compaction keeps before the snapshot's index, as etcd keeps its
     SnapshotCatchUpEntries: a follower a few entries behind when the leader compacts still gets
@@ -151,6 +157,6 @@ class Config:
             f.name: getattr(base, f.name) / 10
             for f in fields(cls)
             if isinstance(getattr(base, f.name), float)
-            and f.name not in ("lease_ratio", "stall_min")
+            and f.name not in ("lease_ratio", "stall_min", "late_gap")
         }
         return replace(base, **{**scaled, **overrides})

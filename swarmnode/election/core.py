@@ -466,6 +466,20 @@ class Election:
             self._patience -= 1
             self._patience_at = now
 
+    def _check_late(self, gap: float) -> None:
+        """A voter that heard its leader `gap` after the time before, or a leader a voter's
+        reply `gap` after its round went, over late_gap, while itself running on time (a
+        stall of its own is counted by `_check_stall`): the other side or the path is slow
+        now -- a loaded machine, a busy leader -- and the next such gap would be an election
+        (or a step-down) on a late packet. More patience, as for a stall of its own."""
+        cfg = self._cfg
+        if (not cfg.stall_grace or self.id not in self._voters or gap <= cfg.late_gap
+                or self._now - self._last_run > max(2 * cfg.heartbeat_interval, cfg.stall_min)):
+            return
+        self.counters["late"] += 1
+        self._patience = min(self._patience + 1, cfg.max_patience)
+        self._patience_at = self._now
+
     def drain(self) -> list[Output]:
         """Outputs produced since the last drain, in order (see `Persist` for why it matters)."""
         out, self._out = self._out, []
@@ -860,6 +874,8 @@ class Election:
             return False
         if term > self._term:
             self._become_follower(term, "higher_term")
+        elif self._leader == src:
+            self._check_late(self._now - self._heard_leader_at)
         self._role = FOLLOWER
         self._granted.clear()
         self._heard_leader_at = self._now
@@ -873,6 +889,8 @@ class Election:
         pr = self._reply_progress(src, m.term, m.seq)
         if pr is None:
             return
+        if src in self._voters and m.seq in self._sent_at:  # (a round trip to a voter)
+            self._check_late(self._now - self._sent_at[m.seq])
         covered = not pr.wait_chunk and (not m.success or m.index >= pr.wait_for)
         if covered or m.seq > pr.wait_seq:
             pr.wait_until = -_INF
