@@ -433,6 +433,8 @@ class Transport:
                 event = await recv_monitor_message(dealer.monitor)
             except zmq.ZMQError:
                 return  # the dealer was closed
+            if dealer.closed:  # (closed while its last event was on the way)
+                return
             name = WATCHED.get(event["event"], str(event["event"]))
             where = _destination(event.get("endpoint", b"").decode(errors="replace"))
             dealer.history.append((time.time(), name, where))
