@@ -331,7 +331,6 @@ class Transport:
         wait for the handshake rather than ride the peer's."""
         return peer_id in self._dialable
 
-
     def send_inbound(self, peer_id: str, msg_type: str, body: bytes) -> bool:
         """Send over the connection `peer_id` opened to us, if it sent on it within
         IDLE_CLOSE_S (so it is likely still open); False, with nothing counted, when there is
