@@ -2,7 +2,7 @@
 
 SQLite in WAL mode with synchronous=FULL: every write that returns is on disk, so an
 incarnation number persisted before a refutation goes out can never go backwards after a
-crash, and a restarted node finds the members it knew. The one exception is the report outbox
+crash, and a restarted node finds the members it knew. Two exceptions: the report outbox
 (`outbox_write`), written once per turn of a busy worker: losing its last writes to a power cut
 only means running those jobs again; and the event log, which no decision is read from.
 """
