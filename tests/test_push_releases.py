@@ -297,12 +297,18 @@ def main():
 """
 
 
-def test_exec_argv_runs_a_release_and_falls_back(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def installed_launcher(tmp_path: Path) -> Path:
+    """The installed code to fall back to: its CLI prints what it was started with."""
     launcher = tmp_path / "launcher"
     (launcher / "cli").mkdir(parents=True)
     (launcher / "cli" / "__init__.py").write_text("")
     (launcher / "cli" / "main.py").write_text(LAUNCHER_MAIN)
+    return launcher
+
+
+def test_exec_argv_runs_a_release_and_falls_back(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    launcher = installed_launcher(tmp_path)
     good, good_blob = build(tmp_path, {
         "cli/__init__.py": "",
         "cli/main.py": "import sys\ndef main():\n    print('GOOD', sys.argv)\n",
@@ -341,10 +347,7 @@ def test_exec_argv_runs_a_release_and_falls_back(tmp_path: Path,
 
 def test_exec_argv_runs_the_node_alone_and_a_release_that_cannot_falls_back_through_the_cli(
         tmp_path: Path) -> None:
-    launcher = tmp_path / "launcher"
-    (launcher / "cli").mkdir(parents=True)
-    (launcher / "cli" / "__init__.py").write_text("")
-    (launcher / "cli" / "main.py").write_text(LAUNCHER_MAIN)
+    launcher = installed_launcher(tmp_path)
     good, good_blob = build(tmp_path, {
         "swarmnode/__init__.py": "",
         "swarmnode/node.py": "import sys\ndef main(options):\n"
