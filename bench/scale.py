@@ -15,13 +15,17 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
    a counter; else reported as missing) and wire bytes in and out (`bytes_in`, `bytes_out`),
    per second; from its /metrics: the p99 of `swarmnode_loop_lag_seconds` in the window (the
    histogram's difference, interpolated within a bucket as Prometheus' histogram_quantile
-   does); from its events: leader changes (`leader_elected`, one per election, summed over
+   does) and of `swarmnode_loop_held_seconds` (the lag less the loop thread's wait for a CPU:
+   what the node's own steps held; with 40 nodes on two cores most of a lag is that wait),
+   with the highest bucket the window reached (its worst); from its events: leader changes (`leader_elected`, one per election, summed over
    nodes; `leader_changed`, as each node saw them, the most on any node). The leader's figures
    are given apart from the followers' (median and max).
 3. build: `--build-jobs` independent jobs of `sleep --job-seconds`, submitted on the founder,
-   until the build is finished: its time, the leader changes in it, loop-lag p99 in it.
+   until the build is finished: its time, the leader changes in it, loop lag and held lag in
+   it (the leader and the worst node).
 4. push: `swarmnode push DIR --wait --json` of a small app (restart `true`, a health check)
-   from the founder (it holds the push right) to all N: the CLI's wall time and its `elapsed`.
+   from the founder (it holds the push right) to all N: the CLI's wall time and its `elapsed`,
+   loop lag and held lag of the pusher and the leader in it.
 5. kill: `kill -9` of `--kill` nodes (neither founder nor leader; non-voters first): seconds
    until every other node lists each of them dead.
 
@@ -220,14 +224,23 @@ ROWS = (
     ("loop-lag p99 idle, median node", "lag_p99_idle_med_ms", "ms"),
     ("loop-lag p99 idle, worst node", "lag_p99_idle_max_ms", "ms"),
     ("loop-lag worst since start, worst node", "lag_worst_ms", "ms"),
+    ("held lag p99 idle, worst node", "held_p99_idle_max_ms", "ms"),
     ("elections in the idle window", "elections_idle", ""),
     ("leader changes seen idle, most on a node", "leader_changed_idle_max", ""),
     ("build: submit to finished", "build_s", "s"),
     ("elections during the build", "elections_build", ""),
     ("leader changes seen in the build, most on a node", "leader_changed_build_max", ""),
     ("loop-lag p99 in the build, worst node", "lag_p99_build_max_ms", "ms"),
+    ("loop-lag p99 in the build, leader", "lag_p99_build_leader_ms", "ms"),
+    ("held lag p99 in the build, leader", "held_p99_build_leader_ms", "ms"),
+    ("held lag worst in the build, leader (bucket bound)", "held_top_build_leader_ms", "ms"),
+    ("held lag p99 in the build, worst node", "held_p99_build_max_ms", "ms"),
+    ("held lag worst in the build, worst node (bucket bound)", "held_top_build_max_ms", "ms"),
     ("push to all: CLI wall time", "push_wall_s", "s"),
     ("push to all: its `elapsed`", "push_elapsed_s", "s"),
+    ("loop-lag p99 in the push, pusher", "lag_p99_push_pusher_ms", "ms"),
+    ("held lag worst in the push, pusher (bucket bound)", "held_top_push_pusher_ms", "ms"),
+    ("held lag worst in the push, leader (bucket bound)", "held_top_push_leader_ms", "ms"),
     ("kill -9 of k nodes: all others agree dead", "dead_s", "s"),
 )
 
@@ -417,8 +430,10 @@ class Cell:
                 self.pids[node.name]), "st": st, "lag": self.lag_buckets(node, st)}
         return out
 
-    def lag_buckets(self, node: Any, st: dict[str, Any]) -> dict[float, float] | None:
-        """The node's loop-lag histogram (le -> cumulative count) from its /metrics."""
+    def lag_buckets(self, node: Any, st: dict[str, Any]) -> dict[str, dict[float, float]] | None:
+        """The node's loop-lag histograms from its /metrics, each as le -> cumulative count:
+        "lag" (how late the loop woke a timer) and, where the node has it, "held" (that lag
+        less the loop thread's wait for a CPU: its own steps)."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
@@ -432,12 +447,14 @@ class Cell:
             "Authorization": f"Bearer {token_file.read_text().strip()}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             text = resp.read().decode()
-        for fam in text_string_to_metric_families(text):
-            if fam.name == "swarmnode_loop_lag_seconds":
-                return {float(s.labels["le"]): s.value for s in fam.samples
-                        if s.name.endswith("_bucket")}
-        self.missing.add("swarmnode_loop_lag_seconds in /metrics")
-        return None
+        names = {"swarmnode_loop_lag_seconds": "lag", "swarmnode_loop_held_seconds": "held"}
+        got = {names[fam.name]: {float(s.labels["le"]): s.value for s in fam.samples
+                                 if s.name.endswith("_bucket")}
+               for fam in text_string_to_metric_families(text) if fam.name in names}
+        for name, key in names.items():
+            if key not in got:
+                self.missing.add(f"{name} in /metrics")
+        return got or None
 
     def window(self, a: dict[str, Any], b: dict[str, Any], leader: str) -> dict[str, Any]:
         """Per-node rates between two samples, and the leader's apart."""
@@ -469,9 +486,12 @@ class Cell:
                                           - sum(sx["received"].values()) / dt, 1)
             else:
                 self.missing.add("status `received` (messages received, by type)")
-            if x["lag"] is not None and y["lag"] is not None:
-                row["lag_p99_ms"] = quantile(0.99, {le: y["lag"][le] - x["lag"].get(le, 0)
-                                                    for le in y["lag"]})
+            for key in ("lag", "held"):
+                if x["lag"] and y["lag"] and key in x["lag"] and key in y["lag"]:
+                    hist = {le: y["lag"][key][le] - x["lag"][key].get(le, 0)
+                            for le in y["lag"][key]}
+                    row[f"{key}_p99_ms"] = quantile(0.99, hist)
+                    row[f"{key}_top_ms"] = top_bucket(hist)
             row["lag_worst_ms"] = sy.get("loop_lag_worst_ms")
             per[name] = row
         return per
@@ -510,6 +530,7 @@ class Cell:
         fig["rss_max_mib"] = mx(rows, "rss_mib")
         fig["lag_p99_idle_med_ms"] = med(rows, "lag_p99_ms")
         fig["lag_p99_idle_max_ms"] = mx(rows, "lag_p99_ms")
+        fig["held_p99_idle_max_ms"] = mx(rows, "held_p99_ms")
         fig["lag_worst_ms"] = mx(rows, "lag_worst_ms")
         ch = self.leader_changes(ts0, ts1)
         det["idle"]["leader_changes"] = ch
@@ -568,7 +589,14 @@ class Cell:
         fig["build_s"] = round(took, 2)
         fig["elections_build"] = ch["elections"]
         fig["leader_changed_build_max"] = ch["leader_changed_max"]
-        fig["lag_p99_build_max_ms"] = mx(list(per.values()), "lag_p99_ms")
+        rows = list(per.values())
+        lead = next((r for r in rows if r["leader"]), {})
+        fig["lag_p99_build_max_ms"] = mx(rows, "lag_p99_ms")
+        fig["lag_p99_build_leader_ms"] = lead.get("lag_p99_ms")
+        fig["held_p99_build_leader_ms"] = lead.get("held_p99_ms")
+        fig["held_top_build_leader_ms"] = lead.get("held_top_ms")
+        fig["held_p99_build_max_ms"] = mx(rows, "held_p99_ms")
+        fig["held_top_build_max_ms"] = mx(rows, "held_top_ms")
         if not st.get("ok"):
             raise RuntimeError(f"build {build_id} did not succeed: {st}")
 
@@ -580,6 +608,8 @@ class Cell:
         (app / "swarmnode-push.toml").write_text(
             'name = "scale"\nrestart = "true"\nhealth = "test -f data.txt"\n'
             "health_timeout = 30\n")
+        leader = self.q(self.nodes[0], "status")["leader"]
+        a = self.sample()
         t0 = time.monotonic()
         res = self.swarm.cli(self.nodes[0], "push", str(app), "--wait", "--json",
                              timeout=self.args.timeout, check=False)
@@ -588,8 +618,14 @@ class Cell:
             view = json.loads(res.stdout)
         except ValueError:
             view = {}
+        per = self.window(a, self.sample(), leader)
+        pusher = per.get(self.nodes[0].name, {})
         det["push"] = {"rc": res.returncode, "counts": view.get("counts"),
-                       "stderr": res.stderr[-500:]}
+                       "stderr": res.stderr[-500:], "nodes": per}
+        fig["lag_p99_push_pusher_ms"] = pusher.get("lag_p99_ms")
+        fig["held_top_push_pusher_ms"] = pusher.get("held_top_ms")
+        fig["held_top_push_leader_ms"] = next(
+            (r.get("held_top_ms") for r in per.values() if r["leader"]), None)
         if res.returncode != 0 or view.get("counts") != {"healthy": self.n}:
             raise RuntimeError(f"push failed: rc {res.returncode}, {view.get('counts')}, "
                                f"{res.stderr[-500:]}")
@@ -677,6 +713,19 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
             return round((lower + (le - lower) * share) * 1000, 2)
         lower, below = le, count
     return round(lower * 1000, 2)
+
+
+def top_bucket(buckets: dict[float, float]) -> float | None:
+    """The upper bound (ms) of the highest bucket a cumulative histogram {le: count} has a
+    count in: the worst value in its window lies below it (inf: above the last bound)."""
+    les = sorted(buckets)
+    prev = 0.0
+    top = None
+    for le in les:
+        if buckets[le] > prev:
+            top = le
+        prev = buckets[le]
+    return None if top is None else top * 1000
 
 
 def med(rows: list[dict[str, Any]], key: str) -> float | None:

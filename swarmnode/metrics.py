@@ -131,6 +131,9 @@ class Metrics:
         self.loop_lag = Histogram("swarmnode_loop_lag_seconds",
                                   "How late the event loop woke a timer (a step held it)",
                                   buckets=looplag.BUCKETS, registry=self.registry)
+        self.loop_held = Histogram("swarmnode_loop_held_seconds",
+                                   "The loop's lag less its wait for a CPU (its own steps)",
+                                   buckets=looplag.BUCKETS, registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -190,7 +190,7 @@ class Node:
         self.disk = DiskService(self)
         self.power = PowerMeter(self.node_config.watts_idle, self.node_config.watts_max)
         self.metrics = Metrics(self)
-        self.loop_lag = LoopLag(self.metrics.loop_lag.observe)
+        self.loop_lag = LoopLag(self.metrics.loop_lag.observe, self.metrics.loop_held.observe)
         self.builds = Builds(self)
         self.emerge = EmergeService(self)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
@@ -831,6 +831,7 @@ class Node:
             "portage": self.fingerprint.hash if self.fingerprint else None,
             "uptime_s": round(time.time() - self.started, 1),
             "loop_lag_worst_ms": round(self.loop_lag.worst * 1000, 1),
+            "loop_held_worst_ms": round(self.loop_lag.held_worst * 1000, 1),
             "members_saved": self.members_saved,
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
