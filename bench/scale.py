@@ -17,8 +17,9 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
    histogram's difference, interpolated within a bucket as Prometheus' histogram_quantile
    does) and of `swarmnode_loop_held_seconds` (the lag less the loop thread's wait for a CPU:
    what the node's own steps held; with 40 nodes on two cores most of a lag is that wait),
-   with the highest bucket the window reached (its worst); from its events: leader changes (`leader_elected`, one per election, summed over
-   nodes; `leader_changed`, as each node saw them, the most on any node). The leader's figures
+   with the highest bucket the window reached (its worst); from its events: leader changes
+   (`leader_elected`, one per election, summed over nodes; `leader_changed`, as each node saw
+   them, the most on any node). The leader's figures
    are given apart from the followers' (median and max).
 3. build: `--build-jobs` independent jobs of `sleep --job-seconds`, submitted on the founder,
    until the build is finished: its time, the leader changes in it, loop lag and held lag in
