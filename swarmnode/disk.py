@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from swarmnode.promtext import Family, counter, gauge
 
 if TYPE_CHECKING:
     from swarmnode.config import DiskSettings
@@ -155,22 +155,22 @@ class DiskService:
                 "disk": [{"path": s.path, "free": s.free, "total": s.total,
                           "threshold": s.threshold(self.settings)} for s in self.spaces]}
 
-    def metrics(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("swarmnode_disk_low",
+    def metrics(self) -> Iterator[Family]:
+        yield gauge("swarmnode_disk_low",
                                 "1 while this node's disk is nearly full (it takes no jobs)",
                                 value=int(self.low))
-        free = GaugeMetricFamily("swarmnode_disk_free_bytes", "Free bytes, by file system",
+        free = gauge("swarmnode_disk_free_bytes", "Free bytes, by file system",
                                  labels=["path"])
         for s in self.spaces:
-            free.add_metric([s.path], s.free)
+            free.add([s.path], s.free)
         yield free
         artifacts = self.node.artifacts
-        yield CounterMetricFamily("swarmnode_artifacts_gc_removed",
+        yield counter("swarmnode_artifacts_gc_removed",
                                   "Artifacts the GC removed since the start",
                                   value=artifacts.gc_removed)
-        yield CounterMetricFamily("swarmnode_artifacts_gc_freed_bytes",
+        yield counter("swarmnode_artifacts_gc_freed_bytes",
                                   "Bytes the artifact GC freed since the start",
                                   value=artifacts.gc_freed)
-        yield CounterMetricFamily("swarmnode_job_dirs_swept",
+        yield counter("swarmnode_job_dirs_swept",
                                   "Job directories the sweep removed since the start",
                                   value=self.swept)

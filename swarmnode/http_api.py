@@ -31,10 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from net.addresses import is_loopback, split_hostport
 from net.httpd import Request, Response, Server
+from swarmnode import promtext
 from swarmnode.control import ControlError
 from swarmnode.identity import is_node_id, write_secret
 from swarmnode.netmap import network_of, picture
@@ -161,7 +160,7 @@ class HttpApi:
 
     async def _metrics(self, _request: Request) -> Response:
         return Response(body=self.node.metrics.exposition(),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST,
+                        headers={"Content-Type": promtext.CONTENT_TYPE,
                                  "X-Content-Type-Options": "nosniff"})
 
     async def _status(self, _request: Request) -> Response:
