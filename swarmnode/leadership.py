@@ -141,6 +141,8 @@ class Leadership:
         self._wake = asyncio.Event()
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
+        # whoever acts on a new leader (or on losing one) at once, rather than polling for it
+        self.on_leader: list[Callable[[str | None], None]] = []
         self._changing = False  # a voter change is on its way through the log
         self._down: dict[str, float] = {}  # member -> when it was last seen going out of reach
         self._change_task: asyncio.Future[None] | None = None
@@ -333,6 +335,8 @@ class Leadership:
         if ev.kind == "leader_changed":
             leader = data.get("leader")
             self.node.event("leader_changed", {"id": leader, "term": data.get("term")})
+            for callback in self.on_leader:
+                callback(leader)
         elif ev.kind in ("leader_elected", "stepped_down"):
             self.node.event(ev.kind, {"id": self.node.id, **data})
 

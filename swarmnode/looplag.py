@@ -2,8 +2,8 @@
 
 Everything a node does on time -- heartbeats every 100 ms, a 400 ms election timeout, SWIM
 probes -- runs on one asyncio loop, so a step that holds the loop for 50 ms delays all of them;
-a few such steps in a row cost a leader its followers. A task sleeps `interval` and records how
-much later than asked it woke: a step of X ms shows as a lag of at least X - `interval`.
+a few such steps in a row cost a leader its followers. A timer set `interval` ahead records how
+much later than asked it fired: a step of X ms shows as a lag of at least X - `interval`.
 
 On a machine with more runnable processes than cores a lag also holds the time the loop's
 thread waited for a CPU, which no change to the node can remove (40 nodes on two cores wait
@@ -51,8 +51,9 @@ class RunqueueWait:
 
 @dataclass
 class LoopLag:
-    """Measures the lag of the running loop while `run` runs; `observe` receives each lag and
-    `observe_held` each held lag (see the module's docstring)."""
+    """Measures the lag of the running loop while `run` runs (a timer `interval` ahead, set
+    again at each wake-up); `observe` receives each lag and `observe_held` each held lag (see
+    the module's docstring)."""
 
     observe: Callable[[float], None]
     observe_held: Callable[[float], None] = lambda held: None
@@ -74,16 +75,24 @@ class LoopLag:
                 waited = counter.read
             except OSError:  # not Linux, or no schedstats in this kernel
                 waited = lambda: 0.0  # noqa: E731
+        before = waited()
+        handle: asyncio.TimerHandle | None = None
+
+        def wake(asked: float) -> None:  # a bare timer: no task or future per wake-up
+            nonlocal before, handle
+            lag = max(loop.time() - asked, 0.0)
+            now = waited()
+            self.record(lag, max(lag - (now - before), 0.0))
+            before = now
+            nxt = loop.time() + self.interval
+            handle = loop.call_at(nxt, wake, nxt)
+
+        first = loop.time() + self.interval
+        handle = loop.call_at(first, wake, first)
         try:
-            before = waited()
-            while True:
-                asked = loop.time() + self.interval
-                await asyncio.sleep(self.interval)
-                lag = max(loop.time() - asked, 0.0)
-                now = waited()
-                self.record(lag, max(lag - (now - before), 0.0))
-                before = now
+            await loop.create_future()  # until cancelled
         finally:
+            handle.cancel()
             if counter is not None:
                 counter.close()
 

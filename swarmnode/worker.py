@@ -98,8 +98,9 @@ RESEND_S = 1.0
 #: How often the worker tells the leader which attempts it holds (running, or reported and not
 #: yet acknowledged): a node that restarted holds none, and its running jobs are requeued.
 HELD_S = 5.0
-#: How often the worker looks whether the leader changed (its reports then go to the new one).
-LEADER_POLL_S = 0.05
+#: Longest the worker's loop sleeps when no leader changes: its resends are due every
+#: RESEND_S / 2 at the soonest (a new leader wakes it at once, see Leadership.on_leader).
+WAKE_S = RESEND_S / 2
 #: A job still running this long after it was started is reported started (a shorter one is
 #: only reported finished: one message and one ledger command fewer for a short job).
 STARTED_AFTER_S = 0.05
@@ -283,6 +284,8 @@ class Worker:
         self._fresh: dict[tuple[str, str, int], float] = {}
         # `job.confirm`s awaiting the leader's answer: rid -> (asked whom, term at least, fut)
         self._confirms: dict[bytes, tuple[str, int, asyncio.Future[str]]] = {}
+        self._leader_moved = asyncio.Event()
+        node.leadership.on_leader.append(lambda _leader: self._leader_moved.set())
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in (ASSIGN, CANCEL, REPORT_ACK, LOG, CONFIRM_REPLY)
@@ -683,7 +686,10 @@ class Worker:
         await self.sweep()
         leader, resent, told = None, time.monotonic(), time.monotonic()
         while True:
-            await asyncio.sleep(LEADER_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAKE_S):
+                    await self._leader_moved.wait()
+            self._leader_moved.clear()
             now = time.monotonic()
             if self.node.leadership.leader != leader:
                 leader = self.node.leadership.leader
