@@ -27,7 +27,7 @@ from swarmnode.options import NodeOptions
 from swarmnode.portage.fingerprint import describe
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="swarmnode: one program on every node of a peer-to-peer build swarm.",
 )
