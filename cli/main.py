@@ -229,14 +229,25 @@ def status(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(info)
         return
+    names = {m["id"]: m["name"] for m in ask("nodes")} if info.get("leader") else {}
     for key in ("id", "name", "cluster", "nodes_alive", "cores_online", "pending", "leader",
                 "term"):
-        out.print(f"[bold]{key:>13}[/bold]  {info[key]}", highlight=False)
+        value = named(info[key], names) if key == "leader" else info[key]
+        out.print(f"[bold]{key:>13}[/bold]  {value}", highlight=False)
     if info.get("disk"):  # the fullest of its file systems (jobs, artifacts)
         worst = min(info["disk"], key=lambda d: d["free"] - d["threshold"])
         state = "LOW: takes no jobs" if info["disk_low"] else "ok"
         out.print(f"[bold]{'disk':>13}[/bold]  {state}, {worst['free'] / 2**30:.1f} GiB free "
                   f"of {worst['total'] / 2**30:.1f} ({worst['path']})", highlight=False)
+
+
+def named(value: Any, names: dict[str, str]) -> str:
+    """A node id as its name and the id's first 8 characters (a list, each so); else as is."""
+    if isinstance(value, str) and is_node_id(value):
+        return f"{names.get(value, '?')}({value[:8]})"
+    if isinstance(value, list):
+        return ",".join(named(v, names) for v in value)
+    return str(value)
 
 
 @app.command()
@@ -251,19 +262,12 @@ def events(
         return
     names = {m["id"]: m["name"] for m in ask("nodes")}
 
-    def show(value: Any) -> str:
-        if isinstance(value, str) and is_node_id(value):
-            return f"{names.get(value, '?')}({value[:8]})"
-        if isinstance(value, list):
-            return ",".join(show(v) for v in value)
-        return str(value)
-
     for ev in items:
         when = time.strftime("%H:%M:%S", time.localtime(ev.pop("ts")))
         ev.pop("seq", None)
         kind = ev.pop("kind")
-        subject = show(ev.pop("id")) if "id" in ev else ""
-        rest = " ".join(f"{k}={show(v)}" for k, v in ev.items())
+        subject = named(ev.pop("id"), names) if "id" in ev else ""
+        rest = " ".join(f"{k}={named(v, names)}" for k, v in ev.items())
         out.print(f"{when} [bold]{kind:<15}[/bold] {subject} {rest}", highlight=False)
 
 

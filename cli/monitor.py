@@ -41,9 +41,15 @@ def render(snap: dict[str, Any], width: int, height: int) -> Group:
         "leader ", (f"{snap['leader_name'] or 'none'}", "bold"), f" (term {st['term']})  ",
         (f"{st['cluster_watts']} W", "bold"), " in the swarm")
     nodes = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
-    for name, ratio in (("node", 3), ("state", 2), ("kind", 2), ("arch", 2), ("cores", 1),
-                        ("load", 1), ("route", 5), ("version", 2), ("job", 3), ("W", 1)):
-        nodes.add_column(name, ratio=ratio, no_wrap=True, overflow="ellipsis")
+    # names and words share the width left (cut with an ellipsis when they must be); numbers
+    # and the state take the width they need first: a cut number ("1…" watts) reads as a
+    # wrong one
+    for name, ratio in (("node", 3), ("state", None), ("kind", 2), ("arch", 2), ("cores", None),
+                        ("load", None), ("route", 5), ("version", 2), ("job", 3), ("W", None)):
+        if ratio is None:
+            nodes.add_column(name, no_wrap=True, justify="left" if name == "state" else "right")
+        else:
+            nodes.add_column(name, ratio=ratio, no_wrap=True, overflow="ellipsis")
     for m in snap["nodes"]:
         route = (m["addresses"] or ["-"])[0]
         if m["observed"] and m["nat"]:

@@ -77,6 +77,11 @@ def test_four_nodes_join_and_list_each_other_as_they_report_themselves(swarm: Sw
 
     for n in nodes:  # the id a node runs with is the one `swarmnode id` prints for its home
         assert swarm.cli(n, "id").stdout.strip() == n.id
+    # `status` names the leader (and the start of its id), as `events` names members
+    leader = swarm.wait_for(lambda: swarm.query(founder, "status")["leader"], 20, "a leader")
+    name = next(n.name for n in nodes if n.id == leader)
+    shown = swarm.cli(founder, "status").stdout
+    assert f"leader  {name}({leader[:8]})\n" in shown, shown
 
 
 def test_a_node_runs_in_its_process_without_the_clis_imports(swarm: Swarm) -> None:
