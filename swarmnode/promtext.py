@@ -40,16 +40,18 @@ class Family:
 def gauge(name: str, help: str, labels: Sequence[str] = (),
           value: float | None = None) -> Family:
     """A gauge family; with `value`, its one unlabelled sample."""
-    fam = Family(name, help, "gauge", tuple(labels))
-    if value is not None:
-        fam.add((), value)
-    return fam
+    return _family(name, help, "gauge", labels, value)
 
 
 def counter(name: str, help: str, labels: Sequence[str] = (),
             value: float | None = None) -> Family:
     """A counter family (`name` without `_total`); with `value`, its one unlabelled sample."""
-    fam = Family(name, help, "counter", tuple(labels))
+    return _family(name, help, "counter", labels, value)
+
+
+def _family(name: str, help: str, kind: str, labels: Sequence[str],
+            value: float | None) -> Family:
+    fam = Family(name, help, kind, tuple(labels))
     if value is not None:
         fam.add((), value)
     return fam
