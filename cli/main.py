@@ -798,6 +798,62 @@ def _history(rows: list[dict[str, Any]], as_json: bool) -> None:
     out.print(table)
 
 
+def _seconds(text: str) -> float:
+    """A span such as 90m, 12h, 7d or 3600 (seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a span like 90m, 12h or 7d") from None
+
+
+@app.command("history")
+def history_(
+    since: Annotated[str, typer.Option(help="how far back: 90m, 12h, 7d, up to 90d")] = "1d",
+    as_json: JsonOpt = False,
+) -> None:
+    """The swarm's past from this node's time series: draw and energy, cores online and
+    busy, jobs a period, the queue; then the builds that started in it, with energy and cost."""
+    from swarmnode.series import rebucket
+
+    view = ask("history", since=_seconds(since))
+    if as_json:
+        emit_json(view)
+        return
+    span = view["now"] - view["since"]
+    step = max(view["resolution_s"], int(span / 24) // view["resolution_s"]
+               * view["resolution_s"])
+    rows = rebucket(view["columns"], view["points"], step)
+    table = Table(title=f"the swarm, every {step // 60 or step} {'min' if step >= 60 else 's'}")
+    for col in ("from", "W", "kWh", "cores busy", "online", "started", "finished", "failed",
+                "queue"):
+        table.add_column(col, justify="left" if col == "from" else "right")
+    fmt = "%m-%d %H:%M" if span > 86400 else "%H:%M:%S"
+
+    def avg(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for r in rows:
+        table.add_row(time.strftime(fmt, time.localtime(r["ts"])), avg(r["watts"]),
+                      f"{r['joules'] / 3.6e6:.3f}", avg(r["cores_busy"]),
+                      avg(r["cores_online"]), str(r["started"]), str(r["finished"]),
+                      str(r["failed"]), avg(r["queue"]))
+    out.print(table)
+    builds = Table(title=f"{len(view['builds'])} builds")
+    for col in ("started", "build", "name", "by", "minutes", "jobs", "failures", "kWh", "cost"):
+        builds.add_column(col)
+    for b in view["builds"]:
+        minutes = (b["ended"] - b["started"]) / 60 if b["ended"] and b["started"] else None
+        builds.add_row(time.strftime(fmt, time.localtime(b["started"])), b["build"],
+                       b["name"] or "-", b["submitter_name"] or "-",
+                       "running" if minutes is None else f"{minutes:.1f}", str(b["jobs"]),
+                       str(b["failures"] or 0), f"{(b['joules'] or 0) / 3.6e6:.4f}",
+                       "-" if b["cost"] is None else f"{b['cost']:.4f}")
+    out.print(builds)
+
+
 @app.command()
 def logs(
     job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")],

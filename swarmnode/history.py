@@ -197,6 +197,16 @@ class History:
                                "WHERE build = ?", (build,)).fetchone()
         return dict(zip(cols, row, strict=True)) if row else None
 
+    def builds(self, since: float, limit: int = MAX_ROWS) -> list[Row]:
+        """The builds that started at or after `since` (this node's clock), oldest first:
+        the newest `limit` of them, each with `failures`."""
+        self.flush()
+        cols = (*_BUILD_COLS, "failures")
+        rows = self._db.execute(
+            f"SELECT {', '.join(cols)} FROM builds WHERE started >= ? ORDER BY seq DESC "
+            "LIMIT ?", (since, min(max(limit, 0), MAX_ROWS))).fetchall()
+        return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
+
     def counts(self) -> tuple[int, int]:
         """(attempt rows, build rows) on disk."""
         self.flush()

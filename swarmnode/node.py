@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +31,7 @@ from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import PROTOCOL_VERSION as WIRE_VERSION
 from net.wire import DropCounter, Envelope
-from swarmnode import __version__, cluster, control, power
+from swarmnode import __version__, cluster, control, power, series
 from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
@@ -79,7 +80,7 @@ from swarmnode.routes import PONG as ROUTE_PONG
 from swarmnode.routes import RouteError, Router
 from swarmnode.ssh_actions import ctl_facts
 from swarmnode.store import Store
-from swarmnode.views import cores_online_total, member_view, resolve_node
+from swarmnode.views import cores_online_total, member_cores, member_view, resolve_node
 from swarmnode.worker import Worker
 
 log = logging.getLogger("swarmnode")
@@ -193,6 +194,9 @@ class Node:
         self.loop_lag = LoopLag(self.metrics.loop_lag.observe, self.metrics.loop_held.observe)
         self.builds = Builds(self)
         self.emerge = EmergeService(self)
+        self.series = series.SeriesService(series.SeriesStore(self.home / series.DB_FILE),
+                                           self.swarm_view, time.time)
+        self.leadership.on_applied.append(lambda ev: self.series.recorder.on_ledger(ev.kind))
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -342,7 +346,8 @@ class Node:
                  asyncio.ensure_future(self.builds.run()),
                  asyncio.ensure_future(self.push.run()),
                  asyncio.ensure_future(self.portage_env.run()),
-                 asyncio.ensure_future(self.loop_lag.run())]
+                 asyncio.ensure_future(self.loop_lag.run()),
+                 asyncio.ensure_future(self.series.run())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -397,6 +402,7 @@ class Node:
         await self.worker.close()
         await self.artifacts.close()
         await self.http.stop()
+        self.series.store.close()
         self.router.close()
         ctl.close()
         with contextlib.suppress(FileNotFoundError):
@@ -457,11 +463,10 @@ class Node:
                 "cost_today": round(kwh * price, 4) if price is not None else None,
                 "price_per_kwh": price}
 
-    def power_view(self) -> dict[str, dict[str, Any]]:
-        """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
+    def _stated_power(self) -> Iterator[tuple[str, power.Stated, float]]:
+        """Each admitted, live member's latest power note (if not older than power.STALE_S):
+        who, what it states, its age in seconds."""
         now_ms = self.clock() * 1000
-        today = power.today()
-        out: dict[str, dict[str, Any]] = {}
         for note in self.core.notes(power.POWER_TOPIC):
             view = self.core.member(note.by)
             stated = power.read_note(note.value)
@@ -469,11 +474,50 @@ class Node:
             if (stated is None or view is None or view.admitted_by is None
                     or view.state not in ("alive", "suspect") or age > power.STALE_S):
                 continue
-            out[note.by] = {"watts": stated.reading.watts, "source": stated.reading.source,
-                            "kwh_today": round(stated.joules_today / 3.6e6, 4)
-                            if stated.day == today else 0.0,
-                            "load": stated.load, "age_s": round(max(age, 0.0), 1)}
-        return out
+            yield note.by, stated, age
+
+    def power_view(self) -> dict[str, dict[str, Any]]:
+        """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
+        today = power.today()
+        return {by: {"watts": stated.reading.watts, "source": stated.reading.source,
+                     "kwh_today": round(stated.joules_today / 3.6e6, 4)
+                     if stated.day == today else 0.0,
+                     "load": stated.load, "age_s": round(max(age, 0.0), 1)}
+                for by, stated, age in self._stated_power()}
+
+    def history_view(self, seconds: float | None) -> dict[str, Any]:
+        """The swarm's series over the last `seconds` (default a day; at most the coarse
+        series' reach), and the builds that started in it with their energy and cost."""
+        now = time.time()
+        seconds = min(max(seconds if seconds is not None else series.FINE_KEEP_S, 60.0),
+                      series.COARSE_KEEP_S)
+        since = now - seconds
+        price = self.node_config.price_per_kwh
+        builds = [{**b, "submitter_name": self.member_name(b["submitter"])
+                   if b["submitter"] else None,
+                   "cost": round((b["joules"] or 0) / 3.6e6 * price, 4)
+                   if price is not None else None}
+                  for b in self.builds.history.builds(since)]
+        return {"since": since, "now": now, **self.series.store.query(since, now),
+                "builds": builds, "price_per_kwh": price}
+
+    def swarm_view(self) -> series.SwarmView:
+        """The swarm now, for its time series: members' stated draw and energy, cores online
+        and busy (jobs held, at most a member's cores), jobs ready to run."""
+        members = {by: series.Member(stated.load, stated.reading.watts, stated.day,
+                                     stated.joules_today)
+                   for by, stated, _age in self._stated_power()}
+        online, _total = cores_online_total(self.core.members())
+        ledger = self.leadership.ledger
+        held: dict[str, int] = {}
+        for job in ledger.active():
+            if job.node:
+                held[job.node] = held.get(job.node, 0) + 1
+        busy = 0
+        for node, n in held.items():
+            m = self.core.member(node)
+            busy += min(n, member_cores(m)) if m is not None else n
+        return series.SwarmView(members, online, busy, len(ledger.ready_keys()))
 
     async def _address_watch(self) -> None:
         while True:
@@ -716,6 +760,8 @@ class Node:
                                         str(address) if address else None)
         if cmd == "portage_env":
             return await self.portage_env.command(args)
+        if cmd == "history":
+            return self.history_view(_number(args.get("since")))
         if cmd in BUILD_COMMANDS:
             return await self._build_command(cmd, args)
         if cmd in PUSH_COMMANDS:
@@ -833,6 +879,9 @@ class Node:
             "loop_lag_worst_ms": round(self.loop_lag.worst * 1000, 1),
             "loop_held_worst_ms": round(self.loop_lag.held_worst * 1000, 1),
             "members_saved": self.members_saved,
+            # the time series: writes that failed (a full disk), members past its bound
+            "series": {"write_failures": self.series.failures,
+                       "members_dropped": self.series.recorder.nodes_dropped},
             "drops": self.drop_counts(),
             "bytes_in": self.transport.bytes_in,
             "bytes_out": self.transport.bytes_out,
