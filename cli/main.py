@@ -854,6 +854,21 @@ def history_(
     out.print(builds)
 
 
+notify_app = typer.Typer(help="Notifications: what needs a person, sent by the leader.",
+                         no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
+
+
+@notify_app.command("test")
+def notify_test() -> None:
+    """Send a test message on every channel this node's config names ([notify])."""
+    results = ask("notify_test", timeout=60)
+    for channel, result in results.items():
+        out.print(f"{channel}: {result}", highlight=False)
+    if any(r != "sent" for r in results.values()):
+        raise typer.Exit(1)
+
+
 @app.command()
 def logs(
     job: Annotated[str, typer.Argument(help="JOB or BUILD/JOB")],

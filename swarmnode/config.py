@@ -93,6 +93,18 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 MAX_COMMAND = 4096
 
 
+#: Notifications (`[notify]`, swarmnode/notify.py). What comes within this many seconds of the
+#: first notice goes out as one message: a node dying takes its jobs' requeues and a failed
+#: build's dependants with it, and one message saying so beats five.
+DEFAULT_NOTIFY_GROUP_S = 10.0
+#: Messages a channel gets an hour at most; beyond, notices wait (the oldest are dropped past
+#: a hundred, and counted in the next message): a flapping member must not page all night.
+DEFAULT_NOTIFY_PER_HOUR = 20
+#: What the notifications can be about (`events` narrows them).
+NOTIFY_KINDS = ("pending", "member_dead", "member_back", "build_finished", "build_failed",
+                "push_rolled_back", "disk_low", "energy_budget")
+
+
 class ConfigError(ValueError):
     """The config file is unreadable or has a bad key; the message names the key."""
 
@@ -154,6 +166,30 @@ def _disk(raw: Any) -> DiskSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """Where the leader sends what needs a person (none set: nothing is sent)."""
+
+    webhook: str | None = None  # a URL that gets each message as JSON (POST)
+    ntfy: str | None = None  # an ntfy topic's URL (POST, Title/Priority/Tags headers)
+    email_to: tuple[str, ...] = ()  # recipients, over SMTP
+    email_from: str = "swarmnode@localhost"
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_starttls: bool = False  # upgrade to TLS (a submission port, 587)
+    smtp_user: str | None = None
+    smtp_password_file: str | None = None  # the password in a file (0600), never in config
+    events: tuple[str, ...] = NOTIFY_KINDS  # the kinds sent
+    group_s: float = DEFAULT_NOTIFY_GROUP_S
+    per_hour: int = DEFAULT_NOTIFY_PER_HOUR
+    energy_budget_kwh: float | None = None  # a day's swarm energy past which it tells once
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(c for c, on in (("webhook", self.webhook), ("ntfy", self.ntfy),
+                                     ("email", self.email_to)) if on)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     kind: str | None = None
     cores: int | None = None  # cores offered to builds (default: those this process may use)
@@ -200,6 +236,7 @@ class NodeConfig:
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> ["user@host:port"]
     ssh: SshSettings = field(default_factory=SshSettings)
     disk: DiskSettings = field(default_factory=DiskSettings)  # retention, a nearly full disk
+    notify: NotifySettings = field(default_factory=NotifySettings)  # what needs a person
 
     def override_for(self, node_id: str, name: str) -> tuple[str, ...]:
         return self.overrides.get(node_id) or self.overrides.get(name) or ()
@@ -235,7 +272,8 @@ _TOP = {"kind", "cores", "roles", "binhost_dir", "binhost_listen", "binhost_keep
         "binhost_gpg_home", "binhost_gpg_key", "emerge", "reboot_command", "restart_command",
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
         "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts",
-        "build_retention", "build_keep_max", "history_attempts", "history_builds", "disk"}
+        "build_retention", "build_keep_max", "history_attempts", "history_builds", "disk",
+        "notify"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -276,7 +314,52 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         jumps=_node_map(raw.get("jumps", {}), "jumps", _hop, MAX_HOPS),
         ssh=_ssh(raw.get("ssh", {})),
         disk=_disk(raw.get("disk", {})),
+        notify=_notify(raw.get("notify", {})),
     )
+
+
+def _notify(raw: Any) -> NotifySettings:
+    """The `[notify]` table: http(s) URLs, addresses, a port, kinds, positive periods."""
+    if not isinstance(raw, dict):
+        raise ConfigError("notify: must be a table")
+    _known(raw, set(NotifySettings.__dataclass_fields__), "notify.")
+    got: dict[str, Any] = {}
+    for key in ("webhook", "ntfy"):
+        url = _opt_str(raw, key, "notify.")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"notify.{key}: must be an http:// or https:// URL, got {url!r}")
+        got[key] = url
+    got["email_to"] = _strings(raw.get("email_to", []), "notify.email_to")
+    for key in ("email_from", "smtp_host"):
+        if key in raw:
+            got[key] = _opt_str(raw, key, "notify.")
+    for addr in (*got["email_to"], got.get("email_from", "x@y")):
+        if "@" not in addr or any(c in addr for c in "\r\n<>, "):
+            raise ConfigError(f"notify: {addr!r} is not an e-mail address")
+    port = raw.get("smtp_port", 25)
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ConfigError(f"notify.smtp_port: must be a port number, got {port!r}")
+    got["smtp_port"] = port
+    got["smtp_starttls"] = _bool(raw, "smtp_starttls", False)
+    got["smtp_user"] = _opt_str(raw, "smtp_user", "notify.")
+    got["smtp_password_file"] = _opt_str(raw, "smtp_password_file", "notify.")
+    events = _strings(raw.get("events", list(NOTIFY_KINDS)), "notify.events")
+    for kind in events:
+        if kind not in NOTIFY_KINDS:
+            raise ConfigError(f"notify.events: unknown kind {kind!r} (known: "
+                              f"{', '.join(NOTIFY_KINDS)})")
+    got["events"] = events
+    got["group_s"] = _positive(raw, "group_s", DEFAULT_NOTIFY_GROUP_S)
+    per_hour = raw.get("per_hour", DEFAULT_NOTIFY_PER_HOUR)
+    if type(per_hour) is not int or not 1 <= per_hour <= 3600:
+        raise ConfigError(f"notify.per_hour: must be an integer from 1 to 3600, got {per_hour!r}")
+    got["per_hour"] = per_hour
+    budget = raw.get("energy_budget_kwh")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                               or budget <= 0):
+        raise ConfigError(f"notify.energy_budget_kwh: must be positive kWh, got {budget!r}")
+    got["energy_budget_kwh"] = None if budget is None else float(budget)
+    return NotifySettings(**got)
 
 
 def _binhost(raw: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import PROTOCOL_VERSION as WIRE_VERSION
 from net.wire import DropCounter, Envelope
-from swarmnode import __version__, cluster, control, power, series
+from swarmnode import __version__, cluster, control, disk, notify, power, series
 from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
@@ -49,7 +49,7 @@ from swarmnode.facts import detect_facts
 from swarmnode.http_api import HttpApi, HttpError
 from swarmnode.identity import Identity, curve_public_key, load_or_create
 from swarmnode.leadership import Leadership
-from swarmnode.ledger.jobs import LEDGER_FORMAT
+from swarmnode.ledger.jobs import LEDGER_FORMAT, LedgerEvent
 from swarmnode.looplag import LoopLag
 from swarmnode.membership import (
     Config,
@@ -197,6 +197,9 @@ class Node:
         self.series = series.SeriesService(series.SeriesStore(self.home / series.DB_FILE),
                                            self.swarm_view, time.time)
         self.leadership.on_applied.append(lambda ev: self.series.recorder.on_ledger(ev.kind))
+        self.notify = notify.NotifyService(self.node_config.notify, lambda: self.builds.leading,
+                                           self.member_name, lambda: self.cluster_name)
+        self.leadership.on_applied.append(self._notify_build_end)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -347,7 +350,9 @@ class Node:
                  asyncio.ensure_future(self.push.run()),
                  asyncio.ensure_future(self.portage_env.run()),
                  asyncio.ensure_future(self.loop_lag.run()),
-                 asyncio.ensure_future(self.series.run())]
+                 asyncio.ensure_future(self.series.run()),
+                 asyncio.ensure_future(self.notify.run()),
+                 asyncio.ensure_future(self._notify_watch())]
         tasks += await self.discovery.start()
         tasks.append(asyncio.ensure_future(self.admission.run()))
         self.flush()  # a restored core has queued its rejoin push-pulls
@@ -485,6 +490,36 @@ class Node:
                      "load": stated.load, "age_s": round(max(age, 0.0), 1)}
                 for by, stated, age in self._stated_power()}
 
+    def _notify_build_end(self, ev: LedgerEvent) -> None:
+        """A job's end that may finish its build: the build's end goes to the notifier."""
+        if ev.kind not in ("done", "blocked", "cancelled"):
+            return
+        ledger = self.leadership.ledger
+        job = ledger.job(str(ev.data.get("job_key", "")))
+        if job is None or not ledger.finished(job.build_id):
+            return
+        build = ledger.build(job.build_id)
+        # blocked jobs, those that failed themselves (a log tail) before their dependants
+        failures = sorted(((j.name, j.reason or "", j.log_tail) for j in ledger.jobs(job.build_id)
+                           if j.state == "blocked"), key=lambda f: not f[2])
+        self.notify.on_build_end(job.build_id, build.name if build else job.build_id,
+                                 ledger.progress(job.build_id), failures)
+
+    async def _notify_watch(self) -> None:
+        """Every notify.CHECK_S: members' low disks, rollbacks and the day's energy, for the
+        notifier (which tells only what is new, and only while this node leads)."""
+        while True:
+            await asyncio.sleep(notify.CHECK_S)
+            if not self.notify.channels:
+                continue
+            low = {m.id for m in self.core.members()
+                   if m.admitted_by and m.facts_dict().get(disk.FACT)}
+            rolled = {(member["id"], f"{app} {digest[:12]}")
+                      for member in self.push.versions()["nodes"]
+                      for app, digest in member["rolled_back"].items()}
+            self.notify.check(low, rolled, self._cluster_power()["cluster_kwh_today"],
+                              power.today())
+
     def history_view(self, seconds: float | None) -> dict[str, Any]:
         """The swarm's series over the last `seconds` (default a day; at most the coarse
         series' reach), and the builds that started in it with their energy and cost."""
@@ -616,6 +651,7 @@ class Node:
         data = {k: v for k, v in data.items() if k != "kind"}
         ts = time.time()
         seq = self.store.add_event(kind, data, ts)
+        self.notify.on_event(kind, data)
         self.event_lines.write({"seq": seq, "ts": ts, "kind": kind, **data})
         self.http.notify()
         who = data.get("id", "")
@@ -762,6 +798,13 @@ class Node:
             return await self.portage_env.command(args)
         if cmd == "history":
             return self.history_view(_number(args.get("since")))
+        if cmd == "notify_test":
+            if not self.notify.channels:
+                raise control.ControlError("no notification channel is configured "
+                                           "([notify] in config.toml)")
+            return await self.notify.send(notify.Message(
+                "a test from swarmnode", f"{self.name} sent this to test its notifications.",
+                (notify.Notice("test", "a test from swarmnode"),), 0))
         if cmd in BUILD_COMMANDS:
             return await self._build_command(cmd, args)
         if cmd in PUSH_COMMANDS:
@@ -880,6 +923,7 @@ class Node:
             "loop_held_worst_ms": round(self.loop_lag.held_worst * 1000, 1),
             "members_saved": self.members_saved,
             # the time series: writes that failed (a full disk), members past its bound
+            "notify": self.notify.status(),
             "series": {"write_failures": self.series.failures,
                        "members_dropped": self.series.recorder.nodes_dropped},
             "drops": self.drop_counts(),
