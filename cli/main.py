@@ -854,6 +854,25 @@ def history_(
     out.print(builds)
 
 
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check what usually goes wrong (the port from members, NAT, clock skew, mDNS,
+    Tailscale, disk, Portage, the home's permissions, the service unit), each with a fix.
+    Exits 1 when a check fails."""
+    checks = ask("doctor", timeout=30)
+    if as_json:
+        emit_json(checks)
+    else:
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+        for c in checks:
+            out.print(f"[{style[c['status']]}]{c['status']:>4}[/]  [bold]{c['name']}[/bold]  "
+                      f"{escape(c['detail'])}", highlight=False)
+            if c["fix"]:
+                out.print(f"      fix: {escape(c['fix'])}", highlight=False)
+    if any(c["status"] == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 notify_app = typer.Typer(help="Notifications: what needs a person, sent by the leader.",
                          no_args_is_help=True)
 app.add_typer(notify_app, name="notify")

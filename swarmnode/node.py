@@ -31,7 +31,7 @@ from net.sshkeys import host_key_fingerprints
 from net.transport import Inbound, Transport
 from net.wire import PROTOCOL_VERSION as WIRE_VERSION
 from net.wire import DropCounter, Envelope
-from swarmnode import __version__, cluster, control, disk, notify, power, series
+from swarmnode import __version__, cluster, control, disk, doctor, notify, power, series
 from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
@@ -67,7 +67,7 @@ from swarmnode.metrics import Metrics
 from swarmnode.options import NodeOptions
 from swarmnode.portage import host as portage_host
 from swarmnode.portage.env import PortageEnv
-from swarmnode.portage.fingerprint import Fingerprint
+from swarmnode.portage.fingerprint import FACT_HASH, Fingerprint
 from swarmnode.portage.service import EmergeService
 from swarmnode.power import PowerMeter
 from swarmnode.push.bundle import code_root
@@ -200,6 +200,8 @@ class Node:
         self.notify = notify.NotifyService(self.node_config.notify, lambda: self.builds.leading,
                                            self.member_name, lambda: self.cluster_name)
         self.leadership.on_applied.append(self._notify_build_end)
+        self.doctor = doctor.Doctor(self._reported_by, self.send_raw, self.member_name,
+                                    self.drops.drop)
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
@@ -512,13 +514,35 @@ class Node:
             await asyncio.sleep(notify.CHECK_S)
             if not self.notify.channels:
                 continue
+            self.notify.tick()
             low = {m.id for m in self.core.members()
-                   if m.admitted_by and m.facts_dict().get(disk.FACT)}
+                   if m.admitted_by and m.record and m.record.facts_dict().get(disk.FACT)}
             rolled = {(member["id"], f"{app} {digest[:12]}")
                       for member in self.push.versions()["nodes"]
                       for app, digest in member["rolled_back"].items()}
             self.notify.check(low, rolled, self._cluster_power()["cluster_kwh_today"],
                               power.today())
+
+    def _reported_by(self, member: str) -> list[str]:
+        view = self.core.member(member)
+        return list(view.record.addresses) if view is not None and view.record else []
+
+    async def doctor_view(self) -> list[dict[str, str]]:
+        """`swarmnode doctor`: the local checks, then what the alive members answer."""
+        facts = self.core.record.facts_dict()
+        theirs = {m.name: m.record.facts_dict().get(FACT_HASH) for m in self.core.members()
+                  if m.id != self.id and m.admitted_by and m.state == "alive" and m.record}
+        checks = [doctor.check_home(self.home), doctor.check_disk(self.disk.status()),
+                  doctor.check_mdns(self.opts.mdns, self.discovery.mdns is not None,
+                                    self.opts.mdns_interfaces or ()),
+                  doctor.check_tailscale(self.opts.tailscale), doctor.check_service(),
+                  doctor.check_portage(facts.get(FACT_HASH),
+                                       {k: v if isinstance(v, str) else None
+                                        for k, v in theirs.items()})]
+        alive = [m.id for m in self.core.members()
+                 if m.id != self.id and m.admitted_by and m.state == "alive"]
+        answers, asked = await self.doctor.ask(alive)
+        return doctor.as_plain(checks + doctor.judge(answers, asked, list(self.addresses)))
 
     def history_view(self, seconds: float | None) -> dict[str, Any]:
         """The swarm's series over the last `seconds` (default a day; at most the coarse
@@ -679,7 +703,7 @@ class Node:
         # Builds, jobs, pushes, artifacts and Raft are for admitted members only (membership
         # and actions judge outsiders themselves, to list them as pending or to answer them).
         for service in (self.builds, self.worker, self.push, self.artifacts, self.leadership,
-                        self.portage_env, self.binhost):
+                        self.portage_env, self.binhost, self.doctor):
             if service.handles(env.type):
                 if self.is_admitted_member(env.sender):
                     # (a silence shows there: the worker's start rule; bounded by the members)
@@ -798,6 +822,8 @@ class Node:
             return await self.portage_env.command(args)
         if cmd == "history":
             return self.history_view(_number(args.get("since")))
+        if cmd == "doctor":
+            return await self.doctor_view()
         if cmd == "notify_test":
             if not self.notify.channels:
                 raise control.ControlError("no notification channel is configured "

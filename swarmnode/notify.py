@@ -4,8 +4,9 @@ rolled back, a nearly full disk, a day's energy over its budget.
 
 Who sends: the leader only, so a swarm of 40 sends one message, not 40. Every node keeps
 what it has seen (which disks are low, which rollbacks it knows of, whether today's budget
-was passed), so a new leader does not announce again what its predecessor did. What happens
-while no node leads is not sent.
+was passed), so a new leader does not announce again what its predecessor did long ago; what
+a node saw in the GRACE_S before it became leader it sends (at least once, around a change of
+leader: a notice the old leader sent just before it lost office may come twice).
 
 `Notifier` is the pure part: notices in, messages out -- those within `group_s` of the first
 become one message, and a channel gets at most `per_hour` a rolling hour; past that they wait,
@@ -47,6 +48,10 @@ SEND_TIMEOUT_S = 10.0
 TAIL_CHARS = 2000
 #: Builds remembered as announced (a bound on a long-running leader's memory).
 MAX_ANNOUNCED = 10_000
+#: Notices a node sees while it does not lead are kept this long: if it becomes leader within
+#: it (an election after a step-down, a leader's death), it sends them. Losing "the disk is
+#: full" to a one-second election is worse than hearing of something twice.
+GRACE_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +207,27 @@ class NotifyService:
         self.sent: dict[str, int] = {}
         self.failed: dict[str, int] = {}
         self._wake = asyncio.Event()
+        self._unsent: deque[tuple[float, Notice]] = deque(maxlen=MAX_WAITING)
 
     def offer(self, notice: Notice) -> None:
-        if not self.channels or notice.kind not in self.settings.events or not self.leading():
+        if not self.channels or notice.kind not in self.settings.events:
+            return
+        if not self.leading():
+            self._unsent.append((self.now(), notice))
             return
         self.notifier.offer(self.now(), notice)
         self._wake.set()
+
+    def tick(self) -> None:
+        """Every CHECK_S: on becoming leader, send what was seen in the last GRACE_S."""
+        now = self.now()
+        while self._unsent and self._unsent[0][0] < now - GRACE_S:
+            self._unsent.popleft()
+        if self._unsent and self.leading():
+            for _t, notice in self._unsent:
+                self.notifier.offer(now, notice)
+            self._unsent.clear()
+            self._wake.set()
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """The node's event log, as it is written."""

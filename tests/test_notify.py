@@ -70,9 +70,18 @@ def test_events_become_notices_only_while_leading_and_as_configured() -> None:
     assert [n.kind for n in got] == ["pending", "member_dead", "member_back"]
     assert got[0].title == "a node asks to join: id-g" and "10.0.0.9:7946" in got[0].text
     assert got[1].title == "tarn is dead" and got[1].urgent
-    follower = service(leading=False)
+    clock = [0.0]
+    follower = NotifyService(NotifySettings(webhook="http://127.0.0.1:9/"), lambda: False, str,
+                             lambda: "homelab", now=lambda: clock[0])
+    follower.on_event("member_dead", {"id": "id-old"})
+    clock[0] = 10.0
     follower.on_event("member_dead", {"id": "id-a"})
-    assert waiting(follower) == []
+    follower.tick()
+    assert waiting(follower) == []  # a follower sends nothing ...
+    clock[0] = 20.0
+    follower.leading = lambda: True  # ... until it leads: then what it saw in the grace
+    follower.tick()
+    assert [n.title for n in waiting(follower)] == ["id-a is dead"]
     narrow = service(events=("member_dead",))
     narrow.on_event("pending", {"id": "id-b"})
     assert waiting(narrow) == []
