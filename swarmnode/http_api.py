@@ -55,9 +55,15 @@ MAX_BUILDS, MAX_EVENTS, MAX_PUSHES = 10, 100, 5
 JOB_BUILDS, MAX_JOBS = 3, 300
 #: The page runs its own inline script -- that one only, by its hash: markup that slipped
 #: through unescaped cannot run -- and inline style, talks only to this node, embeds nothing.
-CSP = ("default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
+CSP = ("default-src 'none'; script-src 'self' {script}; style-src 'self' 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
        "frame-ancestors 'none'")
+
+
+#: The files under /static/ and their types: uPlot, the charting library the history draws
+#: with (swarmnode/static/README.md).
+STATIC = {"uplot.iife.min.js": "text/javascript; charset=utf-8",
+          "uplot.min.css": "text/css; charset=utf-8"}
 
 
 class HttpError(Exception):
@@ -87,7 +93,9 @@ class HttpApi:
         self._streams: set[asyncio.Event] = set()
         self._routes = {"/": self._page, "/metrics": self._metrics, "/api/status": self._status,
                         "/api/state": self._state, "/api/stream": self._stream,
-                        "/api/logs": self._logs}
+                        "/api/logs": self._logs, "/api/history": self._history,
+                        **{f"/static/{name}": functools.partial(self._static, name)
+                           for name in STATIC}}
 
     @property
     def open_paths(self) -> tuple[str, ...]:
@@ -165,6 +173,19 @@ class HttpApi:
 
     async def _status(self, _request: Request) -> Response:
         return Response.json(json.dumps(self.node.status()))
+
+    async def _history(self, request: Request) -> Response:
+        """The swarm's time series and builds over `?since=SECONDS` (default a day)."""
+        try:
+            seconds = float(request.query.get("since", "86400"))
+        except ValueError:
+            return _error("since: a number of seconds", 400)
+        return Response.json(_dumps(self.node.history_view(seconds, progress=True)))
+
+    async def _static(self, name: str, _request: Request) -> Response:
+        return Response(body=_static(name), headers={
+            "Content-Type": STATIC[name], "Cache-Control": "max-age=86400",
+            "X-Content-Type-Options": "nosniff"})
 
     async def _page(self, _request: Request) -> Response:
         text, csp = _page()
@@ -357,6 +378,12 @@ def host_allowed(header: str, bound: str, names: tuple[str, ...]) -> bool:
     except ValueError:
         return host == "localhost" and is_loopback(bound)
     return asked == ours or ours.is_unspecified
+
+
+@functools.cache
+def _static(name: str) -> bytes:
+    """A file the page loads (swarmnode/static: the charting library), read once."""
+    return resources.files("swarmnode").joinpath("static", name).read_bytes()
 
 
 @functools.cache

@@ -123,6 +123,8 @@ BUILD_COMMANDS = frozenset({"build", "emerge", "emerge_published", "jobs", "buil
                             "fetch_outputs", "logs", "cancel", "set_voters", "pause", "resume"})
 PUSH_COMMANDS = frozenset({"push", "push_status", "versions"})
 RIGHTS_COMMANDS = frozenset({"grant", "revoke"})
+#: Builds the dashboard's history draws a sparkline for (the newest; each costs a query).
+SPARK_BUILDS = 20
 #: Longest the timer loop sleeps, so a clock jump or a missed wake-up costs at most this.
 MAX_SLEEP_S = 0.5
 #: Blocks above this get their own mapping, handed back to the system when freed. glibc
@@ -544,21 +546,31 @@ class Node:
         answers, asked = await self.doctor.ask(alive)
         return doctor.as_plain(checks + doctor.judge(answers, asked, list(self.addresses)))
 
-    def history_view(self, seconds: float | None) -> dict[str, Any]:
+    def history_view(self, seconds: float | None, progress: bool = False) -> dict[str, Any]:
         """The swarm's series over the last `seconds` (default a day; at most the coarse
-        series' reach), and the builds that started in it with their energy and cost."""
+        series' reach), and the builds that started in it with their energy and cost; with
+        `progress`, the newest SPARK_BUILDS builds' sparklines (jobs done over their time)
+        and the members' names (the dashboard's charts)."""
         now = time.time()
         seconds = min(max(seconds if seconds is not None else series.FINE_KEEP_S, 60.0),
                       series.COARSE_KEEP_S)
         since = now - seconds
         price = self.node_config.price_per_kwh
+        history = self.builds.history
         builds = [{**b, "submitter_name": self.member_name(b["submitter"])
                    if b["submitter"] else None,
                    "cost": round((b["joules"] or 0) / 3.6e6 * price, 4)
                    if price is not None else None}
-                  for b in self.builds.history.builds(since)]
-        return {"since": since, "now": now, **self.series.store.query(since, now),
+                  for b in history.builds(since)]
+        view = {"since": since, "now": now, **self.series.store.query(since, now),
                 "builds": builds, "price_per_kwh": price}
+        if progress:
+            for b in builds[-SPARK_BUILDS:]:
+                ends = [a["ended"] for a in history.attempts(b["build"])
+                        if a["result"] == "done" and a["ended"]]
+                b["progress"] = series.progress(ends, b["started"] or now, b["ended"] or now)
+            view["names"] = {m: self.member_name(m) for m in view["nodes"]}
+        return view
 
     def swarm_view(self) -> series.SwarmView:
         """The swarm now, for its time series: members' stated draw and energy, cores online

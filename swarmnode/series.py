@@ -223,6 +223,20 @@ def rebucket(columns: list[str], points: list[list[Any]], step: int) -> list[dic
     return out
 
 
+def progress(ends: list[float], start: float, end: float, points: int = 20) -> list[int]:
+    """A build's sparkline: how many of its jobs were done at each of `points` even steps
+    from `start` to `end`, given when each finished job ended."""
+    span = max(end - start, 1e-9)
+    ends = sorted(ends)
+    out, i = [], 0
+    for k in range(1, points + 1):
+        at = start + span * k / points
+        while i < len(ends) and ends[i] <= at:
+            i += 1
+        out.append(i)
+    return out
+
+
 class SeriesService:
     """Samples the swarm every FINE_S (each member every NODE_FINE_S) into the store.
 

@@ -109,6 +109,57 @@ def test_the_page_shows_the_swarm_live_and_admits_a_pending_node(swarm: Swarm,
             browser.close()
 
 
+def test_the_history_charts_draw_the_series_and_the_range_buttons_change_it(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """The History section: four uPlot charts with points from the node's time series, a
+    build in the history table with its sparkline, and the range buttons asking for a
+    different span (the served charting library, never the internet)."""
+    nodes, _token = swarm.loopback(2, 30)
+    first = nodes[0]
+    swarm.wait_for(lambda: swarm.query(first, "status")["leader"], 20, "a leader")
+    plan = tmp_path / "charted.toml"
+    plan.write_text('name = "charted"\n' + "".join(
+        f'[jobs.j{i}]\ncmd = "sleep 0.3"\n' for i in range(6)))
+    build_id = json.loads(swarm.cli(first, "build", str(plan), "--wait", "--json").stdout)[
+        "build"]
+    finished = swarm.query(first, "jobs", build=build_id)
+    assert all(j["state"] == "done" for j in finished)
+
+    def finished_in_series() -> bool:
+        view = swarm.query(first, "history", since=3600)
+        return sum(p[view["columns"].index("finished")] for p in view["points"]) == 6
+
+    swarm.wait_for(finished_in_series, 30, "the build's jobs in the series")
+    url = swarm.cli(first, "dashboard").stdout.strip()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url))
+            page.goto(url)
+            expect = playwright.expect
+            for chart in ("ch_watts", "ch_cores", "ch_jobs", "ch_load"):
+                expect(page.locator(f"#{chart} .uplot canvas")).to_have_count(1, timeout=20_000)
+            assert int(page.get_attribute("#ch_jobs", "data-points") or 0) >= 1
+            row = page.locator(f'#buildhist tr[data-build="{build_id}"]')
+            expect(row).to_have_count(1)
+            expect(row.locator("svg.spark polyline")).to_have_count(1)
+            assert "charted" in row.inner_text()
+            expect(page.locator("#histsum")).to_contain_text("the last day")
+            page.locator('button.range[data-s="3600"]').click()
+            expect(page.locator("#histsum")).to_contain_text("the last hour")
+            expect(page.locator('button.range.on')).to_have_text("hour")
+            assert any(u.endswith("/api/history?since=3600") for u in asked)
+            assert all(u.startswith(url.split("?")[0].rstrip("/")) for u in asked), asked
+            page.locator("#history").screenshot(path=str(tmp_path / "history.png"))
+            if SCREENSHOT:
+                shutil.copy(tmp_path / "history.png",
+                            REPO / Path(SCREENSHOT).with_name("history.png"))
+        finally:
+            browser.close()
+
+
 def test_viewing_and_acting_need_the_token_even_on_localhost(swarm: Swarm) -> None:
     """Another user of this machine can neither view (job output, members) nor act."""
     node, _token = swarm.init("n1", loopback_addr(1))
@@ -122,7 +173,8 @@ def test_viewing_and_acting_need_the_token_even_on_localhost(swarm: Swarm) -> No
         assert r.status == 200 and b"swarmnode" in r.read()
         script_src = next(d for d in r.headers["Content-Security-Policy"].split("; ")
                           if d.startswith("script-src"))
-        assert script_src.startswith("script-src 'sha256-") and "unsafe" not in script_src
+        # the page's own script by its hash, the charting library from the node itself
+        assert script_src.startswith("script-src 'self' 'sha256-") and "unsafe" not in script_src
     request = urllib.request.Request(base + "api/action", method="POST",
                                      data=json.dumps({"action": "ban", "target": "-"}).encode(),
                                      headers={"Content-Type": "application/json"})

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swarmnode.config import ConfigError, parse
 from swarmnode.eventlog import JsonLines
-from swarmnode.http_api import _page, host_allowed
+from swarmnode.http_api import STATIC, _page, host_allowed
 from swarmnode.netmap import network_of, picture
 from tests.ports import free_port
 from tests.swarm import (
@@ -119,7 +119,8 @@ def test_every_read_needs_the_token_and_a_foreign_host_is_refused(swarm: Swarm) 
     swarm.start(node)
     url, token = swarm.query(node, "status")["dashboard"], _token_of(node)
     port = url.rstrip("/").rpartition(":")[2]
-    reads = ("", "metrics", "api/status", "api/state", "api/logs?job=none/x")
+    reads = ("", "metrics", "api/status", "api/state", "api/logs?job=none/x", "api/history",
+             "static/uplot.iife.min.js")
     for path in reads:
         assert get(url + path)[0] == 401, path
         assert get(url + path, token)[0] in (200, 404), path  # (404: no such job)
@@ -270,14 +271,20 @@ def test_the_network_picture_draws_jump_chains_once_and_nat_as_the_members_own_e
 
 
 def test_the_page_has_one_script_and_the_policy_names_it() -> None:
-    """The policy allows the page's script by its hash: a second <script> (or one with
-    attributes) would be silently blocked, so the page must keep exactly one, bare."""
+    """The policy allows the page's inline script by its hash and scripts from the node
+    itself (the charting library it serves): a second inline <script> would be silently
+    blocked, so the page must keep exactly one, bare, and load nothing from elsewhere."""
     text, csp = _page()
-    assert text.count("<script") == 1 and text.count("<script>") == 1
+    assert text.count("<script>") == 1
+    sources = re.findall(r'<script src="([^"]*)"></script>', text)
+    assert text.count("<script") == 1 + len(sources)
+    assert sources and all(s.removeprefix("/static/") in STATIC for s in sources)
+    assert all(h.removeprefix("/static/") in STATIC
+               for h in re.findall(r'<link rel="stylesheet" href="([^"]*)">', text))
     script = text.split("<script>")[1].split("</script>")[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    assert f"script-src 'sha256-{digest}';" in csp and "'unsafe-inline'; " not in csp.split(
-        "style-src")[0]
+    assert f"script-src 'self' 'sha256-{digest}';" in csp and "'unsafe-inline'; " not in (
+        csp.split("style-src")[0])
     assert not re.search(r"<[^>]*\son[a-z]+=", text)  # no inline handlers either
 
 
