@@ -143,6 +143,13 @@ class Leadership:
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
         # whoever acts on a new leader (or on losing one) at once, rather than polling for it
         self.on_leader: list[Callable[[str | None], None]] = []
+        # Entries applied before this replica first caught up -- with everything it held on
+        # disk at start -- are the past: a restart's replay, a new member's catch-up. Who
+        # counts or announces what the ledger does (the time series, notifications) looks at
+        # `applying_live` in its `on_applied` callback and skips those.
+        self._replay_until = stored.last_index
+        self.live_from: int | None = None
+        self.applying_live = False
         self._changing = False  # a voter change is on its way through the log
         self._down: dict[str, float] = {}  # member -> when it was last seen going out of reach
         self._change_task: asyncio.Future[None] | None = None
@@ -270,6 +277,9 @@ class Leadership:
                     callback(LedgerEvent("restored", {"index": out.snapshot.index}))
             elif isinstance(out, Event):
                 self._event(out)
+        if (self.live_from is None and self.caught_up
+                and self.ledger.applied >= self._replay_until):
+            self.live_from = self.ledger.applied
         if any(isinstance(out, Apply | Restore) for out in outputs):
             self._push_engaged()
         self._wake.set()
@@ -296,6 +306,7 @@ class Leadership:
         self.flush()
 
     def _apply(self, out: Apply) -> None:
+        self.applying_live = self.live_from is not None and out.index > self.live_from
         for ev in self.ledger.apply(out.index, out.entry):
             if ev.kind == "voters_changed" and (self._config is None
                                                 or out.index >= self._config[0]):

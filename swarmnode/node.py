@@ -198,7 +198,7 @@ class Node:
         self.emerge = EmergeService(self)
         self.series = series.SeriesService(series.SeriesStore(self.home / series.DB_FILE),
                                            self.swarm_view, time.time)
-        self.leadership.on_applied.append(lambda ev: self.series.recorder.on_ledger(ev.kind))
+        self.leadership.on_applied.append(self._series_count)
         self.notify = notify.NotifyService(self.node_config.notify, lambda: self.builds.leading,
                                            self.member_name, lambda: self.cluster_name)
         self.leadership.on_applied.append(self._notify_build_end)
@@ -494,9 +494,15 @@ class Node:
                      "load": stated.load, "age_s": round(max(age, 0.0), 1)}
                 for by, stated, age in self._stated_power()}
 
+    def _series_count(self, ev: LedgerEvent) -> None:
+        """A job event for the time series, unless it is the past replayed."""
+        if self.leadership.applying_live:
+            self.series.recorder.on_ledger(ev.kind)
+
     def _notify_build_end(self, ev: LedgerEvent) -> None:
-        """A job's end that may finish its build: the build's end goes to the notifier."""
-        if ev.kind not in ("done", "blocked", "cancelled"):
+        """A job's end that may finish its build: the build's end goes to the notifier
+        (not a replayed one: a restart does not announce old builds again)."""
+        if ev.kind not in ("done", "blocked", "cancelled") or not self.leadership.applying_live:
             return
         ledger = self.leadership.ledger
         job = ledger.job(str(ev.data.get("job_key", "")))
