@@ -261,8 +261,11 @@ class Doctor:
         addresses = self.addresses_of(inbound.envelope.sender)[:MAX_ADDRESSES]
         results = await reach(addresses)
         offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
-        inbound.reply(REPLY, msgpack.packb({"rid": rid, "t": time.time() + offset,
-                                            "reach": results, "observed": inbound.observed}))
+        # (sent as any message is, not on the asker's connection: that may have closed idle
+        # while the connects waited)
+        self.send(inbound.envelope.sender, REPLY, msgpack.packb({
+            "rid": rid, "t": time.time() + offset, "reach": results,
+            "observed": inbound.observed}))
 
     async def ask(self, members: list[str]) -> tuple[list[Answer], list[str]]:
         """Every member in `members` (at most MAX_ASKED) asked at once; their answers, and
