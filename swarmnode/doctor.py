@@ -261,11 +261,12 @@ class Doctor:
         addresses = self.addresses_of(inbound.envelope.sender)[:MAX_ADDRESSES]
         results = await reach(addresses)
         offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
-        # (sent as any message is, not on the asker's connection: that may have closed idle
-        # while the connects waited)
-        self.send(inbound.envelope.sender, REPLY, msgpack.packb({
-            "rid": rid, "t": time.time() + offset, "reach": results,
-            "observed": inbound.observed}))
+        body = msgpack.packb({"rid": rid, "t": time.time() + offset, "reach": results,
+                              "observed": inbound.observed})
+        # on the asker's own connection (the way back to a node behind NAT or a firewall);
+        # if that closed idle while the connects waited, as any message is sent
+        if not inbound.reply(REPLY, body):
+            self.send(inbound.envelope.sender, REPLY, body)
 
     async def ask(self, members: list[str]) -> tuple[list[Answer], list[str]]:
         """Every member in `members` (at most MAX_ASKED) asked at once; their answers, and
