@@ -10,19 +10,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
-from swarmnode import cluster
+from cli.console import LazyConsole
 from swarmnode import home as homes
+from swarmnode.options import DEFAULT_LISTEN
 
 # Paths and fingerprints stay on one line, so they can be copied.
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+err = LazyConsole(stderr=True, soft_wrap=True)
+out = LazyConsole(soft_wrap=True)
 
 DEFAULT_PREFIX = str(homes.INSTALL_PREFIX)
 DEFAULT_REMOTE_HOME = str(homes.SYSTEM_HOME)
-DEFAULT_LISTEN = cluster.DEFAULT_LISTEN
 
 
 def _local_home(ctx: typer.Context) -> Path:
@@ -86,6 +84,8 @@ def bootstrap(
     try:
         done = run(_local_home(ctx), request, say=_say)
     except BootstrapError as exc:
+        from rich.text import Text
+
         err.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False)
         raise typer.Exit(1) from None
     label = done.name or "(name not known yet)"

@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from cli.bootstrap import bootstrap
-from swarmnode import cluster, control
+from cli.console import LazyConsole, escape, new_table
 from swarmnode import home as homes
-from swarmnode import token as tokens
 from swarmnode.identity import IdentityError, is_node_id, load_or_create
-from swarmnode.options import NodeOptions
+from swarmnode.options import DEFAULT_LISTEN, NodeOptions
 from swarmnode.portage.fingerprint import describe
 
 app = typer.Typer(
@@ -32,8 +28,8 @@ app = typer.Typer(
     help="swarmnode: one program on every node of a peer-to-peer build swarm.",
 )
 # Pipes get wide lines rather than truncated ids and addresses.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+out = LazyConsole(width=None if sys.stdout.isatty() else 200)
+err = LazyConsole(stderr=True)
 
 HomeOpt = Annotated[
     Path | None,
@@ -60,6 +56,8 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def ask(cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+    from swarmnode import control
+
     try:
         return control.call(state.home, cmd, timeout=timeout, **args)
     except control.ControlError as exc:
@@ -84,11 +82,14 @@ def show_id() -> None:
 @app.command()
 def init(
     name: Annotated[str, typer.Option("--name", help="cluster name")],
-    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = cluster.DEFAULT_LISTEN,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = DEFAULT_LISTEN,
     advertise: Annotated[list[str] | None, typer.Option(help="extra reported address")] = None,
     ttl: Annotated[str, typer.Option(help="token lifetime, e.g. 24h, 90m")] = "24h",
 ) -> None:
     """Make a new cluster with this node as its first member and print a join token."""
+    from swarmnode import cluster
+    from swarmnode import token as tokens
+
     try:
         made = cluster.init(state.home, name, listen, advertise or [], tokens.parse_duration(ttl))
     except (cluster.ClusterError, ValueError) as exc:
@@ -103,6 +104,9 @@ def token(
     ttl: Annotated[str, typer.Option(help="token lifetime, e.g. 24h, 90m")] = "24h",
 ) -> None:
     """Print a fresh join token (from the running node, or offline from this home)."""
+    from swarmnode import cluster, control
+    from swarmnode import token as tokens
+
     try:
         seconds = tokens.parse_duration(ttl)
     except ValueError as exc:
@@ -178,7 +182,7 @@ def nodes(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(members)
         return
-    table = Table(title=f"{len(members)} nodes")
+    table = new_table(title=f"{len(members)} nodes")
     for col in ("id", "name", "state", "addresses", "observed", "kind", "arch", "cores", "ver",
                 "portage"):
         table.add_column(col)
@@ -355,7 +359,7 @@ def route(node: NodeArg, address: AddressOpt = None, as_json: JsonOpt = False) -
     if as_json:
         emit_json(result)
     else:
-        table = Table(title=f"route to {node}")
+        table = new_table(title=f"route to {node}")
         for col in ("method", "address", "result", "time", "via"):
             table.add_column(col)
         for a in result["attempts"]:
@@ -373,6 +377,8 @@ def route(node: NodeArg, address: AddressOpt = None, as_json: JsonOpt = False) -
 def _act(verb: str, node: str, argv: list[str], force: bool, address: str | None,
          verbose: bool) -> int:
     """Stream a remote action's output here; the remote exit code is returned."""
+    from swarmnode import control
+
     code: int | None = None
     try:
         for item in control.stream(state.home, verb, node=node, argv=argv, force=force,
@@ -555,6 +561,8 @@ def _bar(counts: dict[str, int], width: int = 20) -> str:
 
 
 def _await_self_update(view: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    from swarmnode import control
+
     deadline = time.monotonic() + timeout
     started = time.time() - view["elapsed"]
     me = next(n for n, s in view["nodes"].items() if s["state"] in ("staged", "fetching",
@@ -588,7 +596,7 @@ def versions(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(v)
         return
-    table = Table(title="releases")
+    table = new_table(title="releases")
     for col in ("node", "state", "app", "release", "switched", "drift"):
         table.add_column(col)
     for n in v["nodes"]:
@@ -740,6 +748,8 @@ def _wait_published(build_id: str, quiet: bool) -> dict[str, Any]:
 
 def _print_tail(job: str, lines: int = 30) -> None:
     """The end of a job's output (Portage prints why a build failed last)."""
+    from swarmnode import control
+
     try:
         info = control.call(state.home, "logs", timeout=10.0, job=job)
     except (control.ControlError, TimeoutError):
@@ -767,7 +777,7 @@ def jobs(
     if as_json:
         emit_json(items)
         return
-    table = Table(title=f"{len(items)} jobs")
+    table = new_table(title=f"{len(items)} jobs")
     for col in ("build", "job", "state", "node", "attempt", "seconds", "reason"):
         table.add_column(col)
     for j in items:
@@ -785,7 +795,7 @@ def _history(rows: list[dict[str, Any]], as_json: bool) -> None:
     def when(ts: float | None) -> str:
         return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
 
-    table = Table(title=f"{len(rows)} attempts")
+    table = new_table(title=f"{len(rows)} attempts")
     for col in ("build", "job", "attempt", "node", "term", "start", "end", "result", "seconds",
                 "reason"):
         table.add_column(col)
@@ -826,7 +836,7 @@ def history_(
     step = max(view["resolution_s"], int(span / 24) // view["resolution_s"]
                * view["resolution_s"])
     rows = rebucket(view["columns"], view["points"], step)
-    table = Table(title=f"the swarm, every {step // 60 or step} {'min' if step >= 60 else 's'}")
+    table = new_table(title=f"the swarm, every {step // 60 or step} {'min' if step >= 60 else 's'}")
     for col in ("from", "W", "kWh", "cores busy", "online", "started", "finished", "failed",
                 "queue"):
         table.add_column(col, justify="left" if col == "from" else "right")
@@ -841,7 +851,7 @@ def history_(
                       avg(r["cores_online"]), str(r["started"]), str(r["finished"]),
                       str(r["failed"]), avg(r["queue"]))
     out.print(table)
-    builds = Table(title=f"{len(view['builds'])} builds")
+    builds = new_table(title=f"{len(view['builds'])} builds")
     for col in ("started", "build", "name", "by", "minutes", "jobs", "failures", "kWh", "cost"):
         builds.add_column(col)
     for b in view["builds"]:

@@ -8,12 +8,8 @@ from pathlib import Path
 from net.addresses import reported_addresses, split_hostport
 from swarmnode import token as tokens
 from swarmnode.identity import load_or_create
+from swarmnode.options import DEFAULT_LISTEN, DEFAULT_PORT
 from swarmnode.store import Store
-
-#: One port for all node-to-node traffic (ZeroMQ over TCP, whois over UDP), as memberlist's
-#: 7946, so a firewall or a Tailscale ACL needs one rule.
-DEFAULT_PORT = 7946
-DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
 
 class ClusterError(RuntimeError):

@@ -12,6 +12,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+#: One port for all node-to-node traffic (ZeroMQ over TCP, whois over UDP), as memberlist's
+#: 7946, so a firewall or a Tailscale ACL needs one rule.
+DEFAULT_PORT = 7946
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+
 
 @dataclass
 class NodeOptions:
