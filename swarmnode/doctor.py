@@ -164,15 +164,18 @@ def judge(answers: list[Answer], asked: list[str], reported: list[str]) -> list[
     by_any = [addr for addr, who in reached.items() if who]
     detail = "; ".join(f"{addr}: reached by {len(who)} of {len(answers)}"
                        for addr, who in reached.items())
-    if answers and not by_any:
+    if not answers:
+        checks.append(Check("reachable", "warn", f"no member of {len(asked)} answered",
+                            "see `members`; run doctor again in a few seconds"))
+    elif not by_any:
         checks.append(Check("reachable", "fail", f"no member reached this node: {detail}",
                             "open the port in the firewall (see docs/operations.md, Ports), or "
                             "give --advertise with an address members can dial"))
-    elif answers and any(len(who) < len(answers) for who in reached.values() if who):
+    elif any(len(who) < len(answers) for who in reached.values() if who):
         checks.append(Check("reachable", "warn", detail,
                             "members that cannot dial in reach this node only over its own "
                             "connections to them"))
-    elif answers:
+    else:
         checks.append(Check("reachable", "ok", detail))
     if silent:
         checks.append(Check("members", "warn", f"no answer from {', '.join(silent[:8])}",
@@ -225,7 +228,8 @@ class Doctor:
                  drop: Callable[[str], None]) -> None:
         self.addresses_of, self.send, self.name, self.drop = addresses_of, send, name, drop
         self._answered: dict[str, float] = {}  # asker -> when last answered
-        self._asked: dict[bytes, tuple[str, float, asyncio.Future[dict[str, Any]]]] = {}
+        # rid -> (member, when asked, its answer and when that came)
+        self._asked: dict[bytes, tuple[str, float, asyncio.Future[tuple[Any, float]]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
     def handles(self, msg_type: str) -> bool:
@@ -255,7 +259,7 @@ class Doctor:
         if asked is None or asked[0] != env.sender or asked[2].done():
             self.drop("unasked_doctor_reply")
             return
-        asked[2].set_result(body)
+        asked[2].set_result((body, time.time()))  # (when it came: the round trip's end)
 
     async def _answer(self, inbound: Inbound, rid: bytes) -> None:
         addresses = self.addresses_of(inbound.envelope.sender)[:MAX_ADDRESSES]
@@ -272,11 +276,13 @@ class Doctor:
         """Every member in `members` (at most MAX_ASKED) asked at once; their answers, and
         the names of those asked."""
         members = sorted(members)[:MAX_ASKED]
+        if not members:
+            return [], []
         loop = asyncio.get_running_loop()
         futs = []
         for member in members:
             rid = os.urandom(8)
-            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            fut: asyncio.Future[tuple[Any, float]] = loop.create_future()
             self._asked[rid] = (member, time.time(), fut)
             self.send(member, ASK, msgpack.packb({"rid": rid}))
             futs.append((rid, member, fut))
@@ -287,11 +293,14 @@ class Doctor:
             if not fut.done():
                 fut.cancel()
                 continue
-            answers.append(self._read(member, sent, time.time(), fut.result()))
+            body, got = fut.result()
+            answers.append(self._read(member, sent, got, body))
         return [a for a in answers if a is not None], [self.name(m) for m in members]
 
-    def _read(self, member: str, sent: float, got: float, body: dict[str, Any],
-              ) -> Answer | None:
+    def _read(self, member: str, sent: float, got: float, body: Any) -> Answer | None:
+        if not isinstance(body, dict):
+            self.drop("malformed_doctor")
+            return None
         t, results, observed = body.get("t"), body.get("reach"), body.get("observed")
         if (isinstance(t, bool) or not isinstance(t, int | float) or not isinstance(results, dict)
                 or not all(isinstance(k, str) and isinstance(v, str)

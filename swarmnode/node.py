@@ -547,9 +547,9 @@ class Node:
                   doctor.check_portage(facts.get(FACT_HASH),
                                        {k: v if isinstance(v, str) else None
                                         for k, v in theirs.items()})]
-        alive = [m.id for m in self.core.members()
-                 if m.id != self.id and m.admitted_by and m.state == "alive"]
-        answers, asked = await self.doctor.ask(alive)
+        live = [m.id for m in self.core.members()
+                if m.id != self.id and m.admitted_by and m.state in ("alive", "suspect")]
+        answers, asked = await self.doctor.ask(live)
         return doctor.as_plain(checks + doctor.judge(answers, asked, list(self.addresses)))
 
     def history_view(self, seconds: float | None, progress: bool = False) -> dict[str, Any]:

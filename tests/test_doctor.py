@@ -65,6 +65,8 @@ def test_unreachable_nat_skew_and_silence_are_named_with_a_fix() -> None:
     assert half["reachable"].status == "warn"
     assert half["clock"].status == "ok"
     assert by_name(judge([], [], ME))["reachable"].status == "warn"
+    silent = by_name(judge([], ["a", "b"], ME))
+    assert silent["reachable"].status == "warn" and silent["members"].status == "warn"
 
 
 def test_home_permissions(tmp_path: Path) -> None:
@@ -155,6 +157,8 @@ def test_doctor_on_a_swarm_finds_a_skewed_clock_and_a_readable_key(swarm: Swarm)
     assert got["reachable"]["status"] == "ok" and "reached by 2 of 2" in got["reachable"]["detail"]
     assert got["clock"]["status"] == "warn" and "against n2" in got["clock"]["detail"]
     assert float(got["clock"]["detail"].split()[2]) == pytest.approx(5.0, abs=0.5)
+    rtt_ms = float(got["clock"]["detail"].split("round trip ")[1].split()[0])
+    assert rtt_ms < 2000  # each answer's own round trip, not the wait for the slowest
     assert got["home"]["status"] == "ok" and got["nat"]["status"] == "ok"
     assert res.returncode == 0  # warnings only
     (first.home / "identity.key").chmod(0o644)

@@ -29,6 +29,7 @@ PORT = 7946
 
 def checks(swarm: Swarm, node: Node) -> tuple[int, dict[str, dict[str, str]]]:
     res = swarm.cli(node, "doctor", "--json", check=False, timeout=60)
+    assert res.stdout.startswith("["), (res.returncode, res.stdout, res.stderr)
     return res.returncode, {c["name"]: c for c in json.loads(res.stdout)}
 
 
@@ -56,8 +57,9 @@ def test_doctor_names_nat_an_unreachable_port_and_a_firewall(lab: Lab,
     assert behind["nat"]["status"] == "warn" and topo.gw_lan_addr in behind["nat"]["detail"]
 
     lab._iptables("lan2", ["-I", "INPUT", "-p", "tcp", "--dport", str(PORT), "-j", "DROP"])
-    rc, walled = checks(swarm, lan2)  # its own connections out still carry the swarm
-    assert rc == 1
-    assert walled["reachable"]["status"] == "fail", walled["reachable"]
-    assert "Timeout" in walled["reachable"]["detail"] or "no member" in walled[
-        "reachable"]["detail"]
+    # its own connections out still carry the swarm; the members' dials in now fail
+    swarm.wait_for(lambda: checks(swarm, lan2)[1]["reachable"]["status"] == "fail", 60,
+                   "doctor on lan2 to find its port closed to every member")
+    rc, walled = checks(swarm, lan2)
+    assert rc == 1 and "no member reached this node" in walled["reachable"]["detail"]
+    assert "open the port" in walled["reachable"]["fix"]
