@@ -24,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import smtplib
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +127,13 @@ def clean(text: str, limit: int = 200) -> str:
 
 
 # ---------------------------------------------------------------------- channels
+# (urllib.request, smtplib and email are imported when a message is sent: a node without
+# notifications -- most -- starts without them)
 
 
 def send_webhook(url: str, message: Message, swarm: str) -> None:
+    import urllib.request
+
     body = json.dumps(message.to_json(swarm)).encode()
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": "application/json",
@@ -142,6 +143,8 @@ def send_webhook(url: str, message: Message, swarm: str) -> None:
 
 
 def send_ntfy(url: str, message: Message, swarm: str) -> None:
+    import urllib.request
+
     req = urllib.request.Request(url, data=message.text.encode(), method="POST", headers={
         "Title": clean(f"{swarm}: {message.title}"), "Tags": "warning" if message.urgent
         else "information_source", "Priority": "high" if message.urgent else "default",
@@ -151,6 +154,9 @@ def send_ntfy(url: str, message: Message, swarm: str) -> None:
 
 
 def send_email(settings: NotifySettings, message: Message, swarm: str) -> None:
+    import smtplib
+    from email.message import EmailMessage
+
     mail = EmailMessage()
     mail["Subject"] = clean(f"[{swarm}] {message.title}")
     mail["From"] = settings.email_from

@@ -8,16 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.imports import loaded_by
 from tests.swarm import REPO
 
 
 def test_importing_the_cli_leaves_rich_asyncio_and_the_cluster_for_later() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys, cli.main\n"
-         "print(' '.join(m for m in ('rich.console', 'rich.table', 'asyncio', "
-         "'swarmnode.control', 'swarmnode.cluster', 'swarmnode.token') if m in sys.modules))"],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == ""
+    assert loaded_by("cli.main", ("rich.console", "rich.table", "asyncio", "swarmnode.control",
+                                  "swarmnode.cluster", "swarmnode.token")) == []
 
 
 def test_commands_still_print_through_rich(tmp_path: Path) -> None:
