@@ -89,6 +89,20 @@ def test_an_attempt_voided_before_it_ended_may_run_again(tmp_path: Path) -> None
     assert out.violations == [] and out.reruns_interrupted == 1
 
 
+def test_an_attempt_the_history_shows_requeued_may_run_again(tmp_path: Path) -> None:
+    """The requeue landed between two ledger samples (a node declared dead 20 ms before its
+    job ended well): the history of attempts still shows it voided."""
+    log = tmp_path / "runs.log"
+    log.write_text("1.0 B j 1 id1 start\n2.0 B j 1 id1 end\n2.1 B j 2 id2 start\n")
+    pollers = {"lan1": poller("lan1", [sample(1.5, jobs={"j": ("running", 1, "id1")})])}
+    out = outcome()
+    check_reruns(out, read_runs(log, "B"), pollers, [], IDS, {("j", 1)})
+    assert out.violations == [] and out.reruns_interrupted == 1
+    other = outcome()  # another attempt voided proves nothing about this one
+    check_reruns(other, read_runs(log, "B"), pollers, [], IDS, {("j", 2)})
+    assert "ended well" in other.violations[0]
+
+
 def test_two_leaders_of_a_term_an_even_voter_set_and_a_done_job_undone_are_violations() -> None:
     out = outcome()
     check_ledgers(out, {

@@ -35,7 +35,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,10 +378,27 @@ def _done_at(pollers: dict[str, Poller]) -> dict[str, float]:
     return first
 
 
-def _superseded(pollers: dict[str, Poller], r: Run) -> bool:
-    """A ledger showed the attempt voided (requeued or replaced) before it ended well: its
-    report could not count, so starting the job again was right."""
+def voided_attempts(swarm: Swarm, nodes: list[Node], build: str) -> set[tuple[str, int]]:
+    """The attempts the ledger voided -- requeued (their node declared dead, or it lost them),
+    cancelled, blocked -- from a node's history of every attempt: the polled samples miss a
+    requeue committed a few milliseconds before its attempt ended well."""
+    for n in nodes:
+        if n.running:
+            with contextlib.suppress(control.ControlError, OSError, TimeoutError):
+                rows = swarm.query(n, "jobs", timeout=ASK_S, history=True, build=build)
+                return {(r["job"], r["attempt"]) for r in rows
+                        if r["result"] in ("requeued", "cancelled", "blocked")}
+    return set()
+
+
+def _superseded(pollers: dict[str, Poller], r: Run,
+                voided: Collection[tuple[str, int]] = ()) -> bool:
+    """The ledger voided the attempt (requeued or replaced) before it ended well: its report
+    could not count, so starting the job again was right. From the history, or a ledger
+    sample showing it."""
     assert r.end is not None
+    if (r.job, r.attempt) in voided:
+        return True
     for p in pollers.values():
         for s in p.samples:
             if r.t <= s.t <= r.end and s.jobs and r.job in s.jobs:
@@ -392,7 +409,8 @@ def _superseded(pollers: dict[str, Poller], r: Run) -> bool:
 
 
 def check_reruns(out: Outcome, runs: dict[str, list[Run]], pollers: dict[str, Poller],
-                 faults: list[Fault], names: dict[str, str]) -> None:
+                 faults: list[Fault], names: dict[str, str],
+                 voided: Collection[tuple[str, int]] = ()) -> None:
     done_at = _done_at(pollers)
     out.starts = sum(len(mine) for mine in runs.values())
     for job, mine in sorted(runs.items()):
@@ -404,7 +422,7 @@ def check_reruns(out: Outcome, runs: dict[str, list[Run]], pollers: dict[str, Po
                                       f"(at {done_at[job]:.2f})")
                 continue
             ok = [r for r in mine[:i] if r.end is not None and r.end < s.t]
-            healthy = [r for r in ok if not _superseded(pollers, r) and not any(
+            healthy = [r for r in ok if not _superseded(pollers, r, voided) and not any(
                 f.covers(names.get(r.node, ""), r.end or 0, s.t) for f in faults)]
             if healthy:
                 r = healthy[-1]
@@ -515,7 +533,8 @@ def run_trial(cluster: Cluster, trial: Trial, work: Path) -> Outcome:
                   [asdict(f) for f in faults])
     names = {n.id: n.name for n in nodes}
     check_outputs(out, swarm, submitter, build, dag, views, work / "out")
-    check_reruns(out, read_runs(runs_log, build), pollers, faults, names)
+    check_reruns(out, read_runs(runs_log, build), pollers, faults, names,
+                 voided_attempts(swarm, nodes, build))
     check_ledgers(out, pollers, names)
     check_elections(out, swarm, nodes, t0)
     out.leaderless = leaderless(pollers, faults, t0, t_end)
