@@ -808,17 +808,6 @@ def _history(rows: list[dict[str, Any]], as_json: bool) -> None:
     out.print(table)
 
 
-def _seconds(text: str) -> float:
-    """A span such as 90m, 12h, 7d or 3600 (seconds)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a span like 90m, 12h or 7d") from None
-
-
 @app.command("history")
 def history_(
     since: Annotated[str, typer.Option(help="how far back: 90m, 12h, 7d, up to 90d")] = "1d",
@@ -827,8 +816,13 @@ def history_(
     """The swarm's past from this node's time series: draw and energy, cores online and
     busy, jobs a period, the queue; then the builds that started in it, with energy and cost."""
     from swarmnode.series import rebucket
+    from swarmnode.token import parse_duration
 
-    view = ask("history", since=_seconds(since))
+    try:
+        seconds = parse_duration(since)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    view = ask("history", since=seconds)
     if as_json:
         emit_json(view)
         return
