@@ -465,7 +465,9 @@ class Node:
     def _cluster_power(self) -> dict[str, Any]:
         """The swarm's draw now, its energy today and, at the configured price, its cost."""
         view = self.power_view().values()
-        kwh = round(sum(v["kwh_today"] for v in view), 4)
+        today = power.today()  # summed before rounding: members' rounded shares would add up
+        kwh = round(sum(stated.joules_today for _by, stated, _age in self._stated_power()
+                        if stated.day == today) / 3.6e6, 4)
         price = self.node_config.price_per_kwh
         return {"cluster_watts": round(sum(v["watts"] for v in view), 1),
                 "cluster_kwh_today": kwh,

@@ -68,7 +68,8 @@ def test_series_match_the_ledger_and_the_power_notes_and_survive_a_restart(
                    75, "a row of each member's load and draw")
     view = swarm.query(nodes[0], "history", since=3600)
     today = swarm.query(nodes[0], "status")["cluster_kwh_today"] * 3.6e6
-    assert 0 < sums(view)["joules"] <= today * 1.01 + 1, (sums(view), today)
+    rounding = 0.00005 * 3.6e6  # status states kWh to 4 places: 180 J either way
+    assert 0 < sums(view)["joules"] <= today + rounding + 1, (sums(view), today)
     assert set(view["nodes"]) == {n.id for n in nodes}
     assert all(row[2] > 0 for rows in view["nodes"].values() for row in rows)  # watts
     [build] = view["builds"]
