@@ -381,7 +381,7 @@ class Leadership:
         """A leader is known and this replica has applied all it knows committed: the ledger
         here names every unfinished build (not so while a restarted node replays or catches
         up, when a build missing here may still be running)."""
-        return self.core.leader is not None and self.ledger.applied >= self.core.commit_index
+        return self.core.leader is not None and self.ledger.applied >= self.core.leader_commit
 
     def status(self) -> dict[str, Any]:
         st = self.core.status(self.node.clock())

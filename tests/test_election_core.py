@@ -358,6 +358,22 @@ def test_non_voters_never_campaign_but_follow_and_report_the_leader() -> None:
     assert el.leader is None and events(el.drain(), "leader_changed")[0].data["leader"] is None
 
 
+def test_a_replica_behind_knows_how_far_from_what_the_leader_states() -> None:
+    """A new member's commit index is 0 until entries arrive; the leader's stated commit says
+    it is behind (leadership.caught_up: its ledger is the past, not what runs now)."""
+    el = make("c")
+    lead(el, LATER, 1, "a")
+    el.handle(LATER, "a", AppendEntries(1, "a", 1, 4, 1, 5))  # commit 5, entries it lacks
+    assert el.drain()[-1] == Send("a", AppendReply(1, 1, False, 1))  # a gap: send from 1
+    assert el.commit_index == 0 and el.leader_commit == 5
+    el.handle(LATER, "a", AppendEntries(1, "a", 2, 0, 0, 3, ((1, b""),) * 3))  # an old round
+    assert el.commit_index == 3 and el.leader_commit == 5  # states less: the most stated holds
+    lead(el, LATER, 2, "b")  # the next term's leader has stated nothing yet
+    assert el.term == 2 and el.leader_commit == 3
+    el.handle(LATER, "b", AppendEntries(2, "b", 1, 3, 1, 4, ((2, b""),)))
+    assert el.commit_index == el.leader_commit == 4
+
+
 def test_a_member_holds_the_commit_only_once_its_log_is_known_to_reach_it() -> None:
     """The leader's catch-up rule for adding a voter (leadership.refresh_voters)."""
     el = make(voters=frozenset({"a"}), observers=frozenset({"o"}))

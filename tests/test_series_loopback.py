@@ -5,7 +5,8 @@ What must hold: after a build, each node's series counts exactly the attempts th
 finished and failed (as the ledger's history has them); the energy in it is the members'
 stated energy (more than nothing, never more than the swarm's energy today); every member
 has its load and draw; `history` shows the build with its energy; a restarted node still
-has the points it wrote before.
+has the points it wrote before; a member that joins later counts none of the past it catches
+up with.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import pytest
 from swarmnode.series import FINE_S
 from tests.swarm import (
     Swarm,
+    loopback_addr,
     swarm_fixture,  # noqa: F401 (the `swarm` fixture)
 )
-from tests.test_build_loopback import three
+from tests.test_build_loopback import JOIN_S, three
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -87,3 +89,14 @@ def test_series_match_the_ledger_and_the_power_notes_and_survive_a_restart(
     kept = swarm.query(nodes[0], "history", since=3600)
     assert kept["points"][0][0] == before < restart  # written before the restart, still there
     assert sums(kept)["finished"] == done and sums(kept)["failed"] == failed
+    # a member that joins now applies the whole ledger to catch up: the past, not counted
+    late = swarm.start(swarm.add("n4", loopback_addr(4)),
+                       swarm.query(nodes[0], "token", ttl=600))
+    applied = swarm.query(nodes[0], "status")["ledger"]["applied"]
+    swarm.wait_for(lambda: swarm.query(late, "status")["ledger"]["applied"] >= applied,
+                   JOIN_S, "n4 caught up with the ledger")
+    caught_up = time.time()
+    swarm.wait_for(lambda: (swarm.query(late, "history", since=3600)["points"] or [[0]])[-1][0]
+                   > caught_up + FINE_S, 40, "a point n4 wrote after it caught up")
+    counted = sums(swarm.query(late, "history", since=3600))
+    assert (counted["started"], counted["finished"], counted["failed"]) == (0, 0, 0), counted

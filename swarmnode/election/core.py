@@ -318,6 +318,10 @@ class Election:
         self._log_dirty_from: int | None = None
         self._commit = snap_index
         self._applied = snap_index
+        # (term, commit index) the leader of that term last stated: a replica whose own commit
+        # index lags (it advances only as matching entries arrive) still knows how far behind
+        # it is -- a new member's 0 is not "caught up"
+        self._stated_commit = (0, 0)
         self._incoming: _Incoming | None = None
         # leader state
         self._seq = 0
@@ -392,6 +396,13 @@ class Election:
     @property
     def commit_index(self) -> int:
         return self._commit
+
+    @property
+    def leader_commit(self) -> int:
+        """The highest index known committed: ours, or what this term's proven leader stated
+        in its AppendEntries (a replica that has applied less is behind)."""
+        term, stated = self._stated_commit
+        return max(self._commit, stated if term == self._term else 0)
 
     def holds_commit(self, peer: str) -> bool:
         """As leader: `peer`'s log is known to hold every committed entry (Raft's catch-up
@@ -764,6 +775,8 @@ class Election:
         if not self._accept_leader(src, m.term, m.seq):
             self._hold(src, m)
             return
+        term, stated = self._stated_commit
+        self._stated_commit = (m.term, max(m.commit, stated) if term == m.term else m.commit)
         prev, prev_term, entries = m.prev_index, m.prev_term, m.entries
         base = self._log.base_index
         if prev < base:
