@@ -277,9 +277,11 @@ class NotifyService:
             self.offer(Notice("disk_low", f"{clean(self.name(member))}'s disk is nearly full",
                               "it takes no jobs until space is freed", urgent=True))
         for member, app in sorted(rolled_back - self.seen.rolled_back):
-            self.offer(Notice("push_rolled_back",
-                              f"{clean(app)} rolled back on {clean(self.name(member))}",
-                              urgent=True))
+            name = clean(self.name(member))
+            self.offer(Notice("push_rolled_back", f"{clean(app)} rolled back on {name}",
+                              f"the release failed there and the one before runs again; "
+                              f"`swarmnode versions` shows every member's, {name}'s "
+                              f"`swarmnode events` why", urgent=True))
         budget = self.settings.energy_budget_kwh
         if budget is not None and kwh_today > budget and self.seen.budget_day != day:
             self.seen.budget_day = day

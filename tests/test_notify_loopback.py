@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from swarmnode.notify import CHECK_S
 from tests.swarm import (
     Swarm,
     loopback_addr,
@@ -17,6 +18,7 @@ from tests.swarm import (
 )
 from tests.test_build_loopback import three
 from tests.test_notify import Receiver
+from tests.test_push_loopback import payload
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -74,5 +76,18 @@ def test_each_event_is_sent_once_by_the_leader(swarm: Swarm, tmp_path: Path) -> 
         assert swarm.cli(follower, "notify", "test").stdout.strip() == "webhook: sent"
         assert notices(receiver)[-1]["kind"] == "test"
         assert swarm.query(follower, "status")["notify"]["sent"] == {"webhook": 1}
+        # a push whose health check fails on the canary: rolled back there, and said once
+        bad = payload(tmp_path, "1", health="echo db unreachable >&2; exit 3")
+        res = swarm.cli(nodes[0], "push", str(bad), "--wait", "--json", check=False, timeout=90)
+        assert res.returncode == 1
+        (canary,) = [s["name"] for s in json.loads(res.stdout)["nodes"].values() if s["canary"]]
+        swarm.wait_for(lambda: any(n["kind"] == "push_rolled_back" for n in notices(receiver)),
+                       30, "the rollback's notice")
+        [rolled] = [n for n in notices(receiver) if n["kind"] == "push_rolled_back"]
+        digest = json.loads(res.stdout)["digest"]
+        assert rolled["title"] == f"web {digest[:12]} rolled back on {canary}" and rolled["urgent"]
+        assert f"{canary}'s `swarmnode events`" in rolled["text"]
+        seen = len(receiver.got)  # the leader looks again every CHECK_S: nothing new to say
+        swarm.hold(lambda: len(receiver.got) == seen, CHECK_S + 1, "no second message of it")
     finally:
         receiver.close()
