@@ -281,3 +281,40 @@ async def test_oversized_frame_is_refused_and_node_keeps_running():
         assert got.envelope.body == b"later"
     finally:
         await closed(a, b)
+
+
+async def test_a_burst_of_queued_messages_does_not_hold_the_loop():
+    """Queued messages are received without suspending: the receive loop hands the event loop
+    back every RECV_SLICE_S, so a burst costs other tasks a slice, not the whole burst.
+    Measured in this thread's CPU time, so a loaded machine's preemption does not count."""
+    a, b = Peer(), Peer()
+    got: list[bytes] = []
+
+    def costly(inbound: Inbound) -> None:  # a handler costing 1 ms of CPU, as big ones do
+        until = time.thread_time() + 0.001
+        while time.thread_time() < until:
+            pass
+        got.append(inbound.envelope.body)
+
+    b.transport.on_message = costly
+    await started(a, b)
+    try:
+        a.transport.connect(b.id, (b.addr,))
+        await send_when_connected(a, b, "ping", b"first")
+        while not got:
+            await asyncio.sleep(0.01)
+        burst = [str(i).encode() for i in range(100)]
+        for body in burst:
+            assert a.transport.send(b.id, "ping", body)
+        time.sleep(0.5)  # the loop is away; ZeroMQ's threads queue the burst at b meanwhile
+        gaps: list[float] = []
+        last = time.thread_time()
+        while len(got) < 1 + len(burst):
+            await asyncio.sleep(0)  # (a task's turn: each wake-up ends a loop step)
+            now = time.thread_time()
+            gaps.append(now - last)
+            last = now
+        assert got[1:] == burst  # in order, none lost
+        assert max(gaps) < 0.05, max(gaps)  # no step over 50 ms (the burst in one: ~100 ms)
+    finally:
+        await closed(a, b)
