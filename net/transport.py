@@ -55,8 +55,8 @@ RECV_HWM = 256
 #: Longest a receive loop handles messages in a row before it hands the event loop back. A
 #: receive that finds a message queued completes at once, without suspending, so a burst was
 #: handled in one step: 39 messages held a 5-node follower's loop for 51 ms of CPU during a
-#: push, and a 40-node leader's for hundreds of ms (timers, probes and replies all waited).
-#: One message costs 0.3-2.5 ms; a few ms bound a step without a loop pass per message.
+#: push (timers, probes and replies all waited behind it). One message costs 0.3-2.5 ms; a
+#: few ms bound a step without a loop pass per message.
 RECV_SLICE_S = 0.005
 #: How long a closing socket may still flush queued messages.
 LINGER_MS = 200
