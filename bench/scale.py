@@ -32,6 +32,11 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
 5. kill: `kill -9` of `--kill` nodes (neither founder nor leader; non-voters first): seconds
    until every other node lists each of them dead.
 
+With `--steps MS`, the nodes run with bench/stepprobe on their PYTHONPATH: every loop step
+using more than MS ms of the loop thread's CPU is logged with the task or callback that ran
+it, and each phase (idle, build, push) reports, for the leader, the pusher and all nodes, how
+many such steps there were, the longest, and what ran the most of them.
+
 Each figure is reported per N beside other commits: `--commit A --commit B` measures each in
 turn from a clean snapshot (snapshot.unpack; the nodes, CLI and harness of that commit, this
 script's measuring), alternating which goes first from one (size, round) to the next; without
@@ -45,7 +50,7 @@ each of `--sim-sizes` members over `--sim-seconds` of simulated time after a war
 
     .venv/bin/python bench/scale.py [--sizes 5,20,40] [--idle-seconds 600] [--build-jobs 200]
         [--spread 12] [--kill 3] [--rounds 1] [--commit HEAD~1 --commit HEAD]
-        [--sim-sizes 40,1000] [--sim-seconds 30] [--only nodes,sim] [--worktree]
+        [--sim-sizes 40,1000] [--sim-seconds 30] [--only nodes,sim] [--worktree] [--steps 50]
     .venv/bin/python bench/scale.py --sizes 5 --idle-seconds 30 --build-jobs 20   # quick
 
 Results: a table on stdout, JSON in /tmp/swarmnode-bench/scale.json (every cell, every round,
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -74,6 +80,11 @@ GONE = ("dead",)
 #: A node's events that make a member alive in its view, and that take it out of it.
 ALIVE_EVENTS = ("member_join", "member_alive")
 GONE_EVENTS = ("member_suspect", "member_dead", "member_left", "member_reaped")
+#: Where --steps' probe lives (this script's tree, whichever commit's nodes it measures).
+STEP_PROBE = Path(__file__).resolve().parent / "stepprobe"
+#: A probe's log line: "2026-12-07 11:24:36,018 WARNING swarmnode.steps: loop step 12.5 ms
+#: cpu: task Node._timer_loop".
+STEP_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms cpu: (.*)$")
 #: How often convergence is polled, only to know when to read the events that time it.
 CONVERGE_POLL_S = 1.0
 
@@ -101,6 +112,8 @@ def main() -> int:
     ap.add_argument("--sim-sizes", default="40,1000")
     ap.add_argument("--sim-seconds", type=float, default=30.0)
     ap.add_argument("--only", default="nodes,sim", help="parts to run: nodes, sim")
+    ap.add_argument("--steps", type=float, default=None,
+                    help="log loop steps over this many ms of CPU, and say what ran them")
     ap.add_argument("--child", help=argparse_suppress())
     ap.add_argument("--child-out", type=Path, help=argparse_suppress())
     args = ap.parse_args()
@@ -250,6 +263,17 @@ ROWS = (
     ("held lag worst in the push, pusher (bucket bound)", "held_top_push_pusher_ms", "ms"),
     ("held lag worst in the push, leader (bucket bound)", "held_top_push_leader_ms", "ms"),
     ("kill -9 of k nodes: all others agree dead", "dead_s", "s"),
+    # with --steps: loop steps over that much of the loop thread's CPU
+    ("--steps: long steps idle, leader", "steps_idle_leader", ""),
+    ("--steps: long steps idle, all nodes", "steps_idle_all", ""),
+    ("--steps: longest step idle, all nodes", "steps_max_idle_all_ms", "ms CPU"),
+    ("--steps: long steps in the build, leader", "steps_build_leader", ""),
+    ("--steps: longest step in the build, leader", "steps_max_build_leader_ms", "ms CPU"),
+    ("--steps: long steps in the build, all nodes", "steps_build_all", ""),
+    ("--steps: long steps in the push, pusher", "steps_push_pusher", ""),
+    ("--steps: longest step in the push, pusher", "steps_max_push_pusher_ms", "ms CPU"),
+    ("--steps: long steps in the push, leader", "steps_push_leader", ""),
+    ("--steps: long steps in the push, all nodes", "steps_push_all", ""),
 )
 
 
@@ -282,6 +306,13 @@ def report(res: dict[str, Any], names: list[str], sizes: list[int]) -> str:
                    for c in res["nodes"].get(str(n), {}).get(name, [])
                    for m in c.get("missing", [])}
         lines += [f"not exposed by the node: {m}" for m in sorted(missing)]
+        for n in sizes:  # --steps: what ran the long steps
+            for name in names:
+                for c in res["nodes"].get(str(n), {}).get(name, []):
+                    for where, got in c.get("details", {}).get("steps", {}).items():
+                        if got["top"]:
+                            lines.append(f"long steps, N={n} {name} {where}: " + ", ".join(
+                                f"{what} x{k}" for what, k in got["top"]))
     if res["sim"]:
         lines += ["", "| simulators, idle, messages sent per node per second | " + " | ".join(
             f"n={n} {name}" for name in names for n in res["sim"][name].get("sizes", [])) + " |"]
@@ -334,6 +365,11 @@ class Cell:
         self.args = args
         self.n = n
         self.root = Path(tempfile.mkdtemp(prefix=f"sw-scale{n}-", dir="/tmp"))
+        if args.steps is not None:  # (the nodes' environment is this process's: tests/swarm)
+            os.environ["SWARMNODE_STEP_PROBE_MS"] = str(args.steps)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(STEP_PROBE), os.environ.get("PYTHONPATH")) if p)
+        self.phases: dict[str, tuple[float, float]] = {}  # phase -> wall-clock window
         self.swarm = Swarm(self.root)
         self.nodes: list[Any] = []
         self.pids: dict[str, int] = {}
@@ -351,6 +387,8 @@ class Cell:
             self.build(fig, det)
             self.push(fig, det)
             self.kill(fig, det)
+            if self.args.steps is not None:
+                det["steps"] = self.steps(fig, leader)
             ok = True
             return {"figures": fig, "details": det, "leader_at_start": leader[:12],
                     "missing": sorted(self.missing)}
@@ -529,6 +567,7 @@ class Cell:
         procs = {node.name: proc_figures(self.pids[node.name]) for node in self.running()}
         b = self.sample()
         ts1 = time.time()
+        self.phases["idle"] = (ts0, ts1)
         per = self.window(a, b, leader)
         for name, extra in procs.items():
             per[name].update(extra)
@@ -606,6 +645,7 @@ class Cell:
                 time.sleep(0.05)
         took = time.monotonic() - t0
         ts1 = time.time()
+        self.phases["build"] = (ts0, ts1)
         b = self.sample()
         per = self.window(a, b, leader)
         ch = self.leader_changes(ts0, ts1)
@@ -635,10 +675,11 @@ class Cell:
             "health_timeout = 30\n")
         leader = self.q(self.nodes[0], "status")["leader"]
         a = self.sample()
-        t0 = time.monotonic()
+        t0, ts0 = time.monotonic(), time.time()
         res = self.swarm.cli(self.nodes[0], "push", str(app), "--wait", "--json",
                              timeout=self.args.timeout, check=False)
         wall = time.monotonic() - t0
+        self.phases["push"] = (ts0, time.time())
         try:
             view = json.loads(res.stdout)
         except ValueError:
@@ -656,6 +697,34 @@ class Cell:
                                f"{res.stderr[-500:]}")
         fig["push_wall_s"] = round(wall, 2)
         fig["push_elapsed_s"] = round(view["elapsed"], 2) if view.get("elapsed") else None
+
+    # -------------------------------------------------------------- --steps
+    def steps(self, fig: dict[str, Any], leader: str) -> dict[str, Any]:
+        """The probe's logged steps in each phase's window: for the leader (at the start),
+        the pusher (the founder) and all nodes, how many, the longest (ms of CPU) and what
+        ran the most of them."""
+        found: list[tuple[float, str, float, str]] = []  # (ts, node, ms, what)
+        for node in self.nodes:
+            for line in node.log.read_text(errors="replace").splitlines():
+                m = STEP_LINE.match(line)
+                if m:
+                    ts = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1e3
+                    found.append((ts, node.name, float(m[3]), m[4]))
+        lead = next((n.name for n in self.nodes if n.id == leader), None)
+        roles = {"leader": {lead}, "pusher": {self.nodes[0].name},
+                 "all": {n.name for n in self.nodes}}
+        out: dict[str, Any] = {}
+        for phase, (t0, t1) in self.phases.items():
+            for role, names in roles.items():
+                hits = [(ms, what) for ts, name, ms, what in found
+                        if t0 <= ts <= t1 and name in names]
+                top = Counter(what for _, what in hits).most_common(3)
+                out[f"{phase}_{role}"] = {"steps": len(hits),
+                                          "max_ms": max((ms for ms, _ in hits), default=None),
+                                          "top": top}
+                fig[f"steps_{phase}_{role}"] = len(hits)
+                fig[f"steps_max_{phase}_{role}_ms"] = out[f"{phase}_{role}"]["max_ms"]
+        return out
 
     # -------------------------------------------------------------- 5. kill
     def kill(self, fig: dict[str, Any], det: dict[str, Any]) -> None:
