@@ -26,9 +26,10 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
 3. build: `--build-jobs` independent jobs of `sleep --job-seconds`, submitted on the founder,
    until the build is finished: its time, the leader changes in it, loop lag and held lag in
    it (the leader and the worst node).
-4. push: `swarmnode push DIR --wait --json` of a small app (restart `true`, a health check)
-   from the founder (it holds the push right) to all N: the CLI's wall time and its `elapsed`,
-   loop lag and held lag of the pusher and the leader in it.
+4. push: `swarmnode push DIR --wait --json` of a small app (restart `true`, a health check;
+   `--push-mib` adds that much random data) from the founder (it holds the push right) to
+   all N: the CLI's wall time and its `elapsed`, loop lag and held lag of the pusher and the
+   leader in it.
 5. kill: `kill -9` of `--kill` nodes (neither founder nor leader; non-voters first): seconds
    until every other node lists each of them dead.
 
@@ -51,6 +52,7 @@ each of `--sim-sizes` members over `--sim-seconds` of simulated time after a war
     .venv/bin/python bench/scale.py [--sizes 5,20,40] [--idle-seconds 600] [--build-jobs 200]
         [--spread 12] [--kill 3] [--rounds 1] [--commit HEAD~1 --commit HEAD]
         [--sim-sizes 40,1000] [--sim-seconds 30] [--only nodes,sim] [--worktree] [--steps 50]
+        [--push-mib 20]
     .venv/bin/python bench/scale.py --sizes 5 --idle-seconds 30 --build-jobs 20   # quick
 
 Results: a table on stdout, JSON in /tmp/swarmnode-bench/scale.json (every cell, every round,
@@ -105,6 +107,8 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=600.0)
     ap.add_argument("--build-jobs", type=int, default=200)
     ap.add_argument("--job-seconds", type=float, default=0.5)
+    ap.add_argument("--push-mib", type=float, default=0.0,
+                    help="random data added to the pushed app (MiB): chunks to serve")
     ap.add_argument("--kill", type=int, default=3)
     ap.add_argument("--poll", type=float, default=0.1)
     ap.add_argument("--timeout", type=float, default=300.0,
@@ -670,6 +674,8 @@ class Cell:
         app = self.root / "scale-app"
         app.mkdir()
         (app / "data.txt").write_text(f"scale {time.time()}\n")
+        if self.args.push_mib:
+            (app / "blob").write_bytes(os.urandom(int(self.args.push_mib * (1 << 20))))
         (app / "swarmnode-push.toml").write_text(
             'name = "scale"\nrestart = "true"\nhealth = "test -f data.txt"\n'
             "health_timeout = 30\n")
