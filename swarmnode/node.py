@@ -464,12 +464,14 @@ class Node:
 
     def _cluster_power(self) -> dict[str, Any]:
         """The swarm's draw now, its energy today and, at the configured price, its cost."""
-        view = self.power_view().values()
-        today = power.today()  # summed before rounding: members' rounded shares would add up
-        kwh = round(sum(stated.joules_today for _by, stated, _age in self._stated_power()
-                        if stated.day == today) / 3.6e6, 4)
+        today = power.today()
+        watts = joules = 0.0
+        for _by, stated, _age in self._stated_power():
+            watts += stated.reading.watts
+            joules += stated.joules_on(today)  # summed before rounding, not rounded shares
+        kwh = round(joules / 3.6e6, 4)
         price = self.node_config.price_per_kwh
-        return {"cluster_watts": round(sum(v["watts"] for v in view), 1),
+        return {"cluster_watts": round(watts, 1),
                 "cluster_kwh_today": kwh,
                 "cost_today": round(kwh * price, 4) if price is not None else None,
                 "price_per_kwh": price}
@@ -491,8 +493,7 @@ class Node:
         """Each admitted member's latest stated draw (if not older than power.STALE_S)."""
         today = power.today()
         return {by: {"watts": stated.reading.watts, "source": stated.reading.source,
-                     "kwh_today": round(stated.joules_today / 3.6e6, 4)
-                     if stated.day == today else 0.0,
+                     "kwh_today": round(stated.joules_on(today) / 3.6e6, 4),
                      "load": stated.load, "age_s": round(max(age, 0.0), 1)}
                 for by, stated, age in self._stated_power()}
 

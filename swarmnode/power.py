@@ -261,6 +261,10 @@ class Stated:
     joules_today: float
     load: float | None = None
 
+    def joules_on(self, day: str) -> float:
+        """Its energy on `day`: a note from yesterday states nothing about today."""
+        return self.joules_today if self.day == day else 0.0
+
 
 def note_value(meter: PowerMeter, load: float | None = None) -> bytes:
     assert meter.last is not None

@@ -107,6 +107,7 @@ def test_energy_today_starts_again_with_a_new_day_and_travels_in_the_note(
     stated = read_note(note_value(meter))
     assert stated is not None and stated.day == "2026-11-27" and stated.joules_today == 100
     assert stated.reading == meter.last and stated.load is None
+    assert stated.joules_on("2026-11-27") == 100 and stated.joules_on("2026-11-28") == 0
     loaded = read_note(note_value(meter, 1.2345))
     assert loaded is not None and loaded.load == 1.23
     for bad in (-1, "high", True, 1e9):
