@@ -33,6 +33,7 @@ from swarmnode.election import (
     Config,
     Election,
     Event,
+    LogEntry,
     MessageError,
     Persist,
     PersistEntries,
@@ -56,6 +57,8 @@ from swarmnode.ledger import (
 )
 
 LEDGER_DB = "ledger.db"
+HERE = ("alive", "suspect")
+"""Member states of one that is in reach (a suspect may yet refute)."""
 #: Applied entries between snapshots of the ledger (the log is cut back to the snapshot but
 #: for a tail: `Config.compact_keep_entries`).
 COMPACT_EVERY = 2_000
@@ -77,14 +80,22 @@ log = logging.getLogger(__name__)
 MAX_SLEEP_S = 0.2
 
 
+def _voters_in(entry: LogEntry) -> frozenset[str] | None:
+    """The voter set a `Voters` entry names; None for any other entry."""
+    if entry.data:
+        with contextlib.suppress(LedgerError):
+            cmd = decode(entry.data)
+            if isinstance(cmd, Voters):
+                return frozenset(cmd.voters)
+    return None
+
+
 def _latest_config(ledger: JobLedger, stored: Stored) -> tuple[int, frozenset[str]] | None:
     """The last `Voters` entry in the stored log, else the snapshot's configuration."""
     for entry in reversed(stored.entries):
-        if entry.data:
-            with contextlib.suppress(LedgerError):
-                cmd = decode(entry.data)
-                if isinstance(cmd, Voters):
-                    return entry.index, frozenset(cmd.voters)
+        voters = _voters_in(entry)
+        if voters is not None:
+            return entry.index, voters
     if ledger.voters and stored.snapshot is not None:
         return stored.snapshot.index, frozenset(ledger.voters)
     return None
@@ -132,6 +143,9 @@ class Leadership:
         # restarted node knows it before it learns what is committed (falling back to "the
         # founder alone" then made a restarted founder elect itself beside the new leader).
         self._config: tuple[int, frozenset[str]] | None = _latest_config(self.ledger, stored)
+        # ...and at run time the latest applied; a newer one appended but not yet applied is
+        # still a reference for leader proofs (`Election.newest_voters`).
+        self._newest = self._config
         # Voters and the founder from the start: a proof of leadership that arrives before the
         # first refresh is checked against them, never against nothing.
         self.core = Election(node.id, self.committed_voters(), Config(),
@@ -183,7 +197,7 @@ class Leadership:
             return frozenset(m.id for m in members if m.id in pinned and m.admitted_by
                              is not None and m.state not in ("banned", "left"))
         now = self.node.clock()
-        eligible = [(m.id, m.admitted_at, m.state in ("alive", "suspect")) for m in members
+        eligible = [(m.id, m.admitted_at, m.state in HERE) for m in members
                     if m.admitted_by is not None and m.admitted_at is not None
                     and m.state not in ("banned", "left")]
         for node_id, _at, alive in eligible:  # since when each has been out of reach
@@ -202,24 +216,30 @@ class Leadership:
         voters = self.committed_voters()
         members = self.node.core.members()
         observers = {m.id for m in members
-                     if m.admitted_by is not None and m.state in ("alive", "suspect")
+                     if m.admitted_by is not None and m.state in HERE
                      and m.id not in voters}
         if self.core.root is None:  # whose lone leadership a node without voters believes
             self.core.root = self._founder()
         leader = self.core.leader
         if leader is not None and leader != self.node.id:
             view = self.node.core.member(leader)
-            if view is None or view.state not in ("alive", "suspect"):
+            if view is None or view.state not in HERE:
                 self.core.leader_gone(now, leader)  # (an observer keeps it until then)
         self.core.set_voters(now, voters, observers)
         self.flush()
         if self.node.admitted and not self._changing and self.core.can_schedule(now):
-            stepped = step_voters(voters, self.target_voters())
-            if not all(self.core.holds_commit(m) for m in stepped - voters - {self.node.id}):
-                return  # (asked again at the next refresh: the newcomer is catching up)
+            state = {m.id: m.state for m in members}
+            away = (frozenset(v for v in voters if state.get(v) not in (*HERE, "left")),
+                    frozenset(v for v in voters if state.get(v) == "left"))
+            stepped = step_voters(voters, self.target_voters(), self._ready, away)
             if stepped and (stepped != voters or not self.ledger.voters):
                 self._changing = True
                 self._change_task = asyncio.ensure_future(self._change(stepped))
+
+    def _ready(self, member: str) -> bool:
+        """May `member` become a voter now: it is us, or its log holds the commit (asked again
+        at the next refresh while it catches up)."""
+        return member == self.node.id or self.core.holds_commit(member)
 
     async def _change(self, voters: frozenset[str]) -> None:
         committed = False
@@ -273,16 +293,34 @@ class Leadership:
                 self.ledger = JobLedger.restore(out.snapshot.data)
                 if self.ledger.voters:
                     self._config = (out.snapshot.index, frozenset(self.ledger.voters))
+                    self._tell_newest()
                 for callback in self.on_applied:  # (whoever waits for the ledger to change)
                     callback(LedgerEvent("restored", {"index": out.snapshot.index}))
             elif isinstance(out, Event):
                 self._event(out)
+            elif isinstance(out, PersistEntries):
+                self._note_entries(out)
         if (self.live_from is None and self.caught_up
                 and self.ledger.applied >= self._replay_until):
             self.live_from = self.ledger.applied
         if any(isinstance(out, Apply | Restore) for out in outputs):
             self._push_engaged()
         self._wake.set()
+
+    def _note_entries(self, out: PersistEntries) -> None:
+        """Follow the newest configuration in the log through appends and truncations."""
+        if self._newest is not None and self._newest[0] >= out.start:
+            self._newest = None  # truncated: the applied configuration is the newest again
+        for entry in out.entries:
+            voters = _voters_in(entry)
+            if voters is not None:
+                self._newest = (entry.index, voters)
+        self._tell_newest()
+
+    def _tell_newest(self) -> None:
+        newest, config = self._newest, self._config
+        ahead = newest is not None and (config is None or newest[0] > config[0])
+        self.core.newest_voters = newest[1] if newest is not None and ahead else frozenset()
 
     def _push_engaged(self) -> None:
         """As leader, heartbeat the observers holding a job (or that held one within
@@ -311,6 +349,7 @@ class Leadership:
             if ev.kind == "voters_changed" and (self._config is None
                                                 or out.index >= self._config[0]):
                 self._config = (out.index, frozenset(ev.data["voters"]))
+                self._tell_newest()
             for callback in self.on_applied:
                 callback(ev)
         waiting = self._waiting.pop(out.index, None)

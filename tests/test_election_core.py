@@ -671,6 +671,21 @@ def test_step_voters_moves_one_member_at_a_time() -> None:
     assert all(len(x ^ y) == 1 for x, y in itertools.pairwise(path))
 
 
+def test_a_newcomer_that_is_not_ready_does_not_hold_up_one_that_is() -> None:
+    """c cannot yet believe the leader b (it missed the changes since b's election), so it can
+    never catch up; a, which can, joins the set first (the lone-voter wedge of issue 15)."""
+    cur, target = frozenset("b"), frozenset("abc")
+    assert step_voters(cur, target, lambda m: m != "a") == frozenset("bc")  # smallest ready
+    assert step_voters(cur, target, lambda m: m == "c") == frozenset("bc")
+    assert step_voters(cur, target, lambda m: m == "a") == frozenset("ab")
+    assert step_voters(cur, target, lambda m: False) == cur
+    assert step_voters(frozenset("abcd"), target, lambda m: False) == target  # removals: always
+    # a voter that is away (leaving, out of reach) goes before one that is merely not chosen
+    assert step_voters(ABC, frozenset("b"), away=(frozenset(), frozenset("c"))) == set("ab")
+    assert step_voters(ABC, frozenset("b"), away=(frozenset("a"), frozenset("c"))) == set("bc")
+    assert step_voters(ABC, frozenset("b")) == frozenset("bc")
+
+
 # ---------------------------------------------------------------------------------------------
 # Proof of leadership: a member that is not a voter (the attacker with one member's key)
 
@@ -770,6 +785,94 @@ def test_the_proof_rule(claimed: str, signers: str, mine: str, root: str | None,
     votes = tuple((v, vote(5, v, leader).sig) for v in signers)
     assert proof_valid(5, leader, frozenset(claimed), votes, frozenset(mine), root,
                        KEYS.for_node("z")) is ok
+
+
+@pytest.mark.parametrize(("newest", "ok"), [
+    ("ab", True),  # dropped from the set: the entry that dropped it arrived, its commit not
+    ("", False),
+    ("abd", False),  # two changes from {b} as well
+])
+def test_the_proof_rule_also_counts_the_newest_configuration_in_the_log(newest: str,
+                                                                       ok: bool) -> None:
+    votes = ((("b", vote(5, "b", "b").sig)),)
+    assert proof_valid(5, "b", frozenset("b"), votes, ABC, None, KEYS.for_node("c"),
+                       frozenset(newest)) is ok
+
+
+def test_a_lone_leader_whose_set_grew_asks_for_a_vote_and_a_laggard_then_believes_it() -> None:
+    """The sequence of issue 15: the founder a leaves, so the voters shrink {a,b,c} -> {a,b} ->
+    {b}; c (which applied neither change) and d (which just joined) cannot believe b's proof of
+    one signature. a comes back and b adds it: b asks a for a vote in its own term, which a,
+    following b, grants despite its stickiness; the proof then names {a,b} with two signatures,
+    and both c and d believe it."""
+    b = make("b", voters=frozenset("b"), observers=frozenset("acd"))
+    now = fire_timer(b)  # a lone voter: pre-vote and vote at once
+    assert b.role == LEADER and b.term == 1
+    b.drain()
+    c = make("c", voters=ABC)  # applied {a,b,c} only
+    d = make("d", voters=frozenset())
+    d.root = "a"  # the founder: a node without voters believes it alone
+    lone = proof(1, "b", frozenset("b"))
+    c.handle(now, "b", lone)
+    d.handle(now, "b", lone)
+    assert c.counters["bad_leader_proof"] == d.counters["bad_leader_proof"] == 1
+    a = make("a", voters=frozenset("b"))  # restarted with the newest set in its log
+    a.handle(now, "b", lone)
+    a.handle(now, "b", hb(1, "b", 1))
+    assert a.leader == "b"
+    a.drain()
+    b.set_voters(now, frozenset("ab"))  # a holds the commit: it became a voter
+    b.drain()
+    later = now + CFG.heartbeat_interval
+    b.tick(later)  # the next heartbeat round asks a for its vote
+    asks = [o for o in sends(b.drain()) if isinstance(o.msg, RequestVote)]
+    assert asks == [Send("a", RequestVote(1, "b", b.log.last_index, b.log.last_term))]
+    a.handle(later, "b", asks[0].msg)  # sticky to b: it heard b a moment ago
+    assert a.drain()[-2:] == granted("a", "b", 1)
+    assert a.voted_for == "b" and a.term == 1 and a.leader == "b"
+    b.handle(later, "a", vote(1, "a", "b"))
+    b.handle(later + 1, "c", ProofRequest(1))
+    [grown] = [o.msg for o in sends(b.drain()) if isinstance(o.msg, LeaderProof)]
+    assert grown.voters == ("a", "b") and [v for v, _sig in grown.votes] == ["a", "b"]
+    for verifier in (c, d):
+        verifier.handle(later + 1, "b", grown)
+        assert verifier.proven_leader(1) == "b", verifier.id
+    # asked once per minimum election timeout, and no more once the proof names the set
+    b.tick(later + CFG.election_timeout_min)
+    assert not [o for o in sends(b.drain()) if isinstance(o.msg, RequestVote)]
+
+
+def test_a_leader_left_alone_by_a_shrink_keeps_the_proof_of_the_pair_that_elected_it() -> None:
+    """{a,b} elected a; the set shrinks to {a}: a proof of a's one signature against {a} would
+    lose the member that just joined (it believes two signatures, not a lone non-founder)."""
+    a = make("a", voters=frozenset("ab"), observers=frozenset("d"))
+    now = fire_timer(a)
+    a.handle(now, "b", PreVoteReply(1, True, 0))
+    a.handle(now, "b", vote(1, "b", "a"))
+    assert a.role == LEADER
+    a.set_voters(now, frozenset("a"))
+    a.drain()
+    a.handle(now + 1, "d", ProofRequest(1))
+    [kept] = [o.msg for o in sends(a.drain()) if isinstance(o.msg, LeaderProof)]
+    assert kept.voters == ("a", "b") and len(kept.votes) == 2
+    d = make("d", voters=frozenset())
+    d.root = "z"
+    d.handle(now + 1, "a", kept)
+    assert d.proven_leader(1) == "a"
+
+
+def test_only_the_leader_itself_gets_a_vote_past_the_stickiness() -> None:
+    """A voter following b refuses c's request in b's term (c is a voter, but not the leader
+    it follows) and a member that is no voter is not heard at all."""
+    a = make("a", observers=frozenset("x"))
+    lead(a, LATER, 1, "b")
+    a.handle(LATER, "b", hb(1, "b", 1))
+    a.drain()
+    a.handle(LATER, "c", RequestVote(1, "c", 5, 1))
+    a.handle(LATER, "x", RequestVote(1, "x", 5, 1))
+    assert a.drain() == [Send("c", VoteReply(1, False))]
+    assert a.voted_for is None and a.counters["vote_refused_sticky"] == 1
+    assert a.counters["drop_not_voter"] == 1
 
 
 def test_a_proof_costs_at_most_a_majority_of_checks_and_unasked_ones_are_rate_limited() -> None:

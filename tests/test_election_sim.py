@@ -256,6 +256,29 @@ def test_voter_changes_one_step_at_a_time() -> None:
     assert steps == 4 and safe(sim)
 
 
+def test_a_voter_left_behind_by_a_shrink_to_one_follows_once_the_set_grows_again() -> None:
+    """Issue 15's wedge: v2 misses both steps {v0,v1,v2} -> {v0,v1} -> {v1}, so it cannot
+    believe v1's proof of one signature (two changes from its set). Once v0 is a voter again
+    the leader asks it for a vote in its term and shows a proof of the set it leads now, which
+    v2 believes: it follows without an election."""
+    sim = ElectionSim(3, seed=15)
+    settle(sim)
+    sim.partition([["v0", "v1"], ["v2"]])
+    sim.set_voters({"v0", "v1"}, {"v2"}, at=["v0", "v1"])
+    settle(sim, ["v0", "v1"])
+    sim.crash("v0")
+    sim.set_voters({"v1"}, {"v0", "v2"}, at=["v1"])
+    assert settle(sim, ["v1"]) == "v1"
+    sim.heal()
+    term = sim.election("v1").term
+    sim.run_for(BOUND)
+    assert sim.election("v2").leader is None and sim.election("v2").proven_leader(term) is None
+    sim.restart("v0")
+    sim.set_voters({"v0", "v1"}, {"v2"}, at=["v0", "v1"])
+    assert sim.run_until_pred(lambda s: s.election("v2").leader == "v1", BOUND)
+    assert sim.election("v1").term == term and sim.current_leaders() == ["v1"] and safe(sim)
+
+
 def test_removing_the_leader_from_the_voters_hands_over() -> None:
     sim = ElectionSim(3, observers=1, seed=6)
     old = settle(sim)

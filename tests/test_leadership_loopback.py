@@ -8,11 +8,12 @@ two-node cluster lead themselves.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 
-from tests.swarm import Node, Swarm, swarm_fixture  # noqa: F401 (the `swarm` fixture)
+from tests.swarm import Node, Swarm, loopback_addr, swarm_fixture  # noqa: F401 (the `swarm` fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,3 +104,77 @@ def test_an_operator_sets_the_voters_cluster_wide_and_back_to_automatic(swarm: S
     assert res.returncode == 1 and "no node named" in res.stderr
     swarm.cli(nodes[0], "voters", "--auto")
     swarm.wait_for(lambda: voters_everywhere(ids), ELECT_S, "automatic voters again")
+
+
+@pytest.mark.timeout(180)
+def test_a_lone_voter_that_restarts_is_followed_by_a_new_member(swarm: Swarm) -> None:
+    """Issue 15's wedge: with two members one votes; restarted, it elects itself alone, so its
+    proof of leadership carries one signature, which a member that has just joined cannot
+    believe (only the founder's word alone counts then). The leader adds the other member,
+    which follows it, as a voter first; then asks it for a vote in its term, and the proof of
+    two signatures lets the new member follow and catch up, and become the third voter."""
+    n1, n2, n3 = swarm.loopback(3, JOIN_S)[0]
+    swarm.wait_for(lambda: len(swarm.query(n1, "status")["voters"]) == 3, JOIN_S, "three vote")
+    swarm.grant(n1, "operate", n2, n3)  # (who may still admit a member once n1 is gone)
+    swarm.stop(n1)  # the founder leaves for good: two members, one voter
+    two = [n2, n3]
+
+    def lone() -> Node | None:
+        voters = {tuple(swarm.query(n, "status")["voters"]) for n in two}
+        ag = agreed(swarm, two)
+        if len(voters) == 1 and len(voter := voters.pop()) == 1 and ag and ag[0] == voter[0]:
+            return next(n for n in two if n.id == voter[0])
+        return None
+
+    swarm.wait_for(lambda: lone() is not None, 2 * ELECT_S, "one of the two votes and leads")
+    voter = lone()
+    assert voter is not None
+    term = swarm.query(voter, "status")["term"]
+    swarm.kill9(voter)
+    swarm.start(voter)  # a restart, not a leave: it elects itself again, alone
+    swarm.wait_for(lambda: (ag := agreed(swarm, two)) is not None and ag[1] > term, ELECT_S,
+                   "the restarted voter leads both again, in a new term")
+    n4 = swarm.start(swarm.add("n4", loopback_addr(4)), swarm.query(voter, "token", ttl=600))
+    everyone = [n2, n3, n4]
+    swarm.wait_for(lambda: (agreed(swarm, everyone) or ("",))[0] == voter.id, JOIN_S,
+                   "the new member follows the leader")
+    swarm.wait_for(lambda: len(swarm.query(voter, "status")["voters"]) == 3, JOIN_S,
+                   "three vote again")
+    applied = swarm.query(voter, "status")["ledger"]["applied"]
+    swarm.wait_for(lambda: swarm.query(n4, "status")["ledger"]["applied"] >= applied, JOIN_S,
+                   "the new member applied the ledger")
+
+
+@pytest.mark.timeout(180)
+def test_the_founder_leaves_while_a_voter_sleeps_and_every_member_follows_one_leader_again(
+        swarm: Swarm) -> None:
+    """Issue 15: the founder of three leaves while n3 is stopped (SIGSTOP), so n3 misses the
+    voter changes it makes on its way out. Once n3 wakes the two that stay have a leader both
+    follow; then the founder comes back and a new member joins: all four follow one leader,
+    three of them vote, and the new member catches up with the ledger (a member that cannot
+    believe the leader's proof never would: the wedge that stopped n4 in the series test)."""
+    nodes, token = swarm.loopback(3, JOIN_S)
+    n1, n2, n3 = nodes
+    ids = {n.id for n in nodes}
+    swarm.wait_for(lambda: all(set(swarm.query(n, "status")["voters"]) == ids for n in nodes),
+                   JOIN_S, "all three vote")
+    assert n3.proc is not None
+    n3.proc.send_signal(signal.SIGSTOP)
+    try:
+        swarm.stop(n1)  # a graceful leave: it moves the voters before it exits
+    finally:
+        n3.proc.send_signal(signal.SIGCONT)
+    swarm.wait_for(lambda: (agreed(swarm, [n2, n3]) or ("",))[0] in (n2.id, n3.id), ELECT_S,
+                   "n2 and n3 follow one of them")
+    swarm.start(n1)
+    n4 = swarm.start(swarm.add("n4", loopback_addr(4)), token)
+    everyone = [n1, n2, n3, n4]
+    swarm.wait_for(lambda: agreed(swarm, everyone) is not None, 2 * JOIN_S,
+                   "all four follow one leader")
+    leader_id = agreed(swarm, everyone)[0]  # type: ignore[index]
+    leader = next(n for n in everyone if n.id == leader_id)
+    swarm.wait_for(lambda: len(swarm.query(leader, "status")["voters"]) == 3, 2 * JOIN_S,
+                   "three vote again")
+    applied = swarm.query(leader, "status")["ledger"]["applied"]
+    swarm.wait_for(lambda: all(swarm.query(n, "status")["ledger"]["applied"] >= applied
+                               for n in everyone), JOIN_S, "every member applied the ledger")

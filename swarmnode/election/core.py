@@ -275,6 +275,9 @@ class Election:
         self.signatures = signatures
         self.root = root
         """The cluster's founder: the voter set a node without a configuration trusts."""
+        self.newest_voters: frozenset[str] = frozenset()
+        """The voter set of a configuration our log holds beyond the one applied (the shell
+        decodes entries, so it says): a reference for leader proofs too (`proof_valid`)."""
         self.counters: Counter[str] = Counter()
         self._cfg = config
         self._rng = rng
@@ -301,7 +304,8 @@ class Election:
         self._granted: set[str] = set()
         self._votes: dict[str, bytes] = {}  # signed votes for us in our term (as candidate)
         self._proof: LeaderProof | None = None  # ours, while leading
-        self._elected_by: frozenset[str] = frozenset()  # the voter set we were elected by
+        self._proof_set: frozenset[str] = frozenset()  # the voter set our proof counts against
+        self._vote_asked: dict[str, float] = {}  # voter -> when we (leader) last asked its vote
         self._proof_checked: dict[str, float] = {}  # sender -> when we last checked its proof
         self._proven: dict[int, str] = {}  # term -> the leader whose proof we checked
         if persisted is not None and persisted.leader is not None:
@@ -576,6 +580,7 @@ class Election:
                 # New voters have not been heartbeated yet: one check-quorum period for them.
                 self._quorum_base = now
             self._leader_commit()  # a smaller quorum may commit what is already stored
+            self._proof = self._make_proof()  # (the votes we hold may be a majority of it)
         elif self._role in (PRE_CANDIDATE, CANDIDATE):
             self._granted &= voters
             self._advance_if_quorum(now)
@@ -652,15 +657,17 @@ class Election:
         if m.term > self._term + MAX_TERM_STEP:
             self.counters["drop_term_jump"] += 1
             return
-        if self._sticky(self._now):
-            # Neither the vote nor the term: a live leader exists as far as we know.
+        ours = m.term == self._term and src == self._leader and self._role == FOLLOWER
+        if self._sticky(self._now) and not ours:
+            # Neither the vote nor the term: a live leader exists as far as we know (unless
+            # it is that leader asking for a vote in its own term: `_ask_votes`).
             self.counters["vote_refused_sticky"] += 1
             self._send(src, VoteReply(self._term, False))
             return
         if m.term > self._term:
             self._become_follower(m.term, "higher_term")
         if (
-            self._may_vote_for(src)
+            (ours or self._may_vote_for(src))
             and self._voted_for in (None, src)
             and self._log_ok(m.last_index, m.last_term)
         ):
@@ -693,17 +700,40 @@ class Election:
         self._votes[src] = m.sig
         if self._role == CANDIDATE:
             self._count_grant(src)
-        else:  # a late vote: the proof grows stronger for nodes whose voters lag behind
+        else:  # a late vote, or one we asked for (`_ask_votes`): the proof grows stronger
             self._proof = self._make_proof()
 
     # ------------------------------------------------------------------ proof of leadership
 
     def _make_proof(self) -> LeaderProof:
-        """The votes of the set we were elected by (a later change of the voter set does not
-        relabel the proof: votes counted against another set might not add up there)."""
-        voters = self._elected_by
+        """The votes of the set we were elected by, or of the voter set we lead now once a
+        majority of it signed (`_ask_votes`): a verifier checks a proof against its own voter
+        set, so one that names the current set is believed by every member within one change
+        of it -- also by those that missed the changes since our election. Never for fewer
+        signatures than two, if it had them: a node without voters believes two (`proof_valid`),
+        and a leader left alone by a shrink keeps the proof of the pair that elected it."""
+        signed = len(self._votes.keys() & self._voters)
+        if self.id in self._voters and signed >= self.quorum and \
+                signed >= min(2, len(self._votes.keys() & self._proof_set)):
+            self._proof_set = self._voters
+        voters = self._proof_set
         votes = tuple(sorted((v, s) for v, s in self._votes.items() if v in voters))
         return LeaderProof(self._term, self.id, tuple(sorted(voters)), votes)
+
+    def _ask_votes(self, now: float) -> None:
+        """As leader whose proof names an older voter set: ask each voter whose vote it lacks
+        for one in our term (at most once per minimum election timeout). A follower grants
+        its current leader that vote despite stickiness (`_on_request_vote`); a vote for the
+        term's only leader changes nobody's choice. Without it a leader elected by a set of
+        one keeps a proof of one signature, which a member that missed two of the changes
+        since cannot believe: it would never catch up, and never become a voter either."""
+        if self._proof is None or self._proof_set == self._voters:
+            return
+        last_index, last_term = self._log.last_index, self._log.last_term
+        for peer in self._voters - self._votes.keys():
+            if now - self._vote_asked.get(peer, -_INF) >= self._cfg.election_timeout_min:
+                self._vote_asked[peer] = now
+                self._send(peer, RequestVote(self._term, self.id, last_index, last_term))
 
     def _send_proof(self, peer: str) -> None:
         if self._proof is not None:
@@ -738,7 +768,7 @@ class Election:
             return
         self._proof_checked[src] = self._now
         if not proof_valid(m.term, src, frozenset(m.voters), m.votes, self._voters, self.root,
-                           self.signatures):
+                           self.signatures, self.newest_voters):
             self.counters["bad_leader_proof"] += 1
             return
         self._proven[m.term] = src
@@ -1113,7 +1143,8 @@ class Election:
         self._acked_quorum = None
         self._quorum_base = now
         self._incoming = None
-        self._elected_by = self._voters
+        self._proof_set = self._voters
+        self._vote_asked.clear()
         self._proof = self._make_proof()
         self._proven[self._term] = self.id
         self._dirty = True
@@ -1177,6 +1208,7 @@ class Election:
                 break
             del self._sent_at[first]
         self._heartbeat_at = now + self._cfg.heartbeat_interval
+        self._ask_votes(now)
         for peer in self._peers:
             if peer in self._voters:
                 # Entries from `next` on: retransmits what a lagging follower has not

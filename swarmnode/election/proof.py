@@ -12,7 +12,10 @@ leader was elected by; a verifier holding voter set `V` accepts it when the sign
 majority of `C`, the leader is in `C`, and either
 
 - `C` and `V` differ by at most one member (voter changes move one member at a time and are
-  committed before the next, so any two configurations in use differ by at most one), or
+  committed before the next, so any two configurations in use differ by at most one); `V`
+  is the configuration the verifier applied, or the newer one its log already holds (Raft
+  proper counts a configuration in force from its append: a voter dropped from the set
+  typically receives the entry that drops it, but not its commit), or
 - at least two distinct voters signed and one of them is in `V` (a node whose configuration is
   several changes behind, back after a long absence), or at least two signed and the verifier
   has no configuration yet (a node that just joined).
@@ -20,9 +23,11 @@ majority of `C`, the leader is in `C`, and either
 Signatures count only from admitted members (the shell's `Signatures.verify` says so: a
 pending guest's key costs nothing to make, and only operators admit). With one member's key the
 attacker has one signature at most, on a vote for nobody but a voter: it can satisfy none of
-the three. Its limit is written down in docs/security.md (two stolen member keys can mislead a
-node that has just joined, until it learns the voters). A proof is checked at most once per
-heartbeat interval per sender unless asked for, and costs at most a majority's checks.
+the three, except for a node whose set is the key's owner and one other (a set of two exists
+only between two steps of a change). Its limits are written down in docs/security.md (two
+stolen member keys can mislead a node that has just joined, until it learns the voters). A
+proof is checked at most once per heartbeat interval per sender unless asked for, and costs at
+most a majority's checks.
 A node without a configuration of its own counts the cluster's founder (known to every member
 from the cluster id) as `V` for the first rule, so the founder leading alone is accepted.
 
@@ -84,17 +89,18 @@ def proof_signers(term: int, leader: str, voters: frozenset[str],
 
 def proof_valid(term: int, leader: str, claimed: frozenset[str],
                 votes: Iterable[tuple[str, bytes]], mine: frozenset[str], root: str | None,
-                sigs: Signatures) -> bool:
+                sigs: Signatures, newest: frozenset[str] = frozenset()) -> bool:
     """May a node whose voter set is `mine` (empty: none known yet; then `root`, the founder,
-    stands in for the first rule) believe that `leader` was elected in `term`? See the module
-    docstring for the rule and why it is enough."""
+    stands in for the first rule), and whose log holds the newer set `newest` not yet applied
+    (if any), believe that `leader` was elected in `term`? See the module docstring for the
+    rule and why it is enough."""
     if leader not in claimed or not 1 <= len(claimed) <= MAX_PROOF_VOTERS:
         return False
     signers = proof_signers(term, leader, claimed, votes, sigs, len(claimed) // 2 + 1)
     if not signers:
         return False
     reference = mine or (frozenset({root}) if root else frozenset())
-    if reference and len(claimed ^ reference) <= 1:
+    if any(ref and len(claimed ^ ref) <= 1 for ref in (reference, newest)):
         return True
     return len(signers) >= 2 and (not mine or bool(signers & mine))
 

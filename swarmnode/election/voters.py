@@ -14,7 +14,7 @@ change at a time, rather than jump.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_MAX_VOTERS = 5
 """Five voters survive two failures; more would slow elections without helping a small swarm."""
@@ -67,14 +67,29 @@ def target_voters(current: frozenset[str], members: Sequence[tuple[str, float, b
     return frozenset(chosen)
 
 
-def step_voters(current: frozenset[str], target: frozenset[str]) -> frozenset[str]:
+def step_voters(current: frozenset[str], target: frozenset[str],
+                ready: Callable[[str], bool] = lambda _member: True,
+                away: Sequence[frozenset[str]] = ()) -> frozenset[str]:
     """One change from `current` toward `target`: a removal first (a voter leaves the set
-    because it is no longer alive, and a dead voter only raises the quorum), else an addition.
-    Smallest id first, so every node takes the same path."""
+    because it is no longer alive, and a dead voter only raises the quorum), taking the tiers
+    of `away` in order before the rest (the shell's: out of reach, then leaving); else the
+    addition of a newcomer that is `ready` (the leader's test: its log holds the commit, so
+    the quorum it joins does not wait on it). Smallest id first within a tier, so every node
+    takes the same path.
+
+    Why the order: a founder that leaves a swarm of three shrinks the set to one. Dropping the
+    other voter first leaves {founder, survivor} if the founder exits between the steps -- a
+    set the survivor cannot win alone -- and a survivor elected alone holds a proof of one
+    signature, which a member that missed both steps cannot believe. Dropping the founder
+    first hands the lead to the two that stay, elected by both. A voter out of reach goes
+    before it, though: {founder, survivor} then still has a leader while the founder stays.
+    And a newcomer that is not ready does not hold up one that is: it may never be (a member
+    that cannot yet believe the leader's proof catches up only once the set has grown)."""
     gone = current - target
-    if gone:
-        return current - {min(gone)}
-    new = target - current
+    for tier in (*away, gone):
+        if gone & tier:
+            return current - {min(gone & tier)}
+    new = sorted(member for member in target - current if ready(member))
     if new:
-        return current | {min(new)}
+        return current | {new[0]}
     return current
