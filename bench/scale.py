@@ -72,6 +72,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,10 @@ def brief(cell: dict[str, Any]) -> str:
 #: (label, figure key, unit) of the table, in the order of the phases.
 ROWS = (
     ("convergence after the last spawn", "converge_s", "s"),
+    ("join: a node's start-up (spawn to started), median", "start_median_s", "s"),
+    ("join: a node's start-up, slowest", "start_max_s", "s"),
+    ("join: last node started to seen alive by all", "last_seen_alive_by_all_s", "s"),
+    ("join: last node started to admitted by all", "last_admitted_by_all_s", "s"),
     ("idle CPU, leader", "cpu_leader_pct", "% core"),
     ("idle CPU, followers median", "cpu_follower_med_pct", "% core"),
     ("idle CPU, followers max", "cpu_follower_max_pct", "% core"),
@@ -360,6 +365,16 @@ def child(args: Any) -> int:
     return 1 if "error" in res else 0
 
 
+@dataclass
+class JoinView:
+    """One node's view of the join, from its events (wall-clock seconds)."""
+
+    full: float = 0.0  # it first listed every member admitted and alive
+    started: float | None = None  # its own node_started
+    alive: dict[str, float] = field(default_factory=dict)  # member -> first seen alive
+    admitted: dict[str, float] = field(default_factory=dict)  # member -> first seen admitted
+
+
 class Cell:
     """N nodes through the phases; `run` returns figures (and per-node details)."""
 
@@ -385,6 +400,7 @@ class Cell:
             fig: dict[str, Any] = {}
             det: dict[str, Any] = {"n": self.n}
             fig["converge_s"] = self.converge(det)
+            fig.update({k: v for k, v in det["join_timeline"].items() if k != "last_start_s"})
             leader = self.one_leader()
             time.sleep(self.args.settle)  # voters step in after a settle (not measured)
             self.idle(fig, det)
@@ -425,8 +441,10 @@ class Cell:
         self.nodes = [founder, *others]
         gap = self.args.spread / max(1, len(others) - 1)
         t0 = time.monotonic()
+        spawned: dict[str, float] = {}  # wall-clock, as the nodes' events have it
         for i, node in enumerate(others):
             time.sleep(max(0.0, t0 + i * gap - time.monotonic()))
+            spawned[node.name] = time.time()
             sw.start(node, token, fast=False, wait=False)
         last_spawn, last_spawn_ts = time.monotonic(), time.time()
         det["spawn_spread_s"] = round(last_spawn - t0, 2)
@@ -450,32 +468,63 @@ class Cell:
                 raise RuntimeError(f"{len(pending)} of {self.n} nodes do not list all alive "
                                    f"after {self.args.timeout} s")
             time.sleep(max(0.0, sweep + CONVERGE_POLL_S - time.monotonic()))
-        first_full = {node.name: round(self.full_at(node, want) - last_spawn_ts, 2)
-                      for node in self.nodes}
+        views = {node.name: self.joined(node, want) for node in self.nodes}
+        first_full = {name: round(v.full - last_spawn_ts, 2) for name, v in views.items()}
         took = max(first_full.values())
         det["converged_per_node_s"] = first_full
+        det["join_timeline"] = self.timeline(views, spawned, others[-1])
         for node in self.nodes:
             self.pids[node.name] = self.q(node, "status")["pid"]
         return round(took, 2)
 
-    def full_at(self, node: Any, want: set[str]) -> float:
-        """When `node` first listed every member of `want` admitted and alive, from its own
-        events (wall-clock `ts`): reading them afterwards costs the nodes nothing while they
-        converge, where polling 40 nodes for their member lists would take a core of two."""
+    def joined(self, node: Any, want: set[str]) -> JoinView:
+        """From `node`'s own events (wall-clock `ts`), read afterwards: reading them costs the
+        nodes nothing while they converge, where polling 40 nodes for their member lists
+        would take a core of two. When it first listed every member of `want` admitted and
+        alive; when it started; when it first saw each member alive and admitted."""
         alive: set[str] = set()
         admitted: set[str] = set()
+        view = JoinView()
         for e in sorted(self.q(node, "events", timeout=20, limit=10_000),
                         key=lambda e: e["seq"]):
-            who, kind = e.get("id"), e["kind"]
+            who, kind, ts = e.get("id"), e["kind"], float(e["ts"])
+            if kind == "node_started" and who == node.id:
+                view.started = ts
             if kind == "node_started" or kind in ALIVE_EVENTS:
                 alive.add(who)
+                view.alive.setdefault(who, ts)
             elif kind in GONE_EVENTS:
                 alive.discard(who)
             elif kind == "admitted":
                 admitted.add(who)
-            if want <= alive & admitted:
-                return float(e["ts"])
-        raise RuntimeError(f"{node.name}'s events never list all {len(want)} alive")
+                view.admitted.setdefault(who, ts)
+            if want <= alive & admitted and not view.full:
+                view.full = ts
+        if not view.full:
+            raise RuntimeError(f"{node.name}'s events never list all {len(want)} alive")
+        return view
+
+    @staticmethod
+    def timeline(views: dict[str, JoinView], spawned: dict[str, float],
+                 last: Any) -> dict[str, float | None]:
+        """Where a join's seconds go: every node's start-up (spawn to its node_started) and,
+        for the last-spawned node, from its start until every other node saw it alive and
+        admitted -- start-up on a saturated machine or spreading the news."""
+        starts = sorted(views[name].started - t for name, t in spawned.items()
+                        if views[name].started)
+        started = views[last.name].started
+        others = [v for name, v in views.items() if name != last.name]
+
+        def by_all(seen: list[float | None]) -> float | None:
+            return round(max(seen) - started, 2) if started and None not in seen else None
+
+        return {
+            "start_median_s": round(statistics.median(starts), 2) if starts else None,
+            "start_max_s": round(starts[-1], 2) if starts else None,
+            "last_start_s": round(started - spawned[last.name], 2) if started else None,
+            "last_seen_alive_by_all_s": by_all([v.alive.get(last.id) for v in others]),
+            "last_admitted_by_all_s": by_all([v.admitted.get(last.id) for v in others]),
+        }
 
     def one_leader(self, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
