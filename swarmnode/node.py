@@ -36,6 +36,7 @@ from swarmnode import config as node_config
 from swarmnode import token as tokens
 from swarmnode.actions import Actions
 from swarmnode.admission import Admission
+from swarmnode.alarm import Alarm
 from swarmnode.artifact_service import ArtifactService
 from swarmnode.binhost_service import BinhostService
 from swarmnode.build.emerge import EmergeError, plan_from_pretend
@@ -207,7 +208,7 @@ class Node:
         self.transport = Transport(self.identity, self.listen, self.on_message, self._banned_key,
                                    drops=self.drops)
         self.transport.is_member = self.is_admitted_member
-        self._wake = asyncio.Event()
+        self._alarm = Alarm()
         self._stop = asyncio.Event()
         self._dirty = True
         # Bans are enforced at the CURVE handshake; a restarted node knows them from its snapshot.
@@ -428,13 +429,8 @@ class Node:
             self.flush()
             if self._dirty and time.time() - self._last_save >= SNAPSHOT_EVERY_S:
                 self.save_snapshot()
-            delay = min(max(self.core.next_deadline() - self.clock(), 0.0), MAX_SLEEP_S)
-            self._wake.clear()
-            # asyncio.timeout, not wait_for: on Python 3.11 a cancellation racing wait_for's
-            # own timeout comes out as TimeoutError and would be swallowed here.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            now = self.clock()
+            await self._alarm.sleep(now, min(self.core.next_deadline(), now + MAX_SLEEP_S))
 
     _last_save = 0.0
     ready = False
@@ -627,7 +623,7 @@ class Node:
         for out in outputs:
             if isinstance(out, Send):
                 self.send(out.to, out.msg)
-        self._wake.set()
+        self._alarm.sooner(self.core.next_deadline())
 
     def send(self, to: str, msg: object) -> bool:
         msg_type, body = encode(msg)
