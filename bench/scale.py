@@ -36,7 +36,10 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
 With `--steps MS`, the nodes run with bench/stepprobe on their PYTHONPATH: every loop step
 using more than MS ms of the loop thread's CPU is logged with the task or callback that ran
 it, and each phase (idle, build, push) reports, for the leader, the pusher and all nodes, how
-many such steps there were, the longest, and what ran the most of them.
+many such steps there were, the longest, and what ran the most of them; the same for loop
+passes (the steps of one turn between two polls: short steps in a row hold a timer too),
+named by the longest step in each; and steps that spent over MS ms off the CPU by their
+own doing (blocked in a syscall such as an fsync, or on the GIL).
 
 Each figure is reported per N beside other commits: `--commit A --commit B` measures each in
 turn from a clean snapshot (snapshot.unpack; the nodes, CLI and harness of that commit, this
@@ -88,6 +91,13 @@ STEP_PROBE = Path(__file__).resolve().parent / "stepprobe"
 #: A probe's log line: "2026-12-07 11:24:36,018 WARNING swarmnode.steps: loop step 12.5 ms
 #: cpu: task Node._timer_loop".
 STEP_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms cpu: (.*)$")
+#: ...a step's time off the CPU by its own doing (a syscall, the GIL): "... loop step 20.1 ms
+#: blocked: task Leadership.run"...
+BLOCKED_LINE = re.compile(
+    r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms blocked: (.*)$")
+#: ...and a pass's: "... loop pass 31.0 ms cpu, 12 steps: task Transport._recv_loop 4.9; ...".
+PASS_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop pass (\S+) ms cpu, "
+                       r"\d+ steps: (.*?) [\d.]+(?:;|$)")
 #: How often convergence is polled, only to know when to read the events that time it.
 CONVERGE_POLL_S = 1.0
 
@@ -283,6 +293,18 @@ ROWS = (
     ("--steps: longest step in the push, pusher", "steps_max_push_pusher_ms", "ms CPU"),
     ("--steps: long steps in the push, leader", "steps_push_leader", ""),
     ("--steps: long steps in the push, all nodes", "steps_push_all", ""),
+    ("--steps: long passes in the build, leader", "passes_build_leader", ""),
+    ("--steps: longest pass in the build, leader", "passes_max_build_leader_ms", "ms CPU"),
+    ("--steps: long passes in the push, pusher", "passes_push_pusher", ""),
+    ("--steps: longest pass in the push, pusher", "passes_max_push_pusher_ms", "ms CPU"),
+    ("--steps: long passes in the push, leader", "passes_push_leader", ""),
+    ("--steps: long passes in the push, all nodes", "passes_push_all", ""),
+    ("--steps: blocked steps in the build, leader", "blocked_build_leader", ""),
+    ("--steps: longest blocked in the build, leader", "blocked_max_build_leader_ms", "ms"),
+    ("--steps: blocked steps in the push, pusher", "blocked_push_pusher", ""),
+    ("--steps: longest blocked in the push, pusher", "blocked_max_push_pusher_ms", "ms"),
+    ("--steps: blocked steps in the push, leader", "blocked_push_leader", ""),
+    ("--steps: longest blocked in the push, leader", "blocked_max_push_leader_ms", "ms"),
 )
 
 
@@ -320,7 +342,10 @@ def report(res: dict[str, Any], names: list[str], sizes: list[int]) -> str:
                 for c in res["nodes"].get(str(n), {}).get(name, []):
                     for where, got in c.get("details", {}).get("steps", {}).items():
                         if got["top"]:
-                            lines.append(f"long steps, N={n} {name} {where}: " + ", ".join(
+                            what = ("long passes (by their longest step)" if where.endswith(
+                                "_passes") else "blocked steps" if where.endswith(
+                                "_blocked") else "long steps")
+                            lines.append(f"{what}, N={n} {name} {where}: " + ", ".join(
                                 f"{what} x{k}" for what, k in got["top"]))
     if res["sim"]:
         lines += ["", "| simulators, idle, messages sent per node per second | " + " | ".join(
@@ -758,27 +783,31 @@ class Cell:
         """The probe's logged steps in each phase's window: for the leader (at the start),
         the pusher (the founder) and all nodes, how many, the longest (ms of CPU) and what
         ran the most of them."""
-        found: list[tuple[float, str, float, str]] = []  # (ts, node, ms, what)
-        for node in self.nodes:
+        patterns = {"steps": STEP_LINE, "passes": PASS_LINE, "blocked": BLOCKED_LINE}
+        found: dict[str, list[tuple[float, str, float, str]]] = {k: [] for k in patterns}
+        for node in self.nodes:  # (ts, node, ms, what) of each step and pass logged
             for line in node.log.read_text(errors="replace").splitlines():
-                m = STEP_LINE.match(line)
-                if m:
-                    ts = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1e3
-                    found.append((ts, node.name, float(m[3]), m[4]))
+                for kind, pattern in patterns.items():
+                    m = pattern.match(line)
+                    if m:
+                        ts = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(
+                            m[2]) / 1e3
+                        found[kind].append((ts, node.name, float(m[3]), m[4]))
         lead = next((n.name for n in self.nodes if n.id == leader), None)
         roles = {"leader": {lead}, "pusher": {self.nodes[0].name},
                  "all": {n.name for n in self.nodes}}
         out: dict[str, Any] = {}
-        for phase, (t0, t1) in self.phases.items():
-            for role, names in roles.items():
-                hits = [(ms, what) for ts, name, ms, what in found
-                        if t0 <= ts <= t1 and name in names]
-                top = Counter(what for _, what in hits).most_common(3)
-                out[f"{phase}_{role}"] = {"steps": len(hits),
-                                          "max_ms": max((ms for ms, _ in hits), default=None),
-                                          "top": top}
-                fig[f"steps_{phase}_{role}"] = len(hits)
-                fig[f"steps_max_{phase}_{role}_ms"] = out[f"{phase}_{role}"]["max_ms"]
+        for kind, logged in found.items():
+            for phase, (t0, t1) in self.phases.items():
+                for role, names in roles.items():
+                    hits = [(ms, what) for ts, name, ms, what in logged
+                            if t0 <= ts <= t1 and name in names]
+                    key = f"{phase}_{role}" + ("" if kind == "steps" else f"_{kind}")
+                    out[key] = {kind: len(hits),
+                                "max_ms": max((ms for ms, _ in hits), default=None),
+                                "top": Counter(what for _, what in hits).most_common(3)}
+                    fig[f"{kind}_{phase}_{role}"] = len(hits)
+                    fig[f"{kind}_max_{phase}_{role}_ms"] = out[key]["max_ms"]
         return out
 
     # -------------------------------------------------------------- 5. kill
