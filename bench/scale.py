@@ -39,7 +39,8 @@ it, and each phase (idle, build, push) reports, for the leader, the pusher and a
 many such steps there were, the longest, and what ran the most of them; the same for loop
 passes (the steps of one turn between two polls: short steps in a row hold a timer too),
 named by the longest step in each; and steps that spent over MS ms off the CPU by their
-own doing (blocked in a syscall such as an fsync, or on the GIL).
+own doing (blocked in a syscall such as an fsync, or on the GIL), and SQLite transactions
+over MS ms of wall time, by module.
 
 Each figure is reported per N beside other commits: `--commit A --commit B` measures each in
 turn from a clean snapshot (snapshot.unpack; the nodes, CLI and harness of that commit, this
@@ -95,6 +96,9 @@ STEP_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\
 #: blocked: task Leadership.run"...
 BLOCKED_LINE = re.compile(
     r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms blocked: (.*)$")
+#: ...a SQLite transaction's wall time: "... db transaction 31.2 ms wall: swarmnode.store"...
+TX_LINE = re.compile(
+    r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: db transaction (\S+) ms wall: (.*)$")
 #: ...and a pass's: "... loop pass 31.0 ms cpu, 12 steps: task Transport._recv_loop 4.9; ...".
 PASS_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop pass (\S+) ms cpu, "
                        r"\d+ steps: (.*?) [\d.]+(?:;|$)")
@@ -305,6 +309,10 @@ ROWS = (
     ("--steps: longest blocked in the push, pusher", "blocked_max_push_pusher_ms", "ms"),
     ("--steps: blocked steps in the push, leader", "blocked_push_leader", ""),
     ("--steps: longest blocked in the push, leader", "blocked_max_push_leader_ms", "ms"),
+    ("--steps: slow db transactions in the push, leader", "transactions_push_leader", ""),
+    ("--steps: slowest db transaction in the push, leader", "transactions_max_push_leader_ms",
+     "ms"),
+    ("--steps: slow db transactions in the build, leader", "transactions_build_leader", ""),
 )
 
 
@@ -344,7 +352,8 @@ def report(res: dict[str, Any], names: list[str], sizes: list[int]) -> str:
                         if got["top"]:
                             what = ("long passes (by their longest step)" if where.endswith(
                                 "_passes") else "blocked steps" if where.endswith(
-                                "_blocked") else "long steps")
+                                "_blocked") else "slow db transactions" if where.endswith(
+                                "_transactions") else "long steps")
                             lines.append(f"{what}, N={n} {name} {where}: " + ", ".join(
                                 f"{what} x{k}" for what, k in got["top"]))
     if res["sim"]:
@@ -783,7 +792,8 @@ class Cell:
         """The probe's logged steps in each phase's window: for the leader (at the start),
         the pusher (the founder) and all nodes, how many, the longest (ms of CPU) and what
         ran the most of them."""
-        patterns = {"steps": STEP_LINE, "passes": PASS_LINE, "blocked": BLOCKED_LINE}
+        patterns = {"steps": STEP_LINE, "passes": PASS_LINE, "blocked": BLOCKED_LINE,
+                    "transactions": TX_LINE}
         found: dict[str, list[tuple[float, str, float, str]]] = {k: [] for k in patterns}
         for node in self.nodes:  # (ts, node, ms, what) of each step and pass logged
             for line in node.log.read_text(errors="replace").splitlines():

@@ -5,7 +5,8 @@ pass (the steps one turn of the loop runs between two polls, while a timer that 
 waits) that uses more, with its longest steps: short steps in a row hold a timer as well;
 and each step that spent more off the CPU by its own doing -- its wall time less its CPU
 time and its wait for a CPU (the thread's schedstat) -- blocked in a syscall such as an
-fsync, or waiting for the GIL while another thread holds it.
+fsync, or waiting for the GIL while another thread holds it; and each SQLite transaction
+(swarmnode.db.transaction) that took more in wall time, with the module that ran it.
 
 CPU time of the thread, not wall time: on a machine running 40 nodes on two cores most of a
 step's wall time is waiting for a CPU, which says nothing about the step itself. The node's
@@ -16,9 +17,13 @@ from __future__ import annotations
 
 import asyncio.base_events
 import asyncio.events
+import contextlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 
 def _what(handle: asyncio.events.Handle) -> str:
@@ -36,11 +41,39 @@ def _waited(fd: int) -> float:
     return int(os.pread(fd, 128, 0).split()[1]) / 1e9
 
 
+def _time_transactions(limit_s: float, log: logging.Logger) -> int:
+    """Wrap the node's SQLite transactions (`swarmnode.db.transaction`, once the node's
+    modules are in) to log those over the limit in wall time, with the module that ran them:
+    a commit's fsync on the loop thread is one way to block it. How many it wrapped."""
+    db = sys.modules.get("swarmnode.db")
+    if db is None:
+        return 0
+    original = db.transaction
+
+    def wrap(where: str) -> Any:
+        @contextlib.contextmanager
+        def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            t0 = time.perf_counter()
+            with original(*args, **kwargs) as conn:
+                yield conn
+            wall = time.perf_counter() - t0
+            if wall > limit_s:
+                log.warning("db transaction %.1f ms wall: %s", wall * 1000, where)
+        return timed
+
+    users = [m for m in list(sys.modules.values())
+             if getattr(m, "transaction", None) is original]
+    for module in users:
+        module.transaction = wrap(module.__name__)
+    return len(users)
+
+
 def _install(limit_s: float) -> None:
     run = asyncio.events.Handle._run
     run_once = asyncio.base_events.BaseEventLoop._run_once
     log = logging.getLogger("swarmnode.steps")
     current: list[tuple[float, asyncio.events.Handle]] = []  # this pass's steps
+    patched: list[int] = []
     schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)  # (the loop's thread)
 
     def timed(self: asyncio.events.Handle) -> None:
@@ -56,6 +89,8 @@ def _install(limit_s: float) -> None:
             log.warning("loop step %.1f ms blocked: %s", blocked * 1000, _what(self))
 
     def timed_pass(self: asyncio.base_events.BaseEventLoop) -> None:
+        if not patched:
+            patched.append(_time_transactions(limit_s, log))
         current.clear()
         t0 = time.thread_time()
         run_once(self)
