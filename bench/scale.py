@@ -56,7 +56,7 @@ each of `--sim-sizes` members over `--sim-seconds` of simulated time after a war
     .venv/bin/python bench/scale.py [--sizes 5,20,40] [--idle-seconds 600] [--build-jobs 200]
         [--spread 12] [--kill 3] [--rounds 1] [--commit HEAD~1 --commit HEAD]
         [--sim-sizes 40,1000] [--sim-seconds 30] [--only nodes,sim] [--worktree] [--steps 50]
-        [--push-mib 20]
+        [--push-mib 20] [--phases idle,build,push,kill]
     .venv/bin/python bench/scale.py --sizes 5 --idle-seconds 30 --build-jobs 20   # quick
 
 Results: a table on stdout, JSON in /tmp/swarmnode-bench/scale.json (every cell, every round,
@@ -131,6 +131,9 @@ def main() -> int:
     ap.add_argument("--sim-sizes", default="40,1000")
     ap.add_argument("--sim-seconds", type=float, default=30.0)
     ap.add_argument("--only", default="nodes,sim", help="parts to run: nodes, sim")
+    ap.add_argument("--phases", default="idle,build,push,kill",
+                    help="the nodes' phases after they converge (each needs the ones before "
+                         "it only for its own figures)")
     ap.add_argument("--steps", type=float, default=None,
                     help="log loop steps over this many ms of CPU, and say what ran them")
     ap.add_argument("--child", help=argparse_suppress())
@@ -250,6 +253,8 @@ ROWS = (
     ("idle CPU, leader", "cpu_leader_pct", "% core"),
     ("idle CPU, followers median", "cpu_follower_med_pct", "% core"),
     ("idle CPU, followers max", "cpu_follower_max_pct", "% core"),
+    ("idle CPU, voter followers median", "cpu_voter_med_pct", "% core"),
+    ("idle CPU, observers median", "cpu_observer_med_pct", "% core"),
     ("messages sent/s, leader", "sent_leader_per_s", "/s"),
     ("messages sent/s, followers median", "sent_follower_med_per_s", "/s"),
     ("messages sent/s, mean per node (= mean received)", "sent_mean_per_s", "/s"),
@@ -437,10 +442,10 @@ class Cell:
             fig.update({k: v for k, v in det["join_timeline"].items() if k != "last_start_s"})
             leader = self.one_leader()
             time.sleep(self.args.settle)  # voters step in after a settle (not measured)
-            self.idle(fig, det)
-            self.build(fig, det)
-            self.push(fig, det)
-            self.kill(fig, det)
+            phases = set(self.args.phases.split(","))
+            for phase in ("idle", "build", "push", "kill"):
+                if phase in phases:
+                    getattr(self, phase)(fig, det)
             if self.args.steps is not None:
                 det["steps"] = self.steps(fig, leader)
             ok = True
@@ -664,6 +669,12 @@ class Cell:
         fig["cpu_leader_pct"] = lead and lead["cpu_pct"]
         fig["cpu_follower_med_pct"] = med(foll, "cpu_pct")
         fig["cpu_follower_max_pct"] = mx(foll, "cpu_pct")
+        voters = set(self.q(self.nodes[0], "status").get("voters") or ())
+        ids = {node.name: node.id for node in self.nodes}
+        fig["cpu_voter_med_pct"] = med([r for name, r in per.items()
+                                        if not r["leader"] and ids[name] in voters], "cpu_pct")
+        fig["cpu_observer_med_pct"] = med([r for name, r in per.items()
+                                           if ids[name] not in voters], "cpu_pct")
         fig["sent_leader_per_s"] = lead and lead.get("sent_per_s")
         fig["sent_follower_med_per_s"] = med(foll, "sent_per_s")
         fig["sent_mean_per_s"] = mean(list(per.values()), "sent_per_s")
