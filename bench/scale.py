@@ -238,9 +238,15 @@ def brief(cell: dict[str, Any]) -> str:
     if "error" in cell:
         return f"FAILED: {cell['error']}"
     f = cell["figures"]
-    return (f"converged {f['converge_s']} s; idle CPU leader {f['cpu_leader_pct']}%, "
-            f"followers {f['cpu_follower_med_pct']}%; sent/s {f['sent_leader_per_s']} / "
-            f"{f['sent_follower_med_per_s']}; tcp {f['tcp_med']}; dead in {f['dead_s']} s")
+    parts = [f"converged {f['converge_s']} s"]
+    if "cpu_leader_pct" in f:  # (the phases run: --phases)
+        parts.append(f"idle CPU leader {f['cpu_leader_pct']}%, voters "
+                     f"{f['cpu_voter_med_pct']}%, observers {f['cpu_observer_med_pct']}%; "
+                     f"sent/s {f['sent_leader_per_s']} / {f['sent_follower_med_per_s']}; "
+                     f"tcp {f['tcp_med']}")
+    if "dead_s" in f:
+        parts.append(f"dead in {f['dead_s']} s")
+    return "; ".join(parts)
 
 
 #: (label, figure key, unit) of the table, in the order of the phases.
