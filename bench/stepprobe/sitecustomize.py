@@ -1,12 +1,13 @@
-"""Names what holds a node's event loop: bench/scale.py --steps puts this directory on the
-nodes' PYTHONPATH, and each loop step (one callback or one task step) that uses more than
-SWARMNODE_STEP_PROBE_MS of the loop thread's CPU is logged with what ran it; so is each loop
-pass (the steps one turn of the loop runs between two polls, while a timer that fell due
-waits) that uses more, with its longest steps: short steps in a row hold a timer as well;
-and each step that spent more off the CPU by its own doing -- its wall time less its CPU
-time and its wait for a CPU (the thread's schedstat) -- blocked in a syscall such as an
-fsync, or waiting for the GIL while another thread holds it; and each SQLite transaction
-(swarmnode.db.transaction) that took more in wall time, with the module that ran it.
+"""Names what holds a node's event loop. bench/scale.py --steps puts this directory on the
+nodes' PYTHONPATH; with SWARMNODE_STEP_PROBE_MS set, it logs, each with what ran it:
+
+- each loop step (one callback or one task step) that used more of the loop thread's CPU;
+- each loop pass (the steps one turn runs between two polls, while a timer that fell due
+  waits) that used more, with its longest steps: short steps in a row hold a timer too;
+- each step that spent more off the CPU by its own doing -- its wall time less its CPU time
+  and its wait for a CPU (the thread's schedstat): blocked in a syscall such as an fsync, or
+  waiting for the GIL while another thread holds it;
+- each SQLite transaction (swarmnode.db.transaction) that took more wall time, by module.
 
 CPU time of the thread, not wall time: on a machine running 40 nodes on two cores most of a
 step's wall time is waiting for a CPU, which says nothing about the step itself. The node's
