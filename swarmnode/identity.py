@@ -12,25 +12,14 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from zmq.utils import z85
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 KEY_FILE = "identity.key"
 ID_LEN = 52
-#: From this many bytes on, OpenSSL (`cryptography`) makes a signature rather than libsodium:
-#: Ed25519 hashes the message twice to sign it, and OpenSSL's SHA-512 is the faster, so a
-#: 256 KiB artifact chunk signs in 0.66 ms instead of 1.45 (64 KiB: 0.20 instead of 0.34; at
-#: 8 KiB they are equal, and below libsodium is faster). Ed25519 signing is deterministic (RFC
-#: 8032): the same key and message give the same 64 bytes either way. Checking stays with
-#: libsodium whatever the size, so what is accepted never depends on which library looked.
-OPENSSL_SIGN_BYTES = 16 * 1024
 
 
 class IdentityError(ValueError):
@@ -101,17 +90,7 @@ class Identity:
         return encode_id(bytes(self.signing_key.verify_key))
 
     def sign(self, data: bytes) -> bytes:
-        if len(data) >= OPENSSL_SIGN_BYTES:
-            return self._openssl_key.sign(data)
         return self.signing_key.sign(data).signature
-
-    @functools.cached_property
-    def _openssl_key(self) -> Ed25519PrivateKey:
-        """The same key for OpenSSL (imported on first use: a node that signs nothing big
-        does not pay for loading it)."""
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        return Ed25519PrivateKey.from_private_bytes(bytes(self.signing_key))
 
     def verify(self, node_id: str, data: bytes, signature: bytes) -> bool:
         return verify(node_id, data, signature)

@@ -21,7 +21,7 @@ from net.wire import (
     open_envelope,
     seal,
 )
-from swarmnode.identity import OPENSSL_SIGN_BYTES, Identity
+from swarmnode.identity import Identity
 
 ALICE = Identity.generate()
 BOB = Identity.generate()
@@ -64,23 +64,6 @@ def test_signature_is_over_domain_and_first_six_items() -> None:
     items = _fields(frame)
     assert ALICE.verify(ALICE.id, DOMAIN + _pack(items[:6]), items[6])
     assert not ALICE.verify(ALICE.id, _pack(items[:6]), items[6])
-
-
-@pytest.mark.parametrize("size", [0, OPENSSL_SIGN_BYTES - 1, OPENSSL_SIGN_BYTES, 256 << 10])
-def test_a_large_frame_is_signed_by_openssl_to_the_same_bytes(size: int) -> None:
-    """Ed25519 is deterministic: libsodium and OpenSSL, which signs from OPENSSL_SIGN_BYTES
-    on, give the same signature; libsodium alone checks it, and a changed byte fails."""
-    me = Identity.generate()
-    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    signature = me.sign(data)
-    assert ("_openssl_key" in vars(me)) == (size >= OPENSSL_SIGN_BYTES)  # (which one signed)
-    assert signature == me.signing_key.sign(data).signature
-    assert me.verify(me.id, data, signature)
-    assert not me.verify(BOB.id, data, signature)
-    if data:
-        assert not me.verify(me.id, b"y" + data[1:], signature)
-    frame = seal(me, "artifact.chunk", data, 1, 2)  # (a chunk's frame, sealed and opened)
-    assert open_envelope(frame, max_size=len(frame)).body == data
 
 
 def test_accepts_bytearray_and_memoryview() -> None:
