@@ -36,7 +36,11 @@ Tailscale), started as tests/swarm.py does: the founder (`init`, `join`), then t
 With `--steps MS`, the nodes run with bench/stepprobe on their PYTHONPATH: every loop step
 using more than MS ms of the loop thread's CPU is logged with the task or callback that ran
 it, and each phase (idle, build, push) reports, for the leader, the pusher and all nodes, how
-many such steps there were, the longest, and what ran the most of them.
+many such steps there were, the longest, and what ran the most of them; the same for loop
+passes (the steps of one turn between two polls: short steps in a row hold a timer too),
+named by the longest step in each; and steps that spent over MS ms off the CPU by their
+own doing (blocked in a syscall such as an fsync, or on the GIL), and SQLite transactions
+over MS ms of wall time, by module.
 
 Each figure is reported per N beside other commits: `--commit A --commit B` measures each in
 turn from a clean snapshot (snapshot.unpack; the nodes, CLI and harness of that commit, this
@@ -52,7 +56,7 @@ each of `--sim-sizes` members over `--sim-seconds` of simulated time after a war
     .venv/bin/python bench/scale.py [--sizes 5,20,40] [--idle-seconds 600] [--build-jobs 200]
         [--spread 12] [--kill 3] [--rounds 1] [--commit HEAD~1 --commit HEAD]
         [--sim-sizes 40,1000] [--sim-seconds 30] [--only nodes,sim] [--worktree] [--steps 50]
-        [--push-mib 20]
+        [--push-mib 20] [--phases idle,build,push,kill]
     .venv/bin/python bench/scale.py --sizes 5 --idle-seconds 30 --build-jobs 20   # quick
 
 Results: a table on stdout, JSON in /tmp/swarmnode-bench/scale.json (every cell, every round,
@@ -72,6 +76,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +92,16 @@ STEP_PROBE = Path(__file__).resolve().parent / "stepprobe"
 #: A probe's log line: "2026-12-07 11:24:36,018 WARNING swarmnode.steps: loop step 12.5 ms
 #: cpu: task Node._timer_loop".
 STEP_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms cpu: (.*)$")
+#: ...a step's time off the CPU by its own doing (a syscall, the GIL): "... loop step 20.1 ms
+#: blocked: task Leadership.run"...
+BLOCKED_LINE = re.compile(
+    r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop step (\S+) ms blocked: (.*)$")
+#: ...a SQLite transaction's wall time: "... db transaction 31.2 ms wall: swarmnode.store"...
+TX_LINE = re.compile(
+    r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: db transaction (\S+) ms wall: (.*)$")
+#: ...and a pass's: "... loop pass 31.0 ms cpu, 12 steps: task Transport._recv_loop 4.9; ...".
+PASS_LINE = re.compile(r"^(\S+ \S+),(\d+) WARNING swarmnode\.steps: loop pass (\S+) ms cpu, "
+                       r"\d+ steps: (.*?) [\d.]+(?:;|$)")
 #: How often convergence is polled, only to know when to read the events that time it.
 CONVERGE_POLL_S = 1.0
 
@@ -116,6 +131,9 @@ def main() -> int:
     ap.add_argument("--sim-sizes", default="40,1000")
     ap.add_argument("--sim-seconds", type=float, default=30.0)
     ap.add_argument("--only", default="nodes,sim", help="parts to run: nodes, sim")
+    ap.add_argument("--phases", default="idle,build,push,kill",
+                    help="the nodes' phases after they converge (each needs the ones before "
+                         "it only for its own figures)")
     ap.add_argument("--steps", type=float, default=None,
                     help="log loop steps over this many ms of CPU, and say what ran them")
     ap.add_argument("--child", help=argparse_suppress())
@@ -220,17 +238,29 @@ def brief(cell: dict[str, Any]) -> str:
     if "error" in cell:
         return f"FAILED: {cell['error']}"
     f = cell["figures"]
-    return (f"converged {f['converge_s']} s; idle CPU leader {f['cpu_leader_pct']}%, "
-            f"followers {f['cpu_follower_med_pct']}%; sent/s {f['sent_leader_per_s']} / "
-            f"{f['sent_follower_med_per_s']}; tcp {f['tcp_med']}; dead in {f['dead_s']} s")
+    parts = [f"converged {f['converge_s']} s"]
+    if "cpu_leader_pct" in f:  # (the phases run: --phases)
+        parts.append(f"idle CPU leader {f['cpu_leader_pct']}%, voters "
+                     f"{f['cpu_voter_med_pct']}%, observers {f['cpu_observer_med_pct']}%; "
+                     f"sent/s {f['sent_leader_per_s']} / {f['sent_follower_med_per_s']}; "
+                     f"tcp {f['tcp_med']}")
+    if "dead_s" in f:
+        parts.append(f"dead in {f['dead_s']} s")
+    return "; ".join(parts)
 
 
 #: (label, figure key, unit) of the table, in the order of the phases.
 ROWS = (
     ("convergence after the last spawn", "converge_s", "s"),
+    ("join: a node's start-up (spawn to started), median", "start_median_s", "s"),
+    ("join: a node's start-up, slowest", "start_max_s", "s"),
+    ("join: last node started to seen alive by all", "last_seen_alive_by_all_s", "s"),
+    ("join: last node started to admitted by all", "last_admitted_by_all_s", "s"),
     ("idle CPU, leader", "cpu_leader_pct", "% core"),
     ("idle CPU, followers median", "cpu_follower_med_pct", "% core"),
     ("idle CPU, followers max", "cpu_follower_max_pct", "% core"),
+    ("idle CPU, voter followers median", "cpu_voter_med_pct", "% core"),
+    ("idle CPU, observers median", "cpu_observer_med_pct", "% core"),
     ("messages sent/s, leader", "sent_leader_per_s", "/s"),
     ("messages sent/s, followers median", "sent_follower_med_per_s", "/s"),
     ("messages sent/s, mean per node (= mean received)", "sent_mean_per_s", "/s"),
@@ -278,6 +308,22 @@ ROWS = (
     ("--steps: longest step in the push, pusher", "steps_max_push_pusher_ms", "ms CPU"),
     ("--steps: long steps in the push, leader", "steps_push_leader", ""),
     ("--steps: long steps in the push, all nodes", "steps_push_all", ""),
+    ("--steps: long passes in the build, leader", "passes_build_leader", ""),
+    ("--steps: longest pass in the build, leader", "passes_max_build_leader_ms", "ms CPU"),
+    ("--steps: long passes in the push, pusher", "passes_push_pusher", ""),
+    ("--steps: longest pass in the push, pusher", "passes_max_push_pusher_ms", "ms CPU"),
+    ("--steps: long passes in the push, leader", "passes_push_leader", ""),
+    ("--steps: long passes in the push, all nodes", "passes_push_all", ""),
+    ("--steps: blocked steps in the build, leader", "blocked_build_leader", ""),
+    ("--steps: longest blocked in the build, leader", "blocked_max_build_leader_ms", "ms"),
+    ("--steps: blocked steps in the push, pusher", "blocked_push_pusher", ""),
+    ("--steps: longest blocked in the push, pusher", "blocked_max_push_pusher_ms", "ms"),
+    ("--steps: blocked steps in the push, leader", "blocked_push_leader", ""),
+    ("--steps: longest blocked in the push, leader", "blocked_max_push_leader_ms", "ms"),
+    ("--steps: slow db transactions in the push, leader", "transactions_push_leader", ""),
+    ("--steps: slowest db transaction in the push, leader", "transactions_max_push_leader_ms",
+     "ms"),
+    ("--steps: slow db transactions in the build, leader", "transactions_build_leader", ""),
 )
 
 
@@ -315,7 +361,11 @@ def report(res: dict[str, Any], names: list[str], sizes: list[int]) -> str:
                 for c in res["nodes"].get(str(n), {}).get(name, []):
                     for where, got in c.get("details", {}).get("steps", {}).items():
                         if got["top"]:
-                            lines.append(f"long steps, N={n} {name} {where}: " + ", ".join(
+                            what = ("long passes (by their longest step)" if where.endswith(
+                                "_passes") else "blocked steps" if where.endswith(
+                                "_blocked") else "slow db transactions" if where.endswith(
+                                "_transactions") else "long steps")
+                            lines.append(f"{what}, N={n} {name} {where}: " + ", ".join(
                                 f"{what} x{k}" for what, k in got["top"]))
     if res["sim"]:
         lines += ["", "| simulators, idle, messages sent per node per second | " + " | ".join(
@@ -360,6 +410,16 @@ def child(args: Any) -> int:
     return 1 if "error" in res else 0
 
 
+@dataclass
+class JoinView:
+    """One node's view of the join, from its events (wall-clock seconds)."""
+
+    full: float = 0.0  # it first listed every member admitted and alive
+    started: float | None = None  # its own node_started
+    alive: dict[str, float] = field(default_factory=dict)  # member -> first seen alive
+    admitted: dict[str, float] = field(default_factory=dict)  # member -> first seen admitted
+
+
 class Cell:
     """N nodes through the phases; `run` returns figures (and per-node details)."""
 
@@ -385,12 +445,13 @@ class Cell:
             fig: dict[str, Any] = {}
             det: dict[str, Any] = {"n": self.n}
             fig["converge_s"] = self.converge(det)
+            fig.update({k: v for k, v in det["join_timeline"].items() if k != "last_start_s"})
             leader = self.one_leader()
             time.sleep(self.args.settle)  # voters step in after a settle (not measured)
-            self.idle(fig, det)
-            self.build(fig, det)
-            self.push(fig, det)
-            self.kill(fig, det)
+            phases = set(self.args.phases.split(","))
+            for phase in ("idle", "build", "push", "kill"):
+                if phase in phases:
+                    getattr(self, phase)(fig, det)
             if self.args.steps is not None:
                 det["steps"] = self.steps(fig, leader)
             ok = True
@@ -425,8 +486,10 @@ class Cell:
         self.nodes = [founder, *others]
         gap = self.args.spread / max(1, len(others) - 1)
         t0 = time.monotonic()
+        spawned: dict[str, float] = {}  # wall-clock, as the nodes' events have it
         for i, node in enumerate(others):
             time.sleep(max(0.0, t0 + i * gap - time.monotonic()))
+            spawned[node.name] = time.time()
             sw.start(node, token, fast=False, wait=False)
         last_spawn, last_spawn_ts = time.monotonic(), time.time()
         det["spawn_spread_s"] = round(last_spawn - t0, 2)
@@ -450,32 +513,63 @@ class Cell:
                 raise RuntimeError(f"{len(pending)} of {self.n} nodes do not list all alive "
                                    f"after {self.args.timeout} s")
             time.sleep(max(0.0, sweep + CONVERGE_POLL_S - time.monotonic()))
-        first_full = {node.name: round(self.full_at(node, want) - last_spawn_ts, 2)
-                      for node in self.nodes}
+        views = {node.name: self.joined(node, want) for node in self.nodes}
+        first_full = {name: round(v.full - last_spawn_ts, 2) for name, v in views.items()}
         took = max(first_full.values())
         det["converged_per_node_s"] = first_full
+        det["join_timeline"] = self.timeline(views, spawned, others[-1])
         for node in self.nodes:
             self.pids[node.name] = self.q(node, "status")["pid"]
         return round(took, 2)
 
-    def full_at(self, node: Any, want: set[str]) -> float:
-        """When `node` first listed every member of `want` admitted and alive, from its own
-        events (wall-clock `ts`): reading them afterwards costs the nodes nothing while they
-        converge, where polling 40 nodes for their member lists would take a core of two."""
+    def joined(self, node: Any, want: set[str]) -> JoinView:
+        """From `node`'s own events (wall-clock `ts`), read afterwards: reading them costs the
+        nodes nothing while they converge, where polling 40 nodes for their member lists
+        would take a core of two. When it first listed every member of `want` admitted and
+        alive; when it started; when it first saw each member alive and admitted."""
         alive: set[str] = set()
         admitted: set[str] = set()
+        view = JoinView()
         for e in sorted(self.q(node, "events", timeout=20, limit=10_000),
                         key=lambda e: e["seq"]):
-            who, kind = e.get("id"), e["kind"]
+            who, kind, ts = e.get("id"), e["kind"], float(e["ts"])
+            if kind == "node_started" and who == node.id:
+                view.started = ts
             if kind == "node_started" or kind in ALIVE_EVENTS:
                 alive.add(who)
+                view.alive.setdefault(who, ts)
             elif kind in GONE_EVENTS:
                 alive.discard(who)
             elif kind == "admitted":
                 admitted.add(who)
-            if want <= alive & admitted:
-                return float(e["ts"])
-        raise RuntimeError(f"{node.name}'s events never list all {len(want)} alive")
+                view.admitted.setdefault(who, ts)
+            if want <= alive & admitted and not view.full:
+                view.full = ts
+        if not view.full:
+            raise RuntimeError(f"{node.name}'s events never list all {len(want)} alive")
+        return view
+
+    @staticmethod
+    def timeline(views: dict[str, JoinView], spawned: dict[str, float],
+                 last: Any) -> dict[str, float | None]:
+        """Where a join's seconds go: every node's start-up (spawn to its node_started) and,
+        for the last-spawned node, from its start until every other node saw it alive and
+        admitted -- start-up on a saturated machine or spreading the news."""
+        starts = sorted(views[name].started - t for name, t in spawned.items()
+                        if views[name].started)
+        started = views[last.name].started
+        others = [v for name, v in views.items() if name != last.name]
+
+        def by_all(seen: list[float | None]) -> float | None:
+            return round(max(seen) - started, 2) if started and None not in seen else None
+
+        return {
+            "start_median_s": round(statistics.median(starts), 2) if starts else None,
+            "start_max_s": round(starts[-1], 2) if starts else None,
+            "last_start_s": round(started - spawned[last.name], 2) if started else None,
+            "last_seen_alive_by_all_s": by_all([v.alive.get(last.id) for v in others]),
+            "last_admitted_by_all_s": by_all([v.admitted.get(last.id) for v in others]),
+        }
 
     def one_leader(self, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
@@ -581,6 +675,12 @@ class Cell:
         fig["cpu_leader_pct"] = lead and lead["cpu_pct"]
         fig["cpu_follower_med_pct"] = med(foll, "cpu_pct")
         fig["cpu_follower_max_pct"] = mx(foll, "cpu_pct")
+        voters = set(self.q(self.nodes[0], "status").get("voters") or ())
+        ids = {node.name: node.id for node in self.nodes}
+        fig["cpu_voter_med_pct"] = med([r for name, r in per.items()
+                                        if not r["leader"] and ids[name] in voters], "cpu_pct")
+        fig["cpu_observer_med_pct"] = med([r for name, r in per.items()
+                                           if ids[name] not in voters], "cpu_pct")
         fig["sent_leader_per_s"] = lead and lead.get("sent_per_s")
         fig["sent_follower_med_per_s"] = med(foll, "sent_per_s")
         fig["sent_mean_per_s"] = mean(list(per.values()), "sent_per_s")
@@ -709,27 +809,32 @@ class Cell:
         """The probe's logged steps in each phase's window: for the leader (at the start),
         the pusher (the founder) and all nodes, how many, the longest (ms of CPU) and what
         ran the most of them."""
-        found: list[tuple[float, str, float, str]] = []  # (ts, node, ms, what)
-        for node in self.nodes:
+        patterns = {"steps": STEP_LINE, "passes": PASS_LINE, "blocked": BLOCKED_LINE,
+                    "transactions": TX_LINE}
+        found: dict[str, list[tuple[float, str, float, str]]] = {k: [] for k in patterns}
+        for node in self.nodes:  # (ts, node, ms, what) of each step and pass logged
             for line in node.log.read_text(errors="replace").splitlines():
-                m = STEP_LINE.match(line)
-                if m:
-                    ts = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1e3
-                    found.append((ts, node.name, float(m[3]), m[4]))
+                for kind, pattern in patterns.items():
+                    m = pattern.match(line)
+                    if m:
+                        ts = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(
+                            m[2]) / 1e3
+                        found[kind].append((ts, node.name, float(m[3]), m[4]))
         lead = next((n.name for n in self.nodes if n.id == leader), None)
         roles = {"leader": {lead}, "pusher": {self.nodes[0].name},
                  "all": {n.name for n in self.nodes}}
         out: dict[str, Any] = {}
-        for phase, (t0, t1) in self.phases.items():
-            for role, names in roles.items():
-                hits = [(ms, what) for ts, name, ms, what in found
-                        if t0 <= ts <= t1 and name in names]
-                top = Counter(what for _, what in hits).most_common(3)
-                out[f"{phase}_{role}"] = {"steps": len(hits),
-                                          "max_ms": max((ms for ms, _ in hits), default=None),
-                                          "top": top}
-                fig[f"steps_{phase}_{role}"] = len(hits)
-                fig[f"steps_max_{phase}_{role}_ms"] = out[f"{phase}_{role}"]["max_ms"]
+        for kind, logged in found.items():
+            for phase, (t0, t1) in self.phases.items():
+                for role, names in roles.items():
+                    hits = [(ms, what) for ts, name, ms, what in logged
+                            if t0 <= ts <= t1 and name in names]
+                    key = f"{phase}_{role}" + ("" if kind == "steps" else f"_{kind}")
+                    out[key] = {kind: len(hits),
+                                "max_ms": max((ms for ms, _ in hits), default=None),
+                                "top": Counter(what for _, what in hits).most_common(3)}
+                    fig[f"{kind}_{phase}_{role}"] = len(hits)
+                    fig[f"{kind}_max_{phase}_{role}_ms"] = out[key]["max_ms"]
         return out
 
     # -------------------------------------------------------------- 5. kill

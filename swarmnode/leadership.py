@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from net.transport import Inbound
+from swarmnode.alarm import Alarm
 from swarmnode.election import (
     LEADER,
     MESSAGE_TYPES,
@@ -152,7 +153,7 @@ class Leadership:
                              random.Random(os.urandom(8)), node.clock(), stored.persisted,
                              observers=(), log=stored.entries, snapshot=stored.snapshot,
                              signatures=_Signatures(node), root=self._founder())
-        self._wake = asyncio.Event()
+        self._alarm = Alarm()
         self._waiting: dict[int, tuple[int, asyncio.Future[bool]]] = {}  # index -> term, fut
         self.on_applied: list[Callable[[LedgerEvent], None]] = []
         # whoever acts on a new leader (or on losing one) at once, rather than polling for it
@@ -305,7 +306,7 @@ class Leadership:
             self.live_from = self.ledger.applied
         if any(isinstance(out, Apply | Restore) for out in outputs):
             self._push_engaged()
-        self._wake.set()
+        self._alarm.sooner(self.core.next_deadline())
 
     def _note_entries(self, out: PersistEntries) -> None:
         """Follow the newest configuration in the log through appends and truncations."""
@@ -357,7 +358,7 @@ class Leadership:
             waiting[1].set_result(waiting[0] == out.term)
         if self.ledger.applied % COMPACT_EVERY == 0 and self.core.compact(
                 self.ledger.applied, self.ledger.snapshot()):
-            self._wake.set()
+            self._alarm.ring()
 
     async def propose(self, entry: bytes, timeout: float = 5.0) -> bool:
         """Propose a ledger entry as leader and wait until it is committed in this term (True)
@@ -400,11 +401,8 @@ class Leadership:
             self.core.tick(self.node.clock())
             self._push_engaged()
             self.flush()
-            delay = min(max(self.core.next_deadline() - self.node.clock(), 0.0), MAX_SLEEP_S)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            now = self.node.clock()
+            await self._alarm.sleep(now, min(self.core.next_deadline(), now + MAX_SLEEP_S))
 
     def close(self) -> None:
         self.log_store.close()

@@ -153,3 +153,35 @@ def test_power_notes_slow_down_so_the_swarm_states_at_most_one_a_second():
     for live in (5, 40, 1000):  # notes a second over the swarm
         assert live / node_mod.power_note_interval(live) <= max(
             node_mod.POWER_NOTES_PER_S, live / node_mod.POWER_NOTE_S)
+
+
+MALLOC_PROBE = """
+import ctypes, msgpack
+from swarmnode.node import _fix_malloc_thresholds
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(f, ctypes.c_size_t) for f in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+_fix_malloc_thresholds()
+before = libc.mallinfo2()
+packer = msgpack.Packer()  # holds the 256 KiB buffer each packb allocates and frees
+held = libc.mallinfo2()
+del packer
+freed = libc.mallinfo2()
+snapshot = bytearray(4 << 20)
+print(held.hblks - before.hblks, freed.arena == held.arena, libc.mallinfo2().hblks - freed.hblks)
+"""
+
+
+def test_a_packing_buffer_comes_from_the_heap_and_stays_there_a_snapshot_gets_its_own_map():
+    """The node's malloc thresholds: msgpack's packing buffer is neither mapped (an mmap and
+    a munmap per packb) nor trimmed away when freed (a brk per packb); a ledger snapshot of
+    MBs gets a mapping of its own, handed back when freed (no heap fragmentation)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["0", "True", "1"], out
