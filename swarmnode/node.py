@@ -87,7 +87,11 @@ from swarmnode.worker import Worker
 log = logging.getLogger("swarmnode")
 
 #: How often the membership snapshot is written while it changes: often enough that a crash
-#: loses at most a few seconds of gossip (which anti-entropy restores anyway).
+#: loses at most a few seconds of gossip (which anti-entropy restores anyway). Those periodic
+#: writes skip the fsync (a power cut may lose the last of them, as a crash of the process
+#: loses what came after): at 40 members the snapshot is tens of KiB, and an fsync on the loop
+#: thread while a push or a build kept the disk busy held it for 50-300 ms. A write this node
+#: makes for an operator (a ban, a rename, a grant) is synced at once.
 SNAPSHOT_EVERY_S = 2.0
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
 #: up); a change is re-signed and gossiped under the same identity.
@@ -434,7 +438,7 @@ class Node:
             self.core.tick(now)
             self.flush()
             if self._dirty and time.time() - self._last_save >= SNAPSHOT_EVERY_S:
-                self.save_snapshot()
+                self.save_snapshot(synced=False)
             now = self.clock()
             await self._alarm.sleep(now, min(self.core.next_deadline(), now + MAX_SLEEP_S))
 
@@ -612,9 +616,9 @@ class Node:
                 self.core.update_record(self.clock(), addresses=current)
                 self.flush()
 
-    def save_snapshot(self) -> None:
+    def save_snapshot(self, synced: bool = True) -> None:
         snapshot = self.core.snapshot()
-        self.store.put(snapshot=snapshot)
+        self.store.put(synced, snapshot=snapshot)
         self._dirty = False
         self._last_save = time.time()
         self.members_saved = len(snapshot["members"])

@@ -2,9 +2,11 @@
 
 SQLite in WAL mode with synchronous=FULL: every write that returns is on disk, so an
 incarnation number persisted before a refutation goes out can never go backwards after a
-crash, and a restarted node finds the members it knew. Two exceptions: the report outbox
+crash, and a restarted node finds the members it knew. Three exceptions: the report outbox
 (`outbox_write`), written once per turn of a busy worker: losing its last writes to a power cut
-only means running those jobs again; and the event log, which no decision is read from.
+only means running those jobs again; the event log, which no decision is read from; and the
+membership snapshot the node writes every few seconds while gossip changes it (`Node`), which
+anti-entropy restores.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class Store:
             return default
         return msgpack.unpackb(row[0], raw=False, strict_map_key=False)
 
-    def put(self, **values: Any) -> None:
-        """Set several keys in one transaction (all or none reach the disk)."""
-        with self._tx() as db:
+    def put(self, synced: bool = True, **values: Any) -> None:
+        """Set several keys in one transaction (all or none reach the disk); `synced=False`
+        without an fsync (`db.transaction` says what survives then)."""
+        with self._tx(synced) as db:
             for key, value in values.items():
                 db.execute(
                     "INSERT INTO meta(key, value) VALUES(?, ?) "

@@ -27,6 +27,18 @@ def test_store_persists_values_and_events(tmp_path):
     s.close()
 
 
+def test_an_unsynced_put_commits_and_the_next_put_is_synced_again(tmp_path):
+    """The node's periodic membership snapshot skips the fsync (synchronous=NORMAL for that
+    one transaction): it is committed all the same, and the connection goes back to FULL."""
+    s = Store(tmp_path)
+    s.put(False, snapshot={"members": ["a"]})
+    other = Store(tmp_path)  # another connection sees the commit
+    assert other.get("snapshot") == {"members": ["a"]}
+    other.close()
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    s.close()
+
+
 def test_identity_file_is_0600_and_stable(tmp_path):
     a = load_or_create(tmp_path)
     mode = stat.S_IMODE(os.stat(tmp_path / "identity.key").st_mode)
