@@ -11,12 +11,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from cli.bootstrap import bootstrap
 from cli.console import LazyConsole, escape, new_table
+from cli.launch import launch_node
 from swarmnode import home as homes
 from swarmnode.identity import IdentityError, is_node_id, load_or_create
 from swarmnode.options import DEFAULT_LISTEN, NodeOptions
@@ -145,34 +146,7 @@ def join(
         tailscale=not no_tailscale,
         fast=fast,
     )
-    _launch_node(opts)
-
-
-def _launch_node(opts: NodeOptions) -> NoReturn:
-    """Exec the node alone (no CLI imports) from the code this process runs when that is the
-    release `<home>/current` points at (a pushed self-update) or there is none; else exec that
-    release's (or the installed code's) CLI, which decides how it runs its node."""
-    import os
-
-    from swarmnode.push import bundle, releases
-
-    running = bundle.code_root().resolve()
-    launcher = Path(os.environ.setdefault(releases.LAUNCHER_ENV, str(running)))
-    try:
-        root = releases.launch_root(state.home, running, time.time())
-    except (OSError, ValueError) as exc:
-        err.print(f"[yellow]warning:[/yellow] releases in {state.home}: {exc}; running the "
-                  "installed code", highlight=False)
-        root = None
-    if root is None and not (state.home / releases.CURRENT_LINK).exists():
-        root = launcher  # no release (or it was rolled back to the installed code)
-    target = (root or running).resolve()
-    # (a release's directory is named by its digest: a failure to start there falls back)
-    digest = target.name if target != launcher.resolve() and releases.is_digest(
-        target.name) else ""
-    node = opts.to_json() if target == running else ""
-    argv = releases.exec_argv(target, launcher, digest, sys.argv[1:], node=node)
-    os.execv(argv[0], argv)
+    launch_node(opts)
 
 
 @app.command()

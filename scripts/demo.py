@@ -38,7 +38,7 @@ from tests.lab import portage as gentoo  # noqa: E402 (the lab's ebuilds and pre
 
 
 def swarmnode(home: Path, *args: str, check: bool = True) -> str:
-    cmd = [sys.executable, "-m", "cli.main", "--home", str(home), *args]
+    cmd = [sys.executable, "-m", "cli", "--home", str(home), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=30)
     if check and done.returncode != 0:
         raise SystemExit(f"swarmnode {' '.join(args)} failed:\n{done.stderr}")
@@ -47,7 +47,7 @@ def swarmnode(home: Path, *args: str, check: bool = True) -> str:
 
 def start(home: Path, *args: str) -> subprocess.Popen:
     log = open(home / "node.log", "ab")  # noqa: SIM115 - the child keeps it
-    cmd = [sys.executable, "-m", "cli.main", "--home", str(home), "join", *args]
+    cmd = [sys.executable, "-m", "cli", "--home", str(home), "join", *args]
     return subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
 
 
@@ -148,7 +148,7 @@ def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
         m.get("portage_differs") == [] for m in nodes(homes["bravo"])
         if m["name"] in BUILDERS), timeout=60)
     res = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
+        [sys.executable, "-m", "cli", "--home", str(homes["bravo"]), "emerge",
          gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     print(res.stderr.rstrip())
     if res.returncode != 0:
@@ -166,7 +166,7 @@ def gentoo_step(homes: dict[str, Path], portage: dict) -> None:
     print("  " + "\n  ".join(tool.stdout.strip().splitlines()))
     print("  the same emerge again: everything is in the binhost already")
     res = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--home", str(homes["bravo"]), "emerge",
+        [sys.executable, "-m", "cli", "--home", str(homes["bravo"]), "emerge",
          gentoo.TOP, "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     print(res.stderr.rstrip() or res.stdout.rstrip())
 
@@ -242,7 +242,7 @@ def main() -> None:
         (app / "swarmnode-push.toml").write_text(
             'name = "hello"\nhealth = "bin/hello-swarm | grep -q hello"\n')
         res = subprocess.run(
-            [sys.executable, "-m", "cli.main", "--home", str(homes["alpha"]), "push", str(app),
+            [sys.executable, "-m", "cli", "--home", str(homes["alpha"]), "push", str(app),
              "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=60)
         print(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.stdout)
         print(swarmnode(homes["alpha"], "versions"))

@@ -336,7 +336,7 @@ def render_wrapper(prefix: str) -> str:
     """`PREFIX/bin/swarmnode`. `-I`: never import a `cli` or `swarmnode` from the cwd."""
     return ("#!/bin/sh\n"
             "# swarmnode, copied here by `swarmnode bootstrap`\n"
-            f'exec {prefix}/bin/python -I -m cli.main "$@"\n')
+            f'exec {prefix}/bin/python -I -m cli "$@"\n')
 
 
 def render_systemd_unit(prefix: str, home: str) -> str:

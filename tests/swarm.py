@@ -2,7 +2,7 @@
 
 Why a harness: the swarm's failures (a node recorded under its gateway's address, a crash not
 noticed, a ban that does not stick) only show with real processes talking over real sockets.
-Every node here is the real CLI (`python -m cli.main ... join --fast`), run either on this
+Every node here is the real CLI (`python -m cli ... join --fast`), run either on this
 machine's loopback addresses or inside a namespace of the lab (`tests/lab`), and every
 assertion reads what the CLI contract exposes (`nodes --json`, `status --json`, `events --json`).
 
@@ -59,7 +59,13 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-CLI: tuple[str, ...] = (sys.executable, "-m", "cli.main")
+CLI: tuple[str, ...] = (sys.executable, "-m", "cli")
+
+
+def cli_argv(code: Path) -> list[str]:
+    """`swarmnode` as installed in the tree `code`: `python -m cli`, or `-m cli.main` for a
+    release from before `cli/__main__.py` (the upgrade test's old one)."""
+    return [*CLI] if (code / "cli" / "__main__.py").exists() else [*CLI[:2], "cli.main"]
 #: How often wait loops poll. Control-socket queries take about a millisecond, so 50 ms keeps
 #: measured detection times honest without loading a 2-core machine.
 POLL_S = 0.05
@@ -157,7 +163,7 @@ class Swarm:
     def join_argv(self, node: Node, token: str | None = None, seeds: Sequence[str] = (),
                   mdns: bool = False, tailscale: bool = False,
                   extra: Sequence[str] = (), fast: bool = True) -> list[str]:
-        argv = [*CLI, "--home", str(node.home), "join"]
+        argv = [*cli_argv(node.code), "--home", str(node.home), "join"]
         if token:
             argv.append(token)
         argv += ["--name", node.name, "--listen", node.listen]
@@ -175,7 +181,7 @@ class Swarm:
               wait: bool = True, cwd: Path | None = None, fast: bool = True) -> Node:
         """Run `swarmnode join` for `node` (in its lab host, if any); by default wait until
         its control socket answers, failing fast with the log if it exits first. `cwd` is
-        where `python -m cli.main` finds the code it runs (default: the node's installed
+        where `python -m cli` finds the code it runs (default: the node's installed
         code, `node.code`); `fast=False` runs the shipped default timers instead of the
         tests' tenfold faster ones."""
         node = self._node(node)
@@ -278,7 +284,7 @@ class Swarm:
         socket is a file, so that reaches lab nodes too), installed there: `node.code`."""
         home, code = (node, REPO) if isinstance(node, Path) else \
             (self._node(node).home, self._node(node).code)
-        argv = [*CLI, "--home", str(home), *args]
+        argv = [*cli_argv(code), "--home", str(home), *args]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=code,
                              env=_env(), check=False)
         if check and res.returncode != 0:

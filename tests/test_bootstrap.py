@@ -85,7 +85,7 @@ def test_join_env_and_wrapper(tmp_path: Path) -> None:
     assert res.stdout.split("\n")[:-1] == [TOKEN, "--name", "n1", "--listen", "[fd00::1]:7946"]
     assert _lines(bs.render_wrapper(PREFIX)) == [
         "#!/bin/sh", "# swarmnode, copied here by `swarmnode bootstrap`",
-        f'exec {PREFIX}/bin/python -I -m cli.main "$@"']
+        f'exec {PREFIX}/bin/python -I -m cli "$@"']
 
 
 def test_detached_start_passes_the_token_and_returns_at_once(tmp_path: Path) -> None:

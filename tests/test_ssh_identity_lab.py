@@ -46,7 +46,7 @@ HOSTILE = ("import json, os, sys\n"
            "node.Node._ssh_facts = lambda self: facts\n"
            "sys.argv[0] = 'swarmnode'\n"
            "from cli import main as cli\n"
-           "cli._launch_node = lambda opts: node.main(opts.to_json())  # (here: no exec)\n"
+           "cli.launch_node = lambda opts: node.main(opts.to_json())  # (here: no exec)\n"
            "cli.main()\n")
 
 
