@@ -254,6 +254,7 @@ ROWS = (
     ("convergence after the last spawn", "converge_s", "s"),
     ("join: a node's start-up (spawn to started), median", "start_median_s", "s"),
     ("join: a node's start-up, slowest", "start_max_s", "s"),
+    ("join: a node's start-up CPU, median", "start_cpu_median_s", "s"),
     ("join: last node started to seen alive by all", "last_seen_alive_by_all_s", "s"),
     ("join: last node started to admitted by all", "last_admitted_by_all_s", "s"),
     ("idle CPU, leader", "cpu_leader_pct", "% core"),
@@ -416,6 +417,7 @@ class JoinView:
 
     full: float = 0.0  # it first listed every member admitted and alive
     started: float | None = None  # its own node_started
+    start_cpu: float | None = None  # the CPU seconds its start took (node_started's cpu_s)
     alive: dict[str, float] = field(default_factory=dict)  # member -> first seen alive
     admitted: dict[str, float] = field(default_factory=dict)  # member -> first seen admitted
 
@@ -535,6 +537,7 @@ class Cell:
             who, kind, ts = e.get("id"), e["kind"], float(e["ts"])
             if kind == "node_started" and who == node.id:
                 view.started = ts
+                view.start_cpu = e.get("cpu_s")
             if kind == "node_started" or kind in ALIVE_EVENTS:
                 alive.add(who)
                 view.alive.setdefault(who, ts)
@@ -557,6 +560,7 @@ class Cell:
         admitted -- start-up on a saturated machine or spreading the news."""
         starts = sorted(views[name].started - t for name, t in spawned.items()
                         if views[name].started)
+        cpus = [v.start_cpu for v in views.values() if v.start_cpu is not None]
         started = views[last.name].started
         others = [v for name, v in views.items() if name != last.name]
 
@@ -566,6 +570,7 @@ class Cell:
         return {
             "start_median_s": round(statistics.median(starts), 2) if starts else None,
             "start_max_s": round(starts[-1], 2) if starts else None,
+            "start_cpu_median_s": round(statistics.median(cpus), 3) if cpus else None,
             "last_start_s": round(started - spawned[last.name], 2) if started else None,
             "last_seen_alive_by_all_s": by_all([v.alive.get(last.id) for v in others]),
             "last_admitted_by_all_s": by_all([v.admitted.get(last.id) for v in others]),

@@ -349,8 +349,11 @@ class Node:
             raise StartError(f"cannot listen on {self.listen}: {exc}") from exc
         await self._serve_http()
         await self.binhost.start()
+        # cpu_s: the process's CPU so far, the CLI's parse before the exec included (the
+        # clock is the process's, which an exec keeps): what starting a node costs a machine
         self.event("node_started", {"id": self.id, "name": self.name,
-                                    "addresses": list(self.addresses), "version": __version__})
+                                    "addresses": list(self.addresses), "version": __version__,
+                                    "cpu_s": round(time.process_time(), 3)})
         log.info("node %s (%s) listening on %s, reporting %s", self.name, self.id[:12],
                  self.listen, ", ".join(self.addresses))
         self.ready = True

@@ -203,6 +203,8 @@ def test_events_are_json_lines_for_log_shippers(swarm: Swarm, tmp_path: Path) ->
     started = next(x for x in lines if x["kind"] == "node_started")
     recorded = next(e for e in swarm.events(node) if e["kind"] == "node_started")
     assert started == recorded
+    # what the start cost: the process's CPU, the CLI's parse before the exec included
+    assert 0 < started["cpu_s"] < 60
     log = JsonLines(tmp_path / "ev.jsonl", max_bytes=200)
     for i in range(10):
         log.write({"seq": i, "kind": "x", "pad": "y" * 40})
