@@ -266,6 +266,14 @@ class ArtifactService:
                 fetch.rx.add_source(self.node.clock(), source)
         fetch.wake.set()
 
+    def source_gone(self, member: str, state: str) -> None:
+        """Membership declared `member` gone: fetches waiting on it drop it now, and those it
+        was the last source of fail at once (a dead source would hold them for three request
+        timeouts, 30 s)."""
+        for fetch in self._fetches.values():
+            fetch.rx.remove_source(self.node.clock(), member, state)
+            fetch.wake.set()
+
     # -- garbage collection ---------------------------------------------------------------
 
     def pin_run(self, key: tuple[str, str, int], digests: Iterable[Digest]) -> str:

@@ -81,6 +81,7 @@ from swarmnode.ledger import (
     JobSpec,
     LedgerError,
     LedgerEvent,
+    Redo,
     Requeue,
     SetVoters,
     Started,
@@ -104,6 +105,7 @@ from swarmnode.ledger.jobs import (
     in_range,
 )
 from swarmnode.portage.graph import TAG_PREFIX, worker_tags
+from swarmnode.rights import GONE, redo_refusal
 from swarmnode.tasks import TaskSet, until
 from swarmnode.views import cores_fact
 from swarmnode.worker import (
@@ -172,6 +174,12 @@ PASS_JOBS, PASS_JOBS_PER_CORE = 64, 4
 CATCH_UP_POLL_S = 0.1
 #: How often the leader looks for finished builds to forget (a scan of the builds).
 COMPACT_S = 5.0
+#: A submitter that cannot have a done job's outputs, whose worker is gone, asks the leader to
+#: build it again (`Redo`) at most this often per job (the ask waits for a leader itself).
+REDO_ASK_S = 5.0
+#: `fetch_outputs` waits this long at most for jobs built again because their outputs were lost
+#: (within the 600 s the CLI gives it; a longer rebuild is waited for with `build wait`).
+REDO_WAIT_S = 540.0
 #: Ledger formats that readers need: costs and pauses (3), `forget` entries (4).
 FORMAT_COSTS, FORMAT_FORGET = 3, 4
 
@@ -212,6 +220,9 @@ class Builds:
         self._finished_at: dict[str, float] = {}  # leader: build id -> when it saw it finished
         self._forgetting = False  # a `forget` entry on its way
         self._forgot = False  # builds were forgotten: the spec cache is pruned next turn
+        # submitter: done jobs of its builds whose outputs it could not have -> when it last
+        # asked for them to be built again (0: not yet)
+        self._lost: dict[str, float] = {}
 
     @property
     def ledger(self) -> JobLedger:
@@ -338,6 +349,9 @@ class Builds:
             refused: str | None = f"not a ledger entry ({exc})"
         else:
             refused = self.node.rights.refusal(sender, cmd)
+            if refused is None and isinstance(cmd, Redo):
+                refused, cmd = self._redo(cmd)
+                entry = encode(cmd)
         if refused is not None:
             self.node.drops.drop("propose_refused")
             self.node.event("propose_refused", {"id": sender, "op": _op(entry),
@@ -346,6 +360,18 @@ class Builds:
         if isinstance(cmd, SubmitBuild):
             return await self._submit_here(cmd), None
         return await leadership.propose(entry), None
+
+    def _redo(self, cmd: Redo) -> tuple[str | None, Redo]:
+        """The leader's own check of a submitter's ask to build a done job again
+        (`rights.redo_refusal`), and the entry it proposes then: its own reason, not the
+        asker's."""
+        job = self.ledger.job(cmd.job_key)
+        view = self.node.core.member(job.node) if job and job.node else None
+        refused = redo_refusal(cmd, job, view.state if view else None, self.node.member_name)
+        if refused is not None or job is None or job.node is None:
+            return refused, cmd
+        return None, Redo(cmd.job_key, f"its outputs were lost with {self._name(job.node)} "
+                                       f"({view.state if view else 'gone'})"[:MAX_REASON])
 
     async def _request(self, peer: str, msg_type: str, body: dict[str, Any],
                        timeout: float) -> dict[str, Any] | None:
@@ -547,6 +573,8 @@ class Builds:
                 self.history.flush()
             except sqlite3.Error as exc:  # a record only: the node goes on without it
                 log.warning("cannot write the build history: %s", exc)
+        if self._lost:
+            self._reclaim()
         if self._forgot:
             self._forgot = False
             used = {j.spec.spec_hash for b in self.ledger.builds()
@@ -779,7 +807,7 @@ class Builds:
         for job in active:
             assert job.node is not None
             view = self.node.core.member(job.node)
-            if view is None or view.state in ("dead", "left", "banned"):
+            if view is None or view.state in GONE:
                 if job.key not in self._proposing:
                     why = f"{view.name if view else job.node[:12]} is " \
                           f"{view.state if view else 'gone'}"
@@ -845,7 +873,8 @@ class Builds:
             self._levels.pop(build_id, None)
             self._finished_at.pop(build_id, None)
             self._forgot = True
-        if ev.kind in ("done", "requeued", "blocked", "cancelled", "failed", "rejected_stale"):
+        if ev.kind in ("done", "requeued", "redone", "blocked", "cancelled", "failed",
+                       "rejected_stale"):
             self.node.event(f"job_{ev.kind}", {k: v for k, v in ev.data.items()
                                                if isinstance(v, str | int | float)})
 
@@ -1073,7 +1102,10 @@ class Builds:
         await asyncio.gather(*(one(d, s) for d, s in wanted.items()))
 
     async def _keep_artifacts(self, job: Job) -> None:
-        sources = [job.node] if job.node else []
+        """As the build's submitter: hold a done job's outputs, fetched from its worker. What
+        cannot be had is looked after by `_reclaim` (fetched again, or built again once the
+        worker is gone)."""
+        sources = self._live([job.node] if job.node else [])
         for _path, digest in job.artifacts:
             try:
                 await self.node.artifacts.fetch(digest, sources)
@@ -1081,6 +1113,40 @@ class Builds:
             except ArtifactError as exc:
                 self.node.event("artifact_missing", {"job": job.key, "digest": digest,
                                                      "error": str(exc)[:200]})
+                self._lost.setdefault(job.key, 0.0)  # (looked after at the next turn)
+                self._wake.set()
+                return
+        self._lost.pop(job.key, None)
+
+    def _reclaim(self) -> None:
+        """As submitter, each turn: the done jobs of its builds whose outputs it could not
+        have. Fetched again while the worker lives (at most every REDO_ASK_S); once it is gone
+        (never merely suspected) the outputs are lost with it, and the leader is asked to build
+        the job again (`Redo`). A job built again is fetched at its new `done`."""
+        now = time.monotonic()
+        for key, tried in list(self._lost.items()):
+            job = self.ledger.job(key)
+            if job is None or job.state != DONE:  # forgotten, or being built again
+                del self._lost[key]
+            elif now - tried >= REDO_ASK_S:
+                self._lost[key] = now
+                if self._live([job.node] if job.node else []):
+                    self._spawn(self._keep_artifacts(job))
+                else:
+                    self._spawn(self._ask_redo(key))
+
+    async def _ask_redo(self, key: str) -> None:
+        try:
+            await self.propose_anywhere(encode(Redo(key, "its outputs were lost")),
+                                        f"build {key} again", timeout=REDO_ASK_S)
+        except ControlError as exc:
+            log.warning("cannot have %s built again: %s", key, exc)
+
+    def _live(self, nodes: Iterable[str]) -> list[str]:
+        """`nodes` less the members gone for good (the outputs only they held are lost)."""
+        core = self.node.core
+        return [n for n in nodes if n == self.node.id
+                or ((view := core.member(n)) is not None and view.state not in GONE)]
 
     async def job_env(self, job: Job) -> dict[str, str]:
         """The env of a job's spec (fetched from its submitter if not cached here); empty
@@ -1194,28 +1260,70 @@ class Builds:
                 "kwh": (row["joules"] or 0.0) / 3.6e6, "forgotten": True}
 
     async def fetch_outputs(self, build_id: str, out: Path) -> list[str]:
-        """Each job's artifacts as OUT/JOB/PATH (fetched from its worker, else from the
+        """Each done job's artifacts as OUT/JOB/PATH (fetched from its worker, else from the
         submitter, which keeps a copy, if not here); for a build the ledger has forgotten, as
-        the history recorded them."""
+        the history recorded them. Waits for the build's end (it may be running again: a job
+        whose outputs were lost with its worker is built again, `_reclaim`), up to REDO_WAIT_S
+        in all."""
         build = self.ledger.build(build_id)
-        if build is not None:
-            submitter: str | None = build.submitter
-            done = [(j.name, j.node, j.artifacts) for j in self.ledger.jobs(build_id)
-                    if j.state == DONE]
-        else:
-            done = [(job, row["node"], tuple(row["artifacts"].items()))
-                    for job, row in sorted(self._forgotten(build_id).items())
-                    if row["result"] == DONE]
+        if build is None:
             submitter = (self.history.build_row(build_id) or {}).get("submitter")
+            written: list[str] = []
+            for name, row in sorted(self._forgotten(build_id).items()):
+                if row["result"] == DONE:
+                    sources = self._live(n for n in (row["node"], submitter) if n)
+                    written += await self._export(name, tuple(row["artifacts"].items()),
+                                                  sources, out)
+            return written
+        deadline = time.monotonic() + REDO_WAIT_S
+        if not await until(self._changed, lambda: self.ledger.build(build_id) is None
+                           or self.ledger.finished(build_id), REDO_WAIT_S):
+            raise ControlError(f"build {build_id} is still running: wait for it "
+                               f"(`swarmnode build wait {build_id}`) and fetch its outputs then")
+        if self.ledger.build(build_id) is None:  # (forgotten meanwhile: from the history)
+            return await self.fetch_outputs(build_id, out)
         written = []
-        for name, node, artifacts in done:
-            sources = list(dict.fromkeys(n for n in (node, submitter) if n))
-            for path, digest in artifacts:
-                await self.node.artifacts.fetch(digest, sources)
-                dest = out / name / path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
-                written.append(str(dest))
+        for job in [j for j in self.ledger.jobs(build_id) if j.state == DONE]:
+            written += await self._job_outputs(job.key, build.submitter, out, deadline)
+        return written
+
+    async def _job_outputs(self, key: str, submitter: str, out: Path,
+                           deadline: float) -> list[str]:
+        while True:
+            job = self.ledger.job(key)
+            if job is None:
+                raise ControlError(f"{key} was forgotten while its outputs were fetched")
+            if job.state == DONE:
+                sources = self._live(dict.fromkeys(n for n in (job.node, submitter) if n))
+                try:
+                    return await self._export(job.name, job.artifacts, sources, out)
+                except ArtifactError:
+                    if self._live([job.node] if job.node else []):
+                        raise
+                    if submitter == self.node.id:  # (asks for it to be built again)
+                        self._lost.setdefault(key, 0.0)
+                        self._wake.set()
+            elif job.state not in (QUEUED, ASSIGNED, RUNNING):
+                raise ControlError(f"{key} is {job.state} now: its outputs are gone")
+            def again(attempt: int = job.attempt) -> bool:  # done again, or forgotten
+                j = self.ledger.job(key)
+                return j is None or (j.state == DONE and j.attempt != attempt)
+
+            if not await until(self._changed, again, max(0.0, deadline - time.monotonic())):
+                raise ControlError(
+                    f"{key}'s outputs were lost with its worker and it is being built again: "
+                    f"wait for the build (`swarmnode build wait {key.partition('/')[0]}`) and "
+                    "fetch them then")
+
+    async def _export(self, name: str, artifacts: Iterable[tuple[str, str]],
+                      sources: list[str], out: Path) -> list[str]:
+        written = []
+        for path, digest in artifacts:
+            await self.node.artifacts.fetch(digest, sources)
+            dest = out / name / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.node.artifacts.store.export(digest, dest, link=False, overwrite=True)
+            written.append(str(dest))
         return written
 
     async def log_view(self, name: str, since: int = 0, wait: bool = False) -> dict[str, Any]:

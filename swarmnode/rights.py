@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from swarmnode import control
-from swarmnode.ledger import Cancel, SetVoters, SubmitBuild
-from swarmnode.ledger.jobs import Build, Pause
+from swarmnode.ledger import Cancel, Redo, SetVoters, SubmitBuild
+from swarmnode.ledger.jobs import DONE, Build, Job, Pause
 from swarmnode.push.release import (
     BUILD,
     GRANT_TOPIC,
@@ -32,8 +32,9 @@ def refusal(sender: str, cmd: object, holders: Callable[[str], frozenset[str]],
             build: Callable[[str], Build | None], name: Callable[[str], str]) -> str | None:
     """Why the leader will not propose ledger command `cmd` for member `sender` (None: it
     may). A build is submitted by its own submitter holding `build` (its jobs run commands on
-    the workers); a build is cancelled by its submitter or an operator; pausing, resuming and
-    setting the voters need `operate`; any other command only the leader itself proposes."""
+    the workers); a build is cancelled, and a done job whose outputs were lost built again, by
+    its submitter or an operator; pausing, resuming and setting the voters need `operate`;
+    any other command only the leader itself proposes."""
     who = name(sender)
     if isinstance(cmd, SubmitBuild):
         if cmd.submitter != sender:
@@ -52,6 +53,14 @@ def refusal(sender: str, cmd: object, holders: Callable[[str], frozenset[str]],
         return (f"{who} may not cancel {cmd.build_id}: only its submitter "
                 f"({name(known.submitter)}) or an operator may (an operator can allow it "
                 f"with `swarmnode grant operate {who}`)")
+    if isinstance(cmd, Redo):
+        known = build(cmd.job_key.partition("/")[0])
+        if known is None:
+            return f"no build for {cmd.job_key!r}"
+        if sender == known.submitter or sender in holders(OPERATE):
+            return None
+        return (f"{who} may not have {cmd.job_key} built again: only its build's submitter "
+                f"({name(known.submitter)}) or an operator may")
     if isinstance(cmd, Pause | SetVoters):
         if sender in holders(OPERATE):
             return None
@@ -59,6 +68,25 @@ def refusal(sender: str, cmd: object, holders: Callable[[str], frozenset[str]],
         return (f"{who} is not an operator: only an operator may {what} (an operator can "
                 f"allow it with `swarmnode grant operate {who}`)")
     return f"only the leader itself proposes {type(cmd).__name__} entries"
+
+
+GONE = ("dead", "left", "banned")
+"""Member states of one gone for good (never merely suspected): the jobs it held are requeued,
+and the outputs only it held are lost."""
+
+
+def redo_refusal(cmd: Redo, job: Job | None, worker_state: str | None,
+                 name: Callable[[str], str]) -> str | None:
+    """Why the leader will not build a done job again for its submitter (after `refusal`
+    allowed the asker): None only when the job is done and its worker, the one holder of its
+    outputs the submitter could not reach, is gone for good by the leader's own view
+    (`worker_state`: dead, left or banned; None: no such member) -- never merely suspected."""
+    if job is None or job.state != DONE or job.node is None:
+        return f"{cmd.job_key} is not done"
+    if worker_state is not None and worker_state not in GONE:
+        return (f"{cmd.job_key}'s outputs are on {name(job.node)}, which is {worker_state}: "
+                "fetch them from it")
+    return None
 
 
 class Rights:

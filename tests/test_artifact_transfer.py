@@ -741,6 +741,25 @@ def test_late_chunk_after_a_timeout_is_still_used(honest: Handler) -> None:
     assert rx.drain() == [Send("b", GetChunk(D, 2))]  # which still freed b's slot
 
 
+def test_a_source_membership_declares_gone_is_dropped_at_once() -> None:
+    """Not after three timeouts: the one left serves the rest, and a fetch whose last source
+    is gone fails at once (the submitter then has the job built again)."""
+    rx = _receiver(["a", "b"], window=1, timeout=10.0)
+    m = _manifest_of(DATA)
+    rx.handle(0.0, "a", ManifestReply(m))
+    rx.handle(0.0, "b", ManifestReply(m))
+    asked = {o.to: o.msg for o in rx.drain() if isinstance(o, Send)}
+    assert asked == {"a": GetChunk(D, 0), "b": GetChunk(D, 1)}
+    rx.remove_source(0.1, "a", "dead")
+    assert rx.sources == {"b"} and rx.failures == {"a": "dead"}
+    rx.handle(0.2, "b", ChunkReply(D, 1, DATA[CS:2 * CS]))  # b's slot frees: a's chunk next
+    assert [(o.to, o.msg) for o in rx.drain() if isinstance(o, Send)] == [("b", GetChunk(D, 0))]
+    rx.remove_source(0.2, "a", "dead")  # (twice: nothing more)
+    rx.remove_source(0.2, "b", "left")
+    assert [o for o in rx.drain() if isinstance(o, Failed)] == [
+        Failed(D, "no source left (a: dead, b: left)")]
+
+
 def test_verified_out_of_turn_is_a_bug() -> None:
     with pytest.raises(RuntimeError):
         _receiver(["a"]).verified(0.0, True)

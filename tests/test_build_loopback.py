@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from swarmnode.builds import PROPOSE, PROPOSE_REPLY
-from swarmnode.ledger import JobSpec, Requeue, SubmitBuild, encode
+from swarmnode.ledger import JobSpec, Redo, Requeue, SubmitBuild, encode
 from swarmnode.worker import unpack_map
 from tests.attacker import Attacker
 from tests.ports import free_port
@@ -161,6 +162,44 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
     swarm.query(rest[0], "fetch_outputs", timeout=60, build=build_id, out=str(out))
     for i in range(12):
         assert (out / f"j{i}" / "r.txt").read_text() == f"j{i}-j{i}\n"
+
+
+def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_them(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Seen in the kill -9 test above: a job finished on the leader, which died before the
+    submitter held the job's output; the build ended "ok" and its artifact could not be had.
+    Here on purpose: n2 submits and is stopped (SIGSTOP), n3 runs the job and dies once it is
+    done. n2 wakes, cannot have the output (its only holder is gone), and asks for the job to
+    be built again; `fetch_outputs` waits for that and returns the output."""
+    n1, n2, n3 = three(swarm, rights=("build", "operate"))
+    for node in (n1, n2):  # (committed when the command returns)
+        assert f"paused: {node.name}" in swarm.cli(n1, "pause", node.name).stdout
+    plan = tmp_path / "one.toml"
+    # (it runs for longer than the build command takes to return, so n2 is stopped first)
+    plan.write_text('[jobs.only]\ncmd = "sleep 3; echo built-on-$SWARMNODE_NODE > r.txt"\n'
+                    'outputs = ["r.txt"]\n')
+    build_id = swarm.cli(n2, "build", str(plan)).stdout.strip()
+    assert n2.proc is not None
+    n2.proc.send_signal(signal.SIGSTOP)  # the submitter cannot fetch the output now
+    try:
+        assert swarm.query(n1, "jobs", build=build_id)[0]["state"] != "done"
+        swarm.wait_for(lambda: [j["state"] for j in swarm.query(n1, "jobs", build=build_id)]
+                       == ["done"], JOIN_S, "the job done on n3")
+        swarm.kill9(n3)
+    finally:
+        n2.proc.send_signal(signal.SIGCONT)
+    swarm.wait_state([n3], "dead", [n1, n2], JOIN_S)
+    swarm.cli(n1, "resume", n1.name)  # someone to build it again
+    out = tmp_path / "out"
+    swarm.query(n2, "fetch_outputs", timeout=60, build=build_id, out=str(out))
+    assert (out / "only" / "r.txt").read_text() == f"built-on-{n1.id}\n"
+    [job] = swarm.query(n2, "jobs", build=build_id)
+    assert (job["state"], job["attempt"], job["node"]) == ("done", 2, n1.id)
+    history = swarm.query(n2, "jobs", build=build_id, history=True)
+    assert [(a["attempt"], a["node"], a["result"]) for a in history] == [
+        (1, n3.id, "done"), (2, n1.id, "done")]
+    assert any(e["kind"] == "job_redone" and "lost with n3" in e.get("reason", "")
+               for e in swarm.events(n2))
 
 
 def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(
@@ -524,8 +563,11 @@ async def test_a_forwarded_build_naming_another_member_as_its_submitter_is_refus
         assert requeue["reason"] == "only the leader itself proposes Requeue entries"
         own = await propose(SubmitBuild("own", "own", member.id, job))
         assert own == {"rid": b"r" * 8, "ok": True}  # the same entry in its own name counts
+        # a done job runs again only for its submitter, and only once its worker is gone
+        redo = await propose(Redo("own/j", "lost, it says"))
+        assert redo["ok"] is False and redo["reason"] == "own/j is not done", redo
     assert [(e["id"], e["op"]) for e in swarm.events(leader, "propose_refused")] == [
-        (member.id, "submit_build"), (member.id, "requeue")]
+        (member.id, "submit_build"), (member.id, "requeue"), (member.id, "redo")]
 
 
 def test_build_wait_reattaches_from_any_node_and_fetches_the_artifacts(

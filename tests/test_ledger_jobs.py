@@ -34,6 +34,7 @@ from swarmnode.ledger import (
     JobLedger,
     JobSpec,
     LedgerError,
+    Redo,
     Requeue,
     Started,
     SubmitBuild,
@@ -400,6 +401,26 @@ def test_requeue_only_applies_to_a_held_job() -> None:
     assert led(Requeue("b1/only", "n1 died")) == ["requeued"]
     job = led.led.job("b1/only")
     assert job is not None and (job.state, job.node, job.attempt) == (QUEUED, None, 1)
+
+
+def test_a_done_job_is_built_again_only_by_a_redo_and_then_as_a_new_attempt() -> None:
+    led = Ledger()
+    led(build())
+    assert led(Redo("b1/only", "lost")) == ["rejected"]  # queued: nothing to build again
+    led(Assign("b1/only", "n1", 1, 1))
+    assert led(Redo("b1/only", "lost")) == ["rejected"]  # held: a requeue's business
+    led(Done("b1/only", "n1", 1, (("out", H),)))
+    assert led.led.finished("b1")
+    assert led(Redo("b1/only", "its outputs were lost with n1 (dead)")) == ["redone"]
+    job = led.led.job("b1/only")
+    assert job is not None and (job.state, job.node, job.artifacts, job.reason) == (
+        QUEUED, None, (), "its outputs were lost with n1 (dead)")
+    assert not led.led.finished("b1")
+    assert led(Done("b1/only", "n1", 1, (("out", H),))) == ["rejected_stale"]  # (the lost one)
+    led(Assign("b1/only", "n2", 2, 2))
+    led(Done("b1/only", "n2", 2, (("out", H),)))
+    assert led.led.finished("b1") and led.led.job("b1/only").attempt == 2  # type: ignore[union-attr]
+    assert decode(encode(Redo("b1/only", "x"))) == Redo("b1/only", "x")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from swarmnode import config as node_config
 from swarmnode.actions import Actions
 from swarmnode.identity import Identity, load_or_create
-from swarmnode.ledger import Cancel, Requeue, SetVoters, SubmitBuild
+from swarmnode.ledger import Cancel, Job, JobSpec, Redo, Requeue, SetVoters, SubmitBuild
 from swarmnode.ledger.jobs import Build, Pause
 from swarmnode.membership import MemberView, Note
 from swarmnode.push.release import (
@@ -28,7 +28,7 @@ from swarmnode.push.release import (
     levels,
     right_key,
 )
-from swarmnode.rights import refusal
+from swarmnode.rights import redo_refusal, refusal
 from swarmnode.ssh_actions import (
     CHALLENGE_BYTES,
     Refused,
@@ -137,6 +137,31 @@ def test_a_build_is_cancelled_by_its_submitter_or_an_operator() -> None:
         "<m> may not cancel b1: only its submitter (<b>) or an operator may (an operator can "
         "allow it with `swarmnode grant operate <m>`)")
     assert _refusal("m", Cancel("nope", 3)) == "no build 'nope'"
+
+
+def test_a_job_whose_outputs_were_lost_is_built_again_for_its_submitter_or_an_operator() -> None:
+    redo = Redo("b1/j", "its outputs were lost")
+    assert _refusal("b", redo) is None
+    assert _refusal("f", redo) is None
+    assert _refusal("m", redo) == (
+        "<m> may not have b1/j built again: only its build's submitter (<b>) or an operator may")
+    assert _refusal("b", Redo("nope/j", "x")) == "no build for 'nope/j'"
+
+
+@pytest.mark.parametrize(("state", "worker_state", "why"), [
+    ("done", "dead", None),
+    ("done", "left", None),
+    ("done", "banned", None),
+    ("done", None, None),  # (no such member any more)
+    ("done", "alive", "b1/j's outputs are on <w>, which is alive: fetch them from it"),
+    ("done", "suspect", "b1/j's outputs are on <w>, which is suspect: fetch them from it"),
+    ("running", "dead", "b1/j is not done"),  # (a requeue's business, and the leader's)
+])
+def test_the_leader_builds_a_done_job_again_only_once_its_worker_is_gone(
+        state: str, worker_state: str | None, why: str | None) -> None:
+    job = Job("b1", "j", JobSpec(), state=state, node="w", attempt=1)
+    assert redo_refusal(Redo("b1/j", "x"), job, worker_state, lambda i: f"<{i}>") == why
+    assert redo_refusal(Redo("b1/k", "x"), None, None, str) == "b1/k is not done"
 
 
 @pytest.mark.parametrize("cmd", [Pause("x", True), Pause("x", False), SetVoters(("m",)),

@@ -482,6 +482,15 @@ class Receiver:
         self._sources[source] = _Source(source, self._order, self.window)
         self._ask_manifest(now, self._sources[source])
 
+    def remove_source(self, now: float, source: str, reason: str) -> None:
+        """A source known to be gone (membership declared it dead): dropped now rather than
+        after `max_strikes` timeouts of silence; the fetch fails at once if it was the last."""
+        s = self._sources.get(source)
+        if s is None or self.state in (DONE, FAILED):
+            return
+        self._drop(s, reason)
+        self._settle(now)
+
     def handle(self, now: float, src: str, msg: Message) -> None:
         if self.state in (DONE, FAILED):
             self.counters["drop_late"] += 1

@@ -13,6 +13,8 @@ A job's lifecycle::
                  |  \\__________________|_____-> failed(reason) -> assigned ... (retry)
                  +-> queued (requeue: the node died)      \\-> blocked (failed on 2 nodes)
     any unfinished state -> blocked (block, or a dependency blocked) / cancelled (cancel)
+    done -> queued (redo: its outputs were lost with its worker, gone before the submitter
+                    held them; the one way a done job runs again)
 
 Fencing: each assignment has an attempt number (1, 2, ...) and carries the leader's term. A
 report (started, done, failed) counts only if its (node, attempt) is the job's *current*
@@ -163,6 +165,17 @@ class Requeue:
 
 
 @dataclass(frozen=True, slots=True)
+class Redo:
+    """A done job whose outputs were lost with its worker (gone before its submitter held
+    them): queued again, for a new attempt elsewhere. The one way a done job runs again; the
+    leader proposes it only when the submitter says it cannot have the outputs and the worker
+    is gone (`rights.refusal`, `Builds._decide`)."""
+
+    job_key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetVoters:
     """An operator's choice of voters (`swarmnode voters --set`); empty: back to automatic
     (the longest-admitted live members). Committed, so every node steps toward the same set."""
@@ -215,7 +228,7 @@ class Batch:
 
 
 Command = (SubmitBuild | Assign | Started | Done | Failed | Batch | Block | Cancel | Requeue
-           | SetVoters | Voters | Pause | Forget)
+           | Redo | SetVoters | Voters | Pause | Forget)
 
 _OPS: dict[type, str] = {
     SubmitBuild: "submit_build",
@@ -227,6 +240,7 @@ _OPS: dict[type, str] = {
     Block: "block",
     Cancel: "cancel",
     Requeue: "requeue",
+    Redo: "redo",
     SetVoters: "set_voters",
     Voters: "voters",
     Pause: "pause",
@@ -429,7 +443,8 @@ def _parse(op: str, m: Mapping[str, Any]) -> Command:
             raise _fail(w, f"expected a list of at most {MAX_VOTERS} node ids")
         ids = tuple(sorted({_str(v, f"{w}.voters", MAX_ID) for v in voters}))
         return SetVoters(ids) if op == "set_voters" else Voters(ids)
-    return Requeue(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
+    cls = Redo if op == "redo" else Requeue
+    return cls(_job_key(m["job_key"], w), _str(m["reason"], f"{w}.reason", MAX_REASON))
 
 
 _BATCHED = frozenset({"submit_build", "assign", "started", "done", "failed"})
@@ -463,6 +478,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "block": ("job_key", "reason"),
     "cancel": ("build_id", "term"),
     "requeue": ("job_key", "reason"),
+    "redo": ("job_key", "reason"),
     "set_voters": ("voters",),
     "voters": ("voters",),
     "pause": ("node", "paused"),
@@ -835,6 +851,16 @@ class JobLedger:
         self.paused = self.paused | {c.node} if c.paused else self.paused - {c.node}
         return [LedgerEvent("paused" if c.paused else "resumed", {"node": c.node})]
 
+    def _redo(self, index: int, c: Redo) -> list[LedgerEvent]:
+        job = self._jobs.get(c.job_key)
+        if job is None:
+            return [_rejected(c.job_key, "unknown_job")]
+        if job.state != DONE:
+            return [_rejected(c.job_key, f"not_done_{job.state}")]
+        self._put(replace(job, state=QUEUED, node=None, artifacts=(), reason=c.reason))
+        return [LedgerEvent("redone", {"job_key": c.job_key, "reason": c.reason,
+                                       "node": job.node, "attempt": job.attempt})]
+
     def _requeue(self, index: int, c: Requeue) -> list[LedgerEvent]:
         job = self._jobs.get(c.job_key)
         if job is None:
@@ -1110,6 +1136,7 @@ _APPLY: dict[type, Any] = {
     Block: JobLedger._block,
     Cancel: JobLedger._cancel,
     Requeue: JobLedger._requeue,
+    Redo: JobLedger._redo,
     Pause: JobLedger._pause,
     Forget: JobLedger._forget,
 }
