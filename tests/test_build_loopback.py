@@ -306,10 +306,14 @@ def test_build_status_answers_the_end_of_a_build_as_it_happens(
     assert end["finished"] and end["ok"]
     assert 0 <= answered - float(marks.read_text()) < 0.5  # at the end, not a poll later
     # while nothing changes (one job sleeping), a poll with the progress seen waits for its end
-    plan.write_text('[jobs.c]\ncmd = "sleep 1.5"\n')
+    # (c runs until the test says, then a second: it was `sleep 1.5`, which a build command
+    # taking 3 s to return on a loaded machine outlived, so "c running" was never seen)
+    go_c = tmp_path / "go_c"
+    plan.write_text(f"[jobs.c]\ncmd = '{wait_for.format(go_c)}; sleep 1'\n")
     build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
     seen = swarm.wait_for(lambda: (p := swarm.query(first, "build_status", build=build_id)
                                    ["progress"])["running"] == 1 and p, 10, "c running")
+    go_c.touch()
     later = swarm.query(first, "build_status", timeout=10, build=build_id, wait=5.0, known=seen)
     assert later["finished"] and later["progress"] != seen
 
