@@ -33,8 +33,15 @@ def main() -> None:
     full()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Never print and exit (argparse does for some errors whatever `exit_on_error`
+        says): the full CLI parses the command line again and tells what is wrong."""
+        raise ValueError(message)
+
+
 def _join_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    ap = _Parser(add_help=False, allow_abbrev=False, exit_on_error=False)
     ap.add_argument("--home", type=Path)
     ap.add_argument("command", choices=["join"])
     ap.add_argument("join_token", nargs="?")

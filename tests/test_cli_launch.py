@@ -59,6 +59,8 @@ def test_a_plain_join_is_parsed_here_exactly_as_the_full_cli_parses_it(
     ["join", "a", "b"],  # two tokens
     ["--json", "join"],
     ["--home", "h", "--home", "i", "join"],
+    ["--name", "join"],  # (errors argparse would print and exit on)
+    ["--home", "join"],
 ])
 def test_anything_else_is_left_to_the_full_cli(argv: list[str]) -> None:
     assert parse_join(argv) is None
