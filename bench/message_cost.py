@@ -1,7 +1,8 @@
 """What one message's building blocks cost on this machine: msgpack.packb under the node's
 malloc thresholds and under others, and Ed25519 signing and checking by libsodium (PyNaCl)
 and OpenSSL (cryptography) by message size. The figures behind swarmnode/node.py's malloc
-thresholds and swarmnode/identity.py's OPENSSL_SIGN_BYTES (docs/benchmarks.md).
+thresholds, and behind signing with libsodium alone: OpenSSL signs large messages cheaper,
+but loading it costs every node 7 MiB (docs/benchmarks.md).
 
     .venv/bin/python bench/message_cost.py [--repeats 5]
 
