@@ -365,9 +365,8 @@ class PushService:
         while set(self.applying) - {SELF_APP} and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # The trial is on disk before the switch: a crash in between still rolls back.
-        await self._write(self.releases.begin_trial, digest,
-                                self.releases.current(SELF_APP),
-                                time.time() + release.spec.health_timeout)
+        await self._write(self.releases.begin_trial, digest, self.releases.current(SELF_APP),
+                          time.time() + release.spec.health_timeout)
         await self._write(self.releases.switch, SELF_APP, digest)
         self.node.store.put(push_trial_note=item_to_plain(note))  # whom to tell, after exec
         self._report(note, "restarted")
