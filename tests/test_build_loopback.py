@@ -36,6 +36,14 @@ JOIN_S = 20.0
 N_LIBS = 28  # + main + link = 30 jobs
 
 
+def held(gate: Path) -> str:
+    """A job command's start that waits until the test creates `gate`. A job the test must
+    still find running is held this way, not given a sleep: a build command takes seconds to
+    return on a loaded machine, and a job of a second or three was then over before the test
+    looked."""
+    return f"while [ ! -e {gate} ]; do sleep 0.01; done"
+
+
 
 def three(swarm: Swarm, rights: Sequence[str] = ("build",),
           prepare: Callable[[Node], object] = lambda _node: None) -> list[Node]:
@@ -138,9 +146,9 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
     for n in nodes:  # all three vote, so two survivors keep a majority
         swarm.wait_for(lambda n=n: set(swarm.query(n, "status")["voters"]) == ids, JOIN_S,
                        f"{n.name} counts three voters")
-    plan = tmp_path / "slow.toml"
+    plan, go = tmp_path / "slow.toml", tmp_path / "go"
     plan.write_text("".join(
-        f'[jobs.j{i}]\ncmd = "sleep 0.6; echo j{i}-$SWARMNODE_JOB > r.txt"\n'
+        f"[jobs.j{i}]\ncmd = '{held(go)}; echo j{i}-$SWARMNODE_JOB > r.txt'\n"
         f'outputs = ["r.txt"]\n\n' for i in range(12)))
     leader_id = swarm.query(nodes[0], "status")["leader"]
     leader = next(n for n in nodes if n.id == leader_id)
@@ -150,6 +158,7 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
                                for j in swarm.query(rest[0], "jobs", build=build_id)),
                    JOIN_S, "a job running on the leader")
     swarm.kill9(leader)
+    go.touch()
     status = swarm.wait_for(
         lambda: (s := swarm.query(rest[0], "build_status", build=build_id))["finished"] and s,
         90, "the build finishes under a new leader")
@@ -174,15 +183,16 @@ def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_
     n1, n2, n3 = three(swarm, rights=("build", "operate"))
     for node in (n1, n2):  # (committed when the command returns)
         assert f"paused: {node.name}" in swarm.cli(n1, "pause", node.name).stdout
-    plan = tmp_path / "one.toml"
-    # (it runs for longer than the build command takes to return, so n2 is stopped first)
-    plan.write_text('[jobs.only]\ncmd = "sleep 3; echo built-on-$SWARMNODE_NODE > r.txt"\n'
+    plan, go = tmp_path / "one.toml", tmp_path / "go"
+    # (it runs until n2 is stopped)
+    plan.write_text(f"[jobs.only]\ncmd = '{held(go)}; echo built-on-$SWARMNODE_NODE > r.txt'\n"
                     'outputs = ["r.txt"]\n')
     build_id = swarm.cli(n2, "build", str(plan)).stdout.strip()
     assert n2.proc is not None
     n2.proc.send_signal(signal.SIGSTOP)  # the submitter cannot fetch the output now
     try:
         assert swarm.query(n1, "jobs", build=build_id)[0]["state"] != "done"
+        go.touch()
         swarm.wait_for(lambda: [j["state"] for j in swarm.query(n1, "jobs", build=build_id)]
                        == ["done"], JOIN_S, "the job done on n3")
         swarm.kill9(n3)
@@ -290,9 +300,8 @@ def test_build_status_answers_the_end_of_a_build_as_it_happens(
     swarm.wait_for(lambda: swarm.query(first, "status")["leader"] == first.id, JOIN_S, "lead")
     plan = tmp_path / "slow.toml"
     marks, go_a, go_b = tmp_path / "ended", tmp_path / "go_a", tmp_path / "go_b"
-    wait_for = 'while [ ! -e {} ]; do sleep 0.01; done'  # (each job ends when the test says)
-    plan.write_text(f"[jobs.a]\ncmd = '{wait_for.format(go_a)}'\n"
-                    f"[jobs.b]\ncmd = '{wait_for.format(go_b)}; sleep 0.5; date +%s.%N > {marks}'"
+    plan.write_text(f"[jobs.a]\ncmd = '{held(go_a)}'\n"
+                    f"[jobs.b]\ncmd = '{held(go_b)}; sleep 0.5; date +%s.%N > {marks}'"
                     '\ndeps = ["a"]\n')
     build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
     seen = swarm.query(first, "build_status", build=build_id)["progress"]
@@ -309,7 +318,7 @@ def test_build_status_answers_the_end_of_a_build_as_it_happens(
     # (c runs until the test says, then a second: it was `sleep 1.5`, which a build command
     # taking 3 s to return on a loaded machine outlived, so "c running" was never seen)
     go_c = tmp_path / "go_c"
-    plan.write_text(f"[jobs.c]\ncmd = '{wait_for.format(go_c)}; sleep 1'\n")
+    plan.write_text(f"[jobs.c]\ncmd = '{held(go_c)}; sleep 1'\n")
     build_id = json.loads(swarm.cli(first, "build", str(plan), "--json").stdout)["build"]
     seen = swarm.wait_for(lambda: (p := swarm.query(first, "build_status", build=build_id)
                                    ["progress"])["running"] == 1 and p, 10, "c running")
@@ -364,8 +373,8 @@ def test_kill_9_of_a_worker_mid_job_reassigns_its_job_after_death_is_confirmed(
     leader_id = swarm.query(nodes[0], "status")["leader"]
     workers = [n for n in nodes if n.id != leader_id]
     leader = next(n for n in nodes if n.id == leader_id)
-    plan = tmp_path / "slow.toml"
-    plan.write_text("".join(f'[jobs.j{i}]\ncmd = "sleep 1; echo j{i} > r.txt"\n'
+    plan, go = tmp_path / "slow.toml", tmp_path / "go"
+    plan.write_text("".join(f"[jobs.j{i}]\ncmd = '{held(go)}; echo j{i} > r.txt'\n"
                             f'outputs = ["r.txt"]\n\n' for i in range(8)))
     build_id = swarm.cli(leader, "build", str(plan)).stdout.strip()
     victim = workers[0]
@@ -379,6 +388,7 @@ def test_kill_9_of_a_worker_mid_job_reassigns_its_job_after_death_is_confirmed(
     assert all(states[name]["node"] == victim.id for name in running
                if states[name]["state"] in ("assigned", "running"))
     swarm.wait_state([victim], "dead", [leader], JOIN_S)
+    go.touch()
     status = swarm.wait_for(
         lambda: (s := swarm.query(leader, "build_status", build=build_id))["finished"] and s,
         60, "the build finishes without the dead worker")
@@ -406,8 +416,8 @@ def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
     leader_id = swarm.query(nodes[0], "status")["leader"]
     leader = next(n for n in nodes if n.id == leader_id)
     victim = next(n for n in nodes if n.id != leader_id)
-    plan = tmp_path / "slow.toml"
-    plan.write_text("".join(f'[jobs.j{i}]\ncmd = "sleep 5; echo j{i} > r.txt"\n'
+    plan, go = tmp_path / "slow.toml", tmp_path / "go"
+    plan.write_text("".join(f"[jobs.j{i}]\ncmd = '{held(go)}; echo j{i} > r.txt'\n"
                             f'outputs = ["r.txt"]\n\n' for i in range(8)))
     build_id = swarm.cli(leader, "build", str(plan)).stdout.strip()
     running = swarm.wait_for(
@@ -419,6 +429,7 @@ def test_a_worker_that_restarts_mid_job_gets_its_lost_jobs_requeued(
                    f"{victim.name} has saved its member list")
     swarm.kill9(victim)
     swarm.start(victim, fast=False)
+    go.touch()
     status = swarm.wait_for(
         lambda: (s := swarm.query(leader, "build_status", build=build_id))["finished"] and s,
         60, "the build finishes")
