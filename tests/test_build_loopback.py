@@ -265,8 +265,9 @@ def test_logs_show_a_jobs_output_live_and_after_from_any_node(
     """`logs` asks the node running the job for its output: it grows while the job runs, is
     there once it is done, from any node; `logs --follow` prints it all and ends with it."""
     nodes = three(swarm)
-    plan = tmp_path / "talk.toml"
-    plan.write_text('[jobs.talk]\ncmd = "for i in 1 2 3 4; do echo line $i; sleep 0.5; done"\n')
+    plan, go = tmp_path / "talk.toml", tmp_path / "go"
+    plan.write_text(f"[jobs.talk]\ncmd = 'echo line 1; {held(go)}; "
+                    "for i in 2 3 4; do echo line $i; sleep 0.5; done'\n")
     build_id = swarm.cli(nodes[0], "build", str(plan), "--json").stdout
     build_id = json.loads(build_id)["build"]
     worker = swarm.wait_for(lambda: next((j["node"] for j in swarm.query(nodes[0], "jobs")
@@ -276,6 +277,7 @@ def test_logs_show_a_jobs_output_live_and_after_from_any_node(
     live = swarm.wait_for(lambda: (v := swarm.query(other, "logs", job="talk"))["live"]
                           and "line 1" in v["output"] and v, 10, "output while it runs")
     assert "line 4" not in live["output"] and live["total"] == len(live["output"])
+    go.touch()
     # a long poll from where it got to returns the next lines as they come
     more = swarm.query(other, "logs", timeout=10, job="talk", since=live["total"], wait=True)
     assert more["start"] == live["total"] and more["output"].startswith("line ")
