@@ -10,7 +10,9 @@ leader: a notice the old leader sent just before it lost office may come twice).
 
 `Notifier` is the pure part: notices in, messages out -- those within `group_s` of the first
 become one message, and a channel gets at most `per_hour` a rolling hour; past that they wait,
-at most MAX_WAITING of them (the oldest are dropped and counted in the next message).
+at most MAX_WAITING of them (the oldest are dropped and counted in the next message). A member
+back before the notice of its death went out cancels it: neither is sent, and the flap is
+counted (a false death on a loaded machine is refuted within a second and pages no one).
 `NotifyService` turns the node's events, applied ledger entries and a look every CHECK_S into
 notices while leading, and sends each message on every configured channel (a JSON webhook,
 ntfy, e-mail over SMTP) in a worker thread with a timeout: a channel that hangs or fails
@@ -57,6 +59,7 @@ class Notice:
     title: str
     text: str = ""
     urgent: bool = False
+    about: str | None = None  # the member a member_dead or member_back notice is about
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +89,23 @@ class Notifier:
     _waiting: deque[tuple[float, Notice]] = field(default_factory=deque)
     _sent: deque[float] = field(default_factory=deque)
     dropped: int = 0
+    flaps: int = 0  # deaths cancelled by the member's return before they were sent
 
     def offer(self, now: float, notice: Notice) -> None:
+        if notice.kind == "member_back" and self._cancel_death(notice.about):
+            return
         if len(self._waiting) >= MAX_WAITING:
             self._waiting.popleft()
             self.dropped += 1
         self._waiting.append((now, notice))
+
+    def _cancel_death(self, member: str | None) -> bool:
+        for i, (_t, waiting) in enumerate(self._waiting):
+            if member is not None and waiting.kind == "member_dead" and waiting.about == member:
+                del self._waiting[i]
+                self.flaps += 1
+                return True
+        return False
 
     def due(self) -> float | None:
         """When `take` may give a message next (None: nothing waits)."""
@@ -238,16 +252,18 @@ class NotifyService:
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """The node's event log, as it is written."""
         who = data.get("id")
-        name = clean(self.name(who)) if isinstance(who, str) else "?"
+        about = who if isinstance(who, str) else None
+        name = clean(self.name(about)) if about is not None else "?"
         if kind == "pending":
             addresses = ", ".join(clean(str(a)) for a in data.get("addresses", [])[:4])
             self.offer(Notice("pending", f"a node asks to join: {name}",
                               f"{who} from {addresses}: admit it (swarmnode admit) or ban it",
                               urgent=True))
         elif kind == "member_dead":
-            self.offer(Notice("member_dead", f"{name} is dead", str(who), urgent=True))
+            self.offer(Notice("member_dead", f"{name} is dead", str(who), urgent=True,
+                              about=about))
         elif kind == "member_alive" and data.get("previous") in ("dead", "left"):
-            self.offer(Notice("member_back", f"{name} is back", str(who)))
+            self.offer(Notice("member_back", f"{name} is back", str(who), about=about))
 
     def on_build_end(self, build: str, name: str, progress: dict[str, int],
                      failures: Iterable[tuple[str, str, str]]) -> None:
@@ -324,4 +340,5 @@ class NotifyService:
 
     def status(self) -> dict[str, Any]:
         return {"channels": list(self.channels), "sent": dict(self.sent),
-                "failed": dict(self.failed), "dropped": self.notifier.dropped}
+                "failed": dict(self.failed), "dropped": self.notifier.dropped,
+                "flaps": self.notifier.flaps}

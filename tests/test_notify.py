@@ -47,6 +47,23 @@ def test_the_hourly_limit_holds_notices_back_and_counts_those_dropped() -> None:
     assert "6 more were not sent" in m.text
 
 
+def test_a_member_back_before_its_death_was_sent_cancels_both_and_counts_a_flap() -> None:
+    """Seen in a loaded test run: a node was declared dead and refuted it 16 ms later, and the
+    webhook got "n3 is dead" and "n3 is back". Neither needs a person."""
+    n = Notifier(group_s=10, per_hour=5)
+    n.offer(100, Notice("member_dead", "a is dead", about="id-a"))
+    n.offer(101, Notice("member_dead", "b is dead", about="id-b"))
+    n.offer(102, Notice("member_back", "a is back", about="id-a"))
+    n.offer(103, Notice("member_back", "c is back", about="id-c"))  # (c's death went before)
+    assert n.due() == 111  # (the window of what is left: from b's death)
+    m = n.take(111)
+    assert m is not None and [x.title for x in m.notices] == ["b is dead", "c is back"]
+    assert n.flaps == 1
+    n.offer(200, Notice("member_back", "b is back", about="id-b"))  # after its death was sent
+    m = n.take(210)
+    assert m is not None and [x.title for x in m.notices] == ["b is back"] and n.flaps == 1
+
+
 def service(leading: bool = True, **settings: Any) -> NotifyService:
     svc = NotifyService(NotifySettings(webhook="http://127.0.0.1:9/", **settings),
                         lambda: leading, lambda who: {"id-a": "tarn"}.get(who, who[:4]),
@@ -64,12 +81,13 @@ def test_events_become_notices_only_while_leading_and_as_configured() -> None:
     svc.on_event("pending", {"id": "id-guest-1234", "name": "x", "addresses": ["10.0.0.9:7946"]})
     svc.on_event("member_dead", {"id": "id-a"})
     svc.on_event("member_alive", {"id": "id-a", "previous": "suspect"})  # a refutation
-    svc.on_event("member_alive", {"id": "id-a", "previous": "dead"})
     svc.on_event("job_done", {"id": "id-a"})
     got = waiting(svc)
-    assert [n.kind for n in got] == ["pending", "member_dead", "member_back"]
+    assert [n.kind for n in got] == ["pending", "member_dead"]
     assert got[0].title == "a node asks to join: id-g" and "10.0.0.9:7946" in got[0].text
     assert got[1].title == "tarn is dead" and got[1].urgent
+    svc.on_event("member_alive", {"id": "id-a", "previous": "dead"})  # (its death was sent)
+    assert [(n.kind, n.title) for n in waiting(svc)] == [("member_back", "tarn is back")]
     clock = [0.0]
     follower = NotifyService(NotifySettings(webhook="http://127.0.0.1:9/"), lambda: False, str,
                              lambda: "homelab", now=lambda: clock[0])
