@@ -423,6 +423,27 @@ def test_a_done_job_is_built_again_only_by_a_redo_and_then_as_a_new_attempt() ->
     assert decode(encode(Redo("b1/only", "x"))) == Redo("b1/only", "x")
 
 
+def test_a_redone_job_holds_back_its_dependents_until_it_is_done_again() -> None:
+    """Seen in the fault benchmark: j03 was redone while its dependent j10, requeued from a
+    dead worker, waited; j10 was then started at once, without j03's output. Before redo a
+    done job stayed done, so its dependents' count of unfinished dependencies only fell."""
+    led = Ledger()
+    led(build(a=(), b=("a",), c=("a",)))
+    led(Assign("b1/a", "n1", 1, 1))
+    led(Done("b1/a", "n1", 1, (("out", H),)))
+    led(Assign("b1/c", "n1", 1, 1))
+    led(Done("b1/c", "n1", 1, (("out", H),)))  # (c already ran with a's outputs: it stays done)
+    assert [j.name for j in led.led.ready()] == ["b"]
+    assert led(Redo("b1/a", "its outputs were lost with n1 (dead)")) == ["redone"]
+    assert [j.name for j in led.led.ready()] == ["a"]  # not b: its input is gone
+    assert led.led.job("b1/c").state == "done"  # type: ignore[union-attr]
+    led(Assign("b1/a", "n2", 2, 2))
+    led(Done("b1/a", "n2", 2, (("out", H),)))
+    assert [j.name for j in led.led.ready()] == ["b"]
+    restored = JobLedger.restore(led.led.snapshot())
+    assert [j.name for j in restored.ready()] == ["b"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Snapshots
 
@@ -441,6 +462,7 @@ def _random_commands(rng: random.Random, n: int) -> list[Command]:
                     Done(key, node, attempt, arts(key)),
                     Failed(key, node, attempt, "exit 1"),
                     Requeue(key, "lost"),
+                    Redo(key, "its outputs were lost"),
                     Block(key, "op"),
                     Cancel(key.split("/")[0], 3),
                 ]

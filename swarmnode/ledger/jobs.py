@@ -700,12 +700,14 @@ class JobLedger:
             self._ready[key] = None
         else:
             self._ready.pop(key, None)
-        if state == DONE and old is not None and old.state != DONE:  # (final: once; a job
-            # restored done was never counted in its dependents' `_waiting`)
-            for d in self._dependents.get(key, ()):
-                self._waiting[d] -= 1
-                if not self._waiting[d] and self._jobs[d].state in (QUEUED, FAILED):
-                    self._ready[d] = None
+        if old is None or (state == DONE) == (old.state == DONE):
+            return  # (a job restored done was never counted in its dependents' `_waiting`)
+        for d in self._dependents.get(key, ()):  # done, or done no more (a redo)
+            self._waiting[d] += -1 if state == DONE else 1
+            if not self._waiting[d] and self._jobs[d].state in (QUEUED, FAILED):
+                self._ready[d] = None
+            else:
+                self._ready.pop(d, None)
 
     def _add_build(self, build: Build, jobs: Iterable[Job]) -> None:
         """A build and its jobs (new, or from a snapshot), with their indexes."""
