@@ -100,8 +100,10 @@ class Notifier:
         self._waiting.append((now, notice))
 
     def _cancel_death(self, member: str | None) -> bool:
+        if member is None:
+            return False
         for i, (_t, waiting) in enumerate(self._waiting):
-            if member is not None and waiting.kind == "member_dead" and waiting.about == member:
+            if waiting.kind == "member_dead" and waiting.about == member:
                 del self._waiting[i]
                 self.flaps += 1
                 return True

@@ -44,7 +44,6 @@ def held(gate: Path) -> str:
     return f"while [ ! -e {gate} ]; do sleep 0.01; done"
 
 
-
 def three(swarm: Swarm, rights: Sequence[str] = ("build",),
           prepare: Callable[[Node], object] = lambda _node: None) -> list[Node]:
     """n1 (the founder), n2 and n3, all voters, a leader elected; n2 and n3 granted `rights`
