@@ -105,7 +105,7 @@ from swarmnode.ledger.jobs import (
     in_range,
 )
 from swarmnode.portage.graph import TAG_PREFIX, worker_tags
-from swarmnode.rights import GONE, redo_refusal
+from swarmnode.rights import GONE, outputs_lost, redo_refusal
 from swarmnode.tasks import TaskSet, until
 from swarmnode.views import cores_fact
 from swarmnode.worker import (
@@ -221,8 +221,10 @@ class Builds:
         self._forgetting = False  # a `forget` entry on its way
         self._forgot = False  # builds were forgotten: the spec cache is pruned next turn
         # submitter: done jobs of its builds whose outputs it could not have -> when it last
-        # asked for them to be built again (0: not yet)
+        # looked after them (0: not yet); and those of them waited for (their worker dead
+        # less than `redo_after`: it may come back with them), told once in an event
         self._lost: dict[str, float] = {}
+        self._awaited: set[str] = set()
 
     @property
     def ledger(self) -> JobLedger:
@@ -367,11 +369,14 @@ class Builds:
         asker's."""
         job = self.ledger.job(cmd.job_key)
         view = self.node.core.member(job.node) if job and job.node else None
-        refused = redo_refusal(cmd, job, view.state if view else None, self.node.member_name)
+        state = view.state if view else None
+        gone_for = self.node.clock() - view.since if view else 0.0
+        refused = redo_refusal(cmd, job, state, gone_for, self.node.node_config.redo_after,
+                               self.node.member_name)
         if refused is not None or job is None or job.node is None:
             return refused, cmd
         return None, Redo(cmd.job_key, f"its outputs were lost with {self._name(job.node)} "
-                                       f"({view.state if view else 'gone'})"[:MAX_REASON])
+                                       f"({state or 'gone'})"[:MAX_REASON])
 
     async def _request(self, peer: str, msg_type: str, body: dict[str, Any],
                        timeout: float) -> dict[str, Any] | None:
@@ -1117,23 +1122,40 @@ class Builds:
                 self._wake.set()
                 return
         self._lost.pop(job.key, None)
+        self._awaited.discard(job.key)
 
     def _reclaim(self) -> None:
         """As submitter, each turn: the done jobs of its builds whose outputs it could not
-        have. Fetched again while the worker lives (at most every REDO_ASK_S); once it is gone
-        (never merely suspected) the outputs are lost with it, and the leader is asked to build
-        the job again (`Redo`). A job built again is fetched at its new `done`."""
+        have, looked at again at most every REDO_ASK_S. Fetched again while the worker lives
+        (or comes back); once the outputs are lost with it (`rights.outputs_lost`: never while
+        merely suspected or dead less than `redo_after`) the leader is asked to build the job
+        again (`Redo`). A job built again is fetched at its new `done`."""
         now = time.monotonic()
         for key, tried in list(self._lost.items()):
             job = self.ledger.job(key)
             if job is None or job.state != DONE:  # forgotten, or being built again
                 del self._lost[key]
+                self._awaited.discard(key)
             elif now - tried >= REDO_ASK_S:
                 self._lost[key] = now
                 if self._live([job.node] if job.node else []):
                     self._spawn(self._keep_artifacts(job))
-                else:
+                elif self._outputs_lost(job.node):
                     self._spawn(self._ask_redo(key))
+                elif key not in self._awaited:
+                    self._awaited.add(key)
+                    self.node.event("outputs_awaited", {
+                        "job": key, "node": job.node, "node_name": self._name(job.node),
+                        "redo_after": self.node.node_config.redo_after})
+
+    def _outputs_lost(self, worker: str | None) -> bool:
+        """By this node's view, the outputs only `worker` held are lost with it."""
+        if worker == self.node.id:
+            return False
+        view = self.node.core.member(worker) if worker else None
+        return outputs_lost(view.state if view else None,
+                            self.node.clock() - view.since if view else 0.0,
+                            self.node.node_config.redo_after)
 
     async def _ask_redo(self, key: str) -> None:
         try:
@@ -1300,20 +1322,25 @@ class Builds:
                 except ArtifactError:
                     if self._live([job.node] if job.node else []):
                         raise
-                    if submitter == self.node.id:  # (asks for it to be built again)
+                    if submitter == self.node.id:  # (fetched again by `_reclaim`, or built again)
                         self._lost.setdefault(key, 0.0)
                         self._wake.set()
             elif job.state not in (QUEUED, ASSIGNED, RUNNING):
                 raise ControlError(f"{key} is {job.state} now: its outputs are gone")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlError(
+                    f"{key}'s outputs were lost with its worker, which is not back, and it is "
+                    "not built again yet: wait for the build (`swarmnode build wait "
+                    f"{key.partition('/')[0]}`) and fetch them then")
+
             def again(attempt: int = job.attempt) -> bool:  # done again, or forgotten
                 j = self.ledger.job(key)
                 return j is None or (j.state == DONE and j.attempt != attempt)
 
-            if not await until(self._changed, again, max(0.0, deadline - time.monotonic())):
-                raise ControlError(
-                    f"{key}'s outputs were lost with its worker and it is being built again: "
-                    f"wait for the build (`swarmnode build wait {key.partition('/')[0]}`) and "
-                    "fetch them then")
+            # (and looked at again every REDO_ASK_S: the worker may be back with the outputs,
+            # or the submitter have had them from it, which no ledger entry says)
+            await until(self._changed, again, min(left, REDO_ASK_S))
 
     async def _export(self, name: str, artifacts: Iterable[tuple[str, str]],
                       sources: list[str], out: Path) -> list[str]:

@@ -61,6 +61,12 @@ DEFAULT_BUILD_KEEP_MAX = 500
 DEFAULT_HISTORY_ATTEMPTS = 200_000
 #: Build rows in history.db (a dashboard's months of builds; ~150 bytes each).
 DEFAULT_HISTORY_BUILDS = 20_000
+#: A done job whose outputs only its worker held is built again once that worker has been dead
+#: this long (at once when it left or was banned). A node killed or crashed is back in seconds
+#: (systemd restarts it) and a rebooted machine in a minute or two, with the outputs on its
+#: disk; building again sooner wastes the work, later only delays a build whose worker is
+#: really gone. The leader's value counts.
+DEFAULT_REDO_AFTER_S = 120.0
 #: Disk (`[disk]`, swarmnode/disk.py). A node stops taking jobs while the file system of its
 #: jobs or artifacts has less free than min_free bytes or min_free_percent of its size (the
 #: larger): a big package's build directory alone takes gigabytes, so below 2 GiB a job started
@@ -220,6 +226,8 @@ class NodeConfig:
     build_keep_max: int = DEFAULT_BUILD_KEEP_MAX
     history_attempts: int = DEFAULT_HISTORY_ATTEMPTS
     history_builds: int = DEFAULT_HISTORY_BUILDS
+    # seconds a worker is dead before the outputs only it held are lost (see above)
+    redo_after: float = DEFAULT_REDO_AFTER_S
     # this machine's draw idle and at full load (a wall meter's figures): the power estimate
     # where RAPL counters cannot be read (swarmnode/power.py has defaults per core)
     watts_idle: float | None = None
@@ -273,7 +281,7 @@ _TOP = {"kind", "cores", "roles", "binhost_dir", "binhost_listen", "binhost_keep
         "accept_actions", "accept_actions_from", "exec_timeout", "watts_idle", "watts_max",
         "price_per_kwh", "overrides", "jumps", "ssh", "http_open_paths", "http_hosts",
         "build_retention", "build_keep_max", "history_attempts", "history_builds", "disk",
-        "notify"}
+        "notify", "redo_after"}
 _SSH = {"user", "port", "identity_file", "known_hosts", "config", "host_keys"}
 
 
@@ -307,6 +315,7 @@ def _node_config(raw: dict[str, Any]) -> NodeConfig:
         accept_actions_from=_ids(raw.get("accept_actions_from", []), "accept_actions_from"),
         exec_timeout=_positive(raw, "exec_timeout", DEFAULT_EXEC_TIMEOUT_S),
         **_history(raw),
+        redo_after=_positive(raw, "redo_after", DEFAULT_REDO_AFTER_S),
         **_watts(raw),
         http_open_paths=open_paths,
         http_hosts=_host_names(raw.get("http_hosts", [])),

@@ -75,18 +75,31 @@ GONE = ("dead", "left", "banned")
 and the outputs only it held are lost."""
 
 
-def redo_refusal(cmd: Redo, job: Job | None, worker_state: str | None,
-                 name: Callable[[str], str]) -> str | None:
+def outputs_lost(worker_state: str | None, gone_for: float, redo_after: float) -> bool:
+    """Whether the outputs only a worker held are lost with it: it is no member any more, left,
+    is banned, or has been dead `redo_after` seconds (`gone_for`: since its state last changed).
+    A worker killed or rebooted comes back with them sooner, and building its jobs again then
+    would waste their work (Serf gives a failed member a reconnect time the same way)."""
+    if worker_state == "dead":
+        return gone_for >= redo_after
+    return worker_state is None or worker_state in GONE
+
+
+def redo_refusal(cmd: Redo, job: Job | None, worker_state: str | None, gone_for: float,
+                 redo_after: float, name: Callable[[str], str]) -> str | None:
     """Why the leader will not build a done job again for its submitter (after `refusal`
-    allowed the asker): None only when the job is done and its worker, the one holder of its
-    outputs the submitter could not reach, is gone for good by the leader's own view
-    (`worker_state`: dead, left or banned; None: no such member) -- never merely suspected."""
+    allowed the asker): None only when the job is done and its outputs are lost with its
+    worker, the one holder the submitter could not reach, by the leader's own view
+    (`outputs_lost`) -- never while it is merely suspected, or dead too briefly."""
     if job is None or job.state != DONE or job.node is None:
         return f"{cmd.job_key} is not done"
-    if worker_state is not None and worker_state not in GONE:
-        return (f"{cmd.job_key}'s outputs are on {name(job.node)}, which is {worker_state}: "
-                "fetch them from it")
-    return None
+    if outputs_lost(worker_state, gone_for, redo_after):
+        return None
+    if worker_state == "dead":
+        return (f"{cmd.job_key}'s outputs are on {name(job.node)}, dead for {gone_for:.0f} s: "
+                f"they are waited for until it has been dead {redo_after:g} s (`redo_after`)")
+    return (f"{cmd.job_key}'s outputs are on {name(job.node)}, which is {worker_state}: "
+            "fetch them from it")
 
 
 class Rights:

@@ -172,14 +172,16 @@ def test_kill_9_of_the_leader_mid_build_still_finishes_with_every_artifact(
         assert (out / f"j{i}" / "r.txt").read_text() == f"j{i}-j{i}\n"
 
 
-def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_them(
-        swarm: Swarm, tmp_path: Path) -> None:
-    """Seen in the kill -9 test above: a job finished on the leader, which died before the
-    submitter held the job's output; the build ended "ok" and its artifact could not be had.
-    Here on purpose: n2 submits and is stopped (SIGSTOP), n3 runs the job and dies once it is
-    done. n2 wakes, cannot have the output (its only holder is gone), and asks for the job to
-    be built again; `fetch_outputs` waits for that and returns the output."""
-    n1, n2, n3 = three(swarm, rights=("build", "operate"))
+def done_then_worker_killed(swarm: Swarm, tmp_path: Path,
+                            redo_after: float | None = None) -> tuple[list[Node], str]:
+    """n2 submits a one-job build and is stopped (SIGSTOP) so that it cannot fetch the job's
+    output; n3 runs the job and is killed with -9 once it is done; n2 wakes, cannot have the
+    output (its only holder is dead), and n1 is resumed to build again if asked. The nodes
+    and the build id, once n1 and n2 see n3 dead."""
+    config = "" if redo_after is None else f"redo_after = {redo_after}\n"
+    nodes = three(swarm, rights=("build", "operate"),
+                  prepare=lambda node: (node.home / "config.toml").write_text(config))
+    n1, n2, n3 = nodes
     for node in (n1, n2):  # (committed when the command returns)
         assert f"paused: {node.name}" in swarm.cli(n1, "pause", node.name).stdout
     plan, go = tmp_path / "one.toml", tmp_path / "go"
@@ -199,6 +201,17 @@ def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_
         n2.proc.send_signal(signal.SIGCONT)
     swarm.wait_state([n3], "dead", [n1, n2], JOIN_S)
     swarm.cli(n1, "resume", n1.name)  # someone to build it again
+    return nodes, build_id
+
+
+def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_them(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Seen in the kill -9 test above: a job finished on the leader, which died before the
+    submitter held the job's output; the build ended "ok" and its artifact could not be had.
+    Here on purpose (`done_then_worker_killed`), with `redo_after` short: n3 stays dead, and
+    once it has been dead that long n2 asks for the job to be built again; `fetch_outputs`
+    waits for that and returns the output."""
+    (n1, n2, n3), build_id = done_then_worker_killed(swarm, tmp_path, redo_after=2)
     out = tmp_path / "out"
     swarm.query(n2, "fetch_outputs", timeout=60, build=build_id, out=str(out))
     assert (out / "only" / "r.txt").read_text() == f"built-on-{n1.id}\n"
@@ -209,6 +222,25 @@ def test_outputs_lost_with_their_worker_are_built_again_and_the_build_ends_with_
         (1, n3.id, "done"), (2, n1.id, "done")]
     assert any(e["kind"] == "job_redone" and "lost with n3" in e.get("reason", "")
                for e in swarm.events(n2))
+
+
+def test_a_worker_back_within_redo_after_keeps_its_done_jobs_and_hands_their_outputs_over(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """Found by the fault benchmark: a worker killed with -9 and restarted seconds later lost
+    nothing, but its submitter had a done job built again as soon as membership declared it
+    dead. Now the submitter waits `redo_after` (120 s by default) for it: it says so
+    (`outputs_awaited`), and the job's output comes from the worker once it is back."""
+    (n1, n2, n3), build_id = done_then_worker_killed(swarm, tmp_path)
+    swarm.wait_for(lambda: any(e["kind"] == "outputs_awaited" and e["node"] == n3.id
+                               for e in swarm.events(n2)), JOIN_S, "n2 waits for n3")
+    swarm.start(n3)
+    out = tmp_path / "out"
+    swarm.query(n2, "fetch_outputs", timeout=60, build=build_id, out=str(out))
+    assert (out / "only" / "r.txt").read_text() == f"built-on-{n3.id}\n"
+    history = swarm.query(n2, "jobs", build=build_id, history=True)
+    assert [(a["attempt"], a["node"], a["result"]) for a in history] == [(1, n3.id, "done")]
+    assert not any(e["kind"] in ("job_redone", "propose_refused")
+                   for n in (n1, n2) for e in swarm.events(n))
 
 
 def test_bad_plans_and_emerge_blockers_are_refused_naming_the_field(

@@ -25,6 +25,7 @@ reboot_command = "touch /tmp/rebooted"
 restart_command = "rc-service swarmnode restart"
 accept_actions = false
 exec_timeout = 60
+redo_after = 300
 watts_idle = 35
 watts_max = 180.5
 price_per_kwh = 0.31
@@ -45,7 +46,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
 ''')
     cfg = config.load(tmp_path)
     assert cfg.kind == "lxc" and cfg.cores == 3 and cfg.accept_actions is False
-    assert cfg.exec_timeout == 60.0
+    assert cfg.exec_timeout == 60.0 and cfg.redo_after == 300.0
     assert (cfg.watts_idle, cfg.watts_max, cfg.price_per_kwh) == (35.0, 180.5, 0.31)
     assert cfg.override_for("xyz", "tarn") == ("10.42.0.1:17946",)
     assert cfg.override_for("abcd", "other") == ("10.0.0.1", "[fd00::1]:7000")
@@ -62,6 +63,7 @@ host_keys = ["/etc/ssh/ssh_host_ed25519_key.pub"]
     ("roles = ['binhots']", "roles: unknown role 'binhots'"),
     ("accept_actions = 'yes'", "accept_actions: must be true or false"),
     ("exec_timeout = -1", "exec_timeout: must be a positive number"),
+    ("redo_after = 0", "redo_after: must be a positive number"),
     ("reboot_command = ''", "reboot_command: must be a non-empty command line"),
     ("[overrides]\ntarn = 'host:notaport'", "overrides.tarn[0]:"),
     ("[overrides]\ntarn = 5", "overrides.tarn: must be a list of strings"),

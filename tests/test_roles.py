@@ -148,20 +148,27 @@ def test_a_job_whose_outputs_were_lost_is_built_again_for_its_submitter_or_an_op
     assert _refusal("b", Redo("nope/j", "x")) == "no build for 'nope/j'"
 
 
-@pytest.mark.parametrize(("state", "worker_state", "why"), [
-    ("done", "dead", None),
-    ("done", "left", None),
-    ("done", "banned", None),
-    ("done", None, None),  # (no such member any more)
-    ("done", "alive", "b1/j's outputs are on <w>, which is alive: fetch them from it"),
-    ("done", "suspect", "b1/j's outputs are on <w>, which is suspect: fetch them from it"),
-    ("running", "dead", "b1/j is not done"),  # (a requeue's business, and the leader's)
+@pytest.mark.parametrize(("state", "worker_state", "gone_for", "why"), [
+    ("done", "dead", 30.0, None),
+    ("done", "dead", 29.9, "b1/j's outputs are on <w>, dead for 30 s: they are waited for "
+                           "until it has been dead 30 s (`redo_after`)"),
+    ("done", "dead", 0.0, "b1/j's outputs are on <w>, dead for 0 s: they are waited for until "
+                          "it has been dead 30 s (`redo_after`)"),
+    ("done", "left", 0.0, None),
+    ("done", "banned", 0.0, None),
+    ("done", None, 0.0, None),  # (no such member any more)
+    ("done", "alive", 999.0, "b1/j's outputs are on <w>, which is alive: fetch them from it"),
+    ("done", "suspect", 999.0, "b1/j's outputs are on <w>, which is suspect: fetch them from it"),
+    ("running", "dead", 999.0, "b1/j is not done"),  # (a requeue's business, and the leader's)
 ])
-def test_the_leader_builds_a_done_job_again_only_once_its_worker_is_gone(
-        state: str, worker_state: str | None, why: str | None) -> None:
+def test_the_leader_builds_a_done_job_again_only_once_its_worker_is_gone_for_good(
+        state: str, worker_state: str | None, gone_for: float, why: str | None) -> None:
+    """Gone for good: left, banned, forgotten, or dead `redo_after` (30 s here); a worker
+    killed and restarted within it comes back with the outputs, which were never lost."""
     job = Job("b1", "j", JobSpec(), state=state, node="w", attempt=1)
-    assert redo_refusal(Redo("b1/j", "x"), job, worker_state, lambda i: f"<{i}>") == why
-    assert redo_refusal(Redo("b1/k", "x"), None, None, str) == "b1/k is not done"
+    assert redo_refusal(Redo("b1/j", "x"), job, worker_state, gone_for, 30.0,
+                        lambda i: f"<{i}>") == why
+    assert redo_refusal(Redo("b1/k", "x"), None, None, 999.0, 30.0, str) == "b1/k is not done"
 
 
 @pytest.mark.parametrize("cmd", [Pause("x", True), Pause("x", False), SetVoters(("m",)),
