@@ -352,6 +352,9 @@ def report(res: dict[str, Any], names: list[str], sizes: list[int]) -> str:
                          + " |")
         failed = [f"N={n} {name}: {c['error']}" for n in sizes for name in names
                   for c in res["nodes"].get(str(n), {}).get(name, []) if "error" in c]
+        failed += [f"N={n} {name}, phase {phase}: {error}" for n in sizes for name in names
+                   for c in res["nodes"].get(str(n), {}).get(name, [])
+                   for phase, error in c.get("failed_phases", {}).items()]
         lines += [f"FAILED {x}" for x in failed]
         missing = {m for n in sizes for name in names
                    for c in res["nodes"].get(str(n), {}).get(name, [])
@@ -451,14 +454,20 @@ class Cell:
             leader = self.one_leader()
             time.sleep(self.args.settle)  # voters step in after a settle (not measured)
             phases = set(self.args.phases.split(","))
+            failed: dict[str, str] = {}
             for phase in ("idle", "build", "push", "kill"):
                 if phase in phases:
-                    getattr(self, phase)(fig, det)
+                    try:
+                        getattr(self, phase)(fig, det)
+                    except Exception as exc:  # the other phases' figures still count
+                        failed[phase] = f"{type(exc).__name__}: {str(exc)[:1000]}"
+                        print(f"phase {phase} failed: {failed[phase]}", file=sys.stderr,
+                              flush=True)
             if self.args.steps is not None:
                 det["steps"] = self.steps(fig, leader)
-            ok = True
+            ok = not failed
             return {"figures": fig, "details": det, "leader_at_start": leader[:12],
-                    "missing": sorted(self.missing)}
+                    "missing": sorted(self.missing), "failed_phases": failed}
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: still stop them all
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -182,6 +182,8 @@ class Sample:
     term: int
     voters: tuple[str, ...]
     jobs: dict[str, tuple[str, int, str | None]] | None  # job -> (state, attempt, node)
+    # what the election core refused and why, by then (written out for a post-mortem)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class Poller(threading.Thread):
@@ -211,7 +213,7 @@ class Poller(threading.Thread):
                 jobs = {j["job"]: (j["state"], j["attempt"], j["node"])
                         for j in control.call(home, "jobs", timeout=ASK_S, build=self.build)}
         return Sample(time.time(), st["role"], st["leader"], st["term"], tuple(st["voters"]),
-                      jobs)
+                      jobs, st.get("election_counters", {}))
 
     def latest(self, at: float) -> Sample | None:
         """The last sample taken at or before `at`, if still fresh then."""
@@ -529,6 +531,7 @@ def run_trial(cluster: Cluster, trial: Trial, work: Path) -> Outcome:
             p.halt.set()
         for p in pollers.values():
             p.join()
+        write_samples(work / "samples.jsonl", pollers)
     out = Outcome(trial.seed, trial.jobs, round(t_end - t0, 2),
                   [asdict(f) for f in faults])
     names = {n.id: n.name for n in nodes}
@@ -540,6 +543,17 @@ def run_trial(cluster: Cluster, trial: Trial, work: Path) -> Outcome:
     out.leaderless = leaderless(pollers, faults, t0, t_end)
     out.max_leaderless_s = max((s for _t, s in out.leaderless), default=0.0)
     return out
+
+
+def write_samples(path: Path, pollers: dict[str, Poller]) -> None:
+    """Every node's polled status (not the jobs), one JSON line each, in time order: what a
+    post-mortem of a leaderless stretch reads beside the nodes' events."""
+    rows = sorted(((s.t, name, s) for name, p in pollers.items() for s in p.samples),
+                  key=lambda row: row[:2])
+    with path.open("w") as f:
+        for t, name, s in rows:
+            f.write(json.dumps({"t": t, "node": name, "role": s.role, "leader": s.leader,
+                                "term": s.term, "counters": s.counters}) + "\n")
 
 
 def _agreed(swarm: Swarm, nodes: list[Node], build: str) -> list[dict[str, Any]] | None:
