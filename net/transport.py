@@ -60,9 +60,24 @@ RECV_HWM = 256
 RECV_SLICE_S = 0.005
 #: How long a closing socket may still flush queued messages.
 LINGER_MS = 200
-#: How often a DEALER retries an unreachable address (ms) and the cap of its backoff.
+#: How often a DEALER retries an unreachable address (ms) and the cap of its backoff: a peer
+#: back from a partition or a restart is dialled again within the cap (a cut host's own
+#: dials fail at once, and backed off to 5 s they kept it unreachable seconds after a heal).
+#: An attempt costs one SYN, or a reset.
 RECONNECT_IVL_MS = 200
-RECONNECT_IVL_MAX_MS = 5_000
+RECONNECT_IVL_MAX_MS = 500
+#: A TCP connect not answered within this is given up and tried afresh (after the interval
+#: above): alone, the kernel retries a SYN lost to a partition only after 1, 3, 7 s... Above
+#: its first retry and a relayed path's round trip (Tailscale's DERP: a few hundred ms).
+CONNECT_TIMEOUT_MS = 2_000
+#: A connection whose sent data stays unacknowledged this long is dropped (TCP_USER_TIMEOUT),
+#: and while it is dialled again, messages go over the peer's own connection to us if it has
+#: one. Found by the fault benchmark: during a 4.5 s cut TCP doubles its retransmission
+#: timeout (0.2, 0.4, 0.8, 1.6, 3.2 s), and an established connection then carried nothing
+#: for 1.9 s after the heal; a leader's heartbeats queued behind it, the cut-off followers
+#: stayed behind, and the next fault found one node able to win (3.1 s without a leader).
+#: Two seconds outlast a lost retransmission on a slow path.
+TCP_MAXRT_MS = 2_000
 #: CURVE handshake timeout: a silent host behind a reported address is given up quickly.
 HANDSHAKE_IVL_MS = 3_000
 #: ZMTP heartbeats on outgoing (DEALER) connections: one whose path died silently (a router
@@ -143,10 +158,13 @@ def _destination(ep: str) -> str:
     return "tcp://" + rest.rsplit(";", 1)[-1]
 
 
-def _heartbeat(sock: zmq.Socket) -> None:
+def _liveness(sock: zmq.Socket) -> None:
+    """A DEALER's connection found dead, and dialled again, soon (the constants above)."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
 
 
 def endpoint(hostport: str, source: str | None = None) -> str:
@@ -243,6 +261,7 @@ class Transport:
         router.router_handover = True
         router.sndhwm, router.rcvhwm = SEND_HWM, RECV_HWM
         router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        router.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)  # (its accepted connections)
         self._router = router  # before bind: close() must find it even if bind fails
         router.bind(endpoint(self.listen))
         self._spawn(self._recv_loop(router, None))
@@ -299,7 +318,7 @@ class Transport:
         sock.reconnect_ivl = RECONNECT_IVL_MS
         sock.reconnect_ivl_max = RECONNECT_IVL_MAX_MS
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        _heartbeat(sock)
+        _liveness(sock)
         events = 0
         for ev in WATCHED:
             events |= ev

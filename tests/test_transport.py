@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 
 import pytest
@@ -183,6 +185,52 @@ async def test_an_idle_dealer_closes_only_to_a_peer_that_dials_us(
         assert not a.transport.send_inbound(c.id, "ack", b"none")  # c never dialled a
     finally:
         await closed(a, b, c)
+
+
+def user_timeouts(port: int) -> dict[str, int]:
+    """TCP_USER_TIMEOUT (ms) of this process's TCP connections from and to `port`, as the
+    kernel holds it: {"dialled": ..., "accepted": ...}."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        with sock:
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                ends = sock.getsockname()[1], sock.getpeername()[1]
+            except OSError:  # (a listener)
+                continue
+            if port in ends:
+                side = "accepted" if ends[0] == port else "dialled"
+                found[side] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    return found
+
+
+async def test_every_connection_is_given_up_soon_when_unacknowledged_and_dialled_again_soon():
+    """Found by the fault benchmark (docs/benchmarks.md, seed 9): after a 4.5 s partition an
+    established connection, its retransmissions backed off, carried nothing for 1.9 s more
+    and a leader's heartbeats waited behind it. Both ends of every connection drop it after
+    TCP_MAXRT_MS of unacknowledged data (the kernel's TCP_USER_TIMEOUT); a DEALER gives a
+    connect up after CONNECT_TIMEOUT_MS and dials again within RECONNECT_IVL_MAX_MS. (The
+    effect is the benchmark's figure: loopback loses no packet.)"""
+    a, b = Peer(), Peer()
+    await started(a, b)
+    try:
+        a.transport.connect(b.id, (b.addr,))
+        await send_when_connected(a, b, "ping", b"1")
+        assert (await b.next()).envelope.body == b"1"
+        port = int(b.addr.rsplit(":", 1)[1])
+        assert user_timeouts(port) == {"dialled": transport.TCP_MAXRT_MS,
+                                       "accepted": transport.TCP_MAXRT_MS} == {
+            "dialled": 2000, "accepted": 2000}
+        dealer = a.transport._dealers[b.id].sock
+        assert dealer.getsockopt(zmq.CONNECT_TIMEOUT) == 2000
+        assert dealer.getsockopt(zmq.RECONNECT_IVL_MAX) == 500
+    finally:
+        await closed(a, b)
 
 
 async def test_wrong_identity_at_address_gets_nothing():
