@@ -71,8 +71,8 @@ def refusal(sender: str, cmd: object, holders: Callable[[str], frozenset[str]],
 
 
 GONE = ("dead", "left", "banned")
-"""Member states of one gone for good (never merely suspected): the jobs it held are requeued,
-and the outputs only it held are lost."""
+"""Member states of one gone (never merely suspected): the jobs it held are requeued; the
+outputs only it held are lost when `outputs_lost` says so (a dead one may come back)."""
 
 
 def outputs_lost(worker_state: str | None, gone_for: float, redo_after: float) -> bool:
