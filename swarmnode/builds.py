@@ -368,9 +368,7 @@ class Builds:
         (`rights.redo_refusal`), and the entry it proposes then: its own reason, not the
         asker's."""
         job = self.ledger.job(cmd.job_key)
-        view = self.node.core.member(job.node) if job and job.node else None
-        state = view.state if view else None
-        gone_for = self.node.clock() - view.since if view else 0.0
+        state, gone_for = self._worker_state(job.node if job else None)
         refused = redo_refusal(cmd, job, state, gone_for, self.node.node_config.redo_after,
                                self.node.member_name)
         if refused is not None or job is None or job.node is None:
@@ -1152,10 +1150,13 @@ class Builds:
         """By this node's view, the outputs only `worker` held are lost with it."""
         if worker == self.node.id:
             return False
+        return outputs_lost(*self._worker_state(worker), self.node.node_config.redo_after)
+
+    def _worker_state(self, worker: str | None) -> tuple[str | None, float]:
+        """`worker`'s state by this node's view (None: no member) and for how long it has
+        been in it, as `rights.outputs_lost` takes them."""
         view = self.node.core.member(worker) if worker else None
-        return outputs_lost(view.state if view else None,
-                            self.node.clock() - view.since if view else 0.0,
-                            self.node.node_config.redo_after)
+        return (view.state, self.node.clock() - view.since) if view else (None, 0.0)
 
     async def _ask_redo(self, key: str) -> None:
         try:
