@@ -93,6 +93,11 @@ log = logging.getLogger("swarmnode")
 #: thread while a push or a build kept the disk busy held it for 50-300 ms. A write this node
 #: makes for an operator (a ban, a rename, a grant) is synced at once.
 SNAPSHOT_EVERY_S = 2.0
+#: Core events that change who the members are: the snapshot is written at once after them,
+#: not at the next period. A restart rejoins through the members the snapshot names, and a
+#: node killed 1.7 s after joining came back knowing nobody (the founder it had joined through
+#: was frozen): deaf to every member for 40 s, while its vote was needed for a majority.
+MEMBER_SET_EVENTS = frozenset({"member_join", "admitted", "member_reaped"})
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
 #: up); a change is re-signed and gossiped under the same identity.
 ADDRESS_CHECK_S = 10.0
@@ -446,6 +451,7 @@ class Node:
             await self._alarm.sleep(now, min(self.core.next_deadline(), now + MAX_SLEEP_S))
 
     _last_save = 0.0
+    _members_changed = False  # since the last save (MEMBER_SET_EVENTS)
     ready = False
     """Start-up is over: it listens, its HTTP side serves (the control socket answers from
     the first moment, so that a second node in the same home is refused at once)."""
@@ -622,7 +628,7 @@ class Node:
     def save_snapshot(self, synced: bool = True) -> None:
         snapshot = self.core.snapshot()
         self.store.put(synced, snapshot=snapshot)
-        self._dirty = False
+        self._dirty = self._members_changed = False
         self._last_save = time.time()
         self.members_saved = len(snapshot["members"])
 
@@ -633,6 +639,8 @@ class Node:
         for out in outputs:  # persist first: an incarnation must hit the disk before use
             if isinstance(out, Event):
                 self.on_core_event(out)
+        if self._members_changed:
+            self.save_snapshot(synced=False)
         for out in outputs:
             if isinstance(out, Send):
                 self.send(out.to, out.msg)
@@ -700,6 +708,7 @@ class Node:
             elif data.get("id") != self.id:
                 self.admission.on_admitted(data["id"])
         self._dirty = True
+        self._members_changed |= ev.kind in MEMBER_SET_EVENTS
         self.event(ev.kind, data)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from net import whois
-from swarmnode import control
+from swarmnode import control, store
+from swarmnode.membership.messages import member_state_from_plain
 from tests.swarm import (
+    Node,
     Swarm,
     host_of,
     loopback_addr,
@@ -226,6 +230,35 @@ def test_restart_rejoins_from_its_snapshot_with_the_same_id(swarm: Swarm) -> Non
         and e["incarnation"] > leave_inc for o in (a, b)),
         JOIN_S, "n3 alive on n1 and n2 with a higher incarnation after kill -9 and restart")
     swarm.wait_converged([a, b, c], JOIN_S)
+
+
+def _saved_members(node: Node) -> set[str]:
+    """The member ids in `node`'s membership snapshot on disk (read-only, beside the node)."""
+    db = sqlite3.connect(f"file:{node.home / store.DB_FILE}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'snapshot'").fetchone()
+    finally:
+        db.close()
+    snapshot = msgpack.unpackb(row[0], raw=False, strict_map_key=False) if row else {}
+    return {member_state_from_plain(m).record.id for m in snapshot.get("members", [])}
+
+
+def test_a_node_killed_right_after_joining_rejoins_through_the_members_it_had_learned(
+        swarm: Swarm) -> None:
+    (a, b, c), token = swarm.loopback(3, JOIN_S)
+    d = swarm.start(swarm.add("n4", loopback_addr(4)), token)
+    swarm.wait_for(lambda: {m["id"] for m in swarm.members(d) if m["state"] == "alive"}
+                   == {n.id for n in (a, b, c, d)}, JOIN_S, "n4 lists all four alive")
+    # Saved as they were learned (the periodic save comes 2 s later): a crash now loses none.
+    assert _saved_members(d) >= {a.id, b.id, c.id}
+
+    swarm.kill9(d)
+    swarm.kill9(a)  # the founder its token names is gone too: only the snapshot leads back
+    swarm.start(d, token)
+    swarm.wait_for(lambda: swarm.states([b, c], d) == {"n2": "alive", "n3": "alive"}
+                   and swarm.states([d], b) == {"n4": "alive"}
+                   and swarm.states([d], c) == {"n4": "alive"},
+                   JOIN_S, "n4 back in with n2 and n3 without n1")
 
 
 def test_rename_propagates_to_every_node(swarm: Swarm) -> None:
