@@ -476,13 +476,16 @@ def push(
         help="directory to deploy (default: this node's own swarmnode code)")] = None,
     canary: Annotated[int | None, typer.Option(
         "--canary", help="nodes updated first (default: 1 when there are more than 2)")] = None,
+    wave: Annotated[int | None, typer.Option(
+        "--wave", help="then at most this many at once (default: a quarter of the nodes, "
+                       "at least 4; 0: all at once)")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the rollout; non-zero exit "
                                                      "naming any node that failed")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy a release to every node, peer-to-peer, canaries first, rolled back if unhealthy."""
     where = str(path.expanduser().absolute()) if path is not None else None
-    view = ask("push", timeout=120.0, path=where, canary=canary)
+    view = ask("push", timeout=120.0, path=where, canary=canary, wave=wave)
     if wait:
         view = _follow_push(view, quiet=as_json)
     if as_json:

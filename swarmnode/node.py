@@ -945,9 +945,10 @@ class Node:
         if not self.admitted:
             raise control.ControlError("this node is not an admitted member")
         path = args.get("path")
-        canary = args.get("canary")
+        canary, wave = args.get("canary"), args.get("wave")
         return await self.push.push(str(path) if path else None,
-                                    int(canary) if canary is not None else None)
+                                    int(canary) if canary is not None else None,
+                                    int(wave) if wave is not None else None)
 
     def reexec(self, root: Path | None, digest: str | None) -> None:
         """Stop (without leaving: the restart is back at once) and exec the release at `root`,

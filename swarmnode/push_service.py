@@ -54,7 +54,7 @@ from swarmnode.push.release import (
     verify_stage,
 )
 from swarmnode.push.releases import Releases
-from swarmnode.push.rollout import Publish, Rollout, Stage
+from swarmnode.push.rollout import Publish, Rollout, Stage, wave_size
 from swarmnode.routes import RouteError
 from swarmnode.tasks import TaskSet
 from swarmnode.worker import pack, unpack_map
@@ -461,7 +461,8 @@ class PushService:
 
     # -- pushing --------------------------------------------------------------------------
 
-    async def push(self, path: str | None, canary: int | None) -> dict[str, Any]:
+    async def push(self, path: str | None, canary: int | None,
+                   wave: int | None = None) -> dict[str, Any]:
         node = self.node
         started = time.time()
         if node.id not in self.pushers():
@@ -487,9 +488,12 @@ class PushService:
         n = canary if canary is not None else (1 if len(live) > 2 else 0)
         if n < 0 or (others and n >= len(others) + 1):
             raise control.ControlError(f"--canary {n}: there are {len(others)} other nodes")
+        if wave is not None and wave < 0:
+            raise control.ControlError(f"--wave {wave}: give 0 (all at once) or more")
         canaries = tuple(random.sample(others, min(n, len(others))))
         rollout = Rollout(node.id, tuple(live), canaries, release.spec.health_timeout,
-                          self_last=release.is_self, offline=offline)
+                          self_last=release.is_self, offline=offline,
+                          wave=wave_size(len(live)) if wave is None else wave)
         push = _Push(_push_id(note), note, release, rollout, started)
         self.pushes[push.id] = push
         for old in [p for p in self.pushes.values() if p.rollout.done][:-KEEP_PUSHES]:

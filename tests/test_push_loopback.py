@@ -10,6 +10,7 @@ during a push catches up when it returns; a self-update restarts every node into
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,7 +26,11 @@ JOIN_S = 20.0
 PUSH_S = 30.0
 
 
-def payload(root: Path, version: str, health: str = "test -f data.txt") -> Path:
+RESTART = "basename $SWARMNODE_RELEASE >> $SWARMNODE_HOME/web-restarts"
+
+
+def payload(root: Path, version: str, health: str = "test -f data.txt",
+            restart: str = RESTART) -> Path:
     """A small app: its restart command records which release it restarted into."""
     d = root / f"web-{version}"
     (d / "bin").mkdir(parents=True)
@@ -34,7 +39,7 @@ def payload(root: Path, version: str, health: str = "test -f data.txt") -> Path:
     (d / "bin" / "serve").chmod(0o755)
     (d / "swarmnode-push.toml").write_text(
         'name = "web"\n'
-        'restart = "basename $SWARMNODE_RELEASE >> $SWARMNODE_HOME/web-restarts"\n'
+        f'restart = "{restart}"\n'
         f'health = "{health}"\nhealth_timeout = 10\n')
     return d
 
@@ -114,6 +119,22 @@ def test_push_needs_the_right_reaches_every_node_and_rolls_back_a_bad_canary(
     assert res.returncode == 1
     assert f"{canary.name} rolled back: rolled back here before: health command exited 3" in \
         " ".join(res.stderr.split())
+
+
+def test_a_push_updates_at_most_a_wave_of_nodes_at_once(swarm: Swarm, tmp_path: Path) -> None:
+    nodes = swarm.loopback(4, JOIN_S)[0]
+    spans = "date +%s.%N >> $SWARMNODE_HOME/web-spans; sleep 0.3; " \
+            "date +%s.%N >> $SWARMNODE_HOME/web-spans"
+    code, view, stderr = push(swarm, nodes[0], str(payload(tmp_path, "1", restart=spans)),
+                              "--canary", "0", "--wave", "1")
+    assert code == 0, stderr
+    assert view["counts"] == {"healthy": 4}
+    # each node restarts (and is checked) before the next one is even sent the release
+    restarts = sorted(tuple(float(t) for t in (n.home / "web-spans").read_text().split())
+                      for n in nodes)
+    assert all(len(r) == 2 for r in restarts), restarts
+    for (_, end), (begin, _) in itertools.pairwise(restarts):
+        assert begin > end, restarts
 
 
 def test_offline_node_catches_up_when_it_returns(swarm: Swarm, tmp_path: Path) -> None:

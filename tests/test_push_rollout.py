@@ -21,15 +21,23 @@ from swarmnode.push.release import (
     right_key,
     verify_stage,
 )
-from swarmnode.push.rollout import STAGE_SLACK_S, Publish, Rollout, Stage
+from swarmnode.push.rollout import (
+    STAGE_SLACK_S,
+    TERMINAL,
+    Publish,
+    Rollout,
+    Stage,
+    wave_size,
+)
 
 D1 = "a" * 64
 D2 = "b" * 64
 
 
-def make(n: int, canaries: int, self_last: bool = False, offline: tuple[str, ...] = ()):
+def make(n: int, canaries: int, self_last: bool = False, offline: tuple[str, ...] = (),
+         wave: int = 0):
     nodes = tuple(f"n{i}" for i in range(n))
-    r = Rollout("n0", nodes, nodes[1:1 + canaries], 5.0, self_last, offline)
+    r = Rollout("n0", nodes, nodes[1:1 + canaries], 5.0, self_last, offline, wave)
     r.start(0.0)
     return r
 
@@ -114,6 +122,76 @@ def test_reports_from_unstaged_or_unknown_nodes_or_after_the_end_change_nothing(
 def test_two_nodes_without_canaries() -> None:
     r = make(2, canaries=0)
     assert r.drain() == [Publish(), Stage(("n0", "n1"))]
+
+
+def test_the_rest_goes_in_waves_and_the_release_is_published_with_the_last() -> None:
+    r = make(8, canaries=1, wave=3)
+    assert r.drain() == [Stage(("n1",))]
+    heal(r, ["n1"])
+    assert r.drain() == [Stage(("n0", "n2", "n3"))]  # not published: all would take it
+    heal(r, ["n2"])
+    assert r.drain() == [Stage(("n4",))]
+    r.report(2.0, "n3", "failed", "ArtifactError: no source left")  # settled: frees its place
+    assert r.drain() == [Stage(("n5",))]
+    deadline = 1.0 + 5.0 + STAGE_SLACK_S  # n0's and n4's, staged at 1.0
+    r.tick(deadline)  # they time out: their places go to the last two
+    assert r.drain() == [Publish(), Stage(("n6", "n7"))]
+    assert r.nodes["n7"].deadline == deadline + 5.0 + STAGE_SLACK_S  # counted from its stage
+    heal(r, ["n5", "n6", "n7"], t=deadline + 1.0)
+    assert r.done and not r.halted
+    assert r.counts() == {"healthy": 5, "failed": 1, "timed_out": 2}
+
+
+def test_the_pusher_of_a_self_update_waits_for_the_last_wave() -> None:
+    r = make(5, canaries=1, self_last=True, wave=2)
+    assert r.drain() == [Stage(("n1",))]
+    heal(r, ["n1"])
+    assert r.drain() == [Stage(("n2", "n3"))]
+    heal(r, ["n2", "n3"])
+    assert r.drain() == [Publish(), Stage(("n4",))]
+    heal(r, ["n4"])
+    assert r.phase == "self" and r.drain() == [Stage(("n0",))]
+
+
+def test_the_default_wave_is_a_quarter_and_at_least_four() -> None:
+    assert [wave_size(n) for n in (1, 5, 16, 17, 40, 1000)] == [4, 4, 4, 5, 10, 250]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 12), canaries=st.integers(0, 2), wave=st.integers(0, 4),
+       self_last=st.booleans(),
+       steps=st.lists(st.tuples(st.integers(0, 11), st.sampled_from(
+           ["fetching", "installed", "healthy", "failed", "tick"])), max_size=80))
+def test_waves_never_overlap_and_every_node_is_staged_once_published_once(
+        n: int, canaries: int, wave: int, self_last: bool, steps) -> None:
+    r = make(n, min(canaries, n - 1), self_last=self_last, wave=wave)
+    staged: list[str] = []
+    published = 0
+    t = 0.0
+
+    def take() -> None:
+        nonlocal published
+        for out in r.drain():
+            if isinstance(out, Publish):
+                published += 1
+                assert not r._queue, "published while nodes still wait for their wave"
+            else:
+                staged.extend(out.nodes)
+        busy = [k for k, s in r.nodes.items() if s.state not in (*TERMINAL, "waiting")]
+        limit = max(wave, len(r.canaries), 1) if wave else n
+        assert len(busy) <= limit, (busy, wave)
+
+    take()
+    for i, what in steps + [(k, "healthy") for k in range(n)] * 4:
+        t += 1.0
+        if what == "tick":
+            r.tick(t + STAGE_SLACK_S + 5.0)
+        elif r.nodes[f"n{i % n}"].state not in ("waiting", *TERMINAL):
+            r.report(t, f"n{i % n}", what)
+        take()
+    if not r.halted:
+        assert r.done and sorted(staged) == sorted(r.targets) and published == 1
+    assert len(staged) == len(set(staged))
 
 
 def view(id: str, how: str = "token", by: str = "f", state: str = "alive") -> MemberView:
