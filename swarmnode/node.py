@@ -95,7 +95,7 @@ log = logging.getLogger("swarmnode")
 SNAPSHOT_EVERY_S = 2.0
 #: Core events that change who the members are: the snapshot is written at once after them,
 #: not at the next period. A restart rejoins through the members the snapshot names, and a
-#: node killed 1.7 s after joining came back knowing nobody (the founder it had joined through
+#: node killed 1.6 s after joining came back knowing nobody (the founder it had joined through
 #: was frozen): deaf to every member for 40 s, while its vote was needed for a majority.
 MEMBER_SET_EVENTS = frozenset({"member_join", "admitted", "member_reaped"})
 #: How often the interface addresses are re-read (DHCP renewals, a Tailscale address coming
