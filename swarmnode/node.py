@@ -697,6 +697,7 @@ class Node:
             self.transport.disconnect(data["id"])
         if ev.kind in ("member_dead", "member_left", "banned") and data.get("id") != self.id:
             self.artifacts.source_gone(data["id"], ev.kind.removeprefix("member_"))
+            self.push.member_gone(data["id"], ev.kind.removeprefix("member_"))
         if ev.kind == "note":
             if data.get("topic") == power.POWER_TOPIC:
                 self._dirty = True

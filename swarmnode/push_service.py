@@ -655,6 +655,13 @@ class PushService:
 
     _new_notes = False
 
+    def member_gone(self, member: str, state: str) -> None:
+        """A member went dead or left: rollouts do not stage it when its wave comes."""
+        for push in self.pushes.values():
+            if not push.rollout.done:
+                push.rollout.gone(self.node.clock(), member, f"{state} when its wave came")
+                self._carry_out(push)
+
     def on_note(self, topic: str) -> None:
         """A new note arrived: a release or a grant may make a catch-up due."""
         if topic in (RELEASE_TOPIC, GRANT_TOPIC):

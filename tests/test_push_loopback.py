@@ -30,7 +30,7 @@ RESTART = "basename $SWARMNODE_RELEASE >> $SWARMNODE_HOME/web-restarts"
 
 
 def payload(root: Path, version: str, health: str = "test -f data.txt",
-            restart: str = RESTART) -> Path:
+            restart: str = RESTART, health_timeout: int = 10) -> Path:
     """A small app: its restart command records which release it restarted into."""
     d = root / f"web-{version}"
     (d / "bin").mkdir(parents=True)
@@ -40,7 +40,7 @@ def payload(root: Path, version: str, health: str = "test -f data.txt",
     (d / "swarmnode-push.toml").write_text(
         'name = "web"\n'
         f'restart = "{restart}"\n'
-        f'health = "{health}"\nhealth_timeout = 10\n')
+        f'health = "{health}"\nhealth_timeout = {health_timeout}\n')
     return d
 
 
@@ -135,6 +135,33 @@ def test_a_push_updates_at_most_a_wave_of_nodes_at_once(swarm: Swarm, tmp_path: 
     assert all(len(r) == 2 for r in restarts), restarts
     for (_, end), (begin, _) in itertools.pairwise(restarts):
         assert begin > end, restarts
+
+
+def test_a_node_dead_before_its_wave_is_skipped_and_catches_up_when_it_returns(
+        swarm: Swarm, tmp_path: Path) -> None:
+    nodes = swarm.loopback(4, JOIN_S)[0]
+    n1, gate = nodes[0], tmp_path / "gate"
+    app = payload(tmp_path, "1", restart=f"while [ ! -e {gate} ]; do sleep 0.05; done",
+                  health_timeout=120)  # each restart holds its wave until the gate opens
+    push_id = json.loads(swarm.cli(n1, "push", str(app), "--canary", "0", "--wave", "1",
+                                   "--json").stdout)["push"]
+
+    def status() -> dict:
+        return swarm.query(n1, "push_status", push=push_id)
+
+    swarm.wait_for(lambda: status()["counts"].get("waiting") == 3, 10.0, "one node staged")
+    victim = next(swarm.nodes[s["name"]] for s in status()["nodes"].values()
+                  if s["state"] == "waiting" and s["name"] != n1.name)
+    swarm.kill9(victim)
+    swarm.wait_for(lambda: status()["nodes"][victim.id]["state"] == "offline", JOIN_S,
+                   f"{victim.name} skipped once dead")
+    gate.touch()
+    view = swarm.wait_for(lambda: (v := status())["done"] and v, PUSH_S, "the push's end")
+    assert view["counts"] == {"healthy": 3, "offline": 1}, view
+    assert view["nodes"][victim.id]["reason"] == "dead when its wave came"
+    swarm.start(victim)  # from the release published with the last wave
+    swarm.wait_for(lambda: app_files(victim).get("data.txt") == "version 1\n", PUSH_S,
+                   f"{victim.name} installed the release it missed")
 
 
 def test_offline_node_catches_up_when_it_returns(swarm: Swarm, tmp_path: Path) -> None:

@@ -153,6 +153,23 @@ def test_the_pusher_of_a_self_update_waits_for_the_last_wave() -> None:
     assert r.phase == "self" and r.drain() == [Stage(("n0",))]
 
 
+def test_a_node_gone_before_its_wave_is_skipped_and_one_gone_after_keeps_its_deadline() -> None:
+    r = make(6, canaries=1, wave=2)
+    r.drain()
+    r.gone(0.5, "n3", "dead when its wave came")  # still the canaries' turn: n3 waits
+    heal(r, ["n1"])
+    assert r.drain() == [Stage(("n0", "n2"))]
+    r.gone(1.5, "n2", "dead")  # staged: its deadline decides (a restart can look like death)
+    assert r.nodes["n2"].state == "staged"
+    heal(r, ["n0"], t=2.0)
+    assert r.drain() == [Stage(("n4",))]  # n3 skipped
+    heal(r, ["n2"], t=2.5)
+    assert r.drain() == [Publish(), Stage(("n5",))]
+    assert r.nodes["n3"].state == "offline" and r.nodes["n3"].reason == "dead when its wave came"
+    heal(r, ["n4", "n5"], t=3.0)
+    assert r.done and r.counts() == {"healthy": 5, "offline": 1} and not r.failures()
+
+
 def test_the_default_wave_is_a_quarter_and_at_least_four() -> None:
     assert [wave_size(n) for n in (1, 5, 16, 17, 40, 1000)] == [4, 4, 4, 5, 10, 250]
 
@@ -161,7 +178,7 @@ def test_the_default_wave_is_a_quarter_and_at_least_four() -> None:
 @given(n=st.integers(2, 12), canaries=st.integers(0, 2), wave=st.integers(0, 4),
        self_last=st.booleans(),
        steps=st.lists(st.tuples(st.integers(0, 11), st.sampled_from(
-           ["fetching", "installed", "healthy", "failed", "tick"])), max_size=80))
+           ["fetching", "installed", "healthy", "failed", "tick", "gone"])), max_size=80))
 def test_waves_never_overlap_and_every_node_is_staged_once_published_once(
         n: int, canaries: int, wave: int, self_last: bool, steps) -> None:
     r = make(n, min(canaries, n - 1), self_last=self_last, wave=wave)
@@ -177,7 +194,8 @@ def test_waves_never_overlap_and_every_node_is_staged_once_published_once(
                 assert not r._queue, "published while nodes still wait for their wave"
             else:
                 staged.extend(out.nodes)
-        busy = [k for k, s in r.nodes.items() if s.state not in (*TERMINAL, "waiting")]
+        busy = [k for k, s in r.nodes.items()
+                if s.state not in (*TERMINAL, "waiting", "offline")]
         limit = max(wave, len(r.canaries), 1) if wave else n
         assert len(busy) <= limit, (busy, wave)
 
@@ -186,11 +204,14 @@ def test_waves_never_overlap_and_every_node_is_staged_once_published_once(
         t += 1.0
         if what == "tick":
             r.tick(t + STAGE_SLACK_S + 5.0)
+        elif what == "gone":
+            r.gone(t, f"n{i % n}", "dead")
         elif r.nodes[f"n{i % n}"].state not in ("waiting", *TERMINAL):
             r.report(t, f"n{i % n}", what)
         take()
     if not r.halted:
-        assert r.done and sorted(staged) == sorted(r.targets) and published == 1
+        skipped = [k for k, v in r.nodes.items() if v.state == "offline"]
+        assert r.done and sorted(staged + skipped) == sorted(r.targets) and published == 1
     assert len(staged) == len(set(staged))
 
 

@@ -108,6 +108,19 @@ class Rollout:
         s.state, s.reason, s.since = state, reason, now
         self._advance(now)
 
+    def gone(self, now: float, node: str, why: str) -> None:
+        """Membership says `node` is dead or left. One still waiting for its wave is not
+        staged (it would hold a place until its deadline) and counts as offline: it catches
+        up from the published release when it returns. Staged ones keep their deadline (a
+        self-update's restart can look like a death for a moment)."""
+        s = self.nodes.get(node)
+        if s is None or s.state != "waiting" or node == self.me or self.done:
+            return
+        if node in self._queue:
+            self._queue.remove(node)
+        s.state, s.reason, s.since = "offline", why, now
+        self._advance(now)
+
     def tick(self, now: float) -> None:
         for s in self.nodes.values():
             if s.state not in (*TERMINAL, "waiting", "offline") and now >= s.deadline:
@@ -156,7 +169,8 @@ class Rollout:
     def _go_rest(self, now: float) -> None:
         self.phase = "rest"
         self._queue = [n for n in self.targets if n not in self.canaries
-                       and not (self.self_last and n == self.me)]
+                       and not (self.self_last and n == self.me)
+                       and self.nodes[n].state == "waiting"]  # (not gone meanwhile)
         self._fill(now)
 
     def _fill(self, now: float) -> None:
@@ -184,7 +198,8 @@ class Rollout:
             self._go_rest(now)
         if self.phase == "rest":
             self._fill(now)
-            rest = tuple(n for n in self.targets if self.nodes[n].state != "waiting")
+            rest = tuple(n for n in self.targets
+                         if self.nodes[n].state not in ("waiting", "offline"))
             if self._queue or not self._settled(rest):
                 return
             if self.self_last and self.me in self.nodes and self.nodes[self.me].state == "waiting":
