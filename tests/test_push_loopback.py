@@ -141,8 +141,10 @@ def test_a_node_dead_before_its_wave_is_skipped_and_catches_up_when_it_returns(
         swarm: Swarm, tmp_path: Path) -> None:
     nodes = swarm.loopback(4, JOIN_S)[0]
     n1, gate = nodes[0], tmp_path / "gate"
-    app = payload(tmp_path, "1", restart=f"while [ ! -e {gate} ]; do sleep 0.05; done",
-                  health_timeout=120)  # each restart holds its wave until the gate opens
+    # each restart holds its wave until the gate opens (or 60 s: a failed test leaves no
+    # hook looping, since a node's stop does not end the hooks it runs)
+    app = payload(tmp_path, "1", restart=f"for i in $(seq 1200); do [ -e {gate} ] && exit 0; "
+                  "sleep 0.05; done; exit 1", health_timeout=120)
     push_id = json.loads(swarm.cli(n1, "push", str(app), "--canary", "0", "--wave", "1",
                                    "--json").stdout)["push"]
 
