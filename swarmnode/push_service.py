@@ -469,6 +469,8 @@ class PushService:
             raise control.ControlError(
                 "this node may not push: a node that may (the first node of the cluster) "
                 "can allow it with `swarmnode grant push NODE`")
+        if wave is not None and wave < 0:
+            raise control.ControlError(f"--wave {wave}: give 0 (all at once) or more")
         release, size = await asyncio.to_thread(self._bundle, path)
         value = release.pack()
         if len(value) > MAX_NOTE_VALUE:
@@ -488,8 +490,6 @@ class PushService:
         n = canary if canary is not None else (1 if len(live) > 2 else 0)
         if n < 0 or (others and n >= len(others) + 1):
             raise control.ControlError(f"--canary {n}: there are {len(others)} other nodes")
-        if wave is not None and wave < 0:
-            raise control.ControlError(f"--wave {wave}: give 0 (all at once) or more")
         canaries = tuple(random.sample(others, min(n, len(others))))
         rollout = Rollout(node.id, tuple(live), canaries, release.spec.health_timeout,
                           self_last=release.is_self, offline=offline,
